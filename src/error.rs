@@ -1,0 +1,109 @@
+//! The runtime's error type.
+
+/// Everything a Waymark call can fail with.
+///
+/// Each variant names what went wrong and what to do about it. Input errors
+/// (`InvalidRunId`, `ReservedHeaderInSubmit`, `PayloadTooLarge`, ...) are
+/// raised before anything is written, so a rejected call leaves the store as
+/// it was. [`Error::is_permanent`] tells a caller whether retrying the same
+/// call can succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A run id (or another name with the same form) is empty, longer than
+    /// 128 bytes, or has a byte outside `[A-Za-z0-9._:-]`. Choose an id of
+    /// that form, or leave `RunSpec::run_id` empty to get a generated ULID.
+    #[error("invalid {what} `{value}`: {reason}")]
+    InvalidRunId {
+        /// Which kind of name was rejected ("run id", "workflow name", ...).
+        what: &'static str,
+        /// The rejected value (truncated to 160 characters).
+        value: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+
+    /// A submitted header starts with the reserved prefix `workflow.`. Those
+    /// keys are set by the runtime; rename the header.
+    #[error(
+        "header `{0}` uses the reserved prefix `workflow.`; rename it (the runtime sets those keys)"
+    )]
+    ReservedHeaderInSubmit(String),
+
+    /// A run with this id already exists (running, or terminated within the
+    /// retention window) with a different input. Submit with another run id,
+    /// or with the original input to attach to the existing run.
+    #[error(
+        "run `{0}` already exists with a different input; use another run id or the original input"
+    )]
+    InputMismatch(String),
+
+    /// A payload, result or header set is larger than the runtime accepts.
+    #[error(
+        "{what} is {size} bytes, over the limit of {max} bytes; store large data elsewhere and pass a reference"
+    )]
+    PayloadTooLarge {
+        /// What was too large ("input", "headers", ...).
+        what: &'static str,
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+
+    /// A builder setting is invalid (zero concurrency, a bad queue name...).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// No run with this id is known (never submitted, or its terminal record
+    /// has passed the retention window).
+    #[error("no run `{0}` is known (never submitted, or its outcome passed the retention window)")]
+    RunNotFound(String),
+
+    /// The queue or its store failed. Transient store failures
+    /// ([`Error::is_permanent`] is false) can be retried.
+    #[error("queue error: {0}")]
+    Queue(#[from] taquba::Error),
+
+    /// A durable record could not be encoded or decoded. The record is
+    /// corrupt or was written by something other than Waymark.
+    #[error("record `{key}` does not decode: {reason}")]
+    CorruptRecord {
+        /// The KV key (or job id) of the record.
+        key: String,
+        /// What the decoder reported.
+        reason: String,
+    },
+
+    /// A durable record carries a format version this build does not know.
+    /// It was written by a newer Waymark: upgrade this process.
+    #[error(
+        "record `{key}` has format version {found}, this build reads version {supported}; upgrade Waymark"
+    )]
+    UnsupportedRecordVersion {
+        /// The KV key (or job id) of the record.
+        key: String,
+        /// The version found.
+        found: u8,
+        /// The version this build reads and writes.
+        supported: u8,
+    },
+
+    /// The worker pool's claim loop stopped because the store failed or
+    /// closed (for example, another process opened the same store and fenced
+    /// this one).
+    #[error("worker pool stopped: {0}")]
+    WorkerStopped(String),
+}
+
+impl Error {
+    /// Whether retrying the same call cannot succeed. Input, configuration
+    /// and record errors are permanent; store failures are not.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Queue(e) => e.is_permanent(),
+            Error::WorkerStopped(_) => false,
+            _ => true,
+        }
+    }
+}

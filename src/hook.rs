@@ -1,0 +1,83 @@
+//! The terminal hook: how the world hears that a run ended.
+//!
+//! A termination commits, in the same transaction, a notification job on the
+//! hook queue (`{queue_name}-hooks`). The worker pool delivers it by calling
+//! [`TerminalHook::on_termination`]: at least once per run, once per run
+//! when nothing crashes, and never for a termination that did not commit.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::runner::StepError;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TerminalStatus {
+    /// A step returned [`StepOutcome::Succeed`](crate::StepOutcome::Succeed).
+    Succeeded,
+    /// A step returned [`StepOutcome::Fail`](crate::StepOutcome::Fail), failed
+    /// permanently, or ran out of attempts.
+    Failed,
+    /// The run was cancelled, by [`WorkflowRuntime::cancel`](crate::WorkflowRuntime::cancel)
+    /// or by a step's [`StepOutcome::Cancel`](crate::StepOutcome::Cancel).
+    Cancelled,
+}
+
+/// The terminal record of a run, as the hook and
+/// [`WorkflowRuntime::outcome`](crate::WorkflowRuntime::outcome) see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOutcome {
+    /// The run.
+    pub run_id: String,
+    /// How it ended.
+    pub status: TerminalStatus,
+    /// The result of a succeeded run.
+    #[serde(with = "serde_bytes")]
+    pub result: Option<Vec<u8>>,
+    /// Why a run failed, or the reason a step gave for cancelling it
+    /// (`None` for an external cancel).
+    pub error: Option<String>,
+    /// The submitter's headers (without reserved keys).
+    pub headers: HashMap<String, String>,
+    /// The step the run ended at.
+    pub final_step: u32,
+}
+
+/// Called once a run has terminated (at least once; see the module docs).
+///
+/// Return [`StepError::transient`] to have the notification retried with
+/// backoff, [`StepError::permanent`] to give up (the notification job is
+/// dead-lettered, where an operator can inspect or requeue it).
+pub trait TerminalHook: Send + Sync + 'static {
+    /// React to the end of a run. Should be idempotent: a crash after the
+    /// hook ran but before its delivery was acknowledged delivers it again.
+    fn on_termination(
+        &self,
+        outcome: &RunOutcome,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+}
+
+/// A hook that does nothing. A runtime built with it enqueues no
+/// notification jobs at all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopTerminalHook;
+
+impl TerminalHook for NoopTerminalHook {
+    async fn on_termination(&self, _outcome: &RunOutcome) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// Whether `H` needs notification jobs (everything but [`NoopTerminalHook`]).
+pub(crate) fn hook_enabled<H: TerminalHook>() -> bool {
+    TypeId::of::<H>() != TypeId::of::<NoopTerminalHook>()
+}
+
+/// The hook queue that goes with a step queue.
+pub(crate) fn hook_queue_name(step_queue: &str) -> String {
+    format!("{step_queue}-hooks")
+}

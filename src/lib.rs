@@ -1,0 +1,115 @@
+//! # Waymark: durable workflows on object storage
+//!
+//! Waymark runs multi-step workflows that survive crashes, with all state in
+//! object storage (a local directory, or S3-compatible storage) through the
+//! [`taquba`] queue. There is no server to run: the runtime is a library in
+//! your service.
+//!
+//! ## The model
+//!
+//! - A **run** is a chain of **steps**. You write a [`StepRunner`]: given a
+//!   [`Step`] (its number, payload and headers), it returns a
+//!   [`StepOutcome`] — continue with a payload (now or after a delay),
+//!   succeed with a result, fail, or cancel.
+//! - Each step is a queue job. The worker pool ([`WorkflowRuntime::run`])
+//!   claims step jobs, calls your runner, and commits what it returned **in
+//!   the same transaction that settles the step's job**: the next step, the
+//!   run's record, or the run's terminal record and hook notification. One
+//!   awaited commit per step.
+//! - So a process killed at any instant loses nothing: on restart every run
+//!   resumes at its last committed step. A step that committed never runs
+//!   again; only a step that was in flight at the crash runs once more.
+//! - When a run ends, your [`TerminalHook`] is called, at least once.
+//!
+//! ## A complete program
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use waymark::{NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner, WorkflowRuntime};
+//!
+//! /// Counts down from the number in the input, one step per tick.
+//! struct Countdown;
+//!
+//! impl StepRunner for Countdown {
+//!     async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+//!         let n: u32 = std::str::from_utf8(&step.payload)
+//!             .ok()
+//!             .and_then(|s| s.parse().ok())
+//!             .ok_or_else(|| StepError::permanent("input is not a number"))?;
+//!         Ok(if n == 0 {
+//!             StepOutcome::Succeed { result: b"liftoff".to_vec() }
+//!         } else {
+//!             StepOutcome::Continue { payload: (n - 1).to_string().into_bytes() }
+//!         })
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), waymark::Error> {
+//!     // A local directory; use taquba::open_url for s3://... in production.
+//!     let store = Arc::new(taquba::object_store::local::LocalFileSystem::new_with_prefix("./data")
+//!         .map_err(taquba::Error::from)?);
+//!     let queue = Arc::new(taquba::Queue::open(store, "waymark").await?);
+//!     let runtime = WorkflowRuntime::builder(queue, Countdown, NoopTerminalHook).build()?;
+//!
+//!     let worker = tokio::spawn({
+//!         let runtime = runtime.clone();
+//!         async move { runtime.run(async { let _ = tokio::signal::ctrl_c().await; }).await }
+//!     });
+//!
+//!     // Idempotent: running this program twice attaches to the same run.
+//!     let run = runtime
+//!         .submit(RunSpec { run_id: Some("countdown-1".into()), input: b"3".to_vec(), ..Default::default() })
+//!         .await?;
+//!     let outcome = runtime.wait(&run.run_id).await?;
+//!     println!("{:?}: {:?}", outcome.status, outcome.result);
+//!     worker.abort();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Guarantees, and what they cost
+//!
+//! - **Submit** commits step 0 and the run's records in one transaction and
+//!   is idempotent on `(run_id, input)` — within a process, across restarts,
+//!   and after the run ended (for the retention window).
+//! - **Transitions**: a non-terminal step costs one awaited commit, shared
+//!   with other steps that settle in the same WAL flush
+//!   (`taquba::OpenOptions::flush_interval`), so latency follows the flush
+//!   interval and throughput follows concurrency.
+//! - **Failures**: a [`StepError::transient`] retries with the queue's
+//!   backoff until the step's attempts run out; a [`StepError::permanent`]
+//!   dead-letters the step. Either way the run ends `Failed` with a hook.
+//! - **Cancel** ([`WorkflowRuntime::cancel`]) removes a waiting step at once;
+//!   a running step sees its [`Step::cancel_token`] fire and its result is
+//!   discarded. The request is durable: a restart still ends the run
+//!   `Cancelled` without running the step again.
+//! - **Bad input** is a typed [`Error`] before anything is written; a job on
+//!   the step queue that is not a valid step is dead-lettered with a clear
+//!   reason, and the pool keeps going.
+//!
+//! See `ARCHITECTURE.md` for the modules and the path of one step.
+
+#![deny(missing_docs)]
+
+mod error;
+mod hook;
+mod record;
+mod runner;
+mod runtime;
+mod worker;
+
+pub use error::Error;
+pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
+pub use record::{
+    HEADER_RUN_ID, HEADER_STEP, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
+    MAX_RUN_ID_LEN, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
+};
+pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
+pub use runtime::{
+    RunSpec, RunState, RunStatus, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder,
+};
+
+/// The queue crate Waymark stores its state in, re-exported so callers use
+/// the same version (`waymark::taquba::Queue`, `waymark::taquba::object_store`).
+pub use taquba;

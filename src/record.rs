@@ -1,0 +1,341 @@
+//! Durable records, their key layout in taquba's KV namespace, and the
+//! validation of the names and headers that go into them.
+//!
+//! Keys of a runtime whose step queue is `Q` (so runtimes on distinct queue
+//! names never share a key):
+//!
+//! | key                    | record             | lifetime                                     |
+//! |------------------------|--------------------|----------------------------------------------|
+//! | `wm/Q/run/{run_id}`    | [`RunRecord`]      | submit → termination; rewritten every step   |
+//! | `wm/Q/sub/{run_id}`    | [`SubmitRecord`]   | submit → end of the retention window         |
+//! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
+//! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
+//!
+//! Every record is MessagePack of `(version, body)`; a version this build
+//! does not know is [`Error::UnsupportedRecordVersion`], never a guess.
+
+use std::collections::HashMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::hook::{RunOutcome, TerminalStatus};
+
+/// The record format version this build reads and writes.
+pub(crate) const RECORD_VERSION: u8 = 1;
+
+/// The header carrying a step job's run id.
+pub const HEADER_RUN_ID: &str = "workflow.run_id";
+/// The header carrying a step job's step number.
+pub const HEADER_STEP: &str = "workflow.step";
+/// Headers with this prefix are the runtime's; a submit may not set them.
+pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
+
+/// The longest run id accepted, in bytes.
+pub const MAX_RUN_ID_LEN: usize = 128;
+/// The most bytes of headers (keys plus values) a submit may carry.
+pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
+/// The largest run input or step payload accepted, in bytes. Larger ones are
+/// offloaded to their own object by taquba, so this bounds memory, not KV.
+pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+/// The largest run result or failure reason kept in a terminal record, in
+/// bytes (the record lives in KV, whose values taquba caps at 256 KiB).
+pub const MAX_RESULT_BYTES: usize = 192 * 1024;
+
+/// The live record of a run: where it is. Written at submit and by every
+/// step transition, in the transaction that settles the step; deleted in the
+/// transaction that terminates the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RunRecord {
+    /// The step the run is at.
+    pub step: u32,
+    /// The queue job that carries that step.
+    pub job_id: String,
+}
+
+/// What a submit fixed: kept from submit until the terminal record expires,
+/// so a repeated submit is recognised while the run lives and after it ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SubmitRecord {
+    /// SHA-256 of the input.
+    pub input_sha256: [u8; 32],
+    /// Submission time, ms since the Unix epoch (queue clock).
+    pub submitted_at_ms: u64,
+    /// The submitter's headers.
+    pub headers: HashMap<String, String>,
+}
+
+/// The terminal record of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OutcomeRecord {
+    pub status: TerminalStatus,
+    #[serde(with = "serde_bytes")]
+    pub result: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub final_step: u32,
+    /// Termination time, ms since the Unix epoch (queue clock).
+    pub finished_at_ms: u64,
+}
+
+impl OutcomeRecord {
+    pub(crate) fn into_outcome(self, run_id: &str) -> RunOutcome {
+        RunOutcome {
+            run_id: run_id.to_string(),
+            status: self.status,
+            result: self.result,
+            error: self.error,
+            headers: self.headers,
+            final_step: self.final_step,
+        }
+    }
+}
+
+/// Encode a record body with the format version in front.
+pub(crate) fn encode<T: Serialize>(key: &[u8], body: &T) -> Result<Vec<u8>, Error> {
+    rmp_serde::to_vec_named(&(RECORD_VERSION, body)).map_err(|e| Error::CorruptRecord {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Decode a record written by [`encode`]; `name` says where it came from.
+pub(crate) fn decode<T: DeserializeOwned>(name: &[u8], bytes: &[u8]) -> Result<T, Error> {
+    let key = || String::from_utf8_lossy(name).into_owned();
+    let (version, _): (u8, serde::de::IgnoredAny) =
+        rmp_serde::from_slice(bytes).map_err(|e| Error::CorruptRecord {
+            key: key(),
+            reason: e.to_string(),
+        })?;
+    if version != RECORD_VERSION {
+        return Err(Error::UnsupportedRecordVersion {
+            key: key(),
+            found: version,
+            supported: RECORD_VERSION,
+        });
+    }
+    let (_, body): (u8, T) = rmp_serde::from_slice(bytes).map_err(|e| Error::CorruptRecord {
+        key: key(),
+        reason: e.to_string(),
+    })?;
+    Ok(body)
+}
+
+/// The key layout of one runtime (one step queue name).
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    run: Vec<u8>,
+    sub: Vec<u8>,
+    out: Vec<u8>,
+    exp: Vec<u8>,
+}
+
+impl Keys {
+    pub(crate) fn new(queue_name: &str) -> Self {
+        let base = format!("wm/{queue_name}/");
+        let with = |kind: &str| format!("{base}{kind}/").into_bytes();
+        Self {
+            run: with("run"),
+            sub: with("sub"),
+            out: with("out"),
+            exp: with("exp"),
+        }
+    }
+
+    fn join(prefix: &[u8], run_id: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(prefix.len() + run_id.len());
+        key.extend_from_slice(prefix);
+        key.extend_from_slice(run_id.as_bytes());
+        key
+    }
+
+    pub(crate) fn run(&self, run_id: &str) -> Vec<u8> {
+        Self::join(&self.run, run_id)
+    }
+
+    pub(crate) fn sub(&self, run_id: &str) -> Vec<u8> {
+        Self::join(&self.sub, run_id)
+    }
+
+    pub(crate) fn out(&self, run_id: &str) -> Vec<u8> {
+        Self::join(&self.out, run_id)
+    }
+
+    pub(crate) fn expiry_prefix(&self) -> &[u8] {
+        &self.exp
+    }
+}
+
+/// The dedup key of step `step` of run `run_id`.
+pub(crate) fn dedup_key(run_id: &str, step: u32) -> String {
+    format!("run:{run_id}:{step}")
+}
+
+/// Check a run id or workflow name: 1–128 bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_name(what: &'static str, value: &str) -> Result<(), Error> {
+    let reason = if value.is_empty() {
+        Some("it is empty")
+    } else if value.len() > MAX_RUN_ID_LEN {
+        Some("it is longer than 128 bytes")
+    } else if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        Some("only ASCII letters, digits and `.` `_` `:` `-` are allowed")
+    } else {
+        None
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidRunId {
+            what,
+            value: value.chars().take(160).collect(),
+            reason,
+        }),
+    }
+}
+
+/// Check submitted headers: no reserved key, bounded total size.
+pub fn validate_headers(headers: &HashMap<String, String>) -> Result<(), Error> {
+    if let Some(key) = headers
+        .keys()
+        .find(|k| k.starts_with(RESERVED_HEADER_PREFIX))
+    {
+        return Err(Error::ReservedHeaderInSubmit(key.clone()));
+    }
+    let size: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_HEADERS_BYTES {
+        return Err(Error::PayloadTooLarge {
+            what: "headers",
+            size,
+            max: MAX_HEADERS_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The run id and step number a step job's headers name, or why they don't.
+pub(crate) fn parse_step_headers(headers: &HashMap<String, String>) -> Result<(&str, u32), String> {
+    let run_id = headers
+        .get(HEADER_RUN_ID)
+        .ok_or_else(|| format!("step job has no `{HEADER_RUN_ID}` header"))?;
+    validate_name("run id", run_id)
+        .map_err(|e| format!("step job header `{HEADER_RUN_ID}`: {e}"))?;
+    let step = headers
+        .get(HEADER_STEP)
+        .ok_or_else(|| format!("step job has no `{HEADER_STEP}` header"))?;
+    let step = step
+        .parse::<u32>()
+        .map_err(|_| format!("step job header `{HEADER_STEP}` is `{step}`, not a step number"))?;
+    Ok((run_id, step))
+}
+
+/// The submitter's headers of a step job: all but the reserved keys.
+pub(crate) fn user_headers(headers: &HashMap<String, String>) -> HashMap<String, String> {
+    headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(RESERVED_HEADER_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Bound a terminal error message so the terminal record always fits in KV.
+pub(crate) fn bounded_reason(reason: String) -> String {
+    if reason.len() <= MAX_RESULT_BYTES {
+        return reason;
+    }
+    let mut cut = MAX_RESULT_BYTES;
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… (truncated)", &reason[..cut])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("run id", "order-42:retry_1.a").is_ok());
+        for bad in ["", "has space", "slash/", "é", &"x".repeat(129)] {
+            assert!(matches!(
+                validate_name("run id", bad),
+                Err(Error::InvalidRunId { .. })
+            ));
+        }
+        assert!(validate_name("run id", &"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_other_versions() {
+        let rec = RunRecord {
+            step: 7,
+            job_id: "01J".into(),
+        };
+        let bytes = encode(b"k", &rec).unwrap();
+        assert_eq!(decode::<RunRecord>(b"k", &bytes).unwrap(), rec);
+
+        let future = rmp_serde::to_vec_named(&(2u8, &rec)).unwrap();
+        assert!(matches!(
+            decode::<RunRecord>(b"k", &future),
+            Err(Error::UnsupportedRecordVersion { found: 2, .. })
+        ));
+        assert!(matches!(
+            decode::<RunRecord>(b"k", b"\xc1garbage"),
+            Err(Error::CorruptRecord { .. })
+        ));
+        // A record of another kind does not pass for this one.
+        let sub = SubmitRecord {
+            input_sha256: [0; 32],
+            submitted_at_ms: 1,
+            headers: HashMap::new(),
+        };
+        let bytes = encode(b"k", &sub).unwrap();
+        assert!(decode::<RunRecord>(b"k", &bytes).is_err());
+    }
+
+    #[test]
+    fn step_headers_parse() {
+        let mut h = HashMap::new();
+        assert!(parse_step_headers(&h).is_err());
+        h.insert(HEADER_RUN_ID.to_string(), "r1".to_string());
+        assert!(parse_step_headers(&h).is_err());
+        h.insert(HEADER_STEP.to_string(), "x".to_string());
+        assert!(
+            parse_step_headers(&h)
+                .unwrap_err()
+                .contains("not a step number")
+        );
+        h.insert(HEADER_STEP.to_string(), "3".to_string());
+        assert_eq!(parse_step_headers(&h).unwrap(), ("r1", 3));
+        h.insert(HEADER_RUN_ID.to_string(), "bad id".to_string());
+        assert!(parse_step_headers(&h).is_err());
+    }
+
+    #[test]
+    fn headers_are_checked() {
+        let mut h = HashMap::new();
+        h.insert("tenant".to_string(), "a".to_string());
+        assert!(validate_headers(&h).is_ok());
+        h.insert("workflow.x".to_string(), "a".to_string());
+        assert!(matches!(
+            validate_headers(&h),
+            Err(Error::ReservedHeaderInSubmit(k)) if k == "workflow.x"
+        ));
+        let mut big = HashMap::new();
+        big.insert("k".to_string(), "v".repeat(MAX_HEADERS_BYTES));
+        assert!(matches!(
+            validate_headers(&big),
+            Err(Error::PayloadTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_char_boundary() {
+        let r = bounded_reason("é".repeat(MAX_RESULT_BYTES));
+        assert!(r.len() <= MAX_RESULT_BYTES + 32);
+        assert!(r.ends_with("(truncated)"));
+    }
+}

@@ -1,0 +1,117 @@
+//! The runner contract: what a step is, what a step returns, how it fails.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// One step of a run, handed to [`StepRunner::run_step`].
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The run this step belongs to.
+    pub run_id: String,
+    /// 0 for the first step, then 1, 2, ...
+    pub step_number: u32,
+    /// The run's input for step 0; afterwards the payload the previous step
+    /// returned in [`StepOutcome::Continue`] or [`StepOutcome::ContinueAfter`].
+    pub payload: Vec<u8>,
+    /// The headers given at submit (never the reserved `workflow.*` keys).
+    pub headers: HashMap<String, String>,
+    /// The queue job carrying this step.
+    pub job_id: String,
+    /// Which attempt this is, starting at 1. A process crash during a step
+    /// also spends an attempt.
+    pub attempts: u32,
+    /// The most attempts this step gets before the run fails.
+    pub max_attempts: u32,
+    /// Fired when the run is cancelled while this step runs. A runner that
+    /// watches it can stop early; whatever it returns afterwards is discarded
+    /// and the run ends `Cancelled`.
+    pub cancel_token: CancellationToken,
+}
+
+/// What a step decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Run the next step now, with this payload.
+    Continue {
+        /// The next step's payload.
+        payload: Vec<u8>,
+    },
+    /// Run the next step after `delay` (measured on the queue's clock).
+    ContinueAfter {
+        /// The next step's payload.
+        payload: Vec<u8>,
+        /// How long to wait before the next step.
+        delay: Duration,
+    },
+    /// The run succeeded with this result.
+    Succeed {
+        /// The run's result, kept in its terminal record.
+        result: Vec<u8>,
+    },
+    /// The run failed for this reason (a business failure: not retried).
+    Fail {
+        /// Why the run failed.
+        reason: String,
+    },
+    /// The run cancels itself for this reason.
+    Cancel {
+        /// Why the run was cancelled.
+        reason: String,
+    },
+}
+
+/// Whether a [`StepError`] is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepErrorKind {
+    /// Retry the step (until its attempts run out).
+    Transient,
+    /// Do not retry: the step's job is dead-lettered and the run fails.
+    Permanent,
+}
+
+/// A step (or hook) that could not do its work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?} step error: {message}")]
+pub struct StepError {
+    /// What went wrong.
+    pub message: String,
+    /// Whether to retry.
+    pub kind: StepErrorKind,
+}
+
+impl StepError {
+    /// An error worth retrying (a timeout, a 503...).
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: StepErrorKind::Transient,
+        }
+    }
+
+    /// An error no retry can fix (bad input, a 400...).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: StepErrorKind::Permanent,
+        }
+    }
+
+    /// Whether this error is [`StepErrorKind::Permanent`].
+    pub fn is_permanent(&self) -> bool {
+        self.kind == StepErrorKind::Permanent
+    }
+}
+
+/// The user's code: runs one step and says what comes next.
+///
+/// A step may run more than once (a crash before its result commits, a
+/// transient error), so it should be idempotent or tolerate repeats. Its
+/// result is committed atomically with the step's settlement, so a step that
+/// committed never runs again.
+pub trait StepRunner: Send + Sync + 'static {
+    /// Run `step` and return what the run does next.
+    fn run_step(&self, step: &Step) -> impl Future<Output = Result<StepOutcome, StepError>> + Send;
+}

@@ -1,0 +1,697 @@
+//! The runtime: its builder, and the calls a service makes on it (submit,
+//! status, outcome, wait, cancel). The worker pool is in [`crate::worker`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use taquba::{
+    CancelOutcome, EnqueueOptions, EnqueueRequest, EnqueueResult, ExpiryIndex, JobRecord,
+    JobStatus, Queue, QueueName, SettlementEffects,
+};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
+use crate::record::{
+    self, HEADER_RUN_ID, HEADER_STEP, Keys, MAX_PAYLOAD_BYTES, OutcomeRecord, RunRecord,
+    SubmitRecord, decode, encode, user_headers, validate_headers, validate_name,
+};
+use crate::runner::StepRunner;
+
+/// What to run: the input of a new run and how its steps are queued.
+///
+/// Construct with `RunSpec { input, ..Default::default() }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSpec {
+    /// The run's id. `None` generates a ULID. A caller id makes submit
+    /// idempotent: the same id with the same input is the same run.
+    pub run_id: Option<String>,
+    /// Step 0's payload.
+    pub input: Vec<u8>,
+    /// Metadata handed to every step and to the terminal hook. Keys may not
+    /// start with `workflow.`.
+    pub headers: HashMap<String, String>,
+    /// Queue priority of every step (lower runs first); `None` uses the
+    /// queue's default.
+    pub priority: Option<u32>,
+    /// Attempts each step gets; `None` uses the queue's default.
+    pub max_attempts_per_step: Option<u32>,
+}
+
+/// What [`WorkflowRuntime::submit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// The run's id (generated when the spec had none).
+    pub run_id: String,
+    /// `false` when a run with this id and input already existed.
+    pub newly_submitted: bool,
+}
+
+/// Where a live run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RunState {
+    /// Its current step waits for a worker.
+    Pending,
+    /// Its current step waits for its time (`ContinueAfter`, or a retry).
+    Scheduled,
+    /// A worker is running its current step.
+    Running,
+    /// A cancel was accepted; the run ends `Cancelled` once its running step
+    /// returns.
+    Cancelling,
+}
+
+/// A live run's status, read from durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStatus {
+    /// The run.
+    pub run_id: String,
+    /// Where it is.
+    pub state: RunState,
+    /// The step it is at.
+    pub current_step: u32,
+}
+
+/// Settings fixed at build.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub queue_name: String,
+    pub hook_queue: String,
+    pub max_concurrent_steps: usize,
+    pub poll_interval: Duration,
+    pub terminal_retention: Duration,
+    pub hook_max_attempts: u32,
+}
+
+/// Configures a [`WorkflowRuntime`]; from [`WorkflowRuntime::builder`].
+pub struct WorkflowRuntimeBuilder<R, H> {
+    queue: Arc<Queue>,
+    runner: R,
+    hook: H,
+    queue_name: String,
+    max_concurrent_steps: usize,
+    poll_interval: Duration,
+    terminal_retention: Duration,
+    hook_max_attempts: u32,
+}
+
+impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
+    /// The queue the step jobs go on (default `"workflow-steps"`). Runtimes
+    /// sharing one [`Queue`] need distinct names. Hook notifications go on
+    /// `"{name}-hooks"`.
+    pub fn queue_name(mut self, name: impl Into<String>) -> Self {
+        self.queue_name = name.into();
+        self
+    }
+
+    /// How many steps run at once (default 16).
+    pub fn max_concurrent_steps(mut self, n: usize) -> Self {
+        self.max_concurrent_steps = n;
+        self
+    }
+
+    /// The longest an idle worker waits before looking again for work that
+    /// arrived without a wake-up, such as a delayed step falling due (default
+    /// 250 ms). New work wakes workers at once.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d;
+        self
+    }
+
+    /// How long a terminated run's outcome (and its submit record, which
+    /// keeps submit idempotent) is kept (default 7 days).
+    pub fn terminal_retention(mut self, d: Duration) -> Self {
+        self.terminal_retention = d;
+        self
+    }
+
+    /// How many times a hook notification is delivered before it is
+    /// dead-lettered when the hook keeps failing transiently (default 10).
+    pub fn hook_max_attempts(mut self, n: u32) -> Self {
+        self.hook_max_attempts = n;
+        self
+    }
+
+    /// Check the settings and build the runtime.
+    pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
+        let invalid = |m: String| Err(Error::InvalidConfig(m));
+        if self.max_concurrent_steps == 0 {
+            return invalid("max_concurrent_steps must be at least 1".into());
+        }
+        if self.poll_interval.is_zero() {
+            return invalid("poll_interval must be above zero".into());
+        }
+        if self.terminal_retention.is_zero() {
+            return invalid("terminal_retention must be above zero".into());
+        }
+        if self.hook_max_attempts == 0 {
+            return invalid("hook_max_attempts must be at least 1".into());
+        }
+        let hook_queue = hook_queue_name(&self.queue_name);
+        for name in [&self.queue_name, &hook_queue] {
+            if let Err(e) = QueueName::new(name.as_str()) {
+                return invalid(format!(
+                    "queue name `{}` is not usable ({e}); use 1-{} bytes of [A-Za-z0-9._-], leaving room for the `-hooks` suffix",
+                    self.queue_name,
+                    taquba::MAX_QUEUE_NAME_LEN - 6
+                ));
+            }
+        }
+        let keys = Keys::new(&self.queue_name);
+        let expiry = ExpiryIndex::new(keys.expiry_prefix().to_vec());
+        Ok(WorkflowRuntime {
+            inner: Arc::new(Inner {
+                queue: self.queue,
+                runner: self.runner,
+                hook: self.hook,
+                hooks_enabled: hook_enabled::<H>(),
+                cfg: Config {
+                    queue_name: self.queue_name,
+                    hook_queue,
+                    max_concurrent_steps: self.max_concurrent_steps,
+                    poll_interval: self.poll_interval,
+                    terminal_retention: self.terminal_retention,
+                    hook_max_attempts: self.hook_max_attempts,
+                },
+                keys,
+                expiry,
+                inflight: Mutex::new(HashMap::new()),
+                waiters: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// The durable workflow runtime. Cheap to clone: clones share one state.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use waymark::{NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner, WorkflowRuntime};
+///
+/// struct Greeter;
+/// impl StepRunner for Greeter {
+///     async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+///         Ok(match step.step_number {
+///             0 => StepOutcome::Continue { payload: b"hello".to_vec() },
+///             _ => StepOutcome::Succeed { result: step.payload.clone() },
+///         })
+///     }
+/// }
+///
+/// # async fn demo() -> Result<(), waymark::Error> {
+/// let store = Arc::new(taquba::object_store::memory::InMemory::new());
+/// let queue = Arc::new(taquba::Queue::open(store, "demo").await?);
+/// let rt = WorkflowRuntime::builder(queue, Greeter, NoopTerminalHook).build()?;
+/// let worker = tokio::spawn({
+///     let rt = rt.clone();
+///     async move { rt.run(std::future::pending()).await }
+/// });
+/// let run = rt.submit(RunSpec { input: b"hi".to_vec(), ..Default::default() }).await?;
+/// let outcome = rt.wait(&run.run_id).await?;
+/// assert_eq!(outcome.result.as_deref(), Some(&b"hello"[..]));
+/// # worker.abort();
+/// # Ok(()) }
+/// ```
+pub struct WorkflowRuntime<R, H> {
+    pub(crate) inner: Arc<Inner<R, H>>,
+}
+
+impl<R, H> Clone for WorkflowRuntime<R, H> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// The state every clone of a runtime shares.
+pub(crate) struct Inner<R, H> {
+    pub queue: Arc<Queue>,
+    pub runner: R,
+    pub hook: H,
+    pub hooks_enabled: bool,
+    pub cfg: Config,
+    pub keys: Keys,
+    pub expiry: ExpiryIndex,
+    /// Steps this process is running, by job id.
+    pub inflight: Mutex<HashMap<String, Arc<InFlight>>>,
+    /// Callers of `wait`, by run id.
+    pub waiters: Mutex<HashMap<String, Vec<oneshot::Sender<RunOutcome>>>>,
+}
+
+/// A step this process is running, as `cancel` and the worker share it.
+pub(crate) struct InFlight {
+    pub phase: Mutex<Phase>,
+    /// The token the runner sees.
+    pub token: CancellationToken,
+    /// Becomes `true` once the step's settlement has finished (either way).
+    pub settled: watch::Sender<bool>,
+}
+
+/// Where an in-flight step is. The worker moves it to `Settling` under the
+/// lock after reading `cancel_requested`, so a cancel either lands before the
+/// worker decides (and the run ends `Cancelled`) or waits for the settlement
+/// and acts on what it committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running { cancel_requested: bool },
+    Settling,
+}
+
+/// Lock a mutex whose data stays consistent even if a holder panicked (all
+/// critical sections here are single assignments or map operations).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
+    /// Start configuring a runtime over `queue`, running steps with `runner`
+    /// and reporting terminations to `hook`.
+    pub fn builder(queue: Arc<Queue>, runner: R, hook: H) -> WorkflowRuntimeBuilder<R, H> {
+        WorkflowRuntimeBuilder {
+            queue,
+            runner,
+            hook,
+            queue_name: "workflow-steps".to_string(),
+            max_concurrent_steps: 16,
+            poll_interval: Duration::from_millis(250),
+            terminal_retention: Duration::from_secs(7 * 24 * 3600),
+            hook_max_attempts: 10,
+        }
+    }
+
+    /// The queue this runtime works on.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.inner.queue
+    }
+
+    /// Submit a run. Step 0 and the run's durable records commit in one
+    /// transaction, so a submit that returned `Ok` survives any crash.
+    ///
+    /// Idempotent on `(run_id, input)`: the same pair again returns
+    /// `newly_submitted: false` (while the run lives and for
+    /// `terminal_retention` after it ends, across restarts); the same id with
+    /// another input is [`Error::InputMismatch`].
+    pub async fn submit(&self, spec: RunSpec) -> Result<SubmitOutcome, Error> {
+        let inner = &self.inner;
+        let run_id = match spec.run_id {
+            Some(id) => {
+                validate_name("run id", &id)?;
+                id
+            }
+            None => ulid::Ulid::generate().to_string(),
+        };
+        validate_headers(&spec.headers)?;
+        if spec.input.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::PayloadTooLarge {
+                what: "input",
+                size: spec.input.len(),
+                max: MAX_PAYLOAD_BYTES,
+            });
+        }
+        if spec.max_attempts_per_step == Some(0) {
+            return Err(Error::InvalidConfig(
+                "max_attempts_per_step must be at least 1".into(),
+            ));
+        }
+        let sha: [u8; 32] = Sha256::digest(&spec.input).into();
+        let sub_key = inner.keys.sub(&run_id);
+        let run_key = inner.keys.run(&run_id);
+        let submit = SubmitRecord {
+            input_sha256: sha,
+            submitted_at_ms: inner.now_ms(),
+            headers: spec.headers.clone(),
+        };
+        let sub_value = encode(&sub_key, &submit)?;
+        loop {
+            let job_id = inner.queue.next_job_id();
+            let run = RunRecord {
+                step: 0,
+                job_id: job_id.clone(),
+            };
+            let options = EnqueueOptions::default()
+                .dedup_key(record::dedup_key(&run_id, 0))
+                .id_override(job_id)
+                .headers(step_headers(&spec.headers, &run_id, 0))
+                .priority(spec.priority)
+                .max_attempts(spec.max_attempts_per_step);
+            let effects = SettlementEffects::default()
+                .enqueue(EnqueueRequest {
+                    queue: inner.cfg.queue_name.clone(),
+                    payload: spec.input.clone(),
+                    options,
+                })
+                .kv_put(run_key.clone(), encode(&run_key, &run)?)
+                .kv_put(sub_key.clone(), sub_value.clone());
+            let committed = inner
+                .queue
+                .kv_compare_commit(&[(&sub_key, None)], effects)
+                .await?;
+            if let Some(results) = committed {
+                if let Some(EnqueueResult::AlreadyEnqueued(existing)) = results.first() {
+                    // A step-0 job with this run's dedup key outlived its run
+                    // record (only a foreign job can do that): point the run
+                    // at the job that exists, so the run is not orphaned.
+                    tracing::warn!(run_id, existing, "step 0 already queued; adopting it");
+                    let adopted = RunRecord {
+                        step: 0,
+                        job_id: existing.clone(),
+                    };
+                    inner
+                        .queue
+                        .kv_put(&run_key, &encode(&run_key, &adopted)?)
+                        .await?;
+                }
+                return Ok(SubmitOutcome {
+                    run_id,
+                    newly_submitted: true,
+                });
+            }
+            // A run with this id exists: same input or not?
+            let Some(bytes) = inner.queue.view().kv_get(&sub_key).await? else {
+                // It expired between the compare and this read: try again.
+                continue;
+            };
+            let record: SubmitRecord = decode(&sub_key, &bytes)?;
+            if record.input_sha256 != sha {
+                return Err(Error::InputMismatch(run_id));
+            }
+            return Ok(SubmitOutcome {
+                run_id,
+                newly_submitted: false,
+            });
+        }
+    }
+
+    /// The status of a live run, from durable state (right after a restart,
+    /// and from a runtime that runs no worker). `None` for unknown and
+    /// terminated runs; see [`Self::outcome`] for those.
+    pub async fn status(&self, run_id: &str) -> Result<Option<RunStatus>, Error> {
+        validate_name("run id", run_id)?;
+        let Some((run, job)) = self.inner.current_step(run_id).await? else {
+            return Ok(None);
+        };
+        let state = match job.status {
+            JobStatus::Pending if job.cancel_requested => RunState::Cancelling,
+            JobStatus::Pending => RunState::Pending,
+            JobStatus::Scheduled => RunState::Scheduled,
+            JobStatus::Claimed => {
+                let requested_here = self.inner.inflight_cancel_requested(&job.id);
+                if job.cancel_requested || requested_here {
+                    RunState::Cancelling
+                } else {
+                    RunState::Running
+                }
+            }
+            // The step was dead-lettered by the queue itself; the worker
+            // pool reconciles it into a `Failed` outcome.
+            JobStatus::Dead | JobStatus::Done => return Ok(None),
+        };
+        Ok(Some(RunStatus {
+            run_id: run_id.to_string(),
+            state,
+            current_step: run.step,
+        }))
+    }
+
+    /// The terminal record of a run that has ended, kept for
+    /// `terminal_retention`. `None` while the run lives, and for unknown runs.
+    pub async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
+        validate_name("run id", run_id)?;
+        self.inner.outcome(run_id).await
+    }
+
+    /// Wait until the run terminates and return its outcome (at once if it
+    /// already has). The run must be worked by this process's pool
+    /// ([`Self::run`]); [`Error::RunNotFound`] for an unknown run.
+    pub async fn wait(&self, run_id: &str) -> Result<RunOutcome, Error> {
+        validate_name("run id", run_id)?;
+        let inner = &self.inner;
+        let (tx, rx) = oneshot::channel();
+        lock(&inner.waiters)
+            .entry(run_id.to_string())
+            .or_default()
+            .push(tx);
+        if let Some(outcome) = inner.outcome(run_id).await? {
+            return Ok(outcome);
+        }
+        if inner.read_run(run_id).await?.is_none() {
+            // It may have terminated between the two reads.
+            if let Some(outcome) = inner.outcome(run_id).await? {
+                return Ok(outcome);
+            }
+            return Err(Error::RunNotFound(run_id.to_string()));
+        }
+        rx.await
+            .map_err(|_| Error::WorkerStopped("the runtime was dropped while waiting".into()))
+    }
+
+    /// Cancel a run. `Ok(false)` for an unknown or terminated run, and for a
+    /// run whose cancel was already accepted.
+    ///
+    /// A pending or scheduled step is removed and the run ends `Cancelled`
+    /// before this returns. A running step's `cancel_token` fires and the
+    /// request is stored durably on its job; the runner's outcome is then
+    /// discarded and the run ends `Cancelled` when the step returns (or, after
+    /// a crash, when the step is next claimed — it is not run again).
+    pub async fn cancel(&self, run_id: &str) -> Result<bool, Error> {
+        validate_name("run id", run_id)?;
+        let inner = &self.inner;
+        loop {
+            let Some((run, job)) = inner.current_step(run_id).await? else {
+                return Ok(false);
+            };
+            if job.status == JobStatus::Dead {
+                inner.reconcile_dead(&job).await?;
+                return Ok(false);
+            }
+            let outcome = RunOutcome {
+                run_id: run_id.to_string(),
+                status: TerminalStatus::Cancelled,
+                result: None,
+                error: None,
+                headers: user_headers(&job.headers),
+                final_step: run.step,
+            };
+            let effects = inner.terminal_effects(&outcome)?;
+            let (cancelled, _) = inner.queue.cancel_with(&run.job_id, effects).await?;
+            match cancelled {
+                CancelOutcome::Removed => {
+                    tracing::info!(run_id, step = run.step, "run cancelled");
+                    inner.notify_terminal(outcome);
+                    return Ok(true);
+                }
+                // The step settled between our read and the cancel.
+                CancelOutcome::NotFound => continue,
+                CancelOutcome::Requested => {
+                    let entry = lock(&inner.inflight).get(&run.job_id).cloned();
+                    let Some(entry) = entry else {
+                        // Claimed but not yet registered by its worker: the
+                        // claim's token has fired and the worker checks it
+                        // before running the step.
+                        return Ok(!job.cancel_requested);
+                    };
+                    let mut settled = {
+                        let mut phase = lock(&entry.phase);
+                        match *phase {
+                            Phase::Running {
+                                cancel_requested: true,
+                            } => return Ok(false),
+                            Phase::Running { .. } => {
+                                *phase = Phase::Running {
+                                    cancel_requested: true,
+                                };
+                                entry.token.cancel();
+                                tracing::info!(run_id, step = run.step, "cancel requested");
+                                return Ok(true);
+                            }
+                            Phase::Settling => entry.settled.subscribe(),
+                        }
+                    };
+                    // The worker had decided already: see what it committed.
+                    let _ = settled.wait_for(|done| *done).await;
+                }
+            }
+        }
+    }
+}
+
+/// The headers of step `step`'s job: the submitter's plus the reserved ones.
+pub(crate) fn step_headers(
+    user: &HashMap<String, String>,
+    run_id: &str,
+    step: u32,
+) -> HashMap<String, String> {
+    let mut headers = user.clone();
+    headers.insert(HEADER_RUN_ID.to_string(), run_id.to_string());
+    headers.insert(HEADER_STEP.to_string(), step.to_string());
+    headers
+}
+
+impl<R, H> Inner<R, H> {
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.queue.clock().now_ms()
+    }
+
+    /// `now + delay` on the queue's clock, as the queue's `run_at` wants it.
+    pub(crate) fn at_after(&self, delay: Duration) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.now_ms()) + delay
+    }
+
+    pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
+        let key = self.keys.run(run_id);
+        match self.queue.view().kv_get(&key).await? {
+            Some(bytes) => Ok(Some(decode(&key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
+        let key = self.keys.out(run_id);
+        match self.queue.view().kv_get(&key).await? {
+            Some(bytes) => Ok(Some(
+                decode::<OutcomeRecord>(&key, &bytes)?.into_outcome(run_id),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The live run record and its current step's job, read consistently: a
+    /// settlement between the two reads is retried.
+    pub(crate) async fn current_step(
+        &self,
+        run_id: &str,
+    ) -> Result<Option<(RunRecord, JobRecord)>, Error> {
+        let mut last_missing: Option<RunRecord> = None;
+        loop {
+            let Some(run) = self.read_run(run_id).await? else {
+                return Ok(None);
+            };
+            match self.queue.view().job_record(&run.job_id).await? {
+                Some(job) if job.status != JobStatus::Done => return Ok(Some((run, job))),
+                _ => {
+                    if last_missing.as_ref() == Some(&run) {
+                        return Err(Error::CorruptRecord {
+                            key: String::from_utf8_lossy(&self.keys.run(run_id)).into_owned(),
+                            reason: format!(
+                                "the run is at step {} but its job `{}` does not exist",
+                                run.step, run.job_id
+                            ),
+                        });
+                    }
+                    last_missing = Some(run);
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn inflight_cancel_requested(&self, job_id: &str) -> bool {
+        lock(&self.inflight).get(job_id).is_some_and(|e| {
+            matches!(
+                *lock(&e.phase),
+                Phase::Running {
+                    cancel_requested: true
+                }
+            )
+        })
+    }
+
+    /// The effects that end a run: remove its live record, write its outcome
+    /// and retention entry, and queue its hook notification.
+    pub(crate) fn terminal_effects(
+        &self,
+        outcome: &RunOutcome,
+    ) -> Result<SettlementEffects, Error> {
+        let run_id = &outcome.run_id;
+        let now = self.now_ms();
+        let out_key = self.keys.out(run_id);
+        let record = OutcomeRecord {
+            status: outcome.status,
+            result: outcome.result.clone(),
+            error: outcome.error.clone(),
+            headers: outcome.headers.clone(),
+            final_step: outcome.final_step,
+            finished_at_ms: now,
+        };
+        let mut effects = SettlementEffects::default()
+            .kv_delete(self.keys.run(run_id))
+            .kv_put(out_key.clone(), encode(&out_key, &record)?)
+            .expiry_entry(&self.expiry, now, run_id.as_bytes());
+        if self.hooks_enabled {
+            let payload = encode(run_id.as_bytes(), outcome)?;
+            let options = EnqueueOptions::default()
+                .header(HEADER_RUN_ID, run_id.clone())
+                .max_attempts(self.cfg.hook_max_attempts);
+            effects = effects.enqueue(EnqueueRequest {
+                queue: self.cfg.hook_queue.clone(),
+                payload,
+                options,
+            });
+        }
+        Ok(effects)
+    }
+
+    /// Wake the callers of `wait` on this run.
+    pub(crate) fn notify_terminal(&self, outcome: RunOutcome) {
+        let waiting = lock(&self.waiters).remove(&outcome.run_id);
+        for tx in waiting.into_iter().flatten() {
+            let _ = tx.send(outcome.clone());
+        }
+    }
+
+    /// End the run of a step job the queue dead-lettered by itself (lease
+    /// expired on its last attempt, or a crash during its last attempt), if
+    /// the run is still at that job. Keyed on the job id, so a later run with
+    /// the same id is never touched by an old job.
+    pub(crate) async fn reconcile_dead(&self, job: &JobRecord) -> Result<bool, Error> {
+        let Ok((run_id, _)) = record::parse_step_headers(&job.headers) else {
+            return Ok(false);
+        };
+        let run_key = self.keys.run(run_id);
+        let Some(bytes) = self.queue.view().kv_get(&run_key).await? else {
+            return Ok(false);
+        };
+        let run: RunRecord = decode(&run_key, &bytes)?;
+        if run.job_id != job.id {
+            return Ok(false);
+        }
+        let (status, error) = if job.cancel_requested {
+            (TerminalStatus::Cancelled, None)
+        } else {
+            let why = job
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "step dead-lettered by the queue".into());
+            (
+                TerminalStatus::Failed,
+                Some(record::bounded_reason(format!(
+                    "step {} gave up after {} attempts: {why}",
+                    run.step, job.attempts
+                ))),
+            )
+        };
+        let outcome = RunOutcome {
+            run_id: run_id.to_string(),
+            status,
+            result: None,
+            error,
+            headers: user_headers(&job.headers),
+            final_step: run.step,
+        };
+        let effects = self.terminal_effects(&outcome)?;
+        let applied = self
+            .queue
+            .kv_compare_commit(&[(&run_key, Some(&bytes))], effects)
+            .await?;
+        if applied.is_some() {
+            tracing::warn!(run_id, step = run.step, job_id = %job.id, "run failed: its step was dead-lettered by the queue");
+            self.notify_terminal(outcome);
+        }
+        Ok(applied.is_some())
+    }
+}
