@@ -339,3 +339,6 @@ mod tests {
         assert!(r.ends_with("(truncated)"));
     }
 }
+
+#[cfg(test)]
+mod proptests;

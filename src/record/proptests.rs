@@ -1,0 +1,1 @@
+//! Property tests over record decoding and name/header validation.
