@@ -33,6 +33,8 @@ pub enum TerminalStatus {
 pub struct RunOutcome {
     /// The run.
     pub run_id: String,
+    /// The workflow the run belongs to.
+    pub workflow: String,
     /// How it ended.
     pub status: TerminalStatus,
     /// The result of a succeeded run.

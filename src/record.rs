@@ -29,6 +29,13 @@ pub(crate) const RECORD_VERSION: u8 = 1;
 pub const HEADER_RUN_ID: &str = "workflow.run_id";
 /// The header carrying a step job's step number.
 pub const HEADER_STEP: &str = "workflow.step";
+/// The header carrying a step job's workflow name.
+pub const HEADER_WORKFLOW: &str = "workflow.name";
+/// The header carrying the attempts a step spent on earlier jobs (a retry,
+/// deferral or parking moves a step to a new job).
+pub const HEADER_ATTEMPTS_BEFORE: &str = "workflow.attempts_before";
+/// The header marking a step job parked by a tripped breaker.
+pub const HEADER_PARKED: &str = "workflow.parked";
 /// Headers with this prefix are the runtime's; a submit may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
 
@@ -69,6 +76,8 @@ pub(crate) struct SubmitRecord {
 /// The terminal record of a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct OutcomeRecord {
+    #[serde(default)]
+    pub workflow: String,
     pub status: TerminalStatus,
     #[serde(with = "serde_bytes")]
     pub result: Option<Vec<u8>>,
@@ -83,6 +92,7 @@ impl OutcomeRecord {
     pub(crate) fn into_outcome(self, run_id: &str) -> RunOutcome {
         RunOutcome {
             run_id: run_id.to_string(),
+            workflow: self.workflow,
             status: self.status,
             result: self.result,
             error: self.error,
@@ -229,6 +239,28 @@ pub(crate) fn parse_step_headers(headers: &HashMap<String, String>) -> Result<(&
         .parse::<u32>()
         .map_err(|_| format!("step job header `{HEADER_STEP}` is `{step}`, not a step number"))?;
     Ok((run_id, step))
+}
+
+/// The workflow and the attempts spent on earlier jobs that a step job's
+/// headers name (`default` and 0 when absent), or why they are malformed.
+pub(crate) fn parse_step_extras(
+    headers: &HashMap<String, String>,
+) -> Result<(String, u32), String> {
+    let workflow = match headers.get(HEADER_WORKFLOW) {
+        Some(name) => {
+            validate_name("workflow name", name)
+                .map_err(|e| format!("step job header `{HEADER_WORKFLOW}`: {e}"))?;
+            name.clone()
+        }
+        None => crate::breaker::DEFAULT_WORKFLOW.to_string(),
+    };
+    let before = match headers.get(HEADER_ATTEMPTS_BEFORE) {
+        Some(n) => n.parse::<u32>().map_err(|_| {
+            format!("step job header `{HEADER_ATTEMPTS_BEFORE}` is `{n}`, not a count")
+        })?,
+        None => 0,
+    };
+    Ok((workflow, before))
 }
 
 /// The submitter's headers of a step job: all but the reserved keys.

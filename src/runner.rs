@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Step {
     /// The run this step belongs to.
     pub run_id: String,
+    /// The workflow the run belongs to.
+    pub workflow: String,
     /// 0 for the first step, then 1, 2, ...
     pub step_number: u32,
     /// The run's input for step 0; afterwards the payload the previous step

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use taquba::{
@@ -13,11 +13,16 @@ use taquba::{
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{
+    BreakerEvent, Breakers, DEFAULT_WORKFLOW, Observer, WorkflowHealth, ms_to_time,
+};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
+use crate::policy::{BackoffPolicy, RetryPolicy};
 use crate::record::{
-    self, HEADER_RUN_ID, HEADER_STEP, Keys, MAX_PAYLOAD_BYTES, OutcomeRecord, RunRecord,
-    SubmitRecord, decode, encode, user_headers, validate_headers, validate_name,
+    self, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
+    OutcomeRecord, RunRecord, SubmitRecord, decode, encode, parse_step_extras, user_headers,
+    validate_headers, validate_name,
 };
 use crate::runner::StepRunner;
 
@@ -37,8 +42,12 @@ pub struct RunSpec {
     /// Queue priority of every step (lower runs first); `None` uses the
     /// queue's default.
     pub priority: Option<u32>,
-    /// Attempts each step gets; `None` uses the queue's default.
+    /// Attempts each step gets; `None` uses the workflow's
+    /// [`RetryPolicy::max_attempts`].
     pub max_attempts_per_step: Option<u32>,
+    /// The workflow the run belongs to (default `"default"`): its retry
+    /// policy, breaker and health. Same form as run ids.
+    pub workflow: Option<String>,
 }
 
 /// What [`WorkflowRuntime::submit`] did.
@@ -63,6 +72,9 @@ pub enum RunState {
     /// A cancel was accepted; the run ends `Cancelled` once its running step
     /// returns.
     Cancelling,
+    /// Its workflow's breaker tripped: the step is parked (holding no worker
+    /// or lease) until the breaker closes.
+    Parked,
 }
 
 /// A live run's status, read from durable state.
@@ -74,6 +86,11 @@ pub struct RunStatus {
     pub state: RunState,
     /// The step it is at.
     pub current_step: u32,
+    /// The workflow it belongs to.
+    pub workflow: String,
+    /// When a `Scheduled` step runs: after `ContinueAfter`, a retry's backoff
+    /// or a breaker's backoff window.
+    pub scheduled_for: Option<SystemTime>,
 }
 
 /// Settings fixed at build.
@@ -85,6 +102,15 @@ pub(crate) struct Config {
     pub poll_interval: Duration,
     pub terminal_retention: Duration,
     pub hook_max_attempts: u32,
+    pub retry: HashMap<String, RetryPolicy>,
+    pub default_retry: RetryPolicy,
+}
+
+impl Config {
+    /// The retry policy of `workflow`.
+    pub(crate) fn retry_policy(&self, workflow: &str) -> &RetryPolicy {
+        self.retry.get(workflow).unwrap_or(&self.default_retry)
+    }
 }
 
 /// Configures a [`WorkflowRuntime`]; from [`WorkflowRuntime::builder`].
@@ -97,6 +123,10 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     poll_interval: Duration,
     terminal_retention: Duration,
     hook_max_attempts: u32,
+    retry: HashMap<String, RetryPolicy>,
+    default_retry: RetryPolicy,
+    breakers: HashMap<String, BackoffPolicy>,
+    observer: Option<Observer>,
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
@@ -136,6 +166,38 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         self
     }
 
+    /// The retry policy of one workflow's steps (others use
+    /// [`Self::default_retry_policy`]).
+    pub fn retry_policy(mut self, workflow: impl Into<String>, policy: RetryPolicy) -> Self {
+        self.retry.insert(workflow.into(), policy);
+        self
+    }
+
+    /// The retry policy of every workflow without its own
+    /// (default [`RetryPolicy::default`]).
+    pub fn default_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.default_retry = policy;
+        self
+    }
+
+    /// Give a workflow a circuit breaker (workflows without one never back
+    /// off or trip, though their health is still tracked).
+    pub fn breaker(mut self, workflow: impl Into<String>, policy: BackoffPolicy) -> Self {
+        self.breakers.insert(workflow.into(), policy);
+        self
+    }
+
+    /// Call `observer` once when a workflow's breaker trips and once when it
+    /// closes (after the change has committed). Default: none (the changes
+    /// are still logged through `tracing`).
+    pub fn on_breaker_change(
+        mut self,
+        observer: impl Fn(&BreakerEvent) + Send + Sync + 'static,
+    ) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
     /// Check the settings and build the runtime.
     pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
         let invalid = |m: String| Err(Error::InvalidConfig(m));
@@ -151,6 +213,15 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         if self.hook_max_attempts == 0 {
             return invalid("hook_max_attempts must be at least 1".into());
         }
+        self.default_retry.validate("(default)")?;
+        for (workflow, policy) in &self.retry {
+            validate_name("workflow name", workflow)?;
+            policy.validate(workflow)?;
+        }
+        for (workflow, policy) in &self.breakers {
+            validate_name("workflow name", workflow)?;
+            policy.validate(workflow)?;
+        }
         let hook_queue = hook_queue_name(&self.queue_name);
         for name in [&self.queue_name, &hook_queue] {
             if let Err(e) = QueueName::new(name.as_str()) {
@@ -162,6 +233,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
             }
         }
         let keys = Keys::new(&self.queue_name);
+        let breakers = Breakers::new(&self.queue_name, self.breakers, self.observer);
         let expiry = ExpiryIndex::new(keys.expiry_prefix().to_vec());
         Ok(WorkflowRuntime {
             inner: Arc::new(Inner {
@@ -176,7 +248,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                     poll_interval: self.poll_interval,
                     terminal_retention: self.terminal_retention,
                     hook_max_attempts: self.hook_max_attempts,
+                    retry: self.retry,
+                    default_retry: self.default_retry,
                 },
+                breakers,
                 keys,
                 expiry,
                 inflight: Mutex::new(HashMap::new()),
@@ -236,6 +311,7 @@ pub(crate) struct Inner<R, H> {
     pub hooks_enabled: bool,
     pub cfg: Config,
     pub keys: Keys,
+    pub breakers: Breakers,
     pub expiry: ExpiryIndex,
     /// Steps this process is running, by job id.
     pub inflight: Mutex<HashMap<String, Arc<InFlight>>>,
@@ -281,6 +357,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             poll_interval: Duration::from_millis(250),
             terminal_retention: Duration::from_secs(7 * 24 * 3600),
             hook_max_attempts: 10,
+            retry: HashMap::new(),
+            default_retry: RetryPolicy::default(),
+            breakers: HashMap::new(),
+            observer: None,
         }
     }
 
@@ -306,6 +386,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             None => ulid::Ulid::generate().to_string(),
         };
         validate_headers(&spec.headers)?;
+        let workflow = spec
+            .workflow
+            .unwrap_or_else(|| DEFAULT_WORKFLOW.to_string());
+        validate_name("workflow name", &workflow)?;
         if spec.input.len() > MAX_PAYLOAD_BYTES {
             return Err(Error::PayloadTooLarge {
                 what: "input",
@@ -318,6 +402,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 "max_attempts_per_step must be at least 1".into(),
             ));
         }
+        let max_attempts = spec
+            .max_attempts_per_step
+            .unwrap_or(inner.cfg.retry_policy(&workflow).max_attempts);
+        let mut headers = step_headers(&spec.headers, &run_id, 0);
+        headers.insert(HEADER_WORKFLOW.to_string(), workflow.clone());
         let sha: [u8; 32] = Sha256::digest(&spec.input).into();
         let sub_key = inner.keys.sub(&run_id);
         let run_key = inner.keys.run(&run_id);
@@ -336,9 +425,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             let options = EnqueueOptions::default()
                 .dedup_key(record::dedup_key(&run_id, 0))
                 .id_override(job_id)
-                .headers(step_headers(&spec.headers, &run_id, 0))
+                .headers(headers.clone())
                 .priority(spec.priority)
-                .max_attempts(spec.max_attempts_per_step);
+                .max_attempts(max_attempts);
             let effects = SettlementEffects::default()
                 .enqueue(EnqueueRequest {
                     queue: inner.cfg.queue_name.clone(),
@@ -398,6 +487,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let state = match job.status {
             JobStatus::Pending if job.cancel_requested => RunState::Cancelling,
             JobStatus::Pending => RunState::Pending,
+            JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
             JobStatus::Scheduled => RunState::Scheduled,
             JobStatus::Claimed => {
                 let requested_here = self.inner.inflight_cancel_requested(&job.id);
@@ -411,11 +501,52 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             // pool reconciles it into a `Failed` outcome.
             JobStatus::Dead | JobStatus::Done => return Ok(None),
         };
+        let workflow = job_workflow(&job);
         Ok(Some(RunStatus {
             run_id: run_id.to_string(),
             state,
             current_step: run.step,
+            workflow,
+            scheduled_for: (state == RunState::Scheduled)
+                .then_some(job.run_at)
+                .flatten()
+                .map(ms_to_time),
         }))
+    }
+
+    /// Close `workflow`'s breaker, zero its failure streak and release its
+    /// parked steps at once. Returns whether the breaker was open (in
+    /// backoff or tripped).
+    pub async fn reset_workflow(&self, workflow: &str) -> Result<bool, Error> {
+        validate_name("workflow name", workflow)?;
+        let inner = &self.inner;
+        let was_open = inner.breakers.reset(&inner.queue, workflow).await?;
+        inner
+            .breakers
+            .release_parked(&inner.queue, workflow, false)
+            .await?;
+        Ok(was_open)
+    }
+
+    /// One workflow's health, from durable state (right after a restart, and
+    /// from a runtime that runs no worker). `None` for a workflow that has
+    /// had no failed attempt and no ended run.
+    pub async fn workflow_health(&self, workflow: &str) -> Result<Option<WorkflowHealth>, Error> {
+        validate_name("workflow name", workflow)?;
+        let inner = &self.inner;
+        Ok(inner
+            .breakers
+            .health(&inner.queue, Some(workflow))
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// The health of every workflow that has had a failed attempt or an
+    /// ended run, by name.
+    pub async fn workflows(&self) -> Result<Vec<WorkflowHealth>, Error> {
+        let inner = &self.inner;
+        inner.breakers.health(&inner.queue, None).await
     }
 
     /// The terminal record of a run that has ended, kept for
@@ -471,6 +602,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             }
             let outcome = RunOutcome {
                 run_id: run_id.to_string(),
+                workflow: job_workflow(&job),
                 status: TerminalStatus::Cancelled,
                 result: None,
                 error: None,
@@ -520,6 +652,13 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 }
 
+/// The workflow a step job belongs to.
+pub(crate) fn job_workflow(job: &JobRecord) -> String {
+    parse_step_extras(&job.headers)
+        .map(|(w, _)| w)
+        .unwrap_or_else(|_| DEFAULT_WORKFLOW.to_string())
+}
+
 /// The headers of step `step`'s job: the submitter's plus the reserved ones.
 pub(crate) fn step_headers(
     user: &HashMap<String, String>,
@@ -535,11 +674,6 @@ pub(crate) fn step_headers(
 impl<R, H> Inner<R, H> {
     pub(crate) fn now_ms(&self) -> u64 {
         self.queue.clock().now_ms()
-    }
-
-    /// `now + delay` on the queue's clock, as the queue's `run_at` wants it.
-    pub(crate) fn at_after(&self, delay: Duration) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.now_ms()) + delay
     }
 
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
@@ -611,6 +745,7 @@ impl<R, H> Inner<R, H> {
         let now = self.now_ms();
         let out_key = self.keys.out(run_id);
         let record = OutcomeRecord {
+            workflow: outcome.workflow.clone(),
             status: outcome.status,
             result: outcome.result.clone(),
             error: outcome.error.clone(),
@@ -622,6 +757,15 @@ impl<R, H> Inner<R, H> {
             .kv_delete(self.keys.run(run_id))
             .kv_put(out_key.clone(), encode(&out_key, &record)?)
             .expiry_entry(&self.expiry, now, run_id.as_bytes());
+        let tally = match outcome.status {
+            TerminalStatus::Succeeded => Some(true),
+            TerminalStatus::Failed => Some(false),
+            _ => None,
+        };
+        if let Some(succeeded) = tally {
+            let (key, value) = self.breakers.tally(&outcome.workflow, run_id, succeeded);
+            effects = effects.kv_put(key, value);
+        }
         if self.hooks_enabled {
             let payload = encode(run_id.as_bytes(), outcome)?;
             let options = EnqueueOptions::default()
@@ -677,6 +821,7 @@ impl<R, H> Inner<R, H> {
         };
         let outcome = RunOutcome {
             run_id: run_id.to_string(),
+            workflow: job_workflow(job),
             status,
             result: None,
             error,

@@ -26,14 +26,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::breaker::{Gate, ms_to_time};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
 use crate::record::{
-    self, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, decode, encode, parse_step_headers,
-    user_headers,
+    self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_STEP, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
+    RunRecord, decode, encode, parse_step_extras, parse_step_headers, user_headers,
 };
 use crate::runner::{Step, StepError, StepOutcome, StepRunner};
-use crate::runtime::{InFlight, Inner, Phase, WorkflowRuntime, lock, step_headers};
+use crate::runtime::{InFlight, Inner, Phase, WorkflowRuntime, lock};
 
 /// Dead-lettered jobs read per page when reconciling at start.
 const DEAD_PAGE: usize = 256;
@@ -50,6 +51,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let inner = &self.inner;
         reconcile_all_dead(inner).await?;
+        inner.breakers.load_all(&inner.queue).await?;
         let stop = CancellationToken::new();
         let steps = claim_loop(
             inner.queue.clone(),
@@ -90,6 +92,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 }
                 if let Err(e) = expire_outcomes(inner).await {
                     tracing::warn!("retention pass failed (retried next tick): {e}");
+                }
+                if let Err(e) = inner.breakers.fold_tallies(&inner.queue).await {
+                    tracing::warn!("folding run tallies failed (retried next tick): {e}");
+                }
+                if let Err(e) = inner
+                    .breakers
+                    .wake_probes(&inner.queue, inner.now_ms())
+                    .await
+                {
+                    tracing::warn!("waking a breaker probe failed (retried next tick): {e}");
                 }
             }
         };
@@ -176,6 +188,10 @@ fn note_panic(queue: &str, done: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// How long a parked step waits if nothing releases it (a reset or a
+/// successful probe wakes it at once).
+const PARK_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
 /// What a step's settlement does.
 enum Verdict {
     /// Enqueue the next step (after a delay) and move the run record.
@@ -185,10 +201,19 @@ enum Verdict {
     },
     /// End the run through `ack_with`.
     End(RunOutcome),
-    /// Retry the step if attempts remain, otherwise end the run `Failed`.
-    Retry(String),
-    /// Dead-letter the step and end the run `Failed`.
-    DeadLetter(String),
+    /// Move the step to a new job that runs at `at` (ms, queue clock): a
+    /// retry (the attempt is spent), a breaker deferral or a parking (not
+    /// spent).
+    Again { at: u64, spent: bool, parked: bool },
+    /// Dead-letter the step with this error and end the run.
+    DeadLetter(String, RunOutcome),
+}
+
+/// How a settled attempt counts for its workflow's health.
+enum Health {
+    Success,
+    Failure(String),
+    Neutral,
 }
 
 /// Everything about one claimed step job, once its headers checked out.
@@ -196,9 +221,22 @@ struct StepJob {
     claim: Claim,
     run_id: String,
     step: u32,
+    workflow: String,
+    /// Attempts this step spent on earlier jobs.
+    before: u32,
 }
 
 impl StepJob {
+    /// Which attempt of the step this is (1-based).
+    fn attempts(&self) -> u32 {
+        self.before.saturating_add(self.claim.attempts)
+    }
+
+    /// How many attempts the step gets in all.
+    fn max_attempts(&self) -> u32 {
+        self.before.saturating_add(self.claim.max_attempts)
+    }
+
     fn outcome(
         &self,
         status: TerminalStatus,
@@ -207,6 +245,7 @@ impl StepJob {
     ) -> RunOutcome {
         RunOutcome {
             run_id: self.run_id.clone(),
+            workflow: self.workflow.clone(),
             status,
             result,
             error: error.map(record::bounded_reason),
@@ -214,19 +253,27 @@ impl StepJob {
             final_step: self.step,
         }
     }
+
+    fn failed(&self, why: &str) -> RunOutcome {
+        self.outcome(
+            TerminalStatus::Failed,
+            None,
+            Some(format!("step {}: {why}", self.step)),
+        )
+    }
 }
 
 /// Run one claimed step job to its settlement.
 async fn run_step_job<R: StepRunner, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim) {
-    let job = match admit(&inner, claim).await {
-        Some(job) => job,
-        None => return,
+    let Some(job) = admit(&inner, claim).await else {
+        return;
     };
     let span = tracing::info_span!(
         "step",
         run_id = %job.run_id,
         step = job.step,
-        attempt = job.claim.attempts
+        attempt = job.attempts(),
+        workflow = %job.workflow,
     );
     async {
         let entry = Arc::new(InFlight {
@@ -237,25 +284,74 @@ async fn run_step_job<R: StepRunner, H: TerminalHook>(inner: Arc<Inner<R, H>>, c
             settled: watch::Sender::new(false),
         });
         lock(&inner.inflight).insert(job.claim.id.clone(), entry.clone());
-        // A token that fired before we registered is a cancel accepted
-        // earlier (stored on the job, or requested between claim and now):
-        // the step is not run.
-        let verdict = if job.claim.cancel_token().is_cancelled() {
+        let mut probe = false;
+        let (verdict, health) = if job.claim.cancel_token().is_cancelled() {
+            // A token that fired before we registered is a cancel accepted
+            // earlier (stored on the job, or requested between claim and
+            // now): the step is not run.
             *lock(&entry.phase) = Phase::Settling;
-            Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None))
+            (
+                Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
+                Health::Neutral,
+            )
         } else {
-            let ran = run_with_lease(&inner, &job, &entry).await;
-            let mut phase = lock(&entry.phase);
-            let cancelled = matches!(
-                *phase,
-                Phase::Running {
-                    cancel_requested: true
+            let now = inner.now_ms();
+            let gate = inner
+                .breakers
+                .gate(&inner.queue, &job.workflow, now)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("reading the workflow's health failed, running the step: {e}");
+                    Gate::Run
+                });
+            let held = match gate {
+                Gate::Run => None,
+                Gate::Probe => {
+                    probe = true;
+                    tracing::info!("running the step as the breaker's probe");
+                    None
                 }
-            );
-            *phase = Phase::Settling;
-            decide(&job, ran, cancelled)
+                Gate::Defer(until) => Some(Verdict::Again {
+                    at: until,
+                    spent: false,
+                    parked: false,
+                }),
+                Gate::Park => Some(Verdict::Again {
+                    at: now.saturating_add(PARK_MS),
+                    spent: false,
+                    parked: true,
+                }),
+            };
+            // The runner's result, or the settlement the breaker chose
+            // instead of running the step.
+            let ran = match held {
+                None => Ok(run_with_lease(&inner, &job, &entry).await),
+                Some(held) => Err(held),
+            };
+            let cancelled = {
+                let mut phase = lock(&entry.phase);
+                let cancelled = matches!(
+                    *phase,
+                    Phase::Running {
+                        cancel_requested: true
+                    }
+                );
+                *phase = Phase::Settling;
+                cancelled
+            };
+            match ran {
+                Ok(ran) => decide(&inner, &job, ran, cancelled),
+                Err(_) if cancelled => (
+                    Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
+                    Health::Neutral,
+                ),
+                Err(held) => (held, Health::Neutral),
+            }
         };
-        settle(&inner, &job, verdict).await;
+        settle(&inner, &job, verdict, health).await;
+        if probe {
+            inner.breakers.probe_done(&job.workflow);
+        }
         lock(&inner.inflight).remove(&job.claim.id);
         entry.settled.send_replace(true);
     }
@@ -265,8 +361,13 @@ async fn run_step_job<R: StepRunner, H: TerminalHook>(inner: Arc<Inner<R, H>>, c
 
 /// Check a claimed job is a live step of a run; dead-letter it otherwise.
 async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
-    let (run_id, step) = match parse_step_headers(&claim.headers) {
-        Ok((run_id, step)) => (run_id.to_string(), step),
+    let parsed = parse_step_headers(&claim.headers)
+        .map(|(run_id, step)| (run_id.to_string(), step))
+        .and_then(|(run_id, step)| {
+            parse_step_extras(&claim.headers).map(|(wf, before)| (run_id, step, wf, before))
+        });
+    let (run_id, step, workflow, before) = match parsed {
+        Ok(parsed) => parsed,
         Err(why) => {
             reject(inner, &claim, &why).await;
             return None;
@@ -308,6 +409,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
         claim,
         run_id,
         step,
+        workflow,
+        before,
     })
 }
 
@@ -329,12 +432,13 @@ async fn run_with_lease<R: StepRunner, H>(
     let claim = &job.claim;
     let step = Step {
         run_id: job.run_id.clone(),
+        workflow: job.workflow.clone(),
         step_number: job.step,
         payload: claim.payload.clone(),
         headers: user_headers(&claim.headers),
         job_id: claim.id.clone(),
-        attempts: claim.attempts,
-        max_attempts: claim.max_attempts,
+        attempts: job.attempts(),
+        max_attempts: job.max_attempts(),
         cancel_token: entry.token.clone(),
     };
     let lease = inner.queue.queue_config(&claim.queue).lease_duration;
@@ -362,109 +466,154 @@ async fn run_with_lease<R: StepRunner, H>(
     }
 }
 
-/// Turn what the runner returned into a settlement.
-fn decide(job: &StepJob, ran: Result<StepOutcome, StepError>, cancelled: bool) -> Verdict {
+/// Turn what the runner returned into a settlement and a health change.
+fn decide<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    ran: Result<StepOutcome, StepError>,
+    cancelled: bool,
+) -> (Verdict, Health) {
     use TerminalStatus::*;
     match ran {
         // A runner's own cancel wins over an external one: it has a reason.
-        Ok(StepOutcome::Cancel { reason }) => {
-            Verdict::End(job.outcome(Cancelled, None, Some(reason)))
-        }
-        _ if cancelled => Verdict::End(job.outcome(Cancelled, None, None)),
+        Ok(StepOutcome::Cancel { reason }) => (
+            Verdict::End(job.outcome(Cancelled, None, Some(reason))),
+            Health::Neutral,
+        ),
+        _ if cancelled => (
+            Verdict::End(job.outcome(Cancelled, None, None)),
+            Health::Neutral,
+        ),
         Ok(StepOutcome::Continue { payload }) => next(job, payload, None),
         Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay)),
         Ok(StepOutcome::Succeed { result }) if result.len() > MAX_RESULT_BYTES => {
-            Verdict::End(job.outcome(
-                Failed,
-                None,
-                Some(format!(
-                    "step {} returned a result of {} bytes, over the limit of {MAX_RESULT_BYTES}; store it elsewhere and return a reference",
-                    job.step,
-                    result.len()
-                )),
-            ))
+            let why = format!(
+                "returned a result of {} bytes, over the limit of {MAX_RESULT_BYTES}; store it elsewhere and return a reference",
+                result.len()
+            );
+            (Verdict::End(job.failed(&why)), Health::Failure(why))
         }
-        Ok(StepOutcome::Succeed { result }) => Verdict::End(job.outcome(Succeeded, Some(result), None)),
-        Ok(StepOutcome::Fail { reason }) => Verdict::End(job.outcome(Failed, None, Some(reason))),
-        Err(e) if e.is_permanent() => Verdict::DeadLetter(e.message),
-        Err(e) => Verdict::Retry(e.message),
+        Ok(StepOutcome::Succeed { result }) => (
+            Verdict::End(job.outcome(Succeeded, Some(result), None)),
+            Health::Success,
+        ),
+        Ok(StepOutcome::Fail { reason }) => (
+            Verdict::End(job.outcome(Failed, None, Some(reason.clone()))),
+            Health::Failure(reason),
+        ),
+        Err(e) if e.is_permanent() => (
+            Verdict::DeadLetter(e.message.clone(), job.failed(&e.message)),
+            Health::Failure(e.message),
+        ),
+        Err(e) if job.attempts() >= job.max_attempts() => {
+            let why = format!("gave up after {} attempts: {}", job.attempts(), e.message);
+            (
+                Verdict::DeadLetter(e.message.clone(), job.failed(&why)),
+                Health::Failure(e.message),
+            )
+        }
+        Err(e) => {
+            let policy = inner.cfg.retry_policy(&job.workflow);
+            let delay = policy.delay(job.attempts(), crate::policy::draw());
+            tracing::info!(error = %e.message, retry_in = ?delay, "step failed; retrying");
+            (
+                Verdict::Again {
+                    at: inner.now_ms().saturating_add(delay.as_millis() as u64),
+                    spent: true,
+                    parked: false,
+                },
+                Health::Failure(e.message),
+            )
+        }
     }
 }
 
-fn next(job: &StepJob, payload: Vec<u8>, delay: Option<Duration>) -> Verdict {
+fn next(job: &StepJob, payload: Vec<u8>, delay: Option<Duration>) -> (Verdict, Health) {
     if payload.len() > MAX_PAYLOAD_BYTES {
-        return Verdict::End(job.outcome(
-            TerminalStatus::Failed,
-            None,
-            Some(format!(
-                "step {} returned a payload of {} bytes, over the limit of {MAX_PAYLOAD_BYTES}",
-                job.step,
-                payload.len()
-            )),
-        ));
+        let why = format!(
+            "returned a payload of {} bytes, over the limit of {MAX_PAYLOAD_BYTES}",
+            payload.len()
+        );
+        return (Verdict::End(job.failed(&why)), Health::Failure(why));
     }
-    Verdict::Next { payload, delay }
+    (Verdict::Next { payload, delay }, Health::Success)
 }
 
-/// Commit a verdict with the step's settlement.
-async fn settle<R, H>(inner: &Inner<R, H>, job: &StepJob, verdict: Verdict) {
+/// Commit a verdict, and the workflow health change it causes, with the
+/// step's settlement.
+async fn settle<R: StepRunner, H: TerminalHook>(
+    inner: &Arc<Inner<R, H>>,
+    job: &StepJob,
+    verdict: Verdict,
+    health: Health,
+) {
     let claim = &job.claim;
     let queue = &inner.queue;
-    let failed = |why: &str| {
-        job.outcome(
-            TerminalStatus::Failed,
-            None,
-            Some(format!("step {}: {why}", job.step)),
-        )
+    let now = inner.now_ms();
+    let failure = match &health {
+        Health::Failure(e) => Some(e.as_str()),
+        _ => None,
     };
-    let (settled, ended) = match verdict {
-        Verdict::Next { payload, delay } => match next_step_effects(inner, job, payload, delay) {
-            Ok(effects) => (queue.ack_with(claim, effects).await.map(|_| ()), None),
-            Err(e) => (Ok(()), Some(Err(e))),
-        },
-        Verdict::End(outcome) => match inner.terminal_effects(&outcome) {
-            Ok(effects) => (
-                queue.ack_with(claim, effects).await.map(|_| ()),
-                Some(Ok(outcome)),
-            ),
-            Err(e) => (Ok(()), Some(Err(e))),
-        },
-        Verdict::DeadLetter(why) => {
-            let outcome = failed(&why);
-            match inner.terminal_effects(&outcome) {
-                Ok(effects) => (
-                    queue
-                        .dead_letter_with(claim, &why, effects)
-                        .await
-                        .map(|_| ()),
-                    Some(Ok(outcome)),
-                ),
-                Err(e) => (Ok(()), Some(Err(e))),
-            }
+    let staged = match health {
+        Health::Neutral => None,
+        _ => inner
+            .breakers
+            .stage(queue, &job.workflow, failure, now)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!("reading the workflow's health failed; not updating it: {e}");
+                None
+            }),
+    };
+    let (effects, ended, dead) = match verdict {
+        Verdict::Next { payload, delay } => {
+            (next_step_effects(inner, job, payload, delay), None, None)
         }
-        Verdict::Retry(why) => {
-            let outcome = failed(&format!("gave up after {} attempts: {why}", claim.attempts));
-            match inner.terminal_effects(&outcome) {
-                Ok(effects) => match queue.nack_with(claim, &why, effects).await {
-                    Ok(taquba::NackOutcome::DeadLettered(_)) => (Ok(()), Some(Ok(outcome))),
-                    Ok(taquba::NackOutcome::Retried) => {
-                        tracing::info!(error = %why, "step failed; retrying");
-                        (Ok(()), None)
-                    }
-                    Err(e) => (Err(e), None),
-                },
-                Err(e) => (Ok(()), Some(Err(e))),
-            }
+        Verdict::Again { at, spent, parked } => {
+            (again_effects(inner, job, at, spent, parked), None, None)
+        }
+        Verdict::End(outcome) => (inner.terminal_effects(&outcome), Some(outcome), None),
+        Verdict::DeadLetter(why, outcome) => {
+            (inner.terminal_effects(&outcome), Some(outcome), Some(why))
         }
     };
-    match (settled, ended) {
-        (Ok(()), Some(Ok(outcome))) => {
-            tracing::info!(status = ?outcome.status, "run ended");
-            inner.notify_terminal(outcome);
+    let effects = match (effects, &staged) {
+        (Ok(effects), Some(staged)) => inner.breakers.apply(staged, effects),
+        (effects, _) => effects,
+    };
+    let effects = match effects {
+        Ok(effects) => effects,
+        Err(e) => return give_up(inner, job, &e.to_string()).await,
+    };
+    let settled = match &dead {
+        Some(why) => queue.dead_letter_with(claim, why, effects).await,
+        None => queue.ack_with(claim, effects).await,
+    };
+    match settled {
+        Ok(_) => {
+            if let Some(staged) = staged {
+                let release = staged.releases_parked();
+                inner.breakers.committed(staged);
+                if release {
+                    let inner = inner.clone();
+                    let workflow = job.workflow.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = inner
+                            .breakers
+                            .release_parked(&inner.queue, &workflow, false)
+                            .await
+                        {
+                            tracing::warn!(workflow, "releasing parked steps failed: {e}");
+                        }
+                    });
+                }
+            }
+            if let Some(outcome) = ended {
+                tracing::info!(status = ?outcome.status, "run ended");
+                inner.notify_terminal(outcome);
+            }
         }
-        (Ok(()), Some(Err(e))) => give_up(inner, job, &e.to_string()).await,
-        (Ok(()), None) => {}
-        (Err(QueueError::ClaimLost), _) => {
+        Err(QueueError::ClaimLost) => {
             // The lease ran out and the reaper took the job back: a redelivery
             // settles it, or, if that was its last attempt, it is dead and
             // the run is reconciled here.
@@ -476,8 +625,8 @@ async fn settle<R, H>(inner: &Inner<R, H>, job: &StepJob, verdict: Verdict) {
                 tracing::warn!("reconciling the dead step failed: {e}");
             }
         }
-        (Err(e), _) if e.is_permanent() => give_up(inner, job, &e.to_string()).await,
-        (Err(e), _) => {
+        Err(e) if e.is_permanent() => give_up(inner, job, &e.to_string()).await,
+        Err(e) => {
             // The store failed. Nothing committed: the claim stays until its
             // lease ends (or the next open) and the step runs again.
             tracing::warn!("settling the step failed; it will be retried: {e}");
@@ -489,14 +638,9 @@ async fn settle<R, H>(inner: &Inner<R, H>, job: &StepJob, verdict: Verdict) {
 /// or stored): fail the run with the reason rather than leave it stuck.
 async fn give_up<R, H>(inner: &Inner<R, H>, job: &StepJob, why: &str) {
     tracing::error!("cannot commit the step's settlement: {why}");
-    let outcome = job.outcome(
-        TerminalStatus::Failed,
-        None,
-        Some(format!(
-            "step {}: the runtime could not record the step's result: {why}",
-            job.step
-        )),
-    );
+    let outcome = job.failed(&format!(
+        "the runtime could not record the step's result: {why}"
+    ));
     let effects = match inner.terminal_effects(&outcome) {
         Ok(effects) => effects,
         Err(e) => {
@@ -519,29 +663,93 @@ fn next_step_effects<R, H>(
     payload: Vec<u8>,
     delay: Option<Duration>,
 ) -> Result<SettlementEffects, Error> {
-    let claim = &job.claim;
-    let step = job.step + 1;
-    let job_id = inner.queue.next_job_id();
-    let mut headers = step_headers(&Default::default(), &job.run_id, step);
-    for (k, v) in claim.headers.iter() {
-        headers.entry(k.clone()).or_insert_with(|| v.clone());
+    let mut headers = job.claim.headers.clone();
+    headers.remove(HEADER_ATTEMPTS_BEFORE);
+    headers.remove(HEADER_PARKED);
+    let run_at = delay.map(|d| inner.now_ms().saturating_add(d.as_millis() as u64));
+    step_job_effects(
+        inner,
+        job,
+        job.step + 1,
+        payload,
+        headers,
+        job.max_attempts(),
+        run_at,
+        None,
+    )
+}
+
+/// The effects that move a step to a new job of its own (a retry, a breaker
+/// deferral, or a parking).
+fn again_effects<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    at: u64,
+    spent: bool,
+    parked: bool,
+) -> Result<SettlementEffects, Error> {
+    let before = if spent {
+        job.attempts()
+    } else {
+        job.attempts().saturating_sub(1)
+    };
+    let remaining = job.max_attempts().saturating_sub(before).max(1);
+    let mut headers = job.claim.headers.clone();
+    headers.insert(HEADER_ATTEMPTS_BEFORE.to_string(), before.to_string());
+    if parked {
+        headers.insert(HEADER_PARKED.to_string(), "1".to_string());
+    } else {
+        headers.remove(HEADER_PARKED);
     }
+    let payload = job.claim.payload.clone();
+    step_job_effects(
+        inner,
+        job,
+        job.step,
+        payload,
+        headers,
+        remaining,
+        Some(at),
+        Some(parked),
+    )
+}
+
+/// Enqueue step `step` of the job's run as a new job and point the run
+/// record at it; `parked` adds (or not) the park index entry.
+#[allow(clippy::too_many_arguments)]
+fn step_job_effects<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    step: u32,
+    payload: Vec<u8>,
+    mut headers: std::collections::HashMap<String, String>,
+    max_attempts: u32,
+    run_at: Option<u64>,
+    parked: Option<bool>,
+) -> Result<SettlementEffects, Error> {
+    let job_id = inner.queue.next_job_id();
+    headers.insert(HEADER_STEP.to_string(), step.to_string());
     let options = EnqueueOptions::default()
         .dedup_key(record::dedup_key(&job.run_id, step))
         .id_override(job_id.clone())
         .headers(headers)
-        .priority(claim.priority)
-        .max_attempts(claim.max_attempts)
-        .run_at(delay.map(|d| inner.at_after(d)));
+        .priority(job.claim.priority)
+        .max_attempts(max_attempts)
+        .run_at(run_at.map(ms_to_time));
     let run_key = inner.keys.run(&job.run_id);
+    let mut effects = SettlementEffects::default().enqueue(EnqueueRequest {
+        queue: inner.cfg.queue_name.clone(),
+        payload,
+        options,
+    });
+    if parked == Some(true) {
+        let (key, value) = inner
+            .breakers
+            .park_entry(&job.workflow, &job_id, &job.run_id);
+        effects = effects.kv_put(key, value);
+    }
     let run = RunRecord { step, job_id };
-    Ok(SettlementEffects::default()
-        .enqueue(EnqueueRequest {
-            queue: inner.cfg.queue_name.clone(),
-            payload,
-            options,
-        })
-        .kv_put(run_key.clone(), encode(&run_key, &run)?))
+    Ok(effects.kv_put(run_key.clone(), encode(&run_key, &run)?))
 }
 
 /// Deliver one hook notification job.

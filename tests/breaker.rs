@@ -1,0 +1,528 @@
+//! Retry backoff with jitter and the per-workflow circuit breaker, driven by
+//! taquba's `MockClock`: time only moves when a test moves it.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use support::*;
+use waymark::*;
+
+const WF: &str = "payments";
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A runner that fails (transiently) while `failing` is set.
+fn switchable(failing: Arc<AtomicBool>) -> FnRunner {
+    FnRunner::new(move |s: Step| {
+        let failing = failing.clone();
+        async move {
+            if failing.load(Ordering::SeqCst) {
+                Err(StepError::transient(format!("{} is down", s.workflow)))
+            } else {
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        }
+    })
+}
+
+fn spec(id: &str, workflow: &str) -> RunSpec {
+    RunSpec {
+        run_id: Some(id.into()),
+        workflow: Some(workflow.into()),
+        max_attempts_per_step: Some(50),
+        ..Default::default()
+    }
+}
+
+/// Let scheduled work fall due: move the clock and promote at once.
+async fn advance<H: TerminalHook + Clone>(env: &Env<H>, by: Duration) {
+    env.clock.advance(by);
+    env.queue().promote_scheduled_now().await.unwrap();
+}
+
+async fn health<H: TerminalHook + Clone>(env: &Env<H>, wf: &str) -> WorkflowHealth {
+    env.rt.workflow_health(wf).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn retry_delays_grow_within_jitter_bounds_and_show_in_status() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let policy = RetryPolicy {
+        initial: Duration::from_secs(10),
+        multiplier: 2.0,
+        max_delay: Duration::from_secs(25),
+        jitter: 0.5,
+        max_attempts: 5,
+    };
+    let mut env = Env::configured(runner.clone(), NoopTerminalHook, move |b| {
+        b.retry_policy(WF, policy.clone())
+    })
+    .await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("r".into()),
+            workflow: Some(WF.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Attempt n waits min(10 s × 2^(n-1), 25 s), less up to half of it.
+    for (attempt, full_ms) in [(1u32, 10_000u64), (2, 20_000), (3, 25_000)] {
+        env.until_status("r", |s| {
+            s.is_some_and(|s| s.state == RunState::Scheduled && s.scheduled_for.is_some())
+        })
+        .await;
+        assert_eq!(runner.calls("r", 0), attempt);
+        let status = env.rt.status("r").await.unwrap().unwrap();
+        let now = env.clock_now();
+        let wait = ms(status.scheduled_for.unwrap()) - now;
+        assert!(
+            (full_ms / 2..=full_ms).contains(&wait),
+            "attempt {attempt}: waits {wait} ms, expected {}..={full_ms}",
+            full_ms / 2
+        );
+        // Not a moment early.
+        advance(&env, Duration::from_millis(wait - 1)).await;
+        assert_eq!(runner.calls("r", 0), attempt);
+        advance(&env, Duration::from_millis(1)).await;
+        if attempt == 3 {
+            failing.store(false, Ordering::SeqCst);
+        }
+    }
+    let out = env.rt.wait("r").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.workflow, WF);
+    assert_eq!(runner.calls("r", 0), 4);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn backoff_window_defers_steps_without_spending_attempts() {
+    let seen_attempts = Arc::new(Mutex::new(Vec::new()));
+    let runner = {
+        let seen = seen_attempts.clone();
+        FnRunner::new(move |s: Step| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push((s.run_id.clone(), s.attempts));
+                if s.run_id == "bad" {
+                    Ok(StepOutcome::Fail {
+                        reason: "card declined".into(),
+                    })
+                } else {
+                    Ok(StepOutcome::Succeed { result: vec![] })
+                }
+            }
+        })
+    };
+    let mut env = Env::configured(runner.clone(), NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::from_secs(60),
+                jitter: 0.0,
+                streak_limit: None,
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+    env.start();
+    env.rt.submit(spec("bad", WF)).await.unwrap();
+    env.rt.wait("bad").await.unwrap();
+    let h = health(&env, WF).await;
+    assert_eq!(h.failure_streak, 1);
+    let BreakerStatus::Backoff {
+        until, streak: 1, ..
+    } = h.status
+    else {
+        panic!("expected backoff, got {:?}", h.status)
+    };
+    assert_eq!(ms(until), T0 + 60_000);
+    // A step claimed in the window is deferred to its end, not run.
+    env.rt.submit(spec("next", WF)).await.unwrap();
+    env.until_status("next", |s| {
+        s.is_some_and(|s| s.state == RunState::Scheduled)
+    })
+    .await;
+    let status = env.rt.status("next").await.unwrap().unwrap();
+    assert_eq!(status.scheduled_for, Some(until));
+    assert_eq!(runner.calls("next", 0), 0);
+    advance(&env, Duration::from_secs(60)).await;
+    env.rt.wait("next").await.unwrap();
+    assert!(
+        seen_attempts.lock().unwrap().contains(&("next".into(), 1)),
+        "the deferral spent no attempt"
+    );
+    // The success closed the breaker and reset the streak.
+    let h = health(&env, WF).await;
+    assert_eq!((h.status, h.failure_streak), (BreakerStatus::Closed, 0));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn trip_parks_steps_until_reset_and_other_workflows_run_on() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut env = Env::configured(runner.clone(), NoopTerminalHook, {
+        let events = events.clone();
+        move |b| {
+            let events = events.clone();
+            b.breaker(
+                WF,
+                BackoffPolicy {
+                    initial: Duration::ZERO,
+                    streak_limit: Some(3),
+                    ..Default::default()
+                },
+            )
+            .on_breaker_change(move |e| events.lock().unwrap().push(e.clone()))
+        }
+    })
+    .await;
+    env.start();
+    // One run's attempts fail one after another until the breaker trips.
+    env.rt.submit(spec("p0", WF)).await.unwrap();
+    env.until_status("p0", |s| s.is_some_and(|s| s.state == RunState::Parked))
+        .await;
+    // Runs submitted while tripped are parked without running.
+    for i in 1..3 {
+        env.rt.submit(spec(&format!("p{i}"), WF)).await.unwrap();
+    }
+    for i in 0..3 {
+        env.until_status(&format!("p{i}"), |s| {
+            s.is_some_and(|s| s.state == RunState::Parked)
+        })
+        .await;
+    }
+    let h = health(&env, WF).await;
+    assert!(
+        matches!(h.status, BreakerStatus::Tripped { streak: 3, .. }),
+        "{h:?}"
+    );
+    assert_eq!(h.last_error.as_deref(), Some("payments is down"));
+    assert_eq!(
+        runner.calls("p0", 0),
+        3,
+        "exactly streak_limit attempts ran"
+    );
+    assert_eq!(runner.calls("p1", 0) + runner.calls("p2", 0), 0);
+    // Time passes: nothing runs, no attempt is spent, no slot is held.
+    advance(&env, Duration::from_secs(24 * 3600)).await;
+    let calls_later: u32 = (0..3).map(|i| runner.calls(&format!("p{i}"), 0)).sum();
+    assert_eq!(calls_later, 3);
+    assert_eq!(
+        env.queue()
+            .view()
+            .stats("workflow-steps")
+            .await
+            .unwrap()
+            .claimed,
+        0
+    );
+    // Another workflow on the same queue is not held back.
+    for i in 0..5 {
+        env.rt
+            .submit(spec(&format!("ok{i}"), "reports"))
+            .await
+            .unwrap();
+    }
+    failing.store(false, Ordering::SeqCst);
+    for i in 0..5 {
+        assert_eq!(
+            env.rt.wait(&format!("ok{i}")).await.unwrap().status,
+            TerminalStatus::Succeeded
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(
+            env.rt
+                .status(&format!("p{i}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            RunState::Parked
+        );
+    }
+    // A reset closes the breaker and releases the parked steps at once,
+    // without any clock move.
+    assert!(env.rt.reset_workflow(WF).await.unwrap());
+    for i in 0..3 {
+        assert_eq!(
+            env.rt.wait(&format!("p{i}")).await.unwrap().status,
+            TerminalStatus::Succeeded
+        );
+    }
+    let h = health(&env, WF).await;
+    assert_eq!((h.status, h.failure_streak), (BreakerStatus::Closed, 0));
+    env.stop().await;
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        matches!(&events[0], BreakerEvent::Tripped { workflow, streak: 3, .. } if workflow == WF)
+    );
+    assert!(matches!(&events[1], BreakerEvent::Closed { workflow } if workflow == WF));
+}
+
+#[tokio::test]
+async fn a_success_resets_the_streak() {
+    let failures_left = Arc::new(Mutex::new(2u32));
+    let runner = {
+        let left = failures_left.clone();
+        FnRunner::new(move |_s: Step| {
+            let left = left.clone();
+            async move {
+                let mut left = left.lock().unwrap();
+                if *left > 0 {
+                    *left -= 1;
+                    return Err(StepError::transient("blip"));
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::ZERO,
+                streak_limit: Some(5),
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+    env.start();
+    env.rt.submit(spec("blippy", WF)).await.unwrap();
+    env.rt.wait("blippy").await.unwrap();
+    let h = health(&env, WF).await;
+    assert_eq!(h.failure_streak, 0);
+    assert_eq!(h.status, BreakerStatus::Closed);
+    assert_eq!(h.last_error.as_deref(), Some("blip"));
+    env.stop().await;
+}
+
+/// A tripped workflow with a probe: trip it, then move past `probe_after`.
+async fn tripped_with_probe(runner: FnRunner) -> Env<NoopTerminalHook> {
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::ZERO,
+                streak_limit: Some(2),
+                probe_after: Some(Duration::from_secs(300)),
+                ..Default::default()
+            },
+        )
+        .poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    for i in 0..3 {
+        env.rt.submit(spec(&format!("q{i}"), WF)).await.unwrap();
+    }
+    for i in 0..3 {
+        env.until_status(&format!("q{i}"), |s| {
+            s.is_some_and(|s| s.state == RunState::Parked)
+        })
+        .await;
+    }
+    env
+}
+
+#[tokio::test]
+async fn half_open_probe_success_closes_and_releases_the_rest() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let env = tripped_with_probe(runner.clone()).await;
+    failing.store(false, Ordering::SeqCst);
+    env.clock.advance(Duration::from_secs(301));
+    // The maintenance tick wakes one parked step as the probe; its success
+    // closes the breaker and releases the others.
+    for i in 0..3 {
+        assert_eq!(
+            env.rt.wait(&format!("q{i}")).await.unwrap().status,
+            TerminalStatus::Succeeded
+        );
+    }
+    assert_eq!(health(&env, WF).await.status, BreakerStatus::Closed);
+}
+
+#[tokio::test]
+async fn half_open_probe_failure_trips_again() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let mut env = tripped_with_probe(runner.clone()).await;
+    let BreakerStatus::Tripped { since: first, .. } = health(&env, WF).await.status else {
+        panic!("not tripped")
+    };
+    let calls = |r: &FnRunner| -> u32 { (0..3).map(|i| r.calls(&format!("q{i}"), 0)).sum() };
+    let before = calls(&runner);
+    env.clock.advance(Duration::from_secs(301));
+    // Exactly one probe runs, fails, and the breaker trips again later on.
+    loop {
+        if let BreakerStatus::Tripped { since, .. } = health(&env, WF).await.status
+            && since > first
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(calls(&runner), before + 1);
+    for i in 0..3 {
+        env.until_status(&format!("q{i}"), |s| {
+            s.is_some_and(|s| s.state == RunState::Parked)
+        })
+        .await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn trip_state_survives_a_restart() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let mut env = Env::configured(runner.clone(), NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::ZERO,
+                streak_limit: Some(2),
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+    env.start();
+    env.rt.submit(spec("s", WF)).await.unwrap();
+    env.until_status("s", |s| s.is_some_and(|s| s.state == RunState::Parked))
+        .await;
+    env.stop().await;
+    failing.store(false, Ordering::SeqCst);
+    env.crash_and_reopen(runner.clone(), NoopTerminalHook).await;
+    assert!(matches!(
+        health(&env, WF).await.status,
+        BreakerStatus::Tripped { streak: 2, .. }
+    ));
+    env.start();
+    // Still parked after the restart, even as new work of it arrives.
+    env.rt.submit(spec("s2", WF)).await.unwrap();
+    env.until_status("s2", |s| s.is_some_and(|s| s.state == RunState::Parked))
+        .await;
+    assert_eq!(runner.calls("s2", 0), 0);
+    assert!(env.rt.reset_workflow(WF).await.unwrap());
+    env.rt.wait("s").await.unwrap();
+    env.rt.wait("s2").await.unwrap();
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn health_counts_runs_by_workflow() {
+    let runner = FnRunner::new(|s: Step| async move {
+        if s.run_id.starts_with("bad") {
+            Err(StepError::permanent("nope"))
+        } else {
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    });
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    for (id, wf) in [
+        ("bad1", "a"),
+        ("good1", "a"),
+        ("good2", "a"),
+        ("good3", "b"),
+    ] {
+        env.rt.submit(spec(id, wf)).await.unwrap();
+        env.rt.wait(id).await.unwrap();
+    }
+    let a = health(&env, "a").await;
+    assert_eq!((a.runs_succeeded, a.runs_failed), (2, 1));
+    assert_eq!(a.failure_streak, 0, "good runs after the bad one reset it");
+    let all = env.rt.workflows().await.unwrap();
+    let names: Vec<_> = all.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!((all[1].runs_succeeded, all[1].runs_failed), (1, 0));
+    env.stop().await;
+    // Counts are durable (and folded tallies give the same numbers).
+    env.crash_and_reopen(
+        FnRunner::new(|_s: Step| async { Ok(StepOutcome::Succeed { result: vec![] }) }),
+        NoopTerminalHook,
+    )
+    .await;
+    let a = health(&env, "a").await;
+    assert_eq!((a.runs_succeeded, a.runs_failed), (2, 1));
+    assert_eq!(env.rt.workflow_health("never").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn invalid_policies_are_rejected_at_build() {
+    let queue = open_queue(
+        Arc::new(taquba::object_store::memory::InMemory::new()),
+        &taquba::MockClock::new(T0),
+    )
+    .await;
+    let runner = || FnRunner::new(|_s: Step| async { Ok(StepOutcome::Succeed { result: vec![] }) });
+    let cases: Vec<WorkflowRuntimeBuilder<FnRunner, NoopTerminalHook>> = vec![
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook).breaker(
+            WF,
+            BackoffPolicy {
+                multiplier: 0.9,
+                ..Default::default()
+            },
+        ),
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook).breaker(
+            WF,
+            BackoffPolicy {
+                jitter: -0.1,
+                ..Default::default()
+            },
+        ),
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook).breaker(
+            WF,
+            BackoffPolicy {
+                streak_limit: Some(0),
+                ..Default::default()
+            },
+        ),
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook).retry_policy(
+            WF,
+            RetryPolicy {
+                max_attempts: 0,
+                ..Default::default()
+            },
+        ),
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook).default_retry_policy(
+            RetryPolicy {
+                jitter: 2.0,
+                ..Default::default()
+            },
+        ),
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook)
+            .breaker("bad name", BackoffPolicy::default()),
+    ];
+    for builder in cases {
+        assert!(builder.build().is_err());
+    }
+    let bad_wf = WorkflowRuntime::builder(queue, runner(), NoopTerminalHook)
+        .build()
+        .unwrap()
+        .submit(RunSpec {
+            workflow: Some("no spaces".into()),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(bad_wf, Err(Error::InvalidRunId { .. })));
+}
