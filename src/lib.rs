@@ -118,3 +118,8 @@ pub use runtime::{
 /// The queue crate Waymark stores its state in, re-exported so callers use
 /// the same version (`waymark::taquba::Queue`, `waymark::taquba::object_store`).
 pub use taquba;
+
+/// The README's example, compiled as a doc test so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
