@@ -94,6 +94,18 @@ pub enum Error {
     /// this one).
     #[error("worker pool stopped: {0}")]
     WorkerStopped(String),
+
+    /// A commit has waited longer than the runtime's `store_timeout` for the
+    /// object store (which is unreachable, refusing writes, or gone), so the
+    /// worker pool stopped rather than hang. Nothing committed is lost: fix
+    /// the store (endpoint, credentials, bucket) and start the pool again.
+    #[error(
+        "the object store has not confirmed a commit for {waited:?} (store_timeout); check the store's availability and credentials, then restart the worker"
+    )]
+    StoreUnavailable {
+        /// How long the oldest commit had waited.
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -102,7 +114,7 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::Queue(e) => e.is_permanent(),
-            Error::WorkerStopped(_) => false,
+            Error::WorkerStopped(_) | Error::StoreUnavailable { .. } => false,
             _ => true,
         }
     }

@@ -95,6 +95,7 @@
 mod breaker;
 mod error;
 mod hook;
+mod pending;
 mod policy;
 mod record;
 mod runner;

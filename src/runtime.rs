@@ -18,6 +18,7 @@ use crate::breaker::{
 };
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
+use crate::pending::PendingCommits;
 use crate::policy::{BackoffPolicy, RetryPolicy};
 use crate::record::{
     self, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
@@ -101,6 +102,7 @@ pub(crate) struct Config {
     pub max_concurrent_steps: usize,
     pub poll_interval: Duration,
     pub terminal_retention: Duration,
+    pub store_timeout: Duration,
     pub hook_max_attempts: u32,
     pub retry: HashMap<String, RetryPolicy>,
     pub default_retry: RetryPolicy,
@@ -122,6 +124,7 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     max_concurrent_steps: usize,
     poll_interval: Duration,
     terminal_retention: Duration,
+    store_timeout: Duration,
     hook_max_attempts: u32,
     retry: HashMap<String, RetryPolicy>,
     default_retry: RetryPolicy,
@@ -156,6 +159,15 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
     /// keeps submit idempotent) is kept (default 7 days).
     pub fn terminal_retention(mut self, d: Duration) -> Self {
         self.terminal_retention = d;
+        self
+    }
+
+    /// How long a commit may wait for the object store before the worker
+    /// pool gives up and [`run`](WorkflowRuntime::run) returns
+    /// [`Error::StoreUnavailable`] (default 60 s). SlateDB retries a failing
+    /// store without end; this bounds how long an outage goes unreported.
+    pub fn store_timeout(mut self, d: Duration) -> Self {
+        self.store_timeout = d;
         self
     }
 
@@ -207,6 +219,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         if self.poll_interval.is_zero() {
             return invalid("poll_interval must be above zero".into());
         }
+        if self.store_timeout.is_zero() {
+            return invalid("store_timeout must be above zero".into());
+        }
         if self.terminal_retention.is_zero() {
             return invalid("terminal_retention must be above zero".into());
         }
@@ -247,6 +262,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                     max_concurrent_steps: self.max_concurrent_steps,
                     poll_interval: self.poll_interval,
                     terminal_retention: self.terminal_retention,
+                    store_timeout: self.store_timeout,
                     hook_max_attempts: self.hook_max_attempts,
                     retry: self.retry,
                     default_retry: self.default_retry,
@@ -256,6 +272,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 expiry,
                 inflight: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(HashMap::new()),
+                pending: PendingCommits::default(),
             }),
         })
     }
@@ -317,6 +334,8 @@ pub(crate) struct Inner<R, H> {
     pub inflight: Mutex<HashMap<String, Arc<InFlight>>>,
     /// Callers of `wait`, by run id.
     pub waiters: Mutex<HashMap<String, Vec<oneshot::Sender<RunOutcome>>>>,
+    /// Commits in flight per run, which claims wait for (see `pending`).
+    pub pending: PendingCommits,
 }
 
 /// A step this process is running, as `cancel` and the worker share it.
@@ -356,6 +375,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             max_concurrent_steps: 16,
             poll_interval: Duration::from_millis(250),
             terminal_retention: Duration::from_secs(7 * 24 * 3600),
+            store_timeout: Duration::from_secs(60),
             hook_max_attempts: 10,
             retry: HashMap::new(),
             default_retry: RetryPolicy::default(),
@@ -436,10 +456,13 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 })
                 .kv_put(run_key.clone(), encode(&run_key, &run)?)
                 .kv_put(sub_key.clone(), sub_value.clone());
-            let committed = inner
-                .queue
-                .kv_compare_commit(&[(&sub_key, None)], effects)
-                .await?;
+            let committed = {
+                let _pending = inner.pending.begin(&run_id);
+                inner
+                    .queue
+                    .kv_compare_commit(&[(&sub_key, None)], effects)
+                    .await?
+            };
             if let Some(results) = committed {
                 if let Some(EnqueueResult::AlreadyEnqueued(existing)) = results.first() {
                     // A step-0 job with this run's dedup key outlived its run
@@ -610,7 +633,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 final_step: run.step,
             };
             let effects = inner.terminal_effects(&outcome)?;
-            let (cancelled, _) = inner.queue.cancel_with(&run.job_id, effects).await?;
+            let (cancelled, _) = {
+                let _pending = inner.pending.begin(run_id);
+                inner.queue.cancel_with(&run.job_id, effects).await?
+            };
             match cancelled {
                 CancelOutcome::Removed => {
                     tracing::info!(run_id, step = run.step, "run cancelled");
@@ -829,10 +855,12 @@ impl<R, H> Inner<R, H> {
             final_step: run.step,
         };
         let effects = self.terminal_effects(&outcome)?;
-        let applied = self
-            .queue
-            .kv_compare_commit(&[(&run_key, Some(&bytes))], effects)
-            .await?;
+        let applied = {
+            let _pending = self.pending.begin(run_id);
+            self.queue
+                .kv_compare_commit(&[(&run_key, Some(&bytes))], effects)
+                .await?
+        };
         if applied.is_some() {
             tracing::warn!(run_id, step = run.step, job_id = %job.id, "run failed: its step was dead-lettered by the queue");
             self.notify_terminal(outcome);

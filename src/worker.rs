@@ -110,16 +110,45 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             stop.cancel();
             result
         };
+        let watchdog = store_watchdog(inner);
         tokio::pin!(work);
         tokio::pin!(shutdown);
+        tokio::pin!(watchdog);
+        // The watchdog also guards the drain: a step cannot settle while the
+        // store is down. Returning drops the pool's tasks, which is no worse
+        // than a crash.
         let result = tokio::select! {
             r = &mut work => r,
+            e = &mut watchdog => Err(e),
             _ = &mut shutdown => {
                 stop.cancel();
-                work.await
+                tokio::select! {
+                    r = &mut work => r,
+                    e = &mut watchdog => Err(e),
+                }
             }
         };
         result.map(|_| ())
+    }
+}
+
+/// Resolve with [`Error::StoreUnavailable`] once a commit has waited longer
+/// than `store_timeout` for the store.
+async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
+    let timeout = inner.cfg.store_timeout;
+    let mut tick = tokio::time::interval((timeout / 4).min(inner.cfg.poll_interval));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(waited) = inner.pending.longest_wait()
+            && waited > timeout
+        {
+            tracing::error!(
+                ?waited,
+                "the store has not confirmed a commit; stopping the worker pool"
+            );
+            return Error::StoreUnavailable { waited };
+        }
     }
 }
 
@@ -373,6 +402,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             return None;
         }
     };
+    // The commit that enqueued this job may still wait for its flush.
+    inner.pending.settled(&run_id).await;
     let run_key = inner.keys.run(&run_id);
     let run = match inner.queue.view().kv_get(&run_key).await {
         Ok(Some(bytes)) => match decode::<RunRecord>(&run_key, &bytes) {
@@ -585,9 +616,12 @@ async fn settle<R: StepRunner, H: TerminalHook>(
         Ok(effects) => effects,
         Err(e) => return give_up(inner, job, &e.to_string()).await,
     };
-    let settled = match &dead {
-        Some(why) => queue.dead_letter_with(claim, why, effects).await,
-        None => queue.ack_with(claim, effects).await,
+    let settled = {
+        let _pending = inner.pending.begin(&job.run_id);
+        match &dead {
+            Some(why) => queue.dead_letter_with(claim, why, effects).await,
+            None => queue.ack_with(claim, effects).await,
+        }
     };
     match settled {
         Ok(_) => {
@@ -648,6 +682,7 @@ async fn give_up<R, H>(inner: &Inner<R, H>, job: &StepJob, why: &str) {
             return;
         }
     };
+    let _pending = inner.pending.begin(&job.run_id);
     match inner.queue.dead_letter_with(&job.claim, why, effects).await {
         Ok(_) => inner.notify_terminal(outcome),
         Err(e) => tracing::error!(
@@ -765,10 +800,14 @@ async fn deliver_hook<R, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim)
     };
     let span = tracing::info_span!("hook", run_id = %outcome.run_id, attempt = claim.attempts);
     async {
+        // The terminal commit that enqueued this may still wait for its flush.
+        inner.pending.settled(&outcome.run_id).await;
         let delivered = AssertUnwindSafe(inner.hook.on_termination(&outcome))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Err(StepError::transient("the hook panicked")));
+        // Counted for the store watchdog.
+        let _pending = inner.pending.begin(&outcome.run_id);
         let settled = match delivered {
             Ok(()) => queue.ack(&claim).await,
             Err(e) if e.is_permanent() => {
