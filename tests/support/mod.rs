@@ -216,6 +216,14 @@ impl<H: TerminalHook + Clone> Env<H> {
     /// Simulate a crash: drop the worker mid-step, then open a fresh queue
     /// and runtime on the same store (which fences the old one).
     pub async fn crash_and_reopen(&mut self, runner: FnRunner, hook: H) {
+        // Claims commit without awaiting the WAL flush. An awaited write
+        // flushes everything before it, so the crash strikes at a
+        // deterministic point: after all the old process's commits.
+        self.rt
+            .queue()
+            .kv_put(b"test/flush-barrier", b"")
+            .await
+            .unwrap();
         if let Some(w) = self.worker.take() {
             w.abort();
             let _ = w.await;
