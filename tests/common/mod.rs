@@ -1,0 +1,504 @@
+//! Helpers shared by the reliability tests: a seeded RNG, a fault-injecting
+//! object store, and small polling utilities.
+//!
+//! Each integration test file compiles this module on its own and uses only
+//! part of it.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use waymark::taquba::object_store::path::Path;
+use waymark::taquba::object_store::{
+    self, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
+
+/// A small, fast, seedable RNG (xorshift64*), so a seed reproduces a schedule
+/// without depending on any RNG crate's stream stability.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // splitmix64 of the seed, so nearby seeds give unrelated streams and
+        // the state is never zero.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Self(z | 1)
+    }
+
+    /// An RNG derived from a seed and a list of coordinates: the same inputs
+    /// always give the same stream.
+    pub fn derive(seed: u64, parts: &[u64]) -> Self {
+        let mut h = seed ^ 0xA076_1D64_78BD_642F;
+        for &p in parts {
+            h = Rng::new(h ^ p.wrapping_mul(0xE703_7ED1_A0B4_28DB)).next_u64();
+        }
+        Self::new(h)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `range` (which must not be empty).
+    pub fn range(&mut self, range: Range<u64>) -> u64 {
+        range.start + self.next_u64() % (range.end - range.start)
+    }
+
+    /// True with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.next_u64() % 1000 < per_mille
+    }
+}
+
+/// The seed to use: `var` from the environment when set (decimal or `0x` hex),
+/// otherwise one from the clock. Printed either way, so any run can be
+/// reproduced.
+pub fn seed_from_env(var: &str) -> u64 {
+    let seed = match std::env::var(var) {
+        Ok(s) => {
+            let s = s.trim();
+            let parsed = match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("{var}={s:?} is not a u64"))
+        }
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    eprintln!("seed: {var}={seed}");
+    seed
+}
+
+/// Poll `cond` every few milliseconds until it holds, failing after `limit`
+/// with `what`. A bounded wait for a condition, never a timing assertion.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Which operations a [`FaultStore`] disturbs, and how often.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultPlan {
+    /// Per-mille of puts that fail without writing anything.
+    pub put_fail: u64,
+    /// Per-mille of gets that fail.
+    pub get_fail: u64,
+    /// Per-mille of lists that fail (the listing yields one error).
+    pub list_fail: u64,
+    /// Per-mille of deletes that fail without deleting.
+    pub delete_fail: u64,
+    /// Per-mille of operations that are delayed by a latency spike.
+    pub spike: u64,
+    /// The longest latency spike, in milliseconds.
+    pub spike_max_ms: u64,
+}
+
+/// Counts of what a [`FaultStore`] did.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    pub puts: AtomicU64,
+    pub gets: AtomicU64,
+    pub lists: AtomicU64,
+    pub deletes: AtomicU64,
+    pub failed_puts: AtomicU64,
+    pub failed_gets: AtomicU64,
+    pub failed_lists: AtomicU64,
+    pub failed_deletes: AtomicU64,
+    pub spikes: AtomicU64,
+}
+
+impl FaultCounts {
+    pub fn failures(&self) -> u64 {
+        self.failed_puts.load(Ordering::SeqCst)
+            + self.failed_gets.load(Ordering::SeqCst)
+            + self.failed_lists.load(Ordering::SeqCst)
+            + self.failed_deletes.load(Ordering::SeqCst)
+    }
+}
+
+impl fmt::Display for FaultCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        write!(
+            f,
+            "puts {} (failed {}), gets {} (failed {}), lists {} (failed {}), deletes {} (failed {}), latency spikes {}",
+            l(&self.puts),
+            l(&self.failed_puts),
+            l(&self.gets),
+            l(&self.failed_gets),
+            l(&self.lists),
+            l(&self.failed_lists),
+            l(&self.deletes),
+            l(&self.failed_deletes),
+            l(&self.spikes),
+        )
+    }
+}
+
+/// How a [`FaultStore`] fails an operation when it is told to fail all of
+/// them ([`FaultStore::fail_everything`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// No outage: only the seeded faults of the plan.
+    None,
+    /// Every operation fails with a generic (retryable) error, as an
+    /// unreachable endpoint would.
+    Unavailable,
+    /// Every operation fails with a permission error, as revoked credentials
+    /// would.
+    PermissionDenied,
+    /// Every operation fails with "not found", as a deleted bucket would.
+    Gone,
+}
+
+/// The shared state of a [`FaultStore`]: its plan, seeded decisions and
+/// counters.
+pub struct Faults {
+    plan: Mutex<FaultPlan>,
+    rng: Mutex<Rng>,
+    outage: Mutex<Outage>,
+    /// While false, the plan is suspended (no faults, no spikes).
+    active: AtomicBool,
+    pub counts: FaultCounts,
+    /// Operations refused because of an outage.
+    pub outage_refusals: AtomicU32,
+    /// Operations matching this are held until [`Faults::release`].
+    hold: Mutex<Option<(StoreOp, String)>>,
+    /// Bumped by each release; held operations wait for a change.
+    released: tokio::sync::watch::Sender<u64>,
+    /// Operations waiting in a hold right now.
+    held: AtomicU64,
+}
+
+/// A kind of store operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    Put,
+    Get,
+    List,
+    Delete,
+}
+
+use StoreOp as Op;
+
+impl Faults {
+    /// Turn the seeded faults on or off.
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
+    }
+
+    /// Change the fault rates.
+    pub fn set_plan(&self, plan: FaultPlan) {
+        *self.plan.lock().unwrap() = plan;
+    }
+
+    /// Fail every operation from now on (or stop, with [`Outage::None`]).
+    pub fn fail_everything(&self, outage: Outage) {
+        *self.outage.lock().unwrap() = outage;
+    }
+
+    fn outage_error(&self) -> Option<object_store::Error> {
+        let outage = *self.outage.lock().unwrap();
+        let source: Box<dyn std::error::Error + Send + Sync> = match outage {
+            Outage::None => return None,
+            Outage::Unavailable => "injected outage: 503 Service Unavailable".into(),
+            Outage::PermissionDenied => "injected outage: 403 credentials revoked".into(),
+            Outage::Gone => "injected outage: 404 NoSuchBucket".into(),
+        };
+        self.outage_refusals.fetch_add(1, Ordering::SeqCst);
+        Some(match outage {
+            Outage::PermissionDenied => object_store::Error::PermissionDenied {
+                path: "(any)".into(),
+                source,
+            },
+            Outage::Gone => object_store::Error::NotFound {
+                path: "(any)".into(),
+                source,
+            },
+            _ => object_store::Error::Generic {
+                store: "FaultStore",
+                source,
+            },
+        })
+    }
+
+    /// Hold every `op` on a path containing `path_contains` (every path for
+    /// "") until [`Self::release`]: a stalled request, which neither fails
+    /// nor completes.
+    pub fn hold(&self, op: StoreOp, path_contains: &str) {
+        *self.hold.lock().unwrap() = Some((op, path_contains.to_string()));
+    }
+
+    /// Stop holding, and let every held operation proceed.
+    pub fn release(&self) {
+        *self.hold.lock().unwrap() = None;
+        self.released.send_modify(|g| *g += 1);
+    }
+
+    /// How many operations are held right now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    async fn maybe_hold(&self, op: Op, path: &str) {
+        let mut rx = self.released.subscribe();
+        let holds = match &*self.hold.lock().unwrap() {
+            Some((o, p)) => *o == op && path.contains(p.as_str()),
+            None => false,
+        };
+        if !holds {
+            return;
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let _ = rx.changed().await;
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Decide the fate of one operation: whether it fails, and the latency
+    /// spike (ms) it suffers first, if any.
+    fn decide(&self, op: Op) -> (Result<(), object_store::Error>, Option<u64>) {
+        let c = &self.counts;
+        let (total, failed) = match op {
+            Op::Put => (&c.puts, &c.failed_puts),
+            Op::Get => (&c.gets, &c.failed_gets),
+            Op::List => (&c.lists, &c.failed_lists),
+            Op::Delete => (&c.deletes, &c.failed_deletes),
+        };
+        total.fetch_add(1, Ordering::SeqCst);
+        if let Some(e) = self.outage_error() {
+            return (Err(e), None);
+        }
+        if !self.active.load(Ordering::SeqCst) {
+            return (Ok(()), None);
+        }
+        let plan = *self.plan.lock().unwrap();
+        let rate = match op {
+            Op::Put => plan.put_fail,
+            Op::Get => plan.get_fail,
+            Op::List => plan.list_fail,
+            Op::Delete => plan.delete_fail,
+        };
+        let (fail, spike) = {
+            let mut rng = self.rng.lock().unwrap();
+            let fail = rng.chance(rate);
+            let spike = (plan.spike_max_ms > 0 && rng.chance(plan.spike))
+                .then(|| rng.range(1..plan.spike_max_ms + 1));
+            (fail, spike)
+        };
+        if spike.is_some() {
+            c.spikes.fetch_add(1, Ordering::SeqCst);
+        }
+        if !fail {
+            return (Ok(()), spike);
+        }
+        failed.fetch_add(1, Ordering::SeqCst);
+        let e = object_store::Error::Generic {
+            store: "FaultStore",
+            source: format!("injected fault on {op:?}: 503 Slow Down").into(),
+        };
+        (Err(e), spike)
+    }
+
+    /// Hold if told to, decide, and sleep through the latency spike.
+    async fn disturb(&self, op: Op, path: &Path) -> Result<(), object_store::Error> {
+        self.maybe_hold(op, path.as_ref()).await;
+        let (result, spike) = self.decide(op);
+        if let Some(ms) = spike {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        result
+    }
+}
+
+/// An object store that wraps another and injects seeded failures and
+/// latency spikes into put, get, list and delete (multipart uploads, copies
+/// and renames are put-like and share the put rate).
+///
+/// A failed put writes nothing; a failed delete deletes nothing. The seed
+/// fixes the *sequence* of decisions; which operation meets which decision is
+/// up to the scheduler.
+pub struct FaultStore {
+    inner: Arc<dyn ObjectStore>,
+    faults: Arc<Faults>,
+}
+
+impl FaultStore {
+    pub fn new(inner: Arc<dyn ObjectStore>, seed: u64, plan: FaultPlan) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            faults: Arc::new(Faults {
+                plan: Mutex::new(plan),
+                rng: Mutex::new(Rng::new(seed)),
+                outage: Mutex::new(Outage::None),
+                active: AtomicBool::new(true),
+                counts: FaultCounts::default(),
+                outage_refusals: AtomicU32::new(0),
+                hold: Mutex::new(None),
+                released: tokio::sync::watch::Sender::new(0),
+                held: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The store's fault controls and counters.
+    pub fn faults(&self) -> Arc<Faults> {
+        self.faults.clone()
+    }
+}
+
+impl fmt::Debug for FaultStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultStore({})", self.inner)
+    }
+}
+
+impl fmt::Display for FaultStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.faults.disturb(Op::Put, location).await?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.faults.disturb(Op::Put, location).await?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.faults.disturb(Op::Get, location).await?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        // One location at a time, so a failed one is not deleted.
+        let inner = self.inner.clone();
+        let faults = self.faults.clone();
+        locations
+            .then(move |location| {
+                let inner = inner.clone();
+                let faults = faults.clone();
+                async move {
+                    let path = location?;
+                    faults.disturb(Op::Delete, &path).await?;
+                    let one = futures_util::stream::once(std::future::ready(Ok(path.clone())));
+                    inner
+                        .delete_stream(one.boxed())
+                        .next()
+                        .await
+                        .unwrap_or(Ok(path))
+                }
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let listing = self.inner.list(prefix);
+        let faults = self.faults.clone();
+        let at = prefix.cloned().unwrap_or_default();
+        futures_util::stream::once(async move {
+            match faults.disturb(Op::List, &at).await {
+                Ok(()) => listing,
+                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let listing = self.inner.list_with_offset(prefix, offset);
+        let faults = self.faults.clone();
+        let at = prefix.cloned().unwrap_or_default();
+        futures_util::stream::once(async move {
+            match faults.disturb(Op::List, &at).await {
+                Ok(()) => listing,
+                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let at = prefix.cloned().unwrap_or_default();
+        self.faults.disturb(Op::List, &at).await?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.faults.disturb(Op::Put, to).await?;
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        self.faults.disturb(Op::Put, to).await?;
+        self.inner.rename_opts(from, to, options).await
+    }
+}
