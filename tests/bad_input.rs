@@ -1,0 +1,204 @@
+//! Bad input gets a clear error and loses nothing: oversize headers and
+//! step results, records in a format this build does not know, corrupt
+//! records. In each case the other runs are untouched. (Malformed and
+//! foreign step jobs, bad ids, reserved headers and oversize inputs are in
+//! `tests/runtime.rs`; arbitrary bytes and strings are property-tested in
+//! `src/record/proptests.rs`.)
+
+mod support;
+
+use std::collections::HashMap;
+
+use support::*;
+use taquba::JobStatus;
+use waymark::*;
+
+/// Step 0 continues with the input; step 1 succeeds with it.
+fn echo() -> FnRunner {
+    FnRunner::new(|step: Step| async move {
+        Ok(match step.step_number {
+            0 => StepOutcome::Continue {
+                payload: step.payload,
+            },
+            _ => StepOutcome::Succeed {
+                result: step.payload,
+            },
+        })
+    })
+}
+
+/// A run record in the layout and encoding the runtime uses, with another
+/// format version.
+fn run_record_of_version(version: u8, job_id: &str) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Run<'a> {
+        step: u32,
+        job_id: &'a str,
+    }
+    rmp_serde::to_vec_named(&(version, Run { step: 0, job_id })).unwrap()
+}
+
+async fn dead_error(env: &Env<NoopTerminalHook>, job_id: &str) -> String {
+    let job = env.queue().view().get_job(job_id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Dead, "{job:?}");
+    job.last_error.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn oversize_headers_are_refused_before_anything_is_written() {
+    let env = Env::new(echo(), NoopTerminalHook).await;
+    let mut headers = HashMap::new();
+    headers.insert("trace".to_string(), "x".repeat(MAX_HEADERS_BYTES));
+    let refused = env
+        .rt
+        .submit(RunSpec {
+            run_id: Some("heavy".into()),
+            headers,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(Error::PayloadTooLarge { what: "headers", size, max }) if size > max),
+        "{refused:?}"
+    );
+    assert!(refused.unwrap_err().to_string().contains("headers"));
+    // Nothing was written: the id is still free for any input.
+    assert!(env.rt.status("heavy").await.unwrap().is_none());
+    assert!(env.submit("heavy", b"other").await.newly_submitted);
+}
+
+#[tokio::test]
+async fn oversize_step_results_fail_only_their_run() {
+    let runner = FnRunner::new(|step: Step| async move {
+        let big = vec![7; MAX_PAYLOAD_BYTES + 1];
+        Ok(match (step.run_id.as_str(), step.step_number) {
+            ("big-payload", _) => StepOutcome::Continue { payload: big },
+            ("big-result", _) => StepOutcome::Succeed {
+                result: vec![7; MAX_RESULT_BYTES + 1],
+            },
+            (_, 0) => StepOutcome::Continue {
+                payload: step.payload,
+            },
+            _ => StepOutcome::Succeed {
+                result: step.payload,
+            },
+        })
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.start();
+    for id in ["big-payload", "big-result", "fine"] {
+        env.submit(id, id.as_bytes()).await;
+    }
+    for (id, needle) in [
+        ("big-payload", "returned a payload of"),
+        ("big-result", "returned a result of"),
+    ] {
+        let out = env.rt.wait(id).await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Failed, "{id}");
+        let error = out.error.unwrap_or_default();
+        assert!(
+            error.contains(needle) && error.contains("over the limit"),
+            "{error}"
+        );
+        assert_eq!(out.final_step, 0);
+    }
+    let fine = env.rt.wait("fine").await.unwrap();
+    assert_eq!(fine.result.as_deref(), Some(&b"fine"[..]));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn records_of_an_unknown_version_or_corrupt_are_named_errors() {
+    let mut env = Env::new(echo(), NoopTerminalHook).await;
+    let q = env.queue().clone();
+    for id in ["newer", "garbled", "fine"] {
+        env.submit(id, id.as_bytes()).await;
+    }
+    // Another build (a newer format) and a broken write left these records.
+    let newer_key = b"wm/workflow-steps/run/newer";
+    let newer = q.view().kv_get(newer_key).await.unwrap().unwrap();
+    #[derive(serde::Deserialize)]
+    struct JobOf {
+        job_id: String,
+    }
+    let (_, JobOf { job_id: newer_job }): (u8, JobOf) = rmp_serde::from_slice(&newer).unwrap();
+    q.kv_put(newer_key, &run_record_of_version(9, &newer_job))
+        .await
+        .unwrap();
+    q.kv_put(b"wm/workflow-steps/run/garbled", b"\xc1 not msgpack")
+        .await
+        .unwrap();
+
+    match env.rt.status("newer").await {
+        Err(Error::UnsupportedRecordVersion {
+            key,
+            found,
+            supported,
+        }) => {
+            assert_eq!(key, "wm/workflow-steps/run/newer");
+            assert_eq!((found, supported), (9, 1));
+        }
+        other => panic!("expected an unsupported version, got {other:?}"),
+    }
+    let garbled = env.rt.status("garbled").await;
+    assert!(
+        matches!(&garbled, Err(Error::CorruptRecord { key, .. }) if key.ends_with("run/garbled")),
+        "{garbled:?}"
+    );
+    assert!(garbled.unwrap_err().is_permanent());
+
+    // The worker dead-letters their step jobs with the reason and goes on.
+    env.start();
+    assert_eq!(
+        env.rt.wait("fine").await.unwrap().result.as_deref(),
+        Some(&b"fine"[..])
+    );
+    env.stop().await;
+    let err = dead_error(&env, &newer_job).await;
+    assert!(err.contains("version 9"), "{err}");
+    // The records are left as they were, for the build that wrote them.
+    assert_eq!(
+        q.view().kv_get(newer_key).await.unwrap().unwrap().as_ref(),
+        run_record_of_version(9, &newer_job).as_slice()
+    );
+}
+
+#[tokio::test]
+async fn an_outcome_or_health_record_of_an_unknown_version_is_a_named_error() {
+    let mut env = Env::new(echo(), NoopTerminalHook).await;
+    env.start();
+    env.submit("done", b"x").await;
+    env.rt.wait("done").await.unwrap();
+    env.stop().await;
+    let q = env.queue().clone();
+    q.kv_put(
+        b"wm/workflow-steps/out/done",
+        &rmp_serde::to_vec_named(&(2u8, "from the future")).unwrap(),
+    )
+    .await
+    .unwrap();
+    q.kv_put(
+        b"wm/workflow-steps/wf/default",
+        &rmp_serde::to_vec_named(&(3u8, "from the future")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let outcome = env.rt.outcome("done").await;
+    assert!(
+        matches!(
+            outcome,
+            Err(Error::UnsupportedRecordVersion { found: 2, .. })
+        ),
+        "{outcome:?}"
+    );
+    let health = env.rt.workflow_health("default").await;
+    assert!(
+        matches!(
+            health,
+            Err(Error::UnsupportedRecordVersion { found: 3, .. })
+        ),
+        "{health:?}"
+    );
+    // The same run id with the same input is still recognised.
+    assert!(!env.submit("done", b"x").await.newly_submitted);
+}
