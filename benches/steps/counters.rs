@@ -1,0 +1,242 @@
+//! The honest instruments: a counting `metrics` recorder (taquba's `metrics`
+//! feature forwards its own counters and SlateDB's storage counters to it),
+//! and the process's peak RSS.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use metrics::{
+    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Label, Metadata, Recorder,
+    SharedString, Unit,
+};
+
+/// SlateDB: every write batch handed to the writer. A transaction commit is
+/// one write batch, awaited or not.
+pub const WRITE_BATCHES: &str = "slatedb.db.write_batch_count";
+/// SlateDB: WAL buffers written to the object store (one object each).
+pub const WAL_FLUSHES: &str = "slatedb.wal.wal_buffer_flushes";
+/// SlateDB: read requests, labelled `op` = get / scan / flush.
+pub const REQUESTS: &str = "slatedb.db.request_count";
+/// taquba: a claim batch's transaction (committed without awaiting the WAL).
+pub const CLAIM_SECONDS: &str = "taquba_claim_duration_seconds";
+/// taquba: an ack's transaction, from the call to the durable commit.
+pub const ACK_SECONDS: &str = "taquba_ack_duration_seconds";
+/// taquba: acks, by queue.
+pub const COMPLETED: &str = "taquba_jobs_completed_total";
+
+/// A histogram that counts its samples and, for the ack latency, keeps them.
+struct Samples {
+    count: AtomicU64,
+    values: Option<Mutex<Vec<f64>>>,
+}
+
+impl HistogramFn for Samples {
+    fn record(&self, value: f64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if let Some(values) = &self.values {
+            values.lock().unwrap().push(value);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Maps {
+    counters: HashMap<Key, Arc<AtomicU64>>,
+    histograms: HashMap<Key, Arc<Samples>>,
+}
+
+/// Counts every counter and histogram the process emits, by name and labels.
+#[derive(Clone, Default)]
+pub struct Counting {
+    maps: Arc<Mutex<Maps>>,
+}
+
+impl Counting {
+    fn counter_cell(&self, key: &Key) -> Arc<AtomicU64> {
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(cell) = maps.counters.get(key) {
+            return cell.clone();
+        }
+        let cell = Arc::new(AtomicU64::new(0));
+        maps.counters.insert(key.clone(), cell.clone());
+        cell
+    }
+
+    fn histogram_cell(&self, key: &Key) -> Arc<Samples> {
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(cell) = maps.histograms.get(key) {
+            return cell.clone();
+        }
+        let keep = key.name() == ACK_SECONDS;
+        let cell = Arc::new(Samples {
+            count: AtomicU64::new(0),
+            values: keep.then(|| Mutex::new(Vec::new())),
+        });
+        maps.histograms.insert(key.clone(), cell.clone());
+        cell
+    }
+
+    /// The live cell of `taquba_jobs_completed_total{queue}`: acks on that
+    /// queue. Read without a lock, so it can be polled.
+    pub fn completed(&self, queue: &str) -> Arc<AtomicU64> {
+        let key = Key::from_parts(COMPLETED, vec![Label::new("queue", queue.to_string())]);
+        self.counter_cell(&key)
+    }
+
+    /// The sum of a counter over all its label sets that contain `label`.
+    fn counter_sum(&self, name: &str, label: Option<(&str, &str)>) -> u64 {
+        let maps = self.maps.lock().unwrap();
+        maps.counters
+            .iter()
+            .filter(|(k, _)| k.name() == name && has_label(k, label))
+            .map(|(_, c)| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn histogram_count(&self, name: &str) -> u64 {
+        let maps = self.maps.lock().unwrap();
+        maps.histograms
+            .iter()
+            .filter(|(k, _)| k.name() == name)
+            .map(|(_, h)| h.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Take (and clear) the ack latencies recorded so far, in seconds.
+    pub fn take_ack_latencies(&self) -> Vec<f64> {
+        let maps = self.maps.lock().unwrap();
+        let mut all = Vec::new();
+        for (key, h) in &maps.histograms {
+            if key.name() == ACK_SECONDS
+                && let Some(values) = &h.values
+            {
+                all.append(&mut values.lock().unwrap());
+            }
+        }
+        all
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            write_batches: self.counter_sum(WRITE_BATCHES, None),
+            claim_batches: self.histogram_count(CLAIM_SECONDS),
+            acks: self.counter_sum(COMPLETED, None),
+            wal_flushes: self.counter_sum(WAL_FLUSHES, None),
+            gets: self.counter_sum(REQUESTS, Some(("op", "get"))),
+            scans: self.counter_sum(REQUESTS, Some(("op", "scan"))),
+        }
+    }
+}
+
+fn has_label(key: &Key, label: Option<(&str, &str)>) -> bool {
+    match label {
+        None => true,
+        Some((k, v)) => key.labels().any(|l| l.key() == k && l.value() == v),
+    }
+}
+
+impl Recorder for Counting {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.counter_cell(key))
+    }
+
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.histogram_cell(key))
+    }
+}
+
+static INSTALLED: OnceLock<Counting> = OnceLock::new();
+
+/// Install the counting recorder as the process's `metrics` recorder (once;
+/// before any queue opens, since SlateDB registers its counters at open).
+pub fn install() -> &'static Counting {
+    INSTALLED.get_or_init(|| {
+        let counting = Counting::default();
+        metrics::set_global_recorder(counting.clone())
+            .expect("no other metrics recorder is installed");
+        counting
+    })
+}
+
+/// Counter totals at one instant; subtract two to get a phase's counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub write_batches: u64,
+    pub claim_batches: u64,
+    pub acks: u64,
+    pub wal_flushes: u64,
+    pub gets: u64,
+    pub scans: u64,
+}
+
+impl std::ops::Sub for Snapshot {
+    type Output = Snapshot;
+    fn sub(self, o: Snapshot) -> Snapshot {
+        Snapshot {
+            write_batches: self.write_batches - o.write_batches,
+            claim_batches: self.claim_batches - o.claim_batches,
+            acks: self.acks - o.acks,
+            wal_flushes: self.wal_flushes - o.wal_flushes,
+            gets: self.gets - o.gets,
+            scans: self.scans - o.scans,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Commits that awaited the WAL: every write batch except the claims
+    /// (the only deferred commits on these paths; the reaper and scheduler
+    /// find nothing to do while a benchmark runs).
+    pub fn awaited_commits(&self) -> u64 {
+        self.write_batches.saturating_sub(self.claim_batches)
+    }
+}
+
+/// `VmHWM` (peak resident set) of this process, in MiB.
+pub fn peak_rss_mib() -> f64 {
+    status_kib("VmHWM:") as f64 / 1024.0
+}
+
+/// `VmRSS` (current resident set) of this process, in MiB.
+pub fn rss_mib() -> f64 {
+    status_kib("VmRSS:") as f64 / 1024.0
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe extern "C" {
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+/// Hand freed heap back to the OS, then reset the peak RSS to the current
+/// RSS (`echo 5 > /proc/self/clear_refs`), so the next peak is the next
+/// phase's own.
+pub fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no
+    // preconditions.
+    unsafe {
+        malloc_trim(0);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

@@ -1,0 +1,337 @@
+//! The two sides of every comparison, each on a fresh store of its own:
+//! Waymark (`WorkflowRuntime` with an echo runner) and the minimal
+//! equivalent written directly against taquba.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use taquba::object_store::local::LocalFileSystem;
+use taquba::object_store::memory::InMemory;
+use taquba::{Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, OpenOptions, Queue, SettlementEffects};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use waymark::{
+    NoopTerminalHook, RunSpec, RunState, Step, StepError, StepOutcome, StepRunner, TerminalStatus,
+    WorkflowRuntime,
+};
+
+use crate::plan::{Next, Plan, UNTIL_FINISH, input};
+
+/// The object store under a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `taquba::object_store::memory::InMemory`.
+    Memory,
+    /// `taquba::object_store::local::LocalFileSystem` in a fresh tempdir.
+    Local,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+            StoreKind::Local => "local",
+        }
+    }
+}
+
+/// Store type and WAL flush interval: the same for both sides of a
+/// comparison.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    pub store: StoreKind,
+    pub flush: Duration,
+}
+
+impl Setup {
+    pub fn label(&self) -> String {
+        format!("{} {}ms", self.store.name(), self.flush.as_millis())
+    }
+}
+
+/// Which side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Waymark,
+    Raw,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Waymark => "waymark",
+            Side::Raw => "raw taquba",
+        }
+    }
+}
+
+/// Both sides poll an idle queue this often (Waymark's default).
+const POLL: Duration = Duration::from_millis(250);
+const RAW_QUEUE: &str = "raw-steps";
+const WAYMARK_QUEUE: &str = "workflow-steps";
+const PRIORITY_PROBE: u32 = 0;
+
+async fn open_queue(setup: Setup) -> (Arc<Queue>, Option<tempfile::TempDir>) {
+    let (store, dir): (Arc<dyn taquba::object_store::ObjectStore>, _) = match setup.store {
+        StoreKind::Memory => (Arc::new(InMemory::new()), None),
+        StoreKind::Local => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let fs = LocalFileSystem::new_with_prefix(dir.path()).expect("local store");
+            (Arc::new(fs), Some(dir))
+        }
+    };
+    let opts = OpenOptions {
+        flush_interval: Some(setup.flush),
+        ..Default::default()
+    };
+    let queue = Queue::open_with_options(store, "bench", opts)
+        .await
+        .expect("open queue");
+    (Arc::new(queue), dir)
+}
+
+/// Waymark's runner: the shared plan.
+pub struct Echo(Arc<Plan>);
+
+impl StepRunner for Echo {
+    async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+        Ok(
+            match self.0.on_step(&step.run_id, step.step_number, &step.payload) {
+                Next::Continue(payload) => StepOutcome::Continue { payload },
+                Next::Finish => StepOutcome::Succeed {
+                    result: b"ok".to_vec(),
+                },
+            },
+        )
+    }
+}
+
+type Runtime = WorkflowRuntime<Echo, NoopTerminalHook>;
+
+/// One side on its own fresh queue and store.
+pub struct Engine {
+    pub side: Side,
+    pub plan: Arc<Plan>,
+    queue: Arc<Queue>,
+    runtime: Option<Runtime>,
+    concurrency: usize,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A running worker pool.
+pub struct Pool {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Pool {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("worker pool task");
+    }
+}
+
+impl Engine {
+    pub async fn open(side: Side, setup: Setup, plan: Arc<Plan>, concurrency: usize) -> Self {
+        let (queue, dir) = open_queue(setup).await;
+        let runtime = match side {
+            Side::Waymark => Some(
+                WorkflowRuntime::builder(queue.clone(), Echo(plan.clone()), NoopTerminalHook)
+                    .queue_name(WAYMARK_QUEUE)
+                    .max_concurrent_steps(concurrency)
+                    .poll_interval(POLL)
+                    .build()
+                    .expect("build runtime"),
+            ),
+            Side::Raw => None,
+        };
+        Self {
+            side,
+            plan,
+            queue,
+            runtime,
+            concurrency,
+            _dir: dir,
+        }
+    }
+
+    /// The step queue's name (the label of its ack counter).
+    pub fn queue_name(&self) -> &'static str {
+        match self.side {
+            Side::Waymark => WAYMARK_QUEUE,
+            Side::Raw => RAW_QUEUE,
+        }
+    }
+
+    /// Submit a run; `true` when it is new. `probe` runs go first in line.
+    pub async fn submit(&self, run_id: &str, probe: bool) -> bool {
+        match &self.runtime {
+            Some(rt) => {
+                rt.submit(RunSpec {
+                    run_id: Some(run_id.to_string()),
+                    input: input(),
+                    priority: probe.then_some(PRIORITY_PROBE),
+                    ..Default::default()
+                })
+                .await
+                .expect("submit")
+                .newly_submitted
+            }
+            None => {
+                let options = step_options(run_id, 0, probe.then_some(PRIORITY_PROBE));
+                let effects =
+                    SettlementEffects::default().kv_put(run_key(run_id), 0u32.to_le_bytes());
+                let (result, _) = self
+                    .queue
+                    .enqueue_with_effects(RAW_QUEUE, input(), options, effects)
+                    .await
+                    .expect("enqueue");
+                matches!(result, EnqueueResult::New(_))
+            }
+        }
+    }
+
+    /// Start the worker pool.
+    pub fn start(&self) -> Pool {
+        let stop = CancellationToken::new();
+        let task = match &self.runtime {
+            Some(rt) => {
+                let rt = rt.clone();
+                let stopped = stop.clone();
+                tokio::spawn(async move {
+                    rt.run(async move { stopped.cancelled().await })
+                        .await
+                        .expect("waymark pool");
+                })
+            }
+            None => tokio::spawn(raw_pool(
+                self.queue.clone(),
+                self.concurrency,
+                self.plan.clone(),
+                stop.clone(),
+            )),
+        };
+        Pool { stop, task }
+    }
+
+    /// Whether the run ended as the plan says (`Succeeded`, at its last
+    /// step when the plan has a fixed length).
+    pub async fn completed(&self, run_id: &str, steps_per_run: u32) -> bool {
+        match &self.runtime {
+            Some(rt) => match rt.outcome(run_id).await.expect("outcome") {
+                Some(o) => {
+                    o.status == TerminalStatus::Succeeded
+                        && (steps_per_run == UNTIL_FINISH || o.final_step + 1 == steps_per_run)
+                }
+                None => false,
+            },
+            None => match self.queue.view().kv_get(&out_key(run_id)).await.expect("kv") {
+                Some(v) => {
+                    let last = u32::from_le_bytes(v[..4].try_into().unwrap());
+                    steps_per_run == UNTIL_FINISH || last + 1 == steps_per_run
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// Whether the run was submitted and waits at step 0.
+    pub async fn pending(&self, run_id: &str) -> bool {
+        match &self.runtime {
+            Some(rt) => matches!(
+                rt.status(run_id).await.expect("status"),
+                Some(s) if s.state == RunState::Pending && s.current_step == 0
+            ),
+            None => self
+                .queue
+                .view()
+                .kv_get(&run_key(run_id))
+                .await
+                .expect("kv")
+                .is_some(),
+        }
+    }
+
+    /// Close the queue (drop the runtime first, so the queue is ours alone).
+    pub async fn close(mut self) {
+        self.runtime.take();
+        match Arc::try_unwrap(self.queue) {
+            Ok(queue) => queue.close().await.expect("close"),
+            Err(_) => eprintln!("warning: queue still shared at close; dropped instead"),
+        }
+    }
+}
+
+fn run_key(run_id: &str) -> Vec<u8> {
+    format!("run/{run_id}").into_bytes()
+}
+
+fn out_key(run_id: &str) -> Vec<u8> {
+    format!("out/{run_id}").into_bytes()
+}
+
+fn step_options(run_id: &str, step: u32, priority: Option<u32>) -> EnqueueOptions {
+    EnqueueOptions::default()
+        .dedup_key(format!("{run_id}/{step}"))
+        .header("run", run_id)
+        .header("step", step.to_string())
+        .priority(priority)
+}
+
+/// The raw pool: claim batches sized to the free slots, one task per job,
+/// wait for new jobs when the queue is empty (Waymark's pool, minus the
+/// workflow layer).
+async fn raw_pool(queue: Arc<Queue>, concurrency: usize, plan: Arc<Plan>, stop: CancellationToken) {
+    let lease = queue.queue_config(RAW_QUEUE).lease_duration;
+    let mut set = JoinSet::new();
+    loop {
+        while set.try_join_next().is_some() {}
+        if stop.is_cancelled() {
+            break;
+        }
+        if set.len() >= concurrency {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = set.join_next() => {}
+            }
+            continue;
+        }
+        let claims = queue
+            .claim_batch(RAW_QUEUE, concurrency - set.len(), lease)
+            .await
+            .expect("claim");
+        if claims.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = queue.wait_for_jobs_on(RAW_QUEUE, POLL) => {}
+            }
+            continue;
+        }
+        for claim in claims {
+            set.spawn(raw_step(queue.clone(), plan.clone(), claim));
+        }
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// One raw step: run the plan, then `ack_with` the follow-up enqueue (with
+/// its dedup key) and one KV write; a last step writes one KV record.
+async fn raw_step(queue: Arc<Queue>, plan: Arc<Plan>, claim: Claim) {
+    let run_id = claim.headers.get("run").cloned().unwrap_or_default();
+    let step: u32 = claim
+        .headers
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let effects = match plan.on_step(&run_id, step, &claim.payload) {
+        Next::Continue(payload) => SettlementEffects::default()
+            .enqueue(EnqueueRequest {
+                queue: RAW_QUEUE.to_string(),
+                payload,
+                options: step_options(&run_id, step + 1, Some(claim.priority)),
+            })
+            .kv_put(run_key(&run_id), (step + 1).to_le_bytes()),
+        Next::Finish => SettlementEffects::default().kv_put(out_key(&run_id), step.to_le_bytes()),
+    };
+    queue.ack_with(&claim, effects).await.expect("ack");
+}
