@@ -16,13 +16,18 @@
 //! process-local map is enough. Its cost is a map insert and remove per
 //! commit; the waiting itself costs latency only when a claim races a flush.
 //!
+//! It also remembers the step jobs this process's commits enqueued, until
+//! they are claimed: such a job is known to be the one its run record points
+//! at, so admitting it needs no read of the record. Jobs from before a
+//! restart, or from other writers, are checked against the record.
+//!
 //! The same map is the worker's store watchdog: SlateDB retries a failing
 //! store without end, so a commit that has waited longer than the runtime's
 //! `store_timeout` means the store is down, and the pool stops with
 //! [`Error::StoreUnavailable`](crate::Error::StoreUnavailable) instead of
 //! hanging.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use tokio::sync::watch;
@@ -34,7 +39,12 @@ use crate::runtime::lock;
 #[derive(Default)]
 pub(crate) struct PendingCommits {
     runs: Mutex<HashMap<String, Pending>>,
+    /// Step jobs this process enqueued that no one has claimed yet.
+    own_jobs: Mutex<HashSet<String>>,
 }
+
+/// The most own jobs remembered; beyond it, jobs are admitted by a read.
+const MAX_OWN_JOBS: usize = 1 << 18;
 
 /// One run's commits in flight.
 struct Pending {
@@ -79,6 +89,22 @@ impl PendingCommits {
         };
         // Nothing is ever sent: `changed` returns when the sender drops.
         while closed.changed().await.is_ok() {}
+    }
+
+    /// Remember step jobs a commit of this process enqueued.
+    pub(crate) fn enqueued<'a>(&self, job_ids: impl IntoIterator<Item = &'a str>) {
+        let mut own = lock(&self.own_jobs);
+        for id in job_ids {
+            if own.len() < MAX_OWN_JOBS {
+                own.insert(id.to_string());
+            }
+        }
+    }
+
+    /// Whether this process enqueued the job (forgetting it: a job is
+    /// claimed, or removed, once).
+    pub(crate) fn take_own(&self, job_id: &str) -> bool {
+        lock(&self.own_jobs).remove(job_id)
     }
 
     /// How long the longest-waiting run has had commits in flight.
@@ -137,6 +163,16 @@ mod tests {
             .expect("all of r's commits returned");
         drop(other);
         assert!(lock(&commits.runs).is_empty());
+    }
+
+    #[test]
+    fn own_jobs_are_taken_once() {
+        let commits = PendingCommits::default();
+        commits.enqueued(["a", "b"]);
+        assert!(commits.take_own("a"));
+        assert!(!commits.take_own("a"));
+        assert!(!commits.take_own("c"));
+        assert!(commits.take_own("b"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -464,6 +464,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     .await?
             };
             if let Some(results) = committed {
+                if let Some(EnqueueResult::New(job_id)) = results.first() {
+                    inner.pending.enqueued([job_id.as_str()]);
+                }
                 if let Some(EnqueueResult::AlreadyEnqueued(existing)) = results.first() {
                     // A step-0 job with this run's dedup key outlived its run
                     // record (only a foreign job can do that): point the run
@@ -655,6 +658,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             };
             match cancelled {
                 CancelOutcome::Removed => {
+                    inner.pending.take_own(&run.job_id);
                     tracing::info!(run_id, step = run.step, "run cancelled");
                     inner.notify_terminal(outcome);
                     return Ok(true);

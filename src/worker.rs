@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use taquba::{
-    Claim, EnqueueOptions, EnqueueRequest, Error as QueueError, Expired, JobStatus, Queue,
-    SettlementEffects,
+    Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, Error as QueueError, Expired, JobStatus,
+    Queue, SettlementEffects,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -404,6 +404,16 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
     };
     // The commit that enqueued this job may still wait for its flush.
     inner.pending.settled(&run_id).await;
+    if inner.pending.take_own(&claim.id) {
+        // This process's own commit enqueued it and pointed the run at it.
+        return Some(StepJob {
+            claim,
+            run_id,
+            step,
+            workflow,
+            before,
+        });
+    }
     let run_key = inner.keys.run(&run_id);
     let run = match inner.queue.view().kv_get(&run_key).await {
         Ok(Some(bytes)) => match decode::<RunRecord>(&run_key, &bytes) {
@@ -624,7 +634,15 @@ async fn settle<R: StepRunner, H: TerminalHook>(
         }
     };
     match settled {
-        Ok(_) => {
+        Ok(enqueued) => {
+            if ended.is_none() {
+                inner
+                    .pending
+                    .enqueued(enqueued.iter().filter_map(|e| match e {
+                        EnqueueResult::New(id) => Some(id.as_str()),
+                        EnqueueResult::AlreadyEnqueued(_) => None,
+                    }));
+            }
             if let Some(staged) = staged {
                 let release = staged.releases_parked();
                 inner.breakers.committed(staged);

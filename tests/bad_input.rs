@@ -128,6 +128,9 @@ async fn records_of_an_unknown_version_or_corrupt_are_named_errors() {
     q.kv_put(b"wm/workflow-steps/run/garbled", b"\xc1 not msgpack")
         .await
         .unwrap();
+    // This build starts on the store those writers left.
+    env.crash_and_reopen(echo(), NoopTerminalHook).await;
+    let q = env.queue().clone();
 
     match env.rt.status("newer").await {
         Err(Error::UnsupportedRecordVersion {
