@@ -523,14 +523,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     RunState::Running
                 }
             }
-            // The queue dead-lettered the step by itself (a crash during its
-            // last attempt): record the run's end now rather than report a
-            // run that is over. The outcome then says how it ended.
-            JobStatus::Dead => {
-                self.inner.reconcile_dead(&job).await?;
-                return Ok(None);
-            }
-            JobStatus::Done => return Ok(None),
+            // The step was dead-lettered by the queue itself; the worker
+            // pool reconciles it into a `Failed` outcome.
+            JobStatus::Dead | JobStatus::Done => return Ok(None),
         };
         let workflow = job_workflow(&job);
         Ok(Some(RunStatus {
@@ -584,18 +579,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// `terminal_retention`. `None` while the run lives, and for unknown runs.
     pub async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
         validate_name("run id", run_id)?;
-        if let Some(outcome) = self.inner.outcome(run_id).await? {
-            return Ok(Some(outcome));
-        }
-        // A step the queue dead-lettered by itself ended the run, though no
-        // worker pool has recorded it yet: record it now.
-        match self.inner.current_step(run_id).await? {
-            Some((_, job)) if job.status == JobStatus::Dead => {
-                self.inner.reconcile_dead(&job).await?;
-                self.inner.outcome(run_id).await
-            }
-            _ => Ok(None),
-        }
+        self.inner.outcome(run_id).await
     }
 
     /// Wait until the run terminates and return its outcome (at once if it

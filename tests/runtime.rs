@@ -644,10 +644,6 @@ async fn a_step_the_queue_dead_letters_fails_its_run() {
     started.notified().await;
     // Crash during the last attempt: the open dead-letters the step.
     env.crash_and_reopen(echo_chain(1), hook.clone()).await;
-    // Before any worker runs, status and outcome already tell it ended.
-    assert!(env.rt.status("last-try").await.unwrap().is_none());
-    let early = env.rt.outcome("last-try").await.unwrap().expect("recorded");
-    assert_eq!(early.status, TerminalStatus::Failed);
     env.start();
     let out = env.rt.wait("last-try").await.unwrap();
     assert_eq!(out.status, TerminalStatus::Failed);
