@@ -391,10 +391,15 @@ impl Bench {
 
         let failing = count_failing(&ids, |id| engine.completed(id, steps_per_run)).await;
         if failing > 0 {
-            problems.push(format!("{failing} of {runs} runs did not complete as planned"));
+            problems.push(format!(
+                "{failing} of {runs} runs did not complete as planned"
+            ));
         }
         if plan.bad_payloads() > 0 {
-            problems.push(format!("{} steps saw a mangled payload", plan.bad_payloads()));
+            problems.push(format!(
+                "{} steps saw a mangled payload",
+                plan.bad_payloads()
+            ));
         }
         if plan.started() != total {
             problems.push(format!("{} step calls for {total} steps", plan.started()));
@@ -429,23 +434,7 @@ impl Bench {
         table_header("steps: step throughput", "steps/s", "ack commit latency");
         for k in [1u32, 5, 20] {
             for c in [1usize, 16, 64] {
-                let steps = self.sizes.steps_for(c, setup.flush);
-                let runs = (steps.div_ceil(k as u64) as usize).max(c);
-                let (mut waymark, mut raw) = self
-                    .both(|side| self.measure_runs(side, setup, c, k, runs))
-                    .await;
-                waymark.latency = waymark.ack;
-                raw.latency = raw.ack;
-                self.push(Row {
-                    scenario: "steps",
-                    case: format!("K={k} c={c} ({runs} runs)"),
-                    setup,
-                    unit: "steps/s",
-                    latency_kind: "ack",
-                    backlog: None,
-                    waymark,
-                    raw,
-                });
+                self.throughput("steps", setup, c, k).await;
             }
         }
     }
@@ -608,7 +597,10 @@ impl Bench {
             problems.push(format!("{failing} of {runs} runs did not complete"));
         }
         if plan.bad_payloads() > 0 {
-            problems.push(format!("{} steps saw a mangled payload", plan.bad_payloads()));
+            problems.push(format!(
+                "{} steps saw a mangled payload",
+                plan.bad_payloads()
+            ));
         }
         let peak_rss = counters::peak_rss_mib();
         into_engine(engine).close().await;
@@ -662,24 +654,30 @@ impl Bench {
             "ack commit latency",
         );
         for setup in self.grid() {
-            let steps = self.sizes.steps_for(64, setup.flush);
-            let runs = (steps.div_ceil(5) as usize).max(64);
-            let (mut waymark, mut raw) = self
-                .both(|side| self.measure_runs(side, setup, 64, 5, runs))
-                .await;
-            waymark.latency = waymark.ack;
-            raw.latency = raw.ack;
-            self.push(Row {
-                scenario: "stores",
-                case: format!("K=5 c=64 ({runs} runs)"),
-                setup,
-                unit: "steps/s",
-                latency_kind: "ack",
-                backlog: None,
-                waymark,
-                raw,
-            });
+            self.throughput("stores", setup, 64, 5).await;
         }
+    }
+
+    /// One throughput case: runs of `k` steps at concurrency `c`, sized to
+    /// last about the mode's measurement time; latency is the ack commit's.
+    async fn throughput(&mut self, scenario: &'static str, setup: Setup, c: usize, k: u32) {
+        let steps = self.sizes.steps_for(c, setup.flush);
+        let runs = (steps.div_ceil(k as u64) as usize).max(c);
+        let (mut waymark, mut raw) = self
+            .both(|side| self.measure_runs(side, setup, c, k, runs))
+            .await;
+        waymark.latency = waymark.ack;
+        raw.latency = raw.ack;
+        self.push(Row {
+            scenario,
+            case: format!("K={k} c={c} ({runs} runs)"),
+            setup,
+            unit: "steps/s",
+            latency_kind: "ack",
+            backlog: None,
+            waymark,
+            raw,
+        });
     }
 
     /// Print the targets and whether each is met; returns the JSON summary.
@@ -705,9 +703,9 @@ impl Bench {
             .collect();
         for store in [StoreKind::Memory, StoreKind::Local] {
             for ms in [1u64, 10] {
-                let row = stores.iter().find(|r| {
-                    r.setup.store == store && r.setup.flush == Duration::from_millis(ms)
-                });
+                let row = stores
+                    .iter()
+                    .find(|r| r.setup.store == store && r.setup.flush == Duration::from_millis(ms));
                 let name = format!(
                     "steps/s >= 0.9x raw taquba at concurrency 64, {} store, {ms} ms flush",
                     store.name()
@@ -782,12 +780,7 @@ impl Bench {
             }
             (Some(a), None) => {
                 let info = at(10_000)
-                    .map(|b| {
-                        format!(
-                            "; 10k vs 1k: {:.2}x",
-                            b.waymark.rate() / a.waymark.rate()
-                        )
-                    })
+                    .map(|b| format!("; 10k vs 1k: {:.2}x", b.waymark.rate() / a.waymark.rate()))
                     .unwrap_or_default();
                 verdict(name, None, format!("100k not run in this mode{info}"))
             }
