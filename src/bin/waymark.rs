@@ -1307,15 +1307,7 @@ async fn open_existing(dir: &Path) -> CliResult<(Arc<Queue>, Runtime)> {
 
 /// `waymark status`: where a live run is, or how it ended.
 async fn status(dir: &Path, run_id: &str) -> CliResult<ExitCode> {
-    let (queue, runtime) = open_existing(dir).await?;
-    let read = context(format!("cannot read the state of {run_id}"));
-    let live = runtime.status(run_id).await.map_err(&read)?;
-    let ended = match live {
-        Some(_) => None,
-        None => runtime.outcome(run_id).await.map_err(read)?,
-    };
-    drop(runtime);
-    close_queue(queue).await?;
+    let (live, ended) = read_run(dir, run_id).await?;
     match (live, ended) {
         (Some(status), _) => {
             say!("{run_id}: live");
@@ -1334,15 +1326,7 @@ async fn status(dir: &Path, run_id: &str) -> CliResult<ExitCode> {
 
 /// `waymark outcome`: how a run ended.
 async fn outcome(dir: &Path, run_id: &str) -> CliResult<ExitCode> {
-    let (queue, runtime) = open_existing(dir).await?;
-    let read = context(format!("cannot read the state of {run_id}"));
-    let ended = runtime.outcome(run_id).await.map_err(&read)?;
-    let live = match ended {
-        Some(_) => None,
-        None => runtime.status(run_id).await.map_err(read)?,
-    };
-    drop(runtime);
-    close_queue(queue).await?;
+    let (live, ended) = read_run(dir, run_id).await?;
     match (ended, live) {
         (Some(outcome), _) => {
             say!("{run_id}: ended");
@@ -1356,6 +1340,20 @@ async fn outcome(dir: &Path, run_id: &str) -> CliResult<ExitCode> {
         (None, None) => return Err(not_found(run_id, dir)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A run's live status, or else its outcome, read from the store in `dir`.
+async fn read_run(dir: &Path, run_id: &str) -> CliResult<(Option<RunStatus>, Option<RunOutcome>)> {
+    let (queue, runtime) = open_existing(dir).await?;
+    let read = context(format!("cannot read the state of {run_id}"));
+    let live = runtime.status(run_id).await.map_err(&read)?;
+    let ended = match live {
+        Some(_) => None,
+        None => runtime.outcome(run_id).await.map_err(read)?,
+    };
+    drop(runtime);
+    close_queue(queue).await?;
+    Ok((live, ended))
 }
 
 /// Print a terminal outcome, one field a line.
