@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::{
-    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Label, Metadata, Recorder,
-    SharedString, Unit,
+    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Label, Metadata, Recorder, SharedString,
+    Unit,
 };
 
 /// SlateDB: every write batch handed to the writer. A transaction commit is

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use taquba::object_store::local::LocalFileSystem;
 use taquba::object_store::memory::InMemory;
-use taquba::{Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, OpenOptions, Queue, SettlementEffects};
+use taquba::{
+    Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, OpenOptions, Queue, SettlementEffects,
+};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use waymark::{
@@ -96,7 +98,10 @@ pub struct Echo(Arc<Plan>);
 impl StepRunner for Echo {
     async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
         Ok(
-            match self.0.on_step(&step.run_id, step.step_number, &step.payload) {
+            match self
+                .0
+                .on_step(&step.run_id, step.step_number, &step.payload)
+            {
                 Next::Continue(payload) => StepOutcome::Continue { payload },
                 Next::Finish => StepOutcome::Succeed {
                     result: b"ok".to_vec(),
@@ -225,7 +230,13 @@ impl Engine {
                 }
                 None => false,
             },
-            None => match self.queue.view().kv_get(&out_key(run_id)).await.expect("kv") {
+            None => match self
+                .queue
+                .view()
+                .kv_get(&out_key(run_id))
+                .await
+                .expect("kv")
+            {
                 Some(v) => {
                     let last = u32::from_le_bytes(v[..4].try_into().unwrap());
                     steps_per_run == UNTIL_FINISH || last + 1 == steps_per_run
