@@ -136,7 +136,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 /// than `store_timeout` for the store.
 async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
     let timeout = inner.cfg.store_timeout;
-    let mut tick = tokio::time::interval((timeout / 4).min(inner.cfg.poll_interval));
+    let period = (timeout / 4)
+        .min(inner.cfg.poll_interval)
+        .max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
