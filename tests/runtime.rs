@@ -747,6 +747,14 @@ async fn bad_settings_are_errors_from_build() {
         .max_concurrent_steps(0)
         .build();
     assert!(matches!(zero, Err(Error::InvalidConfig(_))));
+    let no_patience = WorkflowRuntime::builder(queue.clone(), echo_chain(1), NoopTerminalHook)
+        .store_timeout(Duration::ZERO)
+        .build();
+    assert!(
+        matches!(&no_patience, Err(Error::InvalidConfig(why)) if why.contains("store_timeout")),
+        "{:?}",
+        no_patience.err()
+    );
     for name in ["", "has space", &"q".repeat(300)] {
         let bad = WorkflowRuntime::builder(queue.clone(), echo_chain(1), NoopTerminalHook)
             .queue_name(name)
