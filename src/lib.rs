@@ -77,9 +77,20 @@
 //!   with other steps that settle in the same WAL flush
 //!   (`taquba::OpenOptions::flush_interval`), so latency follows the flush
 //!   interval and throughput follows concurrency.
-//! - **Failures**: a [`StepError::transient`] retries with the queue's
-//!   backoff until the step's attempts run out; a [`StepError::permanent`]
-//!   dead-letters the step. Either way the run ends `Failed` with a hook.
+//! - **Failures**: a [`StepError::transient`] retries after a jittered,
+//!   growing delay ([`RetryPolicy`], per workflow) until the step's attempts
+//!   run out; a [`StepError::permanent`] dead-letters the step. Either way
+//!   the run ends `Failed` with a hook. A failing attempt costs one commit.
+//! - **Circuit breaker** ([`BackoffPolicy`], per workflow): consecutive
+//!   failures back the workflow off, then trip it; its steps park without
+//!   holding workers or spending attempts until
+//!   [`WorkflowRuntime::reset_workflow`] or a successful probe. Health
+//!   ([`WorkflowRuntime::workflow_health`]) commits with the settlements
+//!   that change it.
+//! - **Crashes**: a committed step never runs again, and no step or hook
+//!   acts on a commit before it is durable. **Outages**: a commit that waits
+//!   longer than `store_timeout` makes [`WorkflowRuntime::run`] return
+//!   [`Error::StoreUnavailable`] rather than hang.
 //! - **Cancel** ([`WorkflowRuntime::cancel`]) removes a waiting step at once;
 //!   a running step sees its [`Step::cancel_token`] fire and its result is
 //!   discarded. The request is durable: a restart still ends the run
