@@ -25,6 +25,8 @@
 mod counters;
 
 use std::sync::Arc;
+
+use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
 use taquba::object_store::memory::InMemory;
@@ -75,6 +77,8 @@ struct Measured {
 async fn measure(counting: &counters::Counting, case: &Case) -> Measured {
     let opts = OpenOptions {
         flush_interval: Some(case.flush),
+        // Retries are scheduled jobs; promote them promptly.
+        scheduler_interval: Duration::from_millis(5),
         ..Default::default()
     };
     let queue = Arc::new(
@@ -108,15 +112,21 @@ async fn measure(counting: &counters::Counting, case: &Case) -> Measured {
     }
     let rt = builder.build().expect("valid settings");
     let ids: Vec<String> = (0..case.runs).map(|i| format!("run-{i:06}")).collect();
-    for id in &ids {
-        rt.submit(RunSpec {
-            run_id: Some(id.clone()),
-            input: vec![7; 64],
-            ..Default::default()
+    // 64 submitters, so setting up does not take a flush per run.
+    futures_util::stream::iter(ids.iter())
+        .for_each_concurrent(64, |id| {
+            let rt = rt.clone();
+            async move {
+                rt.submit(RunSpec {
+                    run_id: Some(id.clone()),
+                    input: vec![7; 64],
+                    ..Default::default()
+                })
+                .await
+                .expect("submit");
+            }
         })
-        .await
-        .expect("submit");
-    }
+        .await;
     let before = counting.snapshot();
     let started = Instant::now();
     let stop = tokio_util::sync::CancellationToken::new();
