@@ -598,6 +598,18 @@ impl Breakers {
         Ok(())
     }
 
+    /// Whether `workflow`'s breaker is tripped, from its durable record.
+    pub(crate) async fn is_tripped(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
+        let key = self.health_key(workflow);
+        Ok(match queue.view().kv_get(&key).await? {
+            Some(bytes) => matches!(
+                decode::<HealthRecord>(&key, &bytes)?.state,
+                Stored::Tripped { .. }
+            ),
+            None => false,
+        })
+    }
+
     /// Every workflow's health, from durable state.
     pub(crate) async fn health(
         &self,

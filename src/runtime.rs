@@ -528,6 +528,20 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             JobStatus::Dead | JobStatus::Done => return Ok(None),
         };
         let workflow = job_workflow(&job);
+        // A waiting step of a tripped workflow is parked when it is claimed
+        // (and runs only after a reset or as the probe): report it so now.
+        let state = match state {
+            RunState::Pending | RunState::Scheduled
+                if self
+                    .inner
+                    .breakers
+                    .is_tripped(&self.inner.queue, &workflow)
+                    .await? =>
+            {
+                RunState::Parked
+            }
+            state => state,
+        };
         Ok(Some(RunStatus {
             run_id: run_id.to_string(),
             state,
