@@ -75,8 +75,12 @@ async fn retry_delays_grow_within_jitter_bounds_and_show_in_status() {
         .unwrap();
     // Attempt n waits min(10 s × 2^(n-1), 25 s), less up to half of it.
     for (attempt, full_ms) in [(1u32, 10_000u64), (2, 20_000), (3, 25_000)] {
+        // The retry of this attempt (a due one is not it).
+        let now = env.clock_now();
         env.until_status("r", |s| {
-            s.is_some_and(|s| s.state == RunState::Scheduled && s.scheduled_for.is_some())
+            s.is_some_and(|s| {
+                s.state == RunState::Scheduled && s.scheduled_for.is_some_and(|t| ms(t) > now)
+            })
         })
         .await;
         assert_eq!(runner.calls("r", 0), attempt);
@@ -525,4 +529,33 @@ async fn invalid_policies_are_rejected_at_build() {
         })
         .await;
     assert!(matches!(bad_wf, Err(Error::InvalidRunId { .. })));
+}
+
+#[tokio::test]
+async fn a_waiting_step_of_a_tripped_workflow_reports_parked() {
+    let runner = switchable(Arc::new(AtomicBool::new(true)));
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::ZERO,
+                streak_limit: Some(1),
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+    env.start();
+    env.rt.submit(spec("first", WF)).await.unwrap();
+    env.until_status("first", |s| s.is_some_and(|s| s.state == RunState::Parked))
+        .await;
+    env.stop().await;
+    // Not claimed yet, so not parked on the queue: status still says where
+    // it is headed.
+    env.rt.submit(spec("waiting", WF)).await.unwrap();
+    let job = env.rt.status("waiting").await.unwrap().unwrap();
+    assert_eq!(job.state, RunState::Parked);
+    env.rt.reset_workflow(WF).await.unwrap();
+    let job = env.rt.status("waiting").await.unwrap().unwrap();
+    assert_eq!(job.state, RunState::Pending);
 }
