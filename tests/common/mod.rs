@@ -375,6 +375,24 @@ impl FaultStore {
     pub fn faults(&self) -> Arc<Faults> {
         self.faults.clone()
     }
+
+    /// `listing`, or a single error if the plan fails this list.
+    fn disturbed_listing(
+        &self,
+        prefix: Option<&Path>,
+        listing: BoxStream<'static, object_store::Result<ObjectMeta>>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let faults = self.faults.clone();
+        let at = prefix.cloned().unwrap_or_default();
+        futures_util::stream::once(async move {
+            match faults.disturb(Op::List, &at).await {
+                Ok(()) => listing,
+                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+            }
+        })
+        .flatten()
+        .boxed()
+    }
 }
 
 impl fmt::Debug for FaultStore {
@@ -445,17 +463,7 @@ impl ObjectStore for FaultStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let listing = self.inner.list(prefix);
-        let faults = self.faults.clone();
-        let at = prefix.cloned().unwrap_or_default();
-        futures_util::stream::once(async move {
-            match faults.disturb(Op::List, &at).await {
-                Ok(()) => listing,
-                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
-            }
-        })
-        .flatten()
-        .boxed()
+        self.disturbed_listing(prefix, self.inner.list(prefix))
     }
 
     fn list_with_offset(
@@ -463,17 +471,7 @@ impl ObjectStore for FaultStore {
         prefix: Option<&Path>,
         offset: &Path,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let listing = self.inner.list_with_offset(prefix, offset);
-        let faults = self.faults.clone();
-        let at = prefix.cloned().unwrap_or_default();
-        futures_util::stream::once(async move {
-            match faults.disturb(Op::List, &at).await {
-                Ok(()) => listing,
-                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
-            }
-        })
-        .flatten()
-        .boxed()
+        self.disturbed_listing(prefix, self.inner.list_with_offset(prefix, offset))
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
