@@ -436,23 +436,33 @@ fn blocking_runner(
     })
 }
 
+/// A fresh environment whose run `id` is inside its step 0 (a
+/// [`blocking_runner`]) when this returns; its gate lets the step go on.
+async fn with_running_step<H: TerminalHook + Clone>(
+    hook: H,
+    id: &str,
+    cooperative: bool,
+    result: StepOutcome,
+) -> (Env<H>, FnRunner, Gate) {
+    let (started, gate) = (Arc::new(Notify::new()), Gate::default());
+    let runner = blocking_runner(started.clone(), gate.clone(), cooperative, result);
+    let mut env = Env::new(runner.clone(), hook).await;
+    env.start();
+    env.submit(id, b"").await;
+    started.notified().await;
+    (env, runner, gate)
+}
+
 #[tokio::test]
 async fn cancel_running_step_discards_its_outcome() {
-    let (started, gate, hook) = (
-        Arc::new(Notify::new()),
-        Gate::default(),
-        RecordingHook::default(),
-    );
-    let runner = blocking_runner(
-        started.clone(),
-        gate.clone(),
+    let hook = RecordingHook::default();
+    let (mut env, runner, gate) = with_running_step(
+        hook.clone(),
+        "running",
         false,
         StepOutcome::Continue { payload: vec![] },
-    );
-    let mut env = Env::new(runner.clone(), hook.clone()).await;
-    env.start();
-    env.submit("running", b"").await;
-    started.notified().await;
+    )
+    .await;
     assert_eq!(
         env.rt.status("running").await.unwrap().unwrap().state,
         RunState::Running
@@ -476,17 +486,13 @@ async fn cancel_running_step_discards_its_outcome() {
 
 #[tokio::test]
 async fn cooperative_cancel_error_is_not_retried() {
-    let (started, gate) = (Arc::new(Notify::new()), Gate::default());
-    let runner = blocking_runner(
-        started.clone(),
-        gate,
+    let (mut env, runner, _gate) = with_running_step(
+        NoopTerminalHook,
+        "coop",
         true,
         StepOutcome::Succeed { result: vec![] },
-    );
-    let mut env = Env::new(runner.clone(), NoopTerminalHook).await;
-    env.start();
-    env.submit("coop", b"").await;
-    started.notified().await;
+    )
+    .await;
     assert!(env.rt.cancel("coop").await.unwrap());
     let out = env.rt.wait("coop").await.unwrap();
     assert_eq!((out.status, out.error), (TerminalStatus::Cancelled, None));
@@ -498,19 +504,15 @@ async fn cooperative_cancel_error_is_not_retried() {
 
 #[tokio::test]
 async fn runner_cancel_reason_wins_over_external_cancel() {
-    let (started, gate) = (Arc::new(Notify::new()), Gate::default());
-    let runner = blocking_runner(
-        started.clone(),
-        gate.clone(),
+    let (mut env, _runner, gate) = with_running_step(
+        NoopTerminalHook,
+        "both",
         false,
         StepOutcome::Cancel {
             reason: "mine".into(),
         },
-    );
-    let mut env = Env::new(runner, NoopTerminalHook).await;
-    env.start();
-    env.submit("both", b"").await;
-    started.notified().await;
+    )
+    .await;
     assert!(env.rt.cancel("both").await.unwrap());
     gate.open();
     let out = env.rt.wait("both").await.unwrap();
@@ -523,21 +525,14 @@ async fn runner_cancel_reason_wins_over_external_cancel() {
 
 #[tokio::test]
 async fn cancel_survives_a_restart_and_the_step_is_not_run_again() {
-    let (started, gate, hook) = (
-        Arc::new(Notify::new()),
-        Gate::default(),
-        RecordingHook::default(),
-    );
-    let runner = blocking_runner(
-        started.clone(),
-        gate.clone(),
+    let hook = RecordingHook::default();
+    let (mut env, _runner, gate) = with_running_step(
+        hook.clone(),
+        "durable-cancel",
         false,
         StepOutcome::Continue { payload: vec![] },
-    );
-    let mut env = Env::new(runner.clone(), hook.clone()).await;
-    env.start();
-    env.submit("durable-cancel", b"").await;
-    started.notified().await;
+    )
+    .await;
     assert!(env.rt.cancel("durable-cancel").await.unwrap());
     // Crash before the step returns.
     let fresh = blocking_runner(
