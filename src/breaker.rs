@@ -30,10 +30,8 @@ use taquba::{KvOrder, Queue, SettlementEffects};
 use crate::error::Error;
 use crate::policy::BackoffPolicy;
 use crate::record::{decode, encode};
-use crate::runtime::lock;
 
-/// The name of the workflow of a run submitted without one.
-pub const DEFAULT_WORKFLOW: &str = "default";
+use crate::sync::lock;
 
 /// A workflow's breaker.
 #[derive(Debug, Clone, PartialEq, Eq)]

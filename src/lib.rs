@@ -111,16 +111,17 @@ mod policy;
 mod record;
 mod runner;
 mod runtime;
+mod sync;
 mod worker;
 
-pub use breaker::{BreakerEvent, BreakerStatus, DEFAULT_WORKFLOW, WorkflowHealth};
+pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};
 pub use error::Error;
 pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use record::{
-    HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW,
-    MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN, RESERVED_HEADER_PREFIX,
-    validate_headers, validate_name,
+    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP,
+    HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN,
+    RESERVED_HEADER_PREFIX, validate_headers, validate_name,
 };
 pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
 pub use runtime::{

@@ -33,7 +33,7 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 
-use crate::runtime::lock;
+use crate::sync::lock;
 
 /// The runs with commits in flight.
 #[derive(Default)]

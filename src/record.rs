@@ -39,6 +39,9 @@ pub const HEADER_PARKED: &str = "workflow.parked";
 /// Headers with this prefix are the runtime's; a submit may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
 
+/// The name of the workflow of a run submitted without one.
+pub const DEFAULT_WORKFLOW: &str = "default";
+
 /// The longest run id accepted, in bytes.
 pub const MAX_RUN_ID_LEN: usize = 128;
 /// The most bytes of headers (keys plus values) a submit may carry.
@@ -252,7 +255,7 @@ pub(crate) fn parse_step_extras(
                 .map_err(|e| format!("step job header `{HEADER_WORKFLOW}`: {e}"))?;
             name.clone()
         }
-        None => crate::breaker::DEFAULT_WORKFLOW.to_string(),
+        None => DEFAULT_WORKFLOW.to_string(),
     };
     let before = match headers.get(HEADER_ATTEMPTS_BEFORE) {
         Some(n) => n.parse::<u32>().map_err(|_| {

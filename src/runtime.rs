@@ -2,7 +2,7 @@
 //! status, outcome, wait, cancel). The worker pool is in [`crate::worker`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -13,19 +13,18 @@ use taquba::{
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{
-    BreakerEvent, Breakers, DEFAULT_WORKFLOW, Observer, WorkflowHealth, ms_to_time,
-};
+use crate::breaker::{BreakerEvent, Breakers, Observer, WorkflowHealth, ms_to_time};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
 use crate::pending::PendingCommits;
 use crate::policy::{BackoffPolicy, RetryPolicy};
 use crate::record::{
-    self, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
-    OutcomeRecord, RunRecord, SubmitRecord, decode, encode, parse_step_extras, user_headers,
-    validate_headers, validate_name,
+    self, DEFAULT_WORKFLOW, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys,
+    MAX_PAYLOAD_BYTES, OutcomeRecord, RunRecord, SubmitRecord, decode, encode, parse_step_extras,
+    user_headers, validate_headers, validate_name,
 };
 use crate::runner::StepRunner;
+use crate::sync::lock;
 
 /// What to run: the input of a new run and how its steps are queued.
 ///
@@ -355,12 +354,6 @@ pub(crate) struct InFlight {
 pub(crate) enum Phase {
     Running { cancel_requested: bool },
     Settling,
-}
-
-/// Lock a mutex whose data stays consistent even if a holder panicked (all
-/// critical sections here are single assignments or map operations).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {

@@ -1,0 +1,53 @@
+//! Delivering hook notifications: one job on `{queue}-hooks` per ended run.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use taquba::Claim;
+use tracing::Instrument;
+
+use crate::hook::{RunOutcome, TerminalHook};
+use crate::record::decode;
+use crate::runner::StepError;
+use crate::runtime::Inner;
+
+/// Deliver one hook notification job.
+pub(super) async fn deliver_hook<R, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim) {
+    let queue = &inner.queue;
+    let outcome: RunOutcome = match decode(claim.id.as_bytes(), &claim.payload) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::warn!(job_id = %claim.id, "dead-lettering undecodable hook notification: {e}");
+            let _ = queue.dead_letter(&claim, &e.to_string()).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("hook", run_id = %outcome.run_id, attempt = claim.attempts);
+    async {
+        // The terminal commit that enqueued this may still wait for its flush.
+        inner.pending.settled(&outcome.run_id).await;
+        let delivered = AssertUnwindSafe(inner.hook.on_termination(&outcome))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(StepError::transient("the hook panicked")));
+        // Counted for the store watchdog.
+        let _pending = inner.pending.begin(&outcome.run_id);
+        let settled = match delivered {
+            Ok(()) => queue.ack(&claim).await,
+            Err(e) if e.is_permanent() => {
+                tracing::warn!("hook gave up: {}", e.message);
+                queue.dead_letter(&claim, &e.message).await
+            }
+            Err(e) => {
+                tracing::info!("hook failed, retrying: {}", e.message);
+                queue.nack(&claim, &e.message).await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!("settling the hook notification failed: {e}");
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,388 @@
+//! One step's path from claim to verdict: admit, register, gate, run, decide.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use taquba::Claim;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::settle::settle;
+use crate::breaker::Gate;
+use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
+use crate::record::{
+    self, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, decode, parse_step_extras,
+    parse_step_headers, user_headers,
+};
+use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+use crate::runtime::{InFlight, Inner, Phase};
+use crate::sync::lock;
+
+/// How long a parked step waits if nothing releases it (a reset or a
+/// successful probe wakes it at once).
+const PARK_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// What a step's settlement does.
+pub(super) enum Verdict {
+    /// Enqueue the next step (after a delay) and move the run record.
+    Next {
+        payload: Vec<u8>,
+        delay: Option<Duration>,
+    },
+    /// End the run through `ack_with`.
+    End(RunOutcome),
+    /// Move the step to a new job that runs at `at` (ms, queue clock): a
+    /// retry (the attempt is spent), a breaker deferral or a parking (not
+    /// spent).
+    Again { at: u64, spent: bool, parked: bool },
+    /// Dead-letter the step with this error and end the run.
+    DeadLetter(String, RunOutcome),
+}
+
+/// How a settled attempt counts for its workflow's health.
+pub(super) enum Health {
+    Success,
+    Failure(String),
+    Neutral,
+}
+
+/// Everything about one claimed step job, once its headers checked out.
+pub(super) struct StepJob {
+    pub claim: Claim,
+    pub run_id: String,
+    pub step: u32,
+    pub workflow: String,
+    /// Attempts this step spent on earlier jobs.
+    pub before: u32,
+}
+
+impl StepJob {
+    /// Which attempt of the step this is (1-based).
+    pub(super) fn attempts(&self) -> u32 {
+        self.before.saturating_add(self.claim.attempts)
+    }
+
+    /// How many attempts the step gets in all.
+    pub(super) fn max_attempts(&self) -> u32 {
+        self.before.saturating_add(self.claim.max_attempts)
+    }
+
+    pub(super) fn outcome(
+        &self,
+        status: TerminalStatus,
+        result: Option<Vec<u8>>,
+        error: Option<String>,
+    ) -> RunOutcome {
+        RunOutcome {
+            run_id: self.run_id.clone(),
+            workflow: self.workflow.clone(),
+            status,
+            result,
+            error: error.map(record::bounded_reason),
+            headers: user_headers(&self.claim.headers),
+            final_step: self.step,
+        }
+    }
+
+    pub(super) fn failed(&self, why: &str) -> RunOutcome {
+        self.outcome(
+            TerminalStatus::Failed,
+            None,
+            Some(format!("step {}: {why}", self.step)),
+        )
+    }
+}
+
+/// Run one claimed step job to its settlement.
+pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
+    inner: Arc<Inner<R, H>>,
+    claim: Claim,
+) {
+    let Some(job) = admit(&inner, claim).await else {
+        return;
+    };
+    let span = tracing::info_span!(
+        "step",
+        run_id = %job.run_id,
+        step = job.step,
+        attempt = job.attempts(),
+        workflow = %job.workflow,
+    );
+    async {
+        let entry = Arc::new(InFlight {
+            phase: std::sync::Mutex::new(Phase::Running {
+                cancel_requested: false,
+            }),
+            token: CancellationToken::new(),
+            settled: watch::Sender::new(false),
+        });
+        lock(&inner.inflight).insert(job.claim.id.clone(), entry.clone());
+        let mut probe = false;
+        let (verdict, health) = if job.claim.cancel_token().is_cancelled() {
+            // A token that fired before we registered is a cancel accepted
+            // earlier (stored on the job, or requested between claim and
+            // now): the step is not run.
+            *lock(&entry.phase) = Phase::Settling;
+            (
+                Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
+                Health::Neutral,
+            )
+        } else {
+            let now = inner.now_ms();
+            let gate = inner
+                .breakers
+                .gate(&inner.queue, &job.workflow, now)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("reading the workflow's health failed, running the step: {e}");
+                    Gate::Run
+                });
+            let held = match gate {
+                Gate::Run => None,
+                Gate::Probe => {
+                    probe = true;
+                    tracing::info!("running the step as the breaker's probe");
+                    None
+                }
+                Gate::Defer(until) => Some(Verdict::Again {
+                    at: until,
+                    spent: false,
+                    parked: false,
+                }),
+                Gate::Park => Some(Verdict::Again {
+                    at: now.saturating_add(PARK_MS),
+                    spent: false,
+                    parked: true,
+                }),
+            };
+            // The runner's result, or the settlement the breaker chose
+            // instead of running the step.
+            let ran = match held {
+                None => Ok(run_with_lease(&inner, &job, &entry).await),
+                Some(held) => Err(held),
+            };
+            let cancelled = {
+                let mut phase = lock(&entry.phase);
+                let cancelled = matches!(
+                    *phase,
+                    Phase::Running {
+                        cancel_requested: true
+                    }
+                );
+                *phase = Phase::Settling;
+                cancelled
+            };
+            match ran {
+                Ok(ran) => decide(&inner, &job, ran, cancelled),
+                Err(_) if cancelled => (
+                    Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
+                    Health::Neutral,
+                ),
+                Err(held) => (held, Health::Neutral),
+            }
+        };
+        settle(&inner, &job, verdict, health).await;
+        if probe {
+            inner.breakers.probe_done(&job.workflow);
+        }
+        lock(&inner.inflight).remove(&job.claim.id);
+        entry.settled.send_replace(true);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Check a claimed job is a live step of a run; dead-letter it otherwise.
+async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
+    let parsed = parse_step_headers(&claim.headers)
+        .map(|(run_id, step)| (run_id.to_string(), step))
+        .and_then(|(run_id, step)| {
+            parse_step_extras(&claim.headers).map(|(wf, before)| (run_id, step, wf, before))
+        });
+    let (run_id, step, workflow, before) = match parsed {
+        Ok(parsed) => parsed,
+        Err(why) => {
+            reject(inner, &claim, &why).await;
+            return None;
+        }
+    };
+    // The commit that enqueued this job may still wait for its flush.
+    inner.pending.settled(&run_id).await;
+    if inner.pending.take_own(&claim.id) {
+        // This process's own commit enqueued it and pointed the run at it.
+        return Some(StepJob {
+            claim,
+            run_id,
+            step,
+            workflow,
+            before,
+        });
+    }
+    let run_key = inner.keys.run(&run_id);
+    let run = match inner.queue.view().kv_get(&run_key).await {
+        Ok(Some(bytes)) => match decode::<RunRecord>(&run_key, &bytes) {
+            Ok(run) => run,
+            Err(e) => {
+                reject(inner, &claim, &e.to_string()).await;
+                return None;
+            }
+        },
+        Ok(None) => {
+            reject(
+                inner,
+                &claim,
+                &format!("run `{run_id}` has no live record (the job is stale or foreign)"),
+            )
+            .await;
+            return None;
+        }
+        Err(e) => {
+            // The store failed: leave the claim; its lease expiry retries it.
+            tracing::warn!(job_id = %claim.id, "reading run `{run_id}` failed: {e}");
+            return None;
+        }
+    };
+    if run.job_id != claim.id || run.step != step {
+        let why = format!(
+            "stale step job: run `{run_id}` is at step {} (job {}), this job says step {step}",
+            run.step, run.job_id
+        );
+        reject(inner, &claim, &why).await;
+        return None;
+    }
+    Some(StepJob {
+        claim,
+        run_id,
+        step,
+        workflow,
+        before,
+    })
+}
+
+/// Dead-letter a job that is not a valid step, with the reason as its error.
+async fn reject<R, H>(inner: &Inner<R, H>, claim: &Claim, why: &str) {
+    tracing::warn!(job_id = %claim.id, queue = %inner.cfg.queue_name, "dead-lettering invalid step job: {why}");
+    if let Err(e) = inner.queue.dead_letter(claim, why).await {
+        tracing::warn!(job_id = %claim.id, "dead-lettering failed: {e}");
+    }
+}
+
+/// Call the runner, keeping the job's lease alive meanwhile. A panic is a
+/// transient error.
+async fn run_with_lease<R: StepRunner, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    entry: &InFlight,
+) -> Result<StepOutcome, StepError> {
+    let claim = &job.claim;
+    let step = Step {
+        run_id: job.run_id.clone(),
+        workflow: job.workflow.clone(),
+        step_number: job.step,
+        payload: claim.payload.clone(),
+        headers: user_headers(&claim.headers),
+        job_id: claim.id.clone(),
+        attempts: job.attempts(),
+        max_attempts: job.max_attempts(),
+        cancel_token: entry.token.clone(),
+    };
+    let lease = inner.queue.queue_config(&claim.queue).lease_duration;
+    let mut running = std::pin::pin!(AssertUnwindSafe(inner.runner.run_step(&step)).catch_unwind());
+    let mut renew = tokio::time::interval(lease / 3);
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            ran = &mut running => {
+                return ran.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string panic".into());
+                    Err(StepError::transient(format!("step panicked: {what}")))
+                });
+            }
+            _ = renew.tick() => {
+                // Renewal is in memory; it fails once the claim is gone or a
+                // cancel was requested, and then the lease simply runs out.
+                let _ = inner.queue.renew_lease(claim, lease);
+            }
+        }
+    }
+}
+
+/// Turn what the runner returned into a settlement and a health change.
+fn decide<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    ran: Result<StepOutcome, StepError>,
+    cancelled: bool,
+) -> (Verdict, Health) {
+    use TerminalStatus::*;
+    match ran {
+        // A runner's own cancel wins over an external one: it has a reason.
+        Ok(StepOutcome::Cancel { reason }) => (
+            Verdict::End(job.outcome(Cancelled, None, Some(reason))),
+            Health::Neutral,
+        ),
+        _ if cancelled => (
+            Verdict::End(job.outcome(Cancelled, None, None)),
+            Health::Neutral,
+        ),
+        Ok(StepOutcome::Continue { payload }) => next(job, payload, None),
+        Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay)),
+        Ok(StepOutcome::Succeed { result }) if result.len() > MAX_RESULT_BYTES => {
+            let why = format!(
+                "returned a result of {} bytes, over the limit of {MAX_RESULT_BYTES}; store it elsewhere and return a reference",
+                result.len()
+            );
+            (Verdict::End(job.failed(&why)), Health::Failure(why))
+        }
+        Ok(StepOutcome::Succeed { result }) => (
+            Verdict::End(job.outcome(Succeeded, Some(result), None)),
+            Health::Success,
+        ),
+        Ok(StepOutcome::Fail { reason }) => (
+            Verdict::End(job.outcome(Failed, None, Some(reason.clone()))),
+            Health::Failure(reason),
+        ),
+        Err(e) if e.is_permanent() => (
+            Verdict::DeadLetter(e.message.clone(), job.failed(&e.message)),
+            Health::Failure(e.message),
+        ),
+        Err(e) if job.attempts() >= job.max_attempts() => {
+            let why = format!("gave up after {} attempts: {}", job.attempts(), e.message);
+            (
+                Verdict::DeadLetter(e.message.clone(), job.failed(&why)),
+                Health::Failure(e.message),
+            )
+        }
+        Err(e) => {
+            let policy = inner.cfg.retry_policy(&job.workflow);
+            let delay = policy.delay(job.attempts(), crate::policy::draw());
+            tracing::info!(error = %e.message, retry_in = ?delay, "step failed; retrying");
+            (
+                Verdict::Again {
+                    at: inner.now_ms().saturating_add(delay.as_millis() as u64),
+                    spent: true,
+                    parked: false,
+                },
+                Health::Failure(e.message),
+            )
+        }
+    }
+}
+
+fn next(job: &StepJob, payload: Vec<u8>, delay: Option<Duration>) -> (Verdict, Health) {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        let why = format!(
+            "returned a payload of {} bytes, over the limit of {MAX_PAYLOAD_BYTES}",
+            payload.len()
+        );
+        return (Verdict::End(job.failed(&why)), Health::Failure(why));
+    }
+    (Verdict::Next { payload, delay }, Health::Success)
+}
