@@ -147,6 +147,8 @@ fn check(workflow: &str, what: &str, multiplier: f64, jitter: f64) -> Result<(),
 }
 
 /// `min(initial × multiplier^(n-1), max)`, less `jitter × draw` of it.
+/// Saturates: no policy `build()` accepts (say `max: Duration::MAX` meant
+/// as "no cap") and no streak makes it overflow or panic.
 fn grown(
     initial: Duration,
     multiplier: f64,
@@ -163,7 +165,18 @@ fn grown(
         max.as_secs_f64()
     };
     let draw = draw.clamp(0.0, 1.0);
-    Duration::from_secs_f64((full * (1.0 - jitter * draw)).max(0.0))
+    let jitter = jitter.clamp(0.0, 1.0);
+    let secs = (full * (1.0 - jitter * draw)).max(0.0);
+    // `max` as f64 may round up past `max` (Duration::MAX does): cap again.
+    Duration::try_from_secs_f64(secs)
+        .unwrap_or(Duration::MAX)
+        .min(max)
+}
+
+/// `d` in whole milliseconds, saturating at `u64::MAX` (a bare
+/// `as_millis() as u64` wraps a huge delay around to a short one).
+pub(crate) fn saturating_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A uniform draw in `0..1` for jitter.
@@ -195,6 +208,63 @@ mod tests {
                 let d = p.delay(attempt, draw());
                 assert!(d <= full && d >= full.mul_f64(0.5) - Duration::from_nanos(1));
             }
+        }
+    }
+
+    #[test]
+    fn extreme_policies_saturate_instead_of_panicking() {
+        // `Duration::MAX` meant as "no cap", no jitter: the full wait once
+        // the growth passes every bound.
+        let uncapped = BackoffPolicy {
+            max_delay: Duration::MAX,
+            jitter: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(uncapped.delay(1, 0.0), Duration::from_secs(1));
+        for streak in [65, 66, 1_000, u32::MAX] {
+            assert_eq!(
+                uncapped.delay(streak, 0.0),
+                Duration::MAX,
+                "streak {streak}"
+            );
+        }
+        let huge_start = RetryPolicy {
+            initial: Duration::MAX,
+            max_delay: Duration::MAX,
+            multiplier: f64::MAX,
+            jitter: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(huge_start.delay(1, 0.0), Duration::MAX);
+        assert_eq!(huge_start.delay(u32::MAX, 0.5), Duration::MAX);
+        assert_eq!(saturating_ms(Duration::MAX), u64::MAX);
+        assert_eq!(saturating_ms(Duration::from_millis(7)), 7);
+    }
+
+    proptest::proptest! {
+        /// Whatever policy `build()` accepts and whatever the streak, the
+        /// delay is computed (no panic) and lies within `0..=max_delay`.
+        #[test]
+        fn every_accepted_policy_gives_a_bounded_delay(
+            initial_s in proptest::prop_oneof![proptest::num::u64::ANY, 0u64..100],
+            initial_ns in 0u32..1_000_000_000,
+            max_s in proptest::prop_oneof![proptest::num::u64::ANY, 0u64..100],
+            multiplier in proptest::prop_oneof![1.0f64..1e6, proptest::num::f64::POSITIVE],
+            jitter in 0.0f64..=1.0,
+            n in proptest::num::u32::ANY,
+            draw in proptest::prop_oneof![0.0f64..1.0, proptest::num::f64::ANY],
+        ) {
+            let policy = BackoffPolicy {
+                initial: Duration::new(initial_s, initial_ns),
+                multiplier: multiplier.max(1.0),
+                max_delay: Duration::new(max_s, 999_999_999),
+                jitter,
+                ..Default::default()
+            };
+            proptest::prop_assume!(policy.validate("w").is_ok());
+            let d = policy.delay(n, draw);
+            proptest::prop_assert!(d <= policy.max_delay);
+            let _ = saturating_ms(d);
         }
     }
 
