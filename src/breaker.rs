@@ -9,28 +9,52 @@
 //!
 //! Durable state, in the runtime's KV space:
 //! - `wm/Q/wf/{workflow}`: the [`HealthRecord`] — breaker status, streak,
-//!   last error, run counts folded so far. Written in the transaction of the
-//!   step settlement that changed it; one writer at a time per workflow (an
-//!   async lock held across that commit), so it never disagrees with the
+//!   last error (bounded to [`MAX_HEALTH_ERROR_BYTES`]), run counts folded
+//!   so far. Written in the transaction of the step settlement that changed
+//!   it, by a reset, or by a tally fold; each holds the workflow's lock
+//!   exclusively across its commit, so the record never disagrees with the
 //!   settled steps and concurrent runs of other workflows never contend.
 //! - `wm/Q/tally/{workflow}/{run_id}`: one entry per ended run, written with
 //!   its terminal commit (a key of its own, so runs never contend), folded
-//!   into the health record's counts by the pool's maintenance tick.
+//!   into the health record's counts in bounded batches
+//!   ([`Breakers::fold_tallies`]).
 //! - `wm/Q/park/{workflow}/{job_id}`: the parked step jobs of a tripped
-//!   workflow, written with the settlement that parks each.
+//!   workflow, written with the settlement that parks each. A parking
+//!   settlement holds the workflow's lock *shared* across its commit and
+//!   parks only if the record under the lock is still tripped
+//!   ([`Breakers::stage_park`]); whatever closes the breaker holds it
+//!   exclusively and scans this index after its commit, so no park slips
+//!   past a close. A close whose release was cut short (a crash, a dropped
+//!   future) is finished by [`Breakers::tend`] on the next maintenance tick
+//!   and by [`Breakers::start`] when a pool starts: no parked step of a
+//!   workflow that is not tripped survives either.
+//!
+//! The half-open probe is tied to a job: the job woken to be the probe, then
+//! the job running as it. The slot is freed when that job settles, runs as
+//! an ordinary step, parks again, or is gone (cancelled, dead), so a probe
+//! is always woken again while the workflow stays tripped.
+//!
+//! Health reads ([`Breakers::health_of`]) read the record and the
+//! workflow's own unfolded tallies (never the whole tally index) and retry,
+//! under the lock, if a fold committed in between: counts never go
+//! backwards while runs end. A record this build cannot read is logged and
+//! skipped at start and in the list of all workflows.
+//!
+//! The observer ([`BreakerEvent`]) is user code: it is called last, after
+//! the lock is released, and a panic in it is caught and logged.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use taquba::{KvOrder, Queue, SettlementEffects};
+use taquba::{JobStatus, KvOrder, Queue, SettlementEffects};
 
 use crate::error::Error;
-use crate::policy::BackoffPolicy;
-use crate::record::{decode, encode};
-
+use crate::policy::{BackoffPolicy, saturating_ms};
+use crate::record::{bounded, decode, encode};
 use crate::sync::lock;
 
 /// A workflow's breaker.
@@ -100,6 +124,16 @@ pub enum BreakerEvent {
 /// The observer callback type.
 pub(crate) type Observer = Arc<dyn Fn(&BreakerEvent) + Send + Sync>;
 
+/// The longest last error a health record keeps, in bytes (the terminal
+/// record keeps up to [`crate::record::MAX_RESULT_BYTES`] of it).
+pub(crate) const MAX_HEALTH_ERROR_BYTES: usize = 4 * 1024;
+
+/// Unfolded tallies folded in one commit.
+const FOLD_BATCH: usize = 512;
+
+/// Parked steps woken at once by a release.
+const WAKE_CONCURRENCY: usize = 32;
+
 /// The durable form of a workflow's health.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct HealthRecord {
@@ -133,21 +167,54 @@ pub(crate) enum Gate {
     Probe,
     /// Do not run it before this time (ms).
     Defer(u64),
-    /// Park it.
+    /// Park it (the settlement re-checks with [`Breakers::stage_park`]).
     Park,
+}
+
+/// The half-open probe of a tripped workflow, by job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Probe {
+    #[default]
+    Idle,
+    /// A parked step is being woken to become the probe.
+    Waking,
+    /// This job was woken to become the probe.
+    Woken(String),
+    /// This job runs as the probe.
+    Running(String),
+}
+
+impl Probe {
+    fn job(&self) -> Option<&str> {
+        match self {
+            Probe::Woken(id) | Probe::Running(id) => Some(id),
+            Probe::Idle | Probe::Waking => None,
+        }
+    }
 }
 
 /// One workflow's in-memory state. The cached record is the durable one
 /// (this process is the store's only writer) once loaded.
 #[derive(Default)]
 struct WorkflowState {
-    /// Held from computing a new health record until its commit lands.
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// Held exclusively from computing a new health record until its commit
+    /// lands (and the cache is updated); held shared by parking settlements.
+    lock: Arc<tokio::sync::RwLock<()>>,
     cached: Mutex<Option<HealthRecord>>,
-    /// A step is running as the half-open probe.
-    probing: AtomicBool,
-    /// A parked step was woken to become the probe.
-    probe_woken: AtomicBool,
+    probe: Mutex<Probe>,
+}
+
+impl WorkflowState {
+    /// Whether nothing refers to this entry and it holds nothing a fresh
+    /// one (reloaded from the store) would not: it can be dropped.
+    fn idle(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1
+            && Arc::strong_count(&self.lock) == 1
+            && *lock(&self.probe) == Probe::Idle
+            && lock(&self.cached)
+                .as_ref()
+                .is_none_or(|r| r.state == Stored::Closed)
+    }
 }
 
 /// The breakers of one runtime.
@@ -158,13 +225,16 @@ pub(crate) struct Breakers {
     health_prefix: Vec<u8>,
     tally_prefix: Vec<u8>,
     park_prefix: Vec<u8>,
+    /// Test hook: awaited once between the two reads of a health read.
+    #[cfg(test)]
+    between_health_reads: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
 }
 
 /// A health update staged for a settlement: hold it across the commit, then
 /// call [`Breakers::committed`].
 pub(crate) struct Staged {
     state: Arc<WorkflowState>,
-    _writer: tokio::sync::OwnedMutexGuard<()>,
+    _writer: tokio::sync::OwnedRwLockWriteGuard<()>,
     workflow: String,
     record: HealthRecord,
     event: Option<BreakerEvent>,
@@ -179,8 +249,26 @@ impl Staged {
     }
 }
 
+/// A parking staged for a settlement: the workflow was tripped under its
+/// lock, which this holds (shared) until dropped after the commit, so no
+/// close can commit and scan the park index in between.
+pub(crate) struct Parking {
+    _shared: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
 pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH + Duration::from_secs(i32::MAX as u64))
+}
+
+/// Whether `e` says a record could not be decoded (as opposed to a store
+/// failure).
+fn unreadable(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::CorruptRecord { .. } | Error::UnsupportedRecordVersion { .. }
+    )
 }
 
 impl Breakers {
@@ -197,6 +285,8 @@ impl Breakers {
             health_prefix: p("wf"),
             tally_prefix: p("tally"),
             park_prefix: p("park"),
+            #[cfg(test)]
+            between_health_reads: Mutex::new(None),
         }
     }
 
@@ -248,7 +338,8 @@ impl Breakers {
             .clone()
     }
 
-    /// The workflow's health record, loaded into the cache on first use.
+    /// The workflow's health record, loaded into the cache on first use (a
+    /// missing record reads as the default: closed, no streak).
     async fn cached(
         &self,
         queue: &Queue,
@@ -258,33 +349,74 @@ impl Breakers {
         if let Some(rec) = lock(&state.cached).clone() {
             return Ok(rec);
         }
-        let key = self.health_key(workflow);
-        let rec = match queue.view().kv_get(&key).await? {
-            Some(bytes) => decode(&key, &bytes)?,
-            None => HealthRecord::default(),
-        };
+        let rec = self.read_record(queue, workflow).await?.unwrap_or_default();
         let mut cached = lock(&state.cached);
         Ok(cached.get_or_insert(rec).clone())
     }
 
-    /// Decide whether a claimed step of `workflow` runs now.
+    /// The workflow's durable health record.
+    async fn read_record(
+        &self,
+        queue: &Queue,
+        workflow: &str,
+    ) -> Result<Option<HealthRecord>, Error> {
+        let key = self.health_key(workflow);
+        match queue.view().kv_get(&key).await? {
+            Some(bytes) => Ok(Some(decode(&key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Decide whether claimed step job `job_id` of `workflow` runs now.
     pub(crate) async fn gate(
         &self,
         queue: &Queue,
         workflow: &str,
+        job_id: &str,
         now: u64,
     ) -> Result<Gate, Error> {
         let state = self.state(workflow);
         let rec = self.cached(queue, workflow, &state).await?;
-        Ok(match rec.state {
+        let mut probe = lock(&state.probe);
+        let mine = probe.job() == Some(job_id);
+        let gate = match rec.state {
             Stored::Closed => Gate::Run,
             Stored::Backoff { until } if now < until => Gate::Defer(until),
             Stored::Backoff { .. } => Gate::Run,
             Stored::Tripped {
                 probe_at: Some(at), ..
-            } if now >= at && !state.probing.swap(true, Ordering::SeqCst) => Gate::Probe,
+            } if now >= at => match &*probe {
+                Probe::Running(id) if id != job_id => Gate::Park,
+                // Free, being woken, or woken for this or another job: the
+                // first due step to get here is the probe.
+                _ => {
+                    *probe = Probe::Running(job_id.to_string());
+                    return Ok(Gate::Probe);
+                }
+            },
             Stored::Tripped { .. } => Gate::Park,
-        })
+        };
+        // The job the slot waits for runs as an ordinary step, or parks
+        // again: the slot is free.
+        if mine {
+            *probe = Probe::Idle;
+        }
+        Ok(gate)
+    }
+
+    /// Stage the parking of a step the gate chose to park, for its
+    /// settlement: `Some` (hold it across the commit) when the workflow is
+    /// still tripped under its lock, `None` when it no longer is (a reset or
+    /// a probe closed it since): then the step is not parked but runs.
+    pub(crate) async fn stage_park(
+        &self,
+        queue: &Queue,
+        workflow: &str,
+    ) -> Result<Option<Parking>, Error> {
+        let state = self.state(workflow);
+        let shared = state.lock.clone().read_owned().await;
+        let rec = self.cached(queue, workflow, &state).await?;
+        Ok(matches!(rec.state, Stored::Tripped { .. }).then_some(Parking { _shared: shared }))
     }
 
     /// Stage the health change of a settled step attempt: `Some(error)` for
@@ -300,12 +432,17 @@ impl Breakers {
     ) -> Result<Option<Staged>, Error> {
         let state = self.state(workflow);
         if failure.is_none() {
-            let rec = self.cached(queue, workflow, &state).await?;
-            if rec.streak == 0 && rec.state == Stored::Closed {
-                return Ok(None);
+            // A success changes nothing on a clean record. Only when no
+            // update is in flight, though: a failure staged concurrently
+            // must not commit a streak after this success skipped its reset.
+            if let Ok(_free) = state.lock.try_write() {
+                let rec = self.cached(queue, workflow, &state).await?;
+                if rec.streak == 0 && rec.state == Stored::Closed {
+                    return Ok(None);
+                }
             }
         }
-        let writer = state.writer.clone().lock_owned().await;
+        let writer = state.lock.clone().write_owned().await;
         let mut rec = self.cached(queue, workflow, &state).await?;
         let was = rec.state.clone();
         let policy = self.policies.get(workflow);
@@ -324,14 +461,15 @@ impl Breakers {
                 }
             }
             Some(error) => {
+                let error = bounded(error.to_string(), MAX_HEALTH_ERROR_BYTES);
                 rec.streak = rec.streak.saturating_add(1);
-                rec.last_error = Some(error.to_string());
+                rec.last_error = Some(error.clone());
                 if let Some(policy) = policy {
                     let trips = policy.streak_limit.is_some_and(|limit| rec.streak >= limit);
                     if trips {
                         let probe_at = policy
                             .probe_after
-                            .map(|d| now.saturating_add(d.as_millis() as u64));
+                            .map(|d| now.saturating_add(saturating_ms(d)));
                         rec.state = Stored::Tripped {
                             since: now,
                             probe_at,
@@ -340,13 +478,13 @@ impl Breakers {
                             event = Some(BreakerEvent::Tripped {
                                 workflow: workflow.to_string(),
                                 streak: rec.streak,
-                                last_error: error.to_string(),
+                                last_error: error,
                             });
                         }
                     } else if !matches!(was, Stored::Tripped { .. }) {
                         let delay = policy.delay(rec.streak, crate::policy::draw());
                         rec.state = Stored::Backoff {
-                            until: now.saturating_add(delay.as_millis() as u64),
+                            until: now.saturating_add(saturating_ms(delay)),
                         };
                     }
                 }
@@ -373,86 +511,111 @@ impl Breakers {
         Ok(effects.kv_put(key.clone(), encode(&key, &staged.record)?))
     }
 
-    /// The settlement carrying `staged` committed: update the cache and tell
-    /// the observer. Dropping a `Staged` without this leaves the cache as the
-    /// store has it.
+    /// The settlement carrying `staged` committed: update the cache, release
+    /// the lock, then tell the observer. Call it after the rest of the
+    /// post-commit work. Dropping a `Staged` without this leaves the cache as
+    /// the store has it.
     pub(crate) fn committed(&self, staged: Staged) {
-        *lock(&staged.state.cached) = Some(staged.record.clone());
-        if let Some(event) = &staged.event {
-            match event {
-                BreakerEvent::Tripped {
-                    workflow,
-                    streak,
-                    last_error,
-                } => {
-                    tracing::warn!(workflow, streak, last_error, "breaker tripped");
-                }
-                BreakerEvent::Closed { workflow } => tracing::info!(workflow, "breaker closed"),
-            }
-            if let Some(observer) = &self.observer {
-                observer(event);
+        let event = self.settle_cache(staged);
+        self.announce(event);
+    }
+
+    /// Update the cache for a committed `staged` and release its lock;
+    /// returns the event to announce.
+    fn settle_cache(&self, staged: Staged) -> Option<BreakerEvent> {
+        let Staged {
+            state,
+            _writer,
+            record,
+            event,
+            ..
+        } = staged;
+        if !matches!(record.state, Stored::Tripped { .. }) {
+            // Closed: whatever the probe slot waited for is moot.
+            *lock(&state.probe) = Probe::Idle;
+        }
+        *lock(&state.cached) = Some(record);
+        event
+    }
+
+    /// Log a breaker change and call the observer, isolated: a panic in it
+    /// is caught and logged.
+    fn announce(&self, event: Option<BreakerEvent>) {
+        let Some(event) = event else {
+            return;
+        };
+        match &event {
+            BreakerEvent::Tripped {
+                workflow,
+                streak,
+                last_error,
+            } => tracing::warn!(workflow, streak, last_error, "breaker tripped"),
+            BreakerEvent::Closed { workflow } => tracing::info!(workflow, "breaker closed"),
+        }
+        if let Some(observer) = &self.observer {
+            let called = std::panic::catch_unwind(AssertUnwindSafe(|| observer(&event)));
+            if called.is_err() {
+                tracing::error!(?event, "the breaker observer panicked; ignoring it");
             }
         }
     }
 
-    /// The probe of a tripped workflow has settled (either way).
-    pub(crate) fn probe_done(&self, workflow: &str) {
+    /// The probe (job `job_id`) of a tripped workflow has settled (either
+    /// way): free the slot.
+    pub(crate) fn probe_done(&self, workflow: &str, job_id: &str) {
         let state = self.state(workflow);
-        state.probing.store(false, Ordering::SeqCst);
-        state.probe_woken.store(false, Ordering::SeqCst);
-    }
-
-    /// Wake one parked step of every tripped workflow whose probe is due, so
-    /// the probe runs without waiting for new work.
-    pub(crate) async fn wake_probes(&self, queue: &Queue, now: u64) -> Result<(), Error> {
-        for workflow in self.due_probes(now) {
-            let state = self.state(&workflow);
-            if state.probe_woken.swap(true, Ordering::SeqCst) {
-                continue;
-            }
-            if self.release_parked(queue, &workflow, true).await? == 0 {
-                state.probe_woken.store(false, Ordering::SeqCst);
-            }
+        let mut probe = lock(&state.probe);
+        if probe.job() == Some(job_id) {
+            *probe = Probe::Idle;
         }
-        Ok(())
     }
 
-    /// Close a workflow's breaker and zero its streak. Returns whether it was
-    /// not closed before.
+    /// Close a workflow's breaker, zero its streak and release its parked
+    /// steps. Returns whether it was open (in backoff or tripped). A
+    /// workflow with nothing to reset (a clean or unknown one) is not
+    /// written.
     pub(crate) async fn reset(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
         let state = self.state(workflow);
-        let writer = state.writer.clone().lock_owned().await;
+        let writer = state.lock.clone().write_owned().await;
         let mut rec = self.cached(queue, workflow, &state).await?;
+        if rec.streak == 0 && rec.state == Stored::Closed {
+            return Ok(false);
+        }
         let was_open = rec.state != Stored::Closed;
+        let was_tripped = matches!(rec.state, Stored::Tripped { .. });
         rec.streak = 0;
         rec.state = Stored::Closed;
         let staged = Staged {
             state,
             _writer: writer,
             workflow: workflow.to_string(),
-            event: was_open.then(|| BreakerEvent::Closed {
+            event: was_tripped.then(|| BreakerEvent::Closed {
                 workflow: workflow.to_string(),
             }),
-            release_parked: was_open,
+            release_parked: was_tripped,
             record: rec,
         };
         queue
             .commit_effects(self.apply(&staged, SettlementEffects::default())?)
             .await?;
-        self.committed(staged);
+        let event = self.settle_cache(staged);
+        if was_tripped {
+            self.release_parked(queue, workflow, false).await?;
+        }
+        self.announce(event);
         Ok(was_open)
     }
 
     /// Wake the parked steps of `workflow` (all of them, or the first one for
-    /// a probe). Returns how many were woken.
-    pub(crate) async fn release_parked(
+    /// a probe), dropping their park entries. Returns the woken job ids.
+    async fn wake_parked(
         &self,
         queue: &Queue,
         workflow: &str,
         only_one: bool,
-    ) -> Result<usize, Error> {
+    ) -> Result<Vec<String>, Error> {
         let prefix = Self::key(&self.park_prefix, workflow, Some(""));
-        let mut woken = 0;
+        let mut woken = Vec::new();
         loop {
             let page = queue
                 .view()
@@ -461,26 +624,157 @@ impl Breakers {
             if page.entries.is_empty() {
                 return Ok(woken);
             }
-            for (key, _) in &page.entries {
+            let wake = |key: Vec<u8>| {
                 let job_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-                let outcome = queue.wake_scheduled(&job_id).await?;
-                queue.kv_delete(key).await?;
-                if outcome == taquba::WakeOutcome::Woken {
-                    woken += 1;
-                    if only_one {
+                async move {
+                    let outcome = queue.wake_scheduled(&job_id).await?;
+                    queue.kv_delete(&key).await?;
+                    Ok::<_, Error>((outcome == taquba::WakeOutcome::Woken).then_some(job_id))
+                }
+            };
+            if only_one {
+                for (key, _) in page.entries {
+                    if let Some(id) = wake(key).await? {
+                        woken.push(id);
                         return Ok(woken);
                     }
                 }
+                continue;
+            }
+            let mut wakes =
+                futures_util::stream::iter(page.entries.into_iter().map(|(k, _)| wake(k)))
+                    .buffer_unordered(WAKE_CONCURRENCY);
+            while let Some(done) = wakes.next().await {
+                woken.extend(done?);
             }
         }
     }
 
-    /// Tripped workflows (in this process's cache) whose probe is due and
-    /// not yet under way.
+    /// Wake all the parked steps of `workflow`. Returns how many were woken.
+    pub(crate) async fn release_parked(
+        &self,
+        queue: &Queue,
+        workflow: &str,
+        only_one: bool,
+    ) -> Result<usize, Error> {
+        Ok(self.wake_parked(queue, workflow, only_one).await?.len())
+    }
+
+    /// A pool starts: drop what an earlier pool in this process left in the
+    /// caches, load every readable health record (so tripped workflows are
+    /// probed after a restart; an unreadable one is logged and skipped), and
+    /// release the parked steps of workflows that are not tripped.
+    pub(crate) async fn start(&self, queue: &Queue) -> Result<(), Error> {
+        let states: Vec<_> = lock(&self.states).values().cloned().collect();
+        for state in states {
+            let _writer = state.lock.write().await;
+            *lock(&state.cached) = None;
+            *lock(&state.probe) = Probe::Idle;
+        }
+        let mut load = Vec::new();
+        self.scan(queue, &self.health_prefix, |name, value| {
+            load.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+            Ok(())
+        })
+        .await?;
+        for (name, bytes) in load {
+            let key = self.health_key(&name);
+            match decode::<HealthRecord>(&key, &bytes) {
+                Ok(rec) => {
+                    let state = self.state(&name);
+                    lock(&state.cached).get_or_insert(rec);
+                }
+                Err(e) => tracing::error!(
+                    workflow = name,
+                    "skipping the workflow's unreadable health record (its breaker is not applied): {e}"
+                ),
+            }
+        }
+        self.release_untripped(queue).await?;
+        Ok(())
+    }
+
+    /// The maintenance tick's breaker work: release the parked steps of
+    /// every workflow that is not tripped (finishing a close whose release
+    /// was cut short), wake one parked step of every tripped workflow whose
+    /// probe is due, and drop idle cache entries.
+    pub(crate) async fn tend(&self, queue: &Queue, now: u64) -> Result<(), Error> {
+        self.release_untripped(queue).await?;
+        self.wake_probes(queue, now).await?;
+        lock(&self.states).retain(|_, state| !state.idle());
+        Ok(())
+    }
+
+    /// Release the parked steps of every workflow with park entries that is
+    /// not tripped. Returns how many steps were woken.
+    async fn release_untripped(&self, queue: &Queue) -> Result<usize, Error> {
+        let mut released = 0;
+        for workflow in self.names_under(queue, &self.park_prefix).await? {
+            let state = self.state(&workflow);
+            let tripped = match self.cached(queue, &workflow, &state).await {
+                Ok(rec) => matches!(rec.state, Stored::Tripped { .. }),
+                // Its steps run as if it were closed.
+                Err(e) if unreadable(&e) => false,
+                Err(e) => return Err(e),
+            };
+            if !tripped {
+                let woken = self.release_parked(queue, &workflow, false).await?;
+                if woken > 0 {
+                    tracing::info!(workflow, woken, "released parked steps of a closed breaker");
+                }
+                released += woken;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Wake one parked step of every tripped workflow whose probe is due and
+    /// not under way, so the probe runs without waiting for new work.
+    async fn wake_probes(&self, queue: &Queue, now: u64) -> Result<(), Error> {
+        for workflow in self.due_probes(now) {
+            let state = self.state(&workflow);
+            let slot = lock(&state.probe).clone();
+            if let Some(job_id) = slot.job() {
+                let alive =
+                    queue.view().job_record(job_id).await?.is_some_and(|j| {
+                        matches!(j.status, JobStatus::Pending | JobStatus::Claimed)
+                    });
+                if alive {
+                    continue;
+                }
+                // The job is gone (cancelled, dead, settled): free the slot,
+                // unless it moved on meanwhile.
+                let mut probe = lock(&state.probe);
+                if *probe != slot {
+                    continue;
+                }
+                *probe = Probe::Idle;
+            }
+            {
+                let mut probe = lock(&state.probe);
+                if *probe != Probe::Idle {
+                    continue;
+                }
+                *probe = Probe::Waking;
+            }
+            let woken = self.wake_parked(queue, &workflow, true).await;
+            let mut probe = lock(&state.probe);
+            if *probe == Probe::Waking {
+                *probe = match woken.as_ref().ok().and_then(|w| w.first()) {
+                    Some(id) => Probe::Woken(id.clone()),
+                    None => Probe::Idle,
+                };
+            }
+            drop(probe);
+            woken?;
+        }
+        Ok(())
+    }
+
+    /// Tripped workflows (in this process's cache) whose probe is due.
     fn due_probes(&self, now: u64) -> Vec<String> {
         lock(&self.states)
             .iter()
-            .filter(|(_, s)| !s.probing.load(Ordering::SeqCst))
             .filter(|(_, s)| {
                 matches!(
                     lock(&s.cached).as_ref().map(|r| &r.state),
@@ -491,53 +785,43 @@ impl Breakers {
             .collect()
     }
 
-    /// Load the health of every workflow that has a record, so tripped ones
-    /// are probed after a restart.
-    pub(crate) async fn load_all(&self, queue: &Queue) -> Result<(), Error> {
-        for (name, _) in self.read_records(queue).await? {
-            let state = self.state(&name);
-            self.cached(queue, &name, &state).await?;
-        }
-        Ok(())
-    }
-
-    async fn read_records(&self, queue: &Queue) -> Result<BTreeMap<String, HealthRecord>, Error> {
-        let mut out = BTreeMap::new();
-        self.scan(queue, &self.health_prefix, |key, value| {
-            let name = String::from_utf8_lossy(key).into_owned();
-            let rec: HealthRecord = decode(key, value)?;
-            out.insert(name, rec);
-            Ok(())
-        })
-        .await?;
-        Ok(out)
-    }
-
-    /// Unfolded tallies by workflow: (succeeded, failed, keys).
-    async fn read_tallies(
-        &self,
-        queue: &Queue,
-    ) -> Result<BTreeMap<String, (u64, u64, Vec<Vec<u8>>)>, Error> {
-        let mut out: BTreeMap<String, (u64, u64, Vec<Vec<u8>>)> = BTreeMap::new();
-        let prefix = self.tally_prefix.clone();
-        self.scan(queue, &prefix, |rest, value| {
-            let rest = String::from_utf8_lossy(rest);
-            let Some((workflow, _run)) = rest.split_once('/') else {
-                return Ok(());
+    /// The distinct workflow names of the keys `{prefix}{workflow}/…`, one
+    /// one-key scan per name (not per key).
+    async fn names_under(&self, queue: &Queue, prefix: &[u8]) -> Result<Vec<String>, Error> {
+        let mut names = Vec::new();
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            let page = match &from {
+                None => {
+                    queue
+                        .view()
+                        .kv_scan(prefix, .., KvOrder::Ascending, 1)
+                        .await?
+                }
+                Some(from) => {
+                    queue
+                        .view()
+                        .kv_scan(prefix, from.as_slice().., KvOrder::Ascending, 1)
+                        .await?
+                }
             };
-            let entry = out.entry(workflow.to_string()).or_default();
-            if value.first() == Some(&1) {
-                entry.0 += 1;
-            } else {
-                entry.1 += 1;
+            let Some((key, _)) = page.entries.into_iter().next() else {
+                return Ok(names);
+            };
+            let rest = &key[prefix.len()..];
+            let mut next = key.clone();
+            match rest.iter().position(|b| *b == b'/') {
+                Some(slash) => {
+                    names.push(String::from_utf8_lossy(&rest[..slash]).into_owned());
+                    // Past every key of this name: `/` + 1 is `0`.
+                    next.truncate(prefix.len() + slash);
+                    next.push(b'/' + 1);
+                }
+                // Not a key of this layout: step over it.
+                None => next.push(0),
             }
-            let mut full = prefix.clone();
-            full.extend_from_slice(rest.as_bytes());
-            entry.2.push(full);
-            Ok(())
-        })
-        .await?;
-        Ok(out)
+            from = Some(next);
+        }
     }
 
     /// Call `f(key without prefix, value)` for every entry under `prefix`.
@@ -577,76 +861,200 @@ impl Breakers {
         }
     }
 
-    /// Fold tally entries into the health records' counts (one commit per
-    /// workflow that has any).
-    pub(crate) async fn fold_tallies(&self, queue: &Queue) -> Result<(), Error> {
-        for (workflow, (ok, failed, keys)) in self.read_tallies(queue).await? {
-            let state = self.state(&workflow);
-            let _writer = state.writer.lock().await;
-            let mut rec = self.cached(queue, &workflow, &state).await?;
-            rec.runs_succeeded += ok;
-            rec.runs_failed += failed;
-            let key = self.health_key(&workflow);
-            let effects = SettlementEffects::default()
-                .kv_put(key.clone(), encode(&key, &rec)?)
-                .kv_deletes(keys);
-            queue.commit_effects(effects).await?;
-            *lock(&state.cached) = Some(rec);
+    /// Fold up to `max` unfolded tallies into the health records' counts, in
+    /// batches of at most [`FOLD_BATCH`] (one commit each, under the
+    /// workflow's lock), workflow by workflow in turn. Returns how many were
+    /// folded; less than `max` means none are left (but those of workflows
+    /// whose record is unreadable, which are logged and left). Cheap to call
+    /// often: finding the workflows with tallies costs one scan step each.
+    pub(crate) async fn fold_tallies(&self, queue: &Queue, max: usize) -> Result<usize, Error> {
+        let mut folded = 0;
+        let mut skip = std::collections::HashSet::new();
+        while folded < max {
+            let mut progressed = false;
+            for workflow in self.names_under(queue, &self.tally_prefix).await? {
+                if folded >= max {
+                    break;
+                }
+                if skip.contains(&workflow) {
+                    continue;
+                }
+                let batch = (max - folded).min(FOLD_BATCH);
+                match self.fold_batch(queue, &workflow, batch).await {
+                    Ok(n) => {
+                        folded += n;
+                        progressed |= n > 0;
+                    }
+                    Err(e) if unreadable(&e) => {
+                        tracing::error!(
+                            workflow,
+                            "not folding run tallies into an unreadable health record: {e}"
+                        );
+                        skip.insert(workflow);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !progressed {
+                break;
+            }
         }
-        Ok(())
+        Ok(folded)
     }
 
-    /// Whether `workflow`'s breaker is tripped, from its durable record.
-    pub(crate) async fn is_tripped(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
-        let key = self.health_key(workflow);
-        Ok(match queue.view().kv_get(&key).await? {
-            Some(bytes) => matches!(
-                decode::<HealthRecord>(&key, &bytes)?.state,
-                Stored::Tripped { .. }
-            ),
-            None => false,
-        })
-    }
-
-    /// Every workflow's health, from durable state.
-    pub(crate) async fn health(
+    /// Fold up to `limit` of `workflow`'s tallies in one commit.
+    async fn fold_batch(
         &self,
         queue: &Queue,
-        only: Option<&str>,
-    ) -> Result<Vec<WorkflowHealth>, Error> {
-        let mut records = self.read_records(queue).await?;
-        let tallies = self.read_tallies(queue).await?;
-        for name in tallies.keys() {
-            records.entry(name.clone()).or_default();
+        workflow: &str,
+        limit: usize,
+    ) -> Result<usize, Error> {
+        let state = self.state(workflow);
+        let _writer = state.lock.write().await;
+        let mut rec = self.cached(queue, workflow, &state).await?;
+        let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
+        let page = queue
+            .view()
+            .kv_scan(&prefix, .., KvOrder::Ascending, limit)
+            .await?;
+        if page.entries.is_empty() {
+            return Ok(0);
         }
-        Ok(records
-            .into_iter()
-            .filter(|(name, _)| only.is_none_or(|o| o == name))
-            .map(|(name, rec)| {
-                let (ok, failed) = tallies.get(&name).map_or((0, 0), |t| (t.0, t.1));
-                let last = rec.last_error.clone().unwrap_or_default();
-                let status = match rec.state {
-                    Stored::Closed => BreakerStatus::Closed,
-                    Stored::Backoff { until } => BreakerStatus::Backoff {
-                        until: ms_to_time(until),
-                        streak: rec.streak,
-                        last_error: last,
-                    },
-                    Stored::Tripped { since, .. } => BreakerStatus::Tripped {
-                        streak: rec.streak,
-                        last_error: last,
-                        since: ms_to_time(since),
-                    },
-                };
-                WorkflowHealth {
-                    name,
-                    status,
-                    failure_streak: rec.streak,
-                    runs_succeeded: rec.runs_succeeded + ok,
-                    runs_failed: rec.runs_failed + failed,
-                    last_error: rec.last_error,
-                }
-            })
-            .collect())
+        let (ok, failed) = count_tallies(&page.entries);
+        rec.runs_succeeded = rec.runs_succeeded.saturating_add(ok);
+        rec.runs_failed = rec.runs_failed.saturating_add(failed);
+        let n = page.entries.len();
+        let key = self.health_key(workflow);
+        let effects = SettlementEffects::default()
+            .kv_put(key.clone(), encode(&key, &rec)?)
+            .kv_deletes(page.entries.into_iter().map(|(k, _)| k).collect());
+        queue.commit_effects(effects).await?;
+        *lock(&state.cached) = Some(rec);
+        Ok(n)
     }
+
+    /// Whether `workflow`'s breaker is tripped, from its durable record (an
+    /// unreadable record is not applied, so it is not).
+    pub(crate) async fn is_tripped(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
+        match self.read_record(queue, workflow).await {
+            Ok(rec) => Ok(rec.is_some_and(|r| matches!(r.state, Stored::Tripped { .. }))),
+            Err(e) if unreadable(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `workflow`'s unfolded tallies: (succeeded, failed).
+    async fn unfolded(&self, queue: &Queue, workflow: &str) -> Result<(u64, u64), Error> {
+        let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
+        let (mut ok, mut failed) = (0u64, 0u64);
+        self.scan(queue, &prefix, |_, value| {
+            if value.first() == Some(&1) {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok((ok, failed))
+    }
+
+    /// One workflow's health, from durable state: `None` when it has no
+    /// record and no unfolded tally. Costs what the workflow has (its record
+    /// and its own unfolded tallies). A fold that commits between the two
+    /// reads is detected (the folded counts moved) and the read is repeated
+    /// under the workflow's lock, which a fold holds exclusively: counts
+    /// read never go backwards while runs end.
+    pub(crate) async fn health_of(
+        &self,
+        queue: &Queue,
+        workflow: &str,
+    ) -> Result<Option<WorkflowHealth>, Error> {
+        let first = self.read_record(queue, workflow).await?;
+        #[cfg(test)]
+        {
+            let hook = lock(&self.between_health_reads).take();
+            if let Some(hook) = hook {
+                hook.await;
+            }
+        }
+        let mut tallies = self.unfolded(queue, workflow).await?;
+        let counts = |r: &Option<HealthRecord>| {
+            r.as_ref()
+                .map_or((0, 0), |r| (r.runs_succeeded, r.runs_failed))
+        };
+        let mut rec = self.read_record(queue, workflow).await?;
+        if counts(&rec) != counts(&first) {
+            let state = self.state(workflow);
+            let _shared = state.lock.read().await;
+            rec = self.read_record(queue, workflow).await?;
+            tallies = self.unfolded(queue, workflow).await?;
+        } else {
+            rec = first;
+        }
+        let (ok, failed) = tallies;
+        if rec.is_none() && ok == 0 && failed == 0 {
+            return Ok(None);
+        }
+        let rec = rec.unwrap_or_default();
+        let last = rec.last_error.clone().unwrap_or_default();
+        let status = match rec.state {
+            Stored::Closed => BreakerStatus::Closed,
+            Stored::Backoff { until } => BreakerStatus::Backoff {
+                until: ms_to_time(until),
+                streak: rec.streak,
+                last_error: last,
+            },
+            Stored::Tripped { since, .. } => BreakerStatus::Tripped {
+                streak: rec.streak,
+                last_error: last,
+                since: ms_to_time(since),
+            },
+        };
+        Ok(Some(WorkflowHealth {
+            name: workflow.to_string(),
+            status,
+            failure_streak: rec.streak,
+            runs_succeeded: rec.runs_succeeded.saturating_add(ok),
+            runs_failed: rec.runs_failed.saturating_add(failed),
+            last_error: rec.last_error,
+        }))
+    }
+
+    /// Every workflow's health (those with a record or an unfolded tally),
+    /// by name. A workflow whose record is unreadable is logged and left
+    /// out; the others are listed.
+    pub(crate) async fn health_all(&self, queue: &Queue) -> Result<Vec<WorkflowHealth>, Error> {
+        let mut names = std::collections::BTreeSet::new();
+        self.scan(queue, &self.health_prefix, |name, _| {
+            names.insert(String::from_utf8_lossy(name).into_owned());
+            Ok(())
+        })
+        .await?;
+        names.extend(self.names_under(queue, &self.tally_prefix).await?);
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            match self.health_of(queue, &name).await {
+                Ok(Some(health)) => out.push(health),
+                Ok(None) => {}
+                Err(e) if unreadable(&e) => {
+                    tracing::error!(
+                        workflow = name,
+                        "leaving out an unreadable health record: {e}"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// (succeeded, failed) of tally entries.
+fn count_tallies<V: AsRef<[u8]>>(entries: &[(Vec<u8>, V)]) -> (u64, u64) {
+    let ok = entries
+        .iter()
+        .filter(|(_, v)| v.as_ref().first() == Some(&1))
+        .count() as u64;
+    (ok, entries.len() as u64 - ok)
 }

@@ -277,14 +277,19 @@ pub(crate) fn user_headers(headers: &HashMap<String, String>) -> HashMap<String,
 
 /// Bound a terminal error message so the terminal record always fits in KV.
 pub(crate) fn bounded_reason(reason: String) -> String {
-    if reason.len() <= MAX_RESULT_BYTES {
-        return reason;
+    bounded(reason, MAX_RESULT_BYTES)
+}
+
+/// Cut `text` to at most `max` bytes (on a char boundary), marking the cut.
+pub(crate) fn bounded(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
     }
-    let mut cut = MAX_RESULT_BYTES;
-    while !reason.is_char_boundary(cut) {
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    format!("{}… (truncated)", &reason[..cut])
+    format!("{}… (truncated)", &text[..cut])
 }
 
 #[cfg(test)]

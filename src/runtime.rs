@@ -553,12 +553,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn reset_workflow(&self, workflow: &str) -> Result<bool, Error> {
         validate_name("workflow name", workflow)?;
         let inner = &self.inner;
-        let was_open = inner.breakers.reset(&inner.queue, workflow).await?;
-        inner
-            .breakers
-            .release_parked(&inner.queue, workflow, false)
-            .await?;
-        Ok(was_open)
+        inner.breakers.reset(&inner.queue, workflow).await
     }
 
     /// One workflow's health, from durable state (right after a restart, and
@@ -567,19 +562,14 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn workflow_health(&self, workflow: &str) -> Result<Option<WorkflowHealth>, Error> {
         validate_name("workflow name", workflow)?;
         let inner = &self.inner;
-        Ok(inner
-            .breakers
-            .health(&inner.queue, Some(workflow))
-            .await?
-            .into_iter()
-            .next())
+        inner.breakers.health_of(&inner.queue, workflow).await
     }
 
     /// The health of every workflow that has had a failed attempt or an
     /// ended run, by name.
     pub async fn workflows(&self) -> Result<Vec<WorkflowHealth>, Error> {
         let inner = &self.inner;
-        inner.breakers.health(&inner.queue, None).await
+        inner.breakers.health_all(&inner.queue).await
     }
 
     /// The terminal record of a run that has ended, kept for

@@ -10,6 +10,9 @@ use crate::runtime::Inner;
 /// Dead-lettered jobs read per page when reconciling at start.
 const DEAD_PAGE: usize = 256;
 
+/// The most run tallies one tick folds into health records.
+const TALLIES_PER_TICK: usize = 10_000;
+
 /// The pool's periodic work, every `poll_interval` until `stop` fires: drop
 /// outcomes past their retention, fold run tallies into health records, and
 /// wake the probes that are due.
@@ -27,15 +30,15 @@ pub(super) async fn maintain<R, H>(
         if let Err(e) = expire_outcomes(inner).await {
             tracing::warn!("retention pass failed (retried next tick): {e}");
         }
-        if let Err(e) = inner.breakers.fold_tallies(&inner.queue).await {
-            tracing::warn!("folding run tallies failed (retried next tick): {e}");
-        }
         if let Err(e) = inner
             .breakers
-            .wake_probes(&inner.queue, inner.now_ms())
+            .fold_tallies(&inner.queue, TALLIES_PER_TICK)
             .await
         {
-            tracing::warn!("waking a breaker probe failed (retried next tick): {e}");
+            tracing::warn!("folding run tallies failed (retried next tick): {e}");
+        }
+        if let Err(e) = inner.breakers.tend(&inner.queue, inner.now_ms()).await {
+            tracing::warn!("breaker upkeep failed (retried next tick): {e}");
         }
     }
 }

@@ -41,7 +41,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let inner = &self.inner;
         maintenance::reconcile_all_dead(inner).await?;
-        inner.breakers.load_all(&inner.queue).await?;
+        inner.breakers.start(&inner.queue).await?;
         let stop = CancellationToken::new();
         let steps = claim_loop(
             inner.queue.clone(),

@@ -42,6 +42,36 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
                 None
             }),
     };
+    // A parking re-checks the breaker under its lock, held across the
+    // commit; if a close came first, the step runs now instead.
+    let (verdict, _parking) = match verdict {
+        Verdict::Again {
+            at,
+            spent,
+            parked: true,
+        } => match inner.breakers.stage_park(queue, &job.workflow).await {
+            Ok(None) => (
+                Verdict::Again {
+                    at: now,
+                    spent,
+                    parked: false,
+                },
+                None,
+            ),
+            parking => {
+                if let Err(e) = &parking {
+                    tracing::warn!("reading the workflow's health failed; parking the step: {e}");
+                }
+                let verdict = Verdict::Again {
+                    at,
+                    spent,
+                    parked: true,
+                };
+                (verdict, parking.ok().flatten())
+            }
+        },
+        verdict => (verdict, None),
+    };
     let (effects, ended, dead) = match verdict {
         Verdict::Next { payload, delay } => {
             (next_step_effects(inner, job, payload, delay), None, None)
@@ -79,26 +109,28 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
                         EnqueueResult::AlreadyEnqueued(_) => None,
                     }));
             }
-            if let Some(staged) = staged {
-                let release = staged.releases_parked();
-                inner.breakers.committed(staged);
-                if release {
-                    let inner = inner.clone();
-                    let workflow = job.workflow.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = inner
-                            .breakers
-                            .release_parked(&inner.queue, &workflow, false)
-                            .await
-                        {
-                            tracing::warn!(workflow, "releasing parked steps failed: {e}");
-                        }
-                    });
-                }
+            if let Some(staged) = &staged
+                && staged.releases_parked()
+            {
+                let inner = inner.clone();
+                let workflow = job.workflow.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = inner
+                        .breakers
+                        .release_parked(&inner.queue, &workflow, false)
+                        .await
+                    {
+                        tracing::warn!(workflow, "releasing parked steps failed: {e}");
+                    }
+                });
             }
             if let Some(outcome) = ended {
                 tracing::info!(status = ?outcome.status, "run ended");
                 inner.notify_terminal(outcome);
+            }
+            // Last: it calls the user's observer.
+            if let Some(staged) = staged {
+                inner.breakers.committed(staged);
             }
         }
         Err(QueueError::ClaimLost) => {

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::settle::settle;
 use crate::breaker::Gate;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
+use crate::policy::saturating_ms;
 use crate::record::{
     self, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, decode, parse_step_extras,
     parse_step_headers, user_headers,
@@ -134,7 +135,7 @@ pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
             let now = inner.now_ms();
             let gate = inner
                 .breakers
-                .gate(&inner.queue, &job.workflow, now)
+                .gate(&inner.queue, &job.workflow, &job.claim.id, now)
                 .await
                 .unwrap_or_else(|e| {
                     tracing::warn!("reading the workflow's health failed, running the step: {e}");
@@ -186,7 +187,7 @@ pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
         };
         settle(&inner, &job, verdict, health).await;
         if probe {
-            inner.breakers.probe_done(&job.workflow);
+            inner.breakers.probe_done(&job.workflow, &job.claim.id);
         }
         lock(&inner.inflight).remove(&job.claim.id);
         entry.settled.send_replace(true);
@@ -366,7 +367,7 @@ fn decide<R, H>(
             tracing::info!(error = %e.message, retry_in = ?delay, "step failed; retrying");
             (
                 Verdict::Again {
-                    at: inner.now_ms().saturating_add(delay.as_millis() as u64),
+                    at: inner.now_ms().saturating_add(saturating_ms(delay)),
                     spent: true,
                     parked: false,
                 },
