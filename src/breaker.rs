@@ -231,7 +231,9 @@ pub(crate) struct Breakers {
 }
 
 /// A health update staged for a settlement: hold it across the commit, then
-/// call [`Breakers::committed`].
+/// call [`Breakers::committed`]. Dropped without that (the commit failed, or
+/// the future carrying it was dropped, maybe after the commit landed), it
+/// clears the cached record, which is then reloaded from the store.
 pub(crate) struct Staged {
     state: Arc<WorkflowState>,
     _writer: tokio::sync::OwnedRwLockWriteGuard<()>,
@@ -239,6 +241,15 @@ pub(crate) struct Staged {
     record: HealthRecord,
     event: Option<BreakerEvent>,
     release_parked: bool,
+    landed: bool,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.landed {
+            *lock(&self.state.cached) = None;
+        }
+    }
 }
 
 impl Staged {
@@ -498,6 +509,7 @@ impl Breakers {
             record: rec,
             event,
             release_parked,
+            landed: false,
         }))
     }
 
@@ -522,20 +534,14 @@ impl Breakers {
 
     /// Update the cache for a committed `staged` and release its lock;
     /// returns the event to announce.
-    fn settle_cache(&self, staged: Staged) -> Option<BreakerEvent> {
-        let Staged {
-            state,
-            _writer,
-            record,
-            event,
-            ..
-        } = staged;
-        if !matches!(record.state, Stored::Tripped { .. }) {
+    fn settle_cache(&self, mut staged: Staged) -> Option<BreakerEvent> {
+        if !matches!(staged.record.state, Stored::Tripped { .. }) {
             // Closed: whatever the probe slot waited for is moot.
-            *lock(&state.probe) = Probe::Idle;
+            *lock(&staged.state.probe) = Probe::Idle;
         }
-        *lock(&state.cached) = Some(record);
-        event
+        *lock(&staged.state.cached) = Some(staged.record.clone());
+        staged.landed = true;
+        staged.event.take()
     }
 
     /// Log a breaker change and call the observer, isolated: a panic in it
@@ -594,6 +600,7 @@ impl Breakers {
             }),
             release_parked: was_tripped,
             record: rec,
+            landed: false,
         };
         queue
             .commit_effects(self.apply(&staged, SettlementEffects::default())?)
@@ -928,6 +935,8 @@ impl Breakers {
         let effects = SettlementEffects::default()
             .kv_put(key.clone(), encode(&key, &rec)?)
             .kv_deletes(page.entries.into_iter().map(|(k, _)| k).collect());
+        // Reloaded from the store if this future is dropped mid-commit.
+        *lock(&state.cached) = None;
         queue.commit_effects(effects).await?;
         *lock(&state.cached) = Some(rec);
         Ok(n)

@@ -1,6 +1,7 @@
 //! Retry backoff with jitter and the per-workflow circuit breaker, driven by
 //! taquba's `MockClock`: time only moves when a test moves it.
 
+mod common;
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -558,4 +559,493 @@ async fn a_waiting_step_of_a_tripped_workflow_reports_parked() {
     env.rt.reset_workflow(WF).await.unwrap();
     let job = env.rt.status("waiting").await.unwrap().unwrap();
     assert_eq!(job.state, RunState::Pending);
+}
+
+// ---- Hardening (issue 9) ----
+
+/// Wait (bounded) for a run's outcome without registering a waiter.
+async fn until_outcome<H: TerminalHook + Clone>(env: &Env<H>, id: &str) -> RunOutcome {
+    for _ in 0..5_000 {
+        if let Some(out) = env.rt.outcome(id).await.unwrap() {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{id} never ended");
+}
+
+/// Wait (bounded) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..5_000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// A breaker that trips at the first failure, never probes.
+fn trips_at_once() -> BackoffPolicy {
+    BackoffPolicy {
+        initial: Duration::ZERO,
+        streak_limit: Some(1),
+        ..Default::default()
+    }
+}
+
+/// Defect 3 (a): a reset that commits and scans the park index while a
+/// parking settlement is on its way (here: stalled offloading the step's
+/// large payload) must not miss it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_racing_a_parking_settlement_does_not_strand_the_step() {
+    use common::{FaultPlan, FaultStore, StoreOp};
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let faulty = FaultStore::new(
+        Arc::new(taquba::object_store::memory::InMemory::new()),
+        1,
+        FaultPlan::default(),
+    );
+    let faults = faulty.faults();
+    let clock = taquba::MockClock::new(T0);
+    let queue = open_queue(faulty, &clock).await;
+    let rt = builder(queue, runner, NoopTerminalHook)
+        .breaker(WF, trips_at_once())
+        // Maintenance ticks would release a stranded step: keep them away.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let pool = |rt: &WorkflowRuntime<FnRunner, NoopTerminalHook>| {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.run(std::future::pending()).await })
+    };
+    let worker = pool(&rt);
+    rt.submit(spec("trip", WF)).await.unwrap();
+    for _ in 0..5_000 {
+        if rt.status("trip").await.unwrap().map(|s| s.state) == Some(RunState::Parked) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    worker.abort();
+    let _ = worker.await;
+    // A step whose payload taquba offloads: its parking settlement writes
+    // the payload object before its transaction, and stalls there.
+    rt.submit(RunSpec {
+        input: vec![7; 300 * 1024],
+        ..spec("big", WF)
+    })
+    .await
+    .unwrap();
+    faults.hold(StoreOp::Put, "payloads");
+    let worker = pool(&rt);
+    until("the parking settlement stalls", || faults.held() >= 1).await;
+    let reset = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.reset_workflow(WF).await }
+    });
+    // Give the reset every chance to finish before the parking commits.
+    for _ in 0..200 {
+        if reset.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    failing.store(false, Ordering::SeqCst);
+    faults.release();
+    assert!(reset.await.unwrap().unwrap());
+    // Once the parking settlement has landed, the step is not parked.
+    let mut state = None;
+    for _ in 0..5_000 {
+        state = rt.status("big").await.unwrap().map(|s| s.state);
+        if state != Some(RunState::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_ne!(
+        state,
+        Some(RunState::Parked),
+        "stranded behind a closed breaker"
+    );
+    for _ in 0..5_000 {
+        if rt.outcome("big").await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        rt.outcome("big").await.unwrap().map(|o| o.status),
+        Some(TerminalStatus::Succeeded)
+    );
+    worker.abort();
+}
+
+/// Defect 3 (b): a reset cut short between closing the breaker and waking
+/// the parked steps leaves them to the next maintenance tick, not forever.
+#[tokio::test]
+async fn a_reset_cut_short_after_its_commit_is_finished_by_maintenance() {
+    use futures_util::FutureExt;
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = switchable(failing.clone());
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(WF, trips_at_once())
+            .poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    for i in 0..3 {
+        env.rt.submit(spec(&format!("c{i}"), WF)).await.unwrap();
+    }
+    for i in 0..3 {
+        env.until_status(&format!("c{i}"), |s| {
+            s.is_some_and(|s| s.state == RunState::Parked)
+        })
+        .await;
+    }
+    failing.store(false, Ordering::SeqCst);
+    // Drive the reset until its close is committed, then drop it.
+    let mut reset = Box::pin(env.rt.reset_workflow(WF));
+    loop {
+        if health(&env, WF).await.status == BreakerStatus::Closed {
+            break;
+        }
+        assert!(
+            (&mut reset).now_or_never().is_none(),
+            "the reset finished before it could be cut short"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(reset);
+    for i in 0..3 {
+        assert_eq!(
+            until_outcome(&env, &format!("c{i}")).await.status,
+            TerminalStatus::Succeeded
+        );
+    }
+    env.stop().await;
+}
+
+/// Defect 3 (c): the step woken to become the probe is cancelled before it
+/// runs; another parked step is woken instead.
+#[tokio::test]
+async fn a_cancelled_probe_candidate_does_not_stop_probing() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let blocker = support::Gate::default();
+    let runner = {
+        let failing = failing.clone();
+        let blocker = blocker.clone();
+        FnRunner::new(move |s: Step| {
+            let failing = failing.clone();
+            let blocker = blocker.clone();
+            async move {
+                if s.workflow == "other" {
+                    blocker.wait().await;
+                } else if failing.load(Ordering::SeqCst) {
+                    return Err(StepError::transient("down"));
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::ZERO,
+                streak_limit: Some(1),
+                probe_after: Some(Duration::from_secs(300)),
+                ..Default::default()
+            },
+        )
+        .max_concurrent_steps(1)
+        .poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    for i in 0..3 {
+        env.rt.submit(spec(&format!("w{i}"), WF)).await.unwrap();
+    }
+    for i in 0..3 {
+        env.until_status(&format!("w{i}"), |s| {
+            s.is_some_and(|s| s.state == RunState::Parked)
+        })
+        .await;
+    }
+    // The only worker slot is taken, so the woken probe candidate waits.
+    env.rt.submit(spec("hold", "other")).await.unwrap();
+    env.until_status("hold", |s| s.is_some_and(|s| s.state == RunState::Running))
+        .await;
+    failing.store(false, Ordering::SeqCst);
+    env.clock.advance(Duration::from_secs(301));
+    let mut woken = None;
+    for _ in 0..5_000 {
+        let page = env
+            .queue()
+            .view()
+            .list_jobs("workflow-steps", taquba::JobStatus::Pending, None, 10)
+            .await
+            .unwrap();
+        if let Some(job) = page.jobs.first() {
+            woken = job.headers.get(HEADER_RUN_ID).cloned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let woken = woken.expect("a parked step is woken as the probe");
+    assert!(env.rt.cancel(&woken).await.unwrap());
+    blocker.open();
+    for i in 0..3 {
+        let id = format!("w{i}");
+        let expected = if id == woken {
+            TerminalStatus::Cancelled
+        } else {
+            TerminalStatus::Succeeded
+        };
+        assert_eq!(until_outcome(&env, &id).await.status, expected, "{id}");
+    }
+    env.stop().await;
+}
+
+/// Defect 5: a transient error whose message is over taquba's KV value cap
+/// is retried; the health record keeps a bounded copy.
+#[tokio::test]
+async fn a_huge_transient_error_message_is_retried() {
+    let runner = FnRunner::new(|s: Step| async move {
+        if s.attempts == 1 {
+            Err(StepError::transient("é".repeat(200 * 1024)))
+        } else {
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.start();
+    env.rt.submit(spec("loud", WF)).await.unwrap();
+    let out = until_outcome(&env, "loud").await;
+    assert_eq!(
+        out.status,
+        TerminalStatus::Succeeded,
+        "{:?}",
+        out.error.map(|e| e.len())
+    );
+    let kept = health(&env, WF).await.last_error.unwrap();
+    assert!(kept.len() < 8 * 1024 && kept.ends_with("(truncated)"));
+    env.stop().await;
+}
+
+/// Defect 8 (a): policies that `build()` accepts with a `Duration::MAX` cap
+/// compute their windows and retries, saturating, instead of panicking.
+#[tokio::test]
+async fn extreme_policies_saturate() {
+    let runner = FnRunner::new(|s: Step| async move {
+        if s.run_id == "fails" {
+            Ok(StepOutcome::Fail {
+                reason: "no".into(),
+            })
+        } else {
+            Err(StepError::transient("later"))
+        }
+    });
+    let forever = Duration::from_secs(u64::MAX);
+    let mut env = Env::configured(runner, NoopTerminalHook, move |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: forever,
+                max_delay: Duration::MAX,
+                jitter: 0.0,
+                streak_limit: None,
+                ..Default::default()
+            },
+        )
+        .retry_policy(
+            "retry",
+            RetryPolicy {
+                initial: forever,
+                max_delay: Duration::MAX,
+                jitter: 0.0,
+                max_attempts: 3,
+                multiplier: 2.0,
+            },
+        )
+    })
+    .await;
+    env.start();
+    env.rt.submit(spec("fails", WF)).await.unwrap();
+    assert_eq!(
+        until_outcome(&env, "fails").await.status,
+        TerminalStatus::Failed
+    );
+    let BreakerStatus::Backoff { until, .. } = health(&env, WF).await.status else {
+        panic!("not in backoff")
+    };
+    let century = 100 * 365 * 24 * 3600 * 1000;
+    assert!(ms(until) > T0 + century, "the window wrapped around");
+    env.rt
+        .submit(RunSpec {
+            max_attempts_per_step: None,
+            ..spec("retries", "retry")
+        })
+        .await
+        .unwrap();
+    env.until_status("retries", |s| {
+        s.is_some_and(|s| s.state == RunState::Scheduled)
+    })
+    .await;
+    let at = env
+        .rt
+        .status("retries")
+        .await
+        .unwrap()
+        .unwrap()
+        .scheduled_for;
+    assert!(ms(at.unwrap()) > T0 + century, "the retry wrapped around");
+    env.stop().await;
+}
+
+/// Defect 8 (b): a panicking observer neither keeps `wait` callers waiting
+/// nor stops a reset from releasing parked steps.
+#[tokio::test]
+async fn a_panicking_observer_is_contained() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let runner = {
+        let failing = failing.clone();
+        FnRunner::new(move |_s: Step| {
+            let failing = failing.clone();
+            async move {
+                if failing.load(Ordering::SeqCst) {
+                    Ok(StepOutcome::Fail {
+                        reason: "bad".into(),
+                    })
+                } else {
+                    Ok(StepOutcome::Succeed { result: vec![] })
+                }
+            }
+        })
+    };
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(WF, trips_at_once())
+            .on_breaker_change(|e| panic!("observer: {e:?}"))
+    })
+    .await;
+    env.start();
+    env.rt.submit(spec("trips", WF)).await.unwrap();
+    let waiter = tokio::spawn({
+        let rt = env.rt.clone();
+        async move { rt.wait("trips").await }
+    });
+    until("the waiter is woken", || waiter.is_finished()).await;
+    assert_eq!(
+        waiter.await.unwrap().unwrap().status,
+        TerminalStatus::Failed
+    );
+    env.rt.submit(spec("parked", WF)).await.unwrap();
+    env.until_status("parked", |s| s.is_some_and(|s| s.state == RunState::Parked))
+        .await;
+    failing.store(false, Ordering::SeqCst);
+    let reset = tokio::spawn({
+        let rt = env.rt.clone();
+        async move { rt.reset_workflow(WF).await }
+    });
+    assert!(reset.await.expect("reset panicked").unwrap());
+    assert_eq!(
+        until_outcome(&env, "parked").await.status,
+        TerminalStatus::Succeeded
+    );
+    env.stop().await;
+}
+
+/// Defect 11: resetting a workflow that has no record writes none.
+#[tokio::test]
+async fn reset_of_an_unknown_workflow_creates_nothing() {
+    let env = Env::new(switchable(Arc::default()), NoopTerminalHook).await;
+    assert!(!env.rt.reset_workflow("nobody").await.unwrap());
+    assert_eq!(env.rt.workflow_health("nobody").await.unwrap(), None);
+    assert!(env.rt.workflows().await.unwrap().is_empty());
+}
+
+/// Item 1 (breaker half): an unreadable health record neither stops the
+/// pool from starting nor hides the other workflows.
+#[tokio::test]
+async fn an_unreadable_health_record_is_skipped() {
+    let runner = FnRunner::new(|_s: Step| async { Ok(StepOutcome::Succeed { result: vec![] }) });
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.queue()
+        .kv_put(b"wm/workflow-steps/wf/broken", b"\xc1 not a record")
+        .await
+        .unwrap();
+    env.start();
+    for (id, wf) in [("g", "good"), ("b", "broken")] {
+        env.rt.submit(spec(id, wf)).await.unwrap();
+        assert_eq!(
+            until_outcome(&env, id).await.status,
+            TerminalStatus::Succeeded
+        );
+    }
+    let names: Vec<String> = env
+        .rt
+        .workflows()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.name)
+        .collect();
+    assert_eq!(names, ["good"]);
+    assert!(matches!(
+        env.rt.workflow_health("broken").await,
+        Err(Error::CorruptRecord { .. })
+    ));
+    assert!(!env.worker.as_ref().unwrap().is_finished());
+    env.stop().await;
+}
+
+/// Also-check: a second `run()` of the same runtime, after the first was
+/// dropped while a probe ran, starts with fresh breaker caches: the probe
+/// is not taken for running forever.
+#[tokio::test]
+async fn a_second_pool_does_not_inherit_a_dead_probe() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let block_next = Arc::new(AtomicBool::new(false));
+    let entered = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let (failing, block_next, entered) = (failing.clone(), block_next.clone(), entered.clone());
+        FnRunner::new(move |_s: Step| {
+            let (failing, block_next, entered) =
+                (failing.clone(), block_next.clone(), entered.clone());
+            async move {
+                if failing.load(Ordering::SeqCst) {
+                    return Err(StepError::transient("down"));
+                }
+                if block_next.swap(false, Ordering::SeqCst) {
+                    entered.store(true, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let mut env = tripped_with_probe(runner).await;
+    failing.store(false, Ordering::SeqCst);
+    block_next.store(true, Ordering::SeqCst);
+    env.clock.advance(Duration::from_secs(301));
+    until("the probe runs", || entered.load(Ordering::SeqCst)).await;
+    // The pool goes away mid-probe (as when `run` returns on a store error).
+    let worker = env.worker.take().unwrap();
+    worker.abort();
+    let _ = worker.await;
+    // Its claim lapses and the queue re-delivers the probe's job.
+    env.clock.advance(Duration::from_secs(600));
+    env.queue().reap_now().await.unwrap();
+    env.start();
+    for i in 0..3 {
+        assert_eq!(
+            until_outcome(&env, &format!("q{i}")).await.status,
+            TerminalStatus::Succeeded
+        );
+    }
+    env.stop().await;
 }
