@@ -1067,3 +1067,168 @@ fn count_tallies<V: AsRef<[u8]>>(entries: &[(Vec<u8>, V)]) -> (u64, u64) {
         .count() as u64;
     (ok, entries.len() as u64 - ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    async fn test_queue() -> Arc<Queue> {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let opts = taquba::OpenOptions {
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap())
+    }
+
+    fn policies(names: &[&str]) -> HashMap<String, BackoffPolicy> {
+        names
+            .iter()
+            .map(|n| {
+                let policy = BackoffPolicy {
+                    streak_limit: Some(1),
+                    ..Default::default()
+                };
+                (n.to_string(), policy)
+            })
+            .collect()
+    }
+
+    /// Write `n` tallies of `workflow` (`ok` of them successes) in one commit.
+    async fn tallies(
+        b: &Breakers,
+        queue: &Queue,
+        workflow: &str,
+        from: usize,
+        n: usize,
+        ok: usize,
+    ) {
+        let mut effects = SettlementEffects::default();
+        for i in from..from + n {
+            let (k, v) = b.tally(workflow, &format!("r{i:06}"), i - from < ok);
+            effects = effects.kv_put(k, v);
+        }
+        queue.commit_effects(effects).await.unwrap();
+    }
+
+    async fn counts(b: &Breakers, queue: &Queue, workflow: &str) -> (u64, u64) {
+        let h = b.health_of(queue, workflow).await.unwrap().unwrap();
+        (h.runs_succeeded, h.runs_failed)
+    }
+
+    /// Defect 12: a fold that commits between the record read and the tally
+    /// read of a health read does not make the counts drop.
+    #[tokio::test]
+    async fn counts_do_not_drop_when_a_fold_lands_between_the_reads() {
+        let queue = test_queue().await;
+        let b = Arc::new(Breakers::new("q", HashMap::new(), None));
+        tallies(&b, &queue, "w", 0, 2, 2).await;
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 2);
+        tallies(&b, &queue, "w", 2, 3, 3).await;
+        assert_eq!(counts(&b, &queue, "w").await, (5, 0));
+        let (reached, at_hook) = tokio::sync::oneshot::channel::<()>();
+        let (go, wait_go) = tokio::sync::oneshot::channel::<()>();
+        *lock(&b.between_health_reads) = Some(
+            async move {
+                let _ = reached.send(());
+                let _ = wait_go.await;
+            }
+            .boxed(),
+        );
+        let read = tokio::spawn({
+            let (b, queue) = (b.clone(), queue.clone());
+            async move { counts(&b, &queue, "w").await }
+        });
+        at_hook.await.unwrap();
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 3);
+        go.send(()).unwrap();
+        assert_eq!(read.await.unwrap(), (5, 0));
+    }
+
+    /// Also-check: a success that settles while a failure's update is in
+    /// flight waits for it and resets the streak it commits.
+    #[tokio::test]
+    async fn a_success_concurrent_with_a_failure_still_resets_the_streak() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        let failure = b
+            .stage(&queue, "w", Some("boom"), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut success = Box::pin(b.stage(&queue, "w", None, 0));
+        assert!(
+            (&mut success).now_or_never().is_none(),
+            "the success must not decide on the record before the failure lands"
+        );
+        let effects = b.apply(&failure, SettlementEffects::default()).unwrap();
+        queue.commit_effects(effects).await.unwrap();
+        b.committed(failure);
+        let success = success
+            .await
+            .unwrap()
+            .expect("the success resets the streak");
+        assert_eq!(success.record.streak, 0);
+    }
+
+    /// Defect 17: folding is bounded per call and per commit, shares the
+    /// calls among workflows, and health counts stay exact throughout.
+    #[tokio::test]
+    async fn tallies_fold_in_bounded_batches() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        tallies(&b, &queue, "a", 0, 1200, 1000).await;
+        tallies(&b, &queue, "b", 0, 3, 3).await;
+        assert_eq!(b.fold_tallies(&queue, 700).await.unwrap(), 700);
+        assert_eq!(counts(&b, &queue, "a").await, (1000, 200));
+        // `b` was not starved by `a`'s backlog: all of it is folded.
+        let b_unfolded = b.unfolded(&queue, "b").await.unwrap();
+        assert_eq!(b_unfolded, (0, 0));
+        assert_eq!(counts(&b, &queue, "b").await, (3, 0));
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 503);
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 0);
+        assert_eq!(counts(&b, &queue, "a").await, (1000, 200));
+        let names = b.names_under(&queue, &b.tally_prefix).await.unwrap();
+        assert!(names.is_empty());
+    }
+
+    /// Also-check: the per-workflow state map drops closed, idle, unlocked
+    /// entries and keeps a tripped one (its probe is woken from it).
+    #[tokio::test]
+    async fn idle_workflow_states_are_pruned() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", policies(&["t"]), None);
+        for i in 0..50 {
+            let name = format!("w{i}");
+            assert_eq!(b.gate(&queue, &name, "j", 0).await.unwrap(), Gate::Run);
+            assert!(b.stage(&queue, &name, None, 0).await.unwrap().is_none());
+        }
+        let trip = b
+            .stage(&queue, "t", Some("down"), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let effects = b.apply(&trip, SettlementEffects::default()).unwrap();
+        queue.commit_effects(effects).await.unwrap();
+        b.committed(trip);
+        assert_eq!(lock(&b.states).len(), 51);
+        b.tend(&queue, 0).await.unwrap();
+        let left: Vec<String> = lock(&b.states).keys().cloned().collect();
+        assert_eq!(left, ["t"]);
+    }
+
+    /// Defect 5: the health record keeps a bounded last error.
+    #[tokio::test]
+    async fn the_last_error_is_bounded() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        let huge = "x".repeat(taquba::MAX_KV_VALUE_SIZE + 1);
+        let staged = b.stage(&queue, "w", Some(&huge), 0).await.unwrap().unwrap();
+        let effects = b.apply(&staged, SettlementEffects::default()).unwrap();
+        queue.commit_effects(effects).await.unwrap();
+        b.committed(staged);
+        let kept = b.health_of(&queue, "w").await.unwrap().unwrap().last_error;
+        assert!(kept.unwrap().len() <= MAX_HEALTH_ERROR_BYTES + 32);
+    }
+}
