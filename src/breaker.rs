@@ -525,8 +525,7 @@ impl Breakers {
 
     /// The settlement carrying `staged` committed: update the cache, release
     /// the lock, then tell the observer. Call it after the rest of the
-    /// post-commit work. Dropping a `Staged` without this leaves the cache as
-    /// the store has it.
+    /// post-commit work.
     pub(crate) fn committed(&self, staged: Staged) {
         let event = self.settle_cache(staged);
         self.announce(event);

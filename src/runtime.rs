@@ -199,7 +199,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
     }
 
     /// Call `observer` once when a workflow's breaker trips and once when it
-    /// closes (after the change has committed). Default: none (the changes
+    /// closes (after the change has committed and its other effects are
+    /// done; a panic in it is caught and logged). Default: none (the changes
     /// are still logged through `tracing`).
     pub fn on_breaker_change(
         mut self,
@@ -549,7 +550,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 
     /// Close `workflow`'s breaker, zero its failure streak and release its
     /// parked steps at once. Returns whether the breaker was open (in
-    /// backoff or tripped).
+    /// backoff or tripped). A workflow with nothing to reset (unknown, or
+    /// closed with no streak) is not written.
     pub async fn reset_workflow(&self, workflow: &str) -> Result<bool, Error> {
         validate_name("workflow name", workflow)?;
         let inner = &self.inner;
@@ -566,7 +568,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 
     /// The health of every workflow that has had a failed attempt or an
-    /// ended run, by name.
+    /// ended run, by name. A workflow whose health record this build cannot
+    /// read is logged and left out.
     pub async fn workflows(&self) -> Result<Vec<WorkflowHealth>, Error> {
         let inner = &self.inner;
         inner.breakers.health_all(&inner.queue).await
