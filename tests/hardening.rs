@@ -392,3 +392,58 @@ async fn a_run_whose_last_attempt_died_reads_as_failed_before_a_pool_runs() {
     env.stop().await;
     gate.open();
 }
+
+/// Also-check: a transient error fetching a claimed job's offloaded payload
+/// is a retry of that job, not a stop of the pool.
+#[tokio::test]
+async fn a_failed_payload_fetch_retries_the_step_and_the_pool_goes_on() {
+    let payloads = FaultStore::new(
+        Arc::new(InMemory::new()),
+        0,
+        FaultPlan {
+            get_fail: 1000,
+            ..FaultPlan::default()
+        },
+    );
+    let faults = payloads.faults();
+    let clock = MockClock::new(T0);
+    let opts = OpenOptions {
+        clock: Arc::new(clock.clone()),
+        flush_interval: Some(Duration::from_millis(1)),
+        default_queue_config: QueueConfig::default().retry_backoff_base(Duration::ZERO),
+        payload_offload_threshold: Some(8),
+        payload_store: Some(payloads as Arc<dyn ObjectStore>),
+        ..OpenOptions::default()
+    };
+    let queue = Arc::new(
+        Queue::open_with_options(Arc::new(InMemory::new()), "wm-test", opts)
+            .await
+            .unwrap(),
+    );
+    let runner =
+        FnRunner::new(|s: Step| async move { Ok(StepOutcome::Succeed { result: s.payload }) });
+    let rt = builder(queue.clone(), runner, NoopTerminalHook)
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    let input = b"an input long enough to be offloaded".to_vec();
+    rt.submit(spec("offloaded", &input)).await.unwrap();
+    wait_until(BOUND, "a payload fetch failed", || {
+        let failed = faults.counts.failed_gets.load(Ordering::SeqCst);
+        async move { failed > 0 }
+    })
+    .await;
+    faults.set_active(false);
+    // The claim whose payload could not be read is redelivered once its
+    // lease ends.
+    clock.advance(Duration::from_secs(31));
+    queue.reap_now().await.unwrap();
+    let out = tokio::time::timeout(BOUND, rt.wait("offloaded"))
+        .await
+        .expect("the step ran again")
+        .unwrap();
+    assert_eq!(out.result, Some(input));
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
