@@ -447,3 +447,94 @@ async fn a_failed_payload_fetch_retries_the_step_and_the_pool_goes_on() {
     stop.notify_one();
     worker.await.unwrap().unwrap();
 }
+
+/// Also-check: the lease is renewed for the whole life of a claim, not only
+/// while the runner runs. Here run `b`'s failed step waits in its settlement
+/// for the workflow's writer lock, which run `a`'s settlement holds while the
+/// store holds its commit, for far longer than the lease.
+#[tokio::test]
+async fn a_step_waiting_to_settle_keeps_its_lease() {
+    let store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+    let faults = store.faults();
+    let clock = MockClock::new(T0);
+    let lease = Duration::from_millis(90);
+    let opts = OpenOptions {
+        clock: Arc::new(clock.clone()),
+        flush_interval: Some(Duration::from_millis(1)),
+        default_queue_config: QueueConfig::default()
+            .retry_backoff_base(Duration::ZERO)
+            .lease_duration(lease),
+        ..OpenOptions::default()
+    };
+    let queue = Arc::new(
+        Queue::open_with_options(store as Arc<dyn ObjectStore>, "wm-test", opts)
+            .await
+            .unwrap(),
+    );
+    let gates = [Gate::default(), Gate::default()];
+    let started = Arc::new(Notify::new());
+    let runner = {
+        let (gates, started) = (gates.clone(), started.clone());
+        FnRunner::new(move |s: Step| {
+            let (gates, started) = (gates.clone(), started.clone());
+            async move {
+                if s.attempts > 1 {
+                    return Ok(StepOutcome::Succeed { result: vec![] });
+                }
+                started.notify_one();
+                gates[usize::from(s.run_id == "b")].wait().await;
+                Err(StepError::transient("boom"))
+            }
+        })
+    };
+    let rt = builder(queue.clone(), runner.clone(), NoopTerminalHook)
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("a", b"")).await.unwrap();
+    started.notified().await;
+    rt.submit(spec("b", b"")).await.unwrap();
+    started.notified().await;
+    let steps = "workflow-steps";
+    let claimed = queue
+        .view()
+        .list_jobs(steps, JobStatus::Claimed, None, 10)
+        .await
+        .unwrap()
+        .jobs;
+    let b = claimed
+        .iter()
+        .find(|j| j.headers.get(HEADER_RUN_ID).map(String::as_str) == Some("b"))
+        .unwrap()
+        .id
+        .clone();
+    // `a` fails and settles holding the writer lock; the store holds its
+    // commit. Then `b` fails and waits for the lock.
+    faults.hold(StoreOp::Put, "wal");
+    gates[0].open();
+    wait_until(BOUND, "a's settlement held by the store", || {
+        let held = faults.held();
+        async move { held > 0 }
+    })
+    .await;
+    gates[1].open();
+    use taquba::Clock;
+    // Far past the lease (and any renewal margin), in steps shorter than it.
+    for round in 0..120 {
+        clock.advance(Duration::from_millis(60));
+        let now = clock.now_ms();
+        wait_until(BOUND, &format!("b's lease renewed (round {round})"), || {
+            let expiry = queue.lease_expiry(steps, &b);
+            async move { expiry.is_some_and(|e| e > now + 60) }
+        })
+        .await;
+    }
+    faults.release();
+    for id in ["a", "b"] {
+        assert_eq!(rt.wait(id).await.unwrap().status, TerminalStatus::Succeeded);
+    }
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+    assert_eq!(runner.calls("b", 0), 2, "one failed attempt, one retry");
+}
