@@ -11,7 +11,10 @@
 //! Every commit that makes a run's next job claimable (submit, a step's
 //! settlement, cancel, reconciliation) holds a [`PendingCommit`] for the run
 //! until the commit returns, and the worker waits for the run's pending
-//! commits before it acts on a claimed step or hook job. Another process
+//! commits before it acts on a claimed step or hook job. The service calls
+//! (`submit`, `status`, `outcome`, `wait`, `cancel`) answer by the same rule:
+//! each read waits, after reading, for the run's commits in flight, so no
+//! answer rests on a commit a crash could still undo. Another process
 //! cannot see the state early (it reads only what is durable), so this
 //! process-local map is enough. Its cost is a map insert and remove per
 //! commit; the waiting itself costs latency only when a claim races a flush.

@@ -2,6 +2,8 @@
 //! status, outcome, wait, cancel). The worker pool is in [`crate::worker`].
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -270,8 +272,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 breakers,
                 keys,
                 expiry,
-                inflight: Mutex::new(HashMap::new()),
-                waiters: Mutex::new(HashMap::new()),
+                inflight: InFlightSteps::default(),
+                waiters: Waiters::default(),
                 pending: PendingCommits::default(),
             }),
         })
@@ -330,12 +332,21 @@ pub(crate) struct Inner<R, H> {
     pub keys: Keys,
     pub breakers: Breakers,
     pub expiry: ExpiryIndex,
-    /// Steps this process is running, by job id.
-    pub inflight: Mutex<HashMap<String, Arc<InFlight>>>,
+    /// Steps this process is running, per claim.
+    pub inflight: InFlightSteps,
     /// Callers of `wait`, by run id.
-    pub waiters: Mutex<HashMap<String, Vec<oneshot::Sender<RunOutcome>>>>,
+    pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).
     pub pending: PendingCommits,
+}
+
+/// The steps this process is running: per job id, one entry per claim. A
+/// step that outlived its lease runs again under a second claim while the
+/// first attempt still runs; each attempt registers and removes only its own
+/// entry, and a cancel reaches all of them.
+#[derive(Default)]
+pub(crate) struct InFlightSteps {
+    jobs: Mutex<HashMap<String, Vec<Arc<InFlight>>>>,
 }
 
 /// A step this process is running, as `cancel` and the worker share it.
@@ -343,18 +354,154 @@ pub(crate) struct InFlight {
     pub phase: Mutex<Phase>,
     /// The token the runner sees.
     pub token: CancellationToken,
-    /// Becomes `true` once the step's settlement has finished (either way).
-    pub settled: watch::Sender<bool>,
+    /// Set once the step's settlement has finished, with how it ended.
+    pub settled: watch::Sender<Option<Settled>>,
+}
+
+/// How an in-flight step's settlement ended, as a waiting `cancel` reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// It committed; `cancelled` when it ended the run on a cancel request.
+    Committed { cancelled: bool },
+    /// Nothing committed (the claim was lost, the store failed, or the
+    /// worker stopped): the step job is where it was.
+    NotCommitted,
 }
 
 /// Where an in-flight step is. The worker moves it to `Settling` under the
-/// lock after reading `cancel_requested`, so a cancel either lands before the
-/// worker decides (and the run ends `Cancelled`) or waits for the settlement
-/// and acts on what it committed.
+/// lock after reading `cancel_requested` (and its claim's token), so a cancel
+/// either lands before the worker decides (and the run ends `Cancelled`) or
+/// waits for the settlement and acts on what it committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     Running { cancel_requested: bool },
     Settling,
+}
+
+/// One claim's entry in [`InFlightSteps`]; dropping it (on every exit path
+/// of the step's task, a dropped task included) removes the entry and wakes
+/// a waiting `cancel`.
+pub(crate) struct Registered<'a> {
+    steps: &'a InFlightSteps,
+    job_id: String,
+    pub entry: Arc<InFlight>,
+}
+
+impl InFlightSteps {
+    /// Register a claim of `job_id` as running.
+    pub(crate) fn register(&self, job_id: &str) -> Registered<'_> {
+        let entry = Arc::new(InFlight {
+            phase: Mutex::new(Phase::Running {
+                cancel_requested: false,
+            }),
+            token: CancellationToken::new(),
+            settled: watch::Sender::new(None),
+        });
+        lock(&self.jobs)
+            .entry(job_id.to_string())
+            .or_default()
+            .push(entry.clone());
+        Registered {
+            steps: self,
+            job_id: job_id.to_string(),
+            entry,
+        }
+    }
+
+    /// The entries of every claim of `job_id` this process runs.
+    fn of(&self, job_id: &str) -> Vec<Arc<InFlight>> {
+        lock(&self.jobs).get(job_id).cloned().unwrap_or_default()
+    }
+
+    /// Whether a cancel of `job_id` was accepted by a running claim.
+    fn cancel_requested(&self, job_id: &str) -> bool {
+        self.of(job_id).iter().any(|e| {
+            matches!(
+                *lock(&e.phase),
+                Phase::Running {
+                    cancel_requested: true
+                }
+            )
+        })
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut jobs = lock(&self.steps.jobs);
+        if let Some(entries) = jobs.get_mut(&self.job_id) {
+            entries.retain(|e| !Arc::ptr_eq(e, &self.entry));
+            if entries.is_empty() {
+                jobs.remove(&self.job_id);
+            }
+        }
+        drop(jobs);
+        self.entry.settled.send_if_modified(|settled| {
+            let unset = settled.is_none();
+            if unset {
+                *settled = Some(Settled::NotCommitted);
+            }
+            unset
+        });
+    }
+}
+
+/// The callers of `wait`, by run id.
+#[derive(Default)]
+pub(crate) struct Waiters {
+    runs: Mutex<HashMap<String, HashMap<u64, oneshot::Sender<RunOutcome>>>>,
+    next: AtomicU64,
+}
+
+/// One `wait` call's registration; dropping it (however the call ends)
+/// removes it.
+struct Waiter<'a> {
+    waiters: &'a Waiters,
+    run_id: String,
+    id: u64,
+}
+
+impl Waiters {
+    fn register(&self, run_id: &str) -> (Waiter<'_>, oneshot::Receiver<RunOutcome>) {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.runs)
+            .entry(run_id.to_string())
+            .or_default()
+            .insert(id, tx);
+        let waiter = Waiter {
+            waiters: self,
+            run_id: run_id.to_string(),
+            id,
+        };
+        (waiter, rx)
+    }
+
+    /// Take the callers waiting on `run_id`.
+    fn take(&self, run_id: &str) -> Vec<oneshot::Sender<RunOutcome>> {
+        lock(&self.runs)
+            .remove(run_id)
+            .map(|w| w.into_values().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many runs have callers waiting.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.runs).len()
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut runs = lock(&self.waiters.runs);
+        if let Some(waiting) = runs.get_mut(&self.run_id) {
+            waiting.remove(&self.id);
+            if waiting.is_empty() {
+                runs.remove(&self.run_id);
+            }
+        }
+    }
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
@@ -480,8 +627,14 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     newly_submitted: true,
                 });
             }
-            // A run with this id exists: same input or not?
-            let Some(bytes) = inner.queue.view().kv_get(&sub_key).await? else {
+            // A run with this id exists: same input or not? (Its submit may
+            // still wait for its flush: the answer waits with it.)
+            let read = inner
+                .durable(&run_id, async {
+                    Ok(inner.queue.view().kv_get(&sub_key).await?)
+                })
+                .await?;
+            let Some(bytes) = read else {
                 // It expired between the compare and this read: try again.
                 continue;
             };
@@ -498,7 +651,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 
     /// The status of a live run, from durable state (right after a restart,
     /// and from a runtime that runs no worker). `None` for unknown and
-    /// terminated runs; see [`Self::outcome`] for those.
+    /// terminated runs (a run whose last attempt the queue gave up on has
+    /// terminated); see [`Self::outcome`] for those.
     pub async fn status(&self, run_id: &str) -> Result<Option<RunStatus>, Error> {
         validate_name("run id", run_id)?;
         let Some((run, job)) = self.inner.current_step(run_id).await? else {
@@ -510,15 +664,15 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
             JobStatus::Scheduled => RunState::Scheduled,
             JobStatus::Claimed => {
-                let requested_here = self.inner.inflight_cancel_requested(&job.id);
+                let requested_here = self.inner.inflight.cancel_requested(&job.id);
                 if job.cancel_requested || requested_here {
                     RunState::Cancelling
                 } else {
                     RunState::Running
                 }
             }
-            // The step was dead-lettered by the queue itself; the worker
-            // pool reconciles it into a `Failed` outcome.
+            // The queue gave up on the step: the run has ended, and
+            // `outcome` reports it (the pool records it when it reconciles).
             JobStatus::Dead | JobStatus::Done => return Ok(None),
         };
         let workflow = job_workflow(&job);
@@ -577,6 +731,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 
     /// The terminal record of a run that has ended, kept for
     /// `terminal_retention`. `None` while the run lives, and for unknown runs.
+    ///
+    /// A run whose current step the queue dead-lettered by itself (its
+    /// process died during the last attempt) has ended `Failed`: that outcome
+    /// is reported before a worker pool records it.
     pub async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
         validate_name("run id", run_id)?;
         self.inner.outcome(run_id).await
@@ -588,11 +746,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn wait(&self, run_id: &str) -> Result<RunOutcome, Error> {
         validate_name("run id", run_id)?;
         let inner = &self.inner;
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.waiters)
-            .entry(run_id.to_string())
-            .or_default()
-            .push(tx);
+        // Unregistered on every way out, a dropped call included.
+        let (_waiter, rx) = inner.waiters.register(run_id);
         if let Some(outcome) = inner.outcome(run_id).await? {
             return Ok(outcome);
         }
@@ -618,12 +773,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn cancel(&self, run_id: &str) -> Result<bool, Error> {
         validate_name("run id", run_id)?;
         let inner = &self.inner;
+        // This call's request was accepted by the queue (stored on a job
+        // that had none): it stays ours across the retries below.
+        let mut accepted = false;
         loop {
             let Some((run, job)) = inner.current_step(run_id).await? else {
                 return Ok(false);
             };
             if job.status == JobStatus::Dead {
-                inner.reconcile_dead(&job).await?;
+                // The queue gave up on the step: the run has ended `Failed`
+                // (see `outcome`); the pool records it.
                 return Ok(false);
             }
             let outcome = RunOutcome {
@@ -650,32 +809,49 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 // The step settled between our read and the cancel.
                 CancelOutcome::NotFound => continue,
                 CancelOutcome::Requested => {
-                    let entry = lock(&inner.inflight).get(&run.job_id).cloned();
-                    let Some(entry) = entry else {
-                        // Claimed but not yet registered by its worker: the
-                        // claim's token has fired and the worker checks it
-                        // before running the step.
-                        return Ok(!job.cancel_requested);
-                    };
-                    let mut settled = {
+                    accepted |= !job.cancel_requested;
+                    // Every claim of the job this process runs hears of it
+                    // (a stale attempt's settlement fails; the live one's
+                    // counts); the queue fired the live claim's token.
+                    let mut settling = Vec::new();
+                    let mut newly = false;
+                    for entry in inner.inflight.of(&run.job_id) {
                         let mut phase = lock(&entry.phase);
                         match *phase {
                             Phase::Running {
-                                cancel_requested: true,
-                            } => return Ok(false),
-                            Phase::Running { .. } => {
+                                cancel_requested: false,
+                            } => {
                                 *phase = Phase::Running {
                                     cancel_requested: true,
                                 };
                                 entry.token.cancel();
-                                tracing::info!(run_id, step = run.step, "cancel requested");
-                                return Ok(true);
+                                newly = true;
                             }
-                            Phase::Settling => entry.settled.subscribe(),
+                            Phase::Running { .. } => {}
+                            Phase::Settling => settling.push(entry.settled.subscribe()),
                         }
-                    };
-                    // The worker had decided already: see what it committed.
-                    let _ = settled.wait_for(|done| *done).await;
+                    }
+                    if settling.is_empty() {
+                        if newly {
+                            tracing::info!(run_id, step = run.step, "cancel requested");
+                        }
+                        // No entry: claimed but not yet registered by its
+                        // worker, which checks the claim's fired token before
+                        // running the step.
+                        return Ok(accepted || newly);
+                    }
+                    // A worker had decided already: see what it committed.
+                    let mut cancelled_by_request = false;
+                    for mut settled in settling {
+                        if let Ok(done) = settled.wait_for(Option::is_some).await
+                            && *done == Some(Settled::Committed { cancelled: true })
+                        {
+                            cancelled_by_request = true;
+                        }
+                    }
+                    if cancelled_by_request {
+                        return Ok(accepted || newly);
+                    }
                 }
             }
         }
@@ -706,21 +882,64 @@ impl<R, H> Inner<R, H> {
         self.queue.clock().now_ms()
     }
 
+    /// Read state that answers a caller about `run_id`. taquba makes a
+    /// commit visible before its WAL flush returns, so what `read` sees may
+    /// rest on a commit of this process that a crash could still undo; every
+    /// such commit holds an entry in `pending` from before it becomes
+    /// visible, so waiting for the run's commits in flight after the read
+    /// makes the answer durable. (A commit returns once durable: SlateDB
+    /// retries a failing flush until it lands or the store closes.) Every
+    /// read behind `submit`, `status`, `outcome`, `wait` and `cancel` goes
+    /// through here; the step path does not (admit waits before it reads).
+    pub(crate) async fn durable<T>(
+        &self,
+        run_id: &str,
+        read: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let value = read.await?;
+        self.pending.settled(run_id).await;
+        Ok(value)
+    }
+
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
         let key = self.keys.run(run_id);
-        match self.queue.view().kv_get(&key).await? {
+        let read = self
+            .durable(run_id, async { Ok(self.queue.view().kv_get(&key).await?) })
+            .await?;
+        match read {
             Some(bytes) => Ok(Some(decode(&key, &bytes)?)),
             None => Ok(None),
         }
     }
 
-    pub(crate) async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
+    /// The run's terminal record.
+    async fn recorded_outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
         let key = self.keys.out(run_id);
-        match self.queue.view().kv_get(&key).await? {
+        let read = self
+            .durable(run_id, async { Ok(self.queue.view().kv_get(&key).await?) })
+            .await?;
+        match read {
             Some(bytes) => Ok(Some(
                 decode::<OutcomeRecord>(&key, &bytes)?.into_outcome(run_id),
             )),
             None => Ok(None),
+        }
+    }
+
+    /// The run's outcome: its terminal record, or, for a run whose current
+    /// step the queue dead-lettered by itself, the outcome reconciling it
+    /// will record (read only: the pool writes it).
+    pub(crate) async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
+        if let Some(outcome) = self.recorded_outcome(run_id).await? {
+            return Ok(Some(outcome));
+        }
+        match self.current_step(run_id).await? {
+            Some((run, job)) if job.status == JobStatus::Dead => {
+                Ok(Some(dead_outcome(run_id, &run, &job)))
+            }
+            Some(_) => Ok(None),
+            // It may have ended between the two reads.
+            None => self.recorded_outcome(run_id).await,
         }
     }
 
@@ -735,7 +954,12 @@ impl<R, H> Inner<R, H> {
             let Some(run) = self.read_run(run_id).await? else {
                 return Ok(None);
             };
-            match self.queue.view().job_record(&run.job_id).await? {
+            let job = self
+                .durable(run_id, async {
+                    Ok(self.queue.view().job_record(&run.job_id).await?)
+                })
+                .await?;
+            match job {
                 Some(job) if job.status != JobStatus::Done => return Ok(Some((run, job))),
                 _ => {
                     if last_missing.as_ref() == Some(&run) {
@@ -752,17 +976,6 @@ impl<R, H> Inner<R, H> {
                 }
             }
         }
-    }
-
-    pub(crate) fn inflight_cancel_requested(&self, job_id: &str) -> bool {
-        lock(&self.inflight).get(job_id).is_some_and(|e| {
-            matches!(
-                *lock(&e.phase),
-                Phase::Running {
-                    cancel_requested: true
-                }
-            )
-        })
     }
 
     /// The effects that end a run: remove its live record, write its outcome
@@ -812,8 +1025,7 @@ impl<R, H> Inner<R, H> {
 
     /// Wake the callers of `wait` on this run.
     pub(crate) fn notify_terminal(&self, outcome: RunOutcome) {
-        let waiting = lock(&self.waiters).remove(&outcome.run_id);
-        for tx in waiting.into_iter().flatten() {
+        for tx in self.waiters.take(&outcome.run_id) {
             let _ = tx.send(outcome.clone());
         }
     }
@@ -834,30 +1046,7 @@ impl<R, H> Inner<R, H> {
         if run.job_id != job.id {
             return Ok(false);
         }
-        let (status, error) = if job.cancel_requested {
-            (TerminalStatus::Cancelled, None)
-        } else {
-            let why = job
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "step dead-lettered by the queue".into());
-            (
-                TerminalStatus::Failed,
-                Some(record::bounded_reason(format!(
-                    "step {} gave up after {} attempts: {why}",
-                    run.step, job.attempts
-                ))),
-            )
-        };
-        let outcome = RunOutcome {
-            run_id: run_id.to_string(),
-            workflow: job_workflow(job),
-            status,
-            result: None,
-            error,
-            headers: user_headers(&job.headers),
-            final_step: run.step,
-        };
+        let outcome = dead_outcome(run_id, &run, job);
         let effects = self.terminal_effects(&outcome)?;
         let applied = {
             let _pending = self.pending.begin(run_id);
@@ -870,5 +1059,92 @@ impl<R, H> Inner<R, H> {
             self.notify_terminal(outcome);
         }
         Ok(applied.is_some())
+    }
+}
+
+/// The outcome of a run whose current step `job` the queue dead-lettered by
+/// itself: `Cancelled` if a cancel was requested, `Failed` otherwise.
+fn dead_outcome(run_id: &str, run: &RunRecord, job: &JobRecord) -> RunOutcome {
+    let (status, error) = if job.cancel_requested {
+        (TerminalStatus::Cancelled, None)
+    } else {
+        let why = job
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "step dead-lettered by the queue".into());
+        (
+            TerminalStatus::Failed,
+            Some(record::bounded_reason(format!(
+                "step {} gave up after {} attempts: {why}",
+                run.step, job.attempts
+            ))),
+        )
+    };
+    RunOutcome {
+        run_id: run_id.to_string(),
+        workflow: job_workflow(job),
+        status,
+        result: None,
+        error,
+        headers: user_headers(&job.headers),
+        final_step: run.step,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hook::NoopTerminalHook;
+    use crate::runner::{Step, StepError, StepOutcome};
+
+    struct Done;
+
+    impl StepRunner for Done {
+        async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    }
+
+    fn spec(id: &str) -> RunSpec {
+        RunSpec {
+            run_id: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Defect 9: `wait` unregisters itself on every way out.
+    #[tokio::test]
+    async fn wait_leaves_no_waiter_behind() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.wait("nobody").await,
+            Err(Error::RunNotFound(_))
+        ));
+        assert_eq!(rt.inner.waiters.len(), 0, "after an unknown run");
+
+        // A run that has ended (cancelled while pending: no pool needed).
+        rt.submit(spec("ended")).await.unwrap();
+        assert!(rt.cancel("ended").await.unwrap());
+        let out = rt.wait("ended").await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Cancelled);
+        assert_eq!(rt.inner.waiters.len(), 0, "after an ended run");
+
+        // A live run's wait, dropped before it ends (no pool runs it).
+        rt.submit(spec("live")).await.unwrap();
+        {
+            let wait = rt.wait("live");
+            tokio::pin!(wait);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), &mut wait)
+                    .await
+                    .is_err()
+            );
+            assert_eq!(rt.inner.waiters.len(), 1, "registered while it waits");
+        }
+        assert_eq!(rt.inner.waiters.len(), 0, "after a dropped wait");
     }
 }

@@ -7,13 +7,20 @@ use futures_util::FutureExt;
 use taquba::Claim;
 use tracing::Instrument;
 
+use super::step::Lease;
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::record::decode;
 use crate::runner::StepError;
 use crate::runtime::Inner;
 
-/// Deliver one hook notification job.
+/// Deliver one hook notification job, its lease renewed (as a step's is)
+/// from the claim to the settlement, however long the hook takes.
 pub(super) async fn deliver_hook<R, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim) {
+    let lease = Lease::of(&inner.queue, &claim);
+    lease.keep(deliver(&inner, claim)).await
+}
+
+async fn deliver<R, H: TerminalHook>(inner: &Inner<R, H>, claim: Claim) {
     let queue = &inner.queue;
     let outcome: RunOutcome = match decode(claim.id.as_bytes(), &claim.payload) {
         Ok(outcome) => outcome,

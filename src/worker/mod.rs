@@ -159,6 +159,17 @@ where
             .await
         {
             Ok(claims) => claims,
+            Err(taquba::Error::PayloadStore(e)) => {
+                // The claims committed but an offloaded payload could not be
+                // read: they stay claimed until their leases end and are
+                // then delivered again. A retry of those jobs, not a stop.
+                tracing::warn!(queue = %queue_name, "fetching claimed payloads failed; the jobs are retried when their leases end: {e}");
+                tokio::select! {
+                    _ = stop.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                continue;
+            }
             Err(e) => {
                 break Err(Error::WorkerStopped(format!(
                     "claiming from `{queue_name}` failed: {e}"

@@ -1,4 +1,11 @@
-//! Committing a step's verdict in the one transaction that settles its job.
+//! Committing a step's settlement.
+//!
+//! The settlement is one value: a [`Settlement`] holds how the step's job
+//! ends, every effect that commits with it, and the work that follows the
+//! commit. Contributors add to it — the verdict (the next step, a retry, or
+//! the run's terminal effects) and the workflow's health — and [`settle`]
+//! commits it in one transaction and runs its aftermath. A feature that must
+//! commit with a step adds a contributor, not a branch in the commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,171 +16,286 @@ use taquba::{
 };
 
 use super::step::{Health, StepJob, Verdict};
-use crate::breaker::ms_to_time;
+use crate::breaker::{Parking, Staged, ms_to_time};
+use crate::policy::saturating_ms;
 use crate::error::Error;
-use crate::hook::TerminalHook;
+use crate::hook::{RunOutcome, TerminalHook};
 use crate::record::{self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_STEP, RunRecord, encode};
 use crate::runner::StepRunner;
 use crate::runtime::Inner;
 
-/// Commit a verdict, and the workflow health change it causes, with the
-/// step's settlement.
+/// One step's settlement, built by contributors and committed by [`settle`].
+struct Settlement {
+    /// How the step's job ends.
+    end: JobEnd,
+    /// Everything that commits with it.
+    effects: SettlementEffects,
+    /// What to do once it has committed.
+    after: Aftermath,
+}
+
+/// How a settlement ends the step's job.
+enum JobEnd {
+    Ack,
+    DeadLetter(String),
+}
+
+/// The work after a settlement's commit, run in this order.
+#[derive(Default)]
+struct Aftermath {
+    /// Remember the step jobs the commit enqueued (admitted without a read).
+    remember_enqueued: bool,
+    /// The committed health change: cache, breaker events, parked steps.
+    health: Option<Staged>,
+    /// A parking's hold on the breaker (no reset can slip between its
+    /// re-check and its commit); released after the commit.
+    parking: Option<Parking>,
+    /// The run ended: wake its `wait` callers.
+    ended: Option<RunOutcome>,
+}
+
+impl Settlement {
+    /// A settlement that moves the run to a new step job.
+    fn moving(effects: SettlementEffects) -> Self {
+        Self {
+            end: JobEnd::Ack,
+            effects,
+            after: Aftermath {
+                remember_enqueued: true,
+                ..Aftermath::default()
+            },
+        }
+    }
+
+    /// A settlement that ends the run with `outcome`.
+    fn ending<R, H>(inner: &Inner<R, H>, end: JobEnd, outcome: RunOutcome) -> Result<Self, Error> {
+        Ok(Self {
+            end,
+            effects: inner.terminal_effects(&outcome)?,
+            after: Aftermath {
+                ended: Some(outcome),
+                ..Aftermath::default()
+            },
+        })
+    }
+}
+
+/// Build the step's settlement from its verdict and health change, commit
+/// it, and run its aftermath. Returns whether it committed.
 pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
     inner: &Arc<Inner<R, H>>,
     job: &StepJob,
     verdict: Verdict,
     health: Health,
-) {
-    let claim = &job.claim;
-    let queue = &inner.queue;
-    let now = inner.now_ms();
-    let failure = match &health {
-        Health::Failure(e) => Some(e.as_str()),
-        _ => None,
-    };
-    let staged = match health {
-        Health::Neutral => None,
-        _ => inner
-            .breakers
-            .stage(queue, &job.workflow, failure, now)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!("reading the workflow's health failed; not updating it: {e}");
-                None
-            }),
-    };
-    // A parking re-checks the breaker under its lock, held across the
-    // commit; if a close came first, the step runs now instead.
-    let (verdict, _parking) = match verdict {
-        Verdict::Again {
-            at,
-            spent,
-            parked: true,
-        } => match inner.breakers.stage_park(queue, &job.workflow).await {
-            Ok(None) => (
-                Verdict::Again {
-                    at: now,
-                    spent,
-                    parked: false,
-                },
-                None,
-            ),
-            parking => {
-                if let Err(e) = &parking {
-                    tracing::warn!("reading the workflow's health failed; parking the step: {e}");
-                }
-                let verdict = Verdict::Again {
-                    at,
-                    spent,
-                    parked: true,
-                };
-                (verdict, parking.ok().flatten())
-            }
-        },
-        verdict => (verdict, None),
-    };
-    let (effects, ended, dead) = match verdict {
-        Verdict::Next { payload, delay } => {
-            (next_step_effects(inner, job, payload, delay), None, None)
+) -> bool {
+    let (verdict, parking) = recheck_parking(inner, job, verdict).await;
+    let built = match from_verdict(inner, job, verdict) {
+        Ok(mut settlement) => {
+            settlement.after.parking = parking;
+            with_health(inner, job, health, settlement).await
         }
-        Verdict::Again { at, spent, parked } => {
-            (again_effects(inner, job, at, spent, parked), None, None)
-        }
-        Verdict::End(outcome) => (inner.terminal_effects(&outcome), Some(outcome), None),
-        Verdict::DeadLetter(why, outcome) => {
-            (inner.terminal_effects(&outcome), Some(outcome), Some(why))
-        }
+        Err(e) => Err(e),
     };
-    let effects = match (effects, &staged) {
-        (Ok(effects), Some(staged)) => inner.breakers.apply(staged, effects),
-        (effects, _) => effects,
-    };
-    let effects = match effects {
-        Ok(effects) => effects,
+    let settlement = match built {
+        Ok(settlement) => settlement,
         Err(e) => return give_up(inner, job, &e.to_string()).await,
     };
-    let settled = {
-        let _pending = inner.pending.begin(&job.run_id);
-        match &dead {
-            Some(why) => queue.dead_letter_with(claim, why, effects).await,
-            None => queue.ack_with(claim, effects).await,
-        }
-    };
-    match settled {
-        Ok(enqueued) => {
-            if ended.is_none() {
-                inner
-                    .pending
-                    .enqueued(enqueued.iter().filter_map(|e| match e {
-                        EnqueueResult::New(id) => Some(id.as_str()),
-                        EnqueueResult::AlreadyEnqueued(_) => None,
-                    }));
-            }
-            if let Some(staged) = &staged
-                && staged.releases_parked()
-            {
-                let inner = inner.clone();
-                let workflow = job.workflow.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = inner
-                        .breakers
-                        .release_parked(&inner.queue, &workflow, false)
-                        .await
-                    {
-                        tracing::warn!(workflow, "releasing parked steps failed: {e}");
-                    }
-                });
-            }
-            if let Some(outcome) = ended {
-                tracing::info!(status = ?outcome.status, "run ended");
-                inner.notify_terminal(outcome);
-            }
-            // Last: it calls the user's observer.
-            if let Some(staged) = staged {
-                inner.breakers.committed(staged);
-            }
-        }
+    match commit(inner, job, settlement).await {
+        Ok(()) => true,
         Err(QueueError::ClaimLost) => {
-            // The lease ran out and the reaper took the job back: a redelivery
-            // settles it, or, if that was its last attempt, it is dead and
-            // the run is reconciled here.
-            tracing::warn!("the step's claim was lost before it settled");
-            if let Ok(Some(dead)) = queue.view().job_record(&claim.id).await
-                && dead.status == JobStatus::Dead
-                && let Err(e) = inner.reconcile_dead(&dead).await
-            {
-                tracing::warn!("reconciling the dead step failed: {e}");
-            }
+            claim_lost(inner, job).await;
+            false
         }
         Err(e) if e.is_permanent() => give_up(inner, job, &e.to_string()).await,
         Err(e) => {
             // The store failed. Nothing committed: the claim stays until its
             // lease ends (or the next open) and the step runs again.
             tracing::warn!("settling the step failed; it will be retried: {e}");
+            false
         }
+    }
+}
+
+/// A parking re-checks the breaker under its lock, held across the commit:
+/// if a close came first, the step runs now instead of parking.
+async fn recheck_parking<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    verdict: Verdict,
+) -> (Verdict, Option<Parking>) {
+    let Verdict::Again {
+        at,
+        spent,
+        parked: true,
+    } = verdict
+    else {
+        return (verdict, None);
+    };
+    match inner.breakers.stage_park(&inner.queue, &job.workflow).await {
+        Ok(None) => (
+            Verdict::Again {
+                at: inner.now_ms(),
+                spent,
+                parked: false,
+            },
+            None,
+        ),
+        parking => {
+            if let Err(e) = &parking {
+                tracing::warn!("reading the workflow's health failed; parking the step: {e}");
+            }
+            let verdict = Verdict::Again {
+                at,
+                spent,
+                parked: true,
+            };
+            (verdict, parking.ok().flatten())
+        }
+    }
+}
+
+/// The verdict's contribution: the step's next job, or the run's end.
+fn from_verdict<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    verdict: Verdict,
+) -> Result<Settlement, Error> {
+    match verdict {
+        Verdict::Next { payload, delay } => Ok(Settlement::moving(next_step_effects(
+            inner, job, payload, delay,
+        )?)),
+        Verdict::Again { at, spent, parked } => Ok(Settlement::moving(again_effects(
+            inner, job, at, spent, parked,
+        )?)),
+        Verdict::End(outcome) => Settlement::ending(inner, JobEnd::Ack, outcome),
+        Verdict::DeadLetter(why, outcome) => {
+            Settlement::ending(inner, JobEnd::DeadLetter(why), outcome)
+        }
+    }
+}
+
+/// The workflow health's contribution: the health record, when the attempt
+/// changes it (its writer lock is held until the aftermath).
+async fn with_health<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    health: Health,
+    mut settlement: Settlement,
+) -> Result<Settlement, Error> {
+    let failure = match &health {
+        Health::Neutral => return Ok(settlement),
+        Health::Success => None,
+        Health::Failure(e) => Some(e.as_str()),
+    };
+    let staged = inner
+        .breakers
+        .stage(&inner.queue, &job.workflow, failure, inner.now_ms())
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!("reading the workflow's health failed; not updating it: {e}");
+            None
+        });
+    if let Some(staged) = staged {
+        settlement.effects = inner.breakers.apply(&staged, settlement.effects)?;
+        settlement.after.health = Some(staged);
+    }
+    Ok(settlement)
+}
+
+/// Commit a settlement in one transaction, then run its aftermath.
+async fn commit<R: StepRunner, H: TerminalHook>(
+    inner: &Arc<Inner<R, H>>,
+    job: &StepJob,
+    settlement: Settlement,
+) -> Result<(), QueueError> {
+    let Settlement {
+        end,
+        effects,
+        after,
+    } = settlement;
+    let queue = &inner.queue;
+    let enqueued = {
+        let _pending = inner.pending.begin(&job.run_id);
+        match &end {
+            JobEnd::Ack => queue.ack_with(&job.claim, effects).await?,
+            JobEnd::DeadLetter(why) => queue.dead_letter_with(&job.claim, why, effects).await?,
+        }
+    };
+    if after.remember_enqueued {
+        inner
+            .pending
+            .enqueued(enqueued.iter().filter_map(|e| match e {
+                EnqueueResult::New(id) => Some(id.as_str()),
+                EnqueueResult::AlreadyEnqueued(_) => None,
+            }));
+    }
+    drop(after.parking);
+    if let Some(staged) = &after.health
+        && staged.releases_parked()
+    {
+        let inner = inner.clone();
+        let workflow = job.workflow.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner
+                .breakers
+                .release_parked(&inner.queue, &workflow, false)
+                .await
+            {
+                tracing::warn!(workflow, "releasing parked steps failed: {e}");
+            }
+        });
+    }
+    if let Some(outcome) = after.ended {
+        tracing::info!(status = ?outcome.status, "run ended");
+        inner.notify_terminal(outcome);
+    }
+    // Last: it calls the user's breaker observer.
+    if let Some(staged) = after.health {
+        inner.breakers.committed(staged);
+    }
+    Ok(())
+}
+
+/// The lease ran out and the reaper took the job back: a redelivery settles
+/// it, or, if that was its last attempt, it is dead and the run is
+/// reconciled here.
+async fn claim_lost<R, H>(inner: &Inner<R, H>, job: &StepJob) {
+    tracing::warn!("the step's claim was lost before it settled");
+    if let Ok(Some(dead)) = inner.queue.view().job_record(&job.claim.id).await
+        && dead.status == JobStatus::Dead
+        && let Err(e) = inner.reconcile_dead(&dead).await
+    {
+        tracing::warn!("reconciling the dead step failed: {e}");
     }
 }
 
 /// The queue refused the settlement for good (its effects cannot be encoded
 /// or stored): fail the run with the reason rather than leave it stuck.
-async fn give_up<R, H>(inner: &Inner<R, H>, job: &StepJob, why: &str) {
+/// Returns whether that committed.
+async fn give_up<R: StepRunner, H: TerminalHook>(
+    inner: &Arc<Inner<R, H>>,
+    job: &StepJob,
+    why: &str,
+) -> bool {
     tracing::error!("cannot commit the step's settlement: {why}");
     let outcome = job.failed(&format!(
         "the runtime could not record the step's result: {why}"
     ));
-    let effects = match inner.terminal_effects(&outcome) {
-        Ok(effects) => effects,
+    let settlement = match Settlement::ending(inner, JobEnd::DeadLetter(why.to_string()), outcome) {
+        Ok(settlement) => settlement,
         Err(e) => {
             tracing::error!("cannot encode the run's outcome either; the step stays claimed: {e}");
-            return;
+            return false;
         }
     };
-    let _pending = inner.pending.begin(&job.run_id);
-    match inner.queue.dead_letter_with(&job.claim, why, effects).await {
-        Ok(_) => inner.notify_terminal(outcome),
-        Err(e) => tracing::error!(
-            "failing the run failed too; the step stays claimed until its lease ends: {e}"
-        ),
+    match commit(inner, job, settlement).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(
+                "failing the run failed too; the step stays claimed until its lease ends: {e}"
+            );
+            false
+        }
     }
 }
 
@@ -187,7 +309,7 @@ fn next_step_effects<R, H>(
     let mut headers = job.claim.headers.clone();
     headers.remove(HEADER_ATTEMPTS_BEFORE);
     headers.remove(HEADER_PARKED);
-    let run_at = delay.map(|d| inner.now_ms().saturating_add(d.as_millis() as u64));
+    let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
     step_job_effects(
         inner,
         job,
@@ -199,7 +321,6 @@ fn next_step_effects<R, H>(
         None,
     )
 }
-
 /// The effects that move a step to a new job of its own (a retry, a breaker
 /// deferral, or a parking).
 fn again_effects<R, H>(

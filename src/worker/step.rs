@@ -1,13 +1,12 @@
 //! One step's path from claim to verdict: admit, register, gate, run, decide.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use taquba::Claim;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use taquba::{Claim, LeaseHandle, Queue};
 use tracing::Instrument;
 
 use super::settle::settle;
@@ -19,7 +18,7 @@ use crate::record::{
     parse_step_headers, user_headers,
 };
 use crate::runner::{Step, StepError, StepOutcome, StepRunner};
-use crate::runtime::{InFlight, Inner, Phase};
+use crate::runtime::{InFlight, Inner, Phase, Settled};
 use crate::sync::lock;
 
 /// How long a parked step waits if nothing releases it (a reset or a
@@ -97,12 +96,18 @@ impl StepJob {
     }
 }
 
-/// Run one claimed step job to its settlement.
+/// Run one claimed step job to its settlement, its lease renewed from the
+/// claim to the end of the settlement.
 pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
     inner: Arc<Inner<R, H>>,
     claim: Claim,
 ) {
-    let Some(job) = admit(&inner, claim).await else {
+    let lease = Lease::of(&inner.queue, &claim);
+    lease.keep(step_job(&inner, claim)).await
+}
+
+async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, claim: Claim) {
+    let Some(job) = admit(inner, claim).await else {
         return;
     };
     let span = tracing::info_span!(
@@ -113,20 +118,18 @@ pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
         workflow = %job.workflow,
     );
     async {
-        let entry = Arc::new(InFlight {
-            phase: std::sync::Mutex::new(Phase::Running {
-                cancel_requested: false,
-            }),
-            token: CancellationToken::new(),
-            settled: watch::Sender::new(false),
-        });
-        lock(&inner.inflight).insert(job.claim.id.clone(), entry.clone());
+        // This claim's own entry, removed however this task ends.
+        let registered = inner.inflight.register(&job.claim.id);
+        let entry = &registered.entry;
         let mut probe = false;
+        // Whether the run ends `Cancelled` because a cancel was requested.
+        let mut by_request = false;
         let (verdict, health) = if job.claim.cancel_token().is_cancelled() {
             // A token that fired before we registered is a cancel accepted
             // earlier (stored on the job, or requested between claim and
             // now): the step is not run.
             *lock(&entry.phase) = Phase::Settling;
+            by_request = true;
             (
                 Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
                 Health::Neutral,
@@ -162,9 +165,11 @@ pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
             // The runner's result, or the settlement the breaker chose
             // instead of running the step.
             let ran = match held {
-                None => Ok(run_with_lease(&inner, &job, &entry).await),
+                None => Ok(run_runner(inner, &job, entry).await),
                 Some(held) => Err(held),
             };
+            // A cancel counts if it reached this entry or fired the claim's
+            // token (the queue fires the live claim's token on a cancel).
             let cancelled = {
                 let mut phase = lock(&entry.phase);
                 let cancelled = matches!(
@@ -172,28 +177,77 @@ pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
                     Phase::Running {
                         cancel_requested: true
                     }
-                );
+                ) || job.claim.cancel_token().is_cancelled();
                 *phase = Phase::Settling;
                 cancelled
             };
             match ran {
-                Ok(ran) => decide(&inner, &job, ran, cancelled),
-                Err(_) if cancelled => (
-                    Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
-                    Health::Neutral,
-                ),
+                Ok(ran) => {
+                    let (verdict, health) = decide(inner, &job, ran, cancelled);
+                    by_request = cancelled
+                        && matches!(&verdict, Verdict::End(o) if o.status == TerminalStatus::Cancelled && o.error.is_none());
+                    (verdict, health)
+                }
+                Err(_) if cancelled => {
+                    by_request = true;
+                    (
+                        Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
+                        Health::Neutral,
+                    )
+                }
                 Err(held) => (held, Health::Neutral),
             }
         };
-        settle(&inner, &job, verdict, health).await;
+        let committed = settle(inner, &job, verdict, health).await;
         if probe {
             inner.breakers.probe_done(&job.workflow, &job.claim.id);
         }
-        lock(&inner.inflight).remove(&job.claim.id);
-        entry.settled.send_replace(true);
+        entry.settled.send_replace(Some(if committed {
+            Settled::Committed {
+                cancelled: by_request,
+            }
+        } else {
+            Settled::NotCommitted
+        }));
     }
     .instrument(span)
     .await
+}
+
+/// A claim's lease, renewed while the work on the claim goes on: for a step
+/// from its claim through admit, the runner and the settlement (waits for
+/// pending commits, the workflow's writer lock, payload offload included);
+/// for a hook notification from its claim to its settlement.
+pub(super) struct Lease {
+    handle: LeaseHandle,
+    duration: Duration,
+}
+
+impl Lease {
+    pub(super) fn of(queue: &Queue, claim: &Claim) -> Self {
+        Self {
+            handle: queue.lease_handle(claim),
+            duration: queue.queue_config(&claim.queue).lease_duration,
+        }
+    }
+
+    /// Run `work`, renewing the lease every third of its duration.
+    pub(super) async fn keep<F: Future>(&self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let mut renew = tokio::time::interval((self.duration / 3).max(Duration::from_millis(1)));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = renew.tick() => {
+                    // Renewal is in memory; it fails once the claim is gone or
+                    // a cancel was requested, and then the lease runs out.
+                    let _ = self.handle.ensure_at_least(self.duration);
+                }
+            }
+        }
+    }
 }
 
 /// Check a claimed job is a live step of a run; dead-letter it otherwise.
@@ -271,9 +325,8 @@ async fn reject<R, H>(inner: &Inner<R, H>, claim: &Claim, why: &str) {
     }
 }
 
-/// Call the runner, keeping the job's lease alive meanwhile. A panic is a
-/// transient error.
-async fn run_with_lease<R: StepRunner, H>(
+/// Call the runner. A panic is a transient error.
+async fn run_runner<R: StepRunner, H>(
     inner: &Inner<R, H>,
     job: &StepJob,
     entry: &InFlight,
@@ -290,29 +343,17 @@ async fn run_with_lease<R: StepRunner, H>(
         max_attempts: job.max_attempts(),
         cancel_token: entry.token.clone(),
     };
-    let lease = inner.queue.queue_config(&claim.queue).lease_duration;
-    let mut running = std::pin::pin!(AssertUnwindSafe(inner.runner.run_step(&step)).catch_unwind());
-    let mut renew = tokio::time::interval(lease / 3);
-    renew.tick().await;
-    loop {
-        tokio::select! {
-            ran = &mut running => {
-                return ran.unwrap_or_else(|panic| {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string panic".into());
-                    Err(StepError::transient(format!("step panicked: {what}")))
-                });
-            }
-            _ = renew.tick() => {
-                // Renewal is in memory; it fails once the claim is gone or a
-                // cancel was requested, and then the lease simply runs out.
-                let _ = inner.queue.renew_lease(claim, lease);
-            }
-        }
-    }
+    AssertUnwindSafe(inner.runner.run_step(&step))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".into());
+            Err(StepError::transient(format!("step panicked: {what}")))
+        })
 }
 
 /// Turn what the runner returned into a settlement and a health change.

@@ -1,0 +1,540 @@
+//! Regression tests for issue 9's core defects: per-claim in-flight entries,
+//! answers that rest only on durable commits, hook lease renewal, huge
+//! delays, and runs whose last attempt died before a restart.
+
+mod common;
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{FaultPlan, FaultStore, StoreOp, wait_until};
+use support::*;
+use taquba::object_store::ObjectStore;
+use taquba::object_store::memory::InMemory;
+use taquba::{JobStatus, MockClock, OpenOptions, Queue, QueueConfig};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use waymark::*;
+
+/// Long enough for an answer that does not wait to arrive; a correct answer
+/// waits for the store and never arrives within it, so the grace only gives
+/// the defect its chance to show and cannot fail a correct runtime.
+const GRACE: Duration = Duration::from_millis(300);
+
+/// Generous bound for a condition that holds within milliseconds.
+const BOUND: Duration = Duration::from_secs(10);
+
+fn spec(id: &str, input: &[u8]) -> RunSpec {
+    RunSpec {
+        run_id: Some(id.into()),
+        input: input.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn key(kind: &str, id: &str) -> Vec<u8> {
+    format!("wm/workflow-steps/{kind}/{id}").into_bytes()
+}
+
+/// A runtime over a [`FaultStore`] (no faults planned: used to hold WAL
+/// writes), with its pool not started.
+async fn held_runtime(
+    runner: FnRunner,
+) -> (
+    WorkflowRuntime<FnRunner, NoopTerminalHook>,
+    Arc<common::Faults>,
+) {
+    let store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+    let faults = store.faults();
+    let clock = MockClock::new(T0);
+    let queue = open_queue(store as Arc<dyn ObjectStore>, &clock).await;
+    let rt = builder(queue, runner, NoopTerminalHook).build().unwrap();
+    (rt, faults)
+}
+
+fn start<H: TerminalHook + Clone>(
+    rt: &WorkflowRuntime<FnRunner, H>,
+    stop: &Arc<Notify>,
+) -> JoinHandle<Result<(), Error>> {
+    let (rt, stop) = (rt.clone(), stop.clone());
+    tokio::spawn(async move { rt.run(async move { stop.notified().await }).await })
+}
+
+/// Defect 2: a step that outlives its lease runs again under a second claim;
+/// the stale attempt's settlement must not unregister the second, so a
+/// cancel still reaches the attempt that runs.
+#[tokio::test]
+async fn a_cancel_after_a_lease_lapse_reaches_the_running_attempt() {
+    let (first, second) = (Gate::default(), Gate::default());
+    let (started1, started2) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let runner = {
+        let (first, second) = (first.clone(), second.clone());
+        let (started1, started2) = (started1.clone(), started2.clone());
+        FnRunner::new(move |s: Step| {
+            let (first, second) = (first.clone(), second.clone());
+            let (started1, started2) = (started1.clone(), started2.clone());
+            async move {
+                if s.step_number > 0 {
+                    return Ok(StepOutcome::Succeed { result: vec![] });
+                }
+                if s.attempts == 1 {
+                    started1.notify_one();
+                    first.wait().await;
+                } else {
+                    started2.notify_one();
+                    second.wait().await;
+                }
+                Ok(StepOutcome::Continue { payload: vec![] })
+            }
+        })
+    };
+    let hook = RecordingHook::default();
+    let mut env = Env::new(runner.clone(), hook.clone()).await;
+    env.start();
+    env.submit("lapse", b"").await;
+    started1.notified().await;
+    // The process stalls past the lease: the reaper takes the job back and
+    // the pool runs the step again under a second claim.
+    env.clock.advance(Duration::from_secs(31));
+    env.queue().reap_now().await.unwrap();
+    started2.notified().await;
+    // The stale first attempt returns and fails to settle (claim lost).
+    first.open();
+    tokio::time::sleep(GRACE).await;
+    assert!(env.rt.cancel("lapse").await.unwrap());
+    second.open();
+    let out = env.rt.wait("lapse").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Cancelled, "{out:?}");
+    assert_eq!(
+        runner.calls("lapse", 1),
+        0,
+        "the step's Continue was discarded"
+    );
+    hook.wait_for("lapse").await;
+    env.stop().await;
+    assert_eq!(hook.count("lapse"), 1);
+}
+
+/// Defect 4: a second submit racing the first must not acknowledge the run
+/// from the first's commit before that commit is durable.
+#[tokio::test]
+async fn a_racing_submit_answers_only_once_the_first_is_durable() {
+    let (rt, faults) = held_runtime(FnRunner::new(|_s: Step| async {
+        Ok(StepOutcome::Succeed { result: vec![] })
+    }))
+    .await;
+    faults.hold(StoreOp::Put, "wal");
+    let first = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.submit(spec("race", b"x")).await }
+    });
+    let queue = rt.queue().clone();
+    wait_until(BOUND, "the first submit is visible, not durable", || {
+        let queue = queue.clone();
+        let held = faults.held();
+        async move {
+            held > 0
+                && queue
+                    .view()
+                    .kv_get(&key("sub", "race"))
+                    .await
+                    .unwrap()
+                    .is_some()
+        }
+    })
+    .await;
+    let mut second = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.submit(spec("race", b"x")).await }
+    });
+    if let Ok(answer) = tokio::time::timeout(GRACE, &mut second).await {
+        panic!(
+            "the second submit answered {answer:?} while the first's commit was not durable ({} writes held)",
+            faults.held()
+        );
+    }
+    faults.release();
+    assert!(first.await.unwrap().unwrap().newly_submitted);
+    assert!(!second.await.unwrap().unwrap().newly_submitted);
+}
+
+/// Defect 4: `outcome`, `wait`, `status` and `cancel` must not answer from a
+/// terminal commit that is visible but not durable.
+#[tokio::test]
+async fn reads_answer_only_from_durable_commits() {
+    let (started, gate) = (Arc::new(Notify::new()), Gate::default());
+    let runner = {
+        let (started, gate) = (started.clone(), gate.clone());
+        FnRunner::new(move |_s: Step| {
+            let (started, gate) = (started.clone(), gate.clone());
+            async move {
+                started.notify_one();
+                gate.wait().await;
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let (rt, faults) = held_runtime(runner).await;
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("end", b"")).await.unwrap();
+    started.notified().await;
+    faults.hold(StoreOp::Put, "wal");
+    gate.open();
+    let queue = rt.queue().clone();
+    wait_until(BOUND, "the outcome is visible, not durable", || {
+        let queue = queue.clone();
+        let held = faults.held();
+        async move {
+            held > 0
+                && queue
+                    .view()
+                    .kv_get(&key("out", "end"))
+                    .await
+                    .unwrap()
+                    .is_some()
+        }
+    })
+    .await;
+    let (a, b, c, d) = (rt.clone(), rt.clone(), rt.clone(), rt.clone());
+    let mut outcome = tokio::spawn(async move { format!("{:?}", a.outcome("end").await) });
+    let mut wait = tokio::spawn(async move { format!("{:?}", b.wait("end").await) });
+    let mut status = tokio::spawn(async move { format!("{:?}", c.status("end").await) });
+    let mut cancel = tokio::spawn(async move { format!("{:?}", d.cancel("end").await) });
+    tokio::time::sleep(GRACE).await;
+    for (what, task) in [
+        ("outcome", &mut outcome),
+        ("wait", &mut wait),
+        ("status", &mut status),
+        ("cancel", &mut cancel),
+    ] {
+        assert!(
+            !task.is_finished(),
+            "{what} answered {} from a commit that was not durable",
+            task.await.unwrap()
+        );
+    }
+    faults.release();
+    assert!(outcome.await.unwrap().contains("Succeeded"));
+    assert!(wait.await.unwrap().contains("Succeeded"));
+    assert_eq!(status.await.unwrap(), "Ok(None)");
+    assert_eq!(cancel.await.unwrap(), "Ok(false)");
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
+
+/// A hook that counts its calls and blocks on a gate.
+#[derive(Clone, Default)]
+struct SlowHook {
+    calls: Arc<AtomicU32>,
+    started: Arc<Notify>,
+    gate: Gate,
+}
+
+impl TerminalHook for SlowHook {
+    async fn on_termination(&self, _outcome: &RunOutcome) -> Result<(), StepError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.started.notify_one();
+        self.gate.wait().await;
+        Ok(())
+    }
+}
+
+/// Defect 6: a hook slower than its lease is delivered once, its lease
+/// renewed like a step's.
+#[tokio::test]
+async fn a_hook_slower_than_its_lease_is_delivered_once() {
+    let clock = MockClock::new(T0);
+    let lease = Duration::from_millis(90);
+    let opts = OpenOptions {
+        clock: Arc::new(clock.clone()),
+        flush_interval: Some(Duration::from_millis(1)),
+        default_queue_config: QueueConfig::default()
+            .retry_backoff_base(Duration::ZERO)
+            .lease_duration(lease),
+        ..OpenOptions::default()
+    };
+    let queue = Arc::new(
+        Queue::open_with_options(Arc::new(InMemory::new()), "wm-test", opts)
+            .await
+            .unwrap(),
+    );
+    let hook = SlowHook::default();
+    let runner = FnRunner::new(|_s: Step| async { Ok(StepOutcome::Succeed { result: vec![] }) });
+    let rt = builder(queue.clone(), runner, hook.clone())
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("slow-hook", b"")).await.unwrap();
+    hook.started.notified().await;
+    let hooks = "workflow-steps-hooks";
+    let claimed = queue
+        .view()
+        .list_jobs(hooks, JobStatus::Claimed, None, 10)
+        .await
+        .unwrap()
+        .jobs;
+    let id = claimed[0].id.clone();
+    use taquba::Clock;
+    for round in 0..5 {
+        let now = clock.now_ms();
+        wait_until(
+            BOUND,
+            &format!("the hook's lease renewed (round {round})"),
+            || {
+                let expiry = queue.lease_expiry(hooks, &id);
+                async move { expiry.is_some_and(|e| e > now + 2_500) }
+            },
+        )
+        .await;
+        clock.advance(Duration::from_secs(2));
+        queue.reap_now().await.unwrap();
+    }
+    hook.gate.open();
+    wait_until(BOUND, "the notification settled", || {
+        let queue = queue.clone();
+        async move { queue.view().stats(hooks).await.unwrap().claimed == 0 }
+    })
+    .await;
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+    assert_eq!(hook.calls.load(Ordering::SeqCst), 1, "delivered once");
+}
+
+/// Defect 10: a delay beyond u64 milliseconds saturates instead of wrapping.
+#[tokio::test]
+async fn a_huge_delay_does_not_wrap_around() {
+    let runner = FnRunner::new(|s: Step| async move {
+        Ok(match s.step_number {
+            0 => StepOutcome::ContinueAfter {
+                payload: vec![],
+                delay: Duration::from_millis(u64::MAX) + Duration::from_millis(386),
+            },
+            _ => StepOutcome::Succeed { result: vec![] },
+        })
+    });
+    let mut env = Env::new(runner.clone(), NoopTerminalHook).await;
+    env.start();
+    env.submit("forever", b"").await;
+    env.until_status("forever", |s| s.is_some_and(|s| s.current_step == 1))
+        .await;
+    env.clock.advance(Duration::from_secs(3600));
+    env.queue().promote_scheduled_now().await.unwrap();
+    let status = env.rt.status("forever").await.unwrap().unwrap();
+    assert_eq!(status.state, RunState::Scheduled, "{status:?}");
+    assert_eq!(runner.calls("forever", 1), 0);
+    env.stop().await;
+}
+
+/// Defect 13: a run whose last attempt died with its process reads as
+/// failed (not unknown) before any pool runs, without the read writing.
+#[tokio::test]
+async fn a_run_whose_last_attempt_died_reads_as_failed_before_a_pool_runs() {
+    let (started, gate) = (Arc::new(Notify::new()), Gate::default());
+    let runner = {
+        let (started, gate) = (started.clone(), gate.clone());
+        FnRunner::new(move |_s: Step| {
+            let (started, gate) = (started.clone(), gate.clone());
+            async move {
+                started.notify_one();
+                gate.wait().await;
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("died".into()),
+            max_attempts_per_step: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    started.notified().await;
+    let fresh = FnRunner::new(|_s: Step| async { Ok(StepOutcome::Succeed { result: vec![] }) });
+    env.crash_and_reopen(fresh, NoopTerminalHook).await;
+    let out = env
+        .rt
+        .outcome("died")
+        .await
+        .unwrap()
+        .expect("the run is reported, not unknown");
+    assert_eq!(out.status, TerminalStatus::Failed);
+    assert!(out.error.as_deref().unwrap().contains("gave up"), "{out:?}");
+    assert_eq!(env.rt.status("died").await.unwrap(), None, "it has ended");
+    assert_eq!(env.rt.wait("died").await.unwrap(), out);
+    assert!(!env.rt.cancel("died").await.unwrap(), "it has ended");
+    // Nothing was written by those calls.
+    let view = env.queue().view();
+    assert!(view.kv_get(&key("run", "died")).await.unwrap().is_some());
+    assert!(view.kv_get(&key("out", "died")).await.unwrap().is_none());
+    // The pool records the same outcome.
+    env.start();
+    let queue = env.queue().clone();
+    wait_until(BOUND, "the pool recorded the outcome", || {
+        let queue = queue.clone();
+        async move {
+            queue
+                .view()
+                .kv_get(&key("out", "died"))
+                .await
+                .unwrap()
+                .is_some()
+        }
+    })
+    .await;
+    assert_eq!(env.rt.outcome("died").await.unwrap(), Some(out));
+    env.stop().await;
+    gate.open();
+}
+
+/// Also-check: a transient error fetching a claimed job's offloaded payload
+/// is a retry of that job, not a stop of the pool.
+#[tokio::test]
+async fn a_failed_payload_fetch_retries_the_step_and_the_pool_goes_on() {
+    let payloads = FaultStore::new(
+        Arc::new(InMemory::new()),
+        0,
+        FaultPlan {
+            get_fail: 1000,
+            ..FaultPlan::default()
+        },
+    );
+    let faults = payloads.faults();
+    let clock = MockClock::new(T0);
+    let opts = OpenOptions {
+        clock: Arc::new(clock.clone()),
+        flush_interval: Some(Duration::from_millis(1)),
+        default_queue_config: QueueConfig::default().retry_backoff_base(Duration::ZERO),
+        payload_offload_threshold: Some(8),
+        payload_store: Some(payloads as Arc<dyn ObjectStore>),
+        ..OpenOptions::default()
+    };
+    let queue = Arc::new(
+        Queue::open_with_options(Arc::new(InMemory::new()), "wm-test", opts)
+            .await
+            .unwrap(),
+    );
+    let runner =
+        FnRunner::new(|s: Step| async move { Ok(StepOutcome::Succeed { result: s.payload }) });
+    let rt = builder(queue.clone(), runner, NoopTerminalHook)
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    let input = b"an input long enough to be offloaded".to_vec();
+    rt.submit(spec("offloaded", &input)).await.unwrap();
+    wait_until(BOUND, "a payload fetch failed", || {
+        let failed = faults.counts.failed_gets.load(Ordering::SeqCst);
+        async move { failed > 0 }
+    })
+    .await;
+    faults.set_active(false);
+    // The claim whose payload could not be read is redelivered once its
+    // lease ends.
+    clock.advance(Duration::from_secs(31));
+    queue.reap_now().await.unwrap();
+    let out = tokio::time::timeout(BOUND, rt.wait("offloaded"))
+        .await
+        .expect("the step ran again")
+        .unwrap();
+    assert_eq!(out.result, Some(input));
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
+
+/// Also-check: the lease is renewed for the whole life of a claim, not only
+/// while the runner runs. Here run `b`'s failed step waits in its settlement
+/// for the workflow's writer lock, which run `a`'s settlement holds while the
+/// store holds its commit, for far longer than the lease.
+#[tokio::test]
+async fn a_step_waiting_to_settle_keeps_its_lease() {
+    let store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+    let faults = store.faults();
+    let clock = MockClock::new(T0);
+    let lease = Duration::from_millis(90);
+    let opts = OpenOptions {
+        clock: Arc::new(clock.clone()),
+        flush_interval: Some(Duration::from_millis(1)),
+        default_queue_config: QueueConfig::default()
+            .retry_backoff_base(Duration::ZERO)
+            .lease_duration(lease),
+        ..OpenOptions::default()
+    };
+    let queue = Arc::new(
+        Queue::open_with_options(store as Arc<dyn ObjectStore>, "wm-test", opts)
+            .await
+            .unwrap(),
+    );
+    let gates = [Gate::default(), Gate::default()];
+    let started = Arc::new(Notify::new());
+    let runner = {
+        let (gates, started) = (gates.clone(), started.clone());
+        FnRunner::new(move |s: Step| {
+            let (gates, started) = (gates.clone(), started.clone());
+            async move {
+                if s.attempts > 1 {
+                    return Ok(StepOutcome::Succeed { result: vec![] });
+                }
+                started.notify_one();
+                gates[usize::from(s.run_id == "b")].wait().await;
+                Err(StepError::transient("boom"))
+            }
+        })
+    };
+    let rt = builder(queue.clone(), runner.clone(), NoopTerminalHook)
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("a", b"")).await.unwrap();
+    started.notified().await;
+    rt.submit(spec("b", b"")).await.unwrap();
+    started.notified().await;
+    let steps = "workflow-steps";
+    let claimed = queue
+        .view()
+        .list_jobs(steps, JobStatus::Claimed, None, 10)
+        .await
+        .unwrap()
+        .jobs;
+    let b = claimed
+        .iter()
+        .find(|j| j.headers.get(HEADER_RUN_ID).map(String::as_str) == Some("b"))
+        .unwrap()
+        .id
+        .clone();
+    // `a` fails and settles holding the writer lock; the store holds its
+    // commit. Then `b` fails and waits for the lock.
+    faults.hold(StoreOp::Put, "wal");
+    gates[0].open();
+    wait_until(BOUND, "a's settlement held by the store", || {
+        let held = faults.held();
+        async move { held > 0 }
+    })
+    .await;
+    gates[1].open();
+    use taquba::Clock;
+    // Far past the lease (and any renewal margin), in steps shorter than it.
+    for round in 0..120 {
+        clock.advance(Duration::from_millis(60));
+        let now = clock.now_ms();
+        wait_until(BOUND, &format!("b's lease renewed (round {round})"), || {
+            let expiry = queue.lease_expiry(steps, &b);
+            async move { expiry.is_some_and(|e| e > now + 60) }
+        })
+        .await;
+    }
+    faults.release();
+    for id in ["a", "b"] {
+        assert_eq!(rt.wait(id).await.unwrap().status, TerminalStatus::Succeeded);
+    }
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+    assert_eq!(runner.calls("b", 0), 2, "one failed attempt, one retry");
+}
