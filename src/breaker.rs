@@ -268,9 +268,12 @@ pub(crate) struct Parking {
 }
 
 pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
+    // A saturated window (u64::MAX ms) fits a 64-bit `SystemTime`; on a
+    // platform whose range is smaller, fall back to the latest time tried.
     UNIX_EPOCH
         .checked_add(Duration::from_millis(ms))
-        .unwrap_or(UNIX_EPOCH + Duration::from_secs(i32::MAX as u64))
+        .or_else(|| UNIX_EPOCH.checked_add(Duration::from_secs(u64::from(u32::MAX))))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 /// Whether `e` says a record could not be decoded (as opposed to a store

@@ -1049,3 +1049,101 @@ async fn a_second_pool_does_not_inherit_a_dead_probe() {
     }
     env.stop().await;
 }
+
+/// Defect 3 (c): the step woken to become the probe runs as an ordinary
+/// step after a reset; when the breaker trips again, a probe is woken again.
+#[tokio::test]
+async fn a_probe_candidate_that_ran_after_a_reset_does_not_stop_probing() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let blocker = support::Gate::default();
+    let runner = {
+        let failing = failing.clone();
+        let blocker = blocker.clone();
+        FnRunner::new(move |s: Step| {
+            let failing = failing.clone();
+            let blocker = blocker.clone();
+            async move {
+                if s.workflow == "other" {
+                    blocker.wait().await;
+                } else if failing.load(Ordering::SeqCst) {
+                    return Err(StepError::transient("down"));
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.breaker(
+            WF,
+            BackoffPolicy {
+                initial: Duration::ZERO,
+                streak_limit: Some(1),
+                probe_after: Some(Duration::from_secs(300)),
+                ..Default::default()
+            },
+        )
+        .max_concurrent_steps(1)
+        .poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    for i in 0..3 {
+        env.rt.submit(spec(&format!("n{i}"), WF)).await.unwrap();
+    }
+    for i in 0..3 {
+        env.until_status(&format!("n{i}"), |s| {
+            s.is_some_and(|s| s.state == RunState::Parked)
+        })
+        .await;
+    }
+    let BreakerStatus::Tripped { since: first, .. } = health(&env, WF).await.status else {
+        panic!("not tripped")
+    };
+    env.rt.submit(spec("hold", "other")).await.unwrap();
+    env.until_status("hold", |s| s.is_some_and(|s| s.state == RunState::Running))
+        .await;
+    env.clock.advance(Duration::from_secs(301));
+    // One parked step is woken as the probe; it waits for the busy slot.
+    let mut woken = false;
+    for _ in 0..5_000 {
+        let stats = env.queue().view().stats("workflow-steps").await.unwrap();
+        if stats.pending > 0 {
+            woken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(woken, "a parked step is woken as the probe");
+    // A reset: the woken step runs as an ordinary step (and still fails),
+    // and the breaker trips again.
+    assert!(env.rt.reset_workflow(WF).await.unwrap());
+    blocker.open();
+    for _ in 0..5_000 {
+        if let BreakerStatus::Tripped { since, .. } = health(&env, WF).await.status
+            && since > first
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // All three are parked on the queue again (not merely waiting).
+    let mut parked = false;
+    for _ in 0..5_000 {
+        let stats = env.queue().view().stats("workflow-steps").await.unwrap();
+        if (stats.pending, stats.claimed, stats.scheduled) == (0, 0, 3) {
+            parked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(parked, "the steps are parked again");
+    failing.store(false, Ordering::SeqCst);
+    env.clock.advance(Duration::from_secs(301));
+    for i in 0..3 {
+        assert_eq!(
+            until_outcome(&env, &format!("n{i}")).await.status,
+            TerminalStatus::Succeeded
+        );
+    }
+    env.stop().await;
+}

@@ -15,7 +15,8 @@ const TALLIES_PER_TICK: usize = 10_000;
 
 /// The pool's periodic work, every `poll_interval` until `stop` fires: drop
 /// outcomes past their retention, fold run tallies into health records, and
-/// wake the probes that are due.
+/// tend the breakers (release parked steps of workflows that are not
+/// tripped, wake the probes that are due).
 pub(super) async fn maintain<R, H>(
     inner: &Inner<R, H>,
     stop: &CancellationToken,
