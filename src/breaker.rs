@@ -50,7 +50,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use taquba::{JobStatus, KvOrder, Queue, SettlementEffects};
+use taquba::{JobStatus, KvOrder, Queue, QueueView, SettlementEffects};
 
 use crate::error::Error;
 use crate::policy::{BackoffPolicy, saturating_ms};
@@ -363,7 +363,7 @@ impl Breakers {
         if let Some(rec) = lock(&state.cached).clone() {
             return Ok(rec);
         }
-        let rec = self.read_record(queue, workflow).await?.unwrap_or_default();
+        let rec = self.read_record(queue.view(), workflow).await?.unwrap_or_default();
         let mut cached = lock(&state.cached);
         Ok(cached.get_or_insert(rec).clone())
     }
@@ -371,11 +371,11 @@ impl Breakers {
     /// The workflow's durable health record.
     async fn read_record(
         &self,
-        queue: &Queue,
+        view: &QueueView,
         workflow: &str,
     ) -> Result<Option<HealthRecord>, Error> {
         let key = self.health_key(workflow);
-        match queue.view().kv_get(&key).await? {
+        match view.kv_get(&key).await? {
             Some(bytes) => Ok(Some(decode(&key, &bytes)?)),
             None => Ok(None),
         }
@@ -681,7 +681,7 @@ impl Breakers {
             *lock(&state.probe) = Probe::Idle;
         }
         let mut load = Vec::new();
-        self.scan(queue, &self.health_prefix, |name, value| {
+        self.scan(queue.view(), &self.health_prefix, |name, value| {
             load.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
             Ok(())
         })
@@ -718,7 +718,7 @@ impl Breakers {
     /// not tripped. Returns how many steps were woken.
     async fn release_untripped(&self, queue: &Queue) -> Result<usize, Error> {
         let mut released = 0;
-        for workflow in self.names_under(queue, &self.park_prefix).await? {
+        for workflow in self.names_under(queue.view(), &self.park_prefix).await? {
             let state = self.state(&workflow);
             let tripped = match self.cached(queue, &workflow, &state).await {
                 Ok(rec) => matches!(rec.state, Stored::Tripped { .. }),
@@ -796,20 +796,18 @@ impl Breakers {
 
     /// The distinct workflow names of the keys `{prefix}{workflow}/…`, one
     /// one-key scan per name (not per key).
-    async fn names_under(&self, queue: &Queue, prefix: &[u8]) -> Result<Vec<String>, Error> {
+    async fn names_under(&self, view: &QueueView, prefix: &[u8]) -> Result<Vec<String>, Error> {
         let mut names = Vec::new();
         let mut from: Option<Vec<u8>> = None;
         loop {
             let page = match &from {
                 None => {
-                    queue
-                        .view()
+                    view
                         .kv_scan(prefix, .., KvOrder::Ascending, 1)
                         .await?
                 }
                 Some(from) => {
-                    queue
-                        .view()
+                    view
                         .kv_scan(prefix, from.as_slice().., KvOrder::Ascending, 1)
                         .await?
                 }
@@ -836,7 +834,7 @@ impl Breakers {
     /// Call `f(key without prefix, value)` for every entry under `prefix`.
     async fn scan(
         &self,
-        queue: &Queue,
+        view: &QueueView,
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
     ) -> Result<(), Error> {
@@ -844,8 +842,7 @@ impl Breakers {
         loop {
             let page = match &after {
                 None => {
-                    queue
-                        .view()
+                    view
                         .kv_scan(prefix, .., KvOrder::Ascending, 256)
                         .await?
                 }
@@ -854,8 +851,7 @@ impl Breakers {
                         std::ops::Bound::Excluded(last.clone()),
                         std::ops::Bound::Unbounded,
                     );
-                    queue
-                        .view()
+                    view
                         .kv_scan(prefix, range, KvOrder::Ascending, 256)
                         .await?
                 }
@@ -881,7 +877,7 @@ impl Breakers {
         let mut skip = std::collections::HashSet::new();
         while folded < max {
             let mut progressed = false;
-            for workflow in self.names_under(queue, &self.tally_prefix).await? {
+            for workflow in self.names_under(queue.view(), &self.tally_prefix).await? {
                 if folded >= max {
                     break;
                 }
@@ -946,8 +942,8 @@ impl Breakers {
 
     /// Whether `workflow`'s breaker is tripped, from its durable record (an
     /// unreadable record is not applied, so it is not).
-    pub(crate) async fn is_tripped(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
-        match self.read_record(queue, workflow).await {
+    pub(crate) async fn is_tripped(&self, view: &QueueView, workflow: &str) -> Result<bool, Error> {
+        match self.read_record(view, workflow).await {
             Ok(rec) => Ok(rec.is_some_and(|r| matches!(r.state, Stored::Tripped { .. }))),
             Err(e) if unreadable(&e) => Ok(false),
             Err(e) => Err(e),
@@ -955,10 +951,10 @@ impl Breakers {
     }
 
     /// `workflow`'s unfolded tallies: (succeeded, failed).
-    async fn unfolded(&self, queue: &Queue, workflow: &str) -> Result<(u64, u64), Error> {
+    async fn unfolded(&self, view: &QueueView, workflow: &str) -> Result<(u64, u64), Error> {
         let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
         let (mut ok, mut failed) = (0u64, 0u64);
-        self.scan(queue, &prefix, |_, value| {
+        self.scan(view, &prefix, |_, value| {
             if value.first() == Some(&1) {
                 ok += 1;
             } else {
@@ -978,10 +974,10 @@ impl Breakers {
     /// read never go backwards while runs end.
     pub(crate) async fn health_of(
         &self,
-        queue: &Queue,
+        view: &QueueView,
         workflow: &str,
     ) -> Result<Option<WorkflowHealth>, Error> {
-        let first = self.read_record(queue, workflow).await?;
+        let first = self.read_record(view, workflow).await?;
         #[cfg(test)]
         {
             let hook = lock(&self.between_health_reads).take();
@@ -989,17 +985,17 @@ impl Breakers {
                 hook.await;
             }
         }
-        let mut tallies = self.unfolded(queue, workflow).await?;
+        let mut tallies = self.unfolded(view, workflow).await?;
         let counts = |r: &Option<HealthRecord>| {
             r.as_ref()
                 .map_or((0, 0), |r| (r.runs_succeeded, r.runs_failed))
         };
-        let mut rec = self.read_record(queue, workflow).await?;
+        let mut rec = self.read_record(view, workflow).await?;
         if counts(&rec) != counts(&first) {
             let state = self.state(workflow);
             let _shared = state.lock.read().await;
-            rec = self.read_record(queue, workflow).await?;
-            tallies = self.unfolded(queue, workflow).await?;
+            rec = self.read_record(view, workflow).await?;
+            tallies = self.unfolded(view, workflow).await?;
         } else {
             rec = first;
         }
@@ -1035,17 +1031,17 @@ impl Breakers {
     /// Every workflow's health (those with a record or an unfolded tally),
     /// by name. A workflow whose record is unreadable is logged and left
     /// out; the others are listed.
-    pub(crate) async fn health_all(&self, queue: &Queue) -> Result<Vec<WorkflowHealth>, Error> {
+    pub(crate) async fn health_all(&self, view: &QueueView) -> Result<Vec<WorkflowHealth>, Error> {
         let mut names = std::collections::BTreeSet::new();
-        self.scan(queue, &self.health_prefix, |name, _| {
+        self.scan(view, &self.health_prefix, |name, _| {
             names.insert(String::from_utf8_lossy(name).into_owned());
             Ok(())
         })
         .await?;
-        names.extend(self.names_under(queue, &self.tally_prefix).await?);
+        names.extend(self.names_under(view, &self.tally_prefix).await?);
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            match self.health_of(queue, &name).await {
+            match self.health_of(view, &name).await {
                 Ok(Some(health)) => out.push(health),
                 Ok(None) => {}
                 Err(e) if unreadable(&e) => {
