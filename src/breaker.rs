@@ -363,7 +363,10 @@ impl Breakers {
         if let Some(rec) = lock(&state.cached).clone() {
             return Ok(rec);
         }
-        let rec = self.read_record(queue.view(), workflow).await?.unwrap_or_default();
+        let rec = self
+            .read_record(queue.view(), workflow)
+            .await?
+            .unwrap_or_default();
         let mut cached = lock(&state.cached);
         Ok(cached.get_or_insert(rec).clone())
     }
@@ -801,14 +804,9 @@ impl Breakers {
         let mut from: Option<Vec<u8>> = None;
         loop {
             let page = match &from {
-                None => {
-                    view
-                        .kv_scan(prefix, .., KvOrder::Ascending, 1)
-                        .await?
-                }
+                None => view.kv_scan(prefix, .., KvOrder::Ascending, 1).await?,
                 Some(from) => {
-                    view
-                        .kv_scan(prefix, from.as_slice().., KvOrder::Ascending, 1)
+                    view.kv_scan(prefix, from.as_slice().., KvOrder::Ascending, 1)
                         .await?
                 }
             };
@@ -841,19 +839,13 @@ impl Breakers {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = match &after {
-                None => {
-                    view
-                        .kv_scan(prefix, .., KvOrder::Ascending, 256)
-                        .await?
-                }
+                None => view.kv_scan(prefix, .., KvOrder::Ascending, 256).await?,
                 Some(last) => {
                     let range = (
                         std::ops::Bound::Excluded(last.clone()),
                         std::ops::Bound::Unbounded,
                     );
-                    view
-                        .kv_scan(prefix, range, KvOrder::Ascending, 256)
-                        .await?
+                    view.kv_scan(prefix, range, KvOrder::Ascending, 256).await?
                 }
             };
             for (key, value) in &page.entries {
@@ -1111,7 +1103,7 @@ mod tests {
     }
 
     async fn counts(b: &Breakers, queue: &Queue, workflow: &str) -> (u64, u64) {
-        let h = b.health_of(queue, workflow).await.unwrap().unwrap();
+        let h = b.health_of(queue.view(), workflow).await.unwrap().unwrap();
         (h.runs_succeeded, h.runs_failed)
     }
 
@@ -1181,13 +1173,13 @@ mod tests {
         assert_eq!(b.fold_tallies(&queue, 700).await.unwrap(), 700);
         assert_eq!(counts(&b, &queue, "a").await, (1000, 200));
         // `b` was not starved by `a`'s backlog: all of it is folded.
-        let b_unfolded = b.unfolded(&queue, "b").await.unwrap();
+        let b_unfolded = b.unfolded(queue.view(), "b").await.unwrap();
         assert_eq!(b_unfolded, (0, 0));
         assert_eq!(counts(&b, &queue, "b").await, (3, 0));
         assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 503);
         assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 0);
         assert_eq!(counts(&b, &queue, "a").await, (1000, 200));
-        let names = b.names_under(&queue, &b.tally_prefix).await.unwrap();
+        let names = b.names_under(queue.view(), &b.tally_prefix).await.unwrap();
         assert!(names.is_empty());
     }
 
@@ -1226,7 +1218,12 @@ mod tests {
         let effects = b.apply(&staged, SettlementEffects::default()).unwrap();
         queue.commit_effects(effects).await.unwrap();
         b.committed(staged);
-        let kept = b.health_of(&queue, "w").await.unwrap().unwrap().last_error;
+        let kept = b
+            .health_of(queue.view(), "w")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_error;
         assert!(kept.unwrap().len() <= MAX_HEALTH_ERROR_BYTES + 32);
     }
 }

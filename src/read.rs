@@ -167,8 +167,8 @@ pub(crate) async fn outcome(
     }
 }
 
-/// The outcome that ends a run whose current step `job` the queue
-/// dead-lettered by itself.
+/// The outcome of a run whose current step `job` the queue dead-lettered by
+/// itself: `Cancelled` if a cancel was requested, `Failed` otherwise.
 pub(crate) fn dead_outcome(run_id: &str, run: &RunRecord, job: &JobRecord) -> RunOutcome {
     let (status, error) = if job.cancel_requested {
         (TerminalStatus::Cancelled, None)

@@ -698,10 +698,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn workflow_health(&self, workflow: &str) -> Result<Option<WorkflowHealth>, Error> {
         validate_name("workflow name", workflow)?;
         let inner = &self.inner;
-        inner
-            .breakers
-            .health_of(inner.queue.view(), workflow)
-            .await
+        inner.breakers.health_of(inner.queue.view(), workflow).await
     }
 
     /// The health of every workflow that has had a failed attempt or an
@@ -880,8 +877,11 @@ impl<R, H> Inner<R, H> {
     }
 
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
-        self.durable(run_id, read::read_run(self.queue.view(), &self.keys, run_id))
-            .await
+        self.durable(
+            run_id,
+            read::read_run(self.queue.view(), &self.keys, run_id),
+        )
+        .await
     }
 
     /// The run's outcome: its terminal record, or, for a run whose current
@@ -987,9 +987,6 @@ impl<R, H> Inner<R, H> {
         Ok(applied.is_some())
     }
 }
-
-/// The outcome of a run whose current step `job` the queue dead-lettered by
-/// itself: `Cancelled` if a cancel was requested, `Failed` otherwise.
 
 #[cfg(test)]
 mod tests {

@@ -17,9 +17,9 @@ use taquba::{
 
 use super::step::{Health, StepJob, Verdict};
 use crate::breaker::{Parking, Staged, ms_to_time};
-use crate::policy::saturating_ms;
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook};
+use crate::policy::saturating_ms;
 use crate::record::{self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_STEP, RunRecord, encode};
 use crate::runner::StepRunner;
 use crate::runtime::Inner;
