@@ -111,6 +111,7 @@ mod policy;
 mod record;
 mod runner;
 mod runtime;
+mod schedule;
 mod sync;
 mod worker;
 
@@ -127,6 +128,7 @@ pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
 pub use runtime::{
     RunSpec, RunState, RunStatus, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder,
 };
+pub use schedule::{Downtime, LastRun, Overlap, Schedule, ScheduleInfo, ScheduleKind};
 
 /// The queue crate Waymark stores its state in, re-exported so callers use
 /// the same version (`waymark::taquba::Queue`, `waymark::taquba::object_store`).

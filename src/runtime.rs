@@ -24,6 +24,7 @@ use crate::record::{
     user_headers, validate_headers, validate_name,
 };
 use crate::runner::StepRunner;
+use crate::schedule::{Schedule, Schedules};
 use crate::sync::lock;
 
 /// What to run: the input of a new run and how its steps are queued.
@@ -129,6 +130,7 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     default_retry: RetryPolicy,
     breakers: HashMap<String, BackoffPolicy>,
     observer: Option<Observer>,
+    schedules: Vec<Schedule>,
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
@@ -209,6 +211,13 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         self
     }
 
+    /// Add a durable schedule (see [`Schedule`]). A duplicate id, a zero
+    /// interval or an invalid cron expression fails [`Self::build`].
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
     /// Check the settings and build the runtime.
     pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
         let invalid = |m: String| Err(Error::InvalidConfig(m));
@@ -246,6 +255,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 ));
             }
         }
+        let schedules = Schedules::new(&self.queue_name, self.schedules)?;
         let keys = Keys::new(&self.queue_name);
         let breakers = Breakers::new(&self.queue_name, self.breakers, self.observer);
         let expiry = ExpiryIndex::new(keys.expiry_prefix().to_vec());
@@ -267,6 +277,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                     default_retry: self.default_retry,
                 },
                 breakers,
+                schedules,
                 keys,
                 expiry,
                 inflight: Mutex::new(HashMap::new()),
@@ -328,6 +339,7 @@ pub(crate) struct Inner<R, H> {
     pub cfg: Config,
     pub keys: Keys,
     pub breakers: Breakers,
+    pub schedules: Schedules,
     pub expiry: ExpiryIndex,
     /// Steps this process is running, by job id.
     pub inflight: Mutex<HashMap<String, Arc<InFlight>>>,
@@ -374,6 +386,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             default_retry: RetryPolicy::default(),
             breakers: HashMap::new(),
             observer: None,
+            schedules: Vec::new(),
         }
     }
 
@@ -391,69 +404,22 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// another input is [`Error::InputMismatch`].
     pub async fn submit(&self, spec: RunSpec) -> Result<SubmitOutcome, Error> {
         let inner = &self.inner;
-        let run_id = match spec.run_id {
-            Some(id) => {
-                validate_name("run id", &id)?;
-                id
-            }
-            None => ulid::Ulid::generate().to_string(),
-        };
-        validate_headers(&spec.headers)?;
-        let workflow = spec
-            .workflow
-            .unwrap_or_else(|| DEFAULT_WORKFLOW.to_string());
-        validate_name("workflow name", &workflow)?;
-        if spec.input.len() > MAX_PAYLOAD_BYTES {
-            return Err(Error::PayloadTooLarge {
-                what: "input",
-                size: spec.input.len(),
-                max: MAX_PAYLOAD_BYTES,
-            });
-        }
-        if spec.max_attempts_per_step == Some(0) {
-            return Err(Error::InvalidConfig(
-                "max_attempts_per_step must be at least 1".into(),
-            ));
-        }
-        let max_attempts = spec
-            .max_attempts_per_step
-            .unwrap_or(inner.cfg.retry_policy(&workflow).max_attempts);
-        let mut headers = step_headers(&spec.headers, &run_id, 0);
-        headers.insert(HEADER_WORKFLOW.to_string(), workflow.clone());
-        let sha: [u8; 32] = Sha256::digest(&spec.input).into();
-        let sub_key = inner.keys.sub(&run_id);
-        let run_key = inner.keys.run(&run_id);
-        let submit = SubmitRecord {
-            input_sha256: sha,
-            submitted_at_ms: inner.now_ms(),
-            headers: spec.headers.clone(),
-        };
-        let sub_value = encode(&sub_key, &submit)?;
+        let prepared = inner.prepare_submit(spec)?;
+        let PreparedSubmit {
+            run_id,
+            sub_key,
+            run_key,
+            sha,
+            ..
+        } = &prepared;
+        let (run_id, sha) = (run_id.clone(), *sha);
         loop {
-            let job_id = inner.queue.next_job_id();
-            let run = RunRecord {
-                step: 0,
-                job_id: job_id.clone(),
-            };
-            let options = EnqueueOptions::default()
-                .dedup_key(record::dedup_key(&run_id, 0))
-                .id_override(job_id)
-                .headers(headers.clone())
-                .priority(spec.priority)
-                .max_attempts(max_attempts);
-            let effects = SettlementEffects::default()
-                .enqueue(EnqueueRequest {
-                    queue: inner.cfg.queue_name.clone(),
-                    payload: spec.input.clone(),
-                    options,
-                })
-                .kv_put(run_key.clone(), encode(&run_key, &run)?)
-                .kv_put(sub_key.clone(), sub_value.clone());
+            let effects = inner.submit_effects(&prepared)?;
             let committed = {
                 let _pending = inner.pending.begin(&run_id);
                 inner
                     .queue
-                    .kv_compare_commit(&[(&sub_key, None)], effects)
+                    .kv_compare_commit(&[(sub_key, None)], effects)
                     .await?
             };
             if let Some(results) = committed {
@@ -471,7 +437,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     };
                     inner
                         .queue
-                        .kv_put(&run_key, &encode(&run_key, &adopted)?)
+                        .kv_put(run_key, &encode(run_key, &adopted)?)
                         .await?;
                 }
                 return Ok(SubmitOutcome {
@@ -480,11 +446,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 });
             }
             // A run with this id exists: same input or not?
-            let Some(bytes) = inner.queue.view().kv_get(&sub_key).await? else {
+            let Some(bytes) = inner.queue.view().kv_get(sub_key).await? else {
                 // It expired between the compare and this read: try again.
                 continue;
             };
-            let record: SubmitRecord = decode(&sub_key, &bytes)?;
+            let record: SubmitRecord = decode(sub_key, &bytes)?;
             if record.input_sha256 != sha {
                 return Err(Error::InputMismatch(run_id));
             }
@@ -708,9 +674,101 @@ pub(crate) fn step_headers(
     headers
 }
 
+/// A checked submit: what [`Inner::submit_effects`] turns into the effects
+/// that create the run (by `submit`, and by a schedule's firing).
+pub(crate) struct PreparedSubmit {
+    pub run_id: String,
+    pub sub_key: Vec<u8>,
+    pub run_key: Vec<u8>,
+    pub sha: [u8; 32],
+    sub_value: Vec<u8>,
+    headers: HashMap<String, String>,
+    input: Vec<u8>,
+    priority: Option<u32>,
+    max_attempts: u32,
+}
+
 impl<R, H> Inner<R, H> {
     pub(crate) fn now_ms(&self) -> u64 {
         self.queue.clock().now_ms()
+    }
+
+    /// Check a run spec (nothing is written) and fix its run id.
+    pub(crate) fn prepare_submit(&self, spec: RunSpec) -> Result<PreparedSubmit, Error> {
+        let run_id = match spec.run_id {
+            Some(id) => {
+                validate_name("run id", &id)?;
+                id
+            }
+            None => ulid::Ulid::generate().to_string(),
+        };
+        validate_headers(&spec.headers)?;
+        let workflow = spec
+            .workflow
+            .unwrap_or_else(|| DEFAULT_WORKFLOW.to_string());
+        validate_name("workflow name", &workflow)?;
+        if spec.input.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::PayloadTooLarge {
+                what: "input",
+                size: spec.input.len(),
+                max: MAX_PAYLOAD_BYTES,
+            });
+        }
+        if spec.max_attempts_per_step == Some(0) {
+            return Err(Error::InvalidConfig(
+                "max_attempts_per_step must be at least 1".into(),
+            ));
+        }
+        let max_attempts = spec
+            .max_attempts_per_step
+            .unwrap_or(self.cfg.retry_policy(&workflow).max_attempts);
+        let mut headers = step_headers(&spec.headers, &run_id, 0);
+        headers.insert(HEADER_WORKFLOW.to_string(), workflow);
+        let sha: [u8; 32] = Sha256::digest(&spec.input).into();
+        let sub_key = self.keys.sub(&run_id);
+        let run_key = self.keys.run(&run_id);
+        let submit = SubmitRecord {
+            input_sha256: sha,
+            submitted_at_ms: self.now_ms(),
+            headers: spec.headers,
+        };
+        let sub_value = encode(&sub_key, &submit)?;
+        Ok(PreparedSubmit {
+            run_id,
+            sub_key,
+            run_key,
+            sha,
+            sub_value,
+            headers,
+            input: spec.input,
+            priority: spec.priority,
+            max_attempts,
+        })
+    }
+
+    /// The effects that create a prepared run: step 0's job (under a fresh
+    /// job id) and the run's live and submit records. The first enqueue is
+    /// step 0.
+    pub(crate) fn submit_effects(&self, p: &PreparedSubmit) -> Result<SettlementEffects, Error> {
+        let job_id = self.queue.next_job_id();
+        let run = RunRecord {
+            step: 0,
+            job_id: job_id.clone(),
+        };
+        let options = EnqueueOptions::default()
+            .dedup_key(record::dedup_key(&p.run_id, 0))
+            .id_override(job_id)
+            .headers(p.headers.clone())
+            .priority(p.priority)
+            .max_attempts(p.max_attempts);
+        Ok(SettlementEffects::default()
+            .enqueue(EnqueueRequest {
+                queue: self.cfg.queue_name.clone(),
+                payload: p.input.clone(),
+                options,
+            })
+            .kv_put(p.run_key.clone(), encode(&p.run_key, &run)?)
+            .kv_put(p.sub_key.clone(), p.sub_value.clone()))
     }
 
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {

@@ -42,6 +42,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let inner = &self.inner;
         maintenance::reconcile_all_dead(inner).await?;
         inner.breakers.load_all(&inner.queue).await?;
+        crate::schedule::arm_all(inner).await?;
         let stop = CancellationToken::new();
         let steps = claim_loop(
             inner.queue.clone(),
@@ -72,9 +73,20 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             )
             .await
         };
+        let ticks = claim_loop(
+            inner.queue.clone(),
+            inner.schedules.queue.clone(),
+            crate::schedule::TICK_CONCURRENCY,
+            inner.cfg.poll_interval,
+            stop.clone(),
+            {
+                let inner = inner.clone();
+                move |claim| crate::schedule::handle_tick(inner.clone(), claim)
+            },
+        );
         let maintenance = maintenance::maintain(inner, &stop);
         let work = async {
-            let result = tokio::try_join!(steps, hooks, maintenance);
+            let result = tokio::try_join!(steps, hooks, ticks, maintenance);
             stop.cancel();
             result
         };
@@ -89,6 +101,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             r = &mut work => r,
             e = &mut watchdog => Err(e),
             _ = &mut shutdown => {
+                inner.schedules.begin_shutdown();
                 stop.cancel();
                 tokio::select! {
                     r = &mut work => r,
