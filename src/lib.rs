@@ -95,6 +95,11 @@
 //!   a running step sees its [`Step::cancel_token`] fire and its result is
 //!   discarded. The request is durable: a restart still ends the run
 //!   `Cancelled` without running the step again.
+//! - **Schedules** ([`Schedule`]: every N seconds, cron, manual): each due
+//!   time fires exactly once — the run is submitted in the transaction that
+//!   records the fire and arms the next one — across crashes and restarts,
+//!   gated by the workflow's breaker; see [`WorkflowRuntime::schedules`] and
+//!   [`WorkflowRuntime::trigger`].
 //! - **Bad input** is a typed [`Error`] before anything is written; a job on
 //!   the step queue that is not a valid step is dead-lettered with a clear
 //!   reason, and the pool keeps going.

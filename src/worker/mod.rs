@@ -73,17 +73,24 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             )
             .await
         };
-        let ticks = claim_loop(
-            inner.queue.clone(),
-            inner.schedules.queue.clone(),
-            crate::schedule::TICK_CONCURRENCY,
-            inner.cfg.poll_interval,
-            stop.clone(),
-            {
-                let inner = inner.clone();
-                move |claim| crate::schedule::handle_tick(inner.clone(), claim)
-            },
-        );
+        let ticks = async {
+            if inner.schedules.defs.is_empty() {
+                stop.cancelled().await;
+                return Ok(());
+            }
+            claim_loop(
+                inner.queue.clone(),
+                inner.schedules.queue.clone(),
+                crate::schedule::TICK_CONCURRENCY,
+                inner.cfg.poll_interval,
+                stop.clone(),
+                {
+                    let inner = inner.clone();
+                    move |claim| crate::schedule::handle_tick(inner.clone(), claim)
+                },
+            )
+            .await
+        };
         let maintenance = maintenance::maintain(inner, &stop);
         let work = async {
             let result = tokio::try_join!(steps, hooks, ticks, maintenance);
