@@ -695,3 +695,21 @@ async fn a_changed_definition_applies_at_its_next_fire_and_a_removed_one_stops()
         .collect();
     assert_eq!(ids, ["doomed", "evolving"]);
 }
+
+#[tokio::test]
+async fn a_panicking_input_function_skips_the_fire_and_says_why() {
+    let env = env_of(vec![
+        Schedule::every_seconds("boom", 1).input_fn(|_| panic!("no input today")),
+    ])
+    .await;
+    until(&env, "boom", |i| i.next_fire.is_some()).await;
+    advance(&env, Duration::from_secs(1)).await;
+    until(&env, "boom", |i| i.next_fire == Some(at(T0 + 2_000))).await;
+    let i = info(&env, "boom").await;
+    assert_eq!(i.run_count, 0);
+    assert!(i.last_error.unwrap().contains("panicked"));
+    assert!(matches!(
+        env.rt.trigger("boom").await,
+        Err(Error::InvalidConfig(_))
+    ));
+}
