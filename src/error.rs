@@ -153,6 +153,46 @@ pub enum Error {
         /// How long the caller waited.
         waited: std::time::Duration,
     },
+
+    /// No schedule with this id is defined on this runtime's builder. Check
+    /// the id against [`WorkflowRuntime::schedules`](crate::WorkflowRuntime::schedules).
+    #[error(
+        "no schedule `{0}` is defined on this runtime; add it with WorkflowRuntimeBuilder::schedule"
+    )]
+    ScheduleNotFound(String),
+
+    /// A manual trigger was refused because the schedule's workflow is
+    /// tripped. Fix the cause, then call `reset_workflow`.
+    #[error(
+        "schedule `{schedule}` not triggered: workflow `{workflow}` is tripped; fix it and call reset_workflow first"
+    )]
+    WorkflowTripped {
+        /// The schedule.
+        schedule: String,
+        /// Its workflow.
+        workflow: String,
+    },
+
+    /// A manual trigger was refused because the schedule's last run is still
+    /// live and its overlap policy is `Skip`. Wait for the run (or cancel it).
+    #[error(
+        "schedule `{schedule}` not triggered: its run `{run_id}` is still live and its overlap policy is Skip"
+    )]
+    ScheduleOverlap {
+        /// The schedule.
+        schedule: String,
+        /// The live run.
+        run_id: String,
+    },
+
+    /// The worker pool is shutting down and accepts no manual trigger.
+    #[error("the runtime is shutting down; trigger on a running runtime")]
+    ShuttingDown,
+
+    /// Another process changed the schedule's record during the call.
+    /// Call again.
+    #[error("schedule `{0}` was changed by another process during the call; call again")]
+    ScheduleConflict(String),
 }
 
 impl Error {
@@ -161,9 +201,12 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::Queue(e) => e.is_permanent(),
-            Error::WorkerStopped(_) | Error::StoreUnavailable { .. } | Error::TimedOut { .. } => {
-                false
-            }
+            Error::WorkerStopped(_)
+            | Error::StoreUnavailable { .. }
+            | Error::TimedOut { .. }
+            | Error::WorkflowTripped { .. }
+            | Error::ScheduleOverlap { .. }
+            | Error::ScheduleConflict(_) => false,
             _ => true,
         }
     }

@@ -95,6 +95,11 @@
 //!   a running step sees its [`Step::cancel_token`] fire and its result is
 //!   discarded. The request is durable: a restart still ends the run
 //!   `Cancelled` without running the step again.
+//! - **Schedules** ([`Schedule`]: every N seconds, cron, manual): each due
+//!   time fires exactly once — the run is submitted in the transaction that
+//!   records the fire and arms the next one — across crashes and restarts,
+//!   gated by the workflow's breaker; see [`WorkflowRuntime::schedules`] and
+//!   [`WorkflowRuntime::trigger`].
 //! - **Bad input** is a typed [`Error`] before anything is written; a job on
 //!   the step queue that is not a valid step is dead-lettered with a clear
 //!   reason, and the pool keeps going.
@@ -147,6 +152,7 @@ mod read;
 mod record;
 mod runner;
 mod runtime;
+mod schedule;
 mod store;
 mod sync;
 mod worker;
@@ -171,6 +177,7 @@ pub use store::{
     DEFAULT_QUEUE_NAME, STORE_FORMAT, StoreLocation, StoreOptions, control_queue_name,
     open_worker_store,
 };
+pub use schedule::{Downtime, LastRun, Overlap, Schedule, ScheduleInfo, ScheduleKind};
 
 /// The queue crate Waymark stores its state in, re-exported so callers use
 /// the same version (`waymark::taquba::Queue`, `waymark::taquba::object_store`).

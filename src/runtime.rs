@@ -27,6 +27,7 @@ use crate::record::{
     validate_name,
 };
 use crate::runner::StepRunner;
+use crate::schedule::{Schedule, Schedules};
 use crate::sync::lock;
 
 /// What to run: the input of a new run and how its steps are queued.
@@ -127,6 +128,7 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     default_retry: RetryPolicy,
     breakers: HashMap<String, BackoffPolicy>,
     observer: Option<Observer>,
+    schedules: Vec<Schedule>,
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
@@ -208,6 +210,13 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         self
     }
 
+    /// Add a durable schedule (see [`Schedule`]). A duplicate id, a zero
+    /// interval or an invalid cron expression fails [`Self::build`].
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
     /// Check the settings and build the runtime.
     pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
         let invalid = |m: String| Err(Error::InvalidConfig(m));
@@ -245,6 +254,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 ));
             }
         }
+        let schedules = Schedules::new(&self.queue_name, self.schedules)?;
         let keys = Keys::new(&self.queue_name);
         let breakers = Breakers::new(&self.queue_name, self.breakers, self.observer);
         let expiry = ExpiryIndex::new(keys.expiry_prefix().to_vec());
@@ -266,6 +276,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                     default_retry: self.default_retry,
                 },
                 breakers,
+                schedules,
                 keys,
                 expiry,
                 inflight: InFlightSteps::default(),
@@ -327,6 +338,7 @@ pub(crate) struct Inner<R, H> {
     pub cfg: Config,
     pub keys: Keys,
     pub breakers: Breakers,
+    pub schedules: Schedules,
     pub expiry: ExpiryIndex,
     /// Steps this process is running, per claim.
     pub inflight: InFlightSteps,
@@ -518,6 +530,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             default_retry: RetryPolicy::default(),
             breakers: HashMap::new(),
             observer: None,
+            schedules: Vec::new(),
         }
     }
 
@@ -541,60 +554,26 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// that creates the run (not called when the run exists already).
     pub(crate) async fn submit_with(
         &self,
-        mut spec: RunSpec,
+        spec: RunSpec,
         extra: impl Fn(SettlementEffects) -> Result<SettlementEffects, Error>,
     ) -> Result<SubmitOutcome, Error> {
         let inner = &self.inner;
-        spec.validate()?;
-        let run_id = spec
-            .run_id
-            .take()
-            .unwrap_or_else(|| ulid::Ulid::generate().to_string());
-        let workflow = spec
-            .workflow
-            .take()
-            .unwrap_or_else(|| DEFAULT_WORKFLOW.to_string());
-        let max_attempts = spec
-            .max_attempts_per_step
-            .unwrap_or(inner.cfg.retry_policy(&workflow).max_attempts);
-        let mut headers = step_headers(&spec.headers, &run_id, 0);
-        headers.insert(HEADER_WORKFLOW.to_string(), workflow.clone());
-        let sha: [u8; 32] = Sha256::digest(&spec.input).into();
-        let sub_key = inner.keys.sub(&run_id);
-        let run_key = inner.keys.run(&run_id);
-        let submit = SubmitRecord {
-            input_sha256: sha,
-            submitted_at_ms: inner.now_ms(),
-            headers: spec.headers.clone(),
-        };
-        let sub_value = encode(&sub_key, &submit)?;
+        let prepared = inner.prepare_submit(spec)?;
+        let PreparedSubmit {
+            run_id,
+            sub_key,
+            run_key,
+            sha,
+            ..
+        } = &prepared;
+        let (run_id, sha) = (run_id.clone(), *sha);
         loop {
-            let job_id = inner.queue.next_job_id();
-            let run = RunRecord {
-                step: 0,
-                job_id: job_id.clone(),
-            };
-            let options = EnqueueOptions::default()
-                .dedup_key(record::dedup_key(&run_id, 0))
-                .id_override(job_id)
-                .headers(headers.clone())
-                .priority(spec.priority)
-                .max_attempts(max_attempts);
-            let effects = extra(
-                SettlementEffects::default()
-                    .enqueue(EnqueueRequest {
-                        queue: inner.cfg.queue_name.clone(),
-                        payload: spec.input.clone(),
-                        options,
-                    })
-                    .kv_put(run_key.clone(), encode(&run_key, &run)?)
-                    .kv_put(sub_key.clone(), sub_value.clone()),
-            )?;
+            let effects = extra(inner.submit_effects(&prepared)?)?;
             let committed = {
                 let _pending = inner.pending.begin(&run_id);
                 inner
                     .queue
-                    .kv_compare_commit(&[(&sub_key, None)], effects)
+                    .kv_compare_commit(&[(sub_key, None)], effects)
                     .await?
             };
             if let Some(results) = committed {
@@ -612,7 +591,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     };
                     inner
                         .queue
-                        .kv_put(&run_key, &encode(&run_key, &adopted)?)
+                        .kv_put(run_key, &encode(run_key, &adopted)?)
                         .await?;
                 }
                 return Ok(SubmitOutcome {
@@ -624,14 +603,14 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             // still wait for its flush: the answer waits with it.)
             let read = inner
                 .durable(&run_id, async {
-                    Ok(inner.queue.view().kv_get(&sub_key).await?)
+                    Ok(inner.queue.view().kv_get(sub_key).await?)
                 })
                 .await?;
             let Some(bytes) = read else {
                 // It expired between the compare and this read: try again.
                 continue;
             };
-            let record: SubmitRecord = decode(&sub_key, &bytes)?;
+            let record: SubmitRecord = decode(sub_key, &bytes)?;
             if record.input_sha256 != sha {
                 return Err(Error::InputMismatch(run_id));
             }
@@ -852,6 +831,20 @@ pub(crate) fn step_headers(
     headers
 }
 
+/// A checked submit: what [`Inner::submit_effects`] turns into the effects
+/// that create the run (by `submit`, and by a schedule's firing).
+pub(crate) struct PreparedSubmit {
+    pub run_id: String,
+    pub sub_key: Vec<u8>,
+    pub run_key: Vec<u8>,
+    pub sha: [u8; 32],
+    sub_value: Vec<u8>,
+    headers: HashMap<String, String>,
+    input: Vec<u8>,
+    priority: Option<u32>,
+    max_attempts: u32,
+}
+
 impl<R, H> Inner<R, H> {
     pub(crate) fn now_ms(&self) -> u64 {
         self.queue.clock().now_ms()
@@ -874,6 +867,67 @@ impl<R, H> Inner<R, H> {
         let value = read.await?;
         self.pending.settled(run_id).await;
         Ok(value)
+    }
+
+    /// Check a run spec (nothing is written) and fix its run id.
+    pub(crate) fn prepare_submit(&self, spec: RunSpec) -> Result<PreparedSubmit, Error> {
+        spec.validate()?;
+        let run_id = spec
+            .run_id
+            .unwrap_or_else(|| ulid::Ulid::generate().to_string());
+        let workflow = spec
+            .workflow
+            .unwrap_or_else(|| DEFAULT_WORKFLOW.to_string());
+        let max_attempts = spec
+            .max_attempts_per_step
+            .unwrap_or(self.cfg.retry_policy(&workflow).max_attempts);
+        let mut headers = step_headers(&spec.headers, &run_id, 0);
+        headers.insert(HEADER_WORKFLOW.to_string(), workflow);
+        let sha: [u8; 32] = Sha256::digest(&spec.input).into();
+        let sub_key = self.keys.sub(&run_id);
+        let run_key = self.keys.run(&run_id);
+        let submit = SubmitRecord {
+            input_sha256: sha,
+            submitted_at_ms: self.now_ms(),
+            headers: spec.headers,
+        };
+        let sub_value = encode(&sub_key, &submit)?;
+        Ok(PreparedSubmit {
+            run_id,
+            sub_key,
+            run_key,
+            sha,
+            sub_value,
+            headers,
+            input: spec.input,
+            priority: spec.priority,
+            max_attempts,
+        })
+    }
+
+    /// The effects that create a prepared run: step 0's job (under a fresh
+    /// job id) and the run's live and submit records. The first enqueue is
+    /// step 0.
+    pub(crate) fn submit_effects(&self, p: &PreparedSubmit) -> Result<SettlementEffects, Error> {
+        let job_id = self.queue.next_job_id();
+        let run = RunRecord {
+            step: 0,
+            job_id: job_id.clone(),
+        };
+        let options = EnqueueOptions::default()
+            .dedup_key(record::dedup_key(&p.run_id, 0))
+            .id_override(job_id)
+            .headers(p.headers.clone())
+            .priority(p.priority)
+            .max_attempts(p.max_attempts);
+        Ok(SettlementEffects::default()
+            .enqueue(EnqueueRequest {
+                queue: self.cfg.queue_name.clone(),
+                payload: p.input.clone(),
+                options,
+            })
+            .kv_put(p.run_key.clone(), encode(&p.run_key, &run)?)
+            .kv_put(p.sub_key.clone(), p.sub_value.clone()))
     }
 
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {

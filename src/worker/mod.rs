@@ -43,6 +43,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let inner = &self.inner;
         maintenance::reconcile_all_dead(inner).await?;
         inner.breakers.start(&inner.queue).await?;
+        crate::schedule::arm_all(inner).await?;
         let stop = CancellationToken::new();
         let steps = claim_loop(
             inner.queue.clone(),
@@ -73,10 +74,28 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             )
             .await
         };
+        let ticks = async {
+            if inner.schedules.defs.is_empty() {
+                stop.cancelled().await;
+                return Ok(());
+            }
+            claim_loop(
+                inner.queue.clone(),
+                inner.schedules.queue.clone(),
+                crate::schedule::TICK_CONCURRENCY,
+                inner.cfg.poll_interval,
+                stop.clone(),
+                {
+                    let inner = inner.clone();
+                    move |claim| crate::schedule::handle_tick(inner.clone(), claim)
+                },
+            )
+            .await
+        };
         let maintenance = maintenance::maintain(inner, &stop);
         let requests = control::serve(self, &stop);
         let work = async {
-            let result = tokio::try_join!(steps, hooks, maintenance, requests);
+            let result = tokio::try_join!(steps, hooks, ticks, maintenance, requests);
             stop.cancel();
             result
         };
@@ -91,6 +110,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             r = &mut work => r,
             e = &mut watchdog => Err(e),
             _ = &mut shutdown => {
+                inner.schedules.begin_shutdown();
                 stop.cancel();
                 tokio::select! {
                     r = &mut work => r,

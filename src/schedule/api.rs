@@ -1,0 +1,170 @@
+//! The schedule calls on the runtime: read state, trigger, pause, resume.
+
+use taquba::{EnqueueResult, SettlementEffects};
+
+use super::def::Overlap;
+use super::fire::{Gate, fire, gate, last_live, merge, tick};
+use super::state::{self, ScheduleInfo, ScheduleRecord};
+use crate::error::Error;
+use crate::hook::TerminalHook;
+use crate::record::{encode, validate_name};
+use crate::runner::StepRunner;
+use crate::runtime::{Inner, WorkflowRuntime};
+
+impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
+    /// One schedule's state, from durable state (also for a schedule no
+    /// longer defined, which shows `active: false`). `None` for an id that
+    /// was never recorded (a schedule is recorded when a worker pool first
+    /// starts with it, or at its first trigger or pause).
+    pub async fn schedule(&self, id: &str) -> Result<Option<ScheduleInfo>, Error> {
+        validate_name("schedule id", id)?;
+        let inner = &self.inner;
+        super::read_schedule(inner.queue.view(), &inner.cfg.queue_name, id).await
+    }
+
+    /// Every recorded schedule's state, sorted by id.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let inner = &self.inner;
+        super::read_schedules(inner.queue.view(), &inner.cfg.queue_name).await
+    }
+
+    /// Fire a schedule now, by hand, and return the run id it submitted
+    /// (`{id}:t{ms}`). Overrides the workflow's backoff window (the operator
+    /// asked), never a trip.
+    ///
+    /// Errors: [`Error::ScheduleNotFound`] for an id this runtime does not
+    /// define; [`Error::WorkflowTripped`]; [`Error::ScheduleOverlap`] when the
+    /// schedule's overlap policy is `Skip` and its last run is live;
+    /// [`Error::ShuttingDown`] once the worker pool is stopping.
+    pub async fn trigger(&self, id: &str) -> Result<String, Error> {
+        validate_name("schedule id", id)?;
+        let inner = &self.inner;
+        if inner.schedules.shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let Some(def) = inner.schedules.defs.get(id) else {
+            return Err(Error::ScheduleNotFound(id.to_string()));
+        };
+        let _writer = inner.schedules.lock(id).await;
+        let (mut rec, old) = current(inner, id).await?;
+        if gate(inner, &def.workflow).await? == Gate::Tripped {
+            return Err(Error::WorkflowTripped {
+                schedule: id.to_string(),
+                workflow: def.workflow.clone(),
+            });
+        }
+        if def.overlap == Overlap::Skip && last_live(inner, &rec).await? {
+            return Err(Error::ScheduleOverlap {
+                schedule: id.to_string(),
+                run_id: rec.last_run_id.clone().unwrap_or_default(),
+            });
+        }
+        let now = inner.now_ms();
+        let Some((run_id, effects)) = fire(inner, id, def, &mut rec, now, true)? else {
+            return Err(Error::InvalidConfig(format!(
+                "schedule `{id}`: {}",
+                rec.last_error
+                    .as_deref()
+                    .unwrap_or("its input could not be computed")
+            )));
+        };
+        let key = state::key(&inner.cfg.queue_name, id);
+        let sub_key = inner.keys.sub(&run_id);
+        let effects = merge(
+            effects,
+            SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?),
+        );
+        let committed = {
+            let _pending = inner.pending.begin(&run_id);
+            inner
+                .queue
+                .kv_compare_commit(&[(&key, old.as_deref()), (&sub_key, None)], effects)
+                .await?
+        };
+        match committed {
+            Some(results) => {
+                if let Some(EnqueueResult::New(job)) = results.first() {
+                    inner.pending.enqueued([job.as_str()]);
+                }
+                tracing::info!(schedule = id, run_id, "schedule triggered");
+            }
+            // A trigger of the same millisecond committed first: its run.
+            None if inner.queue.view().kv_get(&sub_key).await?.is_some() => {}
+            None => {
+                return Err(Error::ScheduleConflict(id.to_string()));
+            }
+        }
+        Ok(run_id)
+    }
+
+    /// Pause a schedule: it fires nothing until [`Self::resume_schedule`],
+    /// across restarts (a manual trigger still fires). Returns whether it
+    /// was running.
+    pub async fn pause_schedule(&self, id: &str) -> Result<bool, Error> {
+        self.set_paused(id, true).await
+    }
+
+    /// Resume a paused schedule at its first fire time after now (times
+    /// missed while paused are not caught up). Returns whether it was paused.
+    pub async fn resume_schedule(&self, id: &str) -> Result<bool, Error> {
+        self.set_paused(id, false).await
+    }
+
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<bool, Error> {
+        validate_name("schedule id", id)?;
+        let inner = &self.inner;
+        let Some(def) = inner.schedules.defs.get(id) else {
+            return Err(Error::ScheduleNotFound(id.to_string()));
+        };
+        let _writer = inner.schedules.lock(id).await;
+        let (mut rec, old) = current(inner, id).await?;
+        if rec.paused == paused {
+            return Ok(false);
+        }
+        rec.paused = paused;
+        let key = state::key(&inner.cfg.queue_name, id);
+        let mut effects = SettlementEffects::default();
+        if paused {
+            rec.next_fire_ms = None;
+            rec.armed_ms = None;
+            rec.buffered_ms = None;
+        } else {
+            let now = inner.now_ms();
+            rec.next_fire_ms = def.times.next_after(now, rec.anchor_ms);
+            rec.armed_ms = rec.next_fire_ms;
+            if let Some(at) = rec.armed_ms {
+                effects = effects.enqueue(tick(&inner.schedules.queue, id, at));
+            }
+        }
+        effects = effects.kv_put(key.clone(), encode(&key, &rec)?);
+        let committed = inner
+            .queue
+            .kv_compare_commit(&[(&key, old.as_deref())], effects)
+            .await?;
+        if committed.is_none() {
+            return Err(Error::ScheduleConflict(id.to_string()));
+        }
+        tracing::info!(schedule = id, paused, "schedule paused or resumed");
+        Ok(true)
+    }
+}
+
+/// A defined schedule's record and its stored bytes (`None` when it was
+/// never recorded: a fresh record, not armed until the pool starts).
+async fn current<R, H>(
+    inner: &Inner<R, H>,
+    id: &str,
+) -> Result<(ScheduleRecord, Option<Vec<u8>>), Error> {
+    match state::read_record(inner.queue.view(), &inner.cfg.queue_name, id).await? {
+        Some((rec, bytes)) => Ok((rec, Some(bytes))),
+        None => {
+            let def = inner
+                .schedules
+                .defs
+                .get(id)
+                .ok_or_else(|| Error::ScheduleNotFound(id.to_string()))?;
+            let rec = ScheduleRecord::new(def.kind.clone(), def.workflow.clone(), inner.now_ms());
+            Ok((rec, None))
+        }
+    }
+}

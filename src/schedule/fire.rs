@@ -1,0 +1,396 @@
+//! Firing: handling a claimed tick in the one transaction that submits its
+//! runs, rewrites the schedule's record and arms the next tick; and arming
+//! every schedule when the pool starts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use taquba::{Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, SettlementEffects};
+
+use super::def::{Checked, Downtime, Overlap, ScheduleKind};
+use super::state::{self, ScheduleRecord};
+use crate::breaker::{HealthRecord, Stored, ms_to_time};
+use crate::error::Error;
+use crate::record::{RESERVED_HEADER_PREFIX, decode, encode};
+use crate::runtime::{Inner, RunSpec};
+
+/// The tick job header naming its schedule.
+const HEADER_SCHEDULE: &str = "workflow.schedule";
+/// The tick job header carrying the time it was armed for (ms).
+const HEADER_TICK_AT: &str = "workflow.tick_at";
+/// Attempts of a tick job: a tick is retried while the store fails, never
+/// given up on for a transient reason.
+const TICK_MAX_ATTEMPTS: u32 = 1_000_000;
+/// The most due times one tick walks through (a long downtime of a
+/// sub-second schedule); older ones are counted as missed.
+const MAX_DUE_WALK: usize = 100_000;
+/// Schedules armed per commit when the pool starts.
+const ARM_BATCH: usize = 256;
+
+const _: () = assert!(HEADER_SCHEDULE.len() > RESERVED_HEADER_PREFIX.len());
+
+/// The breaker's word on a fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    Open,
+    /// In backoff until this time (ms).
+    Backoff(u64),
+    Tripped,
+}
+
+/// The tick job that fires schedule `id` at `at` (ms).
+pub(crate) fn tick(queue: &str, id: &str, at: u64) -> EnqueueRequest {
+    let options = EnqueueOptions::default()
+        .dedup_key(format!("sched:{id}:{at}"))
+        .header(HEADER_SCHEDULE, id.to_string())
+        .header(HEADER_TICK_AT, at.to_string())
+        .max_attempts(TICK_MAX_ATTEMPTS)
+        .run_at(Some(ms_to_time(at)));
+    EnqueueRequest {
+        queue: queue.to_string(),
+        payload: Vec::new(),
+        options,
+    }
+}
+
+/// The run id of a timer fire at `at`, and of a manual trigger at `at`.
+pub(crate) fn fire_run_id(id: &str, at: u64, manual: bool) -> String {
+    if manual {
+        format!("{id}:t{at}")
+    } else {
+        format!("{id}:{at}")
+    }
+}
+
+/// Append `b`'s effects to `a`'s.
+pub(crate) fn merge(mut a: SettlementEffects, b: SettlementEffects) -> SettlementEffects {
+    a.enqueues.extend(b.enqueues);
+    a.kv_writes.extend(b.kv_writes);
+    a.kv_deletes.extend(b.kv_deletes);
+    a.expiry_entries.extend(b.expiry_entries);
+    a
+}
+
+/// What the workflow's breaker says, from its durable record.
+pub(crate) async fn gate<R, H>(inner: &Inner<R, H>, workflow: &str) -> Result<Gate, Error> {
+    let key = inner.breakers.health_key(workflow);
+    Ok(match inner.queue.view().kv_get(&key).await? {
+        None => Gate::Open,
+        Some(bytes) => match decode::<HealthRecord>(&key, &bytes)?.state {
+            Stored::Closed => Gate::Open,
+            Stored::Backoff { until } => Gate::Backoff(until),
+            Stored::Tripped { .. } => Gate::Tripped,
+        },
+    })
+}
+
+/// Whether the schedule's last run is live.
+pub(crate) async fn last_live<R, H>(
+    inner: &Inner<R, H>,
+    rec: &ScheduleRecord,
+) -> Result<bool, Error> {
+    Ok(match &rec.last_run_id {
+        Some(run) => inner.read_run(run).await?.is_some(),
+        None => false,
+    })
+}
+
+/// The submit effects of a run fired at `at`, and its run id. Records the
+/// fire in `rec`. An input function that fails is recorded, and `None`.
+pub(crate) fn fire<R, H>(
+    inner: &Inner<R, H>,
+    id: &str,
+    def: &Checked,
+    rec: &mut ScheduleRecord,
+    at: u64,
+    manual: bool,
+) -> Result<Option<(String, SettlementEffects)>, Error> {
+    let input = match def.input_at(UNIX_EPOCH + Duration::from_millis(at)) {
+        Ok(input) => input,
+        Err(why) => {
+            tracing::error!(schedule = id, at, "fire skipped: {why}");
+            rec.last_error = Some(why);
+            return Ok(None);
+        }
+    };
+    let run_id = fire_run_id(id, at, manual);
+    let prepared = inner.prepare_submit(RunSpec {
+        run_id: Some(run_id.clone()),
+        input,
+        workflow: Some(def.workflow.clone()),
+        ..RunSpec::default()
+    })?;
+    let effects = inner.submit_effects(&prepared)?;
+    rec.last_fire_ms = Some(at);
+    rec.last_run_id = Some(run_id.clone());
+    rec.run_count = rec.run_count.saturating_add(1);
+    Ok(Some((run_id, effects)))
+}
+
+/// Decide what a tick for a due record does at `now`: the fire times to
+/// submit (counters, the buffered fire and the next fire time are updated
+/// in `rec`). `live` says whether the last run is live.
+pub(crate) fn plan(
+    def: &Checked,
+    rec: &mut ScheduleRecord,
+    now: u64,
+    live: bool,
+    gate: Gate,
+) -> Vec<u64> {
+    let mut fires = Vec::new();
+    // Catch-up fires of one tick do not overlap each other: only the run
+    // live before the tick (or the buffered one it submits) counts.
+    let mut blocked = live;
+    if let Some(buffered) = rec.buffered_ms
+        && !live
+        && gate != Gate::Tripped
+    {
+        fires.push(buffered);
+        rec.buffered_ms = None;
+        blocked = true;
+    }
+    let Some(next) = rec.next_fire_ms.filter(|next| *next <= now) else {
+        return fires;
+    };
+    // Every due time, oldest first: keep the latest ones and a count.
+    let mut due = std::collections::VecDeque::new();
+    let mut count: u64 = 0;
+    let mut t = Some(next);
+    while let Some(at) = t.filter(|at| *at <= now) {
+        count += 1;
+        due.push_back(at);
+        if due.len() > MAX_DUE_WALK {
+            due.pop_front();
+        }
+        t = def.times.next_after(at, rec.anchor_ms);
+        if count as usize >= MAX_DUE_WALK {
+            // Jump over the rest of a very long downtime.
+            t = def
+                .times
+                .next_after(now.saturating_sub(def.misfire_grace_ms), rec.anchor_ms)
+                .filter(|n| *n > at);
+        }
+    }
+    rec.next_fire_ms = def.times.next_after(now, rec.anchor_ms);
+    let on_time = |at: u64| now.saturating_sub(at) <= def.misfire_grace_ms;
+    let latest = due.back().copied();
+    let chosen: Vec<u64> = match def.downtime {
+        Downtime::Skip => latest.filter(|at| on_time(*at)).into_iter().collect(),
+        Downtime::FireOnce => latest.into_iter().collect(),
+        Downtime::FireAll { max } => {
+            let skip = due.len().saturating_sub(max as usize);
+            due.iter().skip(skip).copied().collect()
+        }
+    };
+    rec.missed = rec
+        .missed
+        .saturating_add(count.saturating_sub(chosen.len() as u64));
+    for at in chosen {
+        match gate {
+            Gate::Tripped => {
+                rec.suppressed_tripped += 1;
+                continue;
+            }
+            Gate::Backoff(until) if at < until => {
+                rec.suppressed_backoff += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if blocked {
+            match def.overlap {
+                Overlap::Allow => {}
+                Overlap::Skip => {
+                    rec.skipped_overlap += 1;
+                    continue;
+                }
+                Overlap::BufferOne => {
+                    if rec.buffered_ms.is_none() {
+                        rec.buffered_ms = Some(at);
+                    } else {
+                        rec.skipped_overlap += 1;
+                    }
+                    continue;
+                }
+            }
+        }
+        fires.push(at);
+    }
+    fires
+}
+
+/// Handle a claimed tick: fire what is due in the transaction that acks it.
+pub(crate) async fn handle_tick<R, H>(inner: Arc<Inner<R, H>>, claim: Claim) {
+    let parsed = (|| {
+        let id = claim.headers.get(HEADER_SCHEDULE)?;
+        let at = claim.headers.get(HEADER_TICK_AT)?.parse::<u64>().ok()?;
+        Some((id.clone(), at))
+    })();
+    let Some((id, at)) = parsed else {
+        let why = format!(
+            "not a schedule tick: it needs the headers `{HEADER_SCHEDULE}` and `{HEADER_TICK_AT}` (ms)"
+        );
+        if let Err(e) = inner.queue.dead_letter(&claim, &why).await {
+            tracing::warn!("dead-lettering a malformed tick failed: {e}");
+        }
+        return;
+    };
+    if let Err(e) = tick_once(&inner, &claim, &id, at).await {
+        if e.is_permanent() {
+            tracing::error!(schedule = id, "the schedule's tick cannot be handled: {e}");
+            if let Err(e) = inner.queue.dead_letter(&claim, &e.to_string()).await {
+                tracing::warn!("dead-lettering the tick failed: {e}");
+            }
+        } else {
+            // The claim stays; its lease ends (or the next open requeues it)
+            // and the same time is fired then.
+            tracing::warn!(
+                schedule = id,
+                "handling the tick failed; it is retried: {e}"
+            );
+        }
+    }
+}
+
+async fn tick_once<R, H>(
+    inner: &Arc<Inner<R, H>>,
+    claim: &Claim,
+    id: &str,
+    at: u64,
+) -> Result<(), Error> {
+    let schedules = &inner.schedules;
+    let _writer = schedules.lock(id).await;
+    let qname = &inner.cfg.queue_name;
+    let Some((mut rec, _)) = state::read_record(inner.queue.view(), qname, id).await? else {
+        inner.queue.ack(claim).await?;
+        return Ok(());
+    };
+    if rec.armed_ms != Some(at) {
+        tracing::debug!(schedule = id, at, "stale tick");
+        inner.queue.ack(claim).await?;
+        return Ok(());
+    }
+    let now = inner.now_ms();
+    let key = state::key(qname, id);
+    let Some(def) = schedules.defs.get(id).filter(|_| rec.active && !rec.paused) else {
+        rec.armed_ms = None;
+        rec.next_fire_ms = None;
+        let effects = SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?);
+        inner.queue.ack_with(claim, effects).await?;
+        return Ok(());
+    };
+    let live = last_live(inner, &rec).await?;
+    let gate = gate(inner, &def.workflow).await?;
+    let times = plan(def, &mut rec, now, live, gate);
+    let mut effects = SettlementEffects::default();
+    let mut run_ids = Vec::new();
+    let mut step_zero = Vec::new();
+    for t in times {
+        if let Some((run_id, submit)) = fire(inner, id, def, &mut rec, t, false)? {
+            step_zero.push(effects.enqueues.len());
+            effects = merge(effects, submit);
+            run_ids.push(run_id);
+        }
+    }
+    rec.armed_ms = match (rec.next_fire_ms, rec.buffered_ms) {
+        (next, Some(_)) => {
+            let check = now.saturating_add(inner.cfg.poll_interval.as_millis() as u64);
+            Some(next.map_or(check, |n| n.min(check)))
+        }
+        (next, None) => next,
+    };
+    if let Some(armed) = rec.armed_ms {
+        effects = effects.enqueue(tick(&schedules.queue, id, armed));
+    }
+    effects = effects.kv_put(key.clone(), encode(&key, &rec)?);
+    let results = {
+        let _pending: Vec<_> = run_ids.iter().map(|r| inner.pending.begin(r)).collect();
+        inner.queue.ack_with(claim, effects).await?
+    };
+    inner
+        .pending
+        .enqueued(step_zero.iter().filter_map(|i| match results.get(*i) {
+            Some(EnqueueResult::New(job)) => Some(job.as_str()),
+            _ => None,
+        }));
+    for run_id in &run_ids {
+        tracing::info!(schedule = id, run_id, "schedule fired");
+    }
+    Ok(())
+}
+
+/// When the pool starts: record every definition (new ones armed for their
+/// first time after now; changed ones keep their armed time; removed ones
+/// marked inactive) and arm the tick of every active schedule, so a tick
+/// lost with a dead-lettered job is armed again (a live one is a dedup hit).
+pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
+    let qname = &inner.cfg.queue_name;
+    let schedules = &inner.schedules;
+    let now = inner.now_ms();
+    let mut ids: Vec<String> = schedules.defs.keys().cloned().collect();
+    for info in state::read_schedules(inner.queue.view(), qname).await? {
+        if !schedules.defs.contains_key(&info.id) {
+            ids.push(info.id);
+        }
+    }
+    for chunk in ids.chunks(ARM_BATCH) {
+        let mut guards = Vec::with_capacity(chunk.len());
+        let mut effects = SettlementEffects::default();
+        let mut writes: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for id in chunk {
+            guards.push(schedules.lock(id).await);
+            let old = state::read_record(inner.queue.view(), qname, id).await?;
+            let key = state::key(qname, id);
+            let (current, changed) = match (schedules.defs.get(id), old) {
+                (Some(def), None) => {
+                    let mut rec = ScheduleRecord::new(def.kind.clone(), def.workflow.clone(), now);
+                    rec.next_fire_ms = def.times.next_after(now, now);
+                    rec.armed_ms = rec.next_fire_ms;
+                    (Some(rec), true)
+                }
+                (Some(def), Some((old, _))) => {
+                    let mut rec = old.clone();
+                    rec.active = true;
+                    rec.workflow = def.workflow.clone();
+                    if rec.kind != def.kind {
+                        rec.kind = def.kind.clone();
+                        if def.kind == ScheduleKind::Manual {
+                            rec.next_fire_ms = None;
+                            rec.armed_ms = None;
+                        }
+                    }
+                    if !rec.paused && rec.next_fire_ms.is_none() && rec.armed_ms.is_none() {
+                        // Inactive before, or manual before: arm it now.
+                        rec.next_fire_ms = def.times.next_after(now, rec.anchor_ms);
+                        rec.armed_ms = rec.next_fire_ms;
+                    }
+                    let changed = rec != old;
+                    (Some(rec), changed)
+                }
+                (None, Some((mut rec, _))) => {
+                    let changed = rec.active || rec.armed_ms.is_some();
+                    rec.active = false;
+                    rec.next_fire_ms = None;
+                    rec.armed_ms = None;
+                    rec.buffered_ms = None;
+                    (Some(rec), changed)
+                }
+                (None, None) => (None, false),
+            };
+            let Some(rec) = current else { continue };
+            if changed {
+                writes.insert(key.clone(), encode(&key, &rec)?);
+            }
+            if let Some(armed) = rec.armed_ms.filter(|_| rec.active && !rec.paused) {
+                effects = effects.enqueue(tick(&schedules.queue, id, armed));
+            }
+        }
+        effects = effects.kv_writes(writes);
+        if !effects.enqueues.is_empty() || !effects.kv_writes.is_empty() {
+            inner.queue.commit_effects(effects).await?;
+        }
+        drop(guards);
+    }
+    Ok(())
+}
