@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use taquba::{KvOrder, Queue, SettlementEffects};
+use taquba::{KvOrder, Queue, QueueView, SettlementEffects};
 
 use crate::error::Error;
 use crate::policy::BackoffPolicy;
@@ -494,16 +494,19 @@ impl Breakers {
     /// Load the health of every workflow that has a record, so tripped ones
     /// are probed after a restart.
     pub(crate) async fn load_all(&self, queue: &Queue) -> Result<(), Error> {
-        for (name, _) in self.read_records(queue).await? {
+        for (name, _) in self.read_records(queue.view()).await? {
             let state = self.state(&name);
             self.cached(queue, &name, &state).await?;
         }
         Ok(())
     }
 
-    async fn read_records(&self, queue: &Queue) -> Result<BTreeMap<String, HealthRecord>, Error> {
+    async fn read_records(
+        &self,
+        view: &QueueView,
+    ) -> Result<BTreeMap<String, HealthRecord>, Error> {
         let mut out = BTreeMap::new();
-        self.scan(queue, &self.health_prefix, |key, value| {
+        self.scan(view, &self.health_prefix, |key, value| {
             let name = String::from_utf8_lossy(key).into_owned();
             let rec: HealthRecord = decode(key, value)?;
             out.insert(name, rec);
@@ -516,11 +519,11 @@ impl Breakers {
     /// Unfolded tallies by workflow: (succeeded, failed, keys).
     async fn read_tallies(
         &self,
-        queue: &Queue,
+        view: &QueueView,
     ) -> Result<BTreeMap<String, (u64, u64, Vec<Vec<u8>>)>, Error> {
         let mut out: BTreeMap<String, (u64, u64, Vec<Vec<u8>>)> = BTreeMap::new();
         let prefix = self.tally_prefix.clone();
-        self.scan(queue, &prefix, |rest, value| {
+        self.scan(view, &prefix, |rest, value| {
             let rest = String::from_utf8_lossy(rest);
             let Some((workflow, _run)) = rest.split_once('/') else {
                 return Ok(());
@@ -543,28 +546,20 @@ impl Breakers {
     /// Call `f(key without prefix, value)` for every entry under `prefix`.
     async fn scan(
         &self,
-        queue: &Queue,
+        view: &QueueView,
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = match &after {
-                None => {
-                    queue
-                        .view()
-                        .kv_scan(prefix, .., KvOrder::Ascending, 256)
-                        .await?
-                }
+                None => view.kv_scan(prefix, .., KvOrder::Ascending, 256).await?,
                 Some(last) => {
                     let range = (
                         std::ops::Bound::Excluded(last.clone()),
                         std::ops::Bound::Unbounded,
                     );
-                    queue
-                        .view()
-                        .kv_scan(prefix, range, KvOrder::Ascending, 256)
-                        .await?
+                    view.kv_scan(prefix, range, KvOrder::Ascending, 256).await?
                 }
             };
             for (key, value) in &page.entries {
@@ -580,7 +575,7 @@ impl Breakers {
     /// Fold tally entries into the health records' counts (one commit per
     /// workflow that has any).
     pub(crate) async fn fold_tallies(&self, queue: &Queue) -> Result<(), Error> {
-        for (workflow, (ok, failed, keys)) in self.read_tallies(queue).await? {
+        for (workflow, (ok, failed, keys)) in self.read_tallies(queue.view()).await? {
             let state = self.state(&workflow);
             let _writer = state.writer.lock().await;
             let mut rec = self.cached(queue, &workflow, &state).await?;
@@ -597,9 +592,9 @@ impl Breakers {
     }
 
     /// Whether `workflow`'s breaker is tripped, from its durable record.
-    pub(crate) async fn is_tripped(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
+    pub(crate) async fn is_tripped(&self, view: &QueueView, workflow: &str) -> Result<bool, Error> {
         let key = self.health_key(workflow);
-        Ok(match queue.view().kv_get(&key).await? {
+        Ok(match view.kv_get(&key).await? {
             Some(bytes) => matches!(
                 decode::<HealthRecord>(&key, &bytes)?.state,
                 Stored::Tripped { .. }
@@ -611,11 +606,11 @@ impl Breakers {
     /// Every workflow's health, from durable state.
     pub(crate) async fn health(
         &self,
-        queue: &Queue,
+        view: &QueueView,
         only: Option<&str>,
     ) -> Result<Vec<WorkflowHealth>, Error> {
-        let mut records = self.read_records(queue).await?;
-        let tallies = self.read_tallies(queue).await?;
+        let mut records = self.read_records(view).await?;
+        let tallies = self.read_tallies(view).await?;
         for name in tallies.keys() {
             records.entry(name.clone()).or_default();
         }

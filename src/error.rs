@@ -106,6 +106,53 @@ pub enum Error {
         /// How long the oldest commit had waited.
         waited: std::time::Duration,
     },
+
+    /// The location holds no Waymark store: nothing was written there, or
+    /// what is there was not written by Waymark. Check the URL (and the
+    /// prefix in it); a worker opening an empty location creates the store.
+    #[error("no Waymark store at {location}: {reason}")]
+    NotAWaymarkStore {
+        /// The store's URL or path.
+        location: String,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The store was written by a Waymark whose store format this build does
+    /// not read. Run the same Waymark version as the store's worker.
+    #[error(
+        "the Waymark store at {location} has store format {found}, this build reads format {supported}; run a matching Waymark version"
+    )]
+    IncompatibleStore {
+        /// The store's URL or path.
+        location: String,
+        /// The format found in the store's marker.
+        found: u32,
+        /// The format this build reads and writes.
+        supported: u32,
+    },
+
+    /// The worker refused a client's request (it does not decode, or its
+    /// inbox entry was rejected, or applying it failed permanently). The
+    /// reason says which; the request had no effect.
+    #[error("request `{request_id}` was refused: {reason}")]
+    RequestRefused {
+        /// The request.
+        request_id: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A client's wait ended at the caller's timeout before its answer was
+    /// visible. The request or run is not affected: wait again, or check
+    /// that a worker runs on the store.
+    #[error("gave up waiting for {what} after {waited:?}; is a worker running on the store?")]
+    TimedOut {
+        /// What was awaited.
+        what: String,
+        /// How long the caller waited.
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -114,7 +161,9 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::Queue(e) => e.is_permanent(),
-            Error::WorkerStopped(_) | Error::StoreUnavailable { .. } => false,
+            Error::WorkerStopped(_) | Error::StoreUnavailable { .. } | Error::TimedOut { .. } => {
+                false
+            }
             _ => true,
         }
     }

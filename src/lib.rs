@@ -104,28 +104,39 @@
 #![deny(missing_docs)]
 
 mod breaker;
+mod client;
+mod control;
 mod error;
 mod hook;
 mod pending;
 mod policy;
+mod read;
 mod record;
 mod runner;
 mod runtime;
+mod store;
 mod sync;
 mod worker;
 
 pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};
+pub use client::{Client, ClientOptions, Sent};
+pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
 pub use error::Error;
 pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
 pub use policy::{BackoffPolicy, RetryPolicy};
+pub use read::{
+    DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
+};
 pub use record::{
     DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP,
     HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN,
     RESERVED_HEADER_PREFIX, validate_headers, validate_name,
 };
 pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
-pub use runtime::{
-    RunSpec, RunState, RunStatus, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder,
+pub use runtime::{RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};
+pub use store::{
+    DEFAULT_QUEUE_NAME, STORE_FORMAT, StoreLocation, StoreOptions, control_queue_name,
+    open_worker_store,
 };
 
 /// The queue crate Waymark stores its state in, re-exported so callers use

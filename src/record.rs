@@ -175,6 +175,16 @@ impl Keys {
         Self::join(&self.out, run_id)
     }
 
+    /// The prefix of every live run record.
+    pub(crate) fn run_prefix(&self) -> &[u8] {
+        &self.run
+    }
+
+    /// The prefix of every terminal record.
+    pub(crate) fn out_prefix(&self) -> &[u8] {
+        &self.out
+    }
+
     pub(crate) fn expiry_prefix(&self) -> &[u8] {
         &self.exp
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use taquba::{
@@ -13,15 +13,16 @@ use taquba::{
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{BreakerEvent, Breakers, Observer, WorkflowHealth, ms_to_time};
+use crate::breaker::{BreakerEvent, Breakers, Observer, WorkflowHealth};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
 use crate::pending::PendingCommits;
 use crate::policy::{BackoffPolicy, RetryPolicy};
+use crate::read::{self, RunFilter, RunPage};
 use crate::record::{
-    self, DEFAULT_WORKFLOW, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys,
-    MAX_PAYLOAD_BYTES, OutcomeRecord, RunRecord, SubmitRecord, decode, encode, parse_step_extras,
-    user_headers, validate_headers, validate_name,
+    self, DEFAULT_WORKFLOW, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
+    OutcomeRecord, RunRecord, SubmitRecord, decode, encode, user_headers, validate_headers,
+    validate_name,
 };
 use crate::runner::StepRunner;
 use crate::sync::lock;
@@ -50,6 +51,33 @@ pub struct RunSpec {
     pub workflow: Option<String>,
 }
 
+impl RunSpec {
+    /// Everything [`WorkflowRuntime::submit`] checks before it writes: the
+    /// run id, headers, workflow name, input size and attempts.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if let Some(id) = &self.run_id {
+            validate_name("run id", id)?;
+        }
+        validate_headers(&self.headers)?;
+        if let Some(workflow) = &self.workflow {
+            validate_name("workflow name", workflow)?;
+        }
+        if self.input.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::PayloadTooLarge {
+                what: "input",
+                size: self.input.len(),
+                max: MAX_PAYLOAD_BYTES,
+            });
+        }
+        if self.max_attempts_per_step == Some(0) {
+            return Err(Error::InvalidConfig(
+                "max_attempts_per_step must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What [`WorkflowRuntime::submit`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubmitOutcome {
@@ -59,39 +87,7 @@ pub struct SubmitOutcome {
     pub newly_submitted: bool,
 }
 
-/// Where a live run is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum RunState {
-    /// Its current step waits for a worker.
-    Pending,
-    /// Its current step waits for its time (`ContinueAfter`, or a retry).
-    Scheduled,
-    /// A worker is running its current step.
-    Running,
-    /// A cancel was accepted; the run ends `Cancelled` once its running step
-    /// returns.
-    Cancelling,
-    /// Its workflow's breaker tripped: the step is parked (holding no worker
-    /// or lease) until the breaker closes.
-    Parked,
-}
-
-/// A live run's status, read from durable state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunStatus {
-    /// The run.
-    pub run_id: String,
-    /// Where it is.
-    pub state: RunState,
-    /// The step it is at.
-    pub current_step: u32,
-    /// The workflow it belongs to.
-    pub workflow: String,
-    /// When a `Scheduled` step runs: after `ContinueAfter`, a retry's backoff
-    /// or a breaker's backoff window.
-    pub scheduled_for: Option<SystemTime>,
-}
+use crate::read::RunStatus;
 
 /// Settings fixed at build.
 #[derive(Debug, Clone)]
@@ -390,31 +386,26 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// `terminal_retention` after it ends, across restarts); the same id with
     /// another input is [`Error::InputMismatch`].
     pub async fn submit(&self, spec: RunSpec) -> Result<SubmitOutcome, Error> {
+        self.submit_with(spec, Ok).await
+    }
+
+    /// [`Self::submit`], with `extra` applied to the effects of the commit
+    /// that creates the run (not called when the run exists already).
+    pub(crate) async fn submit_with(
+        &self,
+        mut spec: RunSpec,
+        extra: impl Fn(SettlementEffects) -> Result<SettlementEffects, Error>,
+    ) -> Result<SubmitOutcome, Error> {
         let inner = &self.inner;
-        let run_id = match spec.run_id {
-            Some(id) => {
-                validate_name("run id", &id)?;
-                id
-            }
-            None => ulid::Ulid::generate().to_string(),
-        };
-        validate_headers(&spec.headers)?;
+        spec.validate()?;
+        let run_id = spec
+            .run_id
+            .take()
+            .unwrap_or_else(|| ulid::Ulid::generate().to_string());
         let workflow = spec
             .workflow
+            .take()
             .unwrap_or_else(|| DEFAULT_WORKFLOW.to_string());
-        validate_name("workflow name", &workflow)?;
-        if spec.input.len() > MAX_PAYLOAD_BYTES {
-            return Err(Error::PayloadTooLarge {
-                what: "input",
-                size: spec.input.len(),
-                max: MAX_PAYLOAD_BYTES,
-            });
-        }
-        if spec.max_attempts_per_step == Some(0) {
-            return Err(Error::InvalidConfig(
-                "max_attempts_per_step must be at least 1".into(),
-            ));
-        }
         let max_attempts = spec
             .max_attempts_per_step
             .unwrap_or(inner.cfg.retry_policy(&workflow).max_attempts);
@@ -441,14 +432,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 .headers(headers.clone())
                 .priority(spec.priority)
                 .max_attempts(max_attempts);
-            let effects = SettlementEffects::default()
-                .enqueue(EnqueueRequest {
-                    queue: inner.cfg.queue_name.clone(),
-                    payload: spec.input.clone(),
-                    options,
-                })
-                .kv_put(run_key.clone(), encode(&run_key, &run)?)
-                .kv_put(sub_key.clone(), sub_value.clone());
+            let effects = extra(
+                SettlementEffects::default()
+                    .enqueue(EnqueueRequest {
+                        queue: inner.cfg.queue_name.clone(),
+                        payload: spec.input.clone(),
+                        options,
+                    })
+                    .kv_put(run_key.clone(), encode(&run_key, &run)?)
+                    .kv_put(sub_key.clone(), sub_value.clone()),
+            )?;
             let committed = {
                 let _pending = inner.pending.begin(&run_id);
                 inner
@@ -499,52 +492,30 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// and from a runtime that runs no worker). `None` for unknown and
     /// terminated runs; see [`Self::outcome`] for those.
     pub async fn status(&self, run_id: &str) -> Result<Option<RunStatus>, Error> {
-        validate_name("run id", run_id)?;
-        let Some((run, job)) = self.inner.current_step(run_id).await? else {
-            return Ok(None);
-        };
-        let state = match job.status {
-            JobStatus::Pending if job.cancel_requested => RunState::Cancelling,
-            JobStatus::Pending => RunState::Pending,
-            JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
-            JobStatus::Scheduled => RunState::Scheduled,
-            JobStatus::Claimed => {
-                let requested_here = self.inner.inflight_cancel_requested(&job.id);
-                if job.cancel_requested || requested_here {
-                    RunState::Cancelling
-                } else {
-                    RunState::Running
-                }
-            }
-            // The step was dead-lettered by the queue itself; the worker
-            // pool reconciles it into a `Failed` outcome.
-            JobStatus::Dead | JobStatus::Done => return Ok(None),
-        };
-        let workflow = job_workflow(&job);
-        // A waiting step of a tripped workflow is parked when it is claimed
-        // (and runs only after a reset or as the probe): report it so now.
-        let state = match state {
-            RunState::Pending | RunState::Scheduled
-                if self
-                    .inner
-                    .breakers
-                    .is_tripped(&self.inner.queue, &workflow)
-                    .await? =>
-            {
-                RunState::Parked
-            }
-            state => state,
-        };
-        Ok(Some(RunStatus {
-            run_id: run_id.to_string(),
-            state,
-            current_step: run.step,
-            workflow,
-            scheduled_for: (state == RunState::Scheduled)
-                .then_some(job.run_at)
-                .flatten()
-                .map(ms_to_time),
-        }))
+        let inner = &self.inner;
+        read::status(
+            inner.queue.view(),
+            &inner.keys,
+            &inner.breakers,
+            run_id,
+            |job_id| inner.inflight_cancel_requested(job_id),
+        )
+        .await
+    }
+
+    /// A page of runs, live and ended (within the retention window), in run
+    /// id order, filtered by state and workflow. Each live run's state is
+    /// [`Self::status`]'s.
+    pub async fn runs(&self, filter: &RunFilter) -> Result<RunPage, Error> {
+        let inner = &self.inner;
+        read::runs(
+            inner.queue.view(),
+            &inner.keys,
+            &inner.breakers,
+            filter,
+            |job_id| inner.inflight_cancel_requested(job_id),
+        )
+        .await
     }
 
     /// Close `workflow`'s breaker, zero its failure streak and release its
@@ -569,7 +540,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let inner = &self.inner;
         Ok(inner
             .breakers
-            .health(&inner.queue, Some(workflow))
+            .health(inner.queue.view(), Some(workflow))
             .await?
             .into_iter()
             .next())
@@ -579,7 +550,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// ended run, by name.
     pub async fn workflows(&self) -> Result<Vec<WorkflowHealth>, Error> {
         let inner = &self.inner;
-        inner.breakers.health(&inner.queue, None).await
+        inner.breakers.health(inner.queue.view(), None).await
     }
 
     /// The terminal record of a run that has ended, kept for
@@ -689,12 +660,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 }
 
-/// The workflow a step job belongs to.
-pub(crate) fn job_workflow(job: &JobRecord) -> String {
-    parse_step_extras(&job.headers)
-        .map(|(w, _)| w)
-        .unwrap_or_else(|_| DEFAULT_WORKFLOW.to_string())
-}
+pub(crate) use crate::read::job_workflow;
 
 /// The headers of step `step`'s job: the submitter's plus the reserved ones.
 pub(crate) fn step_headers(
@@ -714,51 +680,19 @@ impl<R, H> Inner<R, H> {
     }
 
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
-        let key = self.keys.run(run_id);
-        match self.queue.view().kv_get(&key).await? {
-            Some(bytes) => Ok(Some(decode(&key, &bytes)?)),
-            None => Ok(None),
-        }
+        read::read_run(self.queue.view(), &self.keys, run_id).await
     }
 
     pub(crate) async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
-        let key = self.keys.out(run_id);
-        match self.queue.view().kv_get(&key).await? {
-            Some(bytes) => Ok(Some(
-                decode::<OutcomeRecord>(&key, &bytes)?.into_outcome(run_id),
-            )),
-            None => Ok(None),
-        }
+        read::outcome(self.queue.view(), &self.keys, run_id).await
     }
 
-    /// The live run record and its current step's job, read consistently: a
-    /// settlement between the two reads is retried.
+    /// The live run record and its current step's job, read consistently.
     pub(crate) async fn current_step(
         &self,
         run_id: &str,
     ) -> Result<Option<(RunRecord, JobRecord)>, Error> {
-        let mut last_missing: Option<RunRecord> = None;
-        loop {
-            let Some(run) = self.read_run(run_id).await? else {
-                return Ok(None);
-            };
-            match self.queue.view().job_record(&run.job_id).await? {
-                Some(job) if job.status != JobStatus::Done => return Ok(Some((run, job))),
-                _ => {
-                    if last_missing.as_ref() == Some(&run) {
-                        return Err(Error::CorruptRecord {
-                            key: String::from_utf8_lossy(&self.keys.run(run_id)).into_owned(),
-                            reason: format!(
-                                "the run is at step {} but its job `{}` does not exist",
-                                run.step, run.job_id
-                            ),
-                        });
-                    }
-                    last_missing = Some(run);
-                    tokio::task::yield_now().await;
-                }
-            }
-        }
+        read::current_step(self.queue.view(), &self.keys, run_id).await
     }
 
     pub(crate) fn inflight_cancel_requested(&self, job_id: &str) -> bool {

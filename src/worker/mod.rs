@@ -11,6 +11,7 @@
 //! "Terminal effects" delete the run record and write the outcome record,
 //! its retention entry and the hook notification job.
 
+mod control;
 mod hooks;
 mod maintenance;
 mod settle;
@@ -73,8 +74,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             .await
         };
         let maintenance = maintenance::maintain(inner, &stop);
+        let requests = control::serve(self, &stop);
         let work = async {
-            let result = tokio::try_join!(steps, hooks, maintenance);
+            let result = tokio::try_join!(steps, hooks, maintenance, requests);
             stop.cancel();
             result
         };

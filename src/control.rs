@@ -1,0 +1,197 @@
+//! Client requests and the worker's replies: their durable form and keys.
+//!
+//! A [`Client`](crate::Client) sends a request as one taquba inbox entry:
+//! an `enqueue` of a job on the control queue `{Q}-control` whose id (and
+//! inbox entry id) is the request id, whose header `workflow.run_id` names
+//! the run, and whose payload is a [`Request`]. The worker claims the job,
+//! applies it through its runtime's `submit` / `cancel`, and writes a
+//! [`ReplyRecord`] at `wm/Q/reply/{request_id}` (with an expiry entry at
+//! `wm/Q/rexp/{t}{request_id}`), which the client reads.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::runtime::{RunSpec, SubmitOutcome};
+
+/// Longest request id, in bytes (taquba's inbox id and job id limit).
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// A client's request, as the payload of its control job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// Submit a run (`WorkflowRuntime::submit`).
+    Submit {
+        /// Always set: the client generates an id when the spec has none.
+        run_id: String,
+        #[serde(with = "serde_bytes")]
+        input: Vec<u8>,
+        headers: HashMap<String, String>,
+        priority: Option<u32>,
+        max_attempts_per_step: Option<u32>,
+        workflow: Option<String>,
+    },
+    /// Cancel a run (`WorkflowRuntime::cancel`).
+    Cancel { run_id: String },
+}
+
+impl Request {
+    /// The submit request of `spec`, whose run id is set.
+    pub(crate) fn submit(run_id: String, spec: RunSpec) -> Self {
+        Request::Submit {
+            run_id,
+            input: spec.input,
+            headers: spec.headers,
+            priority: spec.priority,
+            max_attempts_per_step: spec.max_attempts_per_step,
+            workflow: spec.workflow,
+        }
+    }
+}
+
+/// What the worker did with a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ReplyRecord {
+    /// When it was applied, ms since the Unix epoch (the worker's clock).
+    pub at_ms: u64,
+    pub reply: ReplyBody,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum ReplyBody {
+    /// The submit was applied: the run exists.
+    Submitted {
+        run_id: String,
+        newly_submitted: bool,
+    },
+    /// The cancel was applied: whether it was accepted.
+    Cancelled { run_id: String, cancelled: bool },
+    /// The run exists with another input (`Error::InputMismatch`).
+    InputMismatch { run_id: String },
+    /// Refused, with the reason.
+    Refused { reason: String },
+}
+
+/// The answer to a client's request, once the worker has applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// A submit: the run exists (`newly_submitted: false` when it existed
+    /// already with the same input).
+    Submitted(SubmitOutcome),
+    /// A cancel: `cancelled` as [`WorkflowRuntime::cancel`](crate::WorkflowRuntime::cancel)
+    /// returned it.
+    Cancelled {
+        /// The run.
+        run_id: String,
+        /// Whether the cancel was accepted (false: unknown, ended, or
+        /// already cancelling).
+        cancelled: bool,
+    },
+}
+
+impl ReplyBody {
+    /// The client's view: a reply, or the refusal as a typed error.
+    pub(crate) fn into_result(self, request_id: &str) -> Result<Reply, Error> {
+        match self {
+            ReplyBody::Submitted {
+                run_id,
+                newly_submitted,
+            } => Ok(Reply::Submitted(SubmitOutcome {
+                run_id,
+                newly_submitted,
+            })),
+            ReplyBody::Cancelled { run_id, cancelled } => {
+                Ok(Reply::Cancelled { run_id, cancelled })
+            }
+            ReplyBody::InputMismatch { run_id } => Err(Error::InputMismatch(run_id)),
+            ReplyBody::Refused { reason } => Err(Error::RequestRefused {
+                request_id: request_id.to_string(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// The keys of one runtime's replies.
+#[derive(Debug, Clone)]
+pub(crate) struct ControlKeys {
+    reply: Vec<u8>,
+    expiry: Vec<u8>,
+}
+
+impl ControlKeys {
+    pub(crate) fn new(queue_name: &str) -> Self {
+        Self {
+            reply: format!("wm/{queue_name}/reply/").into_bytes(),
+            expiry: format!("wm/{queue_name}/rexp/").into_bytes(),
+        }
+    }
+
+    /// The reply record of `request_id`.
+    pub(crate) fn reply(&self, request_id: &str) -> Vec<u8> {
+        let mut key = self.reply.clone();
+        key.extend_from_slice(request_id.as_bytes());
+        key
+    }
+
+    /// The prefix of the replies' expiry index.
+    pub(crate) fn expiry_prefix(&self) -> &[u8] {
+        &self.expiry
+    }
+}
+
+/// Check a request id: 1–64 bytes of `[A-Za-z0-9_-]`.
+pub fn validate_request_id(id: &str) -> Result<(), Error> {
+    let reason = if id.is_empty() {
+        Some("it is empty")
+    } else if id.len() > MAX_REQUEST_ID_LEN {
+        Some("it is longer than 64 bytes")
+    } else if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        Some("only ASCII letters, digits, `_` and `-` are allowed")
+    } else {
+        None
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidRunId {
+            what: "request id",
+            value: id.chars().take(160).collect(),
+            reason,
+        }),
+    }
+}
+
+/// A fresh request id (a ULID).
+pub(crate) fn new_request_id() -> String {
+    ulid::Ulid::generate().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{decode, encode};
+
+    #[test]
+    fn requests_round_trip_and_ids_are_checked() {
+        let req = Request::submit(
+            "r1".into(),
+            RunSpec {
+                input: b"x".to_vec(),
+                ..Default::default()
+            },
+        );
+        let bytes = encode(b"k", &req).unwrap();
+        assert_eq!(decode::<Request>(b"k", &bytes).unwrap(), req);
+        assert!(decode::<Request>(b"k", b"garbage").is_err());
+        assert!(validate_request_id(&new_request_id()).is_ok());
+        for bad in ["", "a.b", "a/b", &"x".repeat(65)] {
+            assert!(validate_request_id(bad).is_err(), "{bad}");
+        }
+    }
+}

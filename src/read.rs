@@ -1,0 +1,362 @@
+//! Reading runs from durable state: the one implementation of `status`,
+//! `outcome`, run listings and workflow health, over a [`QueueView`].
+//!
+//! The worker's own runtime reads through its `Queue`'s view, and a
+//! [`Client`](crate::Client) in another process through a `QueueReader`'s:
+//! both call these functions, so they give the same answers (the reader's
+//! up to its lag).
+
+use std::ops::Bound;
+use std::time::SystemTime;
+
+use futures_util::StreamExt;
+use taquba::{JobRecord, JobStatus, KvOrder, QueueView};
+
+use crate::breaker::{Breakers, ms_to_time};
+use crate::error::Error;
+use crate::hook::{RunOutcome, TerminalStatus};
+use crate::record::{
+    DEFAULT_WORKFLOW, HEADER_PARKED, Keys, OutcomeRecord, RunRecord, decode, parse_step_extras,
+    validate_name,
+};
+
+/// Where a live run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RunState {
+    /// Its current step waits for a worker.
+    Pending,
+    /// Its current step waits for its time (`ContinueAfter`, or a retry).
+    Scheduled,
+    /// A worker is running its current step.
+    Running,
+    /// A cancel was accepted; the run ends `Cancelled` once its running step
+    /// returns.
+    Cancelling,
+    /// Its workflow's breaker tripped: the step is parked (holding no worker
+    /// or lease) until the breaker closes.
+    Parked,
+}
+
+/// A live run's status, read from durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStatus {
+    /// The run.
+    pub run_id: String,
+    /// Where it is.
+    pub state: RunState,
+    /// The step it is at.
+    pub current_step: u32,
+    /// The workflow it belongs to.
+    pub workflow: String,
+    /// When a `Scheduled` step runs: after `ContinueAfter`, a retry's backoff
+    /// or a breaker's backoff window.
+    pub scheduled_for: Option<SystemTime>,
+}
+
+/// Where a listed run is: live in a [`RunState`], or ended with a
+/// [`TerminalStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunPhase {
+    /// The run lives.
+    Live(RunState),
+    /// The run ended (its outcome is kept for the retention window).
+    Ended(TerminalStatus),
+}
+
+/// Which runs a listing returns, by where they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateFilter {
+    /// Every live run.
+    Live,
+    /// Every ended run (within the retention window).
+    Ended,
+    /// Runs in exactly this phase.
+    Is(RunPhase),
+}
+
+impl StateFilter {
+    fn matches(&self, phase: &RunPhase) -> bool {
+        match self {
+            StateFilter::Live => matches!(phase, RunPhase::Live(_)),
+            StateFilter::Ended => matches!(phase, RunPhase::Ended(_)),
+            StateFilter::Is(want) => want == phase,
+        }
+    }
+}
+
+/// The runs a listing asks for: a filter and a page. Construct with
+/// `RunFilter { workflow: Some(..), ..Default::default() }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs in this state (`None`: live and ended runs).
+    pub state: Option<StateFilter>,
+    /// Only runs of this workflow.
+    pub workflow: Option<String>,
+    /// Start after this run id: the [`RunPage::next`] of the previous page.
+    pub after: Option<String>,
+    /// The most runs in the page; 0 means [`DEFAULT_RUN_PAGE`].
+    pub limit: usize,
+}
+
+/// The page size of a listing whose [`RunFilter::limit`] is 0.
+pub const DEFAULT_RUN_PAGE: usize = 100;
+
+/// One run in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    /// The run.
+    pub run_id: String,
+    /// Its workflow.
+    pub workflow: String,
+    /// Where it is.
+    pub phase: RunPhase,
+    /// The step it is at (live), or its last step (ended).
+    pub step: u32,
+}
+
+/// A page of runs, in run id order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunPage {
+    /// The runs.
+    pub runs: Vec<RunSummary>,
+    /// Pass as [`RunFilter::after`] for the next page; `None` when this page
+    /// is the last.
+    pub next: Option<String>,
+}
+
+/// The workflow a step job belongs to.
+pub(crate) fn job_workflow(job: &JobRecord) -> String {
+    parse_step_extras(&job.headers)
+        .map(|(w, _)| w)
+        .unwrap_or_else(|_| DEFAULT_WORKFLOW.to_string())
+}
+
+/// A run's live record.
+pub(crate) async fn read_run(
+    view: &QueueView,
+    keys: &Keys,
+    run_id: &str,
+) -> Result<Option<RunRecord>, Error> {
+    let key = keys.run(run_id);
+    match view.kv_get(&key).await? {
+        Some(bytes) => Ok(Some(decode(&key, &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// A run's terminal record.
+pub(crate) async fn outcome(
+    view: &QueueView,
+    keys: &Keys,
+    run_id: &str,
+) -> Result<Option<RunOutcome>, Error> {
+    let key = keys.out(run_id);
+    match view.kv_get(&key).await? {
+        Some(bytes) => Ok(Some(
+            decode::<OutcomeRecord>(&key, &bytes)?.into_outcome(run_id),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The live run record and its current step's job, read consistently: a
+/// settlement between the two reads is retried.
+pub(crate) async fn current_step(
+    view: &QueueView,
+    keys: &Keys,
+    run_id: &str,
+) -> Result<Option<(RunRecord, JobRecord)>, Error> {
+    let mut last_missing: Option<RunRecord> = None;
+    loop {
+        let Some(run) = read_run(view, keys, run_id).await? else {
+            return Ok(None);
+        };
+        match view.job_record(&run.job_id).await? {
+            Some(job) if job.status != JobStatus::Done => return Ok(Some((run, job))),
+            _ => {
+                if last_missing.as_ref() == Some(&run) {
+                    return Err(Error::CorruptRecord {
+                        key: String::from_utf8_lossy(&keys.run(run_id)).into_owned(),
+                        reason: format!(
+                            "the run is at step {} but its job `{}` does not exist",
+                            run.step, run.job_id
+                        ),
+                    });
+                }
+                last_missing = Some(run);
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// A live run's status. `cancel_here` says whether this process accepted a
+/// cancel of the run's claimed step that is not yet durable on its job.
+pub(crate) async fn status(
+    view: &QueueView,
+    keys: &Keys,
+    breakers: &Breakers,
+    run_id: &str,
+    cancel_here: impl Fn(&str) -> bool,
+) -> Result<Option<RunStatus>, Error> {
+    validate_name("run id", run_id)?;
+    let Some((run, job)) = current_step(view, keys, run_id).await? else {
+        return Ok(None);
+    };
+    let cancel_here = cancel_here(&job.id);
+    status_of(view, breakers, run_id, &run, &job, cancel_here).await
+}
+
+/// The status of a run at `run` whose current step is `job`.
+async fn status_of(
+    view: &QueueView,
+    breakers: &Breakers,
+    run_id: &str,
+    run: &RunRecord,
+    job: &JobRecord,
+    cancel_here: bool,
+) -> Result<Option<RunStatus>, Error> {
+    let state = match job.status {
+        JobStatus::Pending if job.cancel_requested => RunState::Cancelling,
+        JobStatus::Pending => RunState::Pending,
+        JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
+        JobStatus::Scheduled => RunState::Scheduled,
+        JobStatus::Claimed if job.cancel_requested || cancel_here => RunState::Cancelling,
+        JobStatus::Claimed => RunState::Running,
+        // The step was dead-lettered by the queue itself; the worker pool
+        // reconciles it into a `Failed` outcome.
+        JobStatus::Dead | JobStatus::Done => return Ok(None),
+    };
+    let workflow = job_workflow(job);
+    // A waiting step of a tripped workflow is parked when it is claimed
+    // (and runs only after a reset or as the probe): report it so now.
+    let state = match state {
+        RunState::Pending | RunState::Scheduled if breakers.is_tripped(view, &workflow).await? => {
+            RunState::Parked
+        }
+        state => state,
+    };
+    Ok(Some(RunStatus {
+        run_id: run_id.to_string(),
+        state,
+        current_step: run.step,
+        workflow,
+        scheduled_for: (state == RunState::Scheduled)
+            .then_some(job.run_at)
+            .flatten()
+            .map(ms_to_time),
+    }))
+}
+
+/// A page of runs, live and ended, in run id order.
+pub(crate) async fn runs(
+    view: &QueueView,
+    keys: &Keys,
+    breakers: &Breakers,
+    filter: &RunFilter,
+    cancel_here: impl Fn(&str) -> bool,
+) -> Result<RunPage, Error> {
+    if let Some(after) = &filter.after {
+        validate_name("run id", after)?;
+    }
+    if let Some(workflow) = &filter.workflow {
+        validate_name("workflow name", workflow)?;
+    }
+    let limit = if filter.limit == 0 {
+        DEFAULT_RUN_PAGE
+    } else {
+        filter.limit
+    };
+    let want_live = !matches!(filter.state, Some(StateFilter::Ended))
+        && !matches!(filter.state, Some(StateFilter::Is(RunPhase::Ended(_))));
+    let want_ended = !matches!(filter.state, Some(StateFilter::Live))
+        && !matches!(filter.state, Some(StateFilter::Is(RunPhase::Live(_))));
+    let range = |prefix: &[u8]| match &filter.after {
+        Some(after) => {
+            let mut from = prefix.to_vec();
+            from.extend_from_slice(after.as_bytes());
+            (Bound::Excluded(from), Bound::Unbounded)
+        }
+        None => (Bound::Unbounded, Bound::Unbounded),
+    };
+    let (run_prefix, out_prefix) = (keys.run_prefix(), keys.out_prefix());
+    let page = limit.clamp(16, 256);
+    let mut live = view
+        .kv_entries(run_prefix, range(run_prefix), KvOrder::Ascending, page)
+        .boxed();
+    let mut ended = view
+        .kv_entries(out_prefix, range(out_prefix), KvOrder::Ascending, page)
+        .boxed();
+    let mut next_live = if want_live { live.next().await } else { None };
+    let mut next_ended = if want_ended { ended.next().await } else { None };
+    let mut out = RunPage::default();
+    loop {
+        // Take the smaller key of the two streams.
+        let take_live = match (&next_live, &next_ended) {
+            (None, None) => break,
+            (Some(Err(_)), _) => true,
+            (_, Some(Err(_))) => false,
+            (Some(Ok((l, _))), Some(Ok((e, _)))) => l[run_prefix.len()..] <= e[out_prefix.len()..],
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        let item = if take_live {
+            std::mem::replace(&mut next_live, live.next().await)
+        } else {
+            std::mem::replace(&mut next_ended, ended.next().await)
+        };
+        let Some(item) = item else { break };
+        let (key, value) = item?;
+        let summary = if take_live {
+            let run_id = String::from_utf8_lossy(&key[run_prefix.len()..]).into_owned();
+            let run: RunRecord = decode(&key, &value)?;
+            let Some(job) = view.job_record(&run.job_id).await? else {
+                // Settled between the two reads: it is listed where it went.
+                continue;
+            };
+            if filter
+                .workflow
+                .as_ref()
+                .is_some_and(|w| *w != job_workflow(&job))
+            {
+                continue;
+            }
+            let cancel = cancel_here(&job.id);
+            let Some(status) = status_of(view, breakers, &run_id, &run, &job, cancel).await? else {
+                continue;
+            };
+            RunSummary {
+                run_id,
+                workflow: status.workflow,
+                phase: RunPhase::Live(status.state),
+                step: status.current_step,
+            }
+        } else {
+            let run_id = String::from_utf8_lossy(&key[out_prefix.len()..]).into_owned();
+            let record: OutcomeRecord = decode(&key, &value)?;
+            RunSummary {
+                run_id,
+                workflow: record.workflow,
+                phase: RunPhase::Ended(record.status),
+                step: record.final_step,
+            }
+        };
+        if filter
+            .workflow
+            .as_ref()
+            .is_some_and(|w| *w != summary.workflow)
+        {
+            continue;
+        }
+        if filter.state.is_some_and(|s| !s.matches(&summary.phase)) {
+            continue;
+        }
+        out.runs.push(summary);
+        if out.runs.len() == limit {
+            out.next = out.runs.last().map(|r| r.run_id.clone());
+            break;
+        }
+    }
+    Ok(out)
+}

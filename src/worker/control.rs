@@ -1,0 +1,274 @@
+//! Applying client requests: the jobs of the control queue `{Q}-control`,
+//! which taquba's inbox enqueues from the objects clients write.
+//!
+//! Each request is applied through the runtime's own `submit` / `cancel`,
+//! and answered with a reply record (see [`crate::control`]):
+//!
+//! | request                  | commits                                                        |
+//! |--------------------------|----------------------------------------------------------------|
+//! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
+//! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
+//! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
+//! | does not decode          | `dead_letter_with` { reply `Refused` with the reason }         |
+//! | transient failure        | `nack_with` (retried; on the last attempt the reply `Refused`) |
+//!
+//! A job whose reply exists was applied before a crash and is only acked,
+//! so a request is applied once even when the worker dies between its
+//! effect and its ack. Requests about one run apply in the order they were
+//! claimed (the inbox's send order); others run concurrently.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use taquba::{Claim, Expired, ExpiryIndex, SettlementEffects};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request};
+use crate::error::Error;
+use crate::hook::TerminalHook;
+use crate::record::{HEADER_RUN_ID, decode, encode};
+use crate::runner::StepRunner;
+use crate::runtime::{RunSpec, WorkflowRuntime};
+use crate::store::control_queue_name;
+use crate::sync::lock;
+
+/// The control side of one `run`: its keys, the replies' expiry index and
+/// the per-run order of requests.
+struct Control {
+    keys: ControlKeys,
+    expiry: ExpiryIndex,
+    /// The last request claimed for each run: it closes when it is done.
+    last: Mutex<HashMap<String, watch::Receiver<bool>>>,
+}
+
+/// Claim and apply client requests until `stop` fires, and drop replies past
+/// the runtime's `terminal_retention`. Returns at once (when `stop` fires)
+/// if the queue's inbox does not accept this runtime's control queue — the
+/// store was not opened with [`open_worker_store`](crate::open_worker_store).
+pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
+    rt: &WorkflowRuntime<R, H>,
+    stop: &CancellationToken,
+) -> Result<(), Error> {
+    let inner = &rt.inner;
+    let queue_name = control_queue_name(&inner.cfg.queue_name);
+    if !inner.queue.inbox_accepts(&queue_name) {
+        tracing::debug!(
+            queue = %queue_name,
+            "the store's inbox does not accept client requests for this runtime"
+        );
+        stop.cancelled().await;
+        return Ok(());
+    }
+    let keys = ControlKeys::new(&inner.cfg.queue_name);
+    let control = Arc::new(Control {
+        expiry: ExpiryIndex::new(keys.expiry_prefix().to_vec()),
+        keys,
+        last: Mutex::new(HashMap::new()),
+    });
+    let claims = super::claim_loop(
+        inner.queue.clone(),
+        queue_name,
+        inner.cfg.max_concurrent_steps,
+        inner.cfg.poll_interval,
+        stop.clone(),
+        {
+            let rt = rt.clone();
+            let control = control.clone();
+            move |claim| {
+                // Chained here, in claim order, before the task runs.
+                let (after, done) = control.enqueue(&claim);
+                apply(rt.clone(), control.clone(), claim, after, done)
+            }
+        },
+    );
+    let retention = async {
+        let mut tick = tokio::time::interval(inner.cfg.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let pass = control
+                .expiry
+                .pass(
+                    &inner.queue,
+                    inner.now_ms(),
+                    inner.cfg.terminal_retention,
+                    |_, suffix| {
+                        let effects = match std::str::from_utf8(&suffix) {
+                            Ok(id) => {
+                                SettlementEffects::default().kv_delete(control.keys.reply(id))
+                            }
+                            Err(_) => SettlementEffects::default(),
+                        };
+                        std::future::ready(Expired::Delete(effects))
+                    },
+                )
+                .await;
+            if let Err(e) = pass {
+                tracing::warn!("reply retention pass failed (retried next tick): {e}");
+            }
+        }
+    };
+    tokio::try_join!(claims, retention).map(|_| ())
+}
+
+impl Control {
+    /// Register a claimed request behind the last one of its run: returns
+    /// what to wait for first, and the sender that marks this one done.
+    fn enqueue(&self, claim: &Claim) -> (Option<watch::Receiver<bool>>, Done) {
+        let run_id = claim
+            .headers
+            .get(HEADER_RUN_ID)
+            .cloned()
+            .unwrap_or_default();
+        let (tx, rx) = watch::channel(false);
+        let before = lock(&self.last).insert(run_id.clone(), rx.clone());
+        (before, Done { tx, rx, run_id })
+    }
+}
+
+/// Marks one request done and forgets it if it is still its run's last.
+struct Done {
+    tx: watch::Sender<bool>,
+    rx: watch::Receiver<bool>,
+    run_id: String,
+}
+
+impl Done {
+    fn finish(self, control: &Control) {
+        let _ = self.tx.send(true);
+        let mut last = lock(&control.last);
+        if last
+            .get(&self.run_id)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            last.remove(&self.run_id);
+        }
+    }
+}
+
+/// Apply one request job, after the run's previous request.
+async fn apply<R: StepRunner, H: TerminalHook>(
+    rt: WorkflowRuntime<R, H>,
+    control: Arc<Control>,
+    claim: Claim,
+    after: Option<watch::Receiver<bool>>,
+    done: Done,
+) {
+    if let Some(mut before) = after {
+        // An error means the previous task is gone: nothing to wait for.
+        let _ = before.wait_for(|finished| *finished).await;
+    }
+    if let Err(e) = apply_now(&rt, &control, &claim).await {
+        tracing::warn!(request_id = %claim.id, "settling a client request failed (it is retried): {e}");
+    }
+    done.finish(&control);
+}
+
+async fn apply_now<R: StepRunner, H: TerminalHook>(
+    rt: &WorkflowRuntime<R, H>,
+    control: &Control,
+    claim: &Claim,
+) -> Result<(), Error> {
+    let inner = &rt.inner;
+    let queue = &inner.queue;
+    let request_id = claim.id.as_str();
+    let reply_key = control.keys.reply(request_id);
+    if queue.view().kv_get(&reply_key).await?.is_some() {
+        // Applied before a crash that came before the ack.
+        queue.ack(claim).await?;
+        return Ok(());
+    }
+    // The reply record and its expiry entry, added to `effects`.
+    let reply_onto = |effects: SettlementEffects, body: ReplyBody| {
+        let now = inner.now_ms();
+        let record = ReplyRecord {
+            at_ms: now,
+            reply: body,
+        };
+        Ok::<_, Error>(
+            effects
+                .kv_put(reply_key.clone(), encode(&reply_key, &record)?)
+                .expiry_entry(&control.expiry, now, request_id.as_bytes()),
+        )
+    };
+    let reply = |body: ReplyBody| reply_onto(SettlementEffects::default(), body);
+    let request: Request = match decode(request_id.as_bytes(), &claim.payload) {
+        Ok(request) => request,
+        Err(e) => {
+            let reason = format!("the request does not decode: {e}");
+            tracing::warn!(request_id, "refusing a client request: {reason}");
+            let effects = reply(ReplyBody::Refused {
+                reason: reason.clone(),
+            })?;
+            queue.dead_letter_with(claim, &reason, effects).await?;
+            return Ok(());
+        }
+    };
+    let applied = match request {
+        Request::Submit {
+            run_id,
+            input,
+            headers,
+            priority,
+            max_attempts_per_step,
+            workflow,
+        } => {
+            let spec = RunSpec {
+                run_id: Some(run_id.clone()),
+                input,
+                headers,
+                priority,
+                max_attempts_per_step,
+                workflow,
+            };
+            let created = ReplyBody::Submitted {
+                run_id: run_id.clone(),
+                newly_submitted: true,
+            };
+            match rt
+                .submit_with(spec, |effects| reply_onto(effects, created.clone()))
+                .await
+            {
+                // The reply committed with the run.
+                Ok(outcome) if outcome.newly_submitted => return Ok(queue.ack(claim).await?),
+                Ok(outcome) => Ok(ReplyBody::Submitted {
+                    run_id: outcome.run_id,
+                    newly_submitted: false,
+                }),
+                Err(Error::InputMismatch(run_id)) => Ok(ReplyBody::InputMismatch { run_id }),
+                Err(e) => Err(e),
+            }
+        }
+        Request::Cancel { run_id } => rt
+            .cancel(&run_id)
+            .await
+            .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
+    };
+    match applied {
+        Ok(body) => {
+            queue.ack_with(claim, reply(body)?).await?;
+        }
+        Err(e) if e.is_permanent() => {
+            tracing::warn!(request_id, "refusing a client request: {e}");
+            let body = ReplyBody::Refused {
+                reason: e.to_string(),
+            };
+            queue.ack_with(claim, reply(body)?).await?;
+        }
+        Err(e) => {
+            // Retried after the queue's backoff; the reply is written only
+            // if this was the last attempt.
+            let reason = format!(
+                "applying the request failed after {} attempts: {e}",
+                claim.attempts
+            );
+            let body = ReplyBody::Refused { reason };
+            queue.nack_with(claim, &e.to_string(), reply(body)?).await?;
+        }
+    }
+    Ok(())
+}

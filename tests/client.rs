@@ -1,0 +1,519 @@
+//! A worker and a client on one in-memory store: requests travel through
+//! the inbox, answers through a `QueueReader`. Every wait is bounded by a
+//! hang guard (`GUARD`), never a timing threshold: the assertions are on
+//! what happened, not when.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{FnRunner, Gate};
+use taquba::object_store::memory::InMemory;
+use taquba::object_store::{ObjectStore, path::Path};
+use taquba::{EnqueueEntry, EnqueueOptions, InboxSender, OpenOptions, Queue};
+use tokio::task::JoinHandle;
+use waymark::*;
+
+/// Only a hang guard: a healthy run answers in milliseconds.
+const GUARD: Duration = Duration::from_secs(60);
+
+type Rt = WorkflowRuntime<FnRunner, NoopTerminalHook>;
+
+struct Env {
+    location: StoreLocation,
+    rt: Rt,
+    client: Client,
+    worker: JoinHandle<Result<(), Error>>,
+}
+
+fn fast_store() -> StoreOptions {
+    StoreOptions::default()
+        .flush_interval(Duration::from_millis(2))
+        .inbox_touch_poll(Duration::from_millis(5))
+}
+
+fn fast_client() -> ClientOptions {
+    ClientOptions::default().refresh_interval(Duration::from_millis(5))
+}
+
+impl Env {
+    async fn new(runner: FnRunner, concurrency: usize) -> Env {
+        let location = StoreLocation::new(Arc::new(InMemory::new()), "wm");
+        let queue = open_worker_store(&location, fast_store()).await.unwrap();
+        let rt = WorkflowRuntime::builder(queue, runner, NoopTerminalHook)
+            .max_concurrent_steps(concurrency)
+            .poll_interval(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        let worker = tokio::spawn({
+            let rt = rt.clone();
+            async move { rt.run(std::future::pending()).await }
+        });
+        let client = Client::open(&location, fast_client()).await.unwrap();
+        Env {
+            location,
+            rt,
+            client,
+            worker,
+        }
+    }
+
+    fn queue(&self) -> &Arc<Queue> {
+        self.rt.queue()
+    }
+
+    /// Poll the client until `f` holds (the client lags the worker).
+    async fn until<F, Fut>(&self, what: &str, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while !f().await {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.worker.abort();
+    }
+}
+
+fn spec(id: &str, input: &[u8]) -> RunSpec {
+    RunSpec {
+        run_id: Some(id.into()),
+        input: input.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn echo() -> FnRunner {
+    FnRunner::new(|s: Step| async move { Ok(StepOutcome::Succeed { result: s.payload }) })
+}
+
+#[tokio::test]
+async fn submit_applies_once_with_the_runtimes_idempotency() {
+    let env = Env::new(echo(), 4).await;
+    let c = &env.client;
+    let first = c.submit_and_wait(spec("r1", b"a"), GUARD).await.unwrap();
+    assert_eq!(
+        first,
+        SubmitOutcome {
+            run_id: "r1".into(),
+            newly_submitted: true
+        }
+    );
+    let again = c.submit_and_wait(spec("r1", b"a"), GUARD).await.unwrap();
+    assert!(!again.newly_submitted);
+    let other = c.submit_and_wait(spec("r1", b"b"), GUARD).await;
+    assert!(
+        matches!(&other, Err(Error::InputMismatch(id)) if id == "r1"),
+        "{other:?}"
+    );
+    let out = c.wait("r1", GUARD).await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.result.as_deref(), Some(&b"a"[..]));
+    assert_eq!(env.rt.outcome("r1").await.unwrap(), Some(out));
+    // A generated run id comes back in the reply.
+    let generated = c
+        .submit_and_wait(
+            RunSpec {
+                input: b"g".to_vec(),
+                ..Default::default()
+            },
+            GUARD,
+        )
+        .await
+        .unwrap();
+    assert!(generated.newly_submitted);
+    assert_eq!(
+        c.wait(&generated.run_id, GUARD).await.unwrap().result,
+        Some(b"g".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn a_request_sent_twice_with_one_id_is_applied_once() {
+    let env = Env::new(echo(), 4).await;
+    let c = &env.client;
+    c.submit_with_id("req-1", spec("once", b"x")).await.unwrap();
+    // The same id again, even with another run: deleted without effect.
+    c.submit_with_id("req-1", spec("twice", b"y"))
+        .await
+        .unwrap();
+    let reply = c.wait_reply("req-1", GUARD).await.unwrap();
+    assert_eq!(
+        reply,
+        Reply::Submitted(SubmitOutcome {
+            run_id: "once".into(),
+            newly_submitted: true
+        })
+    );
+    c.wait("once", GUARD).await.unwrap();
+    // A later request shows that the worker went past the duplicate.
+    c.submit_and_wait(spec("after", b"z"), GUARD).await.unwrap();
+    assert_eq!(env.rt.outcome("twice").await.unwrap(), None);
+    assert_eq!(env.rt.status("twice").await.unwrap(), None);
+}
+
+/// Every object under `prefix`.
+async fn objects(store: &Arc<dyn ObjectStore>, prefix: &str) -> usize {
+    use futures_util::StreamExt;
+    store
+        .list(Some(&Path::from(prefix)))
+        .filter(|m| std::future::ready(m.is_ok()))
+        .count()
+        .await
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_written() {
+    let env = Env::new(echo(), 4).await;
+    let store = env.location.object_store().clone();
+    let inbox = env.location.inbox_path();
+    let before = objects(&store, &inbox).await;
+    let mut reserved = HashMap::new();
+    reserved.insert("workflow.step".to_string(), "1".to_string());
+    let cases = [
+        spec("bad id", b"x"),
+        RunSpec {
+            headers: reserved,
+            ..spec("ok", b"x")
+        },
+        spec("big", &vec![0; MAX_PAYLOAD_BYTES + 1]),
+        RunSpec {
+            workflow: Some("bad/wf".into()),
+            ..spec("ok", b"x")
+        },
+        RunSpec {
+            max_attempts_per_step: Some(0),
+            ..spec("ok", b"x")
+        },
+    ];
+    for case in cases {
+        let from_client = env.client.submit(case.clone()).await.unwrap_err();
+        let from_runtime = env.rt.submit(case).await.unwrap_err();
+        // The same typed error as the runtime's own submit.
+        assert_eq!(format!("{from_client:?}"), format!("{from_runtime:?}"));
+        assert!(from_client.is_permanent());
+    }
+    assert!(matches!(
+        env.client.cancel("no such id").await,
+        Err(Error::InvalidRunId { .. })
+    ));
+    assert!(matches!(
+        env.client.submit_with_id("no.dots", spec("ok", b"x")).await,
+        Err(Error::InvalidRunId {
+            what: "request id",
+            ..
+        })
+    ));
+    assert_eq!(objects(&store, &inbox).await, before, "nothing was sent");
+}
+
+#[tokio::test]
+async fn cancel_removes_a_pending_step_and_stops_a_running_one() {
+    let gate = Gate::default();
+    let runner = FnRunner::new({
+        let gate = gate.clone();
+        move |s: Step| {
+            let gate = gate.clone();
+            async move {
+                gate.wait().await;
+                Ok(StepOutcome::Succeed { result: s.payload })
+            }
+        }
+    });
+    // One slot: the first run holds it, the second waits pending.
+    let env = Env::new(runner, 1).await;
+    let c = &env.client;
+    c.submit_and_wait(spec("running", b"1"), GUARD)
+        .await
+        .unwrap();
+    env.until("the first run runs", || async {
+        matches!(c.status("running").await.unwrap(), Some(s) if s.state == RunState::Running)
+    })
+    .await;
+    c.submit_and_wait(spec("waiting", b"2"), GUARD)
+        .await
+        .unwrap();
+    let pending = env.rt.status("waiting").await.unwrap().unwrap();
+    assert_eq!(pending.state, RunState::Pending);
+
+    assert!(c.cancel_and_wait("waiting", GUARD).await.unwrap());
+    // A pending step is removed: the run ended in the cancel's commit.
+    let out = env.rt.outcome("waiting").await.unwrap().unwrap();
+    assert_eq!(out.status, TerminalStatus::Cancelled);
+
+    assert!(c.cancel_and_wait("running", GUARD).await.unwrap());
+    assert_eq!(
+        env.rt.status("running").await.unwrap().unwrap().state,
+        RunState::Cancelling
+    );
+    // A second cancel is not accepted again.
+    assert!(!c.cancel_and_wait("running", GUARD).await.unwrap());
+    gate.open();
+    let out = c.wait("running", GUARD).await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Cancelled);
+    assert!(!c.cancel_and_wait("unknown", GUARD).await.unwrap());
+}
+
+#[tokio::test]
+async fn reads_agree_with_the_runtime() {
+    let gate = Gate::default();
+    let runner = FnRunner::new({
+        let gate = gate.clone();
+        move |s: Step| {
+            let gate = gate.clone();
+            async move {
+                match &s.payload[..] {
+                    b"ok" => Ok(StepOutcome::Succeed { result: vec![] }),
+                    b"fail" => Err(StepError::permanent("no")),
+                    b"later" => Ok(StepOutcome::ContinueAfter {
+                        payload: b"ok".to_vec(),
+                        delay: Duration::from_secs(3600),
+                    }),
+                    _ => {
+                        gate.wait().await;
+                        Ok(StepOutcome::Succeed { result: vec![] })
+                    }
+                }
+            }
+        }
+    });
+    let env = Env::new(runner, 4).await;
+    let c = &env.client;
+    for (id, input, workflow) in [
+        ("a-ok", "ok", "alpha"),
+        ("b-fail", "fail", "alpha"),
+        ("c-later", "later", "beta"),
+        ("d-block", "block", "beta"),
+        ("e-ok", "ok", "beta"),
+    ] {
+        let spec = RunSpec {
+            workflow: Some(workflow.into()),
+            ..spec(id, input.as_bytes())
+        };
+        c.submit_and_wait(spec, GUARD).await.unwrap();
+    }
+    for id in ["a-ok", "b-fail", "e-ok"] {
+        c.wait(id, GUARD).await.unwrap();
+    }
+    env.until("the blocked step runs", || async {
+        matches!(c.status("d-block").await.unwrap(), Some(s) if s.state == RunState::Running)
+    })
+    .await;
+    env.until("c-later is scheduled", || async {
+        matches!(c.status("c-later").await.unwrap(), Some(s) if s.state == RunState::Scheduled)
+    })
+    .await;
+    // Nothing changes now: the client's view catches up and then agrees.
+    let filters = [
+        RunFilter::default(),
+        RunFilter {
+            state: Some(StateFilter::Live),
+            ..Default::default()
+        },
+        RunFilter {
+            state: Some(StateFilter::Ended),
+            ..Default::default()
+        },
+        RunFilter {
+            state: Some(StateFilter::Is(RunPhase::Ended(TerminalStatus::Failed))),
+            ..Default::default()
+        },
+        RunFilter {
+            workflow: Some("beta".into()),
+            ..Default::default()
+        },
+        RunFilter {
+            limit: 2,
+            after: Some("b-fail".into()),
+            ..Default::default()
+        },
+    ];
+    env.until("the client's view agrees", || async {
+        let health = env.rt.workflows().await.unwrap();
+        let mut same = c.workflows().await.unwrap() == health;
+        for f in &filters {
+            same &= c.runs(f).await.unwrap() == env.rt.runs(f).await.unwrap();
+        }
+        same
+    })
+    .await;
+    for id in ["a-ok", "b-fail", "c-later", "d-block", "e-ok", "nope"] {
+        assert_eq!(
+            c.status(id).await.unwrap(),
+            env.rt.status(id).await.unwrap()
+        );
+        assert_eq!(
+            c.outcome(id).await.unwrap(),
+            env.rt.outcome(id).await.unwrap()
+        );
+    }
+    assert_eq!(
+        c.workflow_health("alpha").await.unwrap(),
+        env.rt.workflow_health("alpha").await.unwrap()
+    );
+    // The listings say what the runs are.
+    let all = c.runs(&RunFilter::default()).await.unwrap();
+    let phases: Vec<_> = all
+        .runs
+        .iter()
+        .map(|r| (r.run_id.as_str(), r.phase))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("a-ok", RunPhase::Ended(TerminalStatus::Succeeded)),
+            ("b-fail", RunPhase::Ended(TerminalStatus::Failed)),
+            ("c-later", RunPhase::Live(RunState::Scheduled)),
+            ("d-block", RunPhase::Live(RunState::Running)),
+            ("e-ok", RunPhase::Ended(TerminalStatus::Succeeded)),
+        ]
+    );
+    assert_eq!(all.next, None);
+    let page = c
+        .runs(&RunFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.runs.len(), 2);
+    assert_eq!(page.next.as_deref(), Some("b-fail"));
+    let beta = c
+        .runs(&RunFilter {
+            workflow: Some("beta".into()),
+            state: Some(StateFilter::Live),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<_> = beta.runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, ["c-later", "d-block"]);
+    let alpha = c.workflow_health("alpha").await.unwrap().unwrap();
+    assert_eq!((alpha.runs_succeeded, alpha.runs_failed), (1, 1));
+    gate.open();
+}
+
+#[tokio::test]
+async fn a_malformed_request_is_refused_and_the_worker_goes_on() {
+    let env = Env::new(echo(), 4).await;
+    let sender = InboxSender::new(
+        env.location.object_store().clone(),
+        env.location.inbox_path(),
+    );
+    let control = control_queue_name(DEFAULT_QUEUE_NAME);
+    let garbage = EnqueueEntry {
+        payload: b"\xc1 not a request".to_vec(),
+        options: EnqueueOptions::default().id_override("bad-1".to_string()),
+    };
+    sender
+        .send_with_id(&control, "bad-1", garbage)
+        .await
+        .unwrap();
+    let refused = env.client.wait_reply("bad-1", GUARD).await;
+    assert!(
+        matches!(&refused, Err(Error::RequestRefused { request_id, reason })
+            if request_id == "bad-1" && reason.contains("does not decode")),
+        "{refused:?}"
+    );
+    let dead = env
+        .queue()
+        .view()
+        .dead_jobs(&control, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, "bad-1");
+    // The worker goes on.
+    let ok = env
+        .client
+        .submit_and_wait(spec("fine", b"x"), GUARD)
+        .await
+        .unwrap();
+    assert!(ok.newly_submitted);
+    env.client.wait("fine", GUARD).await.unwrap();
+}
+
+#[tokio::test]
+async fn only_waymark_stores_are_opened() {
+    // Nothing there.
+    let empty = StoreLocation::new(Arc::new(InMemory::new()), "wm");
+    assert!(matches!(
+        Client::open(&empty, fast_client()).await,
+        Err(Error::NotAWaymarkStore { .. })
+    ));
+    // Another program's queue.
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let foreign = Queue::open_with_options(store.clone(), "wm", OpenOptions::default())
+        .await
+        .unwrap();
+    foreign.enqueue("emails", b"hi".to_vec()).await.unwrap();
+    foreign.close().await.unwrap();
+    let location = StoreLocation::new(store, "wm");
+    let client = Client::open(&location, fast_client()).await;
+    assert!(
+        matches!(&client, Err(Error::NotAWaymarkStore { .. })),
+        "{:?}",
+        client.err()
+    );
+    let worker = open_worker_store(&location, fast_store()).await;
+    assert!(
+        matches!(&worker, Err(Error::NotAWaymarkStore { reason, .. }) if reason.contains("did not write")),
+        "{:?}",
+        worker.err()
+    );
+    // A Waymark store of another format.
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let queue = Queue::open(store.clone(), "wm").await.unwrap();
+    queue
+        .kv_put(
+            b"wm/store",
+            &rmp_serde::to_vec_named(&serde_json::json!({"format": 99, "written_by": "9.9"}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    queue.close().await.unwrap();
+    let location = StoreLocation::new(store, "wm");
+    assert!(matches!(
+        Client::open(&location, fast_client()).await,
+        Err(Error::IncompatibleStore {
+            found: 99,
+            supported: STORE_FORMAT,
+            ..
+        })
+    ));
+    assert!(matches!(
+        open_worker_store(&location, fast_store()).await,
+        Err(Error::IncompatibleStore { found: 99, .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_client_never_fences_the_worker() {
+    let env = Env::new(echo(), 4).await;
+    for i in 0..3 {
+        // A new client each time: opening one must not take the store.
+        let client = Client::open(&env.location, fast_client()).await.unwrap();
+        let id = format!("run-{i}");
+        client
+            .submit_and_wait(spec(&id, b"x"), GUARD)
+            .await
+            .unwrap();
+        client.wait(&id, GUARD).await.unwrap();
+        client.close().await.unwrap();
+    }
+    // The worker still commits.
+    env.rt.submit(spec("direct", b"y")).await.unwrap();
+    assert!(!env.worker.is_finished());
+    let beat = env.client.worker_heartbeat().await.unwrap();
+    assert!(beat.is_some_and(|b| !b.closed));
+}
