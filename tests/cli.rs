@@ -229,7 +229,12 @@ fn the_demo_refuses_to_create_its_store_among_other_files() {
 fn a_plain_file_where_the_store_should_be_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     put(tmp.path(), "d/waymark", "not a store\n");
-    for args in [&["demo", "--dir", "d"][..]] {
+    for args in [
+        &["demo", "--dir", "d"][..],
+        &["status", "demo-order-01", "--dir", "d"],
+        &["outcome", "demo-order-01", "--dir", "d"],
+        &["runs", "--dir", "d"],
+    ] {
         waymark(tmp.path())
             .args(args)
             .assert()
@@ -239,10 +244,88 @@ fn a_plain_file_where_the_store_should_be_is_a_one_line_error() {
     }
     put(tmp.path(), "f", "a file\n");
     waymark(tmp.path())
-        .args(["demo", "--dir", "f"])
+        .args(["status", "x", "--dir", "f"])
         .assert()
         .code(1)
         .stderr(predicate::str::contains("f is not a directory"));
+}
+
+#[test]
+fn reads_of_a_directory_without_a_store_say_so_and_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    put(tmp.path(), "other/waymark/notes.txt", "mine\n");
+    let before = snapshot(tmp.path());
+    for dir in ["empty", "missing", "other"] {
+        for args in [
+            &["status", "x", "--dir", dir][..],
+            &["outcome", "x", "--dir", dir],
+            &["runs", "--dir", dir],
+            &["workflows", "--dir", dir],
+            &["cancel", "x", "--dir", dir],
+            &["submit", "x", "--example", "1", "--dir", dir],
+        ] {
+            waymark(tmp.path())
+                .args(args)
+                .assert()
+                .code(3)
+                .stderr(predicate::str::contains(format!(
+                    "no Waymark store at {dir}"
+                )));
+        }
+    }
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
+fn an_unreadable_store_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = tmp.path().join("data");
+    fake_demo_store(&data);
+    std::fs::set_permissions(
+        data.join("waymark/wal"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    unprivileged(tmp.path())
+        .args(["status", "demo-order-01", "--dir", "data"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot read the store"))
+        .stderr(predicate::str::contains(
+            "data/waymark/wal: permission denied",
+        ));
+    std::fs::set_permissions(
+        data.join("waymark/wal"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_store_that_does_not_answer_times_out_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9 of localhost: every request is refused and
+    // the storage layer retries.
+    waymark(tmp.path())
+        .args([
+            "status",
+            "x",
+            "--store",
+            "s3://bucket/waymark",
+            "--timeout",
+            "1",
+        ])
+        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .env("AWS_REGION", "us-east-1")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("s3://bucket/waymark"))
+        .stderr(predicate::str::contains("timed out after 1.0s"));
 }
 
 /// Whether the tests run as root (who may read and write anything, so
@@ -343,6 +426,32 @@ fn help_documents_the_exit_codes() {
     waymark(tmp.path()).arg("--no-such-flag").assert().code(2);
 }
 
+#[test]
+fn invalid_ids_are_refused_before_anything_is_opened_and_echoed_safely() {
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = "x".repeat(100_000);
+    let before = snapshot(tmp.path());
+    for command in ["status", "outcome", "cancel"] {
+        waymark(tmp.path())
+            .args([command, &huge])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("invalid run id"))
+            .stderr(predicate::str::contains("100000 bytes in all"))
+            .stderr(predicate::function(|s: &str| s.len() < 400));
+        waymark(tmp.path())
+            .args([command, "bad\u{1b}[31mid\n"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("bad\\u{1b}[31mid\\n"))
+            .stderr(predicate::function(|s: &str| {
+                !s.contains('\u{1b}') && s.lines().count() == 1
+            }));
+    }
+    // Nothing was created: no store in the default directory.
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
 // ---------------------------------------------------------------------------
 // Findings 5, 6, 7: what the demo says, stopping it, killing it
 // ---------------------------------------------------------------------------
@@ -441,4 +550,163 @@ fn repeated_kills_do_not_exhaust_a_run() {
             "{out}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Findings 3 and 4: reads never write; a live writer is never taken over
+// ---------------------------------------------------------------------------
+
+/// How many files are under `root`.
+fn file_count(root: &Path) -> usize {
+    snapshot(root)
+        .values()
+        .filter(|v| v.as_slice() != b"<dir>")
+        .count()
+}
+
+#[test]
+fn reads_do_not_write_and_do_not_disturb_a_running_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A finished store: reads change no file.
+    waymark(tmp.path()).arg("demo").assert().success();
+    let data = tmp.path().join("waymark-data");
+    let before = snapshot(&data);
+    for _ in 0..5 {
+        for args in [
+            &["status", "demo-order-03"][..],
+            &["outcome", "demo-order-03"],
+            &["runs"],
+            &["workflows"],
+        ] {
+            waymark(tmp.path()).args(args).assert().success();
+        }
+    }
+    assert_eq!(snapshot(&data).len(), before.len());
+    assert_eq!(
+        file_count(&data),
+        before.values().filter(|v| v.as_slice() != b"<dir>").count()
+    );
+
+    // A running demo: reads while it runs, and it still finishes every run.
+    let mut demo = Demo::start(tmp.path(), &["--reset"]);
+    demo.until("step 1/5 validate done");
+    waymark(tmp.path())
+        .args(["status", "demo-order-01"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("demo-order-01: live"));
+    waymark(tmp.path())
+        .args(["outcome", "demo-order-02"])
+        .assert()
+        .code(4)
+        .stdout(predicate::str::contains("has not ended yet"))
+        .stdout(predicate::str::contains("demo --dir waymark-data"));
+    for _ in 0..20 {
+        waymark(tmp.path())
+            .args(["status", "demo-order-04"])
+            .assert()
+            .success();
+    }
+    // A second demo and a --reset refuse while this one runs.
+    waymark(tmp.path())
+        .arg("demo")
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains(
+            "another process is writing the store",
+        ));
+    waymark(tmp.path())
+        .args(["demo", "--reset"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains(
+            "another process is writing the store",
+        ));
+    let (code, out) = demo.finish();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("All 8 runs finished"), "{out}");
+    waymark(tmp.path())
+        .args(["outcome", "demo-order-05"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("card declined"));
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12: a worker process, and clients beside it
+// ---------------------------------------------------------------------------
+
+#[test]
+fn submit_and_status_work_beside_a_running_worker_without_fencing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().unwrap().unwrap();
+    assert!(next_line().starts_with("worker on"));
+    waymark(tmp.path())
+        .args(["submit", "order-a", "--example", "1", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("submitted order-a"));
+    // The same input again attaches; another input is refused.
+    waymark(tmp.path())
+        .args(["submit", "order-a", "--example", "1", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("already exists with this input"));
+    waymark(tmp.path())
+        .args(["submit", "order-a", "--example", "2", "--store", &url])
+        .assert()
+        .code(5);
+    // status shows progress while the worker runs, and the worker goes on
+    // committing steps after each read.
+    let first = next_line();
+    assert!(first.contains("order-a  step 1/5 validate done"), "{first}");
+    waymark(tmp.path())
+        .args(["status", "order-a", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("order-a: live"));
+    let second = next_line();
+    assert!(
+        second.contains("order-a  step 2/5 reserve stock done"),
+        "{second}"
+    );
+    waymark(tmp.path())
+        .args(["runs", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("order-a"));
+    let mut seen = vec![first, second];
+    loop {
+        let line = next_line();
+        seen.push(line.clone());
+        if line.contains("Succeeded") {
+            break;
+        }
+    }
+    waymark(tmp.path())
+        .args(["outcome", "order-a", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Succeeded"));
+    // SIGTERM drains and the worker exits cleanly.
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = worker.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen:?} {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("worker stopped")),
+        "{rest:?}"
+    );
 }

@@ -32,7 +32,7 @@ use clap::Args;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use waymark::taquba::Queue;
-use waymark::{RunOutcome, RunSpec, RunStatus, StepError, TerminalHook, WorkflowRuntime};
+use waymark::{Client, RunOutcome, RunSpec, RunStatus, StepError, TerminalHook, WorkflowRuntime};
 
 use crate::describe;
 use crate::plumbing::exit::{CliError, CliResult, Exit};
@@ -208,6 +208,8 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
         return Ok(Exit::Ok);
     }
 
+    // Durable reads for the UI: a reader sees only what is durable.
+    let client = store.open_client().await?;
     let mut signals = Signals::listen()?;
     let stop = CancellationToken::new();
     let mut worker = tokio::spawn({
@@ -251,7 +253,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
                 }
             }
             _ = tick.tick() => {
-                for fact in confirm_waiting(&mut tracker, &runtime, &store, false).await {
+                for fact in confirm_waiting(&mut tracker, &runtime, Some(&client), &store).await {
                     ui.show(&fact, started.elapsed());
                 }
             }
@@ -341,11 +343,12 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
                 ui.show(&tracker.ended(outcome), started.elapsed());
             }
         }
-        for fact in confirm_waiting(&mut tracker, &runtime, &store, true).await {
+        for fact in confirm_waiting(&mut tracker, &runtime, None, &store).await {
             ui.show(&fact, started.elapsed());
         }
     }
     ui.stop_remaining();
+    let _ = client.close().await;
     drop(runtime);
     let closed = close_writer(&store, queue).await;
 
@@ -388,25 +391,32 @@ fn demo_args(store: &Store) -> Vec<&str> {
     args
 }
 
-/// Read the live status of the runs whose last step awaits confirmation
-/// (a wait before the next step, a retry's backoff). Before the pool stops
-/// (`stopped == false`) the runtime's own reads may show commits not yet
-/// durable, so only the pool's stop confirms them.
-async fn confirm_waiting(
+/// Confirm the runs whose last step awaits confirmation (a wait before the
+/// next step, a retry's backoff) from durable state: through `client`'s
+/// reader (which sees only durable commits) while the pool runs, or from
+/// the runtime once the pool has stopped (`client == None`: every commit it
+/// made has returned).
+pub async fn confirm_waiting(
     tracker: &mut Tracker,
     runtime: &Runtime,
+    client: Option<&Client>,
     store: &Store,
-    stopped: bool,
 ) -> Vec<Shown> {
-    if !stopped {
-        return vec![];
-    }
     let mut facts = vec![];
     for id in tracker.awaiting() {
-        if let Ok(Some(status)) = store
-            .bounded("reading a run's status", runtime.status(&id))
-            .await
-        {
+        let status = match client {
+            Some(client) => {
+                store
+                    .bounded("reading a run's status", client.status(&id))
+                    .await
+            }
+            None => {
+                store
+                    .bounded("reading a run's status", runtime.status(&id))
+                    .await
+            }
+        };
+        if let Ok(Some(status)) = status {
             facts.extend(tracker.durable(&status));
         }
     }

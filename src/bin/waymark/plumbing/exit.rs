@@ -34,7 +34,8 @@ Exit codes:
   2  usage error (unknown option, invalid run id or input)
   3  not found (no Waymark store at the location, or no such run)
   4  unfinished (the run has not ended yet; the demo stopped with runs left)
-  5  refused (would delete non-demo data, or another process is writing the store)";
+  5  refused (would delete data the demo did not create, or disturb another process
+     writing the store; a request the worker refused)";
 
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> Self {

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use clap::Args;
 use rustix::fs::Access;
-use waymark::taquba::object_store::ObjectStore;
 use waymark::taquba::object_store::local::LocalFileSystem;
 use waymark::taquba::{QueueReader, ReaderMode, ReaderOptions};
+use waymark::{Client, ClientOptions, StoreLocation};
 
 use super::exit::{CliError, CliResult, shown};
 
@@ -213,30 +213,56 @@ impl Store {
         ))
     }
 
-    /// The object store and the path of the store in it.
-    pub fn object_store(&self) -> CliResult<(Arc<dyn ObjectStore>, String)> {
-        if let (Some(dir), Some(_)) = (&self.dir, &self.local) {
+    /// The library's location of the store. A `--dir` store is the
+    /// directory's `waymark` path, as the demo has always laid it out.
+    pub fn location(&self) -> CliResult<StoreLocation> {
+        if let Some(dir) = &self.dir {
             let abs = std::path::absolute(dir).map_err(|e| io_error(dir, &e))?;
             let store = LocalFileSystem::new_with_prefix(&abs).map_err(|e| {
                 CliError::failure(format!("cannot use {} as a store: {e}", self.shown()))
             })?;
-            return Ok((Arc::new(store), STORE_PATH.to_string()));
+            return Ok(StoreLocation::new(Arc::new(store), STORE_PATH));
         }
-        let (store, path) = waymark::taquba::open_url(&self.url, std::env::vars())
-            .map_err(|e| CliError::usage(format!("--store {}: {e}", self.shown())))?;
-        Ok((store, path.to_string()))
+        StoreLocation::from_url(&self.url)
+            .map_err(|e| CliError::usage(format!("--store {}: {e}", self.shown())))
     }
 
-    /// Open a reader: never writes to the store and never fences its writer
-    /// (`FollowLatest` takes no checkpoint).
+    /// Open a client: reads through a reader (never writes to the store,
+    /// never fences its writer), requests through the inbox.
+    pub async fn open_client(&self) -> CliResult<Client> {
+        self.preflight(Use::Read)?;
+        let location = self.location()?;
+        let options = ClientOptions::default()
+            .queue_name(DEFAULT_STEP_QUEUE)
+            .refresh_interval(READER_POLL);
+        match tokio::time::timeout(self.timeout, Client::open(&location, options)).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(waymark::Error::NotAWaymarkStore { reason, .. })) => Err(CliError::not_found(
+                format!("no Waymark store at {}: {reason}", self.shown()),
+            )),
+            Ok(Err(e)) => Err(CliError::failure(format!(
+                "cannot read the store at {}: {e}",
+                self.shown()
+            ))),
+            Err(_) => Err(self.timed_out("opening the store for reading")),
+        }
+    }
+
+    /// Open a bare reader (for the writer's liveness): never writes to the
+    /// store and never fences its writer (`FollowLatest` takes no
+    /// checkpoint).
     pub async fn open_reader(&self) -> CliResult<QueueReader> {
-        let (store, path) = self.object_store()?;
+        let location = self.location()?;
         let options = ReaderOptions::default()
             .mode(ReaderMode::FollowLatest)
             .manifest_poll_interval(READER_POLL);
         match tokio::time::timeout(
             self.timeout,
-            QueueReader::open_with_options(store, &path, options),
+            QueueReader::open_with_options(
+                location.object_store().clone(),
+                location.path(),
+                options,
+            ),
         )
         .await
         {

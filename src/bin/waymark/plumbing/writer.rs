@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use waymark::taquba::{OpenOptions, Queue};
+use waymark::{StoreOptions, open_worker_store};
 
 use super::exit::{CliError, CliResult};
 use super::output::suggest;
-use super::store::{READER_POLL, Store, Use};
+use super::store::{DEFAULT_STEP_QUEUE, READER_POLL, Store, Use};
 
 /// How often a writer the CLI opens commits its liveness beat.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -88,8 +89,9 @@ pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResu
     Ok(())
 }
 
-/// Open `store` as its writer with the CLI's settings (10 ms WAL flushes,
-/// a liveness heartbeat), bounded by the store's timeout.
+/// Open `store` as its worker (the library's `open_worker_store`: the
+/// inbox for clients' requests, a liveness heartbeat every [`HEARTBEAT`],
+/// 10 ms WAL flushes), bounded by the store's timeout.
 pub async fn open_writer(store: &Store) -> CliResult<Arc<Queue>> {
     store.preflight(Use::Write)?;
     if let Some(local) = &store.local {
@@ -97,18 +99,15 @@ pub async fn open_writer(store: &Store) -> CliResult<Arc<Queue>> {
             CliError::failure(format!("cannot create the store at {}: {e}", store.shown()))
         })?;
     }
-    let (object_store, path) = store.object_store()?;
-    let options = OpenOptions::default()
+    let location = store.location()?;
+    let options = StoreOptions::default()
+        .queue_name(DEFAULT_STEP_QUEUE)
         .flush_interval(Duration::from_millis(10))
-        .scheduler_interval(Duration::from_millis(20))
-        .liveness_heartbeat(HEARTBEAT);
-    let queue = store
-        .bounded(
-            "opening the store",
-            Queue::open_with_options(object_store, &path, options),
-        )
-        .await?;
-    Ok(Arc::new(queue))
+        .liveness_heartbeat(HEARTBEAT)
+        .taquba_options(OpenOptions::default().scheduler_interval(Duration::from_millis(20)));
+    store
+        .bounded("opening the store", open_worker_store(&location, options))
+        .await
 }
 
 /// Close the queue cleanly once nothing else holds it (a clean close commits
