@@ -20,7 +20,7 @@ use crate::demo::{OutcomeHook, build_runtime, confirm_waiting};
 use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::{say, say_err};
 use crate::plumbing::signals::Signals;
-use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs};
+use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
 use crate::plumbing::writer::{close_writer, open_writer, refuse_if_live};
 
 /// `waymark worker`'s arguments.
@@ -38,6 +38,7 @@ pub struct WorkerArgs {
 /// Run the worker pool until Ctrl-C or SIGTERM.
 pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
+    store.preflight(Use::Write)?;
     refuse_if_live(&store, args.force, "starting a worker").await?;
     let queue = open_writer(&store).await?;
     let (work_tx, mut work_rx) = mpsc::unbounded_channel();

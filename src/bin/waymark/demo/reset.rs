@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::plumbing::exit::{CliError, CliResult, shown};
+use crate::plumbing::exit::{CliError, CliResult, shown, shown_path};
 
 /// The marker file the demo writes into a data directory when it creates its
 /// store there.
@@ -196,7 +196,7 @@ fn is_object_name(name: &str) -> bool {
 
 /// A path for a message.
 fn show(path: &Path) -> String {
-    shown(&path.display().to_string())
+    shown_path(&path.display().to_string())
 }
 
 #[cfg(test)]

@@ -100,16 +100,29 @@ impl std::error::Error for CliError {}
 /// The result type of the CLI's fallible functions.
 pub type CliResult<T> = Result<T, CliError>;
 
-/// The longest user-given value an error echoes, in characters.
+/// The longest user-given value (an id, a name) an error echoes, in
+/// characters.
 const SHOWN_MAX: usize = 64;
+/// The longest path or URL an error echoes, in characters.
+const PATH_MAX: usize = 400;
 
-/// A user-given value (a run id, a path) made safe to echo: control
+/// A user-given value (a run id, a name) made safe to echo: control
 /// characters escaped, and cut to [`SHOWN_MAX`] characters with the total
 /// length said.
 pub fn shown(value: &str) -> String {
+    cut(value, SHOWN_MAX)
+}
+
+/// A path or URL made safe to echo, like [`shown`] with a longer limit.
+pub fn shown_path(value: &str) -> String {
+    cut(value, PATH_MAX)
+}
+
+/// `value` with control characters escaped, cut to `max` characters.
+fn cut(value: &str, max: usize) -> String {
     let mut out = String::new();
     for (count, c) in value.chars().enumerate() {
-        if count == SHOWN_MAX {
+        if count == max {
             out.push_str(&format!("... ({} bytes in all)", value.len()));
             return out;
         }

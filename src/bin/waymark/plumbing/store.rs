@@ -21,7 +21,7 @@ use waymark::taquba::object_store::local::LocalFileSystem;
 use waymark::taquba::{QueueReader, ReaderMode, ReaderOptions};
 use waymark::{Client, ClientOptions, StoreLocation};
 
-use super::exit::{CliError, CliResult, shown};
+use super::exit::{CliError, CliResult, shown_path};
 
 /// The store's path inside a `--dir` data directory.
 pub const STORE_PATH: &str = "waymark";
@@ -93,7 +93,7 @@ impl Store {
                     Some(_) => {
                         return Err(CliError::usage(format!(
                             "--store {}: a file:// URL needs an absolute path (file:///abs/path)",
-                            shown(url)
+                            shown_path(url)
                         )));
                     }
                     None => None,
@@ -109,7 +109,7 @@ impl Store {
             None => {
                 let dir = &args.dir;
                 let abs = std::path::absolute(dir).map_err(|e| {
-                    CliError::usage(format!("--dir {}: {e}", shown(&dir.to_string_lossy())))
+                    CliError::usage(format!("--dir {}: {e}", shown_path(&dir.to_string_lossy())))
                 })?;
                 let local = abs.join(STORE_PATH);
                 Ok(Self {
@@ -125,7 +125,7 @@ impl Store {
 
     /// The store's name for messages: control characters escaped.
     pub fn shown(&self) -> String {
-        shown(&self.name)
+        shown_path(&self.name)
     }
 
     /// The arguments that name this store on a command line.
@@ -169,7 +169,7 @@ impl Store {
             Ok(meta) if !meta.is_dir() => Err(CliError::failure(format!(
                 "{} is a plain file where the Waymark store's directory should be; move it away \
                  or choose another location",
-                shown(&local.display().to_string())
+                shown_path(&local.display().to_string())
             ))),
             Ok(_) => {
                 if usage == Use::Read && !local.join("manifest").is_dir() {
@@ -281,7 +281,7 @@ impl Store {
 fn io_error(path: &Path, e: &std::io::Error) -> CliError {
     CliError::failure(format!(
         "cannot use {}: {}",
-        shown(&path.display().to_string()),
+        shown_path(&path.display().to_string()),
         io_cause(e)
     ))
 }
@@ -335,8 +335,8 @@ fn check_creatable(store: &Path) -> CliResult<()> {
             Ok(_) => {
                 return Err(CliError::failure(format!(
                     "cannot create the store at {}: {} is a plain file",
-                    shown(&store.display().to_string()),
-                    shown(&dir.display().to_string())
+                    shown_path(&store.display().to_string()),
+                    shown_path(&dir.display().to_string())
                 )));
             }
             Err(_) => ancestor = dir.parent(),
@@ -353,7 +353,7 @@ fn denied(path: &Path, usage: Use, e: std::io::Error) -> CliError {
     };
     CliError::failure(format!(
         "cannot {verb} the store: {}: {}",
-        shown(&path.display().to_string()),
+        shown_path(&path.display().to_string()),
         io_cause(&e)
     ))
 }
