@@ -167,9 +167,20 @@ pub fn validate_request_id(id: &str) -> Result<(), Error> {
     }
 }
 
-/// A fresh request id (a ULID).
+/// The request ids of this process, increasing with call order.
+static REQUEST_IDS: std::sync::Mutex<ulid::Generator> =
+    std::sync::Mutex::new(ulid::Generator::new());
+
+/// A fresh request id: a ULID, greater than every earlier one of this
+/// process, so the control queue (which orders jobs of one moment by id)
+/// claims one client's requests in the order they were sent.
 pub(crate) fn new_request_id() -> String {
-    ulid::Ulid::generate().to_string()
+    let mut ids = crate::sync::lock(&REQUEST_IDS);
+    match ids.generate() {
+        Ok(id) => id,
+        Err(overflow) => overflow.commit_overflow_increment(),
+    }
+    .to_string()
 }
 
 #[cfg(test)]
@@ -190,6 +201,8 @@ mod tests {
         assert_eq!(decode::<Request>(b"k", &bytes).unwrap(), req);
         assert!(decode::<Request>(b"k", b"garbage").is_err());
         assert!(validate_request_id(&new_request_id()).is_ok());
+        let ids: Vec<String> = (0..1000).map(|_| new_request_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
         for bad in ["", "a.b", "a/b", &"x".repeat(65)] {
             assert!(validate_request_id(bad).is_err(), "{bad}");
         }

@@ -99,7 +99,40 @@
 //!   the step queue that is not a valid step is dead-lettered with a clear
 //!   reason, and the pool keeps going.
 //!
-//! See `ARCHITECTURE.md` for the modules and the path of one step.
+//! ## Other processes
+//!
+//! One process, the **worker**, owns a store: it opens it with
+//! [`open_worker_store`] (from a [`StoreLocation`]: `file://`, `s3://` or
+//! `memory://`, or any `ObjectStore`), which switches on what other
+//! processes rely on — taquba's inbox for the control queue, a liveness
+//! heartbeat, the flush interval — and marks the store as a Waymark store.
+//! Its [`WorkflowRuntime::run`] applies their requests beside its steps.
+//!
+//! Any other process opens a [`Client`] on the same location. It holds no
+//! writer, so it never fences the worker:
+//!
+//! - **Requests** ([`Client::submit`], [`Client::cancel`]) are checked as
+//!   the runtime checks them, then written as one inbox object each, named
+//!   by a request id: sent again with the same id, a request is applied
+//!   once. The worker applies each through its own
+//!   [`WorkflowRuntime::submit`] / [`WorkflowRuntime::cancel`] — the same
+//!   code path and guarantees as an in-process call — and writes a reply
+//!   ([`Client::wait_reply`]): the run exists, or the typed refusal
+//!   ([`Error::InputMismatch`], [`Error::RequestRefused`]). A new run's
+//!   reply commits in the run's own transaction, so a worker killed at any
+//!   moment applies each request exactly once.
+//! - **Reads** ([`Client::status`], [`Client::outcome`], [`Client::wait`],
+//!   [`Client::runs`], [`Client::workflows`]) go through a taquba
+//!   `QueueReader` and share their code with the runtime's own: the same
+//!   answers, lagging by the worker's flush interval plus the client's
+//!   [`ClientOptions::refresh_interval`] (default 500 ms).
+//!
+//! A request's latency is bounded by the worker's inbox touch poll
+//! ([`StoreOptions::inbox_touch_poll`], default 250 ms), its flush interval
+//! and the client's refresh interval; `BENCHMARKS.md` has the numbers.
+//!
+//! See `ARCHITECTURE.md` for the modules, the path of one step, and the
+//! path of a client's request.
 
 #![deny(missing_docs)]
 

@@ -11,6 +11,10 @@
 //! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
 //! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
 //!
+//! Elsewhere: workflow health under `wm/Q/wf/`, `wm/Q/tally/`, `wm/Q/park/`
+//! (`breaker`); client replies under `wm/Q/reply/` and `wm/Q/rexp/`
+//! (`control`); the store marker `wm/store` (`store`).
+//!
 //! Every record is MessagePack of `(version, body)`; a version this build
 //! does not know is [`Error::UnsupportedRecordVersion`], never a guess.
 

@@ -517,3 +517,115 @@ async fn a_client_never_fences_the_worker() {
     let beat = env.client.worker_heartbeat().await.unwrap();
     assert!(beat.is_some_and(|b| !b.closed));
 }
+
+#[tokio::test]
+async fn a_request_delivered_again_after_its_effect_is_not_applied_twice() {
+    // The state a crash between a submit's commit (which carries the
+    // reply) and the ack of its control job leaves: the job is claimable
+    // again. Rebuilt here by enqueueing the same job a second time.
+    let location = StoreLocation::new(Arc::new(InMemory::new()), "wm");
+    let hour = Duration::from_secs(3600);
+    // The inbox is applied only when the test says so.
+    let options = fast_store().inbox_touch_poll(hour).inbox_interval(hour);
+    let queue = open_worker_store(&location, options).await.unwrap();
+    let client = Client::open(&location, fast_client()).await.unwrap();
+    let sent = client.submit(spec("x", b"in")).await.unwrap();
+    let control = control_queue_name(DEFAULT_QUEUE_NAME);
+    let sender = InboxSender::new(location.object_store().clone(), location.inbox_path());
+    let pending = sender.pending(&control).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let taquba::EntryRead::Entry(taquba::InboxEntry::Enqueue(entry)) =
+        sender.read(&pending[0]).await.unwrap()
+    else {
+        panic!("the request is an enqueue entry");
+    };
+    queue.apply_inbox_now().await.unwrap();
+
+    let rt = WorkflowRuntime::builder(queue.clone(), echo(), NoopTerminalHook)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let worker = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.run(std::future::pending()).await }
+    });
+    let first = client.wait_reply(&sent.request_id, GUARD).await.unwrap();
+    let created = Reply::Submitted(SubmitOutcome {
+        run_id: "x".into(),
+        newly_submitted: true,
+    });
+    assert_eq!(first, created);
+    client.wait("x", GUARD).await.unwrap();
+    let done_before = queue.view().stats(&control).await.unwrap().done;
+
+    queue
+        .enqueue_with(&control, entry.payload, entry.options)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while queue.view().stats(&control).await.unwrap().done == done_before {
+        assert!(tokio::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Settled without applying it again: the answer is still "created".
+    assert_eq!(
+        queue.view().stats(&control).await.unwrap().dead,
+        0,
+        "acked, not refused"
+    );
+    // A later commit, once visible, shows the client's view is past the ack.
+    rt.submit(spec("later", b"y")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while client.outcome("later").await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never visible");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(client.reply(&sent.request_id).await.unwrap(), Some(created));
+    worker.abort();
+}
+
+#[tokio::test]
+async fn requests_about_one_run_apply_in_send_order() {
+    let location = StoreLocation::new(Arc::new(InMemory::new()), "wm");
+    let hour = Duration::from_secs(3600);
+    let options = fast_store().inbox_touch_poll(hour).inbox_interval(hour);
+    let queue = open_worker_store(&location, options).await.unwrap();
+    let client = Client::open(&location, fast_client()).await.unwrap();
+    // A submit and a cancel per run, sent back to back: one inbox pass
+    // enqueues all of them, and the worker claims them in batches.
+    let mut cancels = Vec::new();
+    for i in 0..24 {
+        let id = format!("run-{i}");
+        client.submit(spec(&id, b"x")).await.unwrap();
+        cancels.push(client.cancel(&id).await.unwrap());
+    }
+    queue.apply_inbox_now().await.unwrap();
+    let sleepy = FnRunner::new(|_| async {
+        Ok(StepOutcome::ContinueAfter {
+            payload: vec![],
+            delay: Duration::from_secs(3600),
+        })
+    });
+    let rt = WorkflowRuntime::builder(queue.clone(), sleepy, NoopTerminalHook)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let worker = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.run(std::future::pending()).await }
+    });
+    for sent in &cancels {
+        let reply = client.wait_reply(&sent.request_id, GUARD).await.unwrap();
+        assert_eq!(
+            reply,
+            Reply::Cancelled {
+                run_id: sent.run_id.clone(),
+                cancelled: true
+            },
+            "the cancel came after its submit"
+        );
+        let out = client.wait(&sent.run_id, GUARD).await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Cancelled);
+    }
+    worker.abort();
+}
