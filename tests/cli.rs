@@ -345,7 +345,7 @@ fn unprivileged(cwd: &Path) -> Command {
     let mut cmd = waymark(cwd);
     if is_root() {
         use std::os::unix::process::CommandExt as _;
-        let mut std_cmd = std::process::Command::new(BIN);
+        let mut std_cmd = std::process::Command::new(nobody_bin());
         std_cmd
             .uid(65534)
             .gid(65534)
@@ -355,6 +355,21 @@ fn unprivileged(cwd: &Path) -> Command {
         cmd.timeout(HANG_GUARD);
     }
     cmd
+}
+
+/// A copy of the binary that `nobody` may run, whatever the permissions of
+/// the directories above the build's target directory.
+fn nobody_bin() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("waymark");
+        std::fs::copy(BIN, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
+    .clone()
 }
 
 #[test]
