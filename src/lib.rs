@@ -173,11 +173,11 @@ pub use record::{
 };
 pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
 pub use runtime::{RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};
+pub use schedule::{Downtime, LastRun, Overlap, Schedule, ScheduleInfo, ScheduleKind};
 pub use store::{
     DEFAULT_QUEUE_NAME, STORE_FORMAT, StoreLocation, StoreOptions, control_queue_name,
     open_worker_store,
 };
-pub use schedule::{Downtime, LastRun, Overlap, Schedule, ScheduleInfo, ScheduleKind};
 
 /// The queue crate Waymark stores its state in, re-exported so callers use
 /// the same version (`waymark::taquba::Queue`, `waymark::taquba::object_store`).

@@ -1,0 +1,215 @@
+//! `waymark submit | cancel`: requests sent through the store's inbox with a
+//! [`waymark::Client`]; the worker (the demo, or `waymark worker`) applies
+//! them through its own submit/cancel. Neither command opens the store as
+//! its writer. By default each waits (up to `--timeout`) for the worker's
+//! answer; without a worker the request stays in the inbox until one runs,
+//! and the command exits 4 (unfinished) saying so.
+
+use clap::{ArgGroup, Args};
+use waymark::{Error, Reply, RunSpec, Sent};
+
+use super::check_run_id;
+use crate::demo::domain::ORDERS;
+use crate::describe;
+use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
+use crate::plumbing::output::{say, suggest};
+use crate::plumbing::store::{Store, StoreArgs};
+
+/// `waymark submit`'s arguments.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["input", "example"])))]
+pub struct SubmitArgs {
+    /// The run's id (1-128 of A-Z a-z 0-9 . _ : -); generated if omitted.
+    pub run_id: Option<String>,
+    /// The run's input: an order as key=value pairs separated by `;`
+    /// (customer, email, sku, qty, total_cents, card, ship_to).
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Use the input of the demo's order N (1-8).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub example: Option<u8>,
+    /// Return once the request is stored, without waiting for the worker.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark cancel`'s arguments.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The run to cancel.
+    pub run_id: String,
+    /// Return once the request is stored, without waiting for the worker.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark submit`.
+pub async fn submit(args: SubmitArgs) -> CliResult<Exit> {
+    if let Some(id) = &args.run_id {
+        check_run_id(id)?;
+    }
+    let input = match (&args.input, args.example) {
+        (Some(text), _) => text.clone().into_bytes(),
+        (None, Some(n)) => ORDERS[usize::from(n) - 1].input(),
+        (None, None) => return Err(CliError::usage("pass --input TEXT or --example N")),
+    };
+    let spec = RunSpec {
+        run_id: args.run_id.clone(),
+        input,
+        ..Default::default()
+    };
+    // Refused here, before anything is opened (the client checks the rest
+    // before it writes anything).
+    if spec.input.len() > waymark::MAX_PAYLOAD_BYTES {
+        return Err(CliError::usage(format!(
+            "cannot submit: the input is {} bytes, over the limit of {} bytes",
+            spec.input.len(),
+            waymark::MAX_PAYLOAD_BYTES
+        )));
+    }
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let sent = send(&store, client.submit(spec)).await?;
+    if args.no_wait {
+        say!(
+            "sent: submit {} (request {}); a worker on the store applies it",
+            sent.run_id,
+            sent.request_id
+        );
+        return Ok(Exit::Ok);
+    }
+    let code = match await_reply(&store, &client, &sent).await? {
+        Some(Reply::Submitted(outcome)) if outcome.newly_submitted => {
+            say!("submitted {}", outcome.run_id);
+            Exit::Ok
+        }
+        Some(Reply::Submitted(outcome)) => {
+            say!(
+                "{} already exists with this input; nothing changed",
+                outcome.run_id
+            );
+            Exit::Ok
+        }
+        Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
+        None => Exit::Unfinished,
+    };
+    let _ = client.close().await;
+    Ok(code)
+}
+
+/// `waymark cancel`.
+pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
+    check_run_id(&args.run_id)?;
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let run_id = args.run_id.as_str();
+    let sent = send(&store, client.cancel(run_id)).await?;
+    if args.no_wait {
+        say!(
+            "sent: cancel {run_id} (request {}); a worker on the store applies it",
+            sent.request_id
+        );
+        return Ok(Exit::Ok);
+    }
+    let code = match await_reply(&store, &client, &sent).await? {
+        Some(Reply::Cancelled {
+            cancelled: true, ..
+        }) => {
+            say!(
+                "cancelled {run_id} (a waiting step is removed; a running step's result is \
+                 discarded and the run ends Cancelled)"
+            );
+            Exit::Ok
+        }
+        Some(Reply::Cancelled { .. }) => {
+            match store
+                .bounded("reading the run's outcome", client.outcome(run_id))
+                .await?
+            {
+                Some(outcome) => {
+                    say!(
+                        "{run_id} had already ended: {}",
+                        describe::outcome_line(&outcome)
+                    );
+                    Exit::Ok
+                }
+                None => match store
+                    .bounded("reading the run's status", client.status(run_id))
+                    .await?
+                {
+                    Some(_) => {
+                        say!("{run_id}: a cancel was already accepted; it ends Cancelled");
+                        Exit::Ok
+                    }
+                    None => {
+                        return Err(CliError::not_found(format!(
+                            "no run `{}` in {}",
+                            shown(run_id),
+                            store.shown()
+                        )));
+                    }
+                },
+            }
+        }
+        Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
+        None => Exit::Unfinished,
+    };
+    let _ = client.close().await;
+    Ok(code)
+}
+
+/// Send a request, bounded.
+async fn send(
+    store: &Store,
+    sending: impl Future<Output = Result<Sent, Error>>,
+) -> CliResult<Sent> {
+    match tokio::time::timeout(store.timeout, sending).await {
+        Ok(Ok(sent)) => Ok(sent),
+        Ok(Err(e)) if e.is_permanent() => Err(CliError::usage(format!("cannot send: {e}"))),
+        Ok(Err(e)) => Err(CliError::failure(format!(
+            "cannot send the request to {}: {e}",
+            store.shown()
+        ))),
+        Err(_) => Err(store.timed_out("sending the request")),
+    }
+}
+
+/// Wait up to the timeout for the worker's reply: `None` (said in words)
+/// when no worker answered; a refusal is an error.
+async fn await_reply(
+    store: &Store,
+    client: &waymark::Client,
+    sent: &Sent,
+) -> CliResult<Option<Reply>> {
+    match client.wait_reply(&sent.request_id, store.timeout).await {
+        Ok(reply) => Ok(Some(reply)),
+        Err(Error::TimedOut { .. }) => {
+            let mut worker = vec!["worker"];
+            let args = store.args();
+            worker.extend(args.iter().map(String::as_str));
+            say!(
+                "sent, but no worker answered within {:.1}s: the request waits in the store's \
+                 inbox and is applied when a worker runs ({})",
+                store.timeout.as_secs_f64(),
+                suggest(&worker)
+            );
+            Ok(None)
+        }
+        Err(Error::InputMismatch(run_id)) => Err(CliError::refused(format!(
+            "run `{}` already exists with a different input; use another run id",
+            shown(&run_id)
+        ))),
+        Err(Error::RequestRefused { reason, .. }) => Err(CliError::refused(format!(
+            "the worker refused the request: {reason}"
+        ))),
+        Err(e) => Err(CliError::failure(format!(
+            "cannot read the worker's reply: {e}"
+        ))),
+    }
+}

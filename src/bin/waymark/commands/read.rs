@@ -1,0 +1,295 @@
+//! `waymark status | outcome | runs | workflows`: read a store through a
+//! [`waymark::Client`], whose reader never writes to the store and never
+//! fences its worker, so they work while the demo or a worker runs. Ids are
+//! checked before anything is opened. Each read is bounded by `--timeout`.
+
+use clap::{Args, ValueEnum};
+use waymark::{Client, RunFilter, RunOutcome, RunPhase, StateFilter, TerminalStatus};
+
+use super::check_run_id;
+use crate::demo::domain::step_label;
+use crate::describe;
+use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
+use crate::plumbing::output::{say, suggest};
+use crate::plumbing::store::{Store, StoreArgs};
+
+/// `status` and `outcome`'s arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The run, e.g. demo-order-03.
+    pub run_id: String,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark status`: where a live run is, or how it ended.
+pub async fn status(args: RunArgs) -> CliResult<Exit> {
+    check_run_id(&args.run_id)?;
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let run_id = args.run_id.as_str();
+    let live = store
+        .bounded("reading the run's status", client.status(run_id))
+        .await?;
+    let code = match live {
+        Some(status) => {
+            say!("{run_id}: live");
+            say!("  step:     {}", step_label(status.current_step));
+            say!("  state:    {}", describe::state(&status));
+            say!("  workflow: {}", status.workflow);
+            Exit::Ok
+        }
+        None => match read_outcome(&store, &client, run_id).await? {
+            Some(outcome) => {
+                say!("{run_id}: ended");
+                print_outcome(&outcome);
+                Exit::Ok
+            }
+            None => return Err(not_found(run_id, &store)),
+        },
+    };
+    let _ = client.close().await;
+    Ok(code)
+}
+
+/// `waymark outcome`: how a run ended; exit 4 while it has not.
+pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
+    check_run_id(&args.run_id)?;
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let run_id = args.run_id.as_str();
+    let code = match read_outcome(&store, &client, run_id).await? {
+        Some(outcome) => {
+            say!("{run_id}: ended");
+            print_outcome(&outcome);
+            Exit::Ok
+        }
+        None => match store
+            .bounded("reading the run's status", client.status(run_id))
+            .await?
+        {
+            Some(status) => {
+                say!(
+                    "{run_id} has not ended yet: it is at step {} ({}). A worker on the store \
+                     finishes it: {}",
+                    step_label(status.current_step),
+                    describe::state(&status),
+                    suggest(&finisher(&store, run_id))
+                );
+                Exit::Unfinished
+            }
+            None => return Err(not_found(run_id, &store)),
+        },
+    };
+    let _ = client.close().await;
+    Ok(code)
+}
+
+/// The command that works the runs of `store` (the demo for its own runs).
+fn finisher<'a>(store: &'a Store, run_id: &str) -> Vec<&'a str> {
+    let command = if run_id.starts_with("demo-order-") && store.dir.is_some() {
+        "demo"
+    } else {
+        "worker"
+    };
+    let mut args = vec![command];
+    args.extend(store_args(store));
+    args
+}
+
+/// The arguments naming `store` on a command line.
+fn store_args(store: &Store) -> Vec<&str> {
+    match &store.dir {
+        Some(dir) => vec!["--dir", dir.to_str().unwrap_or("waymark-data")],
+        None => vec!["--store", store.url.as_str()],
+    }
+}
+
+/// A run's outcome, bounded.
+async fn read_outcome(
+    store: &Store,
+    client: &Client,
+    run_id: &str,
+) -> CliResult<Option<RunOutcome>> {
+    store
+        .bounded("reading the run's outcome", client.outcome(run_id))
+        .await
+}
+
+/// Print a terminal outcome, one field a line.
+fn print_outcome(outcome: &RunOutcome) {
+    say!("  status:     {}", describe::status_word(outcome.status));
+    say!("  final step: {}", step_label(outcome.final_step));
+    match outcome.status {
+        TerminalStatus::Succeeded => say!("  result:     {}", describe::detail(outcome)),
+        _ => say!("  reason:     {}", describe::detail(outcome)),
+    }
+    say!("  workflow:   {}", outcome.workflow);
+}
+
+/// The error for a run the store does not know (exit 3).
+fn not_found(run_id: &str, store: &Store) -> CliError {
+    CliError::not_found(format!(
+        "no run `{}` in {} (never submitted there, or its outcome passed the retention window)",
+        shown(run_id),
+        store.shown()
+    ))
+}
+
+/// Which runs `waymark runs` lists.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StateArg {
+    /// Runs that have not ended.
+    Live,
+    /// Runs that ended (within the retention window).
+    Ended,
+    /// Runs that succeeded.
+    Succeeded,
+    /// Runs that failed.
+    Failed,
+    /// Runs that were cancelled.
+    Cancelled,
+}
+
+/// `waymark runs`' arguments.
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Only runs in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<StateArg>,
+    /// Only runs of this workflow.
+    #[arg(long)]
+    pub workflow: Option<String>,
+    /// At most this many runs.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Start after this run id (the next page).
+    #[arg(long, value_name = "RUN_ID")]
+    pub after: Option<String>,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark runs`: a page of runs, live and ended.
+pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
+    if let Some(after) = &args.after {
+        check_run_id(after)?;
+    }
+    if let Some(workflow) = &args.workflow {
+        waymark::validate_name("workflow name", workflow)
+            .map_err(|_| CliError::usage(format!("invalid workflow name `{}`", shown(workflow))))?;
+    }
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let filter = RunFilter {
+        state: args.state.map(|s| match s {
+            StateArg::Live => StateFilter::Live,
+            StateArg::Ended => StateFilter::Ended,
+            StateArg::Succeeded => StateFilter::Is(RunPhase::Ended(TerminalStatus::Succeeded)),
+            StateArg::Failed => StateFilter::Is(RunPhase::Ended(TerminalStatus::Failed)),
+            StateArg::Cancelled => StateFilter::Is(RunPhase::Ended(TerminalStatus::Cancelled)),
+        }),
+        workflow: args.workflow.clone(),
+        after: args.after.clone(),
+        limit: args.limit.max(1),
+    };
+    let page = store.bounded("listing runs", client.runs(&filter)).await?;
+    let _ = client.close().await;
+    let rows: Vec<[String; 4]> = page
+        .runs
+        .iter()
+        .map(|run| {
+            let phase = match run.phase {
+                RunPhase::Live(state) => format!("live ({state:?})").to_lowercase(),
+                RunPhase::Ended(status) => describe::status_word(status).to_string(),
+            };
+            [
+                run.run_id.clone(),
+                phase,
+                step_label(run.step),
+                run.workflow.clone(),
+            ]
+        })
+        .collect();
+    table(&["RUN", "STATE", "STEP", "WORKFLOW"], &rows);
+    if let Some(next) = page.next {
+        let mut more = vec!["runs"];
+        more.extend(store_args(&store));
+        more.extend(["--after", next.as_str()]);
+        say!("more: {}", suggest(&more));
+    }
+    Ok(Exit::Ok)
+}
+
+/// `waymark workflows`' arguments.
+#[derive(Debug, Args)]
+pub struct WorkflowsArgs {
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark workflows`: each workflow's health.
+pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let health = store
+        .bounded("reading workflow health", client.workflows())
+        .await?;
+    let _ = client.close().await;
+    let rows: Vec<[String; 4]> = health
+        .iter()
+        .map(|h| {
+            [
+                h.name.clone(),
+                breaker_word(&h.status),
+                format!("{} succeeded, {} failed", h.runs_succeeded, h.runs_failed),
+                h.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["WORKFLOW", "BREAKER", "RUNS", "LAST ERROR"], &rows);
+    Ok(Exit::Ok)
+}
+
+/// A breaker's state in a word or two.
+fn breaker_word(status: &waymark::BreakerStatus) -> String {
+    match status {
+        waymark::BreakerStatus::Closed => "closed".into(),
+        waymark::BreakerStatus::Backoff { streak, .. } => {
+            format!("backing off ({streak} failures)")
+        }
+        waymark::BreakerStatus::Tripped { streak, .. } => format!("tripped ({streak} failures)"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Print a table with a header; the last column is not padded.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
+        .map(|col| {
+            rows.iter()
+                .map(|r| r[col].chars().count())
+                .chain([header[col].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        say!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,134 @@
+//! `waymark worker`: a worker pool for a store, running the demo's order
+//! pipeline (the built-in runner) on the step queue `demo-orders`. It
+//! applies the requests that `waymark submit` / `cancel` send from other
+//! processes, and prints one line per fact once it is durable (the same
+//! confirmation rules as the demo). It refuses to start while another
+//! process writes the store, unless `--force`. Ctrl-C or SIGTERM stops
+//! claiming and lets the steps in flight commit; a second one skips the rest
+//! of their simulated work; a third quits at once.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::demo::domain::OrderPipeline;
+use crate::demo::progress::Tracker;
+use crate::demo::ui::Ui;
+use crate::demo::{OutcomeHook, build_runtime, confirm_waiting};
+use crate::plumbing::exit::{CliError, CliResult, Exit};
+use crate::plumbing::output::{say, say_err};
+use crate::plumbing::signals::Signals;
+use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
+use crate::plumbing::writer::{close_writer, open_writer, refuse_if_live};
+
+/// `waymark worker`'s arguments.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Take the store over even if another process is writing it (that
+    /// process is fenced and stops).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Run the worker pool until Ctrl-C or SIGTERM.
+pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
+    let store = Store::locate(&args.store)?;
+    store.preflight(Use::Write)?;
+    refuse_if_live(&store, args.force, "starting a worker").await?;
+    let queue = open_writer(&store).await?;
+    let (work_tx, mut work_rx) = mpsc::unbounded_channel();
+    let (end_tx, mut end_rx) = mpsc::unbounded_channel();
+    let hurry = CancellationToken::new();
+    let runtime = build_runtime(
+        queue.clone(),
+        &store,
+        OrderPipeline::new(work_tx, hurry.clone()),
+        OutcomeHook::new(end_tx),
+    )?;
+    let client = store.open_client().await?;
+    let mut signals = Signals::listen()?;
+    let stop = CancellationToken::new();
+    let mut worker = tokio::spawn({
+        let runtime = runtime.clone();
+        let stop = stop.clone();
+        async move { runtime.run(stop.cancelled_owned()).await }
+    });
+    say!(
+        "worker on {}: running the demo's order pipeline on queue {DEFAULT_STEP_QUEUE}; \
+         Ctrl-C or SIGTERM stops it once the steps in flight commit.",
+        store.shown()
+    );
+    let ui = Ui::Lines;
+    let started = Instant::now();
+    let mut tracker = Tracker::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(150));
+    let mut presses = 0;
+    let mut stopping = false;
+    let joined = loop {
+        tokio::select! {
+            Some(work) = work_rx.recv() => {
+                for fact in tracker.work(work) {
+                    ui.show(&fact, started.elapsed());
+                }
+            }
+            Some(outcome) = end_rx.recv() => ui.show(&tracker.ended(outcome), started.elapsed()),
+            _ = tick.tick() => {
+                for fact in confirm_waiting(&mut tracker, &runtime, Some(&client), &store).await {
+                    ui.show(&fact, started.elapsed());
+                }
+            }
+            signal = signals.next() => {
+                presses += 1;
+                match presses {
+                    1 => {
+                        stopping = true;
+                        stop.cancel();
+                        say!("{signal}: stopping; the steps in flight finish and commit first.");
+                    }
+                    2 => {
+                        hurry.cancel();
+                        say!("{signal} again: skipping the rest of the steps' simulated work.");
+                    }
+                    _ => {
+                        say_err!("Quitting at once; the steps in flight run again next time.");
+                        std::process::exit(4);
+                    }
+                }
+            }
+            joined = &mut worker => break joined,
+        }
+    };
+    while let Ok(work) = work_rx.try_recv() {
+        for fact in tracker.work(work) {
+            ui.show(&fact, started.elapsed());
+        }
+    }
+    while let Ok(outcome) = end_rx.try_recv() {
+        ui.show(&tracker.ended(outcome), started.elapsed());
+    }
+    let _ = client.close().await;
+    let result = match joined {
+        Ok(Ok(())) if stopping => Ok(Exit::Ok),
+        Ok(Ok(())) => Err(CliError::failure("the worker pool stopped unexpectedly")),
+        Ok(Err(e)) => Err(CliError::failure(format!(
+            "the worker pool stopped: {e} (if another process opened the store, it fenced this one)"
+        ))),
+        Err(e) => Err(CliError::failure(format!(
+            "the worker pool's task failed: {e}"
+        ))),
+    };
+    for fact in confirm_waiting(&mut tracker, &runtime, None, &store).await {
+        ui.show(&fact, started.elapsed());
+    }
+    drop(runtime);
+    let closed = close_writer(&store, queue).await;
+    let code = result?;
+    closed?;
+    say!("worker stopped; everything it ran is committed.");
+    Ok(code)
+}

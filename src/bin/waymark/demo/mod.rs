@@ -1,0 +1,542 @@
+//! `waymark demo`: eight example orders through a five-step pipeline, live.
+//!
+//! The demo opens a local-disk store in `./waymark-data` (or `--dir`), submits
+//! eight runs with fixed ids (`demo-order-01` .. `demo-order-08`) and
+//! deterministic inputs, and shows every step once its result is durable.
+//! Kill it at any moment (Ctrl-C, SIGTERM, even `kill -9`) and run the same
+//! command again: finished runs print their stored outcome and unfinished
+//! runs resume at the step where they stopped.
+//!
+//! - Ctrl-C or SIGTERM stops claiming steps and lets the steps in flight
+//!   finish and commit; a second one skips the rest of their simulated work
+//!   so they commit at once (no attempt is spent); a third quits at once
+//!   (the steps in flight then run again next time, each spending one of
+//!   its 20 attempts).
+//! - A second demo (or `--reset`) refuses while another process writes the
+//!   store, unless `--force`.
+//! - `--reset` deletes only a store the demo created (see [`reset`]).
+//!
+//! The domain (orders, pipeline) is in [`domain`], what counts as confirmed
+//! in [`progress`], and the terminal output in [`ui`].
+
+pub mod domain;
+pub mod progress;
+pub mod reset;
+pub mod ui;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use waymark::taquba::Queue;
+use waymark::{Client, RunOutcome, RunSpec, RunStatus, StepError, TerminalHook, WorkflowRuntime};
+
+use crate::describe;
+use crate::plumbing::exit::{CliError, CliResult, Exit};
+use crate::plumbing::output::{say, say_err, suggest};
+use crate::plumbing::signals::Signals;
+use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
+use crate::plumbing::writer::{close_writer, open_writer, refuse_if_live};
+use domain::{ORDERS, OrderPipeline, STEPS, run_id, step_label};
+use progress::{Shown, Tracker};
+use ui::Ui;
+
+/// `waymark demo`'s arguments.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the store lives (a local --dir only).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Delete the demo's store first and start over (only a store the demo
+    /// created, holding nothing else).
+    #[arg(long)]
+    pub reset: bool,
+    /// Take the store over even if another process is writing it (that
+    /// process is fenced and stops).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The terminal hook the CLI's workers use: it passes each durable outcome
+/// on (hook notifications are delivered only after the terminal commit is
+/// durable).
+pub struct OutcomeHook {
+    /// Where outcomes go; the listener may be gone.
+    ended: mpsc::UnboundedSender<RunOutcome>,
+}
+
+impl OutcomeHook {
+    /// A hook sending outcomes to `ended`.
+    pub fn new(ended: mpsc::UnboundedSender<RunOutcome>) -> Self {
+        Self { ended }
+    }
+}
+
+impl TerminalHook for OutcomeHook {
+    async fn on_termination(&self, outcome: &RunOutcome) -> Result<(), StepError> {
+        let _ = self.ended.send(outcome.clone());
+        Ok(())
+    }
+}
+
+/// The runtime the demo and `waymark worker` build.
+pub type Runtime = WorkflowRuntime<OrderPipeline, OutcomeHook>;
+
+/// Build the order pipeline's runtime over `queue`.
+pub fn build_runtime(
+    queue: Arc<Queue>,
+    store: &Store,
+    pipeline: OrderPipeline,
+    hook: OutcomeHook,
+) -> CliResult<Runtime> {
+    WorkflowRuntime::builder(queue, pipeline, hook)
+        .queue_name(DEFAULT_STEP_QUEUE)
+        .max_concurrent_steps(4)
+        .poll_interval(Duration::from_millis(50))
+        .store_timeout(store.timeout)
+        .default_retry_policy(domain::retry_policy())
+        .build()
+        .map_err(|e| CliError::failure(format!("cannot build the workflow runtime: {e}")))
+}
+
+/// Where a run stood when the demo started.
+enum Prior {
+    /// Never submitted.
+    New,
+    /// Submitted earlier and not finished: it resumes.
+    Resuming(RunStatus),
+    /// Finished earlier: its stored outcome.
+    Finished(RunOutcome),
+    /// Submitted earlier, with no live step and no outcome yet: its last
+    /// step gave up while no worker ran, and the worker records its failure.
+    Settling,
+}
+
+/// Read where run `run_id` stands (the store was just opened: all of it is
+/// durable).
+async fn classify(runtime: &Runtime, store: &Store, run_id: &str) -> CliResult<Prior> {
+    let what = format!("reading the state of {run_id}");
+    if let Some(outcome) = store.bounded(&what, runtime.outcome(run_id)).await? {
+        return Ok(Prior::Finished(outcome));
+    }
+    Ok(match store.bounded(&what, runtime.status(run_id)).await? {
+        Some(status) => Prior::Resuming(status),
+        None => Prior::New,
+    })
+}
+
+/// Run the demo.
+pub async fn run(args: DemoArgs) -> CliResult<Exit> {
+    if args.store.store.is_some() {
+        return Err(CliError::usage(
+            "the demo runs on a local directory: use --dir PATH, not --store",
+        ));
+    }
+    let store = Store::locate(&args.store)?;
+    let dir = store
+        .dir
+        .clone()
+        .ok_or_else(|| CliError::usage("the demo needs --dir"))?;
+    let mut checked_live = false;
+    if args.reset && std::fs::symlink_metadata(&dir).is_ok() {
+        let doomed = reset::check_resettable(&dir)?;
+        refuse_if_live(&store, args.force, "--reset").await?;
+        checked_live = true;
+        let files = reset::delete(&doomed)?;
+        say!(
+            "--reset: deleted the demo store in {} ({files} files), starting over.",
+            store.shown()
+        );
+    }
+    reset::check_creatable(&dir)?;
+    store.preflight(Use::Write)?;
+    if !checked_live {
+        refuse_if_live(&store, args.force, "starting the demo").await?;
+    }
+    let creating = !reset::has_store(&dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CliError::failure(format!("cannot create {}: {e}", store.shown())))?;
+    if creating {
+        reset::mark(&dir)?;
+    }
+
+    let queue = open_writer(&store).await?;
+    let (work_tx, mut work_rx) = mpsc::unbounded_channel();
+    let (end_tx, mut end_rx) = mpsc::unbounded_channel();
+    let hurry = CancellationToken::new();
+    let runtime = build_runtime(
+        queue.clone(),
+        &store,
+        OrderPipeline::new(work_tx, hurry.clone()),
+        OutcomeHook::new(end_tx),
+    )?;
+
+    say!(
+        "Waymark demo: {} orders, each a durable run of {} steps ({}).",
+        ORDERS.len(),
+        STEPS.len(),
+        STEPS.join(" -> ")
+    );
+    say!(
+        "State lives in {}; a step is shown done once its result is committed there.",
+        store.shown()
+    );
+    say!();
+
+    let priors = submit_all(&runtime, &store).await?;
+    announce(&priors, &store);
+
+    let mut outcomes: HashMap<String, RunOutcome> = HashMap::new();
+    let mut unfinished: HashSet<String> = HashSet::new();
+    for (id, prior) in &priors {
+        match prior {
+            Prior::Finished(outcome) => {
+                outcomes.insert(id.clone(), outcome.clone());
+            }
+            _ => {
+                unfinished.insert(id.clone());
+            }
+        }
+    }
+    if unfinished.is_empty() {
+        print_summary(&priors, &outcomes);
+        drop(runtime);
+        close_writer(&store, queue).await?;
+        return Ok(Exit::Ok);
+    }
+
+    // Durable reads for the UI: a reader sees only what is durable.
+    let client = store.open_client().await?;
+    let mut signals = Signals::listen()?;
+    let stop = CancellationToken::new();
+    let mut worker = tokio::spawn({
+        let runtime = runtime.clone();
+        let stop = stop.clone();
+        async move { runtime.run(stop.cancelled_owned()).await }
+    });
+
+    let bars: Vec<(String, u32, String)> = priors
+        .iter()
+        .filter_map(|(id, prior)| match prior {
+            Prior::New => Some((id.clone(), 0, "queued".to_string())),
+            Prior::Resuming(status) => Some((
+                id.clone(),
+                status.current_step,
+                format!("resuming at step {}", step_label(status.current_step)),
+            )),
+            Prior::Settling => Some((id.clone(), 0, "recording its failure".to_string())),
+            Prior::Finished(_) => None,
+        })
+        .collect();
+    let ui = Ui::new(&bars);
+    let started = Instant::now();
+    let mut tracker = Tracker::default();
+    let mut failure: Option<String> = None;
+    let mut stopped_by: Option<&'static str> = None;
+    let mut worker_result = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(150));
+
+    while !unfinished.is_empty() {
+        tokio::select! {
+            Some(work) = work_rx.recv() => {
+                for fact in tracker.work(work) {
+                    ui.show(&fact, started.elapsed());
+                }
+            }
+            Some(outcome) = end_rx.recv() => {
+                if unfinished.remove(&outcome.run_id) {
+                    outcomes.insert(outcome.run_id.clone(), outcome.clone());
+                    ui.show(&tracker.ended(outcome), started.elapsed());
+                }
+            }
+            _ = tick.tick() => {
+                for fact in confirm_waiting(&mut tracker, &runtime, Some(&client), &store).await {
+                    ui.show(&fact, started.elapsed());
+                }
+            }
+            signal = signals.next() => {
+                stopped_by = Some(signal);
+                break;
+            }
+            joined = &mut worker => {
+                worker_result = Some(joined);
+                break;
+            }
+        }
+    }
+
+    if let Some(signal) = stopped_by {
+        ui.log(&format!(
+            "{signal}: stopping; the steps in flight finish and commit first ({signal} again \
+             skips the rest of their work, a third time quits at once)."
+        ));
+    }
+    stop.cancel();
+    let joined = match worker_result {
+        Some(joined) => joined,
+        None => {
+            let mut presses = 0;
+            loop {
+                tokio::select! {
+                    joined = &mut worker => break joined,
+                    signal = signals.next() => {
+                        presses += 1;
+                        if presses == 1 {
+                            hurry.cancel();
+                            ui.log(&format!(
+                                "{signal} again: skipping the rest of the steps' simulated work; \
+                                 they commit now."
+                            ));
+                        } else {
+                            say_err!(
+                                "Quitting at once. Nothing committed is lost; the steps that \
+                                 were in flight run again next time."
+                            );
+                            std::process::exit(4);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    match joined {
+        Ok(Ok(())) if stopped_by.is_some() || unfinished.is_empty() => {}
+        Ok(Ok(())) => failure = Some("the worker pool stopped unexpectedly".into()),
+        Ok(Err(e)) => {
+            failure = Some(format!(
+                "the worker pool stopped: {e}. If another process opened {} (taquba has one \
+                 writer per store; the newer one fences the older), stop it, then run `{}` to \
+                 resume",
+                store.shown(),
+                suggest(&demo_args(&store))
+            ));
+        }
+        Err(e) => failure = Some(format!("the worker pool's task failed: {e}")),
+    }
+
+    // The pool has stopped: every commit it made has returned, so what it
+    // reported and what the store says now are durable.
+    while let Ok(work) = work_rx.try_recv() {
+        for fact in tracker.work(work) {
+            ui.show(&fact, started.elapsed());
+        }
+    }
+    while let Ok(outcome) = end_rx.try_recv() {
+        if unfinished.remove(&outcome.run_id) {
+            outcomes.insert(outcome.run_id.clone(), outcome.clone());
+            ui.show(&tracker.ended(outcome), started.elapsed());
+        }
+    }
+    if failure.is_none() {
+        let mut left: Vec<String> = unfinished.iter().cloned().collect();
+        left.sort();
+        for id in left {
+            if let Ok(Some(outcome)) = store
+                .bounded("reading an outcome", runtime.outcome(&id))
+                .await
+            {
+                unfinished.remove(&id);
+                outcomes.insert(id.clone(), outcome.clone());
+                ui.show(&tracker.ended(outcome), started.elapsed());
+            }
+        }
+        for fact in confirm_waiting(&mut tracker, &runtime, None, &store).await {
+            ui.show(&fact, started.elapsed());
+        }
+    }
+    ui.stop_remaining();
+    let _ = client.close().await;
+    drop(runtime);
+    let closed = close_writer(&store, queue).await;
+
+    if let Some(failure) = failure {
+        return Err(CliError::failure(failure));
+    }
+    closed?;
+    say!();
+    if unfinished.is_empty() {
+        say!(
+            "All {} runs finished in {:.1}s.",
+            ORDERS.len(),
+            started.elapsed().as_secs_f64()
+        );
+        print_summary(&priors, &outcomes);
+        return Ok(Exit::Ok);
+    }
+    let mut left: Vec<_> = unfinished.into_iter().collect();
+    left.sort();
+    say!(
+        "Stopped. {} run(s) unfinished ({}); their progress is saved in {}.",
+        left.len(),
+        left.join(", "),
+        store.shown()
+    );
+    say!(
+        "To resume them, run the same command again without --reset: {}",
+        suggest(&demo_args(&store))
+    );
+    Ok(Exit::Unfinished)
+}
+
+/// `demo --dir PATH` as arguments.
+fn demo_args(store: &Store) -> Vec<&str> {
+    let mut args = vec!["demo"];
+    if let Some(dir) = &store.dir {
+        args.push("--dir");
+        args.push(dir.to_str().unwrap_or("waymark-data"));
+    }
+    args
+}
+
+/// Confirm the runs whose last step awaits confirmation (a wait before the
+/// next step, a retry's backoff) from durable state: through `client`'s
+/// reader (which sees only durable commits) while the pool runs, or from
+/// the runtime once the pool has stopped (`client == None`: every commit it
+/// made has returned).
+pub async fn confirm_waiting(
+    tracker: &mut Tracker,
+    runtime: &Runtime,
+    client: Option<&Client>,
+    store: &Store,
+) -> Vec<Shown> {
+    let mut facts = vec![];
+    for id in tracker.awaiting() {
+        let status = match client {
+            Some(client) => {
+                store
+                    .bounded("reading a run's status", client.status(&id))
+                    .await
+            }
+            None => {
+                store
+                    .bounded("reading a run's status", runtime.status(&id))
+                    .await
+            }
+        };
+        if let Ok(Some(status)) = status {
+            facts.extend(tracker.durable(&status));
+        }
+    }
+    facts
+}
+
+/// Classify and (idempotently) submit every order.
+async fn submit_all(runtime: &Runtime, store: &Store) -> CliResult<Vec<(String, Prior)>> {
+    let mut priors = Vec::with_capacity(ORDERS.len());
+    for (i, order) in ORDERS.iter().enumerate() {
+        let id = run_id(i);
+        let prior = classify(runtime, store, &id).await?;
+        let spec = RunSpec {
+            run_id: Some(id.clone()),
+            input: order.input(),
+            ..Default::default()
+        };
+        let submitted = match tokio::time::timeout(store.timeout, runtime.submit(spec)).await {
+            Ok(Ok(submitted)) => submitted,
+            Ok(Err(waymark::Error::InputMismatch(_))) => {
+                return Err(CliError::refused(format!(
+                    "{} holds a run {id} with another input, so it is not this demo's store; \
+                     choose another --dir",
+                    store.shown()
+                )));
+            }
+            Ok(Err(e)) => return Err(CliError::failure(format!("cannot submit {id}: {e}"))),
+            Err(_) => return Err(store.timed_out(&format!("submitting {id}"))),
+        };
+        let prior = match prior {
+            Prior::New if !submitted.newly_submitted => Prior::Settling,
+            p => p,
+        };
+        priors.push((id, prior));
+    }
+    Ok(priors)
+}
+
+/// Say where each run stands before the pool starts.
+fn announce(priors: &[(String, Prior)], store: &Store) {
+    let resuming = priors
+        .iter()
+        .filter(|(_, p)| matches!(p, Prior::Resuming(_) | Prior::Settling))
+        .count();
+    let finished = priors
+        .iter()
+        .filter(|(_, p)| matches!(p, Prior::Finished(_)))
+        .count();
+    if resuming + finished == 0 {
+        say!(
+            "No earlier progress found: submitting {} new runs.",
+            ORDERS.len()
+        );
+    } else if resuming == 0 {
+        say!(
+            "Found earlier progress in {}: all {finished} runs already finished, nothing to \
+             resume (`{}` starts over).",
+            store.shown(),
+            suggest(&[demo_args(store), vec!["--reset"]].concat())
+        );
+    } else {
+        say!(
+            "Found earlier progress in {}: {resuming} unfinished run(s) resume where they \
+             stopped, {finished} already finished.",
+            store.shown()
+        );
+    }
+    for ((id, prior), order) in priors.iter().zip(&ORDERS) {
+        match prior {
+            Prior::New => say!("  new        {id}  {}", order.summary()),
+            Prior::Resuming(status) => say!(
+                "  resuming   {id} at step {} (stopped earlier; {})",
+                step_label(status.current_step),
+                describe::state(status)
+            ),
+            Prior::Finished(outcome) => say!(
+                "  finished   {id}  {} at step {} (stored outcome)",
+                describe::status_word(outcome.status),
+                step_label(outcome.final_step)
+            ),
+            Prior::Settling => say!(
+                "  resuming   {id} (its last step gave up while the demo was stopped; \
+                 recording its failure)"
+            ),
+        }
+    }
+    say!();
+}
+
+/// Print the table of every run's outcome.
+fn print_summary(priors: &[(String, Prior)], outcomes: &HashMap<String, RunOutcome>) {
+    let header = ["RUN", "STATUS", "FINAL STEP", "RESULT / ERROR"];
+    let rows: Vec<[String; 4]> = priors
+        .iter()
+        .map(|(id, _)| match outcomes.get(id) {
+            Some(o) => [
+                id.clone(),
+                describe::status_word(o.status).to_string(),
+                step_label(o.final_step),
+                describe::detail(o),
+            ],
+            None => [id.clone(), "Unfinished".into(), "-".into(), "-".into()],
+        })
+        .collect();
+    let width = |col: usize| {
+        rows.iter()
+            .map(|r| r[col].chars().count())
+            .chain([header[col].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    say!(
+        "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+        header[0],
+        header[1],
+        header[2],
+        header[3]
+    );
+    for r in &rows {
+        say!("{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
+    }
+}

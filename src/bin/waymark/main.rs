@@ -1,0 +1,115 @@
+//! `waymark`: the command-line face of the Waymark workflow runtime.
+//!
+//! - `waymark demo` runs example order pipelines on a local directory and
+//!   shows each step once it is durable (module [`demo`]);
+//! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
+//! - `waymark submit | cancel` send requests through the store's inbox, and
+//!   `status | outcome | runs | workflows` read through a reader: none of
+//!   them opens the store as its writer, so they work while a worker or the
+//!   demo runs (module [`commands`]).
+//!
+//! The CLI is a folder: [`plumbing`] (store location and checks, timeouts,
+//! errors and exit codes, output, signals) is shared by every command; each
+//! command group has its module; the demo's domain is apart from its
+//! terminal UI.
+
+mod commands;
+mod demo;
+mod describe;
+mod plumbing;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use plumbing::exit::{CliError, EXIT_CODES_HELP, Exit};
+use plumbing::output::say_err;
+
+/// Waymark: durable workflows on object storage.
+///
+/// Start with `waymark demo`: it runs example order pipelines on a local
+/// directory and shows each step live. Kill it half-way and run it again: the
+/// unfinished runs resume where they stopped.
+#[derive(Debug, Parser)]
+#[command(name = "waymark", version, after_help = EXIT_CODES_HELP)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run eight example orders through a five-step pipeline, live.
+    ///
+    /// The runs have fixed ids (demo-order-01 .. demo-order-08) and their
+    /// state lives in the data directory. Stop the demo at any moment
+    /// (Ctrl-C, SIGTERM, even kill -9) and run the same command again:
+    /// finished runs print their stored outcome and unfinished runs resume
+    /// at the step where they stopped. Each step gets 20 attempts, so
+    /// repeated kills do not fail a run. Refuses to start while another
+    /// process writes the store (--force takes it over).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Demo(demo::DemoArgs),
+    /// Run a worker pool for a store: the demo's order pipeline, applying
+    /// the requests `submit` and `cancel` send, until Ctrl-C or SIGTERM.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Worker(commands::worker::WorkerArgs),
+    /// Submit a run (through the store's inbox; a worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Submit(commands::control::SubmitArgs),
+    /// Cancel a run (through the store's inbox; a worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Cancel(commands::control::CancelArgs),
+    /// Print where a live run is, or how it ended. Never writes to the
+    /// store; safe while a worker or the demo runs.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status(commands::read::RunArgs),
+    /// Print how a run ended; exit 4 while it has not. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Outcome(commands::read::RunArgs),
+    /// List runs, live and ended. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Runs(commands::read::RunsArgs),
+    /// Show each workflow's health (circuit breaker, run tallies). Never
+    /// writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Workflows(commands::read::WorkflowsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say_err!("waymark: error: cannot start the async runtime: {e}");
+            return Exit::Failure.into();
+        }
+    };
+    let result: Result<Exit, CliError> = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Worker(args) => commands::worker::run(args).await,
+            Command::Submit(args) => commands::control::submit(args).await,
+            Command::Cancel(args) => commands::control::cancel(args).await,
+            Command::Status(args) => commands::read::status(args).await,
+            Command::Outcome(args) => commands::read::outcome(args).await,
+            Command::Runs(args) => commands::read::runs(args).await,
+            Command::Workflows(args) => commands::read::workflows(args).await,
+        }
+    });
+    // Background tasks of the storage layer may still retry a dead store:
+    // do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(exit) => exit.into(),
+        Err(e) => {
+            say_err!("waymark: error: {e}");
+            e.exit.into()
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Where the store is, checking it before use, and bounding every store
+//! operation a command makes.
+//!
+//! A store is named by `--store URL` (`file:///abs/path`, `s3://bucket/prefix`,
+//! `memory://`) or by `--dir PATH`, shorthand for `file://PATH/waymark` (the
+//! layout the demo has always used). Before anything is opened, a local store
+//! is checked on disk ([`Store::preflight`]): a missing store, a plain file
+//! where the store should be, and an unreadable or read-only store each give
+//! a one-line error naming the path and the cause, instead of the storage
+//! layer retrying without end. Every store operation after that runs under
+//! [`Store::bounded`], which gives up after `--timeout` and says so.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use rustix::fs::Access;
+use waymark::taquba::object_store::local::LocalFileSystem;
+use waymark::taquba::{QueueReader, ReaderMode, ReaderOptions};
+use waymark::{Client, ClientOptions, StoreLocation};
+
+use super::exit::{CliError, CliResult, shown_path};
+
+/// The store's path inside a `--dir` data directory.
+pub const STORE_PATH: &str = "waymark";
+/// The step queue the CLI's runs use (the demo's, and `waymark worker`'s).
+pub const DEFAULT_STEP_QUEUE: &str = "demo-orders";
+/// How often a reader polls the store's manifest. Reads of a just-opened
+/// reader do not wait for a poll; this bounds how stale a long-lived reader
+/// (the demo's progress, `waymark watch`-like loops) gets.
+pub const READER_POLL: Duration = Duration::from_millis(100);
+
+/// Where the store lives, and how long to wait for it.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The data directory holding the store (shorthand for
+    /// --store file://PATH/waymark).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "waymark-data",
+        conflicts_with = "store"
+    )]
+    pub dir: PathBuf,
+    /// The store's URL: file:///abs/path, s3://bucket/prefix (endpoint,
+    /// region and credentials from the AWS_* variables) or memory://.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// Give up on a store operation that has not answered after this many
+    /// seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+/// Whether a command reads the store or writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Observation only: the store must exist and be readable.
+    Read,
+    /// The writer: the store is created if missing, and must be writable.
+    Write,
+}
+
+/// A located store: what to call it in messages, where it is on disk (if
+/// local), and the operation timeout.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// How the user named it (`--dir` path or URL), for messages.
+    pub name: String,
+    /// The `--dir` data directory, when the store was named that way.
+    pub dir: Option<PathBuf>,
+    /// The store's own directory on local disk (`file://` and `--dir`).
+    pub local: Option<PathBuf>,
+    /// The store's URL.
+    pub url: String,
+    /// The bound on each store operation.
+    pub timeout: Duration,
+}
+
+impl Store {
+    /// Locate the store the arguments name. No I/O.
+    pub fn locate(args: &StoreArgs) -> CliResult<Self> {
+        let timeout = Duration::try_from_secs_f64(args.timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| CliError::usage("--timeout must be a positive number of seconds"))?;
+        match &args.store {
+            Some(url) => {
+                let local = match url.strip_prefix("file://") {
+                    Some(path) if path.starts_with('/') => Some(PathBuf::from(path)),
+                    Some(_) => {
+                        return Err(CliError::usage(format!(
+                            "--store {}: a file:// URL needs an absolute path (file:///abs/path)",
+                            shown_path(url)
+                        )));
+                    }
+                    None => None,
+                };
+                Ok(Self {
+                    name: url.clone(),
+                    dir: None,
+                    local,
+                    url: url.clone(),
+                    timeout,
+                })
+            }
+            None => {
+                let dir = &args.dir;
+                let abs = std::path::absolute(dir).map_err(|e| {
+                    CliError::usage(format!("--dir {}: {e}", shown_path(&dir.to_string_lossy())))
+                })?;
+                let local = abs.join(STORE_PATH);
+                Ok(Self {
+                    name: dir.display().to_string(),
+                    dir: Some(dir.clone()),
+                    url: format!("file://{}", local.display()),
+                    local: Some(local),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// The store's name for messages: control characters escaped.
+    pub fn shown(&self) -> String {
+        shown_path(&self.name)
+    }
+
+    /// The arguments that name this store on a command line.
+    pub fn args(&self) -> Vec<String> {
+        match &self.dir {
+            Some(dir) => vec!["--dir".into(), dir.to_string_lossy().into_owned()],
+            None => vec!["--store".into(), self.url.clone()],
+        }
+    }
+
+    /// The error for a location holding no store.
+    pub fn no_store(&self) -> CliError {
+        CliError::not_found(format!("no Waymark store at {}", self.shown()))
+    }
+
+    /// Check a local store on disk before opening it, so that a missing,
+    /// misplaced, unreadable or read-only store is a fast one-line error
+    /// instead of a storage layer that retries without end. Remote stores
+    /// are checked by the bounded open instead.
+    pub fn preflight(&self, usage: Use) -> CliResult<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        if let Some(dir) = &self.dir {
+            match std::fs::metadata(dir) {
+                Ok(meta) if !meta.is_dir() => {
+                    return Err(CliError::failure(format!(
+                        "{} is not a directory; --dir names the directory that holds the store",
+                        self.shown()
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && usage == Use::Read => {
+                    return Err(self.no_store());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(dir, &e)),
+            }
+        }
+        match std::fs::metadata(local) {
+            Ok(meta) if !meta.is_dir() => Err(CliError::failure(format!(
+                "{} is a plain file where the Waymark store's directory should be; move it away \
+                 or choose another location",
+                shown_path(&local.display().to_string())
+            ))),
+            Ok(_) => {
+                if usage == Use::Read && !local.join("manifest").is_dir() {
+                    return Err(self.no_store());
+                }
+                check_tree(local, usage)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match usage {
+                Use::Read => Err(self.no_store()),
+                Use::Write => check_creatable(local),
+            },
+            Err(e) => Err(io_error(local, &e)),
+        }
+    }
+
+    /// Run one store operation, giving up after the timeout with an error
+    /// that says what was waited for.
+    pub async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = Result<T, E>>,
+    ) -> CliResult<T> {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(CliError::failure(format!(
+                "{what} at {} failed: {e}",
+                self.shown()
+            ))),
+            Err(_) => Err(self.timed_out(what)),
+        }
+    }
+
+    /// The error for an operation that outlived the timeout.
+    pub fn timed_out(&self, what: &str) -> CliError {
+        CliError::failure(format!(
+            "timed out after {:.1}s {what} at {}: the store did not answer (the storage layer \
+             retries a failing store without end); check that it is reachable and writable, or \
+             pass a longer --timeout",
+            self.timeout.as_secs_f64(),
+            self.shown()
+        ))
+    }
+
+    /// The library's location of the store. A `--dir` store is the
+    /// directory's `waymark` path, as the demo has always laid it out.
+    pub fn location(&self) -> CliResult<StoreLocation> {
+        if let Some(dir) = &self.dir {
+            let abs = std::path::absolute(dir).map_err(|e| io_error(dir, &e))?;
+            let store = LocalFileSystem::new_with_prefix(&abs).map_err(|e| {
+                CliError::failure(format!("cannot use {} as a store: {e}", self.shown()))
+            })?;
+            return Ok(StoreLocation::new(Arc::new(store), STORE_PATH));
+        }
+        StoreLocation::from_url(&self.url)
+            .map_err(|e| CliError::usage(format!("--store {}: {e}", self.shown())))
+    }
+
+    /// Open a client: reads through a reader (never writes to the store,
+    /// never fences its writer), requests through the inbox.
+    pub async fn open_client(&self) -> CliResult<Client> {
+        self.preflight(Use::Read)?;
+        let location = self.location()?;
+        let options = ClientOptions::default()
+            .queue_name(DEFAULT_STEP_QUEUE)
+            .refresh_interval(READER_POLL);
+        match tokio::time::timeout(self.timeout, Client::open(&location, options)).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(waymark::Error::NotAWaymarkStore { reason, .. })) => Err(CliError::not_found(
+                format!("no Waymark store at {}: {reason}", self.shown()),
+            )),
+            Ok(Err(e)) => Err(CliError::failure(format!(
+                "cannot read the store at {}: {e}",
+                self.shown()
+            ))),
+            Err(_) => Err(self.timed_out("opening the store for reading")),
+        }
+    }
+
+    /// Open a bare reader (for the writer's liveness): never writes to the
+    /// store and never fences its writer (`FollowLatest` takes no
+    /// checkpoint).
+    pub async fn open_reader(&self) -> CliResult<QueueReader> {
+        let location = self.location()?;
+        let options = ReaderOptions::default()
+            .mode(ReaderMode::FollowLatest)
+            .manifest_poll_interval(READER_POLL);
+        match tokio::time::timeout(
+            self.timeout,
+            QueueReader::open_with_options(
+                location.object_store().clone(),
+                location.path(),
+                options,
+            ),
+        )
+        .await
+        {
+            Ok(Ok(reader)) => Ok(reader),
+            Ok(Err(waymark::taquba::Error::StoreNotInitialized { .. })) => Err(self.no_store()),
+            Ok(Err(e)) => Err(CliError::failure(format!(
+                "cannot read the store at {}: {e}",
+                self.shown()
+            ))),
+            Err(_) => Err(self.timed_out("opening the store for reading")),
+        }
+    }
+}
+
+/// An I/O error on `path`, in one line.
+fn io_error(path: &Path, e: &std::io::Error) -> CliError {
+    CliError::failure(format!(
+        "cannot use {}: {}",
+        shown_path(&path.display().to_string()),
+        io_cause(e)
+    ))
+}
+
+/// An I/O error's cause in words, without the OS error number.
+fn io_cause(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        std::io::ErrorKind::ReadOnlyFilesystem => "read-only file system".into(),
+        std::io::ErrorKind::NotADirectory => "not a directory".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Check that the process can read every directory and file of the store at
+/// `root` (and, for [`Use::Write`], write every directory).
+fn check_tree(root: &Path, usage: Use) -> CliResult<()> {
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let mode = match usage {
+            Use::Read => Access::READ_OK | Access::EXEC_OK,
+            Use::Write => Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK,
+        };
+        rustix::fs::access(&dir, mode).map_err(|e| denied(&dir, usage, e.into()))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| denied(&dir, usage, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| denied(&dir, usage, e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| denied(&path, usage, e))?;
+            if kind.is_dir() {
+                dirs.push(path);
+            } else {
+                rustix::fs::access(&path, Access::READ_OK)
+                    .map_err(|e| denied(&path, usage, e.into()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Check that the store directory `store` can be created: its nearest
+/// existing ancestor is a writable directory.
+fn check_creatable(store: &Path) -> CliResult<()> {
+    let mut ancestor = store.parent();
+    while let Some(dir) = ancestor {
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {
+                return rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK)
+                    .map_err(|e| denied(dir, Use::Write, e.into()));
+            }
+            Ok(_) => {
+                return Err(CliError::failure(format!(
+                    "cannot create the store at {}: {} is a plain file",
+                    shown_path(&store.display().to_string()),
+                    shown_path(&dir.display().to_string())
+                )));
+            }
+            Err(_) => ancestor = dir.parent(),
+        }
+    }
+    Ok(())
+}
+
+/// The error for a store path the process may not use.
+fn denied(path: &Path, usage: Use, e: std::io::Error) -> CliError {
+    let verb = match usage {
+        Use::Read => "read",
+        Use::Write => "write",
+    };
+    CliError::failure(format!(
+        "cannot {verb} the store: {}: {}",
+        shown_path(&path.display().to_string()),
+        io_cause(&e)
+    ))
+}

@@ -1,0 +1,121 @@
+//! Becoming a store's writer, safely: refuse while another process writes
+//! it, and bound the open.
+//!
+//! taquba has one writer per store, and opening a store as its writer fences
+//! the previous writer. Before the demo or `waymark worker` opens a store,
+//! [`live_writer`] asks a reader (which never fences) whether a writer is
+//! alive: the writer's liveness heartbeat (every writer this CLI opens beats
+//! every [`HEARTBEAT`]) advancing, or the store's durable sequence number
+//! advancing (a writer without a heartbeat). A beat marked closed means the
+//! last writer shut down cleanly, and nothing has to be waited for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use waymark::taquba::{OpenOptions, Queue};
+use waymark::{StoreOptions, open_worker_store};
+
+use super::exit::{CliError, CliResult};
+use super::output::suggest;
+use super::store::{DEFAULT_STEP_QUEUE, READER_POLL, Store, Use};
+
+/// How often a writer the CLI opens commits its liveness beat.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// Whether another process is writing `store` now: `Some(evidence)` if so.
+/// Waits up to a few heartbeat intervals when the last writer did not close
+/// cleanly (it may have been killed, or may be alive).
+pub async fn live_writer(store: &Store) -> CliResult<Option<String>> {
+    if store.local.as_ref().is_some_and(|local| !local.exists()) {
+        return Ok(None);
+    }
+    let reader = match store.open_reader().await {
+        Ok(reader) => reader,
+        // No store yet: nobody writes it.
+        Err(e) if e.exit == super::exit::Exit::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let first = store
+        .bounded("reading the writer's heartbeat", reader.writer_heartbeat())
+        .await?;
+    if first.as_ref().is_some_and(|beat| beat.closed) {
+        let _ = reader.close().await;
+        return Ok(None);
+    }
+    let seq = reader.last_store_activity().durable_seq;
+    let interval = first.as_ref().map_or(HEARTBEAT, |beat| beat.interval);
+    // Two beats' time, plus the reader's poll and a commit's flush.
+    let wait = interval
+        .saturating_mul(2)
+        .saturating_add(READER_POLL.saturating_mul(2))
+        .max(Duration::from_millis(600));
+    tokio::time::sleep(wait).await;
+    let second = store
+        .bounded("reading the writer's heartbeat", reader.writer_heartbeat())
+        .await?;
+    let seq_after = reader.last_store_activity().durable_seq;
+    let _ = reader.close().await;
+    let beat_advanced = match (&first, &second) {
+        (Some(a), Some(b)) => b.counter > a.counter && !b.closed,
+        (None, Some(b)) => !b.closed,
+        _ => false,
+    };
+    Ok(if beat_advanced {
+        Some("its liveness heartbeat is advancing".to_string())
+    } else if seq_after > seq && !second.as_ref().is_some_and(|beat| beat.closed) {
+        Some("it is committing".to_string())
+    } else {
+        None
+    })
+}
+
+/// Refuse to become the writer of `store` while another process writes it,
+/// unless `force`.
+pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResult<()> {
+    if force {
+        return Ok(());
+    }
+    if let Some(evidence) = live_writer(store).await? {
+        let mut args = vec![];
+        let store_args = store.args();
+        args.extend(store_args.iter().map(String::as_str));
+        return Err(CliError::refused(format!(
+            "another process is writing the store at {} ({evidence}); {action} would fence it. \
+             Stop that process first, watch it with `{}`, or pass --force to take the store over",
+            store.shown(),
+            suggest(&[&["runs"][..], &args[..]].concat())
+        )));
+    }
+    Ok(())
+}
+
+/// Open `store` as its worker (the library's `open_worker_store`: the
+/// inbox for clients' requests, a liveness heartbeat every [`HEARTBEAT`],
+/// 10 ms WAL flushes), bounded by the store's timeout.
+pub async fn open_writer(store: &Store) -> CliResult<Arc<Queue>> {
+    store.preflight(Use::Write)?;
+    if let Some(local) = &store.local {
+        std::fs::create_dir_all(local).map_err(|e| {
+            CliError::failure(format!("cannot create the store at {}: {e}", store.shown()))
+        })?;
+    }
+    let location = store.location()?;
+    let options = StoreOptions::default()
+        .queue_name(DEFAULT_STEP_QUEUE)
+        .flush_interval(Duration::from_millis(10))
+        .liveness_heartbeat(HEARTBEAT)
+        .taquba_options(OpenOptions::default().scheduler_interval(Duration::from_millis(20)));
+    store
+        .bounded("opening the store", open_worker_store(&location, options))
+        .await
+}
+
+/// Close the queue cleanly once nothing else holds it (a clean close commits
+/// a closed heartbeat, so the next writer need not wait). Best effort and
+/// bounded: every step already committed.
+pub async fn close_writer(store: &Store, queue: Arc<Queue>) -> CliResult<()> {
+    match Arc::try_unwrap(queue) {
+        Ok(queue) => store.bounded("closing the store", queue.close()).await,
+        Err(_) => Ok(()),
+    }
+}

@@ -1,0 +1,804 @@
+//! The `waymark` CLI, tested as a process: the real binary against
+//! temporary directories.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Stdio};
+use std::time::Duration;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_waymark");
+
+/// A guard against a hung command: far above any honest run.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// `waymark` with plain output, in `cwd`.
+fn waymark(cwd: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd).env("TERM", "dumb").timeout(HANG_GUARD);
+    cmd
+}
+
+/// Every file under `root` with its contents (symlinks as their target).
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_symlink() {
+                let target = std::fs::read_link(&path).unwrap();
+                out.insert(path, target.into_os_string().into_encoded_bytes());
+            } else if kind.is_dir() {
+                out.insert(path.clone(), b"<dir>".to_vec());
+                dirs.push(path);
+            } else {
+                out.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Write `contents` at `root/rel`, creating directories.
+fn put(root: &Path, rel: &str, contents: &str) {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, contents).unwrap();
+}
+
+/// A directory that looks like a demo store (marker and storage-layer
+/// file names), without running the demo.
+fn fake_demo_store(dir: &Path) {
+    put(dir, ".waymark-demo", "demo\n");
+    put(dir, "waymark/manifest/00000000000000000001.manifest", "m");
+    put(dir, "waymark/wal/00000000000000000001.sst", "w");
+}
+
+/// A running `waymark demo` with its stdout read line by line.
+struct Demo {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+    seen: Vec<String>,
+}
+
+impl Demo {
+    /// Start `waymark demo` with `args` in `cwd`.
+    fn start(cwd: &Path, args: &[&str]) -> Self {
+        let mut child = std::process::Command::new(BIN)
+            .current_dir(cwd)
+            .env("TERM", "dumb")
+            .arg("demo")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Demo {
+            child,
+            lines,
+            seen: vec![],
+        }
+    }
+
+    /// Read lines until one contains `needle`; that line.
+    fn until(&mut self, needle: &str) -> String {
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!(
+            "the demo ended without printing `{needle}`:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// Send a signal to the demo.
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the exit; the exit code and the rest of stdout.
+    fn finish(mut self) -> (Option<i32>, String) {
+        for line in self.lines.by_ref() {
+            self.seen.push(line.unwrap());
+        }
+        let status = self.child.wait().unwrap();
+        (status.code(), self.seen.join("\n"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Finding 1: --reset deletes only a demo store, and only its own files
+// ---------------------------------------------------------------------------
+
+#[test]
+fn reset_refuses_a_directory_with_a_nested_git_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    put(&src, "main.rs", "fn main() {}\n");
+    put(&src, "waymark/.git/HEAD", "ref: refs/heads/main\n");
+    put(&src, "waymark/.git/config", "[core]\n");
+    put(&src, "waymark/lib.rs", "// mine\n");
+    let before = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--reset", "--dir", "src"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("refusing to reset src"));
+    assert_eq!(snapshot(tmp.path()), before);
+    // Even with a marker copied in, the repository is not a store's file.
+    put(&src, ".waymark-demo", "demo\n");
+    std::fs::remove_file(src.join("main.rs")).unwrap();
+    let before_marked = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--reset", "--dir", "src"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains(
+            "not a file the demo's store writes",
+        ));
+    assert_eq!(snapshot(tmp.path()), before_marked);
+}
+
+#[test]
+fn reset_refuses_a_user_file_inside_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("waymark-data");
+    fake_demo_store(&data);
+    put(&data, "waymark/thesis.tex", "\\documentclass{article}\n");
+    let before = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--reset"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("thesis.tex"));
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
+fn reset_refuses_the_current_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_demo_store(tmp.path());
+    let before = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--reset", "--dir", "."])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("current directory"));
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
+fn reset_refuses_a_symlink_and_a_directory_without_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    fake_demo_store(&real);
+    std::os::unix::fs::symlink(&real, tmp.path().join("waymark-data")).unwrap();
+    let before = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--reset"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("symbolic link"));
+    assert_eq!(snapshot(tmp.path()), before);
+
+    std::fs::remove_file(real.join(".waymark-demo")).unwrap();
+    let before = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--reset", "--dir", "real"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("no .waymark-demo marker"));
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
+fn the_demo_refuses_to_create_its_store_among_other_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    put(tmp.path(), "notes/todo.txt", "mine\n");
+    let before = snapshot(tmp.path());
+    waymark(tmp.path())
+        .args(["demo", "--dir", "notes"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("not empty"));
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 2: an unusable store is a fast, clear error
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_plain_file_where_the_store_should_be_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    put(tmp.path(), "d/waymark", "not a store\n");
+    for args in [
+        &["demo", "--dir", "d"][..],
+        &["status", "demo-order-01", "--dir", "d"],
+        &["outcome", "demo-order-01", "--dir", "d"],
+        &["runs", "--dir", "d"],
+        &["worker", "--dir", "d"],
+    ] {
+        waymark(tmp.path())
+            .args(args)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("d/waymark is a plain file"))
+            .stderr(predicate::function(|s: &str| s.lines().count() == 1));
+    }
+    put(tmp.path(), "f", "a file\n");
+    waymark(tmp.path())
+        .args(["status", "x", "--dir", "f"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("f is not a directory"));
+}
+
+#[test]
+fn reads_of_a_directory_without_a_store_say_so_and_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    put(tmp.path(), "other/waymark/notes.txt", "mine\n");
+    let before = snapshot(tmp.path());
+    for dir in ["empty", "missing", "other"] {
+        for args in [
+            &["status", "x", "--dir", dir][..],
+            &["outcome", "x", "--dir", dir],
+            &["runs", "--dir", dir],
+            &["workflows", "--dir", dir],
+            &["cancel", "x", "--dir", dir],
+            &["submit", "x", "--example", "1", "--dir", dir],
+        ] {
+            waymark(tmp.path())
+                .args(args)
+                .assert()
+                .code(3)
+                .stderr(predicate::str::contains(format!(
+                    "no Waymark store at {dir}"
+                )));
+        }
+    }
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
+fn an_unreadable_store_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = tmp.path().join("data");
+    fake_demo_store(&data);
+    std::fs::set_permissions(
+        data.join("waymark/wal"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    unprivileged(tmp.path())
+        .args(["status", "demo-order-01", "--dir", "data"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot read the store"))
+        .stderr(predicate::str::contains(
+            "data/waymark/wal: permission denied",
+        ));
+    std::fs::set_permissions(
+        data.join("waymark/wal"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_store_that_does_not_answer_times_out_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9 of localhost: every request is refused and
+    // the storage layer retries.
+    waymark(tmp.path())
+        .args([
+            "status",
+            "x",
+            "--store",
+            "s3://bucket/waymark",
+            "--timeout",
+            "1",
+        ])
+        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .env("AWS_REGION", "us-east-1")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("s3://bucket/waymark"))
+        .stderr(predicate::str::contains("timed out after 1.0s"));
+}
+
+/// Whether the tests run as root (who may read and write anything, so
+/// permission tests drop to `nobody`).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
+/// `waymark` as a user bound by file permissions.
+fn unprivileged(cwd: &Path) -> Command {
+    let mut cmd = waymark(cwd);
+    if is_root() {
+        use std::os::unix::process::CommandExt as _;
+        let mut std_cmd = std::process::Command::new(nobody_bin());
+        std_cmd
+            .uid(65534)
+            .gid(65534)
+            .current_dir(cwd)
+            .env("TERM", "dumb");
+        cmd = Command::from_std(std_cmd);
+        cmd.timeout(HANG_GUARD);
+    }
+    cmd
+}
+
+/// A copy of the binary that `nobody` may run, whatever the permissions of
+/// the directories above the build's target directory.
+fn nobody_bin() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("waymark");
+        std::fs::copy(BIN, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
+    .clone()
+}
+
+#[test]
+fn an_unwritable_store_is_a_one_line_error_naming_the_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = tmp.path().join("data");
+    fake_demo_store(&data);
+    for dir in [
+        "data",
+        "data/waymark",
+        "data/waymark/wal",
+        "data/waymark/manifest",
+    ] {
+        std::fs::set_permissions(tmp.path().join(dir), std::fs::Permissions::from_mode(0o555))
+            .unwrap();
+    }
+    unprivileged(tmp.path())
+        .args(["demo", "--dir", "data"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot write the store"))
+        .stderr(predicate::str::contains("permission denied"))
+        .stderr(predicate::function(|s: &str| s.lines().count() == 1));
+    for dir in [
+        "data",
+        "data/waymark",
+        "data/waymark/wal",
+        "data/waymark/manifest",
+    ] {
+        std::fs::set_permissions(tmp.path().join(dir), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+    }
+    std::fs::set_permissions(
+        data.join("waymark/wal"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    unprivileged(tmp.path())
+        .args(["demo", "--dir", "data"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "data/waymark/wal: permission denied",
+        ));
+    for dir in [
+        "data",
+        "data/waymark",
+        "data/waymark/wal",
+        "data/waymark/manifest",
+    ] {
+        std::fs::set_permissions(tmp.path().join(dir), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Finding 7: exit codes, errors
+// ---------------------------------------------------------------------------
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    waymark(tmp.path())
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Exit codes:"))
+        .stdout(predicate::str::contains("4  unfinished"));
+    waymark(tmp.path()).arg("--no-such-flag").assert().code(2);
+}
+
+#[test]
+fn invalid_ids_are_refused_before_anything_is_opened_and_echoed_safely() {
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = "x".repeat(100_000);
+    let before = snapshot(tmp.path());
+    for command in ["status", "outcome", "cancel"] {
+        waymark(tmp.path())
+            .args([command, &huge])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("invalid run id"))
+            .stderr(predicate::str::contains("100000 bytes in all"))
+            .stderr(predicate::function(|s: &str| s.len() < 400));
+        waymark(tmp.path())
+            .args([command, "bad\u{1b}[31mid\n"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("bad\\u{1b}[31mid\\n"))
+            .stderr(predicate::function(|s: &str| {
+                !s.contains('\u{1b}') && s.lines().count() == 1
+            }));
+    }
+    // Nothing was created: no store in the default directory.
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+// ---------------------------------------------------------------------------
+// Findings 5, 6, 7: what the demo says, stopping it, killing it
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_demo_says_failed_and_cancelled_not_done_and_resets_its_own_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = waymark(tmp.path()).arg("demo").assert().success();
+    let out = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    let lines = |run: &str| -> Vec<&str> { out.lines().filter(|l| l.contains(run)).collect() };
+    // demo-order-05's card is declined at step 3, demo-order-08 cancels at 2.
+    assert!(
+        lines("demo-order-05")
+            .iter()
+            .any(|l| l.contains("Failed at step 3/5 charge card: card declined")),
+        "{out}"
+    );
+    assert!(
+        !lines("demo-order-05")
+            .iter()
+            .any(|l| l.contains("charge card done")),
+        "{out}"
+    );
+    assert!(
+        lines("demo-order-08")
+            .iter()
+            .any(|l| l.contains("Cancelled at step 2/5 reserve stock")),
+        "{out}"
+    );
+    assert!(
+        !lines("demo-order-08")
+            .iter()
+            .any(|l| l.contains("reserve stock done")),
+        "{out}"
+    );
+    // demo-order-03's first charge times out and is retried.
+    assert!(
+        out.contains("demo-order-03  step 3/5 charge card failed on attempt 1"),
+        "{out}"
+    );
+    // No 0-based step number reaches the user.
+    assert!(!out.contains("step 0"), "{out}");
+    assert!(!out.contains(": step "), "{out}");
+
+    // The demo's own store resets; the directory stays.
+    waymark(tmp.path())
+        .args(["demo", "--reset"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "--reset: deleted the demo store in waymark-data",
+        ))
+        .stdout(predicate::str::contains("No earlier progress found"));
+}
+
+#[test]
+fn sigterm_drains_and_the_hint_resumes_the_same_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(tmp.path(), &["--dir", "my store"]);
+    // Plain lines arrive while the demo runs, not at its end.
+    demo.until("step 1/5 validate done");
+    demo.signal("TERM");
+    let (code, out) = demo.finish();
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("SIGTERM: stopping"), "{out}");
+    assert!(
+        out.contains(&format!("{BIN} demo --dir 'my store'")),
+        "{out}"
+    );
+    // The resumed demo finishes every run.
+    waymark(tmp.path())
+        .args(["demo", "--dir", "my store"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("resuming"))
+        .stdout(predicate::str::contains("All 8 runs finished"));
+}
+
+#[test]
+fn repeated_kills_do_not_exhaust_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Kill the demo six times shortly after its worker starts, while the
+    // first steps run: each kill interrupts their attempts, as a crash loop
+    // would. (The pause only aims the kill; nothing is asserted on time.)
+    for _ in 0..6 {
+        let mut demo = Demo::start(tmp.path(), &[]);
+        demo.until("demo-order-08");
+        std::thread::sleep(Duration::from_millis(150));
+        demo.signal("KILL");
+        assert_eq!(demo.finish().0, None);
+    }
+    let out = waymark(tmp.path()).arg("demo").assert().success();
+    let out = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(!out.contains("gave up"), "{out}");
+    for run in ["01", "02", "03", "04", "06"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("demo-order-{run}")) && l.contains("Succeeded")),
+            "{out}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Findings 3 and 4: reads never write; a live writer is never taken over
+// ---------------------------------------------------------------------------
+
+/// How many files are under `root`.
+fn file_count(root: &Path) -> usize {
+    snapshot(root)
+        .values()
+        .filter(|v| v.as_slice() != b"<dir>")
+        .count()
+}
+
+#[test]
+fn reads_do_not_write_and_do_not_disturb_a_running_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A finished store: reads change no file.
+    waymark(tmp.path()).arg("demo").assert().success();
+    let data = tmp.path().join("waymark-data");
+    let before = snapshot(&data);
+    for _ in 0..5 {
+        for args in [
+            &["status", "demo-order-03"][..],
+            &["outcome", "demo-order-03"],
+            &["runs"],
+            &["workflows"],
+        ] {
+            waymark(tmp.path()).args(args).assert().success();
+        }
+    }
+    assert_eq!(snapshot(&data).len(), before.len());
+    assert_eq!(
+        file_count(&data),
+        before.values().filter(|v| v.as_slice() != b"<dir>").count()
+    );
+
+    // A running demo: reads while it runs do not fence it, so it still
+    // finishes every run.
+    let mut demo = Demo::start(tmp.path(), &["--reset"]);
+    demo.until("step 1/5 validate done");
+    for _ in 0..20 {
+        waymark(tmp.path())
+            .args(["status", "demo-order-04"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("demo-order-04: "));
+    }
+    let (code, out) = demo.finish();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("All 8 runs finished"), "{out}");
+    waymark(tmp.path())
+        .args(["outcome", "demo-order-05"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("card declined"));
+}
+
+#[test]
+fn a_second_writer_refuses_while_one_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    waymark(tmp.path()).arg("demo").assert().success();
+    // A worker keeps the demo's store open until it is stopped.
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--dir", "waymark-data"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+    let before = snapshot(&tmp.path().join("waymark-data"));
+    for args in [
+        &["demo"][..],
+        &["demo", "--reset"],
+        &["worker", "--dir", "waymark-data"],
+    ] {
+        waymark(tmp.path())
+            .args(args)
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains(
+                "another process is writing the store",
+            ))
+            .stderr(predicate::str::contains("--force"));
+    }
+    // Nothing was deleted (the worker's heartbeats add files; none go).
+    let after = snapshot(&tmp.path().join("waymark-data"));
+    assert!(before.keys().all(|k| after.contains_key(k)));
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+    // Once it stopped cleanly, the demo starts at once.
+    waymark(tmp.path())
+        .arg("demo")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("all 8 runs already finished"));
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12: a worker process, and clients beside it
+// ---------------------------------------------------------------------------
+
+#[test]
+fn submit_and_status_work_beside_a_running_worker_without_fencing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().unwrap().unwrap();
+    assert!(next_line().starts_with("worker on"));
+    waymark(tmp.path())
+        .args(["submit", "order-a", "--example", "1", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("submitted order-a"));
+    // The same input again attaches; another input is refused.
+    waymark(tmp.path())
+        .args(["submit", "order-a", "--example", "1", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("already exists with this input"));
+    waymark(tmp.path())
+        .args(["submit", "order-a", "--example", "2", "--store", &url])
+        .assert()
+        .code(5);
+    // status shows progress while the worker runs, and the worker goes on
+    // committing steps after each read.
+    let first = next_line();
+    assert!(first.contains("order-a  step 1/5 validate done"), "{first}");
+    waymark(tmp.path())
+        .args(["status", "order-a", "--store", &url])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("order-a: live")
+                .or(predicate::str::contains("order-a: ended")),
+        );
+    let second = next_line();
+    assert!(
+        second.contains("order-a  step 2/5 reserve stock done"),
+        "{second}"
+    );
+    waymark(tmp.path())
+        .args(["runs", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("order-a"));
+    let mut seen = vec![first, second];
+    loop {
+        let line = next_line();
+        seen.push(line.clone());
+        if line.contains("Succeeded") {
+            break;
+        }
+    }
+    waymark(tmp.path())
+        .args(["outcome", "order-a", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Succeeded"));
+    // SIGTERM drains and the worker exits cleanly.
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = worker.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen:?} {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("worker stopped")),
+        "{rest:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Finding 7: TERM=dumb on a terminal prints plain lines at once
+// ---------------------------------------------------------------------------
+
+#[test]
+fn term_dumb_on_a_terminal_prints_plain_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `script` runs the demo on a pseudo-terminal.
+    let out = Command::new("script")
+        .current_dir(tmp.path())
+        .args(["-qec", &format!("TERM=dumb {BIN} demo"), "/dev/null"])
+        .timeout(HANG_GUARD)
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(
+        out.contains("demo-order-01  step 1/5 validate done"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "escape sequences on a dumb terminal: {out}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Finding 5: a step shown done is durable
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_step_shown_done_survives_a_kill_at_that_moment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(tmp.path(), &[]);
+    let line = demo.until("step 1/5 validate done");
+    demo.signal("KILL");
+    demo.finish();
+    let run = line
+        .split_whitespace()
+        .find(|w| w.starts_with("demo-order-"))
+        .unwrap()
+        .to_string();
+    let status = waymark(tmp.path())
+        .args(["status", &run])
+        .assert()
+        .success();
+    let status = String::from_utf8(status.get_output().stdout.clone()).unwrap();
+    assert!(!status.contains("step:     1/5"), "{line}\n{status}");
+}
