@@ -493,10 +493,25 @@ impl Breakers {
 
     /// Load the health of every workflow that has a record, so tripped ones
     /// are probed after a restart.
+    /// A record that does not decode is logged and skipped (its workflow's
+    /// steps run as if closed, as `gate` does); only a store failure is an
+    /// error.
     pub(crate) async fn load_all(&self, queue: &Queue) -> Result<(), Error> {
-        for (name, _) in self.read_records(queue).await? {
+        let mut names = Vec::new();
+        self.scan(queue, &self.health_prefix, |key, _| {
+            names.push(String::from_utf8_lossy(key).into_owned());
+            Ok(())
+        })
+        .await?;
+        for name in names {
             let state = self.state(&name);
-            self.cached(queue, &name, &state).await?;
+            match self.cached(queue, &name, &state).await {
+                Ok(_) => {}
+                Err(e) if !e.is_permanent() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(workflow = %name, "skipping an unreadable workflow health record: {e}")
+                }
+            }
         }
         Ok(())
     }

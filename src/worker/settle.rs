@@ -86,6 +86,7 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
                     let inner = inner.clone();
                     let workflow = job.workflow.clone();
                     tokio::spawn(async move {
+                        let _watch = super::watched(&inner, &format!("release {workflow}"));
                         if let Err(e) = inner
                             .breakers
                             .release_parked(&inner.queue, &workflow, false)
