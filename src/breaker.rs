@@ -605,6 +605,10 @@ impl Breakers {
             let effects = SettlementEffects::default()
                 .kv_put(key.clone(), encode(&key, &rec)?)
                 .kv_deletes(keys);
+            // Until the commit returns the cache is unknown: a fold dropped
+            // mid-commit (maintenance stops at shutdown) or failed reloads
+            // the record from the store rather than write stale counts.
+            *lock(&state.cached) = None;
             queue.commit_effects(effects).await?;
             *lock(&state.cached) = Some(rec);
         }
