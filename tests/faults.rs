@@ -8,6 +8,10 @@
 //!   nothing committed is lost.
 //! - A second process opening the store fences the first: the fenced worker
 //!   stops with an error and the newcomer finishes every run.
+//! - A failed read while claiming is retried; the pool goes on.
+//! - Maintenance on a stalled store: `run` reports it after `store_timeout`,
+//!   shutdown does not wait for it, and one retention commit expires many
+//!   runs.
 
 mod common;
 
@@ -16,11 +20,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{FaultPlan, FaultStore, Outage};
+use common::{FaultPlan, FaultStore, Outage, StoreOp};
 use tokio::sync::Notify;
 use waymark::taquba::object_store::ObjectStore;
 use waymark::taquba::object_store::memory::InMemory;
-use waymark::taquba::{JobStatus, OpenOptions, Queue, QueueConfig};
+use waymark::taquba::{JobStatus, MockClock, OpenOptions, Queue, QueueConfig};
 use waymark::*;
 
 /// Steps per run.
@@ -29,6 +33,14 @@ const STEPS: u32 = 4;
 const HANG: Duration = Duration::from_secs(120);
 
 async fn open(store: Arc<dyn ObjectStore>) -> Arc<Queue> {
+    open_with(store, |opts| opts).await
+}
+
+/// [`open`] with extra options.
+async fn open_with(
+    store: Arc<dyn ObjectStore>,
+    extra: impl FnOnce(OpenOptions) -> OpenOptions,
+) -> Arc<Queue> {
     let config = QueueConfig::default()
         .lease_duration(Duration::from_secs(2))
         .retry_backoff_base(Duration::from_millis(5))
@@ -39,7 +51,7 @@ async fn open(store: Arc<dyn ObjectStore>) -> Arc<Queue> {
         ..OpenOptions::default()
     };
     Arc::new(
-        Queue::open_with_options(store, "wm", opts)
+        Queue::open_with_options(store, "wm", extra(opts))
             .await
             .expect("open the queue"),
     )
@@ -112,10 +124,14 @@ impl TerminalHook for CountingHook {
     }
 }
 
+/// How long the runtimes of the outage and fence tests let a commit wait.
+const OUTAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn runtime<H: TerminalHook>(
     queue: Arc<Queue>,
     runner: Chain,
     hook: H,
+    store_timeout: Duration,
 ) -> WorkflowRuntime<Chain, H> {
     WorkflowRuntime::builder(queue, runner, hook)
         .poll_interval(Duration::from_millis(20))
@@ -126,7 +142,7 @@ fn runtime<H: TerminalHook>(
             jitter: 0.5,
             max_attempts: 20,
         })
-        .store_timeout(Duration::from_secs(2))
+        .store_timeout(store_timeout)
         .build()
         .expect("valid settings")
 }
@@ -165,7 +181,15 @@ async fn runs_finish_once_while_the_store_fails_and_stalls() {
     let faults = store.faults();
     let queue = open(store.clone()).await;
     let (runner, hook) = (Chain::default(), CountingHook::default());
-    let rt = runtime(queue.clone(), runner.clone(), hook.clone());
+    // SlateDB retries a failed put after 100 ms, doubling up to 1 s, so a
+    // streak of injected put failures stalls every commit for seconds: a
+    // slow store, not an outage the watchdog should report.
+    let rt = runtime(
+        queue.clone(),
+        runner.clone(),
+        hook.clone(),
+        Duration::from_secs(60),
+    );
     let stop = Arc::new(Notify::new());
     let worker = spawn_worker(&rt, stop.clone());
 
@@ -250,7 +274,12 @@ async fn a_dead_store_stops_run_with_an_error_and_loses_nothing() {
         let store = FaultStore::new(inner.clone(), 1, FaultPlan::default());
         let faults = store.faults();
         let runner = Chain::default();
-        let rt = runtime(open(store.clone()).await, runner.clone(), NoopTerminalHook);
+        let rt = runtime(
+            open(store.clone()).await,
+            runner.clone(),
+            NoopTerminalHook,
+            OUTAGE_TIMEOUT,
+        );
         let worker = spawn_worker(&rt, Arc::new(Notify::new()));
         submit_all(&rt, &["before".to_string()]).await;
         rt.wait("before").await.unwrap();
@@ -287,7 +316,12 @@ async fn a_dead_store_stops_run_with_an_error_and_loses_nothing() {
 
         // The store comes back; a new process finds everything committed.
         faults.fail_everything(Outage::None);
-        let rt = runtime(open(inner).await, Chain::default(), NoopTerminalHook);
+        let rt = runtime(
+            open(inner).await,
+            Chain::default(),
+            NoopTerminalHook,
+            OUTAGE_TIMEOUT,
+        );
         let out = rt.outcome("before").await.unwrap().expect("kept");
         assert_eq!(out.status, TerminalStatus::Succeeded);
     }
@@ -301,7 +335,12 @@ async fn a_fenced_worker_stops_and_the_newcomer_finishes_every_run() {
     // Odd runs hang in the first process, so it holds steps in flight.
     *first.blocked.lock().unwrap() = ids.iter().skip(1).step_by(2).cloned().collect();
     let hook = CountingHook::default();
-    let rt1 = runtime(open(store.clone()).await, first.clone(), hook.clone());
+    let rt1 = runtime(
+        open(store.clone()).await,
+        first.clone(),
+        hook.clone(),
+        OUTAGE_TIMEOUT,
+    );
     let worker1 = spawn_worker(&rt1, Arc::new(Notify::new()));
     submit_all(&rt1, &ids).await;
     for id in ids.iter().step_by(2) {
@@ -310,7 +349,12 @@ async fn a_fenced_worker_stops_and_the_newcomer_finishes_every_run() {
 
     // A second process opens the store: the first is fenced.
     let second = Chain::default();
-    let rt2 = runtime(open(store.clone()).await, second.clone(), hook.clone());
+    let rt2 = runtime(
+        open(store.clone()).await,
+        second.clone(),
+        hook.clone(),
+        OUTAGE_TIMEOUT,
+    );
     let stopped = tokio::time::timeout(HANG, worker1)
         .await
         .expect("the fenced worker stops")
@@ -339,4 +383,130 @@ async fn a_fenced_worker_stops_and_the_newcomer_finishes_every_run() {
     }
     stop.notify_one();
     worker2.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_while_claiming_is_retried_and_the_pool_goes_on() {
+    let store = FaultStore::new(Arc::new(InMemory::new()), 1, FaultPlan::default());
+    let faults = store.faults();
+    // Inputs over 16 bytes are offloaded: a claim reads them from the store.
+    let queue = open_with(store.clone(), |o| o.payload_offload_threshold(16)).await;
+    let rt = runtime(queue, Chain::default(), NoopTerminalHook, OUTAGE_TIMEOUT);
+    let stop = Arc::new(Notify::new());
+    let worker = spawn_worker(&rt, stop.clone());
+    faults.fail_next(StoreOp::Get, "-payloads", 1);
+    let spec = RunSpec {
+        run_id: Some("offloaded-1".into()),
+        input: vec![7; 1024],
+        ..Default::default()
+    };
+    rt.submit(spec).await.unwrap();
+    let out = tokio::select! {
+        out = rt.wait("offloaded-1") => out.unwrap(),
+        stopped = worker => panic!("the pool stopped: {stopped:?}"),
+    };
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(faults.counts.failed_gets.load(Ordering::SeqCst), 1);
+    stop.notify_one();
+}
+
+/// A runtime on a `MockClock` queue whose outcomes are kept for a minute, its
+/// worker, and the fault controls, once `runs` runs have ended.
+async fn ended_runs(
+    runs: usize,
+    store_timeout: Duration,
+) -> (
+    WorkflowRuntime<Chain, NoopTerminalHook>,
+    MockClock,
+    Arc<common::Faults>,
+    Arc<Notify>,
+    tokio::task::JoinHandle<Result<(), Error>>,
+) {
+    let store = FaultStore::new(Arc::new(InMemory::new()), 1, FaultPlan::default());
+    let faults = store.faults();
+    let clock = MockClock::new(1_800_000_000_000);
+    let queue = open_with(store.clone(), |o| OpenOptions {
+        clock: Arc::new(clock.clone()),
+        ..o
+    })
+    .await;
+    let rt = WorkflowRuntime::builder(queue, Chain::default(), NoopTerminalHook)
+        .poll_interval(Duration::from_millis(20))
+        .terminal_retention(Duration::from_secs(60))
+        .store_timeout(store_timeout)
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = spawn_worker(&rt, stop.clone());
+    // Ids not ending in a digit: no step fails (a retry would wait for the
+    // mock clock).
+    let ids: Vec<String> = (0..runs).map(|i| format!("r-{i:03}-ok")).collect();
+    submit_all(&rt, &ids).await;
+    for id in &ids {
+        tokio::time::timeout(HANG, rt.wait(id))
+            .await
+            .expect("the run ends")
+            .unwrap();
+    }
+    (rt, clock, faults, stop, worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_retention_commit_expires_many_runs() {
+    let (rt, clock, faults, stop, worker) = ended_runs(300, Duration::from_secs(3600)).await;
+    // Every commit now applies but never returns: a pass that awaits one
+    // commit per run removes one outcome, a batched one all of them.
+    faults.hold(StoreOp::Put, "");
+    clock.advance(Duration::from_secs(61));
+    common::wait_until(HANG, "every outcome expired", || {
+        let rt = rt.clone();
+        async move {
+            for i in 0..300 {
+                if rt.outcome(&format!("r-{i:03}-ok")).await.unwrap().is_some() {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    faults.release();
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_maintenance_commit_stops_run_with_store_unavailable() {
+    let (_rt, clock, faults, _stop, worker) = ended_runs(3, Duration::from_secs(1)).await;
+    // Nothing but the retention pass commits now, and its commit stalls.
+    faults.hold(StoreOp::Put, "");
+    clock.advance(Duration::from_secs(61));
+    let stopped = tokio::time::timeout(HANG, worker)
+        .await
+        .expect("run() reports the stalled store")
+        .unwrap();
+    assert!(
+        matches!(stopped, Err(Error::StoreUnavailable { .. })),
+        "{stopped:?}"
+    );
+    faults.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_stalled_maintenance_pass() {
+    let (_rt, clock, faults, stop, worker) = ended_runs(3, Duration::from_secs(3600)).await;
+    faults.hold(StoreOp::Put, "");
+    clock.advance(Duration::from_secs(61));
+    common::wait_until(HANG, "the retention commit stalls", || {
+        let held = faults.held();
+        async move { held > 0 }
+    })
+    .await;
+    stop.notify_one();
+    let stopped = tokio::time::timeout(HANG, worker)
+        .await
+        .expect("shutdown completes while the store stalls")
+        .unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    faults.release();
 }

@@ -71,6 +71,7 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
         queue_name,
         inner.cfg.max_concurrent_steps,
         inner.cfg.poll_interval,
+        inner.cfg.store_timeout,
         stop.clone(),
         {
             let rt = rt.clone();

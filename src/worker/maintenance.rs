@@ -1,26 +1,57 @@
-//! The pool's background work: reconciling dead-lettered steps at start,
-//! retention, tally folding and probe wake-ups.
+//! The pool's background work, done in bounded slices on maintenance ticks
+//! (every `poll_interval`, or at once while a backlog remains):
+//!
+//! - **retention**: outcome and submit records past `terminal_retention`
+//!   are deleted in batches, many runs' records in one commit, scanning the
+//!   expiry index from an in-memory cursor;
+//! - **tallies** are folded into the workflow health records in bounded
+//!   batches, and the breakers are tended (parked steps of workflows that
+//!   are not tripped released, due probes woken, idle state dropped);
+//! - **reconcile**: step jobs the queue dead-lettered by itself (a crash or
+//!   an expired lease during a last attempt, at open or while the pool runs)
+//!   are ended as `Failed` runs, one page of dead jobs per tick, cycling
+//!   through the dead-letter listing. Nothing of it holds up the first claim;
+//!   a record that cannot be read is logged and skipped.
+//!
+//! Every store call here counts for the store watchdog (see
+//! [`watched`](super::watched)), and a tick is abandoned as soon as the pool
+//! stops: shutdown never waits for a pass, and a stuck store is reported.
 
-use taquba::{Expired, SettlementEffects};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use taquba::{KvOrder, SettlementEffects};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::watched;
 use crate::error::Error;
 use crate::runtime::Inner;
 
-/// Dead-lettered jobs read per page when reconciling at start.
+/// The name maintenance store calls are watched under.
+const WATCH: &str = "maintenance";
+/// Dead-lettered jobs read per tick by the reconcile pass.
 const DEAD_PAGE: usize = 256;
+/// Runs whose outcome expires in one commit.
+const EXPIRE_BATCH: usize = 512;
+/// Expiry commits per tick; a tick that uses them all is followed by the
+/// next one at once.
+const EXPIRE_BATCHES_PER_TICK: usize = 8;
+/// The shortest time between two reconcile cycles over the dead jobs.
+const RECONCILE_CYCLE: Duration = Duration::from_secs(1);
+/// Unreadable dead jobs warned about once per process, at most this many.
+const MAX_SKIPPED: usize = 4096;
 
-/// The most run tallies one tick folds into health records.
+/// The most run tallies one tick folds into health records; a tick that
+/// folds this many is followed by the next one at once.
 const TALLIES_PER_TICK: usize = 10_000;
 
-/// The pool's periodic work, every `poll_interval` until `stop` fires: drop
-/// outcomes past their retention, fold run tallies into health records, and
-/// tend the breakers (release parked steps of workflows that are not
-/// tripped, wake the probes that are due).
+/// The pool's periodic work, until `stop` fires.
 pub(super) async fn maintain<R, H>(
     inner: &Inner<R, H>,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
+    let mut state = Maintenance::new(inner.now_ms());
     let mut tick = tokio::time::interval(inner.cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -28,60 +59,190 @@ pub(super) async fn maintain<R, H>(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        if let Err(e) = expire_outcomes(inner).await {
-            tracing::warn!("retention pass failed (retried next tick): {e}");
-        }
-        if let Err(e) = inner
-            .breakers
-            .fold_tallies(&inner.queue, TALLIES_PER_TICK)
-            .await
-        {
-            tracing::warn!("folding run tallies failed (retried next tick): {e}");
-        }
-        if let Err(e) = inner.breakers.tend(&inner.queue, inner.now_ms()).await {
-            tracing::warn!("breaker upkeep failed (retried next tick): {e}");
+        // A tick is abandoned at shutdown: its work is bounded and every
+        // piece of it is safe to stop at an await (the next tick, or the
+        // next process, picks up where it stopped).
+        let backlog = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            backlog = state.tick(inner) => backlog,
+        };
+        if backlog {
+            tick.reset_immediately();
         }
     }
 }
 
-/// Reconcile every step the queue dead-lettered by itself into its run.
-pub(super) async fn reconcile_all_dead<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
-    let mut after: Option<String> = None;
-    loop {
+/// What the maintenance ticks remember between them.
+struct Maintenance {
+    /// Expiry entries before this time (ms) have been deleted by this
+    /// process.
+    expiry_cursor: u64,
+    /// When the expiry scan last started from the front of the index.
+    expiry_rescanned_at: u64,
+    /// The reconcile cycle's position: the last dead job id read, `None` at
+    /// the start of a cycle.
+    dead_after: Option<String>,
+    /// When the current (or last) reconcile cycle started.
+    cycle_started: Option<Instant>,
+    /// Dead jobs already reported as unreadable.
+    skipped: HashSet<String>,
+}
+
+impl Maintenance {
+    fn new(now: u64) -> Self {
+        Self {
+            expiry_cursor: 0,
+            expiry_rescanned_at: now,
+            dead_after: None,
+            cycle_started: None,
+            skipped: HashSet::new(),
+        }
+    }
+
+    /// One tick of bounded work. Returns whether retention has a backlog
+    /// left (the next tick then follows at once).
+    async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
+        let mut backlog = match self.expire(inner).await {
+            Ok(backlog) => backlog,
+            Err(e) => {
+                tracing::warn!("retention pass failed (retried next tick): {e}");
+                false
+            }
+        };
+        let folded = {
+            let _watch = watched(inner, WATCH);
+            inner
+                .breakers
+                .fold_tallies(&inner.queue, TALLIES_PER_TICK)
+                .await
+        };
+        match folded {
+            Ok(n) => backlog |= n >= TALLIES_PER_TICK,
+            Err(e) => tracing::warn!("folding run tallies failed (retried next tick): {e}"),
+        }
+        let tended = {
+            let _watch = watched(inner, WATCH);
+            inner.breakers.tend(&inner.queue, inner.now_ms()).await
+        };
+        if let Err(e) = tended {
+            tracing::warn!("breaker upkeep failed (retried next tick): {e}");
+        }
+        if let Err(e) = self.reconcile_page(inner).await {
+            tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
+        }
+        backlog
+    }
+
+    /// Delete the outcome and submit records past their retention, up to
+    /// [`EXPIRE_BATCHES_PER_TICK`] commits. Returns whether due entries
+    /// remain.
+    async fn expire<R, H>(&mut self, inner: &Inner<R, H>) -> Result<bool, Error> {
+        let now = inner.now_ms();
+        let retention = u64::try_from(inner.cfg.terminal_retention.as_millis()).unwrap_or(u64::MAX);
+        // An entry is written with the time its terminal effects were built;
+        // one whose commit took longer than the retention lands behind the
+        // cursor. Starting from the front once per retention window finds it.
+        if now.saturating_sub(self.expiry_rescanned_at) >= retention {
+            self.expiry_cursor = 0;
+            self.expiry_rescanned_at = now;
+        }
+        for _ in 0..EXPIRE_BATCHES_PER_TICK {
+            if !self.expire_batch(inner, now, retention).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Delete one batch of due entries with their records in one commit.
+    /// Returns whether more may be due.
+    async fn expire_batch<R, H>(
+        &mut self,
+        inner: &Inner<R, H>,
+        now: u64,
+        retention: u64,
+    ) -> Result<bool, Error> {
+        let index = &inner.expiry;
+        let prefix = inner.keys.expiry_prefix();
+        let start = index.entry_key(self.expiry_cursor, &[]);
+        let _watch = watched(inner, WATCH);
         let page = inner
             .queue
             .view()
-            .dead_jobs(&inner.cfg.queue_name, after.as_deref(), DEAD_PAGE)
+            .kv_scan(prefix, start.., KvOrder::Ascending, EXPIRE_BATCH)
             .await?;
-        for job in &page {
-            inner.reconcile_dead(job).await?;
+        let mut effects = SettlementEffects::default();
+        let mut last = None;
+        let mut all_due = true;
+        for (key, _) in &page.entries {
+            let Some((at, suffix)) = index.parse(key) else {
+                tracing::warn!(key = %String::from_utf8_lossy(key), "expiry index key without a time; deleted");
+                effects = effects.kv_delete(key.clone());
+                continue;
+            };
+            if at.saturating_add(retention) > now {
+                all_due = false;
+                break;
+            }
+            if let Ok(run_id) = std::str::from_utf8(suffix) {
+                effects = effects
+                    .kv_delete(inner.keys.sub(run_id))
+                    .kv_delete(inner.keys.out(run_id));
+            }
+            effects = effects.kv_delete(key.clone());
+            last = Some(at);
         }
-        match page.last() {
-            Some(last) if page.len() == DEAD_PAGE => after = Some(last.id.clone()),
-            _ => return Ok(()),
+        if effects.kv_deletes.is_empty() {
+            return Ok(false);
         }
+        inner.queue.commit_effects(effects).await?;
+        if let Some(at) = last {
+            self.expiry_cursor = at;
+        }
+        Ok(all_due && page.more)
     }
-}
 
-/// Drop outcome and submit records past their retention.
-async fn expire_outcomes<R, H>(inner: &Inner<R, H>) -> Result<usize, Error> {
-    let now = inner.now_ms();
-    let removed = inner
-        .expiry
-        .pass(
-            &inner.queue,
-            now,
-            inner.cfg.terminal_retention,
-            |_, suffix| {
-                let effects = match std::str::from_utf8(&suffix) {
-                    Ok(run_id) => SettlementEffects::default()
-                        .kv_delete(inner.keys.sub(run_id))
-                        .kv_delete(inner.keys.out(run_id)),
-                    Err(_) => SettlementEffects::default(),
-                };
-                std::future::ready(Expired::Delete(effects))
-            },
-        )
-        .await?;
-    Ok(removed)
+    /// Reconcile one page of the step queue's dead jobs, starting a new
+    /// cycle through the listing at most every [`RECONCILE_CYCLE`].
+    async fn reconcile_page<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
+        if self.dead_after.is_none()
+            && self
+                .cycle_started
+                .is_some_and(|at| at.elapsed() < RECONCILE_CYCLE.max(inner.cfg.poll_interval))
+        {
+            return Ok(());
+        }
+        if self.dead_after.is_none() {
+            self.cycle_started = Some(Instant::now());
+        }
+        let page = {
+            let _watch = watched(inner, WATCH);
+            inner
+                .queue
+                .view()
+                .dead_jobs(&inner.cfg.queue_name, self.dead_after.as_deref(), DEAD_PAGE)
+                .await?
+        };
+        for job in &page {
+            let reconciled = {
+                let _watch = watched(inner, WATCH);
+                inner.reconcile_dead(job).await
+            };
+            match reconciled {
+                Ok(_) => {}
+                // The store failed: this page is read again next tick.
+                Err(e) if !e.is_permanent() => return Err(e),
+                Err(e) => {
+                    if self.skipped.len() < MAX_SKIPPED && self.skipped.insert(job.id.clone()) {
+                        tracing::warn!(job_id = %job.id, "skipping a dead-lettered step whose run cannot be read: {e}");
+                    }
+                }
+            }
+        }
+        self.dead_after = match page.last() {
+            Some(last) if page.len() == DEAD_PAGE => Some(last.id.clone()),
+            _ => None,
+        };
+        Ok(())
+    }
 }

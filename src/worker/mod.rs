@@ -23,10 +23,12 @@ use std::time::Duration;
 
 use taquba::{Claim, Queue};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::hook::TerminalHook;
+use crate::pending::PendingCommit;
 use crate::runner::StepRunner;
 use crate::runtime::{Inner, WorkflowRuntime};
 
@@ -34,14 +36,15 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// Run the worker pool until `shutdown` resolves, then stop claiming and
     /// wait for the steps in flight to settle.
     ///
-    /// At start it reconciles steps the queue dead-lettered by itself while
-    /// no pool ran (a crash during a last attempt) into `Failed` runs. While
-    /// running it also delivers hook notifications and drops outcomes past
-    /// their retention. Returns an error when the store fails or closes (for
-    /// example when another process opens it and fences this one).
+    /// Claiming starts at once. In the background it reconciles steps the
+    /// queue dead-lettered by itself (a crash or an expired lease during a
+    /// last attempt) into `Failed` runs, delivers hook notifications and
+    /// drops outcomes past their retention; a record it cannot read is logged
+    /// and skipped. Returns an error when the store fails, stalls longer than
+    /// `store_timeout`, or closes (for example when another process opens it
+    /// and fences this one).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let inner = &self.inner;
-        maintenance::reconcile_all_dead(inner).await?;
         inner.breakers.start(&inner.queue).await?;
         crate::schedule::arm_all(inner).await?;
         let stop = CancellationToken::new();
@@ -50,6 +53,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             inner.cfg.queue_name.clone(),
             inner.cfg.max_concurrent_steps,
             inner.cfg.poll_interval,
+            inner.cfg.store_timeout,
             stop.clone(),
             {
                 let inner = inner.clone();
@@ -66,6 +70,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 inner.cfg.hook_queue.clone(),
                 inner.cfg.max_concurrent_steps,
                 inner.cfg.poll_interval,
+                inner.cfg.store_timeout,
                 stop.clone(),
                 {
                     let inner = inner.clone();
@@ -84,6 +89,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 inner.schedules.queue.clone(),
                 crate::schedule::TICK_CONCURRENCY,
                 inner.cfg.poll_interval,
+                inner.cfg.store_timeout,
                 stop.clone(),
                 {
                     let inner = inner.clone();
@@ -122,8 +128,17 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 }
 
-/// Resolve with [`Error::StoreUnavailable`] once a commit has waited longer
-/// than `store_timeout` for the store.
+/// Count a background store call (`what`: "maintenance", a breaker release)
+/// for the store watchdog until the returned guard drops. Its key in
+/// `pending` starts with a space, which no run id has, so no claim waits for
+/// it; distinct tasks use distinct `what`, so each one's wait is measured on
+/// its own.
+pub(crate) fn watched<'a, R, H>(inner: &'a Inner<R, H>, what: &str) -> PendingCommit<'a> {
+    inner.pending.begin(&format!(" {what}"))
+}
+
+/// Resolve with [`Error::StoreUnavailable`] once a commit (or a background
+/// store call) has waited longer than `store_timeout` for the store.
 async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
     let timeout = inner.cfg.store_timeout;
     let period = (timeout / 4)
@@ -147,12 +162,14 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
 
 /// Claim jobs from `queue_name` in batches sized to the free slots, run each
 /// on its own task, and drain in-flight work once `stop` fires. Ends with an
-/// error when claiming fails (the store failed or closed).
+/// error when claiming fails for good (the store closed, or kept failing for
+/// `store_timeout`).
 async fn claim_loop<F, Fut>(
     queue: Arc<Queue>,
     queue_name: String,
     concurrency: usize,
     poll: Duration,
+    store_timeout: Duration,
     stop: CancellationToken,
     handle: F,
 ) -> Result<(), Error>
@@ -162,6 +179,7 @@ where
 {
     let lease = queue.queue_config(&queue_name).lease_duration;
     let mut set = JoinSet::new();
+    let mut failing_since: Option<Instant> = None;
     let result = loop {
         while let Some(done) = set.try_join_next() {
             note_panic(&queue_name, done);
@@ -180,22 +198,27 @@ where
             .claim_batch(&queue_name, concurrency - set.len(), lease)
             .await
         {
-            Ok(claims) => claims,
-            Err(taquba::Error::PayloadStore(e)) => {
-                // The claims committed but an offloaded payload could not be
-                // read: they stay claimed until their leases end and are
-                // then delivered again. A retry of those jobs, not a stop.
-                tracing::warn!(queue = %queue_name, "fetching claimed payloads failed; the jobs are retried when their leases end: {e}");
+            Ok(claims) => {
+                failing_since = None;
+                claims
+            }
+            // A transient failure (a read of the store, or of an offloaded
+            // payload) is retried; one that lasts `store_timeout`, or a
+            // permanent one, stops the pool (a fenced or closed queue fails
+            // every claim).
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if e.is_permanent() || since.elapsed() >= store_timeout {
+                    break Err(Error::WorkerStopped(format!(
+                        "claiming from `{queue_name}` failed: {e}"
+                    )));
+                }
+                tracing::warn!(queue = %queue_name, "claiming failed (retrying): {e}");
                 tokio::select! {
                     _ = stop.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(poll) => {}
                 }
                 continue;
-            }
-            Err(e) => {
-                break Err(Error::WorkerStopped(format!(
-                    "claiming from `{queue_name}` failed: {e}"
-                )));
             }
         };
         if claims.is_empty() {

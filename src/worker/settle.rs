@@ -236,6 +236,7 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         let inner = inner.clone();
         let workflow = job.workflow.clone();
         tokio::spawn(async move {
+            let _watch = super::watched(&inner, &format!("release {workflow}"));
             if let Err(e) = inner
                 .breakers
                 .release_parked(&inner.queue, &workflow, false)

@@ -107,7 +107,9 @@ where
     }
 }
 
-/// Which operations a [`FaultStore`] disturbs, and how often.
+/// Which operations a [`FaultStore`] disturbs, and how often. The first
+/// operation of each kind with a non-zero rate always fails (and the first
+/// one with spikes planned always spikes), so every planned fault fires.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FaultPlan {
     /// Per-mille of puts that fail without writing anything.
@@ -195,6 +197,8 @@ pub struct Faults {
     pub outage_refusals: AtomicU32,
     /// Operations matching this are held until [`Faults::release`].
     hold: Mutex<Option<(StoreOp, String)>>,
+    /// The next this many operations matching this fail.
+    fail_next: Mutex<Option<(StoreOp, String, u32)>>,
     /// Bumped by each release; held operations wait for a change.
     released: tokio::sync::watch::Sender<u64>,
     /// Operations waiting in a hold right now.
@@ -260,6 +264,24 @@ impl Faults {
         *self.hold.lock().unwrap() = Some((op, path_contains.to_string()));
     }
 
+    /// Fail the next `count` `op`s on a path containing `path_contains`
+    /// (every path for ""), whatever the plan says.
+    pub fn fail_next(&self, op: StoreOp, path_contains: &str, count: u32) {
+        *self.fail_next.lock().unwrap() = Some((op, path_contains.to_string(), count));
+    }
+
+    /// Whether a [`Self::fail_next`] takes this operation.
+    fn take_fail_next(&self, op: Op, path: &str) -> bool {
+        let mut next = self.fail_next.lock().unwrap();
+        match &mut *next {
+            Some((o, p, n)) if *o == op && *n > 0 && path.contains(p.as_str()) => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Stop holding, and let every held operation proceed.
     pub fn release(&self) {
         *self.hold.lock().unwrap() = None;
@@ -285,9 +307,9 @@ impl Faults {
         self.held.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Decide the fate of one operation: whether it fails, and the latency
-    /// spike (ms) it suffers first, if any.
-    fn decide(&self, op: Op) -> (Result<(), object_store::Error>, Option<u64>) {
+    /// Decide the fate of one operation (`forced` to fail): whether it
+    /// fails, and the latency spike (ms) it suffers first, if any.
+    fn decide(&self, op: Op, forced: bool) -> (Result<(), object_store::Error>, Option<u64>) {
         let c = &self.counts;
         let (total, failed) = match op {
             Op::Put => (&c.puts, &c.failed_puts),
@@ -297,6 +319,14 @@ impl Faults {
         };
         total.fetch_add(1, Ordering::SeqCst);
         if let Some(e) = self.outage_error() {
+            return (Err(e), None);
+        }
+        if forced {
+            failed.fetch_add(1, Ordering::SeqCst);
+            let e = object_store::Error::Generic {
+                store: "FaultStore",
+                source: format!("injected failure of {op:?}: 503 Slow Down").into(),
+            };
             return (Err(e), None);
         }
         if !self.active.load(Ordering::SeqCst) {
@@ -314,6 +344,14 @@ impl Faults {
             let fail = rng.chance(rate);
             let spike = (plan.spike_max_ms > 0 && rng.chance(plan.spike))
                 .then(|| rng.range(1..plan.spike_max_ms + 1));
+            // The first operation of each kind with a rate fails, and the
+            // first with spikes planned spikes: the plan's faults certainly
+            // fire, whatever the seed and however few operations there are.
+            let fail = fail || (rate > 0 && failed.load(Ordering::SeqCst) == 0);
+            let spike = spike.or_else(|| {
+                (plan.spike_max_ms > 0 && plan.spike > 0 && c.spikes.load(Ordering::SeqCst) == 0)
+                    .then_some(plan.spike_max_ms)
+            });
             (fail, spike)
         };
         if spike.is_some() {
@@ -333,7 +371,8 @@ impl Faults {
     /// Hold if told to, decide, and sleep through the latency spike.
     async fn disturb(&self, op: Op, path: &Path) -> Result<(), object_store::Error> {
         self.maybe_hold(op, path.as_ref()).await;
-        let (result, spike) = self.decide(op);
+        let forced = self.take_fail_next(op, path.as_ref());
+        let (result, spike) = self.decide(op, forced);
         if let Some(ms) = spike {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
@@ -365,6 +404,7 @@ impl FaultStore {
                 counts: FaultCounts::default(),
                 outage_refusals: AtomicU32::new(0),
                 hold: Mutex::new(None),
+                fail_next: Mutex::new(None),
                 released: tokio::sync::watch::Sender::new(0),
                 held: AtomicU64::new(0),
             }),

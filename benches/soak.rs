@@ -1,0 +1,348 @@
+//! Soak: sustained load on a local-disk store, to show that memory, disk,
+//! the retention backlog and throughput level off.
+//!
+//! ```text
+//! cargo bench --bench soak              # full run: 10 minutes, a row every 30 s
+//! cargo bench --bench soak -- --quick   # smoke run, < 1 minute: checks completion
+//! ```
+//!
+//! Load: a closed loop keeps `IN_FLIGHT` runs of three steps in flight (a new
+//! run is submitted as the terminal hook reports one ended), so the rate is
+//! the highest the machine gives. Local-disk store, 10 ms WAL flush, a short
+//! `terminal_retention`, a terminal hook. Two workflows: `plain` (1 run in 20
+//! fails for good at step 1, 1 in 20 fails once and retries) and `guarded`,
+//! with a circuit breaker, whose step attempts fail transiently 1 time in 30.
+//!
+//! Each row: elapsed time, runs ended per second over the interval, RSS
+//! (`VmRSS`), the store's size on disk, the outcome records retained and how
+//! far the oldest is past its expiry (the retention backlog), and the tally
+//! entries not yet folded into the health records. At the end: how long
+//! `run` took to return after its shutdown future resolved.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use taquba::object_store::local::LocalFileSystem;
+use taquba::{KvOrder, OpenOptions, Queue};
+use tokio::sync::{Notify, Semaphore};
+use waymark::{
+    BackoffPolicy, RetryPolicy, RunOutcome, RunSpec, Step, StepError, StepOutcome, StepRunner,
+    TerminalHook, WorkflowRuntime,
+};
+
+const QUEUE: &str = "soak";
+const STEPS: u32 = 3;
+const IN_FLIGHT: usize = 1024;
+const SUBMITTERS: usize = 8;
+
+struct Mode {
+    duration: Duration,
+    every: Duration,
+    retention: Duration,
+}
+
+/// Three steps; failures decided by the run's sequence number.
+struct Runner;
+
+impl StepRunner for Runner {
+    async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+        let n: u64 = step
+            .headers
+            .get("n")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if step.workflow == "guarded" {
+            if (n + u64::from(step.step_number) * 7 + u64::from(step.attempts)).is_multiple_of(30) {
+                return Err(StepError::transient("guarded dependency hiccup"));
+            }
+        } else if step.step_number == 1 {
+            if n % 20 == 3 {
+                return Err(StepError::permanent("bad input"));
+            }
+            if n % 20 == 7 && step.attempts == 1 {
+                return Err(StepError::transient("retry me"));
+            }
+        }
+        Ok(if step.step_number + 1 < STEPS {
+            StepOutcome::Continue {
+                payload: step.payload.clone(),
+            }
+        } else {
+            StepOutcome::Succeed {
+                result: step.payload.clone(),
+            }
+        })
+    }
+}
+
+/// Counts ended runs and frees a slot of the load loop for each.
+#[derive(Clone)]
+struct Hook {
+    ended: Arc<AtomicU64>,
+    slots: Arc<Semaphore>,
+}
+
+impl TerminalHook for Hook {
+    async fn on_termination(&self, _outcome: &RunOutcome) -> Result<(), StepError> {
+        self.ended.fetch_add(1, Ordering::Relaxed);
+        self.slots.add_permits(1);
+        Ok(())
+    }
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// How many KV keys start with `prefix`, and the first one.
+async fn count_keys(queue: &Queue, prefix: &[u8]) -> (u64, Option<Vec<u8>>) {
+    let (mut n, mut first, mut after): (u64, Option<Vec<u8>>, Option<Vec<u8>>) = (0, None, None);
+    loop {
+        let page = match &after {
+            None => {
+                queue
+                    .view()
+                    .kv_scan(prefix, .., KvOrder::Ascending, 4096)
+                    .await
+            }
+            Some(last) => {
+                let range = (
+                    std::ops::Bound::Excluded(last.clone()),
+                    std::ops::Bound::Unbounded,
+                );
+                queue
+                    .view()
+                    .kv_scan(prefix, range, KvOrder::Ascending, 4096)
+                    .await
+            }
+        }
+        .expect("scan");
+        n += page.entries.len() as u64;
+        if first.is_none() {
+            first = page.entries.first().map(|(k, _)| k.clone());
+        }
+        if !page.more {
+            return (n, first);
+        }
+        after = page.entries.last().map(|(k, _)| k.clone());
+    }
+}
+
+struct Row {
+    elapsed: f64,
+    rate: f64,
+    rss: f64,
+    disk: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mode = if quick {
+        Mode {
+            duration: Duration::from_secs(40),
+            every: Duration::from_secs(10),
+            retention: Duration::from_secs(10),
+        }
+    } else {
+        Mode {
+            duration: Duration::from_secs(600),
+            every: Duration::from_secs(30),
+            retention: Duration::from_secs(30),
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("local store"));
+    let opts = OpenOptions {
+        flush_interval: Some(Duration::from_millis(10)),
+        ..Default::default()
+    };
+    let queue = Arc::new(
+        Queue::open_with_options(store, "soak", opts)
+            .await
+            .expect("open queue"),
+    );
+    let ended = Arc::new(AtomicU64::new(0));
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let hook = Hook {
+        ended: ended.clone(),
+        slots: slots.clone(),
+    };
+    let rt = WorkflowRuntime::builder(queue.clone(), Runner, hook)
+        .queue_name(QUEUE)
+        .max_concurrent_steps(64)
+        .terminal_retention(mode.retention)
+        .default_retry_policy(RetryPolicy {
+            initial: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        })
+        .breaker(
+            "guarded",
+            BackoffPolicy {
+                initial: Duration::from_millis(10),
+                multiplier: 2.0,
+                max_delay: Duration::from_millis(200),
+                jitter: 0.2,
+                streak_limit: Some(8),
+                probe_after: Some(Duration::from_secs(1)),
+            },
+        )
+        .build()
+        .expect("runtime");
+    let shutdown = Arc::new(Notify::new());
+    let worker = tokio::spawn({
+        let (rt, shutdown) = (rt.clone(), shutdown.clone());
+        async move { rt.run(shutdown.notified()).await }
+    });
+
+    let next = Arc::new(AtomicU64::new(0));
+    let submitters: Vec<_> = (0..SUBMITTERS)
+        .map(|_| {
+            let (rt, slots, next) = (rt.clone(), slots.clone(), next.clone());
+            tokio::spawn(async move {
+                while let Ok(permit) = slots.acquire().await {
+                    permit.forget();
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let workflow = if n % 4 == 0 { "guarded" } else { "plain" };
+                    let spec = RunSpec {
+                        input: n.to_le_bytes().to_vec(),
+                        headers: [("n".to_string(), n.to_string())].into(),
+                        workflow: Some(workflow.to_string()),
+                        ..Default::default()
+                    };
+                    rt.submit(spec).await.expect("submit");
+                }
+            })
+        })
+        .collect();
+
+    println!(
+        "soak ({}): local-disk store, 10 ms flush, terminal_retention {:?}, {IN_FLIGHT} runs in flight, concurrency 64, {STEPS} steps per run, {:?}",
+        if quick { "quick" } else { "full" },
+        mode.retention,
+        mode.duration,
+    );
+    println!();
+    println!(
+        "| elapsed s | runs ended/s | RSS MiB | store on disk MiB | outcomes retained | oldest past expiry s | unfolded tallies |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let start = Instant::now();
+    let retention_ms = mode.retention.as_millis() as u64;
+    let out_prefix = format!("wm/{QUEUE}/out/").into_bytes();
+    let exp_prefix = format!("wm/{QUEUE}/exp/").into_bytes();
+    let tally_prefix = format!("wm/{QUEUE}/tally/").into_bytes();
+    let mut rows = Vec::new();
+    let mut last_ended = 0;
+    let mut last_at = start;
+    while start.elapsed() < mode.duration {
+        tokio::time::sleep_until((last_at + mode.every).into()).await;
+        let now = Instant::now();
+        let total = ended.load(Ordering::Relaxed);
+        let rate = (total - last_ended) as f64 / (now - last_at).as_secs_f64();
+        (last_ended, last_at) = (total, now);
+        let (outcomes, _) = count_keys(&queue, &out_prefix).await;
+        let (_, oldest) = count_keys_first(&queue, &exp_prefix).await;
+        let (tallies, _) = count_keys(&queue, &tally_prefix).await;
+        let clock_now = taquba::Clock::now_ms(&*queue.clock());
+        let past = oldest
+            .and_then(|k| {
+                k.get(exp_prefix.len()..exp_prefix.len() + 8)
+                    .map(<[u8]>::to_vec)
+            })
+            .and_then(|t| t.try_into().ok())
+            .map(u64::from_be_bytes)
+            .map_or(0.0, |at| {
+                clock_now.saturating_sub(at.saturating_add(retention_ms)) as f64 / 1000.0
+            });
+        let row = Row {
+            elapsed: start.elapsed().as_secs_f64(),
+            rate,
+            rss: rss_mib(),
+            disk: dir_bytes(dir.path()) as f64 / (1024.0 * 1024.0),
+        };
+        println!(
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {outcomes} | {past:.1} | {tallies} |",
+            row.elapsed, row.rate, row.rss, row.disk
+        );
+        rows.push(row);
+    }
+
+    // Stop the load, then the pool; time the pool's shutdown.
+    slots.close();
+    for s in submitters {
+        let _ = s.await;
+    }
+    let asked = Instant::now();
+    shutdown.notify_one();
+    let stopped = tokio::time::timeout(Duration::from_secs(600), worker)
+        .await
+        .expect("run() returns after shutdown")
+        .expect("worker task");
+    let shutdown_s = asked.elapsed().as_secs_f64();
+    stopped.expect("run() ends cleanly");
+    let total = ended.load(Ordering::Relaxed);
+    println!();
+    println!(
+        "{total} runs ended in {:.0} s ({:.0}/s); shutdown took {shutdown_s:.2} s",
+        start.elapsed().as_secs_f64(),
+        total as f64 / start.elapsed().as_secs_f64()
+    );
+    assert!(total > 0, "no run ended");
+
+    // Level-off checks over the rows after the first retention window (and
+    // a row of warm-up): informative, not a pass/fail on a shared machine.
+    let settled: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.elapsed > mode.retention.as_secs_f64() + mode.every.as_secs_f64())
+        .collect();
+    if let (Some(first), Some(last)) = (settled.first(), settled.last()) {
+        let max = settled.iter().map(|r| r.rate).fold(f64::MIN, f64::max);
+        let min = settled.iter().map(|r| r.rate).fold(f64::MAX, f64::min);
+        let mean = settled.iter().map(|r| r.rate).sum::<f64>() / settled.len() as f64;
+        println!(
+            "after warm-up ({} rows): throughput {min:.0}..{max:.0} runs/s (mean {mean:.0}, spread {:+.1}% / {:+.1}%); RSS {:.0} -> {:.0} MiB; store {:.0} -> {:.0} MiB",
+            settled.len(),
+            (min / mean - 1.0) * 100.0,
+            (max / mean - 1.0) * 100.0,
+            first.rss,
+            last.rss,
+            first.disk,
+            last.disk
+        );
+    }
+}
+
+/// The first key with `prefix` (and a count of at most one page).
+async fn count_keys_first(queue: &Queue, prefix: &[u8]) -> (u64, Option<Vec<u8>>) {
+    let page = queue
+        .view()
+        .kv_scan(prefix, .., KvOrder::Ascending, 1)
+        .await
+        .expect("scan");
+    (
+        page.entries.len() as u64,
+        page.entries.first().map(|(k, _)| k.clone()),
+    )
+}
