@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use taquba::{Claim, Expired, ExpiryIndex, SettlementEffects};
+use taquba::{Claim, ExpiryIndex, SettlementEffects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +84,7 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
         },
     );
     let retention = async {
+        let mut replies = super::maintenance::Expiring::new(inner.now_ms());
         let mut tick = tokio::time::interval(inner.cfg.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -91,25 +92,22 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
                 _ = stop.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let pass = control
-                .expiry
-                .pass(
-                    &inner.queue,
-                    inner.now_ms(),
+            // Bounded and abandoned at shutdown, like the pool's own
+            // retention (see `maintenance`).
+            let pass = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                pass = replies.pass(
+                    inner,
+                    &control.expiry,
+                    control.keys.expiry_prefix(),
                     inner.cfg.terminal_retention,
-                    |_, suffix| {
-                        let effects = match std::str::from_utf8(&suffix) {
-                            Ok(id) => {
-                                SettlementEffects::default().kv_delete(control.keys.reply(id))
-                            }
-                            Err(_) => SettlementEffects::default(),
-                        };
-                        std::future::ready(Expired::Delete(effects))
-                    },
-                )
-                .await;
-            if let Err(e) = pass {
-                tracing::warn!("reply retention pass failed (retried next tick): {e}");
+                    |id| [control.keys.reply(id)],
+                ) => pass,
+            };
+            match pass {
+                Ok(true) => tick.reset_immediately(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("reply retention pass failed (retried next tick): {e}"),
             }
         }
     };

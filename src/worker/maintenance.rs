@@ -20,12 +20,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use taquba::{KvOrder, SettlementEffects};
+use taquba::{ExpiryIndex, KvOrder, SettlementEffects};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::watched;
 use crate::error::Error;
+use crate::policy::saturating_ms;
 use crate::runtime::Inner;
 
 /// The name maintenance store calls are watched under.
@@ -72,13 +73,109 @@ pub(super) async fn maintain<R, H>(
     }
 }
 
+/// Retention over one expiry index: entries are deleted with the records
+/// their suffix names, up to [`EXPIRE_BATCH`] entries per commit and
+/// [`EXPIRE_BATCHES_PER_TICK`] commits per pass, scanning from an in-memory
+/// cursor. Used for run outcomes and for client replies.
+pub(super) struct Expiring {
+    /// Entries before this time (ms) have been deleted by this process.
+    cursor: u64,
+    /// When the scan last started from the front of the index.
+    rescanned_at: u64,
+}
+
+impl Expiring {
+    pub(super) fn new(now: u64) -> Self {
+        Self {
+            cursor: 0,
+            rescanned_at: now,
+        }
+    }
+
+    /// Delete what is past `retention`. Returns whether due entries remain
+    /// (a backlog: the next pass should follow at once).
+    pub(super) async fn pass<R, H, K: IntoIterator<Item = Vec<u8>>>(
+        &mut self,
+        inner: &Inner<R, H>,
+        index: &ExpiryIndex,
+        prefix: &[u8],
+        retention: Duration,
+        records: impl Fn(&str) -> K,
+    ) -> Result<bool, Error> {
+        let now = inner.now_ms();
+        let retention = saturating_ms(retention);
+        // An entry is written with the time its effects were built; one
+        // whose commit took longer than the retention lands behind the
+        // cursor. Starting from the front once per retention window finds it.
+        if now.saturating_sub(self.rescanned_at) >= retention {
+            self.cursor = 0;
+            self.rescanned_at = now;
+        }
+        for _ in 0..EXPIRE_BATCHES_PER_TICK {
+            if !self
+                .batch(inner, index, prefix, now, retention, &records)
+                .await?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Delete one batch of due entries with their records in one commit.
+    /// Returns whether more may be due.
+    async fn batch<R, H, K: IntoIterator<Item = Vec<u8>>>(
+        &mut self,
+        inner: &Inner<R, H>,
+        index: &ExpiryIndex,
+        prefix: &[u8],
+        now: u64,
+        retention: u64,
+        records: &impl Fn(&str) -> K,
+    ) -> Result<bool, Error> {
+        let start = index.entry_key(self.cursor, &[]);
+        let _watch = watched(inner, WATCH);
+        let page = inner
+            .queue
+            .view()
+            .kv_scan(prefix, start.., KvOrder::Ascending, EXPIRE_BATCH)
+            .await?;
+        let mut effects = SettlementEffects::default();
+        let mut last = None;
+        let mut all_due = true;
+        for (key, _) in &page.entries {
+            let Some((at, suffix)) = index.parse(key) else {
+                tracing::warn!(key = %String::from_utf8_lossy(key), "expiry index key without a time; deleted");
+                effects = effects.kv_delete(key.clone());
+                continue;
+            };
+            if at.saturating_add(retention) > now {
+                all_due = false;
+                break;
+            }
+            if let Ok(id) = std::str::from_utf8(suffix) {
+                for record in records(id) {
+                    effects = effects.kv_delete(record);
+                }
+            }
+            effects = effects.kv_delete(key.clone());
+            last = Some(at);
+        }
+        if effects.kv_deletes.is_empty() {
+            return Ok(false);
+        }
+        inner.queue.commit_effects(effects).await?;
+        if let Some(at) = last {
+            self.cursor = at;
+        }
+        Ok(all_due && page.more)
+    }
+}
+
 /// What the maintenance ticks remember between them.
 struct Maintenance {
-    /// Expiry entries before this time (ms) have been deleted by this
-    /// process.
-    expiry_cursor: u64,
-    /// When the expiry scan last started from the front of the index.
-    expiry_rescanned_at: u64,
+    /// Where retention is in the outcome expiry index.
+    outcomes: Expiring,
     /// The reconcile cycle's position: the last dead job id read, `None` at
     /// the start of a cycle.
     dead_after: Option<String>,
@@ -91,8 +188,7 @@ struct Maintenance {
 impl Maintenance {
     fn new(now: u64) -> Self {
         Self {
-            expiry_cursor: 0,
-            expiry_rescanned_at: now,
+            outcomes: Expiring::new(now),
             dead_after: None,
             cycle_started: None,
             skipped: HashSet::new(),
@@ -137,69 +233,16 @@ impl Maintenance {
     /// [`EXPIRE_BATCHES_PER_TICK`] commits. Returns whether due entries
     /// remain.
     async fn expire<R, H>(&mut self, inner: &Inner<R, H>) -> Result<bool, Error> {
-        let now = inner.now_ms();
-        let retention = u64::try_from(inner.cfg.terminal_retention.as_millis()).unwrap_or(u64::MAX);
-        // An entry is written with the time its terminal effects were built;
-        // one whose commit took longer than the retention lands behind the
-        // cursor. Starting from the front once per retention window finds it.
-        if now.saturating_sub(self.expiry_rescanned_at) >= retention {
-            self.expiry_cursor = 0;
-            self.expiry_rescanned_at = now;
-        }
-        for _ in 0..EXPIRE_BATCHES_PER_TICK {
-            if !self.expire_batch(inner, now, retention).await? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Delete one batch of due entries with their records in one commit.
-    /// Returns whether more may be due.
-    async fn expire_batch<R, H>(
-        &mut self,
-        inner: &Inner<R, H>,
-        now: u64,
-        retention: u64,
-    ) -> Result<bool, Error> {
-        let index = &inner.expiry;
-        let prefix = inner.keys.expiry_prefix();
-        let start = index.entry_key(self.expiry_cursor, &[]);
-        let _watch = watched(inner, WATCH);
-        let page = inner
-            .queue
-            .view()
-            .kv_scan(prefix, start.., KvOrder::Ascending, EXPIRE_BATCH)
-            .await?;
-        let mut effects = SettlementEffects::default();
-        let mut last = None;
-        let mut all_due = true;
-        for (key, _) in &page.entries {
-            let Some((at, suffix)) = index.parse(key) else {
-                tracing::warn!(key = %String::from_utf8_lossy(key), "expiry index key without a time; deleted");
-                effects = effects.kv_delete(key.clone());
-                continue;
-            };
-            if at.saturating_add(retention) > now {
-                all_due = false;
-                break;
-            }
-            if let Ok(run_id) = std::str::from_utf8(suffix) {
-                effects = effects
-                    .kv_delete(inner.keys.sub(run_id))
-                    .kv_delete(inner.keys.out(run_id));
-            }
-            effects = effects.kv_delete(key.clone());
-            last = Some(at);
-        }
-        if effects.kv_deletes.is_empty() {
-            return Ok(false);
-        }
-        inner.queue.commit_effects(effects).await?;
-        if let Some(at) = last {
-            self.expiry_cursor = at;
-        }
-        Ok(all_due && page.more)
+        let keys = &inner.keys;
+        self.outcomes
+            .pass(
+                inner,
+                &inner.expiry,
+                keys.expiry_prefix(),
+                inner.cfg.terminal_retention,
+                |run_id| [keys.sub(run_id), keys.out(run_id)],
+            )
+            .await
     }
 
     /// Reconcile one page of the step queue's dead jobs, starting a new
