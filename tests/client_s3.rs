@@ -1,13 +1,11 @@
-//! A worker and a client on a real S3-compatible server, through `s3://`
-//! URLs configured from the `AWS_*` variables. Needs a server, so it is
-//! ignored by default:
+//! A worker and a client on a real S3-protocol server, through `s3://`
+//! URLs configured from the `AWS_*` variables. It needs a server, so it is
+//! ignored by plain `cargo test`; `.ci/run` starts moto and runs it:
 //!
 //! ```text
-//! moto_server -H 127.0.0.1 -p 5055 &   # pip install 'moto[server]'
-//! curl -X PUT http://127.0.0.1:5055/waymark-test
-//! AWS_ENDPOINT=http://127.0.0.1:5055 AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
-//! AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
-//! WAYMARK_S3_URL=s3://waymark-test/run1 cargo test --test client_s3 -- --ignored
+//! eval "$(scripts/moto-server start)"   # a venv with moto[server], a free port, a bucket
+//! cargo test --test client_s3 -- --ignored
+//! scripts/moto-server stop
 //! ```
 
 use std::time::Duration;
