@@ -24,7 +24,7 @@ use common::{FaultPlan, FaultStore, Outage, StoreOp};
 use tokio::sync::Notify;
 use waymark::taquba::object_store::ObjectStore;
 use waymark::taquba::object_store::memory::InMemory;
-use waymark::taquba::{JobStatus, MockClock, OpenOptions, Queue, QueueConfig};
+use waymark::taquba::{JobStatus, KvOrder, MockClock, OpenOptions, Queue, QueueConfig};
 use waymark::*;
 
 /// Steps per run.
@@ -448,6 +448,24 @@ async fn ended_runs(
             .expect("the run ends")
             .unwrap();
     }
+    // Let the maintenance that follows the runs finish, so the store fault
+    // a test sets next catches only what it means to: every run tally
+    // folded (the fold's commit may still wait for its flush) ...
+    common::wait_until(HANG, "every run tally folded", || {
+        let queue = rt.queue().clone();
+        async move {
+            queue
+                .view()
+                .kv_scan(b"wm/workflow-steps/tally/", .., KvOrder::Ascending, 1)
+                .await
+                .unwrap()
+                .entries
+                .is_empty()
+        }
+    })
+    .await;
+    // ... and a commit of our own, flushed after it.
+    rt.queue().kv_put(b"test/flushed", b"1").await.unwrap();
     (rt, clock, faults, stop, worker)
 }
 
