@@ -4,6 +4,8 @@
 //! ```text
 //! cargo bench --bench soak              # full run: 10 minutes, a row every 30 s
 //! cargo bench --bench soak -- --quick   # smoke run, < 1 minute: checks completion
+//! cargo bench --bench soak -- --secs 1500 # a longer full run (SlateDB's first
+//!                                         # garbage collection runs at 600 s)
 //! ```
 //!
 //! Load: a closed loop keeps `IN_FLIGHT` runs of three steps in flight (a new
@@ -158,7 +160,16 @@ struct Row {
 
 #[tokio::main]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let secs = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| {
+            s.parse::<u64>()
+                .expect("--secs takes a whole number of seconds")
+        });
     let mode = if quick {
         Mode {
             duration: Duration::from_secs(40),
@@ -167,7 +178,7 @@ async fn main() {
         }
     } else {
         Mode {
-            duration: Duration::from_secs(600),
+            duration: Duration::from_secs(secs.unwrap_or(600)),
             every: Duration::from_secs(30),
             retention: Duration::from_secs(30),
         }

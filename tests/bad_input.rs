@@ -205,3 +205,72 @@ async fn an_outcome_or_health_record_of_an_unknown_version_is_a_named_error() {
     // The same run id with the same input is still recognised.
     assert!(!env.submit("done", b"x").await.newly_submitted);
 }
+
+#[tokio::test]
+async fn a_step_at_the_last_step_number_fails_its_run_instead_of_wrapping() {
+    // Step 0 and the last step number continue; the others succeed.
+    fn runner() -> FnRunner {
+        FnRunner::new(|step: Step| async move {
+            Ok(match step.step_number {
+                0 | u32::MAX => StepOutcome::Continue {
+                    payload: step.payload,
+                },
+                _ => StepOutcome::Succeed {
+                    result: step.payload,
+                },
+            })
+        })
+    }
+    let mut env = Env::new(runner(), NoopTerminalHook).await;
+    let q = env.queue().clone();
+    env.submit("edge", b"x").await;
+    env.submit("fine", b"fine").await;
+    // A crafted job claims to be the run's step u32::MAX, and the run record
+    // points at it: a `Continue` from it has no next step number.
+    let crafted = q
+        .enqueue_with(
+            "workflow-steps",
+            b"x".to_vec(),
+            taquba::EnqueueOptions::default()
+                .header(HEADER_RUN_ID, "edge")
+                .header(HEADER_STEP, u32::MAX.to_string())
+                .header(HEADER_WORKFLOW, DEFAULT_WORKFLOW),
+        )
+        .await
+        .unwrap();
+    #[derive(serde::Serialize)]
+    struct Run<'a> {
+        step: u32,
+        job_id: &'a str,
+    }
+    let record = rmp_serde::to_vec_named(&(
+        1u8,
+        Run {
+            step: u32::MAX,
+            job_id: &crafted,
+        },
+    ))
+    .unwrap();
+    q.kv_put(b"wm/workflow-steps/run/edge", &record)
+        .await
+        .unwrap();
+    // A new process, which did not enqueue the jobs itself, admits them
+    // by the run record.
+    env.crash_and_reopen(runner(), NoopTerminalHook).await;
+
+    env.start();
+    let out = env.rt.wait("edge").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Failed, "{out:?}");
+    assert!(
+        out.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no next step number"),
+        "{out:?}"
+    );
+    assert_eq!(
+        env.rt.wait("fine").await.unwrap().result.as_deref(),
+        Some(&b"fine"[..])
+    );
+    env.stop().await;
+}

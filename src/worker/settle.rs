@@ -311,10 +311,17 @@ fn next_step_effects<R, H>(
     headers.remove(HEADER_ATTEMPTS_BEFORE);
     headers.remove(HEADER_PARKED);
     let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
+    let next = job
+        .step
+        .checked_add(1)
+        .ok_or_else(|| Error::CorruptRecord {
+            key: job.claim.id.clone(),
+            reason: format!("step {} has no next step number", job.step),
+        })?;
     step_job_effects(
         inner,
         job,
-        job.step + 1,
+        next,
         payload,
         headers,
         job.max_attempts(),
