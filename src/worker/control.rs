@@ -2,7 +2,8 @@
 //! which taquba's inbox enqueues from the objects clients write.
 //!
 //! Each request is applied through the runtime's own `submit` / `cancel` /
-//! `trigger` / `pause_schedule` / `resume_schedule`, and answered with a reply record (see [`crate::control`]):
+//! `trigger` / `pause_schedule` / `resume_schedule`, and answered with a
+//! reply record (see [`crate::control`]):
 //!
 //! | request                  | commits                                                        |
 //! |--------------------------|----------------------------------------------------------------|
@@ -210,7 +211,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
         }
     };
     // Pause and resume share their arm below.
-    let pausing = matches!(request, Request::Pause { .. });
+    let paused = matches!(request, Request::Pause { .. });
     let applied = match request {
         Request::Submit {
             run_id,
@@ -266,7 +267,6 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             }
         }
         Request::Pause { schedule } | Request::Resume { schedule } => {
-            let paused = pausing;
             let body = |changed: bool| ReplyBody::Paused {
                 schedule: schedule.clone(),
                 paused,
