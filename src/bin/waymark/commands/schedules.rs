@@ -302,8 +302,11 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
         "h" => n.checked_mul(3_600_000),
         _ => return Err(format!("`{}`: the unit is ms, s, m or h", shown(text))),
     };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("`{}` is too long", shown(text)))
+    match ms {
+        Some(0) => Err("the interval must be above zero".to_string()),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Err(format!("`{}` is too long", shown(text))),
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +320,7 @@ mod tests {
         assert_eq!(parse_interval("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_interval("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_interval("5d").is_err());
+        assert!(parse_interval("0s").is_err());
         assert!(parse_interval("m").is_err());
         assert!(parse_interval("99999999999999999h").is_err());
         assert_eq!(interval_words(Duration::from_secs(7200)), "2h");
