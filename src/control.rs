@@ -3,8 +3,10 @@
 //! A [`Client`](crate::Client) sends a request as one taquba inbox entry:
 //! an `enqueue` of a job on the control queue `{Q}-control` whose id (and
 //! inbox entry id) is the request id, whose header `workflow.run_id` names
-//! the run, and whose payload is a [`Request`]. The worker claims the job,
-//! applies it through its runtime's `submit` / `cancel`, and writes a
+//! the run (or, for a schedule request, `schedule/{id}`), and whose payload
+//! is a [`Request`]. The worker claims the job, applies it through its
+//! runtime's `submit` / `cancel` / `trigger` / `pause_schedule` /
+//! `resume_schedule`, and writes a
 //! [`ReplyRecord`] at `wm/Q/reply/{request_id}` (with an expiry entry at
 //! `wm/Q/rexp/{t}{request_id}`), which the client reads.
 
@@ -34,6 +36,19 @@ pub(crate) enum Request {
     },
     /// Cancel a run (`WorkflowRuntime::cancel`).
     Cancel { run_id: String },
+    /// Fire a schedule now (`WorkflowRuntime::trigger`).
+    Trigger { schedule: String },
+    /// Pause a schedule (`WorkflowRuntime::pause_schedule`).
+    Pause { schedule: String },
+    /// Resume a schedule (`WorkflowRuntime::resume_schedule`).
+    Resume { schedule: String },
+}
+
+/// The ordering key (header `workflow.run_id`) of a request about schedule
+/// `id`: its requests apply in send order, apart from any run's (no run id
+/// has a `/`).
+pub(crate) fn schedule_order_key(id: &str) -> String {
+    format!("schedule/{id}")
 }
 
 impl Request {
@@ -72,6 +87,23 @@ pub(crate) enum ReplyBody {
     InputMismatch { run_id: String },
     /// Refused, with the reason.
     Refused { reason: String },
+    /// The trigger fired the schedule: the run it submitted.
+    Triggered { schedule: String, run_id: String },
+    /// The pause or resume was applied: whether it changed the schedule.
+    Paused {
+        schedule: String,
+        paused: bool,
+        changed: bool,
+    },
+    /// The schedule is not defined on the worker (`Error::ScheduleNotFound`).
+    ScheduleNotFound { schedule: String },
+    /// The schedule's workflow is tripped (`Error::WorkflowTripped`).
+    WorkflowTripped { schedule: String, workflow: String },
+    /// The schedule's last run is live under `Overlap::Skip`
+    /// (`Error::ScheduleOverlap`).
+    ScheduleOverlap { schedule: String, run_id: String },
+    /// The worker pool was stopping (`Error::ShuttingDown`).
+    ShuttingDown,
 }
 
 /// The answer to a client's request, once the worker has applied it.
@@ -89,6 +121,33 @@ pub enum Reply {
         /// Whether the cancel was accepted (false: unknown, ended, or
         /// already cancelling).
         cancelled: bool,
+    },
+    /// A trigger: the run the schedule's fire submitted, as
+    /// [`WorkflowRuntime::trigger`](crate::WorkflowRuntime::trigger)
+    /// returned it.
+    Triggered {
+        /// The schedule.
+        schedule: String,
+        /// The run it submitted (`{schedule}:t{ms}`).
+        run_id: String,
+    },
+    /// A pause: whether the schedule was running, as
+    /// [`WorkflowRuntime::pause_schedule`](crate::WorkflowRuntime::pause_schedule)
+    /// returned it.
+    Paused {
+        /// The schedule.
+        schedule: String,
+        /// False when it was paused already.
+        was_running: bool,
+    },
+    /// A resume: whether the schedule was paused, as
+    /// [`WorkflowRuntime::resume_schedule`](crate::WorkflowRuntime::resume_schedule)
+    /// returned it.
+    Resumed {
+        /// The schedule.
+        schedule: String,
+        /// False when it was running already.
+        was_paused: bool,
     },
 }
 
@@ -111,6 +170,31 @@ impl ReplyBody {
                 request_id: request_id.to_string(),
                 reason,
             }),
+            ReplyBody::Triggered { schedule, run_id } => Ok(Reply::Triggered { schedule, run_id }),
+            ReplyBody::Paused {
+                schedule,
+                paused: true,
+                changed,
+            } => Ok(Reply::Paused {
+                schedule,
+                was_running: changed,
+            }),
+            ReplyBody::Paused {
+                schedule,
+                paused: false,
+                changed,
+            } => Ok(Reply::Resumed {
+                schedule,
+                was_paused: changed,
+            }),
+            ReplyBody::ScheduleNotFound { schedule } => Err(Error::ScheduleNotFound(schedule)),
+            ReplyBody::WorkflowTripped { schedule, workflow } => {
+                Err(Error::WorkflowTripped { schedule, workflow })
+            }
+            ReplyBody::ScheduleOverlap { schedule, run_id } => {
+                Err(Error::ScheduleOverlap { schedule, run_id })
+            }
+            ReplyBody::ShuttingDown => Err(Error::ShuttingDown),
         }
     }
 }

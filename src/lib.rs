@@ -125,9 +125,15 @@
 //!   ([`Client::wait_reply`]): the run exists, or the typed refusal
 //!   ([`Error::InputMismatch`], [`Error::RequestRefused`]). A new run's
 //!   reply commits in the run's own transaction, so a worker killed at any
-//!   moment applies each request exactly once.
+//!   moment applies each request exactly once. Schedules are driven the
+//!   same way ([`Client::trigger`], [`Client::pause`], [`Client::resume`],
+//!   applied through [`WorkflowRuntime::trigger`] and its pause/resume, the
+//!   reply committing with the change; refusals come back as
+//!   [`Error::ScheduleNotFound`], [`Error::WorkflowTripped`],
+//!   [`Error::ScheduleOverlap`], [`Error::ShuttingDown`]).
 //! - **Reads** ([`Client::status`], [`Client::outcome`], [`Client::wait`],
-//!   [`Client::runs`], [`Client::workflows`]) go through a taquba
+//!   [`Client::runs`], [`Client::workflows`], [`Client::schedule`],
+//!   [`Client::schedules`]) go through a taquba
 //!   `QueueReader` and share their code with the runtime's own: the same
 //!   answers, lagging by the worker's flush interval plus the client's
 //!   [`ClientOptions::refresh_interval`] (default 500 ms).

@@ -755,6 +755,156 @@ fn submit_and_status_work_beside_a_running_worker_without_fencing_it() {
 }
 
 // ---------------------------------------------------------------------------
+// Issue 14: schedules listed and driven beside a running worker
+// ---------------------------------------------------------------------------
+
+#[test]
+fn schedules_are_listed_and_driven_beside_a_running_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    let run = |args: &[&str]| {
+        let mut cmd = waymark(tmp.path());
+        cmd.args(args).args(["--store", &url]);
+        cmd.assert()
+    };
+    // Bad specs are usage errors, before anything is opened.
+    run(&["worker", "--schedule", "nightly=sometimes"])
+        .code(2)
+        .stderr(predicate::str::contains("every:N"));
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .env("TERM", "dumb")
+        .args(["worker", "--store", &url])
+        .args([
+            "--schedule",
+            "by-hand=manual",
+            "--schedule",
+            "hourly=every:1h",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+
+    // The worker records its schedules as it starts: wait (bounded by the
+    // hang guard of each command, and a count) until they are listed.
+    let mut listed = String::new();
+    for _ in 0..600 {
+        let out = run(&["schedules"]).success().get_output().stdout.clone();
+        listed = String::from_utf8(out).unwrap();
+        if listed.contains("hourly") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rows: Vec<&str> = listed.lines().collect();
+    assert!(rows[0].starts_with("SCHEDULE"), "{listed}");
+    assert!(
+        rows[1].starts_with("by-hand") && rows[1].contains("manual"),
+        "{listed}"
+    );
+    assert!(
+        rows[2].starts_with("hourly") && rows[2].contains("every 1h"),
+        "{listed}"
+    );
+    assert!(rows[2].contains("active"), "{listed}");
+
+    // A trigger submits a run, which the worker runs to its end.
+    let out = run(&["trigger", "by-hand"])
+        .success()
+        .stdout(predicate::str::contains("triggered by-hand: run by-hand:t"))
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    let run_id = out
+        .split_whitespace()
+        .find(|w| w.starts_with("by-hand:t"))
+        .unwrap()
+        .to_string();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains(&run_id) && line.contains("Succeeded") {
+            break;
+        }
+    }
+    run(&["outcome", &run_id])
+        .success()
+        .stdout(predicate::str::contains("Succeeded"));
+    run(&["schedules"])
+        .success()
+        .stdout(predicate::str::contains(format!("{run_id} (Succeeded)")));
+
+    // Pause and resume, answered as the runtime answers; durable state shows
+    // the pause.
+    run(&["pause", "hourly"])
+        .success()
+        .stdout(predicate::str::contains("paused hourly"));
+    run(&["pause", "hourly"])
+        .success()
+        .stdout(predicate::str::contains("already paused"));
+    let out = run(&["schedules"]).success().get_output().stdout.clone();
+    let out = String::from_utf8(out).unwrap();
+    let hourly = out.lines().find(|l| l.starts_with("hourly")).unwrap();
+    assert!(hourly.contains("paused"), "{out}");
+    run(&["resume", "hourly"])
+        .success()
+        .stdout(predicate::str::contains("resumed hourly"));
+    run(&["resume", "hourly"])
+        .success()
+        .stdout(predicate::str::contains("was not paused"));
+
+    // An id the worker does not define: exit 3; an invalid one: exit 2.
+    run(&["trigger", "nope"])
+        .code(3)
+        .stderr(predicate::str::contains("no schedule `nope`"));
+    run(&["pause", "nope"]).code(3);
+    run(&["resume", "bad/id"])
+        .code(2)
+        .stderr(predicate::str::contains("invalid schedule id"));
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    let _rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn schedule_requests_without_a_worker_wait_in_the_inbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    // A worker creates the store, then stops.
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url, "--schedule", "s=manual"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+    waymark(tmp.path())
+        .args(["trigger", "s", "--store", &url, "--timeout", "0.5"])
+        .assert()
+        .code(4)
+        .stdout(predicate::str::contains("no worker answered"));
+    waymark(tmp.path())
+        .args(["pause", "s", "--no-wait", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("sent: pause s"));
+}
+
+// ---------------------------------------------------------------------------
 // Finding 7: TERM=dumb on a terminal prints plain lines at once
 // ---------------------------------------------------------------------------
 

@@ -40,13 +40,23 @@ fn fast_client() -> ClientOptions {
 
 impl Env {
     async fn new(runner: FnRunner, concurrency: usize) -> Env {
+        Env::configured(runner, concurrency, |b| b).await
+    }
+
+    /// A worker whose builder `configure` completes (schedules, breakers).
+    async fn configured(
+        runner: FnRunner,
+        concurrency: usize,
+        configure: impl FnOnce(
+            WorkflowRuntimeBuilder<FnRunner, NoopTerminalHook>,
+        ) -> WorkflowRuntimeBuilder<FnRunner, NoopTerminalHook>,
+    ) -> Env {
         let location = StoreLocation::new(Arc::new(InMemory::new()), "wm");
         let queue = open_worker_store(&location, fast_store()).await.unwrap();
-        let rt = WorkflowRuntime::builder(queue, runner, NoopTerminalHook)
+        let builder = WorkflowRuntime::builder(queue, runner, NoopTerminalHook)
             .max_concurrent_steps(concurrency)
-            .poll_interval(Duration::from_millis(10))
-            .build()
-            .unwrap();
+            .poll_interval(Duration::from_millis(10));
+        let rt = configure(builder).build().unwrap();
         let worker = tokio::spawn({
             let rt = rt.clone();
             async move { rt.run(std::future::pending()).await }
@@ -628,4 +638,135 @@ async fn requests_about_one_run_apply_in_send_order() {
         assert_eq!(out.status, TerminalStatus::Cancelled);
     }
     worker.abort();
+}
+
+#[tokio::test]
+async fn schedules_are_read_and_driven_through_the_client() {
+    // `held` runs wait for the gate; `bad` runs fail, and one failure trips
+    // their workflow.
+    let hold = Gate::default();
+    let runner = FnRunner::new({
+        let hold = hold.clone();
+        move |s: Step| {
+            let hold = hold.clone();
+            async move {
+                match s.workflow.as_str() {
+                    "slow" => hold.wait().await,
+                    "bad" => return Err(StepError::permanent("down")),
+                    _ => {}
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        }
+    });
+    let trip_at_once = BackoffPolicy {
+        streak_limit: Some(1),
+        jitter: 0.0,
+        ..BackoffPolicy::default()
+    };
+    let env = Env::configured(runner, 4, |b| {
+        b.schedule(Schedule::manual("held").workflow("slow"))
+            .schedule(Schedule::manual("tripper").workflow("bad"))
+            .schedule(Schedule::every_hours("hourly", 1))
+            .breaker("bad", trip_at_once)
+    })
+    .await;
+    let c = &env.client;
+
+    // Reads: the runtime's answers, sorted by id; None for an unknown id.
+    env.until("the schedules are listed", || async {
+        c.schedules().await.unwrap() == env.rt.schedules().await.unwrap()
+            && c.schedules().await.unwrap().len() == 3
+    })
+    .await;
+    let ids: Vec<String> = c
+        .schedules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids, ["held", "hourly", "tripper"]);
+    assert_eq!(
+        c.schedule("hourly").await.unwrap(),
+        env.rt.schedule("hourly").await.unwrap()
+    );
+    assert_eq!(c.schedule("nope").await.unwrap(), None);
+    assert!(matches!(
+        c.schedule("bad/id").await,
+        Err(Error::InvalidRunId { .. })
+    ));
+
+    // Trigger: the run id, or the runtime's typed refusals.
+    let unknown = c.trigger_and_wait("nope", GUARD).await;
+    assert!(
+        matches!(&unknown, Err(Error::ScheduleNotFound(id)) if id == "nope"),
+        "{unknown:?}"
+    );
+    let live = c.trigger_and_wait("held", GUARD).await.unwrap();
+    assert!(live.starts_with("held:t"), "{live}");
+    assert_eq!(
+        env.rt.schedule("held").await.unwrap().unwrap().last_run_id,
+        Some(live.clone())
+    );
+    let overlap = c.trigger_and_wait("held", GUARD).await;
+    assert!(
+        matches!(&overlap, Err(Error::ScheduleOverlap { schedule, run_id }) if schedule == "held" && *run_id == live),
+        "{overlap:?}"
+    );
+    hold.open();
+    assert_eq!(
+        c.wait(&live, GUARD).await.unwrap().status,
+        TerminalStatus::Succeeded
+    );
+    let failed = c.trigger_and_wait("tripper", GUARD).await.unwrap();
+    assert_eq!(
+        c.wait(&failed, GUARD).await.unwrap().status,
+        TerminalStatus::Failed
+    );
+    env.until("the workflow trips", || async {
+        matches!(
+            env.rt
+                .workflow_health("bad")
+                .await
+                .unwrap()
+                .map(|h| h.status),
+            Some(BreakerStatus::Tripped { .. })
+        )
+    })
+    .await;
+    let tripped = c.trigger_and_wait("tripper", GUARD).await;
+    assert!(
+        matches!(&tripped, Err(Error::WorkflowTripped { schedule, workflow }) if schedule == "tripper" && workflow == "bad"),
+        "{tripped:?}"
+    );
+    assert_eq!(
+        env.rt.schedule("tripper").await.unwrap().unwrap().run_count,
+        1
+    );
+
+    // Pause and resume: durable, and answered as the runtime answers.
+    assert!(c.pause_and_wait("hourly", GUARD).await.unwrap());
+    assert!(!c.pause_and_wait("hourly", GUARD).await.unwrap());
+    let paused = env.rt.schedule("hourly").await.unwrap().unwrap();
+    assert!(paused.paused && paused.next_fire.is_none(), "{paused:?}");
+    env.until("the pause is visible", || async {
+        c.schedule("hourly")
+            .await
+            .unwrap()
+            .is_some_and(|i| i.paused)
+    })
+    .await;
+    assert!(c.resume_and_wait("hourly", GUARD).await.unwrap());
+    assert!(!c.resume_and_wait("hourly", GUARD).await.unwrap());
+    let resumed = env.rt.schedule("hourly").await.unwrap().unwrap();
+    assert!(
+        !resumed.paused && resumed.next_fire.is_some(),
+        "{resumed:?}"
+    );
+    let unknown = c.pause_and_wait("nope", GUARD).await;
+    assert!(
+        matches!(unknown, Err(Error::ScheduleNotFound(_))),
+        "{unknown:?}"
+    );
 }

@@ -15,6 +15,10 @@
 //! - `crash_torture`: a mixed workload killed at seeded random moments.
 //!   `WAYMARK_TORTURE_KILLS` sets the number of kills (default 30) and
 //!   `WAYMARK_TORTURE_SEED` replays a seed's workload and kill schedule.
+//!   Its workers also fire a durable schedule (`every` 100 ms on the queue's
+//!   clock, overlap `Allow`, downtime `FireAll`): between processes and at
+//!   the end, the fire times of the runs it submitted (their run ids carry
+//!   them) have no gap and no duplicate, across every kill and downtime.
 
 mod common;
 
@@ -43,6 +47,27 @@ const CONCURRENCY: usize = 8;
 const ATTEMPTS: u32 = 8;
 /// Attempts per step of a run that always fails transiently.
 const EXHAUST_ATTEMPTS: u32 = 3;
+/// The torture's schedule, its workflow and interval.
+const SCHEDULE_ID: &str = "tick";
+const SCHEDULE_WORKFLOW: &str = "scheduled";
+const SCHEDULE_EVERY: Duration = Duration::from_millis(100);
+
+/// The torture's schedule: every fire time submits a run — none skipped for
+/// overlap, every time missed while no worker ran caught up — so its runs'
+/// fire times must be every multiple of the interval from the first to the
+/// last, each once.
+fn torture_schedule() -> Schedule {
+    Schedule::every(SCHEDULE_ID, SCHEDULE_EVERY)
+        .workflow(SCHEDULE_WORKFLOW)
+        .input(b"tick".to_vec())
+        .overlap(Overlap::Allow)
+        .downtime(Downtime::FireAll { max: u32::MAX })
+}
+
+/// Whether a run id is one the schedule submitted.
+fn is_schedule_run(run: &str) -> bool {
+    run.starts_with("tick:")
+}
 
 // ---------------------------------------------------------------------------
 // The workload: a pure function of (scenario, seed, run, step, attempt), so
@@ -391,6 +416,10 @@ struct TestRunner {
 
 impl StepRunner for TestRunner {
     async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+        if step.workflow == SCHEDULE_WORKFLOW {
+            // The schedule's runs: one step, checked through the store.
+            return Ok(StepOutcome::Succeed { result: vec![] });
+        }
         let (run, n, attempt) = (&step.run_id, step.step_number, step.attempts);
         self.log.line("S", format_args!("{run} {n} {attempt}"));
         let plan = plan(self.cfg.scenario, self.cfg.seed, run_index(run));
@@ -441,6 +470,9 @@ struct MarkerHook {
 
 impl TerminalHook for MarkerHook {
     async fn on_termination(&self, outcome: &RunOutcome) -> Result<(), StepError> {
+        if outcome.workflow == SCHEDULE_WORKFLOW {
+            return Ok(());
+        }
         let run = &outcome.run_id;
         let status = status_tag(outcome.status);
         self.log.line("H", format_args!("{run} {status}"));
@@ -495,7 +527,11 @@ async fn child_async(cfg: ChildConfig) {
         queue: queue.clone(),
         failed_once: Mutex::default(),
     };
-    let rt = builder(queue.clone(), runner, hook).build().unwrap();
+    let mut b = builder(queue.clone(), runner, hook);
+    if cfg.scenario == Scenario::Torture {
+        b = b.schedule(torture_schedule());
+    }
+    let rt = b.build().unwrap();
     let stop = Arc::new(tokio::sync::Notify::new());
     let worker = tokio::spawn({
         let rt = rt.clone();
@@ -576,6 +612,21 @@ async fn child_async(cfg: ChildConfig) {
             left.remove(&id);
         }
         if !left.is_empty() {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    if cfg.scenario == Scenario::Torture {
+        // Stop the schedule and let its last runs end, so nothing is left
+        // live at the end.
+        rt.pause_schedule(SCHEDULE_ID).await.unwrap();
+        let live = RunFilter {
+            state: Some(StateFilter::Live),
+            workflow: Some(SCHEDULE_WORKFLOW.into()),
+            after: None,
+            limit: 1,
+        };
+        while !rt.runs(&live).await.unwrap().runs.is_empty() {
+            assert!(Instant::now() < deadline, "the schedule's runs never ended");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -1198,8 +1249,21 @@ async fn check_store(
             (job.status == JobStatus::Dead).then(|| key[live_prefix.len()..].to_string())
         })
         .collect();
-    for i in 0..planned {
-        let id = run_id(i);
+    // The schedule's runs, live or ended: the same invariants.
+    let out_prefix = format!("wm/{STEP_QUEUE}/out/");
+    let ended: Vec<String> = kv_all(&queue, &out_prefix)
+        .await
+        .into_keys()
+        .map(|k| k[out_prefix.len()..].to_string())
+        .collect();
+    let schedule_runs: BTreeSet<String> = live_raw
+        .keys()
+        .map(|k| k[live_prefix.len()..].to_string())
+        .chain(ended)
+        .filter(|run| is_schedule_run(run))
+        .collect();
+    check_schedule(&queue, &rt, v).await;
+    for id in (0..planned).map(run_id).chain(schedule_runs) {
         let outcome = rt.outcome(&id).await.unwrap();
         let status = rt.status(&id).await.unwrap();
         let live = live_raw.contains_key(&format!("{live_prefix}{id}"));
@@ -1346,6 +1410,61 @@ async fn check_store(
         queue.close().await.unwrap();
     }
     snap
+}
+
+/// The schedule's runs in the store (their submit records, kept as long as
+/// their outcomes): fire times every `SCHEDULE_EVERY` from the first to the
+/// last, none twice, and the schedule's record agreeing (its run count,
+/// last fire, nothing missed or skipped).
+async fn check_schedule<R: StepRunner, H: TerminalHook>(
+    queue: &Queue,
+    rt: &WorkflowRuntime<R, H>,
+    v: &mut Vec<String>,
+) {
+    let sub_prefix = format!("wm/{STEP_QUEUE}/sub/{SCHEDULE_ID}:");
+    let mut times: Vec<u64> = Vec::new();
+    for key in kv_all(queue, &sub_prefix).await.into_keys() {
+        match key[sub_prefix.len()..].parse::<u64>() {
+            Ok(ms) => times.push(ms),
+            Err(_) => v.push(format!("schedule run `{key}` is not a timer fire")),
+        }
+    }
+    times.sort_unstable();
+    let every = SCHEDULE_EVERY.as_millis() as u64;
+    for pair in times.windows(2) {
+        match pair[1] - pair[0] {
+            d if d == every => {}
+            0 => v.push(format!("schedule fire time {} twice", pair[0])),
+            d => v.push(format!(
+                "schedule fires {} and {} are {d} ms apart: {} fire time(s) missing",
+                pair[0],
+                pair[1],
+                (d / every).saturating_sub(1)
+            )),
+        }
+    }
+    let Some(info) = rt.schedule(SCHEDULE_ID).await.unwrap() else {
+        if !times.is_empty() {
+            v.push("schedule runs without a schedule record".into());
+        }
+        return;
+    };
+    let last = times
+        .last()
+        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(*ms));
+    if info.run_count != times.len() as u64 || info.last_fire != last {
+        v.push(format!(
+            "schedule record: {} runs, last fire {:?}; the store holds {} runs, the last at {last:?}",
+            info.run_count,
+            info.last_fire,
+            times.len()
+        ));
+    }
+    if info.missed != 0 || info.skipped_overlap != 0 || info.last_error.is_some() {
+        v.push(format!(
+            "schedule record: fires missed or skipped: {info:?}"
+        ));
+    }
 }
 
 /// The final checks once every worker is gone and the last one finished.
@@ -1643,9 +1762,19 @@ fn crash_torture() {
     if !v.is_empty() {
         fail_with(seed, "torture, at the end", &v);
     }
-    let by_status = |s: TerminalStatus| snap.outcomes.values().filter(|o| o.status == s).count();
+    let by_status = |s: TerminalStatus| {
+        snap.outcomes
+            .iter()
+            .filter(|(id, o)| o.status == s && !is_schedule_run(id))
+            .count()
+    };
+    let fired = snap
+        .outcomes
+        .keys()
+        .filter(|id| is_schedule_run(id))
+        .count();
     eprintln!(
-        "torture (seed {seed}): {kills} kills survived ({timed_from_spawn} timed from spawn), {planned} runs ended ({} succeeded, {} failed, {} cancelled; {} external cancels accepted, {} exhausted by kills), {} steps run, {} in-flight steps repeated, in {:?}",
+        "torture (seed {seed}): {kills} kills survived ({timed_from_spawn} timed from spawn), {planned} runs ended ({} succeeded, {} failed, {} cancelled; {} external cancels accepted, {} exhausted by kills), {fired} schedule fires with no gap or duplicate, {} steps run, {} in-flight steps repeated, in {:?}",
         by_status(TerminalStatus::Succeeded),
         by_status(TerminalStatus::Failed),
         by_status(TerminalStatus::Cancelled),

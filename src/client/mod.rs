@@ -9,8 +9,9 @@
 //! - **Writes** go through taquba's inbox (`InboxSender`): each request is
 //!   one object named by its request id, so sending it again (after a
 //!   timeout, say) is applied once. The worker applies it through its own
-//!   `WorkflowRuntime::submit` / `cancel` and writes a reply the client
-//!   reads ([`Client::reply`], [`Client::wait_reply`]).
+//!   `WorkflowRuntime::submit` / `cancel` / `trigger` / `pause_schedule` /
+//!   `resume_schedule` and writes a reply the client reads
+//!   ([`Client::reply`], [`Client::wait_reply`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,13 +25,15 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breakers, WorkflowHealth};
 use crate::control::{
-    ControlKeys, Reply, ReplyRecord, Request, new_request_id, validate_request_id,
+    ControlKeys, Reply, ReplyRecord, Request, new_request_id, schedule_order_key,
+    validate_request_id,
 };
 use crate::error::Error;
 use crate::hook::RunOutcome;
 use crate::read::{self, RunFilter, RunPage, RunStatus};
 use crate::record::{HEADER_RUN_ID, Keys, decode, encode, validate_name};
 use crate::runtime::{RunSpec, SubmitOutcome};
+use crate::schedule::{self, ScheduleInfo};
 use crate::store::{DEFAULT_QUEUE_NAME, StoreLocation, check_marker, control_queue_name};
 
 /// Attempts a send makes on transient store errors before it fails.
@@ -93,8 +96,9 @@ pub struct Sent {
     pub run_id: String,
 }
 
-/// Submits, cancels and observes runs on a Waymark store from any process,
-/// holding no writer (it never fences the worker). Cheap to clone.
+/// Submits, cancels and observes runs, and reads and drives schedules, on a
+/// Waymark store from any process, holding no writer (it never fences the
+/// worker). Cheap to clone.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), waymark::Error> {
@@ -120,6 +124,7 @@ pub struct Client {
 
 struct ClientInner {
     reader: QueueReader,
+    queue_name: String,
     sender: InboxSender,
     keys: Keys,
     control: ControlKeys,
@@ -172,6 +177,7 @@ impl Client {
                 control: ControlKeys::new(&options.queue_name),
                 breakers: Breakers::new(&options.queue_name, HashMap::new(), None),
                 control_queue: control_queue_name(&options.queue_name),
+                queue_name: options.queue_name,
                 refresh: options.refresh_interval,
                 reader,
             }),
@@ -357,6 +363,88 @@ impl Client {
             .await
     }
 
+    /// One schedule's state, as `WorkflowRuntime::schedule` gives it
+    /// (lagging by the client's refresh). `None` for an id no worker has
+    /// recorded.
+    pub async fn schedule(&self, id: &str) -> Result<Option<ScheduleInfo>, Error> {
+        validate_name("schedule id", id)?;
+        let inner = &self.inner;
+        schedule::read_schedule(inner.reader.view(), &inner.queue_name, id).await
+    }
+
+    /// Every recorded schedule's state, sorted by id, as
+    /// `WorkflowRuntime::schedules` gives it.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let inner = &self.inner;
+        schedule::read_schedules(inner.reader.view(), &inner.queue_name).await
+    }
+
+    /// Send a request to fire schedule `id` now; the worker applies it with
+    /// `WorkflowRuntime::trigger` (its backoff window is overridden, never a
+    /// trip). Returns the request id, once the request is stored; its reply
+    /// is [`Reply::Triggered`] with the run id, or the runtime's typed
+    /// refusal: [`Error::ScheduleNotFound`] (the worker does not define the
+    /// schedule), [`Error::WorkflowTripped`], [`Error::ScheduleOverlap`]
+    /// (overlap `Skip` while its last run is live), [`Error::ShuttingDown`].
+    pub async fn trigger(&self, id: &str) -> Result<String, Error> {
+        validate_name("schedule id", id)?;
+        let schedule = id.to_string();
+        self.send_about_schedule(id, &Request::Trigger { schedule })
+            .await
+    }
+
+    /// Send a request to pause schedule `id` (durably: it fires nothing
+    /// until resumed, across restarts); the worker applies it with
+    /// `WorkflowRuntime::pause_schedule`. Returns the request id; its reply
+    /// is [`Reply::Paused`], or [`Error::ScheduleNotFound`].
+    pub async fn pause(&self, id: &str) -> Result<String, Error> {
+        validate_name("schedule id", id)?;
+        let schedule = id.to_string();
+        self.send_about_schedule(id, &Request::Pause { schedule })
+            .await
+    }
+
+    /// Send a request to resume schedule `id` at its first fire time after
+    /// now; the worker applies it with `WorkflowRuntime::resume_schedule`.
+    /// Returns the request id; its reply is [`Reply::Resumed`], or
+    /// [`Error::ScheduleNotFound`].
+    pub async fn resume(&self, id: &str) -> Result<String, Error> {
+        validate_name("schedule id", id)?;
+        let schedule = id.to_string();
+        self.send_about_schedule(id, &Request::Resume { schedule })
+            .await
+    }
+
+    /// Trigger and wait up to `timeout` for the worker's answer: the run the
+    /// fire submitted, or the typed refusal (see [`Self::trigger`]).
+    pub async fn trigger_and_wait(&self, id: &str, timeout: Duration) -> Result<String, Error> {
+        let request_id = self.trigger(id).await?;
+        match self.wait_reply(&request_id, timeout).await? {
+            Reply::Triggered { run_id, .. } => Ok(run_id),
+            other => Err(unexpected(&request_id, &other)),
+        }
+    }
+
+    /// Pause and wait up to `timeout` for the worker's answer: whether the
+    /// schedule was running.
+    pub async fn pause_and_wait(&self, id: &str, timeout: Duration) -> Result<bool, Error> {
+        let request_id = self.pause(id).await?;
+        match self.wait_reply(&request_id, timeout).await? {
+            Reply::Paused { was_running, .. } => Ok(was_running),
+            other => Err(unexpected(&request_id, &other)),
+        }
+    }
+
+    /// Resume and wait up to `timeout` for the worker's answer: whether the
+    /// schedule was paused.
+    pub async fn resume_and_wait(&self, id: &str, timeout: Duration) -> Result<bool, Error> {
+        let request_id = self.resume(id).await?;
+        match self.wait_reply(&request_id, timeout).await? {
+            Reply::Resumed { was_paused, .. } => Ok(was_paused),
+            other => Err(unexpected(&request_id, &other)),
+        }
+    }
+
     /// The worker's last liveness beat (`None` when no worker opened the
     /// store with a heartbeat). A beat older than a few of its
     /// [`WriterHeartbeat::interval`]s, or one marked `closed`, means no
@@ -370,8 +458,18 @@ impl Client {
         Ok(self.inner.reader.close().await?)
     }
 
+    /// Send a request about schedule `id` under a fresh request id (the
+    /// requests about one schedule apply in send order); its id.
+    async fn send_about_schedule(&self, id: &str, request: &Request) -> Result<String, Error> {
+        let request_id = new_request_id();
+        self.send(&request_id, &schedule_order_key(id), request)
+            .await?;
+        Ok(request_id)
+    }
+
     /// Write `request` as the inbox entry `request_id`, retrying transient
     /// store errors with the same id.
+    /// `run_id` orders the request after the earlier ones about that run.
     async fn send(&self, request_id: &str, run_id: &str, request: &Request) -> Result<Sent, Error> {
         let inner = &self.inner;
         let payload = encode(request_id.as_bytes(), request)?;

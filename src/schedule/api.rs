@@ -37,6 +37,21 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// schedule's overlap policy is `Skip` and its last run is live;
     /// [`Error::ShuttingDown`] once the worker pool is stopping.
     pub async fn trigger(&self, id: &str) -> Result<String, Error> {
+        let (run_id, _) = self
+            .trigger_with(id, |_| Ok(SettlementEffects::default()))
+            .await?;
+        Ok(run_id)
+    }
+
+    /// [`Self::trigger`], with the effects `extra` makes of the run id
+    /// committed in the trigger's own transaction. Returns the run id and
+    /// whether `extra`'s effects committed (not when a trigger of the same
+    /// millisecond committed the run first).
+    pub(crate) async fn trigger_with(
+        &self,
+        id: &str,
+        extra: impl FnOnce(&str) -> Result<SettlementEffects, Error>,
+    ) -> Result<(String, bool), Error> {
         validate_name("schedule id", id)?;
         let inner = &self.inner;
         if inner.schedules.shutting_down() {
@@ -71,8 +86,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let key = state::key(&inner.cfg.queue_name, id);
         let sub_key = inner.keys.sub(&run_id);
         let effects = merge(
-            effects,
-            SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?),
+            merge(
+                effects,
+                SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?),
+            ),
+            extra(&run_id)?,
         );
         let committed = {
             let _pending = inner.pending.begin(&run_id);
@@ -87,30 +105,37 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     inner.pending.enqueued([job.as_str()]);
                 }
                 tracing::info!(schedule = id, run_id, "schedule triggered");
+                Ok((run_id, true))
             }
             // A trigger of the same millisecond committed first: its run.
-            None if inner.queue.view().kv_get(&sub_key).await?.is_some() => {}
-            None => {
-                return Err(Error::ScheduleConflict(id.to_string()));
-            }
+            None if inner.queue.view().kv_get(&sub_key).await?.is_some() => Ok((run_id, false)),
+            None => Err(Error::ScheduleConflict(id.to_string())),
         }
-        Ok(run_id)
     }
 
     /// Pause a schedule: it fires nothing until [`Self::resume_schedule`],
     /// across restarts (a manual trigger still fires). Returns whether it
     /// was running.
     pub async fn pause_schedule(&self, id: &str) -> Result<bool, Error> {
-        self.set_paused(id, true).await
+        self.set_paused_with(id, true, || Ok(SettlementEffects::default()))
+            .await
     }
 
     /// Resume a paused schedule at its first fire time after now (times
     /// missed while paused are not caught up). Returns whether it was paused.
     pub async fn resume_schedule(&self, id: &str) -> Result<bool, Error> {
-        self.set_paused(id, false).await
+        self.set_paused_with(id, false, || Ok(SettlementEffects::default()))
+            .await
     }
 
-    async fn set_paused(&self, id: &str, paused: bool) -> Result<bool, Error> {
+    /// Pause or resume; `extra`'s effects commit with the change (not
+    /// called when there is none: the result is then `false`).
+    pub(crate) async fn set_paused_with(
+        &self,
+        id: &str,
+        paused: bool,
+        extra: impl FnOnce() -> Result<SettlementEffects, Error>,
+    ) -> Result<bool, Error> {
         validate_name("schedule id", id)?;
         let inner = &self.inner;
         let Some(def) = inner.schedules.defs.get(id) else {
@@ -136,7 +161,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 effects = effects.enqueue(tick(&inner.schedules.queue, id, at));
             }
         }
-        effects = effects.kv_put(key.clone(), encode(&key, &rec)?);
+        effects = merge(effects.kv_put(key.clone(), encode(&key, &rec)?), extra()?);
         let committed = inner
             .queue
             .kv_compare_commit(&[(&key, old.as_deref())], effects)

@@ -1,14 +1,17 @@
 //! Applying client requests: the jobs of the control queue `{Q}-control`,
 //! which taquba's inbox enqueues from the objects clients write.
 //!
-//! Each request is applied through the runtime's own `submit` / `cancel`,
-//! and answered with a reply record (see [`crate::control`]):
+//! Each request is applied through the runtime's own `submit` / `cancel` /
+//! `trigger` / `pause_schedule` / `resume_schedule`, and answered with a
+//! reply record (see [`crate::control`]):
 //!
 //! | request                  | commits                                                        |
 //! |--------------------------|----------------------------------------------------------------|
 //! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
 //! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
 //! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
+//! | trigger, pause, resume   | the reply, **in the change's own transaction**; then the job's ack |
+//! | trigger, pause, resume refused, or no change | `ack_with` { reply: the typed refusal, or `changed: false` } |
 //! | does not decode          | `dead_letter_with` { reply `Refused` with the reason }         |
 //! | transient failure        | `nack_with` (retried; on the last attempt the reply `Refused`) |
 //!
@@ -207,6 +210,8 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             return Ok(());
         }
     };
+    // Pause and resume share their arm below.
+    let paused = matches!(request, Request::Pause { .. });
     let applied = match request {
         Request::Submit {
             run_id,
@@ -246,6 +251,37 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             .cancel(&run_id)
             .await
             .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
+        Request::Trigger { schedule } => {
+            let body = |run_id: &str| ReplyBody::Triggered {
+                schedule: schedule.clone(),
+                run_id: run_id.to_string(),
+            };
+            match rt
+                .trigger_with(&schedule, |run_id| reply(body(run_id)))
+                .await
+            {
+                // The reply committed with the run.
+                Ok((_, true)) => return Ok(queue.ack(claim).await?),
+                Ok((run_id, false)) => Ok(body(&run_id)),
+                Err(e) => schedule_refusal(e),
+            }
+        }
+        Request::Pause { schedule } | Request::Resume { schedule } => {
+            let body = |changed: bool| ReplyBody::Paused {
+                schedule: schedule.clone(),
+                paused,
+                changed,
+            };
+            match rt
+                .set_paused_with(&schedule, paused, || reply(body(true)))
+                .await
+            {
+                // The reply committed with the change.
+                Ok(true) => return Ok(queue.ack(claim).await?),
+                Ok(false) => Ok(body(false)),
+                Err(e) => schedule_refusal(e),
+            }
+        }
     };
     match applied {
         Ok(body) => {
@@ -270,4 +306,61 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
         }
     }
     Ok(())
+}
+
+/// The answer to a schedule request the runtime refused: its typed refusal
+/// (unknown schedule, tripped workflow, overlap, shutting down) as a reply,
+/// or the error to handle like any other.
+fn schedule_refusal(e: Error) -> Result<ReplyBody, Error> {
+    match e {
+        Error::ScheduleNotFound(schedule) => Ok(ReplyBody::ScheduleNotFound { schedule }),
+        Error::WorkflowTripped { schedule, workflow } => {
+            Ok(ReplyBody::WorkflowTripped { schedule, workflow })
+        }
+        Error::ScheduleOverlap { schedule, run_id } => {
+            Ok(ReplyBody::ScheduleOverlap { schedule, run_id })
+        }
+        Error::ShuttingDown => Ok(ReplyBody::ShuttingDown),
+        e => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each refusal of a schedule request reaches the client as the error
+    /// the runtime returned, through the stored reply.
+    #[test]
+    fn schedule_refusals_reach_the_client_typed() {
+        let errors = [
+            Error::ScheduleNotFound("s".into()),
+            Error::WorkflowTripped {
+                schedule: "s".into(),
+                workflow: "w".into(),
+            },
+            Error::ScheduleOverlap {
+                schedule: "s".into(),
+                run_id: "s:1".into(),
+            },
+            Error::ShuttingDown,
+        ];
+        for error in errors {
+            let before = error.to_string();
+            let body = schedule_refusal(error).unwrap();
+            let record = ReplyRecord {
+                at_ms: 1,
+                reply: body,
+            };
+            let bytes = encode(b"k", &record).unwrap();
+            let stored: ReplyRecord = decode(b"k", &bytes).unwrap();
+            let after = stored.reply.into_result("req").unwrap_err();
+            assert_eq!(after.to_string(), before);
+            assert!(!matches!(after, Error::RequestRefused { .. }), "{after:?}");
+        }
+        assert!(matches!(
+            schedule_refusal(Error::ScheduleConflict("s".into())),
+            Err(Error::ScheduleConflict(_))
+        ));
+    }
 }

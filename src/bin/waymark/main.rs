@@ -4,9 +4,10 @@
 //!   shows each step once it is durable (module [`demo`]);
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
 //! - `waymark submit | cancel` send requests through the store's inbox, and
-//!   `status | outcome | runs | workflows` read through a reader: none of
-//!   them opens the store as its writer, so they work while a worker or the
-//!   demo runs (module [`commands`]).
+//!   `status | outcome | runs | workflows | schedules` read through a
+//!   reader, and `trigger | pause | resume` drive the worker's schedules
+//!   through the inbox: none of them opens the store as its writer, so they
+//!   work while a worker or the demo runs (module [`commands`]).
 //!
 //! The CLI is a folder: [`plumbing`] (store location and checks, timeouts,
 //! errors and exit codes, output, signals) is shared by every command; each
@@ -76,6 +77,22 @@ enum Command {
     /// writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Workflows(commands::read::WorkflowsArgs),
+    /// List the store's schedules: when each fires, paused or not, its next
+    /// fire and last run. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Schedules(commands::schedules::SchedulesArgs),
+    /// Fire a schedule now (through the store's inbox; the worker that
+    /// defines it applies it). Overrides its workflow's backoff, never a
+    /// trip.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Trigger(commands::schedules::ScheduleArgs),
+    /// Pause a schedule, durably (through the store's inbox).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Pause(commands::schedules::ScheduleArgs),
+    /// Resume a paused schedule at its next time (through the store's
+    /// inbox).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Resume(commands::schedules::ScheduleArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +117,10 @@ fn main() -> ExitCode {
             Command::Outcome(args) => commands::read::outcome(args).await,
             Command::Runs(args) => commands::read::runs(args).await,
             Command::Workflows(args) => commands::read::workflows(args).await,
+            Command::Schedules(args) => commands::schedules::list(args).await,
+            Command::Trigger(args) => commands::schedules::trigger(args).await,
+            Command::Pause(args) => commands::schedules::pause(args).await,
+            Command::Resume(args) => commands::schedules::resume(args).await,
         }
     });
     // Background tasks of the storage layer may still retry a dead store:

@@ -165,10 +165,10 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
 }
 
 /// Send a request, bounded.
-async fn send(
+pub async fn send<T>(
     store: &Store,
-    sending: impl Future<Output = Result<Sent, Error>>,
-) -> CliResult<Sent> {
+    sending: impl Future<Output = Result<T, Error>>,
+) -> CliResult<T> {
     match tokio::time::timeout(store.timeout, sending).await {
         Ok(Ok(sent)) => Ok(sent),
         Ok(Err(e)) if e.is_permanent() => Err(CliError::usage(format!("cannot send: {e}"))),
@@ -187,7 +187,17 @@ async fn await_reply(
     client: &waymark::Client,
     sent: &Sent,
 ) -> CliResult<Option<Reply>> {
-    match client.wait_reply(&sent.request_id, store.timeout).await {
+    await_reply_to(store, client, &sent.request_id).await
+}
+
+/// [`await_reply`] for the request `request_id`. A schedule's refusal is
+/// exit 3 (the worker does not define it) or 5 (tripped, overlap, stopping).
+pub async fn await_reply_to(
+    store: &Store,
+    client: &waymark::Client,
+    request_id: &str,
+) -> CliResult<Option<Reply>> {
+    match client.wait_reply(request_id, store.timeout).await {
         Ok(reply) => Ok(Some(reply)),
         Err(Error::TimedOut { .. }) => {
             let mut worker = vec!["worker"];
@@ -208,6 +218,22 @@ async fn await_reply(
         Err(Error::RequestRefused { reason, .. }) => Err(CliError::refused(format!(
             "the worker refused the request: {reason}"
         ))),
+        Err(Error::ScheduleNotFound(id)) => {
+            let args = store.args();
+            let mut list = vec!["schedules"];
+            list.extend(args.iter().map(String::as_str));
+            Err(CliError::not_found(format!(
+                "the worker on {} defines no schedule `{}` (see {})",
+                store.shown(),
+                shown(&id),
+                suggest(&list)
+            )))
+        }
+        Err(
+            e @ (Error::WorkflowTripped { .. }
+            | Error::ScheduleOverlap { .. }
+            | Error::ShuttingDown),
+        ) => Err(CliError::refused(format!("the worker refused: {e}"))),
         Err(e) => Err(CliError::failure(format!(
             "cannot read the worker's reply: {e}"
         ))),

@@ -267,7 +267,7 @@ fn breaker_word(status: &waymark::BreakerStatus) -> String {
 }
 
 /// Print a table with a header; the last column is not padded.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let widths: Vec<usize> = (0..N)
         .map(|col| {
             rows.iter()

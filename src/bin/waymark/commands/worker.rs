@@ -3,7 +3,10 @@
 //! applies the requests that `waymark submit` / `cancel` send from other
 //! processes, and prints one line per fact once it is durable (the same
 //! confirmation rules as the demo). It refuses to start while another
-//! process writes the store, unless `--force`. Ctrl-C or SIGTERM stops
+//! process writes the store, unless `--force`. With `--schedule` it also
+//! fires durable schedules (each fire submits the demo's first order),
+//! which `waymark schedules | trigger | pause | resume` read and drive.
+//! Ctrl-C or SIGTERM stops
 //! claiming and lets the steps in flight commit; a second one skips the rest
 //! of their simulated work; a third quits at once.
 
@@ -13,6 +16,9 @@ use clap::Args;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use waymark::Schedule;
+
+use crate::commands::schedules::parse_schedule;
 use crate::demo::domain::OrderPipeline;
 use crate::demo::progress::Tracker;
 use crate::demo::ui::Ui;
@@ -33,6 +39,11 @@ pub struct WorkerArgs {
     /// process is fenced and stops).
     #[arg(long)]
     pub force: bool,
+    /// A durable schedule this worker fires, submitting the demo's first
+    /// order: ID=manual (only `waymark trigger ID`), ID=every:N[ms|s|m|h]
+    /// or ID=cron:EXPR (six fields, with seconds; UTC). Repeatable.
+    #[arg(long = "schedule", value_name = "SPEC", value_parser = parse_schedule)]
+    pub schedules: Vec<Schedule>,
 }
 
 /// Run the worker pool until Ctrl-C or SIGTERM.
@@ -49,6 +60,7 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
         &store,
         OrderPipeline::new(work_tx, hurry.clone()),
         OutcomeHook::new(end_tx),
+        args.schedules.clone(),
     )?;
     let client = store.open_client().await?;
     let mut signals = Signals::listen()?;

@@ -32,7 +32,9 @@ use clap::Args;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use waymark::taquba::Queue;
-use waymark::{Client, RunOutcome, RunSpec, RunStatus, StepError, TerminalHook, WorkflowRuntime};
+use waymark::{
+    Client, RunOutcome, RunSpec, RunStatus, Schedule, StepError, TerminalHook, WorkflowRuntime,
+};
 
 use crate::describe;
 use crate::plumbing::exit::{CliError, CliResult, Exit};
@@ -91,8 +93,14 @@ pub fn build_runtime(
     store: &Store,
     pipeline: OrderPipeline,
     hook: OutcomeHook,
+    schedules: Vec<Schedule>,
 ) -> CliResult<Runtime> {
-    WorkflowRuntime::builder(queue, pipeline, hook)
+    schedules
+        .into_iter()
+        .fold(
+            WorkflowRuntime::builder(queue, pipeline, hook),
+            |builder, schedule| builder.schedule(schedule),
+        )
         .queue_name(DEFAULT_STEP_QUEUE)
         .max_concurrent_steps(4)
         .poll_interval(Duration::from_millis(50))
@@ -172,6 +180,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
         &store,
         OrderPipeline::new(work_tx, hurry.clone()),
         OutcomeHook::new(end_tx),
+        Vec::new(),
     )?;
 
     say!(

@@ -16,7 +16,8 @@ pub enum Exit {
     Failure,
     /// 2: bad usage: an unknown option, an invalid run id or input.
     Usage,
-    /// 3: not found: no Waymark store at the location, or no such run.
+    /// 3: not found: no Waymark store at the location, no such run, or a
+    /// schedule the worker does not define.
     NotFound,
     /// 4: unfinished: the run has not ended yet, or the demo stopped with
     /// runs left to resume.
@@ -32,7 +33,7 @@ Exit codes:
   0  ok
   1  runtime error (the store failed or timed out, a worker stopped)
   2  usage error (unknown option, invalid run id or input)
-  3  not found (no Waymark store at the location, or no such run)
+  3  not found (no Waymark store at the location, no such run or schedule)
   4  unfinished (the run has not ended yet; the demo stopped with runs left)
   5  refused (would delete data the demo did not create, or disturb another process
      writing the store; a request the worker refused)";
