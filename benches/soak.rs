@@ -298,6 +298,10 @@ async fn main() {
             row.elapsed, row.rate, row.rss, row.disk
         );
         rows.push(row);
+        if worker.is_finished() {
+            println!("\nthe worker pool stopped before the soak's end:");
+            break;
+        }
     }
 
     // Stop the load, then the pool; time the pool's shutdown.

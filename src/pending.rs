@@ -30,7 +30,7 @@
 //! [`Error::StoreUnavailable`](crate::Error::StoreUnavailable) instead of
 //! hanging.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use tokio::sync::watch;
@@ -41,57 +41,90 @@ use crate::sync::lock;
 /// The runs with commits in flight.
 #[derive(Default)]
 pub(crate) struct PendingCommits {
-    runs: Mutex<HashMap<String, Pending>>,
+    runs: Mutex<Runs>,
     /// Step jobs this process enqueued that no one has claimed yet.
     own_jobs: Mutex<HashSet<String>>,
+}
+
+/// The commits in flight, by run, and the next commit's sequence number.
+#[derive(Default)]
+struct Runs {
+    by_run: HashMap<String, Pending>,
+    next: u64,
 }
 
 /// The most own jobs remembered; beyond it, jobs are admitted by a read.
 const MAX_OWN_JOBS: usize = 1 << 18;
 
 /// One run's commits in flight.
+///
+/// Each commit is tracked on its own, by a sequence number given under the
+/// lock (so the first entry is also the oldest): a run (or a name the
+/// watchdog watches) whose commits overlap without pause is not one long
+/// wait, and a caller waits only for the commits in flight when it asked.
 struct Pending {
-    /// How many.
-    count: usize,
-    /// When the run last had none in flight.
-    since: Instant,
-    /// Closes when the last of them returns.
-    done: watch::Sender<()>,
+    /// Sequence number → when that commit began.
+    started: BTreeMap<u64, Instant>,
+    /// Ticks when one of them returns; dropped when the last one does.
+    returned: watch::Sender<()>,
 }
 
 /// Held while a commit for one run is in flight.
 pub(crate) struct PendingCommit<'a> {
     commits: &'a PendingCommits,
     run_id: String,
+    seq: u64,
 }
 
 impl PendingCommits {
     /// Note a commit for `run_id` that is about to start; it counts until the
     /// returned guard drops.
     pub(crate) fn begin(&self, run_id: &str) -> PendingCommit<'_> {
-        lock(&self.runs)
+        let mut runs = lock(&self.runs);
+        let seq = runs.next;
+        runs.next = runs.next.wrapping_add(1);
+        runs.by_run
             .entry(run_id.to_string())
             .or_insert_with(|| Pending {
-                count: 0,
-                since: Instant::now(),
-                done: watch::Sender::new(()),
+                started: BTreeMap::new(),
+                returned: watch::Sender::new(()),
             })
-            .count += 1;
+            .started
+            .insert(seq, Instant::now());
         PendingCommit {
             commits: self,
             run_id: run_id.to_string(),
+            seq,
         }
     }
 
     /// Wait until the commits for `run_id` in flight now have returned (and
-    /// so are durable, or failed).
+    /// so are durable, or failed). Commits that begin meanwhile are not
+    /// waited for.
     pub(crate) async fn settled(&self, run_id: &str) {
-        let mut closed = match lock(&self.runs).get(run_id) {
-            Some(pending) => pending.done.subscribe(),
-            None => return,
+        let (mut returned, last) = {
+            let runs = lock(&self.runs);
+            match runs.by_run.get(run_id) {
+                Some(pending) => (
+                    pending.returned.subscribe(),
+                    pending.started.keys().next_back().copied(),
+                ),
+                None => return,
+            }
         };
-        // Nothing is ever sent: `changed` returns when the sender drops.
-        while closed.changed().await.is_ok() {}
+        let Some(last) = last else { return };
+        // An error means the sender dropped: every commit then in flight
+        // has returned.
+        while returned.changed().await.is_ok() {
+            let runs = lock(&self.runs);
+            let oldest = runs
+                .by_run
+                .get(run_id)
+                .and_then(|pending| pending.started.keys().next().copied());
+            if oldest.is_none_or(|oldest| oldest > last) {
+                return;
+            }
+        }
     }
 
     /// Remember step jobs a commit of this process enqueued.
@@ -110,22 +143,29 @@ impl PendingCommits {
         lock(&self.own_jobs).remove(job_id)
     }
 
-    /// How long the longest-waiting run has had commits in flight.
-    pub(crate) fn longest_wait(&self) -> Option<Duration> {
+    /// The commit in flight the longest: its run (or watched name) and how
+    /// long it has waited.
+    pub(crate) fn longest_wait(&self) -> Option<(String, Duration)> {
         lock(&self.runs)
-            .values()
-            .map(|pending| pending.since.elapsed())
-            .max()
+            .by_run
+            .iter()
+            .filter_map(|(run, pending)| {
+                let began = pending.started.values().next()?;
+                Some((run.clone(), began.elapsed()))
+            })
+            .max_by_key(|(_, waited)| *waited)
     }
 }
 
 impl Drop for PendingCommit<'_> {
     fn drop(&mut self) {
         let mut runs = lock(&self.commits.runs);
-        if let Some(entry) = runs.get_mut(&self.run_id) {
-            entry.count -= 1;
-            if entry.count == 0 {
-                runs.remove(&self.run_id);
+        if let Some(entry) = runs.by_run.get_mut(&self.run_id) {
+            entry.started.remove(&self.seq);
+            if entry.started.is_empty() {
+                runs.by_run.remove(&self.run_id);
+            } else {
+                entry.returned.send_replace(());
             }
         }
     }
@@ -165,7 +205,7 @@ mod tests {
             .await
             .expect("all of r's commits returned");
         drop(other);
-        assert!(lock(&commits.runs).is_empty());
+        assert!(lock(&commits.runs).by_run.is_empty());
     }
 
     #[test]
@@ -186,10 +226,51 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         let new = commits.begin("new");
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(commits.longest_wait(), Some(Duration::from_secs(6)));
+        assert_eq!(
+            commits.longest_wait(),
+            Some(("old".to_string(), Duration::from_secs(6)))
+        );
         drop(old);
-        assert_eq!(commits.longest_wait(), Some(Duration::from_secs(1)));
+        assert_eq!(
+            commits.longest_wait(),
+            Some(("new".to_string(), Duration::from_secs(1)))
+        );
         drop(new);
         assert_eq!(commits.longest_wait(), None);
+    }
+
+    /// Regression: a name whose commits overlap without pause (the
+    /// watchdog's maintenance or release calls under load, a busy run) was
+    /// one wait growing from the first commit, so the watchdog stopped a
+    /// healthy pool after `store_timeout`, and `settled` waited for commits
+    /// that began after it was called.
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_commits_are_waits_of_their_own() {
+        let commits = PendingCommits::default();
+        let mut held = commits.begin("busy");
+        for _ in 0..100 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            let next = commits.begin("busy");
+            tokio::time::advance(Duration::from_millis(500)).await;
+            // Each commit takes 1 s; there is always one in flight.
+            drop(std::mem::replace(&mut held, next));
+            let (_, waited) = commits.longest_wait().expect("one in flight");
+            assert!(waited <= Duration::from_millis(500), "{waited:?}");
+        }
+        // A caller waits for what is in flight when it asks, not for later.
+        let wait = commits.settled("busy");
+        tokio::pin!(wait);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut wait)
+                .await
+                .is_err(),
+            "the held commit is in flight"
+        );
+        let later = commits.begin("busy");
+        drop(held);
+        tokio::time::timeout(Duration::from_millis(10), &mut wait)
+            .await
+            .expect("the commit in flight at the call returned; a later one does not count");
+        drop(later);
     }
 }

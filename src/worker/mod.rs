@@ -148,11 +148,12 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Some(waited) = inner.pending.longest_wait()
+        if let Some((what, waited)) = inner.pending.longest_wait()
             && waited > timeout
         {
             tracing::error!(
                 ?waited,
+                what = what.trim(),
                 "the store has not confirmed a commit; stopping the worker pool"
             );
             return Error::StoreUnavailable { waited };
