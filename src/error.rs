@@ -100,11 +100,14 @@ pub enum Error {
     /// worker pool stopped rather than hang. Nothing committed is lost: fix
     /// the store (endpoint, credentials, bucket) and start the pool again.
     #[error(
-        "the object store has not confirmed a commit for {waited:?} (store_timeout); check the store's availability and credentials, then restart the worker"
+        "the object store has not confirmed a commit ({what}) for {waited:?} (store_timeout); check the store's availability and credentials, then restart the worker"
     )]
     StoreUnavailable {
         /// How long the oldest commit had waited.
         waited: std::time::Duration,
+        /// What waited: a run's commit (`run <id>`) or a background call by
+        /// name (`maintenance`, `release <workflow>`, ...).
+        what: String,
     },
 
     /// The location holds no Waymark store: nothing was written there, or

@@ -151,12 +151,16 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
         if let Some((what, waited)) = inner.pending.longest_wait()
             && waited > timeout
         {
+            let what = match what.strip_prefix(' ') {
+                Some(name) => name.to_string(),
+                None => format!("run {what}"),
+            };
             tracing::error!(
                 ?waited,
-                what = what.trim(),
+                what = what.as_str(),
                 "the store has not confirmed a commit; stopping the worker pool"
             );
-            return Error::StoreUnavailable { waited };
+            return Error::StoreUnavailable { waited, what };
         }
     }
 }
