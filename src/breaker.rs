@@ -14,10 +14,18 @@
 //!   it, by a reset, or by a tally fold; each holds the workflow's lock
 //!   exclusively across its commit, so the record never disagrees with the
 //!   settled steps and concurrent runs of other workflows never contend.
-//! - `wm/Q/tally/{workflow}/{run_id}`: one entry per ended run, written with
-//!   its terminal commit (a key of its own, so runs never contend), folded
-//!   into the health record's counts in bounded batches
-//!   ([`Breakers::fold_tallies`]).
+//! - `wm/Q/tally/{workflow}/{time}{seq}.{run_id}`: one entry per ended run,
+//!   written with its terminal commit (a key of its own, so runs never
+//!   contend), folded into the health record's counts in bounded batches
+//!   ([`Breakers::fold_tallies`]). Keys sort in the order this process built
+//!   them (time and sequence, 16 hex digits each), and the record keeps the
+//!   last key folded: folds and health reads start after it, so they never
+//!   walk the deleted entries (tombstones that a busy store keeps until
+//!   compaction, and that made every fold and read slower as runs ended). A
+//!   fold takes only entries built before the oldest tally still in flight
+//!   in this process ([`TallyGuard`]), so no commit lands behind the
+//!   cursor; the first fold of each workflow after a pool starts sweeps from
+//!   the front, for entries a crashed process left behind it.
 //! - `wm/Q/park/{workflow}/{job_id}`: the parked step jobs of a tripped
 //!   workflow, written with the settlement that parks each. A parking
 //!   settlement holds the workflow's lock *shared* across its commit and
@@ -43,14 +51,15 @@
 //! The observer ([`BreakerEvent`]) is user code: it is called last, after
 //! the lock is released, and a panic in it is caught and logged.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use taquba::{JobStatus, KvOrder, Queue, QueueView, SettlementEffects};
+use taquba::{JobStatus, KvOrder, KvPage, Queue, QueueView, SettlementEffects};
 
 use crate::error::Error;
 use crate::policy::{BackoffPolicy, saturating_ms};
@@ -142,6 +151,51 @@ pub(crate) struct HealthRecord {
     pub last_error: Option<String>,
     pub runs_succeeded: u64,
     pub runs_failed: u64,
+    /// The tally key (after the workflow's prefix) folded last; empty before
+    /// the first fold. Folds and health reads start after it.
+    #[serde(default, with = "serde_bytes")]
+    pub folded_through: Vec<u8>,
+}
+
+/// The tally entries this process built: the order of their keys, the ones
+/// whose commit has not returned, and the workflows a fold should visit.
+#[derive(Default)]
+struct TallyFlight {
+    /// The (time, sequence) of the last key built.
+    last: (u64, u64),
+    /// (time, sequence) → workflow, of the entries whose commit is in flight.
+    in_flight: BTreeMap<(u64, u64), String>,
+    /// Workflows that may have unfolded tallies, with a count of the tallies
+    /// built for each (a fold drops a workflow only if none was built while
+    /// it looked).
+    tallied: HashMap<String, u64>,
+}
+
+/// Held from building a tally entry until its commit has returned or been
+/// abandoned: a fold takes only entries older than every held one, so a
+/// commit in flight never lands behind a fold's cursor.
+pub(crate) struct TallyGuard {
+    flight: Arc<Mutex<TallyFlight>>,
+    at: (u64, u64),
+}
+
+impl Drop for TallyGuard {
+    fn drop(&mut self) {
+        lock(&self.flight).in_flight.remove(&self.at);
+    }
+}
+
+/// The (time, sequence) order of a tally key's suffix; a key of another
+/// layout (an older build's) sorts first and is always due.
+fn tally_order(suffix: &[u8]) -> (u64, u64) {
+    let hex = |b: Option<&[u8]>| {
+        b.and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+    };
+    match (hex(suffix.get(..16)), hex(suffix.get(16..32))) {
+        (Some(t), Some(seq)) if suffix.get(32) == Some(&b'.') => (t, seq),
+        _ => (0, 0),
+    }
 }
 
 /// The breaker's state, times in ms on the queue clock.
@@ -225,6 +279,11 @@ pub(crate) struct Breakers {
     health_prefix: Vec<u8>,
     tally_prefix: Vec<u8>,
     park_prefix: Vec<u8>,
+    /// The tally entries this process built (see [`TallyGuard`]).
+    flight: Arc<Mutex<TallyFlight>>,
+    /// Workflows whose tallies were swept from the front since the pool
+    /// started.
+    swept: Mutex<HashSet<String>>,
     /// Test hook: awaited once between the two reads of a health read.
     #[cfg(test)]
     between_health_reads: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
@@ -299,6 +358,8 @@ impl Breakers {
             health_prefix: p("wf"),
             tally_prefix: p("tally"),
             park_prefix: p("park"),
+            flight: Arc::default(),
+            swept: Mutex::default(),
             #[cfg(test)]
             between_health_reads: Mutex::new(None),
         }
@@ -319,16 +380,32 @@ impl Breakers {
     }
 
     /// The tally entry a terminal commit writes for a run that ended
-    /// `Succeeded` (`true`) or `Failed` (`false`).
+    /// `Succeeded` (`true`) or `Failed` (`false`) at `now`, and the guard to
+    /// hold until that commit has returned (or will not happen).
     pub(crate) fn tally(
         &self,
         workflow: &str,
         run_id: &str,
+        now: u64,
         succeeded: bool,
-    ) -> (Vec<u8>, Vec<u8>) {
+    ) -> (Vec<u8>, Vec<u8>, TallyGuard) {
+        let at = {
+            let mut flight = lock(&self.flight);
+            let at = (now.max(flight.last.0), flight.last.1.saturating_add(1));
+            flight.last = at;
+            flight.in_flight.insert(at, workflow.to_string());
+            let built = flight.tallied.entry(workflow.to_string()).or_default();
+            *built = built.wrapping_add(1);
+            at
+        };
+        let suffix = format!("{:016x}{:016x}.{run_id}", at.0, at.1);
         (
-            Self::key(&self.tally_prefix, workflow, Some(run_id)),
+            Self::key(&self.tally_prefix, workflow, Some(&suffix)),
             vec![succeeded as u8],
+            TallyGuard {
+                flight: self.flight.clone(),
+                at,
+            },
         )
     }
 
@@ -689,10 +766,24 @@ impl Breakers {
             Ok(())
         })
         .await?;
+        // Tallies an earlier process left: every workflow is swept from the
+        // front once, and new keys sort after every stored cursor.
+        lock(&self.swept).clear();
+        let left = self.names_under(queue.view(), &self.tally_prefix).await?;
+        {
+            let mut flight = lock(&self.flight);
+            for name in left {
+                flight.tallied.entry(name).or_default();
+            }
+        }
         for (name, bytes) in load {
             let key = self.health_key(&name);
             match decode::<HealthRecord>(&key, &bytes) {
                 Ok(rec) => {
+                    {
+                        let mut flight = lock(&self.flight);
+                        flight.last = flight.last.max(tally_order(&rec.folded_through));
+                    }
                     let state = self.state(&name);
                     lock(&state.cached).get_or_insert(rec);
                 }
@@ -861,15 +952,22 @@ impl Breakers {
     /// Fold up to `max` unfolded tallies into the health records' counts, in
     /// batches of at most [`FOLD_BATCH`] (one commit each, under the
     /// workflow's lock), workflow by workflow in turn. Returns how many were
-    /// folded; less than `max` means none are left (but those of workflows
-    /// whose record is unreadable, which are logged and left). Cheap to call
-    /// often: finding the workflows with tallies costs one scan step each.
+    /// folded; less than `max` means none are due (but those of workflows
+    /// whose record is unreadable, which are logged and left). The
+    /// workflows visited are the ones this process wrote tallies for, and at
+    /// start those an earlier process left; each fold reads from the
+    /// record's cursor, so its cost is the entries it folds.
     pub(crate) async fn fold_tallies(&self, queue: &Queue, max: usize) -> Result<usize, Error> {
         let mut folded = 0;
-        let mut skip = std::collections::HashSet::new();
+        let mut skip = HashSet::new();
         while folded < max {
             let mut progressed = false;
-            for workflow in self.names_under(queue.view(), &self.tally_prefix).await? {
+            let names: Vec<(String, u64)> = lock(&self.flight)
+                .tallied
+                .iter()
+                .map(|(name, built)| (name.clone(), *built))
+                .collect();
+            for (workflow, built) in names {
                 if folded >= max {
                     break;
                 }
@@ -878,9 +976,19 @@ impl Breakers {
                 }
                 let batch = (max - folded).min(FOLD_BATCH);
                 match self.fold_batch(queue, &workflow, batch).await {
+                    Ok(0) => {
+                        // Nothing due: drop it from the visits unless a
+                        // tally was built (or is in flight) meanwhile.
+                        let mut flight = lock(&self.flight);
+                        let busy = flight.tallied.get(&workflow) != Some(&built)
+                            || flight.in_flight.values().any(|w| *w == workflow);
+                        if !busy {
+                            flight.tallied.remove(&workflow);
+                        }
+                    }
                     Ok(n) => {
                         folded += n;
-                        progressed |= n > 0;
+                        progressed = true;
                     }
                     Err(e) if unreadable(&e) => {
                         tracing::error!(
@@ -899,7 +1007,9 @@ impl Breakers {
         Ok(folded)
     }
 
-    /// Fold up to `limit` of `workflow`'s tallies in one commit.
+    /// Fold up to `limit` of `workflow`'s due tallies in one commit: from
+    /// the record's cursor (from the front, the first time since the pool
+    /// started), the entries built before every tally still in flight.
     async fn fold_batch(
         &self,
         queue: &Queue,
@@ -909,27 +1019,79 @@ impl Breakers {
         let state = self.state(workflow);
         let _writer = state.lock.write().await;
         let mut rec = self.cached(queue, workflow, &state).await?;
+        let horizon = {
+            let flight = lock(&self.flight);
+            flight
+                .in_flight
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or((flight.last.0, flight.last.1.saturating_add(1)))
+        };
         let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
-        let page = queue
-            .view()
-            .kv_scan(&prefix, .., KvOrder::Ascending, limit)
+        let sweep = !lock(&self.swept).contains(workflow);
+        let cursor = if sweep {
+            &[][..]
+        } else {
+            &rec.folded_through[..]
+        };
+        let page = self
+            .tallies_after(queue.view(), &prefix, cursor, limit)
             .await?;
-        if page.entries.is_empty() {
+        let due: Vec<(Vec<u8>, _)> = page
+            .entries
+            .into_iter()
+            .take_while(|(key, _)| tally_order(&key[prefix.len()..]) < horizon)
+            .collect();
+        if due.is_empty() {
+            if sweep {
+                lock(&self.swept).insert(workflow.to_string());
+            }
             return Ok(0);
         }
-        let (ok, failed) = count_tallies(&page.entries);
+        let (ok, failed) = count_tallies(&due);
         rec.runs_succeeded = rec.runs_succeeded.saturating_add(ok);
         rec.runs_failed = rec.runs_failed.saturating_add(failed);
-        let n = page.entries.len();
+        if let Some((last, _)) = due.last() {
+            let last = last[prefix.len()..].to_vec();
+            if last > rec.folded_through {
+                rec.folded_through = last;
+            }
+        }
+        let n = due.len();
         let key = self.health_key(workflow);
         let effects = SettlementEffects::default()
             .kv_put(key.clone(), encode(&key, &rec)?)
-            .kv_deletes(page.entries.into_iter().map(|(k, _)| k).collect());
+            .kv_deletes(due.into_iter().map(|(k, _)| k).collect());
         // Reloaded from the store if this future is dropped mid-commit.
         *lock(&state.cached) = None;
         queue.commit_effects(effects).await?;
         *lock(&state.cached) = Some(rec);
         Ok(n)
+    }
+
+    /// Up to `limit` tally entries under `prefix` after `cursor` (a key
+    /// suffix; empty for the front).
+    async fn tallies_after(
+        &self,
+        view: &QueueView,
+        prefix: &[u8],
+        cursor: &[u8],
+        limit: usize,
+    ) -> Result<KvPage, Error> {
+        Ok(if cursor.is_empty() {
+            view.kv_scan(prefix, .., KvOrder::Ascending, limit).await?
+        } else {
+            let mut from = prefix.to_vec();
+            from.extend_from_slice(cursor);
+            view.kv_scan(
+                prefix,
+                (Bound::Excluded(from), Bound::Unbounded),
+                KvOrder::Ascending,
+                limit,
+            )
+            .await?
+        })
     }
 
     /// Whether `workflow`'s breaker is tripped, from its durable record (an
@@ -942,20 +1104,26 @@ impl Breakers {
         }
     }
 
-    /// `workflow`'s unfolded tallies: (succeeded, failed).
-    async fn unfolded(&self, view: &QueueView, workflow: &str) -> Result<(u64, u64), Error> {
+    /// `workflow`'s unfolded tallies after the record's cursor:
+    /// (succeeded, failed).
+    async fn unfolded(
+        &self,
+        view: &QueueView,
+        workflow: &str,
+        cursor: &[u8],
+    ) -> Result<(u64, u64), Error> {
         let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
         let (mut ok, mut failed) = (0u64, 0u64);
-        self.scan(view, &prefix, |_, value| {
-            if value.first() == Some(&1) {
-                ok += 1;
-            } else {
-                failed += 1;
+        let mut after = cursor.to_vec();
+        loop {
+            let page = self.tallies_after(view, &prefix, &after, 256).await?;
+            let (o, f) = count_tallies(&page.entries);
+            (ok, failed) = (ok.saturating_add(o), failed.saturating_add(f));
+            match page.entries.last() {
+                Some((last, _)) if page.more => after = last[prefix.len()..].to_vec(),
+                _ => return Ok((ok, failed)),
             }
-            Ok(())
-        })
-        .await?;
-        Ok((ok, failed))
+        }
     }
 
     /// One workflow's health, from durable state: `None` when it has no
@@ -977,17 +1145,22 @@ impl Breakers {
                 hook.await;
             }
         }
-        let mut tallies = self.unfolded(view, workflow).await?;
-        let counts = |r: &Option<HealthRecord>| {
+        let cursor = |r: &Option<HealthRecord>| {
             r.as_ref()
-                .map_or((0, 0), |r| (r.runs_succeeded, r.runs_failed))
+                .map_or_else(Vec::new, |r| r.folded_through.clone())
         };
+        let mut tallies = self.unfolded(view, workflow, &cursor(&first)).await?;
+        fn counts(r: &Option<HealthRecord>) -> (u64, u64, &[u8]) {
+            r.as_ref().map_or((0, 0, &[][..]), |r| {
+                (r.runs_succeeded, r.runs_failed, &r.folded_through[..])
+            })
+        }
         let mut rec = self.read_record(view, workflow).await?;
         if counts(&rec) != counts(&first) {
             let state = self.state(workflow);
             let _shared = state.lock.read().await;
             rec = self.read_record(view, workflow).await?;
-            tallies = self.unfolded(view, workflow).await?;
+            tallies = self.unfolded(view, workflow, &cursor(&rec)).await?;
         } else {
             rec = first;
         }
@@ -1095,9 +1268,11 @@ mod tests {
         ok: usize,
     ) {
         let mut effects = SettlementEffects::default();
+        let mut guards = Vec::new();
         for i in from..from + n {
-            let (k, v) = b.tally(workflow, &format!("r{i:06}"), i - from < ok);
+            let (k, v, guard) = b.tally(workflow, &format!("r{i:06}"), 0, i - from < ok);
             effects = effects.kv_put(k, v);
+            guards.push(guard);
         }
         queue.commit_effects(effects).await.unwrap();
     }
@@ -1173,7 +1348,7 @@ mod tests {
         assert_eq!(b.fold_tallies(&queue, 700).await.unwrap(), 700);
         assert_eq!(counts(&b, &queue, "a").await, (1000, 200));
         // `b` was not starved by `a`'s backlog: all of it is folded.
-        let b_unfolded = b.unfolded(queue.view(), "b").await.unwrap();
+        let b_unfolded = b.unfolded(queue.view(), "b", &[]).await.unwrap();
         assert_eq!(b_unfolded, (0, 0));
         assert_eq!(counts(&b, &queue, "b").await, (3, 0));
         assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 503);
@@ -1181,6 +1356,58 @@ mod tests {
         assert_eq!(counts(&b, &queue, "a").await, (1000, 200));
         let names = b.names_under(queue.view(), &b.tally_prefix).await.unwrap();
         assert!(names.is_empty());
+    }
+
+    /// Soak regression: folds and health reads scanned every tally key from
+    /// the front, walking the tombstones of all the entries folded before
+    /// (seconds per fold in a soak, until the watchdog stopped the pool).
+    /// Now both start after the record's cursor, and a fold never moves the
+    /// cursor past a tally whose commit is still in flight, so nothing lands
+    /// behind it.
+    #[tokio::test]
+    async fn folds_start_after_their_cursor_and_never_pass_a_tally_in_flight() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        tallies(&b, &queue, "w", 0, 10, 10).await;
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 10);
+        let rec = b.read_record(queue.view(), "w").await.unwrap().unwrap();
+        assert!(!rec.folded_through.is_empty(), "the fold keeps its cursor");
+
+        // A tally built but not committed yet, and one built after it that
+        // has committed.
+        let (slow_key, slow_value, slow_guard) = b.tally("w", "slow", 5, false);
+        let (fast_key, fast_value, fast_guard) = b.tally("w", "fast", 5, true);
+        assert!(
+            fast_key > slow_key,
+            "keys sort in the order they were built"
+        );
+        queue
+            .commit_effects(SettlementEffects::default().kv_put(fast_key, fast_value))
+            .await
+            .unwrap();
+        drop(fast_guard);
+        assert_eq!(
+            b.fold_tallies(&queue, usize::MAX).await.unwrap(),
+            0,
+            "the committed tally waits for the older one in flight"
+        );
+        assert_eq!(counts(&b, &queue, "w").await, (11, 0));
+        queue
+            .commit_effects(SettlementEffects::default().kv_put(slow_key, slow_value))
+            .await
+            .unwrap();
+        drop(slow_guard);
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 2);
+        assert_eq!(counts(&b, &queue, "w").await, (11, 1));
+        assert_eq!(b.unfolded(queue.view(), "w", &[]).await.unwrap(), (0, 0));
+
+        // A health read counts only what is after the cursor: an entry
+        // planted behind it (as no fold leaves one) is not read.
+        let rec = b.read_record(queue.view(), "w").await.unwrap().unwrap();
+        let mut behind = Breakers::key(&b.tally_prefix, "w", Some(""));
+        behind.extend_from_slice(&rec.folded_through[..rec.folded_through.len() - 1]);
+        queue.kv_put(&behind, &[1]).await.unwrap();
+        assert_eq!(counts(&b, &queue, "w").await, (11, 1));
     }
 
     /// Also-check: the per-workflow state map drops closed, idle, unlocked

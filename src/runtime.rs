@@ -15,7 +15,7 @@ use taquba::{
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{BreakerEvent, Breakers, Observer, WorkflowHealth};
+use crate::breaker::{BreakerEvent, Breakers, Observer, TallyGuard, WorkflowHealth};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
 use crate::pending::PendingCommits;
@@ -753,7 +753,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 headers: user_headers(&job.headers),
                 final_step: run.step,
             };
-            let effects = inner.terminal_effects(&outcome)?;
+            let (effects, _tally) = inner.terminal_effects(&outcome)?;
             let (cancelled, _) = {
                 let _pending = inner.pending.begin(run_id);
                 inner.queue.cancel_with(&run.job_id, effects).await?
@@ -959,11 +959,12 @@ impl<R, H> Inner<R, H> {
     }
 
     /// The effects that end a run: remove its live record, write its outcome
-    /// and retention entry, and queue its hook notification.
+    /// and retention entry, its workflow tally, and queue its hook
+    /// notification. Hold the returned guard until the commit has returned.
     pub(crate) fn terminal_effects(
         &self,
         outcome: &RunOutcome,
-    ) -> Result<SettlementEffects, Error> {
+    ) -> Result<(SettlementEffects, Option<TallyGuard>), Error> {
         let run_id = &outcome.run_id;
         let now = self.now_ms();
         let out_key = self.keys.out(run_id);
@@ -985,9 +986,13 @@ impl<R, H> Inner<R, H> {
             TerminalStatus::Failed => Some(false),
             _ => None,
         };
+        let mut guard = None;
         if let Some(succeeded) = tally {
-            let (key, value) = self.breakers.tally(&outcome.workflow, run_id, succeeded);
+            let (key, value, held) = self
+                .breakers
+                .tally(&outcome.workflow, run_id, now, succeeded);
             effects = effects.kv_put(key, value);
+            guard = Some(held);
         }
         if self.hooks_enabled {
             let payload = encode(run_id.as_bytes(), outcome)?;
@@ -1000,7 +1005,7 @@ impl<R, H> Inner<R, H> {
                 options,
             });
         }
-        Ok(effects)
+        Ok((effects, guard))
     }
 
     /// Wake the callers of `wait` on this run.
@@ -1027,7 +1032,7 @@ impl<R, H> Inner<R, H> {
             return Ok(false);
         }
         let outcome = read::dead_outcome(run_id, &run, job);
-        let effects = self.terminal_effects(&outcome)?;
+        let (effects, _tally) = self.terminal_effects(&outcome)?;
         let applied = {
             let _pending = self.pending.begin(run_id);
             self.queue

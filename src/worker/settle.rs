@@ -16,7 +16,7 @@ use taquba::{
 };
 
 use super::step::{Health, StepJob, Verdict};
-use crate::breaker::{Parking, Staged, ms_to_time};
+use crate::breaker::{Parking, Staged, TallyGuard, ms_to_time};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::policy::saturating_ms;
@@ -52,6 +52,9 @@ struct Aftermath {
     parking: Option<Parking>,
     /// The run ended: wake its `wait` callers.
     ended: Option<RunOutcome>,
+    /// The run's tally, held until the commit has returned (folds wait for
+    /// it).
+    tally: Option<TallyGuard>,
 }
 
 impl Settlement {
@@ -69,11 +72,13 @@ impl Settlement {
 
     /// A settlement that ends the run with `outcome`.
     fn ending<R, H>(inner: &Inner<R, H>, end: JobEnd, outcome: RunOutcome) -> Result<Self, Error> {
+        let (effects, tally) = inner.terminal_effects(&outcome)?;
         Ok(Self {
             end,
-            effects: inner.terminal_effects(&outcome)?,
+            effects,
             after: Aftermath {
                 ended: Some(outcome),
+                tally,
                 ..Aftermath::default()
             },
         })
@@ -230,6 +235,7 @@ async fn commit<R: StepRunner, H: TerminalHook>(
             }));
     }
     drop(after.parking);
+    drop(after.tally);
     if let Some(staged) = &after.health
         && staged.releases_parked()
     {
