@@ -287,6 +287,9 @@ pub(crate) struct Breakers {
     /// Test hook: awaited once between the two reads of a health read.
     #[cfg(test)]
     between_health_reads: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
+    /// Test hook: called after each fold commit.
+    #[cfg(test)]
+    after_fold: Mutex<Option<Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send>>>,
 }
 
 /// A health update staged for a settlement: hold it across the commit, then
@@ -362,6 +365,8 @@ impl Breakers {
             swept: Mutex::default(),
             #[cfg(test)]
             between_health_reads: Mutex::new(None),
+            #[cfg(test)]
+            after_fold: Mutex::new(None),
         }
     }
 
@@ -952,8 +957,9 @@ impl Breakers {
     /// Fold up to `max` unfolded tallies into the health records' counts, in
     /// batches of at most [`FOLD_BATCH`] (one commit each, under the
     /// workflow's lock), workflow by workflow in turn. Returns how many were
-    /// folded; less than `max` means none are due (but those of workflows
-    /// whose record is unreadable, which are logged and left). The
+    /// folded. A workflow goes round again only while its batches are full,
+    /// so a call ends although runs keep ending; those of workflows whose
+    /// record is unreadable are logged and left. The
     /// workflows visited are the ones this process wrote tallies for, and at
     /// start those an earlier process left; each fold reads from the
     /// record's cursor, so its cost is the entries it folds.
@@ -988,7 +994,9 @@ impl Breakers {
                     }
                     Ok(n) => {
                         folded += n;
-                        progressed = true;
+                        // Only a full batch goes round again: tallies keep
+                        // arriving, and chasing them would never end.
+                        progressed |= n == batch;
                     }
                     Err(e) if unreadable(&e) => {
                         tracing::error!(
@@ -1067,6 +1075,13 @@ impl Breakers {
         *lock(&state.cached) = None;
         queue.commit_effects(effects).await?;
         *lock(&state.cached) = Some(rec);
+        #[cfg(test)]
+        {
+            let hook = lock(&self.after_fold).as_ref().map(|f| f());
+            if let Some(hook) = hook {
+                hook.await;
+            }
+        }
         Ok(n)
     }
 
@@ -1408,6 +1423,35 @@ mod tests {
         behind.extend_from_slice(&rec.folded_through[..rec.folded_through.len() - 1]);
         queue.kv_put(&behind, &[1]).await.unwrap();
         assert_eq!(counts(&b, &queue, "w").await, (11, 1));
+    }
+
+    /// Soak regression: a fold went round again whenever it had folded
+    /// anything, so with runs ending all the time it chased the newest
+    /// tallies for seconds (up to 28 s a call), holding up retention.
+    #[tokio::test]
+    async fn a_fold_ends_while_tallies_keep_arriving() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        tallies(&b, &queue, "w", 0, 1, 1).await;
+        // A run ends after every fold commit (100 of them at most).
+        let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        *lock(&b.after_fold) = Some(Box::new({
+            let (queue, arrived) = (queue.clone(), arrived.clone());
+            let prefix = Breakers::key(&b.tally_prefix, "w", Some(""));
+            move || {
+                let (queue, arrived, mut key) = (queue.clone(), arrived.clone(), prefix.clone());
+                Box::pin(async move {
+                    let n = arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if n < 100 {
+                        key.extend_from_slice(format!("z{n:04}").as_bytes());
+                        queue.kv_put(&key, &[1]).await.unwrap();
+                    }
+                })
+            }
+        }));
+        let folded = b.fold_tallies(&queue, usize::MAX).await.unwrap();
+        assert_eq!(folded, 1, "one round: the arrivals wait for the next tick");
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 1);
     }
 
     /// Also-check: the per-workflow state map drops closed, idle, unlocked
