@@ -144,6 +144,7 @@
 mod breaker;
 mod client;
 mod control;
+mod effects;
 mod error;
 mod hook;
 mod pending;
@@ -160,6 +161,7 @@ mod worker;
 pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};
 pub use client::{Client, ClientOptions, Sent};
 pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
+pub use effects::{MAX_EFFECT_KEY_BYTES, RESERVED_KEY_PREFIX, StagedEffects};
 pub use error::Error;
 pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
 pub use policy::{BackoffPolicy, RetryPolicy};
@@ -167,9 +169,9 @@ pub use read::{
     DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
 };
 pub use record::{
-    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP,
-    HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN,
-    RESERVED_HEADER_PREFIX, validate_headers, validate_name,
+    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_SIGNAL,
+    HEADER_STEP, HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
+    MAX_RUN_ID_LEN, MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
 };
 pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
 pub use runtime::{RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};

@@ -9,6 +9,7 @@
 //! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
 //! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
 //! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
+//! | signal                   | `signal`'s commit; then `ack_with` { reply }                   |
 //! | does not decode          | `dead_letter_with` { reply `Refused` with the reason }         |
 //! | transient failure        | `nack_with` (retried; on the last attempt the reply `Refused`) |
 //!
@@ -246,6 +247,14 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             .cancel(&run_id)
             .await
             .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
+        // A crash between the signal's commit and the reply's re-applies
+        // it, which then answers `NotWaiting` (as a cancel answers `false`).
+        Request::Signal { run_id, payload } => match rt.signal(&run_id, payload).await {
+            Ok(()) => Ok(ReplyBody::Signalled { run_id }),
+            Err(Error::NotWaiting(run_id)) => Ok(ReplyBody::NotWaiting { run_id }),
+            Err(Error::RunNotFound(run_id)) => Ok(ReplyBody::RunNotFound { run_id }),
+            Err(e) => Err(e),
+        },
     };
     match applied {
         Ok(body) => {
