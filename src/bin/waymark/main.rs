@@ -3,7 +3,7 @@
 //! - `waymark demo` runs example order pipelines on a local directory and
 //!   shows each step once it is durable (module [`demo`]);
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
-//! - `waymark submit | cancel` send requests through the store's inbox, and
+//! - `waymark submit | cancel | signal` send requests through the store's inbox, and
 //!   `status | outcome | runs | workflows` read through a reader: none of
 //!   them opens the store as its writer, so they work while a worker or the
 //!   demo runs (module [`commands`]).
@@ -62,6 +62,10 @@ enum Command {
     /// Cancel a run (through the store's inbox; a worker applies it).
     #[command(after_help = EXIT_CODES_HELP)]
     Cancel(commands::control::CancelArgs),
+    /// Signal a run waiting for one (through the store's inbox; a worker
+    /// applies it): its next step runs now and sees PAYLOAD.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Signal(commands::signal::SignalArgs),
     /// Print where a live run is, or how it ended. Never writes to the
     /// store; safe while a worker or the demo runs.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             Command::Worker(args) => commands::worker::run(args).await,
             Command::Submit(args) => commands::control::submit(args).await,
             Command::Cancel(args) => commands::control::cancel(args).await,
+            Command::Signal(args) => commands::signal::signal(args).await,
             Command::Status(args) => commands::read::status(args).await,
             Command::Outcome(args) => commands::read::outcome(args).await,
             Command::Runs(args) => commands::read::runs(args).await,

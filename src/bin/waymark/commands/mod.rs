@@ -1,9 +1,11 @@
 //! The commands that work on a store from outside its worker: reads
 //! ([`read`]: `status`, `outcome`, `runs`, `workflows`), requests
-//! ([`control`]: `submit`, `cancel`), and the worker itself ([`worker`]).
+//! ([`control`]: `submit`, `cancel`; [`signal`]: `signal`), and the worker
+//! itself ([`worker`]).
 
 pub mod control;
 pub mod read;
+pub mod signal;
 pub mod worker;
 
 use waymark::Error;
