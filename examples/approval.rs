@@ -28,6 +28,8 @@ use waymark::{
     StoreOptions, WorkflowRuntime, open_worker_store,
 };
 
+/// The step queue the `waymark` CLI's commands talk to.
+const QUEUE: &str = "demo-orders";
 const FIRST_WAIT: Duration = Duration::from_secs(30);
 const ESCALATED_WAIT: Duration = Duration::from_secs(60);
 
@@ -110,9 +112,9 @@ async fn main() -> Result<(), waymark::Error> {
         std::fs::canonicalize(&dir).map_err(|e| waymark::Error::InvalidConfig(e.to_string()))?;
     let url = format!("file://{}", dir.display());
     let location = StoreLocation::from_url(&url)?;
-    // The CLI's clients talk to the default step queue, `workflow-steps`.
-    let queue = open_worker_store(&location, StoreOptions::default()).await?;
+    let queue = open_worker_store(&location, StoreOptions::default().queue_name(QUEUE)).await?;
     let rt = WorkflowRuntime::builder(Arc::clone(&queue), Approval, NoopTerminalHook)
+        .queue_name(QUEUE)
         .poll_interval(Duration::from_millis(100))
         .build()?;
     let worker = tokio::spawn({
