@@ -16,6 +16,11 @@
 //!   (a second put of a key replaces the first; a second delete is one);
 //! - staging after `run_step` returned is [`Error::EffectsClosed`].
 //!
+//! An enqueue's taquba options are checked by taquba when the settlement
+//! commits: options it refuses (an invalid `id_override`, `signal_wait`
+//! without `run_at`) fail the run with taquba's reason, as any settlement
+//! the queue refuses for good does.
+//!
 //! The worker takes the staged effects when the runner returns and adds them
 //! to the step's settlement when it commits the outcome the runner returned
 //! (`Continue`, `ContinueAfter`, `WaitForSignal`, `Succeed`, `Fail`,
