@@ -5,7 +5,7 @@
 //! inbox entry id) is the request id, whose header `workflow.run_id` names
 //! the run (or, for a schedule request, `schedule/{id}`), and whose payload
 //! is a [`Request`]. The worker claims the job, applies it through its
-//! runtime's `submit` / `cancel` / `trigger` / `pause_schedule` /
+//! runtime's `submit` / `cancel` / `signal` / `trigger` / `pause_schedule` /
 //! `resume_schedule`, and writes a
 //! [`ReplyRecord`] at `wm/Q/reply/{request_id}` (with an expiry entry at
 //! `wm/Q/rexp/{t}{request_id}`), which the client reads.
@@ -36,6 +36,12 @@ pub(crate) enum Request {
     },
     /// Cancel a run (`WorkflowRuntime::cancel`).
     Cancel { run_id: String },
+    /// Signal a run waiting for one (`WorkflowRuntime::signal`).
+    Signal {
+        run_id: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
     /// Fire a schedule now (`WorkflowRuntime::trigger`).
     Trigger { schedule: String },
     /// Pause a schedule (`WorkflowRuntime::pause_schedule`).
@@ -85,6 +91,12 @@ pub(crate) enum ReplyBody {
     Cancelled { run_id: String, cancelled: bool },
     /// The run exists with another input (`Error::InputMismatch`).
     InputMismatch { run_id: String },
+    /// The signal was delivered: the run's next step is due.
+    Signalled { run_id: String },
+    /// The run was not waiting for a signal (`Error::NotWaiting`).
+    NotWaiting { run_id: String },
+    /// No such run (`Error::RunNotFound`).
+    RunNotFound { run_id: String },
     /// Refused, with the reason.
     Refused { reason: String },
     /// The trigger fired the schedule: the run it submitted.
@@ -121,6 +133,12 @@ pub enum Reply {
         /// Whether the cancel was accepted (false: unknown, ended, or
         /// already cancelling).
         cancelled: bool,
+    },
+    /// A signal: it was delivered to the run's wait (a run that was not
+    /// waiting is [`Error::NotWaiting`]).
+    Signalled {
+        /// The run.
+        run_id: String,
     },
     /// A trigger: the run the schedule's fire submitted, as
     /// [`WorkflowRuntime::trigger`](crate::WorkflowRuntime::trigger)
@@ -166,6 +184,9 @@ impl ReplyBody {
                 Ok(Reply::Cancelled { run_id, cancelled })
             }
             ReplyBody::InputMismatch { run_id } => Err(Error::InputMismatch(run_id)),
+            ReplyBody::Signalled { run_id } => Ok(Reply::Signalled { run_id }),
+            ReplyBody::NotWaiting { run_id } => Err(Error::NotWaiting(run_id)),
+            ReplyBody::RunNotFound { run_id } => Err(Error::RunNotFound(run_id)),
             ReplyBody::Refused { reason } => Err(Error::RequestRefused {
                 request_id: request_id.to_string(),
                 reason,

@@ -196,6 +196,40 @@ pub enum Error {
     /// Call again.
     #[error("schedule `{0}` was changed by another process during the call; call again")]
     ScheduleConflict(String),
+
+    /// A signal was sent to a run that is not waiting for one: unknown to
+    /// the wait (its step has not committed a `WaitForSignal` yet, or the
+    /// wait already ended by an earlier signal, its timeout or a cancel), or
+    /// the run has ended. Signals are never buffered: start the work that
+    /// leads to a signal from the step that waits (stage it with
+    /// `Step::effects`), so no signal can come before its wait.
+    #[error(
+        "run `{0}` is not waiting for a signal (not yet, no longer, or it has ended); signals are not buffered"
+    )]
+    NotWaiting(String),
+
+    /// A step staged a KV key or an enqueue to a queue that Waymark
+    /// reserves. Use a key outside `wm/` and a queue outside the runtime's.
+    #[error("the {what} `{name}` is reserved ({reserved}); use another")]
+    ReservedName {
+        /// What was refused ("KV key", "queue").
+        what: &'static str,
+        /// The name (cut to 160 characters).
+        name: String,
+        /// Which names are reserved.
+        reserved: String,
+    },
+
+    /// A step staged both a put and a delete of one KV key: which one
+    /// commits would be a guess. Stage one of them.
+    #[error("KV key `{0}` is staged for both a put and a delete; stage one of them")]
+    ConflictingEffect(String),
+
+    /// A step staged an effect after `run_step` returned (from a task that
+    /// outlived it): its settlement was already built. Stage effects before
+    /// returning.
+    #[error("the step has returned; stage effects before run_step returns")]
+    EffectsClosed,
 }
 
 impl Error {

@@ -36,6 +36,10 @@ pub enum RunState {
     /// Its workflow's breaker tripped: the step is parked (holding no worker
     /// or lease) until the breaker closes.
     Parked,
+    /// Its last step returned `WaitForSignal`: the next step waits (holding
+    /// no worker) for a signal, or until [`RunStatus::scheduled_for`], when
+    /// it runs without one.
+    WaitingForSignal,
 }
 
 /// A live run's status, read from durable state.
@@ -50,7 +54,8 @@ pub struct RunStatus {
     /// The workflow it belongs to.
     pub workflow: String,
     /// When a `Scheduled` step runs: after `ContinueAfter`, a retry's backoff
-    /// or a breaker's backoff window.
+    /// or a breaker's backoff window; for `WaitingForSignal`, when the wait
+    /// times out.
     pub scheduled_for: Option<SystemTime>,
 }
 
@@ -271,6 +276,7 @@ async fn status_of(
     let state = match job.status {
         JobStatus::Pending if job.cancel_requested => RunState::Cancelling,
         JobStatus::Pending => RunState::Pending,
+        JobStatus::Scheduled if job.signal_wait => RunState::WaitingForSignal,
         JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
         JobStatus::Scheduled => RunState::Scheduled,
         JobStatus::Claimed if job.cancel_requested || cancel_here => RunState::Cancelling,
@@ -293,7 +299,7 @@ async fn status_of(
         state,
         current_step: run.step,
         workflow,
-        scheduled_for: (state == RunState::Scheduled)
+        scheduled_for: matches!(state, RunState::Scheduled | RunState::WaitingForSignal)
             .then_some(job.run_at)
             .flatten()
             .map(ms_to_time),

@@ -40,6 +40,11 @@ pub const HEADER_WORKFLOW: &str = "workflow.name";
 pub const HEADER_ATTEMPTS_BEFORE: &str = "workflow.attempts_before";
 /// The header marking a step job parked by a tripped breaker.
 pub const HEADER_PARKED: &str = "workflow.parked";
+/// The header marking a step job whose payload carries, beside the step's
+/// payload, the signal its wait received: set when a woken step moves to a
+/// new job (a retry, a breaker deferral or a parking), so the signal stays
+/// with the step. The payload is then a [`SignalledPayload`] record.
+pub const HEADER_SIGNAL: &str = "workflow.signal";
 /// Headers with this prefix are the runtime's; a submit may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
 
@@ -57,6 +62,10 @@ pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
 /// bytes (the record lives in KV, whose values taquba caps at 256 KiB).
 pub const MAX_RESULT_BYTES: usize = 192 * 1024;
 
+/// The largest signal payload accepted, in bytes. It is kept on the waiting
+/// step job's record: pass a reference for larger data.
+pub const MAX_SIGNAL_BYTES: usize = 64 * 1024;
+
 /// The live record of a run: where it is. Written at submit and by every
 /// step transition, in the transaction that settles the step; deleted in the
 /// transaction that terminates the run.
@@ -66,6 +75,16 @@ pub(crate) struct RunRecord {
     pub step: u32,
     /// The queue job that carries that step.
     pub job_id: String,
+}
+
+/// The payload of a step job with [`HEADER_SIGNAL`]: the step's payload and
+/// the signal its wait received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SignalledPayload {
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signal: Vec<u8>,
 }
 
 /// What a submit fixed: kept from submit until the terminal record expires,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use taquba::{
     CancelOutcome, EnqueueOptions, EnqueueRequest, EnqueueResult, ExpiryIndex, JobRecord,
-    JobStatus, Queue, QueueName, SettlementEffects,
+    JobStatus, Queue, QueueName, SettlementEffects, SignalOutcome,
 };
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,8 +23,8 @@ use crate::policy::{BackoffPolicy, RetryPolicy};
 use crate::read::{self, RunFilter, RunPage};
 use crate::record::{
     self, DEFAULT_WORKFLOW, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
-    OutcomeRecord, RunRecord, SubmitRecord, decode, encode, user_headers, validate_headers,
-    validate_name,
+    MAX_SIGNAL_BYTES, OutcomeRecord, RunRecord, SubmitRecord, decode, encode, user_headers,
+    validate_headers, validate_name,
 };
 use crate::runner::StepRunner;
 use crate::schedule::{Schedule, Schedules};
@@ -813,6 +813,60 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     }
                 }
             }
+        }
+    }
+}
+
+impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
+    /// Send a signal to a run whose last step returned
+    /// [`StepOutcome::WaitForSignal`](crate::StepOutcome::WaitForSignal): its
+    /// next step becomes due at once and sees `payload` as
+    /// [`Step::signal`](crate::Step::signal). The signal commits (durably)
+    /// before this returns; the step then runs on a worker of the store.
+    ///
+    /// [`Error::NotWaiting`] when the run is not waiting for a signal: its
+    /// wait has not committed yet, it already ended (a signal, its timeout,
+    /// a cancel), or the run has ended. A signal is never kept for a later
+    /// wait: a buffered signal could be taken by a wait it was not meant for
+    /// (a later step's, or a re-run's), and would outlive its run unseen. So
+    /// a caller whose signal answers work the run started should have the
+    /// waiting step start that work: stage the request (an enqueue, a KV
+    /// write) with [`Step::effects`](crate::Step::effects); it commits in the
+    /// same transaction as the wait, so no answer can come before the wait
+    /// exists. [`Error::RunNotFound`] for an unknown run;
+    /// [`Error::PayloadTooLarge`] for a payload over [`MAX_SIGNAL_BYTES`].
+    pub async fn signal(&self, run_id: &str, payload: Vec<u8>) -> Result<(), Error> {
+        validate_name("run id", run_id)?;
+        if payload.len() > MAX_SIGNAL_BYTES {
+            return Err(Error::PayloadTooLarge {
+                what: "signal",
+                size: payload.len(),
+                max: MAX_SIGNAL_BYTES,
+            });
+        }
+        let inner = &self.inner;
+        let Some((run, job)) = inner.current_step(run_id).await? else {
+            return match inner.outcome(run_id).await? {
+                Some(_) => Err(Error::NotWaiting(run_id.to_string())),
+                None => Err(Error::RunNotFound(run_id.to_string())),
+            };
+        };
+        if !job.signal_wait {
+            return Err(Error::NotWaiting(run_id.to_string()));
+        }
+        // The signal makes the step claimable before its flush returns: it
+        // is a commit in flight for the run, which admit waits for.
+        let outcome = {
+            let _pending = inner.pending.begin(run_id);
+            inner.queue.signal(&run.job_id, payload).await?
+        };
+        match outcome {
+            SignalOutcome::Delivered => {
+                tracing::info!(run_id, step = run.step, "signal delivered");
+                Ok(())
+            }
+            // The wait ended (its timeout, a cancel) since the read.
+            SignalOutcome::NotWaiting => Err(Error::NotWaiting(run_id.to_string())),
         }
     }
 }

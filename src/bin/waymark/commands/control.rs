@@ -165,7 +165,7 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
 }
 
 /// Send a request, bounded.
-pub async fn send<T>(
+pub(super) async fn send<T>(
     store: &Store,
     sending: impl Future<Output = Result<T, Error>>,
 ) -> CliResult<T> {
@@ -182,7 +182,7 @@ pub async fn send<T>(
 
 /// Wait up to the timeout for the worker's reply: `None` (said in words)
 /// when no worker answered; a refusal is an error.
-async fn await_reply(
+pub(super) async fn await_reply(
     store: &Store,
     client: &waymark::Client,
     sent: &Sent,
@@ -214,6 +214,16 @@ pub async fn await_reply_to(
         Err(Error::InputMismatch(run_id)) => Err(CliError::refused(format!(
             "run `{}` already exists with a different input; use another run id",
             shown(&run_id)
+        ))),
+        Err(Error::NotWaiting(run_id)) => Err(CliError::refused(format!(
+            "run `{}` is not waiting for a signal (its waiting step has not committed yet, \
+             its wait already ended, or the run has ended); signals are not kept for later",
+            shown(&run_id)
+        ))),
+        Err(Error::RunNotFound(run_id)) => Err(CliError::not_found(format!(
+            "no run `{}` in {}",
+            shown(&run_id),
+            store.shown()
         ))),
         Err(Error::RequestRefused { reason, .. }) => Err(CliError::refused(format!(
             "the worker refused the request: {reason}"
