@@ -193,6 +193,31 @@ pub enum Error {
     /// Call again.
     #[error("schedule `{0}` was changed by another process during the call; call again")]
     ScheduleConflict(String),
+
+    /// A memo key is empty or longer than
+    /// [`MAX_MEMO_KEY_LEN`](crate::memo::MAX_MEMO_KEY_LEN) bytes. Use a
+    /// shorter key (a hash of a long one).
+    #[error("invalid memo key `{key}`: {reason}")]
+    InvalidMemoKey {
+        /// The rejected key (truncated to 160 characters).
+        key: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+
+    /// A memo write was refused because the step that made it is no longer
+    /// the run's current step: its claim was lost (another attempt runs it)
+    /// or the run ended. Nothing was written; whatever this attempt returns
+    /// is discarded.
+    #[error(
+        "memo write refused: run `{run_id}` is no longer at step job `{job_id}` (the attempt lost its claim or the run ended)"
+    )]
+    MemoStale {
+        /// The run.
+        run_id: String,
+        /// The step job of the attempt that tried to write.
+        job_id: String,
+    },
 }
 
 impl Error {

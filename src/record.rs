@@ -10,6 +10,7 @@
 //! | `wm/Q/sub/{run_id}`    | [`SubmitRecord`]   | submit → end of the retention window         |
 //! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
 //! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
+//! | `wm/Q/data/{run_id}/…` | the run's data: memo entries (`memo/{step}/{key}`, `memo/run/{key}`, see [`crate::memo`]) | first write → end of the retention window |
 //!
 //! Elsewhere: workflow health under `wm/Q/wf/`, `wm/Q/tally/`, `wm/Q/park/`
 //! (`breaker`); client replies under `wm/Q/reply/` and `wm/Q/rexp/`
@@ -146,6 +147,7 @@ pub(crate) struct Keys {
     sub: Vec<u8>,
     out: Vec<u8>,
     exp: Vec<u8>,
+    data: Vec<u8>,
 }
 
 impl Keys {
@@ -157,6 +159,7 @@ impl Keys {
             sub: with("sub"),
             out: with("out"),
             exp: with("exp"),
+            data: with("data"),
         }
     }
 
@@ -177,6 +180,25 @@ impl Keys {
 
     pub(crate) fn out(&self, run_id: &str) -> Vec<u8> {
         Self::join(&self.out, run_id)
+    }
+
+    /// The prefix of every key of the run's data (memo entries), deleted
+    /// with its terminal record. Run ids hold no `/`, so no run's prefix is
+    /// another's.
+    pub(crate) fn data(&self, run_id: &str) -> Vec<u8> {
+        let mut key = Self::join(&self.data, run_id);
+        key.push(b'/');
+        key
+    }
+
+    /// The prefix of a memo scope: step `step`'s, or the run's (`None`).
+    pub(crate) fn memo(&self, run_id: &str, step: Option<u32>) -> Vec<u8> {
+        let mut key = self.data(run_id);
+        match step {
+            Some(step) => key.extend_from_slice(format!("memo/{step}/").as_bytes()),
+            None => key.extend_from_slice(b"memo/run/"),
+        }
+        key
     }
 
     /// The prefix of every live run record.

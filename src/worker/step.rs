@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::settle::settle;
 use crate::breaker::Gate;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
+use crate::memo::Memo;
 use crate::policy::saturating_ms;
 use crate::record::{
     self, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, decode, parse_step_extras,
@@ -342,6 +343,8 @@ async fn run_runner<R: StepRunner, H>(
         attempts: job.attempts(),
         max_attempts: job.max_attempts(),
         cancel_token: entry.token.clone(),
+        memo: memo(inner, job, Some(job.step)),
+        run_memo: memo(inner, job, None),
     };
     AssertUnwindSafe(inner.runner.run_step(&step))
         .catch_unwind()
@@ -354,6 +357,17 @@ async fn run_runner<R: StepRunner, H>(
                 .unwrap_or_else(|| "a non-string panic".into());
             Err(StepError::transient(format!("step panicked: {what}")))
         })
+}
+
+/// The step's memo scope (`Some(step)`) or its run's (`None`).
+fn memo<R, H>(inner: &Inner<R, H>, job: &StepJob, step: Option<u32>) -> Memo {
+    Memo::new(
+        inner.queue.clone(),
+        &job.run_id,
+        inner.keys.memo(&job.run_id, step),
+        inner.keys.run(&job.run_id),
+        &job.claim.id,
+    )
 }
 
 /// Turn what the runner returned into a settlement and a health change.
