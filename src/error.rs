@@ -194,6 +194,42 @@ pub enum Error {
     #[error("schedule `{0}` was changed by another process during the call; call again")]
     ScheduleConflict(String),
 
+    /// A re-run was refused because the run is still live. Wait for it to
+    /// end (or cancel it), then re-run it.
+    #[error("run `{0}` is still live; only a run that ended Failed or Cancelled can be re-run")]
+    RunLive(String),
+
+    /// A re-run was refused because the run succeeded. Submit a new run.
+    #[error("run `{0}` succeeded; only a run that ended Failed or Cancelled can be re-run")]
+    RunSucceeded(String),
+
+    /// A re-run was refused because the run never reached the step.
+    #[error(
+        "run `{run_id}` never reached step {step} (it ended at step {final_step}); re-run from a step at or before it"
+    )]
+    StepNotReached {
+        /// The run.
+        run_id: String,
+        /// The step asked for.
+        step: u32,
+        /// The step the run ended at.
+        final_step: u32,
+    },
+
+    /// A re-run was refused because the step's input payload was not kept
+    /// (the runtime was built with `keep_step_inputs(false)`, or the payload
+    /// was over `MAX_KEPT_INPUT_BYTES`). Re-run from another step, or submit
+    /// a new run.
+    #[error(
+        "step {step} of run `{run_id}` cannot be re-run: its input was not kept (keep_step_inputs off, or over MAX_KEPT_INPUT_BYTES)"
+    )]
+    StepInputNotKept {
+        /// The run.
+        run_id: String,
+        /// The step asked for.
+        step: u32,
+    },
+
     /// A memo key is empty or longer than
     /// [`MAX_MEMO_KEY_LEN`](crate::memo::MAX_MEMO_KEY_LEN) bytes. Use a
     /// shorter key (a hash of a long one).

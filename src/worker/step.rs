@@ -85,6 +85,7 @@ impl StepJob {
             error: error.map(record::bounded_reason),
             headers: user_headers(&self.claim.headers),
             final_step: self.step,
+            reruns: record::rerun_of(&self.claim.headers),
         }
     }
 

@@ -1,0 +1,205 @@
+//! Re-running a failed or cancelled run from a step: the new segment starts
+//! at the step with its recorded input, earlier steps do not run again,
+//! memo entries are reused, status and outcome count the re-run, the hook
+//! fires for the new ending; refusals are typed. In-memory store,
+//! `MockClock`, gates.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use support::*;
+use waymark::*;
+
+/// The input payload each step was handed, in order.
+type Inputs = Arc<Mutex<Vec<(u32, Vec<u8>)>>>;
+
+/// Five steps; each memoizes a "charge" (counted per step) and appends its
+/// number to the payload. Step 3 fails while `broken` is set; step 4 waits
+/// on `hold`.
+struct Five {
+    runner: FnRunner,
+    broken: Arc<AtomicBool>,
+    charges: Arc<Mutex<Vec<u32>>>,
+    inputs: Inputs,
+}
+
+fn five(hold: Gate) -> Five {
+    let broken = Arc::new(AtomicBool::new(true));
+    let charges: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let inputs: Inputs = Arc::default();
+    let runner = FnRunner::new({
+        let (broken, charges, inputs) = (broken.clone(), charges.clone(), inputs.clone());
+        move |s: Step| {
+            let (broken, charges, inputs, hold) = (
+                broken.clone(),
+                charges.clone(),
+                inputs.clone(),
+                hold.clone(),
+            );
+            async move {
+                let n = s.step_number;
+                inputs.lock().unwrap().push((n, s.payload.clone()));
+                let _: u32 = s
+                    .memo
+                    .memoized("charge", || async {
+                        charges.lock().unwrap().push(n);
+                        Ok::<_, StepError>(n)
+                    })
+                    .await?;
+                if n == 3 && broken.load(Ordering::SeqCst) {
+                    return Ok(StepOutcome::Fail {
+                        reason: "the card was declined".into(),
+                    });
+                }
+                let mut payload = s.payload.clone();
+                payload.push(n as u8);
+                if n == 4 {
+                    hold.wait().await;
+                    return Ok(StepOutcome::Succeed { result: payload });
+                }
+                Ok(StepOutcome::Continue { payload })
+            }
+        }
+    });
+    Five {
+        runner,
+        broken,
+        charges,
+        inputs,
+    }
+}
+
+#[tokio::test]
+async fn a_run_failed_at_step_3_of_5_reruns_from_step_3() {
+    let hold = Gate::default();
+    let w = five(hold.clone());
+    let hook = RecordingHook::default();
+    let mut env = Env::new(w.runner.clone(), hook.clone()).await;
+    env.start();
+    env.submit("order", b">").await;
+    let first = hook.wait_for("order").await;
+    assert_eq!(first.status, TerminalStatus::Failed);
+    assert_eq!((first.final_step, first.reruns), (3, 0));
+
+    w.broken.store(false, Ordering::SeqCst);
+    assert_eq!(env.rt.rerun("order", 3).await.unwrap(), 1);
+    env.until_status("order", |s| {
+        s.is_some_and(|s| s.current_step == 4 && s.state == RunState::Running)
+    })
+    .await;
+    let live = env.rt.status("order").await.unwrap().unwrap();
+    assert_eq!(live.reruns, 1, "status shows the re-run");
+    assert_eq!(env.rt.outcome("order").await.unwrap(), None, "live again");
+    hold.open();
+    let out = env.rt.wait("order").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.reruns, 1);
+    assert_eq!(out.result.as_deref(), Some(&b">\x00\x01\x02\x03\x04"[..]));
+    for step in 0..3 {
+        assert_eq!(w.runner.calls("order", step), 1, "step {step} ran once");
+    }
+    assert_eq!(w.runner.calls("order", 3), 2);
+    assert_eq!(w.runner.calls("order", 4), 1);
+    // Step 3 got the same input both times; its charge was memoized once.
+    let inputs = w.inputs.lock().unwrap().clone();
+    let of_3: Vec<_> = inputs.iter().filter(|(n, _)| *n == 3).collect();
+    assert_eq!(of_3.len(), 2);
+    assert_eq!(of_3[0].1, of_3[1].1);
+    assert_eq!(*w.charges.lock().unwrap(), [0, 1, 2, 3, 4]);
+    // The hook fired for both endings.
+    for _ in 0..10_000 {
+        if hook.count("order") == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert_eq!(hook.count("order"), 2);
+    // It succeeded now: no further re-run.
+    assert!(matches!(
+        env.rt.rerun("order", 0).await,
+        Err(Error::RunSucceeded(_))
+    ));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn reruns_are_refused_for_live_succeeded_unknown_and_unreached() {
+    let hold = Gate::default();
+    let w = five(hold.clone());
+    let mut env = Env::new(w.runner.clone(), NoopTerminalHook).await;
+    env.start();
+    assert!(matches!(
+        env.rt.rerun("nobody", 0).await,
+        Err(Error::RunNotFound(_))
+    ));
+    env.submit("failed", b"").await;
+    assert_eq!(
+        env.rt.wait("failed").await.unwrap().status,
+        TerminalStatus::Failed
+    );
+    assert!(matches!(
+        env.rt.rerun("failed", 4).await,
+        Err(Error::StepNotReached {
+            step: 4,
+            final_step: 3,
+            ..
+        })
+    ));
+    // A re-run makes it live: a second one is refused until it ends.
+    w.broken.store(false, Ordering::SeqCst);
+    assert_eq!(env.rt.rerun("failed", 2).await.unwrap(), 1);
+    assert!(matches!(
+        env.rt.rerun("failed", 2).await,
+        Err(Error::RunLive(_))
+    ));
+    hold.open();
+    assert_eq!(
+        env.rt.wait("failed").await.unwrap().status,
+        TerminalStatus::Succeeded
+    );
+    assert_eq!(w.runner.calls("failed", 1), 1);
+    assert_eq!(w.runner.calls("failed", 2), 2);
+    assert!(matches!(
+        env.rt.rerun("failed", 2).await,
+        Err(Error::RunSucceeded(_))
+    ));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_run_reruns_and_inputs_can_be_left_unkept() {
+    let ran = Arc::new(AtomicU32::new(0));
+    let runner = FnRunner::new({
+        let ran = ran.clone();
+        move |s: Step| {
+            let ran = ran.clone();
+            async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(StepOutcome::Succeed { result: s.payload })
+            }
+        }
+    });
+    let mut env = Env::new(runner.clone(), NoopTerminalHook).await;
+    // Cancelled while pending (no pool runs yet).
+    env.submit("stopped", b"input").await;
+    assert!(env.rt.cancel("stopped").await.unwrap());
+    assert_eq!(env.rt.rerun("stopped", 0).await.unwrap(), 1);
+    env.start();
+    let out = env.rt.wait("stopped").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.result.as_deref(), Some(&b"input"[..]));
+    assert_eq!(out.reruns, 1);
+    env.stop().await;
+
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| b.keep_step_inputs(false)).await;
+    env.submit("unkept", b"input").await;
+    assert!(env.rt.cancel("unkept").await.unwrap());
+    assert!(matches!(
+        env.rt.rerun("unkept", 0).await,
+        Err(Error::StepInputNotKept { step: 0, .. })
+    ));
+    env.stop().await;
+}
