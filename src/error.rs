@@ -257,6 +257,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// A copy of a re-run refusal (the errors `rerun` refuses with), to
+    /// carry it to a client; `None` for every other error.
+    pub(crate) fn clone_rerun(&self) -> Option<Error> {
+        Some(match self {
+            Error::RunNotFound(r) => Error::RunNotFound(r.clone()),
+            Error::RunLive(r) => Error::RunLive(r.clone()),
+            Error::RunSucceeded(r) => Error::RunSucceeded(r.clone()),
+            Error::StepNotReached {
+                run_id,
+                step,
+                final_step,
+            } => Error::StepNotReached {
+                run_id: run_id.clone(),
+                step: *step,
+                final_step: *final_step,
+            },
+            Error::StepInputNotKept { run_id, step } => Error::StepInputNotKept {
+                run_id: run_id.clone(),
+                step: *step,
+            },
+            _ => return None,
+        })
+    }
+
     /// Whether retrying the same call cannot succeed. Input, configuration
     /// and record errors are permanent; store failures are not.
     pub fn is_permanent(&self) -> bool {

@@ -203,3 +203,76 @@ async fn a_cancelled_run_reruns_and_inputs_can_be_left_unkept() {
     ));
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_reruns_through_the_inbox_and_gets_typed_refusals() {
+    use std::time::Duration;
+    const GUARD: Duration = Duration::from_secs(60);
+    let fail_once = Arc::new(AtomicBool::new(true));
+    let runner = FnRunner::new({
+        let fail_once = fail_once.clone();
+        move |s: Step| {
+            let fail_once = fail_once.clone();
+            async move {
+                if s.step_number == 0 {
+                    return Ok(StepOutcome::Continue { payload: s.payload });
+                }
+                if fail_once.swap(false, Ordering::SeqCst) {
+                    return Ok(StepOutcome::Fail {
+                        reason: "not yet".into(),
+                    });
+                }
+                Ok(StepOutcome::Succeed { result: s.payload })
+            }
+        }
+    });
+    let location = StoreLocation::new(
+        Arc::new(taquba::object_store::memory::InMemory::new()),
+        "wm",
+    );
+    let store = StoreOptions::default()
+        .flush_interval(Duration::from_millis(2))
+        .inbox_touch_poll(Duration::from_millis(5));
+    let queue = open_worker_store(&location, store).await.unwrap();
+    let rt = WorkflowRuntime::builder(queue, runner.clone(), NoopTerminalHook)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let worker = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.run(std::future::pending()).await }
+    });
+    let client = Client::open(
+        &location,
+        ClientOptions::default().refresh_interval(Duration::from_millis(5)),
+    )
+    .await
+    .unwrap();
+    let spec = RunSpec {
+        run_id: Some("remote".into()),
+        input: b"in".to_vec(),
+        ..Default::default()
+    };
+    client.submit_and_wait(spec, GUARD).await.unwrap();
+    let out = client.wait("remote", GUARD).await.unwrap();
+    assert_eq!((out.status, out.final_step), (TerminalStatus::Failed, 1));
+    assert!(matches!(
+        client.rerun_and_wait("remote", 2, GUARD).await,
+        Err(Error::StepNotReached { step: 2, .. })
+    ));
+    assert!(matches!(
+        client.rerun_and_wait("nobody", 0, GUARD).await,
+        Err(Error::RunNotFound(_))
+    ));
+    assert_eq!(client.rerun_and_wait("remote", 1, GUARD).await.unwrap(), 1);
+    let out = rt.wait("remote").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.result.as_deref(), Some(&b"in"[..]));
+    assert_eq!(out.reruns, 1);
+    assert_eq!(runner.calls("remote", 0), 1, "step 0 not re-run");
+    assert!(matches!(
+        client.rerun_and_wait("remote", 1, GUARD).await,
+        Err(Error::RunSucceeded(_))
+    ));
+    worker.abort();
+}

@@ -62,6 +62,10 @@ enum Command {
     /// Cancel a run (through the store's inbox; a worker applies it).
     #[command(after_help = EXIT_CODES_HELP)]
     Cancel(commands::control::CancelArgs),
+    /// Re-run a run that ended Failed or Cancelled from one of its steps
+    /// (through the store's inbox; a worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Rerun(commands::rerun::RerunArgs),
     /// Print where a live run is, or how it ended. Never writes to the
     /// store; safe while a worker or the demo runs.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             Command::Worker(args) => commands::worker::run(args).await,
             Command::Submit(args) => commands::control::submit(args).await,
             Command::Cancel(args) => commands::control::cancel(args).await,
+            Command::Rerun(args) => commands::rerun::rerun(args).await,
             Command::Status(args) => commands::read::status(args).await,
             Command::Outcome(args) => commands::read::outcome(args).await,
             Command::Runs(args) => commands::read::runs(args).await,

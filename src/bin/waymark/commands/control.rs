@@ -165,7 +165,7 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
 }
 
 /// Send a request, bounded.
-async fn send(
+pub(super) async fn send(
     store: &Store,
     sending: impl Future<Output = Result<Sent, Error>>,
 ) -> CliResult<Sent> {
@@ -182,7 +182,7 @@ async fn send(
 
 /// Wait up to the timeout for the worker's reply: `None` (said in words)
 /// when no worker answered; a refusal is an error.
-async fn await_reply(
+pub(super) async fn await_reply(
     store: &Store,
     client: &waymark::Client,
     sent: &Sent,
@@ -207,6 +207,19 @@ async fn await_reply(
         ))),
         Err(Error::RequestRefused { reason, .. }) => Err(CliError::refused(format!(
             "the worker refused the request: {reason}"
+        ))),
+        Err(Error::RunNotFound(run_id)) => Err(CliError::not_found(format!(
+            "no run `{}` in {} (never submitted, or its outcome passed the retention window)",
+            shown(&run_id),
+            store.shown()
+        ))),
+        Err(
+            e @ (Error::RunLive(_)
+            | Error::RunSucceeded(_)
+            | Error::StepNotReached { .. }
+            | Error::StepInputNotKept { .. }),
+        ) => Err(CliError::refused(format!(
+            "the worker refused the request: {e}"
         ))),
         Err(e) => Err(CliError::failure(format!(
             "cannot read the worker's reply: {e}"

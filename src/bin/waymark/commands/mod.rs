@@ -1,9 +1,11 @@
 //! The commands that work on a store from outside its worker: reads
 //! ([`read`]: `status`, `outcome`, `runs`, `workflows`), requests
-//! ([`control`]: `submit`, `cancel`), and the worker itself ([`worker`]).
+//! ([`control`]: `submit`, `cancel`; [`rerun`]: `rerun`), and the worker
+//! itself ([`worker`]).
 
 pub mod control;
 pub mod read;
+pub mod rerun;
 pub mod worker;
 
 use waymark::Error;
