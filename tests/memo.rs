@@ -141,6 +141,9 @@ async fn memo_entries_go_with_the_outcome_at_retention() {
     assert_eq!(
         data_keys(&env).await,
         [
+            // The kept inputs of steps 0 and 1 (for a re-run), then the memo.
+            "wm/workflow-steps/data/kept/input/0",
+            "wm/workflow-steps/data/kept/input/1",
             "wm/workflow-steps/data/kept/memo/0/charge",
             "wm/workflow-steps/data/kept/memo/run/receipt",
         ]
