@@ -162,6 +162,7 @@ mod control;
 mod effects;
 mod error;
 mod hook;
+pub mod memo;
 mod pending;
 mod policy;
 mod read;
@@ -179,6 +180,7 @@ pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
 pub use effects::{MAX_EFFECT_KEY_BYTES, RESERVED_KEY_PREFIX, StagedEffects};
 pub use error::Error;
 pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
+pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
     DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
     DEFAULT_WORKFLOW, HEADER_PARKED, Keys, OutcomeRecord, RunRecord, bounded_reason, decode,
-    parse_step_extras, user_headers, validate_name,
+    parse_step_extras, rerun_of, user_headers, validate_name,
 };
 
 /// Where a live run is.
@@ -51,6 +51,9 @@ pub struct RunStatus {
     pub state: RunState,
     /// The step it is at.
     pub current_step: u32,
+    /// How many times the run was re-run from a step (0: its first
+    /// segment).
+    pub reruns: u32,
     /// The workflow it belongs to.
     pub workflow: String,
     /// When a `Scheduled` step runs: after `ContinueAfter`, a retry's backoff
@@ -198,6 +201,7 @@ pub(crate) fn dead_outcome(run_id: &str, run: &RunRecord, job: &JobRecord) -> Ru
         error,
         headers: user_headers(&job.headers),
         final_step: run.step,
+        reruns: rerun_of(&job.headers),
     }
 }
 
@@ -298,6 +302,7 @@ async fn status_of(
         run_id: run_id.to_string(),
         state,
         current_step: run.step,
+        reruns: rerun_of(&job.headers),
         workflow,
         scheduled_for: matches!(state, RunState::Scheduled | RunState::WaitingForSignal)
             .then_some(job.run_at)

@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::effects::StagedEffects;
+use crate::error::Error;
+use crate::memo::Memo;
 
 /// One step of a run, handed to [`StepRunner::run_step`].
 #[derive(Debug, Clone)]
@@ -34,6 +36,11 @@ pub struct Step {
     /// watches it can stop early; whatever it returns afterwards is discarded
     /// and the run ends `Cancelled`.
     pub cancel_token: CancellationToken,
+    /// The durable memo of this step of this run: what an earlier attempt
+    /// memoized here is found by the next (see [`Memo`]).
+    pub memo: Memo,
+    /// The durable memo of the run, shared by all its steps.
+    pub run_memo: Memo,
     /// For the step after a [`StepOutcome::WaitForSignal`]: the payload of
     /// the signal that ended the wait, or `None` when its timeout passed
     /// first. `None` for every other step. It stays with the step across
@@ -140,6 +147,19 @@ impl StepError {
     /// Whether this error is [`StepErrorKind::Permanent`].
     pub fn is_permanent(&self) -> bool {
         self.kind == StepErrorKind::Permanent
+    }
+}
+
+impl From<Error> for StepError {
+    /// A runtime error met by a step (a memo read or write): permanent when
+    /// [`Error::is_permanent`] says retrying cannot help, transient
+    /// otherwise.
+    fn from(e: Error) -> Self {
+        if e.is_permanent() {
+            Self::permanent(e.to_string())
+        } else {
+            Self::transient(e.to_string())
+        }
     }
 }
 

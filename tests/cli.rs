@@ -264,6 +264,7 @@ fn reads_of_a_directory_without_a_store_say_so_and_create_nothing() {
             &["runs", "--dir", dir],
             &["workflows", "--dir", dir],
             &["cancel", "x", "--dir", dir],
+            &["rerun", "x", "0", "--dir", dir],
             &["submit", "x", "--example", "1", "--dir", dir],
         ] {
             waymark(tmp.path())

@@ -260,6 +260,33 @@ impl Client {
         self.send(request_id, run_id, &request).await
     }
 
+    /// Send a request to re-run an ended run from a step; the worker applies
+    /// it with `WorkflowRuntime::rerun`. See [`Self::wait_reply`] for its
+    /// answer ([`Reply::Rerun`], or a typed refusal: [`Error::RunLive`],
+    /// [`Error::RunSucceeded`], [`Error::RunNotFound`],
+    /// [`Error::StepNotReached`], [`Error::StepInputNotKept`]).
+    pub async fn rerun(&self, run_id: &str, from_step: u32) -> Result<Sent, Error> {
+        self.rerun_with_id(&new_request_id(), run_id, from_step)
+            .await
+    }
+
+    /// [`Self::rerun`] with the caller's request id (see
+    /// [`Self::submit_with_id`]).
+    pub async fn rerun_with_id(
+        &self,
+        request_id: &str,
+        run_id: &str,
+        from_step: u32,
+    ) -> Result<Sent, Error> {
+        validate_request_id(request_id)?;
+        validate_name("run id", run_id)?;
+        let request = Request::Rerun {
+            run_id: run_id.to_string(),
+            from_step,
+        };
+        self.send(request_id, run_id, &request).await
+    }
+
     /// Signal and wait up to `timeout` for the worker's answer: `Ok` once
     /// the signal was delivered, [`Error::NotWaiting`] when the run was not
     /// waiting, [`Error::RunNotFound`] for an unknown run.
@@ -272,6 +299,21 @@ impl Client {
         let sent = self.signal(run_id, payload).await?;
         match self.wait_reply(&sent.request_id, timeout).await? {
             Reply::Signalled { .. } => Ok(()),
+            other => Err(unexpected(&sent.request_id, &other)),
+        }
+    }
+
+    /// Re-run and wait up to `timeout` for the worker's answer: the re-run's
+    /// number, or the typed refusal.
+    pub async fn rerun_and_wait(
+        &self,
+        run_id: &str,
+        from_step: u32,
+        timeout: Duration,
+    ) -> Result<u32, Error> {
+        let sent = self.rerun(run_id, from_step).await?;
+        match self.wait_reply(&sent.request_id, timeout).await? {
+            Reply::Rerun { rerun, .. } => Ok(rerun),
             other => Err(unexpected(&sent.request_id, &other)),
         }
     }

@@ -28,7 +28,7 @@ use taquba::{Claim, ExpiryIndex, SettlementEffects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request};
+use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request, RerunRefusal};
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{HEADER_RUN_ID, decode, encode};
@@ -291,6 +291,10 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => schedule_refusal(e),
             }
         }
+        Request::Rerun { run_id, from_step } => match rt.rerun(&run_id, from_step).await {
+            Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
+            Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
+        },
     };
     match applied {
         Ok(body) => {

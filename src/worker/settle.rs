@@ -4,9 +4,10 @@
 //! ends, every effect that commits with it, and the work that follows the
 //! commit. Contributors add to it — the verdict (the next step, a wait for a
 //! signal, a retry, or the run's terminal effects), the effects the runner
-//! staged (when the settlement commits the outcome it returned), and the
-//! workflow's health — and [`settle`] commits it in one transaction and runs
-//! its aftermath. A feature that must
+//! staged (when the settlement commits the outcome it returned), the next
+//! step's kept input (for a re-run) and the workflow's health — and
+//! [`settle`] commits it in one transaction and runs its aftermath. A
+//! feature that must
 //! commit with a step adds a contributor, not a branch in the commit.
 
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use crate::record::{
     SignalledPayload, encode,
 };
 use crate::runner::StepRunner;
-use crate::runtime::Inner;
+use crate::runtime::{Inner, KvEntry};
 
 /// One step's settlement, built by contributors and committed by [`settle`].
 struct Settlement {
@@ -61,6 +62,14 @@ struct Aftermath {
 }
 
 impl Settlement {
+    /// This settlement with a KV put added to its effects.
+    fn with(mut self, put: Option<KvEntry>) -> Self {
+        if let Some((key, value)) = put {
+            self.effects = self.effects.kv_put(key, value);
+        }
+        self
+    }
+
     /// A settlement that moves the run to a new step job.
     fn moving(effects: SettlementEffects) -> Self {
         Self {
@@ -98,12 +107,16 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
     staged: SettlementEffects,
 ) -> bool {
     let (verdict, parking) = recheck_parking(inner, job, verdict).await;
+    let kept = kept_input(inner, job, &verdict);
     let built = match from_verdict(inner, job, verdict) {
         Ok(mut settlement) => {
             settlement.after.parking = parking;
             // The runner's staged effects: keys and queues apart from ours.
             settlement.effects = effects::merge(settlement.effects, staged);
-            with_health(inner, job, health, settlement).await
+            match kept {
+                Ok(kept) => with_health(inner, job, health, settlement.with(kept)).await,
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e),
     };
@@ -190,6 +203,21 @@ fn from_verdict<R, H>(
         Verdict::DeadLetter(why, outcome) => {
             Settlement::ending(inner, JobEnd::DeadLetter(why), outcome)
         }
+    }
+}
+
+/// The kept input's contribution: the next step's input payload, kept for
+/// a re-run (see `WorkflowRuntimeBuilder::keep_step_inputs`).
+fn kept_input<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    verdict: &Verdict,
+) -> Result<Option<KvEntry>, Error> {
+    match verdict {
+        Verdict::Next { payload, .. } => {
+            inner.kept_input(&job.run_id, job.step.saturating_add(1), payload)
+        }
+        _ => Ok(None),
     }
 }
 

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::settle::settle;
 use crate::breaker::Gate;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
+use crate::memo::Memo;
 use crate::policy::saturating_ms;
 use taquba::SettlementEffects;
 
@@ -100,6 +101,7 @@ impl StepJob {
             error: error.map(record::bounded_reason),
             headers: user_headers(&self.claim.headers),
             final_step: self.step,
+            reruns: record::rerun_of(&self.claim.headers),
         }
     }
 
@@ -380,6 +382,8 @@ async fn run_runner<R: StepRunner, H>(
         attempts: job.attempts(),
         max_attempts: job.max_attempts(),
         cancel_token: entry.token.clone(),
+        memo: memo(inner, job, Some(job.step)),
+        run_memo: memo(inner, job, None),
         signal: job.signal.clone(),
         effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
     };
@@ -395,6 +399,17 @@ async fn run_runner<R: StepRunner, H>(
             Err(StepError::transient(format!("step panicked: {what}")))
         });
     (ran, step.effects.take())
+}
+
+/// The step's memo scope (`Some(step)`) or its run's (`None`).
+fn memo<R, H>(inner: &Inner<R, H>, job: &StepJob, step: Option<u32>) -> Memo {
+    Memo::new(
+        inner.queue.clone(),
+        &job.run_id,
+        inner.keys.memo(&job.run_id, step),
+        inner.keys.run(&job.run_id),
+        &job.claim.id,
+    )
 }
 
 /// Turn what the runner returned into a settlement and a health change, and

@@ -220,11 +220,6 @@ pub async fn await_reply_to(
              its wait already ended, or the run has ended); signals are not kept for later",
             shown(&run_id)
         ))),
-        Err(Error::RunNotFound(run_id)) => Err(CliError::not_found(format!(
-            "no run `{}` in {}",
-            shown(&run_id),
-            store.shown()
-        ))),
         Err(Error::RequestRefused { reason, .. }) => Err(CliError::refused(format!(
             "the worker refused the request: {reason}"
         ))),
@@ -244,6 +239,19 @@ pub async fn await_reply_to(
             | Error::ScheduleOverlap { .. }
             | Error::ShuttingDown),
         ) => Err(CliError::refused(format!("the worker refused: {e}"))),
+        Err(Error::RunNotFound(run_id)) => Err(CliError::not_found(format!(
+            "no run `{}` in {} (never submitted, or its outcome passed the retention window)",
+            shown(&run_id),
+            store.shown()
+        ))),
+        Err(
+            e @ (Error::RunLive(_)
+            | Error::RunSucceeded(_)
+            | Error::StepNotReached { .. }
+            | Error::StepInputNotKept { .. }),
+        ) => Err(CliError::refused(format!(
+            "the worker refused the request: {e}"
+        ))),
         Err(e) => Err(CliError::failure(format!(
             "cannot read the worker's reply: {e}"
         ))),
