@@ -5,8 +5,8 @@
 //! inbox entry id) is the request id, whose header `workflow.run_id` names
 //! the run (or, for a schedule request, `schedule/{id}`), and whose payload
 //! is a [`Request`]. The worker claims the job, applies it through its
-//! runtime's `submit` / `cancel` / `trigger` / `pause_schedule` /
-//! `resume_schedule`, and writes a
+//! runtime's `submit` / `cancel` / `signal` / `rerun` / `trigger` /
+//! `pause_schedule` / `resume_schedule`, and writes a
 //! [`ReplyRecord`] at `wm/Q/reply/{request_id}` (with an expiry entry at
 //! `wm/Q/rexp/{t}{request_id}`), which the client reads.
 
@@ -36,6 +36,14 @@ pub(crate) enum Request {
     },
     /// Cancel a run (`WorkflowRuntime::cancel`).
     Cancel { run_id: String },
+    /// Signal a run waiting for one (`WorkflowRuntime::signal`).
+    Signal {
+        run_id: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Re-run an ended run from a step (`WorkflowRuntime::rerun`).
+    Rerun { run_id: String, from_step: u32 },
     /// Fire a schedule now (`WorkflowRuntime::trigger`).
     Trigger { schedule: String },
     /// Pause a schedule (`WorkflowRuntime::pause_schedule`).
@@ -83,8 +91,18 @@ pub(crate) enum ReplyBody {
     },
     /// The cancel was applied: whether it was accepted.
     Cancelled { run_id: String, cancelled: bool },
+    /// The re-run was applied: its number.
+    Rerun { run_id: String, rerun: u32 },
+    /// The re-run was refused, for a reason with a typed error.
+    RerunRefused(RerunRefusal),
     /// The run exists with another input (`Error::InputMismatch`).
     InputMismatch { run_id: String },
+    /// The signal was delivered: the run's next step is due.
+    Signalled { run_id: String },
+    /// The run was not waiting for a signal (`Error::NotWaiting`).
+    NotWaiting { run_id: String },
+    /// No such run (`Error::RunNotFound`).
+    RunNotFound { run_id: String },
     /// Refused, with the reason.
     Refused { reason: String },
     /// The trigger fired the schedule: the run it submitted.
@@ -106,6 +124,69 @@ pub(crate) enum ReplyBody {
     ShuttingDown,
 }
 
+/// Why a re-run was refused: each is one of `Error`'s variants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RerunRefusal {
+    NotFound {
+        run_id: String,
+    },
+    Live {
+        run_id: String,
+    },
+    Succeeded {
+        run_id: String,
+    },
+    NotReached {
+        run_id: String,
+        step: u32,
+        final_step: u32,
+    },
+    InputNotKept {
+        run_id: String,
+        step: u32,
+    },
+}
+
+impl RerunRefusal {
+    /// The refusal of a re-run error, `None` for other errors.
+    pub(crate) fn of(e: &Error) -> Option<Self> {
+        Some(match e.clone_rerun()? {
+            Error::RunNotFound(run_id) => Self::NotFound { run_id },
+            Error::RunLive(run_id) => Self::Live { run_id },
+            Error::RunSucceeded(run_id) => Self::Succeeded { run_id },
+            Error::StepNotReached {
+                run_id,
+                step,
+                final_step,
+            } => Self::NotReached {
+                run_id,
+                step,
+                final_step,
+            },
+            Error::StepInputNotKept { run_id, step } => Self::InputNotKept { run_id, step },
+            _ => return None,
+        })
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            Self::NotFound { run_id } => Error::RunNotFound(run_id),
+            Self::Live { run_id } => Error::RunLive(run_id),
+            Self::Succeeded { run_id } => Error::RunSucceeded(run_id),
+            Self::NotReached {
+                run_id,
+                step,
+                final_step,
+            } => Error::StepNotReached {
+                run_id,
+                step,
+                final_step,
+            },
+            Self::InputNotKept { run_id, step } => Error::StepInputNotKept { run_id, step },
+        }
+    }
+}
+
 /// The answer to a client's request, once the worker has applied it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -121,6 +202,20 @@ pub enum Reply {
         /// Whether the cancel was accepted (false: unknown, ended, or
         /// already cancelling).
         cancelled: bool,
+    },
+    /// A signal: it was delivered to the run's wait (a run that was not
+    /// waiting is [`Error::NotWaiting`]).
+    Signalled {
+        /// The run.
+        run_id: String,
+    },
+    /// A re-run: the run is live again, in re-run number `rerun` (see
+    /// [`WorkflowRuntime::rerun`](crate::WorkflowRuntime::rerun)).
+    Rerun {
+        /// The run.
+        run_id: String,
+        /// The re-run's number (1 for the first).
+        rerun: u32,
     },
     /// A trigger: the run the schedule's fire submitted, as
     /// [`WorkflowRuntime::trigger`](crate::WorkflowRuntime::trigger)
@@ -165,7 +260,12 @@ impl ReplyBody {
             ReplyBody::Cancelled { run_id, cancelled } => {
                 Ok(Reply::Cancelled { run_id, cancelled })
             }
+            ReplyBody::Rerun { run_id, rerun } => Ok(Reply::Rerun { run_id, rerun }),
+            ReplyBody::RerunRefused(refusal) => Err(refusal.into_error()),
             ReplyBody::InputMismatch { run_id } => Err(Error::InputMismatch(run_id)),
+            ReplyBody::Signalled { run_id } => Ok(Reply::Signalled { run_id }),
+            ReplyBody::NotWaiting { run_id } => Err(Error::NotWaiting(run_id)),
+            ReplyBody::RunNotFound { run_id } => Err(Error::RunNotFound(run_id)),
             ReplyBody::Refused { reason } => Err(Error::RequestRefused {
                 request_id: request_id.to_string(),
                 reason,

@@ -196,9 +196,127 @@ pub enum Error {
     /// Call again.
     #[error("schedule `{0}` was changed by another process during the call; call again")]
     ScheduleConflict(String),
+
+    /// A signal was sent to a run that is not waiting for one: unknown to
+    /// the wait (its step has not committed a `WaitForSignal` yet, or the
+    /// wait already ended by an earlier signal, its timeout or a cancel), or
+    /// the run has ended. Signals are never buffered: start the work that
+    /// leads to a signal from the step that waits (stage it with
+    /// `Step::effects`), so no signal can come before its wait.
+    #[error(
+        "run `{0}` is not waiting for a signal (not yet, no longer, or it has ended); signals are not buffered"
+    )]
+    NotWaiting(String),
+
+    /// A step staged a KV key or an enqueue to a queue that Waymark
+    /// reserves. Use a key outside `wm/` and a queue outside the runtime's.
+    #[error("the {what} `{name}` is reserved ({reserved}); use another")]
+    ReservedName {
+        /// What was refused ("KV key", "queue").
+        what: &'static str,
+        /// The name (cut to 160 characters).
+        name: String,
+        /// Which names are reserved.
+        reserved: String,
+    },
+
+    /// A step staged both a put and a delete of one KV key: which one
+    /// commits would be a guess. Stage one of them.
+    #[error("KV key `{0}` is staged for both a put and a delete; stage one of them")]
+    ConflictingEffect(String),
+
+    /// A step staged an effect after `run_step` returned (from a task that
+    /// outlived it): its settlement was already built. Stage effects before
+    /// returning.
+    #[error("the step has returned; stage effects before run_step returns")]
+    EffectsClosed,
+    /// A re-run was refused because the run is still live. Wait for it to
+    /// end (or cancel it), then re-run it.
+    #[error("run `{0}` is still live; only a run that ended Failed or Cancelled can be re-run")]
+    RunLive(String),
+
+    /// A re-run was refused because the run succeeded. Submit a new run.
+    #[error("run `{0}` succeeded; only a run that ended Failed or Cancelled can be re-run")]
+    RunSucceeded(String),
+
+    /// A re-run was refused because the run never reached the step.
+    #[error(
+        "run `{run_id}` never reached step {step} (it ended at step {final_step}); re-run from a step at or before it"
+    )]
+    StepNotReached {
+        /// The run.
+        run_id: String,
+        /// The step asked for.
+        step: u32,
+        /// The step the run ended at.
+        final_step: u32,
+    },
+
+    /// A re-run was refused because the step's input payload was not kept
+    /// (the runtime was built with `keep_step_inputs(false)`, or the payload
+    /// was over `MAX_KEPT_INPUT_BYTES`). Re-run from another step, or submit
+    /// a new run.
+    #[error(
+        "step {step} of run `{run_id}` cannot be re-run: its input was not kept (keep_step_inputs off, or over MAX_KEPT_INPUT_BYTES)"
+    )]
+    StepInputNotKept {
+        /// The run.
+        run_id: String,
+        /// The step asked for.
+        step: u32,
+    },
+
+    /// A memo key is empty or longer than
+    /// [`MAX_MEMO_KEY_LEN`](crate::memo::MAX_MEMO_KEY_LEN) bytes. Use a
+    /// shorter key (a hash of a long one).
+    #[error("invalid memo key `{key}`: {reason}")]
+    InvalidMemoKey {
+        /// The rejected key (truncated to 160 characters).
+        key: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+
+    /// A memo write was refused because the step that made it is no longer
+    /// the run's current step: its claim was lost (another attempt runs it)
+    /// or the run ended. Nothing was written; whatever this attempt returns
+    /// is discarded.
+    #[error(
+        "memo write refused: run `{run_id}` is no longer at step job `{job_id}` (the attempt lost its claim or the run ended)"
+    )]
+    MemoStale {
+        /// The run.
+        run_id: String,
+        /// The step job of the attempt that tried to write.
+        job_id: String,
+    },
 }
 
 impl Error {
+    /// A copy of a re-run refusal (the errors `rerun` refuses with), to
+    /// carry it to a client; `None` for every other error.
+    pub(crate) fn clone_rerun(&self) -> Option<Error> {
+        Some(match self {
+            Error::RunNotFound(r) => Error::RunNotFound(r.clone()),
+            Error::RunLive(r) => Error::RunLive(r.clone()),
+            Error::RunSucceeded(r) => Error::RunSucceeded(r.clone()),
+            Error::StepNotReached {
+                run_id,
+                step,
+                final_step,
+            } => Error::StepNotReached {
+                run_id: run_id.clone(),
+                step: *step,
+                final_step: *final_step,
+            },
+            Error::StepInputNotKept { run_id, step } => Error::StepInputNotKept {
+                run_id: run_id.clone(),
+                step: *step,
+            },
+            _ => return None,
+        })
+    }
+
     /// Whether retrying the same call cannot succeed. Input, configuration
     /// and record errors are permanent; store failures are not.
     pub fn is_permanent(&self) -> bool {

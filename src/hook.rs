@@ -47,6 +47,11 @@ pub struct RunOutcome {
     pub headers: HashMap<String, String>,
     /// The step the run ended at.
     pub final_step: u32,
+    /// How many times the run was re-run from a step before this ending
+    /// (0: it ended in its first segment). See
+    /// [`WorkflowRuntime::rerun`](crate::WorkflowRuntime::rerun).
+    #[serde(default)]
+    pub reruns: u32,
 }
 
 /// Called once a run has terminated (at least once; see the module docs).

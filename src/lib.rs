@@ -9,8 +9,8 @@
 //!
 //! - A **run** is a chain of **steps**. You write a [`StepRunner`]: given a
 //!   [`Step`] (its number, payload and headers), it returns a
-//!   [`StepOutcome`] — continue with a payload (now or after a delay),
-//!   succeed with a result, fail, or cancel.
+//!   [`StepOutcome`] — continue with a payload (now, after a delay, or when
+//!   a signal arrives), succeed with a result, fail, or cancel.
 //! - Each step is a queue job. The worker pool ([`WorkflowRuntime::run`])
 //!   claims step jobs, calls your runner, and commits what it returned **in
 //!   the same transaction that settles the step's job**: the next step, the
@@ -95,6 +95,14 @@
 //!   a running step sees its [`Step::cancel_token`] fire and its result is
 //!   discarded. The request is durable: a restart still ends the run
 //!   `Cancelled` without running the step again.
+//! - **Signals** ([`StepOutcome::WaitForSignal`]): the next step waits,
+//!   holding no worker and spending no attempt, until
+//!   [`WorkflowRuntime::signal`] (or [`Client::signal`], `waymark signal`)
+//!   wakes it with [`Step::signal`] set, or its timeout passes. A signal for
+//!   a run that is not waiting is [`Error::NotWaiting`], never buffered.
+//! - **Staged effects** ([`Step::effects`]): application KV writes and
+//!   enqueues commit in the settlement of the outcome the runner returned,
+//!   and are discarded on an error or an external cancel.
 //! - **Schedules** ([`Schedule`]: every N seconds, cron, manual): each due
 //!   time fires exactly once — the run is submitted in the transaction that
 //!   records the fire and arms the next one — across crashes and restarts,
@@ -116,7 +124,8 @@
 //! Any other process opens a [`Client`] on the same location. It holds no
 //! writer, so it never fences the worker:
 //!
-//! - **Requests** ([`Client::submit`], [`Client::cancel`]) are checked as
+//! - **Requests** ([`Client::submit`], [`Client::cancel`],
+//!   [`Client::signal`]) are checked as
 //!   the runtime checks them, then written as one inbox object each, named
 //!   by a request id: sent again with the same id, a request is applied
 //!   once. The worker applies each through its own
@@ -150,8 +159,10 @@
 mod breaker;
 mod client;
 mod control;
+mod effects;
 mod error;
 mod hook;
+pub mod memo;
 mod pending;
 mod policy;
 mod read;
@@ -166,16 +177,18 @@ mod worker;
 pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};
 pub use client::{Client, ClientOptions, Sent};
 pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
+pub use effects::{MAX_EFFECT_KEY_BYTES, RESERVED_KEY_PREFIX, StagedEffects};
 pub use error::Error;
 pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
+pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
     DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
 };
 pub use record::{
-    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_STEP,
-    HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN,
-    RESERVED_HEADER_PREFIX, validate_headers, validate_name,
+    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_SIGNAL,
+    HEADER_STEP, HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
+    MAX_RUN_ID_LEN, MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
 };
 pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
 pub use runtime::{RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
     DEFAULT_WORKFLOW, HEADER_PARKED, Keys, OutcomeRecord, RunRecord, bounded_reason, decode,
-    parse_step_extras, user_headers, validate_name,
+    parse_step_extras, rerun_of, user_headers, validate_name,
 };
 
 /// Where a live run is.
@@ -36,6 +36,10 @@ pub enum RunState {
     /// Its workflow's breaker tripped: the step is parked (holding no worker
     /// or lease) until the breaker closes.
     Parked,
+    /// Its last step returned `WaitForSignal`: the next step waits (holding
+    /// no worker) for a signal, or until [`RunStatus::scheduled_for`], when
+    /// it runs without one.
+    WaitingForSignal,
 }
 
 /// A live run's status, read from durable state.
@@ -47,10 +51,14 @@ pub struct RunStatus {
     pub state: RunState,
     /// The step it is at.
     pub current_step: u32,
+    /// How many times the run was re-run from a step (0: its first
+    /// segment).
+    pub reruns: u32,
     /// The workflow it belongs to.
     pub workflow: String,
     /// When a `Scheduled` step runs: after `ContinueAfter`, a retry's backoff
-    /// or a breaker's backoff window.
+    /// or a breaker's backoff window; for `WaitingForSignal`, when the wait
+    /// times out.
     pub scheduled_for: Option<SystemTime>,
 }
 
@@ -193,6 +201,7 @@ pub(crate) fn dead_outcome(run_id: &str, run: &RunRecord, job: &JobRecord) -> Ru
         error,
         headers: user_headers(&job.headers),
         final_step: run.step,
+        reruns: rerun_of(&job.headers),
     }
 }
 
@@ -271,6 +280,7 @@ async fn status_of(
     let state = match job.status {
         JobStatus::Pending if job.cancel_requested => RunState::Cancelling,
         JobStatus::Pending => RunState::Pending,
+        JobStatus::Scheduled if job.signal_wait => RunState::WaitingForSignal,
         JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
         JobStatus::Scheduled => RunState::Scheduled,
         JobStatus::Claimed if job.cancel_requested || cancel_here => RunState::Cancelling,
@@ -292,8 +302,9 @@ async fn status_of(
         run_id: run_id.to_string(),
         state,
         current_step: run.step,
+        reruns: rerun_of(&job.headers),
         workflow,
-        scheduled_for: (state == RunState::Scheduled)
+        scheduled_for: matches!(state, RunState::Scheduled | RunState::WaitingForSignal)
             .then_some(job.run_at)
             .flatten()
             .map(ms_to_time),

@@ -10,6 +10,7 @@
 //! | `wm/Q/sub/{run_id}`    | [`SubmitRecord`]   | submit → end of the retention window         |
 //! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
 //! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
+//! | `wm/Q/data/{run_id}/…` | the run's data: memo entries (`memo/{step}/{key}`, `memo/run/{key}`, see [`crate::memo`]) and each step's input payload (`input/{step}`, for a re-run) | first write → end of the retention window |
 //!
 //! Elsewhere: workflow health under `wm/Q/wf/`, `wm/Q/tally/`, `wm/Q/park/`
 //! (`breaker`); client replies under `wm/Q/reply/` and `wm/Q/rexp/`
@@ -40,6 +41,14 @@ pub const HEADER_WORKFLOW: &str = "workflow.name";
 pub const HEADER_ATTEMPTS_BEFORE: &str = "workflow.attempts_before";
 /// The header marking a step job parked by a tripped breaker.
 pub const HEADER_PARKED: &str = "workflow.parked";
+/// The header marking a step job whose payload carries, beside the step's
+/// payload, the signal its wait received: set when a woken step moves to a
+/// new job (a retry, a breaker deferral or a parking), so the signal stays
+/// with the step. The payload is then a [`SignalledPayload`] record.
+pub const HEADER_SIGNAL: &str = "workflow.signal";
+/// The header carrying how many times the run was re-run from a step
+/// (absent on the first segment).
+pub const HEADER_RERUN: &str = "workflow.rerun";
 /// Headers with this prefix are the runtime's; a submit may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
 
@@ -53,9 +62,18 @@ pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
 /// The largest run input or step payload accepted, in bytes. Larger ones are
 /// offloaded to their own object by taquba, so this bounds memory, not KV.
 pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+/// The largest step input payload kept for a re-run (see
+/// `WorkflowRuntimeBuilder::keep_step_inputs`), in bytes: it lives in KV,
+/// whose values taquba caps at 256 KiB. A step whose input is larger cannot
+/// be re-run from.
+pub const MAX_KEPT_INPUT_BYTES: usize = 192 * 1024;
 /// The largest run result or failure reason kept in a terminal record, in
 /// bytes (the record lives in KV, whose values taquba caps at 256 KiB).
 pub const MAX_RESULT_BYTES: usize = 192 * 1024;
+
+/// The largest signal payload accepted, in bytes. It is kept on the waiting
+/// step job's record: pass a reference for larger data.
+pub const MAX_SIGNAL_BYTES: usize = 64 * 1024;
 
 /// The live record of a run: where it is. Written at submit and by every
 /// step transition, in the transaction that settles the step; deleted in the
@@ -66,6 +84,16 @@ pub(crate) struct RunRecord {
     pub step: u32,
     /// The queue job that carries that step.
     pub job_id: String,
+}
+
+/// The payload of a step job with [`HEADER_SIGNAL`]: the step's payload and
+/// the signal its wait received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SignalledPayload {
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signal: Vec<u8>,
 }
 
 /// What a submit fixed: kept from submit until the terminal record expires,
@@ -93,6 +121,9 @@ pub(crate) struct OutcomeRecord {
     pub final_step: u32,
     /// Termination time, ms since the Unix epoch (queue clock).
     pub finished_at_ms: u64,
+    /// The re-run this ending belongs to (0: the first segment).
+    #[serde(default)]
+    pub reruns: u32,
 }
 
 impl OutcomeRecord {
@@ -105,6 +136,7 @@ impl OutcomeRecord {
             error: self.error,
             headers: self.headers,
             final_step: self.final_step,
+            reruns: self.reruns,
         }
     }
 }
@@ -146,6 +178,7 @@ pub(crate) struct Keys {
     sub: Vec<u8>,
     out: Vec<u8>,
     exp: Vec<u8>,
+    data: Vec<u8>,
 }
 
 impl Keys {
@@ -157,6 +190,7 @@ impl Keys {
             sub: with("sub"),
             out: with("out"),
             exp: with("exp"),
+            data: with("data"),
         }
     }
 
@@ -177,6 +211,32 @@ impl Keys {
 
     pub(crate) fn out(&self, run_id: &str) -> Vec<u8> {
         Self::join(&self.out, run_id)
+    }
+
+    /// The prefix of every key of the run's data (memo entries), deleted
+    /// with its terminal record. Run ids hold no `/`, so no run's prefix is
+    /// another's.
+    pub(crate) fn data(&self, run_id: &str) -> Vec<u8> {
+        let mut key = Self::join(&self.data, run_id);
+        key.push(b'/');
+        key
+    }
+
+    /// The kept input payload of step `step` (for a re-run).
+    pub(crate) fn input(&self, run_id: &str, step: u32) -> Vec<u8> {
+        let mut key = self.data(run_id);
+        key.extend_from_slice(format!("input/{step}").as_bytes());
+        key
+    }
+
+    /// The prefix of a memo scope: step `step`'s, or the run's (`None`).
+    pub(crate) fn memo(&self, run_id: &str, step: Option<u32>) -> Vec<u8> {
+        let mut key = self.data(run_id);
+        match step {
+            Some(step) => key.extend_from_slice(format!("memo/{step}/").as_bytes()),
+            None => key.extend_from_slice(b"memo/run/"),
+        }
+        key
     }
 
     /// The prefix of every live run record.
@@ -278,6 +338,15 @@ pub(crate) fn parse_step_extras(
         None => 0,
     };
     Ok((workflow, before))
+}
+
+/// The re-run a step job belongs to (its `workflow.rerun` header; 0 when
+/// absent or malformed).
+pub(crate) fn rerun_of(headers: &HashMap<String, String>) -> u32 {
+    headers
+        .get(HEADER_RERUN)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The submitter's headers of a step job: all but the reserved keys.

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::effects::StagedEffects;
+use crate::error::Error;
+use crate::memo::Memo;
+
 /// One step of a run, handed to [`StepRunner::run_step`].
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -16,7 +20,8 @@ pub struct Step {
     /// 0 for the first step, then 1, 2, ...
     pub step_number: u32,
     /// The run's input for step 0; afterwards the payload the previous step
-    /// returned in [`StepOutcome::Continue`] or [`StepOutcome::ContinueAfter`].
+    /// returned in [`StepOutcome::Continue`], [`StepOutcome::ContinueAfter`]
+    /// or [`StepOutcome::WaitForSignal`].
     pub payload: Vec<u8>,
     /// The headers given at submit (never the reserved `workflow.*` keys).
     pub headers: HashMap<String, String>,
@@ -31,6 +36,28 @@ pub struct Step {
     /// watches it can stop early; whatever it returns afterwards is discarded
     /// and the run ends `Cancelled`.
     pub cancel_token: CancellationToken,
+    /// The durable memo of this step of this run: what an earlier attempt
+    /// memoized here is found by the next (see [`Memo`]).
+    pub memo: Memo,
+    /// The durable memo of the run, shared by all its steps.
+    pub run_memo: Memo,
+    /// For the step after a [`StepOutcome::WaitForSignal`]: the payload of
+    /// the signal that ended the wait, or `None` when its timeout passed
+    /// first. `None` for every other step. It stays with the step across
+    /// its retries.
+    pub signal: Option<Vec<u8>>,
+    /// The application KV writes and enqueues this step stages.
+    pub(crate) effects: StagedEffects,
+}
+
+impl Step {
+    /// Stage application KV puts and deletes and enqueues to other queues,
+    /// committed in the settlement of the outcome this step returns, and
+    /// discarded on a [`StepError`] or an external cancel (see
+    /// [`StagedEffects`]).
+    pub fn effects(&self) -> &StagedEffects {
+        &self.effects
+    }
 }
 
 /// What a step decided.
@@ -47,6 +74,22 @@ pub enum StepOutcome {
         payload: Vec<u8>,
         /// How long to wait before the next step.
         delay: Duration,
+    },
+    /// Wait for a signal ([`WorkflowRuntime::signal`](crate::WorkflowRuntime::signal),
+    /// [`Client::signal`](crate::Client::signal), `waymark signal`), then run
+    /// the next step with this payload and [`Step::signal`] set to the
+    /// signal's payload; when `timeout` (on the queue's clock) passes first,
+    /// the next step runs with [`Step::signal`] `None`. The wait is a
+    /// scheduled job: it holds no worker slot, spends no attempt and
+    /// survives restarts; a cancel ends it and the run. A signal sent before
+    /// this step's settlement commits is refused ([`Error::NotWaiting`](crate::Error::NotWaiting)),
+    /// so stage the request that leads to the signal in this settlement
+    /// ([`Step::effects`]).
+    WaitForSignal {
+        /// The next step's payload.
+        payload: Vec<u8>,
+        /// How long to wait for the signal.
+        timeout: Duration,
     },
     /// The run succeeded with this result.
     Succeed {
@@ -104,6 +147,19 @@ impl StepError {
     /// Whether this error is [`StepErrorKind::Permanent`].
     pub fn is_permanent(&self) -> bool {
         self.kind == StepErrorKind::Permanent
+    }
+}
+
+impl From<Error> for StepError {
+    /// A runtime error met by a step (a memo read or write): permanent when
+    /// [`Error::is_permanent`] says retrying cannot help, transient
+    /// otherwise.
+    fn from(e: Error) -> Self {
+        if e.is_permanent() {
+            Self::permanent(e.to_string())
+        } else {
+            Self::transient(e.to_string())
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use taquba::{
     CancelOutcome, EnqueueOptions, EnqueueRequest, EnqueueResult, ExpiryIndex, JobRecord,
-    JobStatus, Queue, QueueName, SettlementEffects,
+    JobStatus, Queue, QueueName, SettlementEffects, SignalOutcome,
 };
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,8 +23,8 @@ use crate::policy::{BackoffPolicy, RetryPolicy};
 use crate::read::{self, RunFilter, RunPage};
 use crate::record::{
     self, DEFAULT_WORKFLOW, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
-    OutcomeRecord, RunRecord, SubmitRecord, decode, encode, user_headers, validate_headers,
-    validate_name,
+    MAX_SIGNAL_BYTES, OutcomeRecord, RunRecord, SubmitRecord, decode, encode, user_headers,
+    validate_headers, validate_name,
 };
 use crate::runner::StepRunner;
 use crate::schedule::{Schedule, Schedules};
@@ -104,6 +104,7 @@ pub(crate) struct Config {
     pub hook_max_attempts: u32,
     pub retry: HashMap<String, RetryPolicy>,
     pub default_retry: RetryPolicy,
+    pub keep_step_inputs: bool,
 }
 
 impl Config {
@@ -129,6 +130,7 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     breakers: HashMap<String, BackoffPolicy>,
     observer: Option<Observer>,
     schedules: Vec<Schedule>,
+    keep_step_inputs: bool,
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
@@ -217,6 +219,17 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         self
     }
 
+    /// Whether each step's input payload is kept while the run is retained,
+    /// so a run that failed or was cancelled can be re-run from a step
+    /// ([`WorkflowRuntime::rerun`]) (default `true`). Keeping it adds one KV
+    /// put of the payload to each step's settlement (and to a submit): no
+    /// commit, but the payload's bytes are written twice. Payloads over
+    /// [`MAX_KEPT_INPUT_BYTES`](crate::MAX_KEPT_INPUT_BYTES) are never kept.
+    pub fn keep_step_inputs(mut self, keep: bool) -> Self {
+        self.keep_step_inputs = keep;
+        self
+    }
+
     /// Check the settings and build the runtime.
     pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
         let invalid = |m: String| Err(Error::InvalidConfig(m));
@@ -274,6 +287,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                     hook_max_attempts: self.hook_max_attempts,
                     retry: self.retry,
                     default_retry: self.default_retry,
+                    keep_step_inputs: self.keep_step_inputs,
                 },
                 breakers,
                 schedules,
@@ -531,6 +545,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             breakers: HashMap::new(),
             observer: None,
             schedules: Vec::new(),
+            keep_step_inputs: true,
         }
     }
 
@@ -752,6 +767,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 error: None,
                 headers: user_headers(&job.headers),
                 final_step: run.step,
+                reruns: record::rerun_of(&job.headers),
             };
             let (effects, _tally) = inner.terminal_effects(&outcome)?;
             let (cancelled, _) = {
@@ -817,6 +833,143 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 }
 
+impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
+    /// Send a signal to a run whose last step returned
+    /// [`StepOutcome::WaitForSignal`](crate::StepOutcome::WaitForSignal): its
+    /// next step becomes due at once and sees `payload` as
+    /// [`Step::signal`](crate::Step::signal). The signal commits (durably)
+    /// before this returns; the step then runs on a worker of the store.
+    ///
+    /// [`Error::NotWaiting`] when the run is not waiting for a signal: its
+    /// wait has not committed yet, it already ended (a signal, its timeout,
+    /// a cancel), or the run has ended. A signal is never kept for a later
+    /// wait: a buffered signal could be taken by a wait it was not meant for
+    /// (a later step's, or a re-run's), and would outlive its run unseen. So
+    /// a caller whose signal answers work the run started should have the
+    /// waiting step start that work: stage the request (an enqueue, a KV
+    /// write) with [`Step::effects`](crate::Step::effects); it commits in the
+    /// same transaction as the wait, so no answer can come before the wait
+    /// exists. [`Error::RunNotFound`] for an unknown run;
+    /// [`Error::PayloadTooLarge`] for a payload over [`MAX_SIGNAL_BYTES`].
+    pub async fn signal(&self, run_id: &str, payload: Vec<u8>) -> Result<(), Error> {
+        validate_name("run id", run_id)?;
+        if payload.len() > MAX_SIGNAL_BYTES {
+            return Err(Error::PayloadTooLarge {
+                what: "signal",
+                size: payload.len(),
+                max: MAX_SIGNAL_BYTES,
+            });
+        }
+        let inner = &self.inner;
+        let Some((run, job)) = inner.current_step(run_id).await? else {
+            return match inner.outcome(run_id).await? {
+                Some(_) => Err(Error::NotWaiting(run_id.to_string())),
+                None => Err(Error::RunNotFound(run_id.to_string())),
+            };
+        };
+        if !job.signal_wait {
+            return Err(Error::NotWaiting(run_id.to_string()));
+        }
+        // The signal makes the step claimable before its flush returns: it
+        // is a commit in flight for the run, which admit waits for.
+        let outcome = {
+            let _pending = inner.pending.begin(run_id);
+            inner.queue.signal(&run.job_id, payload).await?
+        };
+        match outcome {
+            SignalOutcome::Delivered => {
+                tracing::info!(run_id, step = run.step, "signal delivered");
+                Ok(())
+            }
+            // The wait ended (its timeout, a cancel) since the read.
+            SignalOutcome::NotWaiting => Err(Error::NotWaiting(run_id.to_string())),
+        }
+    }
+
+    /// Re-run a run that ended `Failed` or `Cancelled` (and whose outcome is
+    /// still retained) from step `from_step`: a new segment of the same run
+    /// starts at that step with the input payload it had, and the run is
+    /// live again until it ends anew (its terminal hook fires again, its
+    /// [`RunOutcome::reruns`] and [`RunStatus::reruns`] count the re-runs).
+    /// Steps before `from_step` are not run again; memo entries of every
+    /// step are kept, so memoized calls are not repeated. Returns the re-run's
+    /// number (1 for the first). A step that followed a
+    /// [`StepOutcome::WaitForSignal`](crate::StepOutcome::WaitForSignal)
+    /// re-runs at once with its own payload and
+    /// [`Step::signal`](crate::Step::signal) `None`, as after its wait's
+    /// timeout: neither the wait nor the signal it got is kept.
+    ///
+    /// The new segment's steps get the workflow's retry policy's attempts
+    /// and the queue's default priority (a submit's own settings are not
+    /// kept). Refused, with nothing written, for an unknown run
+    /// ([`Error::RunNotFound`]), a live one ([`Error::RunLive`]), a
+    /// succeeded one ([`Error::RunSucceeded`]), a step the run never reached
+    /// ([`Error::StepNotReached`]) and a step whose input was not kept
+    /// ([`Error::StepInputNotKept`]).
+    pub async fn rerun(&self, run_id: &str, from_step: u32) -> Result<u32, Error> {
+        validate_name("run id", run_id)?;
+        let inner = &self.inner;
+        let out_key = inner.keys.out(run_id);
+        let input_key = inner.keys.input(run_id, from_step);
+        loop {
+            let (ended, input) = inner
+                .durable(run_id, async {
+                    let view = inner.queue.view();
+                    Ok((view.kv_get(&out_key).await?, view.kv_get(&input_key).await?))
+                })
+                .await?;
+            let Some(ended) = ended else {
+                return Err(match inner.read_run(run_id).await? {
+                    Some(_) => Error::RunLive(run_id.to_string()),
+                    None => Error::RunNotFound(run_id.to_string()),
+                });
+            };
+            let record: OutcomeRecord = decode(&out_key, &ended)?;
+            let retained_until = record
+                .finished_at_ms
+                .saturating_add(crate::policy::saturating_ms(inner.cfg.terminal_retention));
+            if inner.now_ms() >= retained_until {
+                // Due for retention: the pass may be deleting its data now.
+                return Err(Error::RunNotFound(run_id.to_string()));
+            }
+            match record.status {
+                TerminalStatus::Failed | TerminalStatus::Cancelled => {}
+                _ => return Err(Error::RunSucceeded(run_id.to_string())),
+            }
+            if from_step > record.final_step {
+                return Err(Error::StepNotReached {
+                    run_id: run_id.to_string(),
+                    step: from_step,
+                    final_step: record.final_step,
+                });
+            }
+            let Some(input) = input else {
+                return Err(Error::StepInputNotKept {
+                    run_id: run_id.to_string(),
+                    step: from_step,
+                });
+            };
+            let payload: serde_bytes::ByteBuf = decode(&input_key, &input)?;
+            let rerun = record.reruns.saturating_add(1);
+            let effects = inner.rerun_effects(run_id, from_step, &record, rerun, payload)?;
+            let committed = {
+                let _pending = inner.pending.begin(run_id);
+                inner
+                    .queue
+                    .kv_compare_commit(&[(&out_key, Some(&ended))], effects)
+                    .await?
+            };
+            // Another call re-ran or the record expired meanwhile: look again.
+            let Some(results) = committed else { continue };
+            if let Some(EnqueueResult::New(job_id)) = results.first() {
+                inner.pending.enqueued([job_id.as_str()]);
+            }
+            tracing::info!(run_id, from_step, rerun, "run re-run from a step");
+            return Ok(rerun);
+        }
+    }
+}
+
 pub(crate) use crate::read::job_workflow;
 
 /// The headers of step `step`'s job: the submitter's plus the reserved ones.
@@ -830,6 +983,9 @@ pub(crate) fn step_headers(
     headers.insert(HEADER_STEP.to_string(), step.to_string());
     headers
 }
+
+/// A KV key and its value.
+pub(crate) type KvEntry = (Vec<u8>, Vec<u8>);
 
 /// A checked submit: what [`Inner::submit_effects`] turns into the effects
 /// that create the run (by `submit`, and by a schedule's firing).
@@ -920,14 +1076,70 @@ impl<R, H> Inner<R, H> {
             .headers(p.headers.clone())
             .priority(p.priority)
             .max_attempts(p.max_attempts);
-        Ok(SettlementEffects::default()
+        let mut effects = SettlementEffects::default()
             .enqueue(EnqueueRequest {
                 queue: self.cfg.queue_name.clone(),
                 payload: p.input.clone(),
                 options,
             })
             .kv_put(p.run_key.clone(), encode(&p.run_key, &run)?)
-            .kv_put(p.sub_key.clone(), p.sub_value.clone()))
+            .kv_put(p.sub_key.clone(), p.sub_value.clone());
+        if let Some((key, value)) = self.kept_input(&p.run_id, 0, &p.input)? {
+            effects = effects.kv_put(key, value);
+        }
+        Ok(effects)
+    }
+
+    /// The KV entry that keeps step `step`'s input payload for a re-run, if
+    /// inputs are kept and this one is small enough.
+    pub(crate) fn kept_input(
+        &self,
+        run_id: &str,
+        step: u32,
+        payload: &[u8],
+    ) -> Result<Option<KvEntry>, Error> {
+        if !self.cfg.keep_step_inputs || payload.len() > record::MAX_KEPT_INPUT_BYTES {
+            return Ok(None);
+        }
+        let key = self.keys.input(run_id, step);
+        let value = encode(&key, &serde_bytes::Bytes::new(payload))?;
+        Ok(Some((key, value)))
+    }
+
+    /// The effects that start re-run `rerun` of an ended run at `step`: the
+    /// step's job with its kept input, the live record; the terminal record
+    /// and its retention entry go (the new ending writes new ones).
+    fn rerun_effects(
+        &self,
+        run_id: &str,
+        step: u32,
+        ended: &OutcomeRecord,
+        rerun: u32,
+        payload: serde_bytes::ByteBuf,
+    ) -> Result<SettlementEffects, Error> {
+        let job_id = self.queue.next_job_id();
+        let mut headers = step_headers(&ended.headers, run_id, step);
+        headers.insert(HEADER_WORKFLOW.to_string(), ended.workflow.clone());
+        headers.insert(record::HEADER_RERUN.to_string(), rerun.to_string());
+        let options = EnqueueOptions::default()
+            .dedup_key(record::dedup_key(run_id, step))
+            .id_override(job_id.clone())
+            .headers(headers)
+            .max_attempts(self.cfg.retry_policy(&ended.workflow).max_attempts);
+        let run_key = self.keys.run(run_id);
+        let run = RunRecord { step, job_id };
+        Ok(SettlementEffects::default()
+            .enqueue(EnqueueRequest {
+                queue: self.cfg.queue_name.clone(),
+                payload: payload.into_vec(),
+                options,
+            })
+            .kv_put(run_key.clone(), encode(&run_key, &run)?)
+            .kv_delete(self.keys.out(run_id))
+            .kv_delete(
+                self.expiry
+                    .entry_key(ended.finished_at_ms, run_id.as_bytes()),
+            ))
     }
 
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
@@ -976,6 +1188,7 @@ impl<R, H> Inner<R, H> {
             headers: outcome.headers.clone(),
             final_step: outcome.final_step,
             finished_at_ms: now,
+            reruns: outcome.reruns,
         };
         let mut effects = SettlementEffects::default()
             .kv_delete(self.keys.run(run_id))

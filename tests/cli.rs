@@ -264,6 +264,7 @@ fn reads_of_a_directory_without_a_store_say_so_and_create_nothing() {
             &["runs", "--dir", dir],
             &["workflows", "--dir", dir],
             &["cancel", "x", "--dir", dir],
+            &["rerun", "x", "0", "--dir", dir],
             &["submit", "x", "--example", "1", "--dir", dir],
         ] {
             waymark(tmp.path())
@@ -740,6 +741,17 @@ fn submit_and_status_work_beside_a_running_worker_without_fencing_it() {
         .assert()
         .success()
         .stdout(predicate::str::contains("Succeeded"));
+    // A signal to a run that waits for none is refused; an unknown run is
+    // not found (both answered by the worker, through the inbox).
+    waymark(tmp.path())
+        .args(["signal", "order-a", "approved", "--store", &url])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("not waiting for a signal"));
+    waymark(tmp.path())
+        .args(["signal", "order-z", "approved", "--store", &url])
+        .assert()
+        .code(3);
     // SIGTERM drains and the worker exits cleanly.
     std::process::Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])

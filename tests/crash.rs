@@ -10,6 +10,9 @@
 //! (`S`) and before it returns its outcome (`D`); the hook, the submitter and
 //! the canceller log too. Since a line is on disk before the commit it
 //! precedes, the log is a faithful history to check the store against.
+//! Every step also makes a memoized call (`M` when its closure runs, `V`
+//! with the value it returns): once a step's memo committed, its closure
+//! never runs again, and every attempt gets the same value.
 //!
 //! - `restart_resumes_every_run_after_sigkill`: the foundation's restart test.
 //! - `crash_torture`: a mixed workload killed at seeded random moments.
@@ -430,8 +433,22 @@ impl StepRunner for TestRunner {
                 reason: "unexpected payload".into(),
             });
         }
+        // A memoized call (a "charge"): its closure logs `M` with the value
+        // it makes; the value memoized is logged `V` once known. Once a `V`
+        // is on disk the memo committed, so no later `M` of the step may
+        // follow, in this process or after a kill.
+        let made = format!("{}.{attempt}", self.cfg.incarnation);
+        let log = &self.log;
+        let value: String = step
+            .memo
+            .memoized("charge", || async {
+                log.line("M", format_args!("{run} {n} {made}"));
+                Ok::<_, StepError>(made.clone())
+            })
+            .await?;
+        self.log.line("V", format_args!("{run} {n} {value}"));
         // The restart test's in-flight step: never returns in the first
-        // process, so a kill is certain to interrupt it.
+        // process, so a kill is certain to interrupt it (after its memo).
         if self.cfg.scenario == Scenario::Restart
             && self.cfg.incarnation == 0
             && run_index(run) == 0
@@ -782,6 +799,10 @@ enum Entry {
     Bad(String),
     /// The restart test's step is blocked, with everything before it durable.
     Blocked(String),
+    /// A memoized closure ran: (run, step, value made).
+    MemoCall(String, u32, String),
+    /// A memoized call returned: (run, step, value).
+    MemoValue(String, u32, String),
 }
 
 #[derive(Debug, Clone)]
@@ -810,6 +831,8 @@ fn read_log(dir: &Path) -> Vec<Line> {
             (Some("U"), 4) => Some(Entry::Submit(f[2].into(), f[3].into())),
             (Some("BAD"), _) => s(2).map(Entry::Bad),
             (Some("B"), 4) => Some(Entry::Blocked(f[2].into())),
+            (Some("M"), 5) => num(3).map(|st| Entry::MemoCall(f[2].into(), st, f[4].into())),
+            (Some("V"), 5) => num(3).map(|st| Entry::MemoValue(f[2].into(), st, f[4].into())),
             _ => None,
         };
         match (entry, num(1)) {
@@ -834,6 +857,10 @@ struct RunHistory {
     cancel_yes: Vec<usize>,
     cancel_no: u32,
     new_submits: u32,
+    /// (log position, incarnation, step, value) of each memoized closure run.
+    memo_calls: Vec<(usize, u32, u32, String)>,
+    /// (log position, step, value) of each memoized call's return.
+    memo_values: Vec<(usize, u32, String)>,
 }
 
 fn histories(log: &[Line]) -> BTreeMap<String, RunHistory> {
@@ -870,6 +897,18 @@ fn histories(log: &[Line]) -> BTreeMap<String, RunHistory> {
                     h.entry(r.clone()).or_default().new_submits += 1;
                 }
             }
+            Entry::MemoCall(r, st, val) => {
+                h.entry(r.clone())
+                    .or_default()
+                    .memo_calls
+                    .push((pos, inc, *st, val.clone()))
+            }
+            Entry::MemoValue(r, st, val) => {
+                h.entry(r.clone())
+                    .or_default()
+                    .memo_values
+                    .push((pos, *st, val.clone()))
+            }
             Entry::Bad(_) | Entry::Blocked(_) => {}
         }
     }
@@ -885,6 +924,9 @@ struct Tally {
     repeated_in_flight: usize,
     cancels_accepted: usize,
     exhausted_by_kills: usize,
+    /// Memoized closures that ran again because a kill struck between the
+    /// closure and its memo's commit.
+    memo_recomputed: usize,
 }
 
 /// Check the log's own invariants: a committed step never starts again; a
@@ -979,6 +1021,7 @@ fn check_log(log: &[Line], hist: &BTreeMap<String, RunHistory>, v: &mut Vec<Stri
         if !h.cancel_yes.is_empty() {
             tally.cancels_accepted += 1;
         }
+        check_memo(run, h, v, &mut tally);
     }
     for (inc, repeats) in &repeats_per_kill {
         tally.repeated_in_flight += repeats.len();
@@ -990,6 +1033,52 @@ fn check_log(log: &[Line], hist: &BTreeMap<String, RunHistory>, v: &mut Vec<Stri
         }
     }
     tally
+}
+
+/// Check a run's memoized calls: once a step's memo committed (its first
+/// `V`), its closure never runs again and every return gives that value; the
+/// closure runs again only after a kill struck between it and the memo's
+/// commit, never twice in one process.
+fn check_memo(run: &str, h: &RunHistory, v: &mut Vec<String>, tally: &mut Tally) {
+    let mut calls: BTreeMap<u32, Vec<(usize, u32, &str)>> = BTreeMap::new();
+    for (pos, inc, step, val) in &h.memo_calls {
+        calls.entry(*step).or_default().push((*pos, *inc, val));
+    }
+    let mut first_value: BTreeMap<u32, (usize, &str)> = BTreeMap::new();
+    for (pos, step, val) in &h.memo_values {
+        let (first_pos, first) = *first_value.entry(*step).or_insert((*pos, val));
+        if val != first {
+            v.push(format!(
+                "{run}: step {step}'s memoized call returned `{val}` (line {pos}) after `{first}` (line {first_pos})"
+            ));
+        }
+        if !calls
+            .get(step)
+            .is_some_and(|c| c.iter().any(|&(p, _, made)| p < *pos && made == val))
+        {
+            v.push(format!(
+                "{run}: step {step}'s memoized call returned `{val}` (line {pos}), which no earlier closure made"
+            ));
+        }
+    }
+    for (step, calls) in &calls {
+        if let Some(&(vpos, _)) = first_value.get(step)
+            && let Some(&(pos, inc, _)) = calls.iter().find(|&&(p, _, _)| p > vpos)
+        {
+            v.push(format!(
+                "{run}: step {step}'s memoized closure ran again (line {pos}, process {inc}) after its memo committed (line {vpos})"
+            ));
+        }
+        for pair in calls.windows(2) {
+            if pair[0].1 == pair[1].1 {
+                v.push(format!(
+                    "{run}: step {step}'s memoized closure ran twice in process {} (lines {} and {})",
+                    pair[0].1, pair[0].0, pair[1].0
+                ));
+            }
+        }
+        tally.memo_recomputed += calls.len().saturating_sub(1);
+    }
 }
 
 /// Check each run's terminal record against the plan and the log.
@@ -1666,6 +1755,24 @@ fn restart_resumes_every_run_after_sigkill() {
     let h = &hist["r00000"];
     let starts_of_3: Vec<u32> = h.starts.iter().filter(|s| s.2 == 3).map(|s| s.1).collect();
     assert_eq!(starts_of_3, vec![0, 1]);
+    // It memoized before the kill: the second process found the memo and
+    // did not run the closure again.
+    let calls_of_3: Vec<u32> = h
+        .memo_calls
+        .iter()
+        .filter(|c| c.2 == 3)
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(calls_of_3, vec![0], "step 3's memoized closure ran once");
+    assert_eq!(
+        h.memo_values
+            .iter()
+            .filter(|m| m.1 == 3)
+            .map(|m| m.2.as_str())
+            .collect::<Vec<_>>(),
+        ["0.1", "0.1"],
+        "both processes got the memoized value"
+    );
     if !v.is_empty() {
         fail_with(seed, "restart", &v);
     }
@@ -1774,7 +1881,7 @@ fn crash_torture() {
         .filter(|id| is_schedule_run(id))
         .count();
     eprintln!(
-        "torture (seed {seed}): {kills} kills survived ({timed_from_spawn} timed from spawn), {planned} runs ended ({} succeeded, {} failed, {} cancelled; {} external cancels accepted, {} exhausted by kills), {fired} schedule fires with no gap or duplicate, {} steps run, {} in-flight steps repeated, in {:?}",
+        "torture (seed {seed}): {kills} kills survived ({timed_from_spawn} timed from spawn), {planned} runs ended ({} succeeded, {} failed, {} cancelled; {} external cancels accepted, {} exhausted by kills), {fired} schedule fires with no gap or duplicate, {} steps run, {} in-flight steps repeated, {} memoized closures re-run after a kill struck before their memo committed, in {:?}",
         by_status(TerminalStatus::Succeeded),
         by_status(TerminalStatus::Failed),
         by_status(TerminalStatus::Cancelled),
@@ -1782,6 +1889,7 @@ fn crash_torture() {
         tally.exhausted_by_kills,
         tally.steps_run,
         tally.repeated_in_flight,
+        tally.memo_recomputed,
         started.elapsed(),
     );
 }

@@ -9,8 +9,8 @@
 //! - **Writes** go through taquba's inbox (`InboxSender`): each request is
 //!   one object named by its request id, so sending it again (after a
 //!   timeout, say) is applied once. The worker applies it through its own
-//!   `WorkflowRuntime::submit` / `cancel` / `trigger` / `pause_schedule` /
-//!   `resume_schedule` and writes a reply the client reads
+//!   `WorkflowRuntime::submit` / `cancel` / `signal` / `trigger` /
+//!   `pause_schedule` / `resume_schedule` and writes a reply the client reads
 //!   ([`Client::reply`], [`Client::wait_reply`]).
 
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ use crate::control::{
 use crate::error::Error;
 use crate::hook::RunOutcome;
 use crate::read::{self, RunFilter, RunPage, RunStatus};
-use crate::record::{HEADER_RUN_ID, Keys, decode, encode, validate_name};
+use crate::record::{HEADER_RUN_ID, Keys, MAX_SIGNAL_BYTES, decode, encode, validate_name};
 use crate::runtime::{RunSpec, SubmitOutcome};
 use crate::schedule::{self, ScheduleInfo};
 use crate::store::{DEFAULT_QUEUE_NAME, StoreLocation, check_marker, control_queue_name};
@@ -224,6 +224,98 @@ impl Client {
             run_id: run_id.to_string(),
         };
         self.send(request_id, run_id, &request).await
+    }
+
+    /// Send a signal to a run waiting for one; the worker applies it with
+    /// `WorkflowRuntime::signal`. See [`Self::wait_reply`] for its answer:
+    /// [`Reply::Signalled`], or [`Error::NotWaiting`] /
+    /// [`Error::RunNotFound`]. A payload over [`MAX_SIGNAL_BYTES`] is
+    /// refused here, before anything is written.
+    pub async fn signal(&self, run_id: &str, payload: Vec<u8>) -> Result<Sent, Error> {
+        self.signal_with_id(&new_request_id(), run_id, payload)
+            .await
+    }
+
+    /// [`Self::signal`] with the caller's request id (see
+    /// [`Self::submit_with_id`]).
+    pub async fn signal_with_id(
+        &self,
+        request_id: &str,
+        run_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<Sent, Error> {
+        validate_request_id(request_id)?;
+        validate_name("run id", run_id)?;
+        if payload.len() > MAX_SIGNAL_BYTES {
+            return Err(Error::PayloadTooLarge {
+                what: "signal",
+                size: payload.len(),
+                max: MAX_SIGNAL_BYTES,
+            });
+        }
+        let request = Request::Signal {
+            run_id: run_id.to_string(),
+            payload,
+        };
+        self.send(request_id, run_id, &request).await
+    }
+
+    /// Send a request to re-run an ended run from a step; the worker applies
+    /// it with `WorkflowRuntime::rerun`. See [`Self::wait_reply`] for its
+    /// answer ([`Reply::Rerun`], or a typed refusal: [`Error::RunLive`],
+    /// [`Error::RunSucceeded`], [`Error::RunNotFound`],
+    /// [`Error::StepNotReached`], [`Error::StepInputNotKept`]).
+    pub async fn rerun(&self, run_id: &str, from_step: u32) -> Result<Sent, Error> {
+        self.rerun_with_id(&new_request_id(), run_id, from_step)
+            .await
+    }
+
+    /// [`Self::rerun`] with the caller's request id (see
+    /// [`Self::submit_with_id`]).
+    pub async fn rerun_with_id(
+        &self,
+        request_id: &str,
+        run_id: &str,
+        from_step: u32,
+    ) -> Result<Sent, Error> {
+        validate_request_id(request_id)?;
+        validate_name("run id", run_id)?;
+        let request = Request::Rerun {
+            run_id: run_id.to_string(),
+            from_step,
+        };
+        self.send(request_id, run_id, &request).await
+    }
+
+    /// Signal and wait up to `timeout` for the worker's answer: `Ok` once
+    /// the signal was delivered, [`Error::NotWaiting`] when the run was not
+    /// waiting, [`Error::RunNotFound`] for an unknown run.
+    pub async fn signal_and_wait(
+        &self,
+        run_id: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let sent = self.signal(run_id, payload).await?;
+        match self.wait_reply(&sent.request_id, timeout).await? {
+            Reply::Signalled { .. } => Ok(()),
+            other => Err(unexpected(&sent.request_id, &other)),
+        }
+    }
+
+    /// Re-run and wait up to `timeout` for the worker's answer: the re-run's
+    /// number, or the typed refusal.
+    pub async fn rerun_and_wait(
+        &self,
+        run_id: &str,
+        from_step: u32,
+        timeout: Duration,
+    ) -> Result<u32, Error> {
+        let sent = self.rerun(run_id, from_step).await?;
+        match self.wait_reply(&sent.request_id, timeout).await? {
+            Reply::Rerun { rerun, .. } => Ok(rerun),
+            other => Err(unexpected(&sent.request_id, &other)),
+        }
     }
 
     /// Submit and wait up to `timeout` for the worker's answer: the run

@@ -39,6 +39,7 @@ fn outcome_record() -> impl Strategy<Value = OutcomeRecord> {
                     headers,
                     final_step,
                     finished_at_ms,
+                    reruns: final_step % 3,
                 }
             },
         )

@@ -2,14 +2,15 @@
 //! which taquba's inbox enqueues from the objects clients write.
 //!
 //! Each request is applied through the runtime's own `submit` / `cancel` /
-//! `trigger` / `pause_schedule` / `resume_schedule`, and answered with a
-//! reply record (see [`crate::control`]):
+//! `signal` / `trigger` / `pause_schedule` / `resume_schedule`, and answered
+//! with a reply record (see [`crate::control`]):
 //!
 //! | request                  | commits                                                        |
 //! |--------------------------|----------------------------------------------------------------|
 //! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
 //! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
 //! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
+//! | signal                   | `signal`'s commit; then `ack_with` { reply }                   |
 //! | trigger, pause, resume   | the reply, **in the change's own transaction**; then the job's ack |
 //! | trigger, pause, resume refused, or no change | `ack_with` { reply: the typed refusal, or `changed: false` } |
 //! | does not decode          | `dead_letter_with` { reply `Refused` with the reason }         |
@@ -27,7 +28,7 @@ use taquba::{Claim, ExpiryIndex, SettlementEffects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request};
+use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request, RerunRefusal};
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{HEADER_RUN_ID, decode, encode};
@@ -251,6 +252,14 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             .cancel(&run_id)
             .await
             .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
+        // A crash between the signal's commit and the reply's re-applies
+        // it, which then answers `NotWaiting` (as a cancel answers `false`).
+        Request::Signal { run_id, payload } => match rt.signal(&run_id, payload).await {
+            Ok(()) => Ok(ReplyBody::Signalled { run_id }),
+            Err(Error::NotWaiting(run_id)) => Ok(ReplyBody::NotWaiting { run_id }),
+            Err(Error::RunNotFound(run_id)) => Ok(ReplyBody::RunNotFound { run_id }),
+            Err(e) => Err(e),
+        },
         Request::Trigger { schedule } => {
             let body = |run_id: &str| ReplyBody::Triggered {
                 schedule: schedule.clone(),
@@ -282,6 +291,10 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => schedule_refusal(e),
             }
         }
+        Request::Rerun { run_id, from_step } => match rt.rerun(&run_id, from_step).await {
+            Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
+            Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
+        },
     };
     match applied {
         Ok(body) => {

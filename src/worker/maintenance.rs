@@ -3,7 +3,9 @@
 //!
 //! - **retention**: outcome and submit records past `terminal_retention`
 //!   are deleted in batches, many runs' records in one commit, scanning the
-//!   expiry index from an in-memory cursor;
+//!   expiry index from an in-memory cursor; each run's data (its memo
+//!   entries, under `wm/Q/data/{run_id}/`) is found by a scan of its prefix
+//!   and deleted in the same commit;
 //! - **tallies** are folded into the workflow health records in bounded
 //!   batches, and the breakers are tended (parked steps of workflows that
 //!   are not tripped released, due probes woken, idle state dropped);
@@ -102,6 +104,21 @@ impl Expiring {
         retention: Duration,
         records: impl Fn(&str) -> K,
     ) -> Result<bool, Error> {
+        self.pass_scanning(inner, index, prefix, retention, records, |_| None)
+            .await
+    }
+
+    /// [`Self::pass`], also deleting every key under the prefix `scanned`
+    /// names for an entry (a run's data), found by a scan.
+    pub(super) async fn pass_scanning<R, H, K: IntoIterator<Item = Vec<u8>>>(
+        &mut self,
+        inner: &Inner<R, H>,
+        index: &ExpiryIndex,
+        prefix: &[u8],
+        retention: Duration,
+        records: impl Fn(&str) -> K,
+        scanned: impl Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<bool, Error> {
         let now = inner.now_ms();
         let retention = saturating_ms(retention);
         // An entry is written with the time its effects were built; one
@@ -113,7 +130,7 @@ impl Expiring {
         }
         for _ in 0..EXPIRE_BATCHES_PER_TICK {
             if !self
-                .batch(inner, index, prefix, now, retention, &records)
+                .batch(inner, index, prefix, now, retention, &records, &scanned)
                 .await?
             {
                 return Ok(false);
@@ -124,6 +141,7 @@ impl Expiring {
 
     /// Delete one batch of due entries with their records in one commit.
     /// Returns whether more may be due.
+    #[allow(clippy::too_many_arguments)]
     async fn batch<R, H, K: IntoIterator<Item = Vec<u8>>>(
         &mut self,
         inner: &Inner<R, H>,
@@ -132,6 +150,7 @@ impl Expiring {
         now: u64,
         retention: u64,
         records: &impl Fn(&str) -> K,
+        scanned: &impl Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<bool, Error> {
         let start = index.entry_key(self.cursor, &[]);
         let _watch = watched(inner, WATCH);
@@ -157,6 +176,11 @@ impl Expiring {
                 for record in records(id) {
                     effects = effects.kv_delete(record);
                 }
+                if let Some(data) = scanned(id) {
+                    for key in scan_all(inner, &data).await? {
+                        effects = effects.kv_delete(key);
+                    }
+                }
             }
             effects = effects.kv_delete(key.clone());
             last = Some(at);
@@ -169,6 +193,32 @@ impl Expiring {
             self.cursor = at;
         }
         Ok(all_due && page.more)
+    }
+}
+
+/// Every key under `prefix`, in pages of [`EXPIRE_BATCH`].
+async fn scan_all<R, H>(inner: &Inner<R, H>, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let view = inner.queue.view();
+        let page = match keys.last() {
+            None => {
+                view.kv_scan(prefix, .., KvOrder::Ascending, EXPIRE_BATCH)
+                    .await?
+            }
+            Some(last) => {
+                let after = (
+                    std::ops::Bound::Excluded(last.clone()),
+                    std::ops::Bound::Unbounded,
+                );
+                view.kv_scan(prefix, after, KvOrder::Ascending, EXPIRE_BATCH)
+                    .await?
+            }
+        };
+        keys.extend(page.entries.into_iter().map(|(key, _)| key.to_vec()));
+        if !page.more {
+            return Ok(keys);
+        }
     }
 }
 
@@ -235,12 +285,13 @@ impl Maintenance {
     async fn expire<R, H>(&mut self, inner: &Inner<R, H>) -> Result<bool, Error> {
         let keys = &inner.keys;
         self.outcomes
-            .pass(
+            .pass_scanning(
                 inner,
                 &inner.expiry,
                 keys.expiry_prefix(),
                 inner.cfg.terminal_retention,
                 |run_id| [keys.sub(run_id), keys.out(run_id)],
+                |run_id| Some(keys.data(run_id)),
             )
             .await
     }

@@ -2,9 +2,12 @@
 //!
 //! The settlement is one value: a [`Settlement`] holds how the step's job
 //! ends, every effect that commits with it, and the work that follows the
-//! commit. Contributors add to it — the verdict (the next step, a retry, or
-//! the run's terminal effects) and the workflow's health — and [`settle`]
-//! commits it in one transaction and runs its aftermath. A feature that must
+//! commit. Contributors add to it — the verdict (the next step, a wait for a
+//! signal, a retry, or the run's terminal effects), the effects the runner
+//! staged (when the settlement commits the outcome it returned), the next
+//! step's kept input (for a re-run) and the workflow's health — and
+//! [`settle`] commits it in one transaction and runs its aftermath. A
+//! feature that must
 //! commit with a step adds a contributor, not a branch in the commit.
 
 use std::sync::Arc;
@@ -17,12 +20,16 @@ use taquba::{
 
 use super::step::{Health, StepJob, Verdict};
 use crate::breaker::{Parking, Staged, TallyGuard, ms_to_time};
+use crate::effects;
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::policy::saturating_ms;
-use crate::record::{self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_STEP, RunRecord, encode};
+use crate::record::{
+    self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_SIGNAL, HEADER_STEP, RunRecord,
+    SignalledPayload, encode,
+};
 use crate::runner::StepRunner;
-use crate::runtime::Inner;
+use crate::runtime::{Inner, KvEntry};
 
 /// One step's settlement, built by contributors and committed by [`settle`].
 struct Settlement {
@@ -58,6 +65,14 @@ struct Aftermath {
 }
 
 impl Settlement {
+    /// This settlement with a KV put added to its effects.
+    fn with(mut self, put: Option<KvEntry>) -> Self {
+        if let Some((key, value)) = put {
+            self.effects = self.effects.kv_put(key, value);
+        }
+        self
+    }
+
     /// A settlement that moves the run to a new step job.
     fn moving(effects: SettlementEffects) -> Self {
         Self {
@@ -85,19 +100,28 @@ impl Settlement {
     }
 }
 
-/// Build the step's settlement from its verdict and health change, commit
-/// it, and run its aftermath. Returns whether it committed.
+/// Build the step's settlement from its verdict, the runner's staged
+/// effects (empty unless the verdict commits the outcome the runner
+/// returned) and its health change, commit it, and run its aftermath.
+/// Returns whether it committed.
 pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
     inner: &Arc<Inner<R, H>>,
     job: &StepJob,
     verdict: Verdict,
     health: Health,
+    staged: SettlementEffects,
 ) -> bool {
     let (verdict, parking) = recheck_parking(inner, job, verdict).await;
+    let kept = kept_input(inner, job, &verdict);
     let built = match from_verdict(inner, job, verdict) {
         Ok(mut settlement) => {
             settlement.after.parking = parking;
-            with_health(inner, job, health, settlement).await
+            // The runner's staged effects: keys and queues apart from ours.
+            settlement.effects = effects::merge(settlement.effects, staged);
+            match kept {
+                Ok(kept) => with_health(inner, job, health, settlement.with(kept)).await,
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e),
     };
@@ -166,8 +190,16 @@ fn from_verdict<R, H>(
     verdict: Verdict,
 ) -> Result<Settlement, Error> {
     match verdict {
-        Verdict::Next { payload, delay } => Ok(Settlement::moving(next_step_effects(
-            inner, job, payload, delay,
+        Verdict::Next {
+            payload,
+            delay,
+            signal_wait,
+        } => Ok(Settlement::moving(next_step_effects(
+            inner,
+            job,
+            payload,
+            delay,
+            signal_wait,
         )?)),
         Verdict::Again { at, spent, parked } => Ok(Settlement::moving(again_effects(
             inner, job, at, spent, parked,
@@ -176,6 +208,21 @@ fn from_verdict<R, H>(
         Verdict::DeadLetter(why, outcome) => {
             Settlement::ending(inner, JobEnd::DeadLetter(why), outcome)
         }
+    }
+}
+
+/// The kept input's contribution: the next step's input payload, kept for
+/// a re-run (see `WorkflowRuntimeBuilder::keep_step_inputs`).
+fn kept_input<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    verdict: &Verdict,
+) -> Result<Option<KvEntry>, Error> {
+    match verdict {
+        Verdict::Next { payload, .. } => {
+            inner.kept_input(&job.run_id, job.step.saturating_add(1), payload)
+        }
+        _ => Ok(None),
     }
 }
 
@@ -219,6 +266,12 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         after,
     } = settlement;
     let queue = &inner.queue;
+    // Which enqueues are step jobs (the runner's staged ones go elsewhere).
+    let steps: Vec<bool> = effects
+        .enqueues
+        .iter()
+        .map(|e| e.queue == inner.cfg.queue_name)
+        .collect();
     let enqueued = {
         let _pending = inner.pending.begin(&job.run_id);
         match &end {
@@ -229,9 +282,9 @@ async fn commit<R: StepRunner, H: TerminalHook>(
     if after.remember_enqueued {
         inner
             .pending
-            .enqueued(enqueued.iter().filter_map(|e| match e {
-                EnqueueResult::New(id) => Some(id.as_str()),
-                EnqueueResult::AlreadyEnqueued(_) => None,
+            .enqueued(enqueued.iter().zip(steps).filter_map(|(e, step)| match e {
+                EnqueueResult::New(id) if step => Some(id.as_str()),
+                _ => None,
             }));
     }
     drop(after.parking);
@@ -306,16 +359,19 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
     }
 }
 
-/// The effects that move a run to its next step.
+/// The effects that move a run to its next step; with `signal_wait`, the
+/// next step's job waits for a signal until `delay` passes.
 fn next_step_effects<R, H>(
     inner: &Inner<R, H>,
     job: &StepJob,
     payload: Vec<u8>,
     delay: Option<Duration>,
+    signal_wait: bool,
 ) -> Result<SettlementEffects, Error> {
     let mut headers = job.claim.headers.clone();
     headers.remove(HEADER_ATTEMPTS_BEFORE);
     headers.remove(HEADER_PARKED);
+    headers.remove(HEADER_SIGNAL);
     let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
     let next = job
         .step
@@ -324,7 +380,7 @@ fn next_step_effects<R, H>(
             key: job.claim.id.clone(),
             reason: format!("step {} has no next step number", job.step),
         })?;
-    step_job_effects(
+    let mut effects = step_job_effects(
         inner,
         job,
         next,
@@ -333,8 +389,13 @@ fn next_step_effects<R, H>(
         job.max_attempts(),
         run_at,
         None,
-    )
+    )?;
+    if signal_wait && let Some(next) = effects.enqueues.first_mut() {
+        next.options.signal_wait = true;
+    }
+    Ok(effects)
 }
+
 /// The effects that move a step to a new job of its own (a retry, a breaker
 /// deferral, or a parking).
 fn again_effects<R, H>(
@@ -357,7 +418,21 @@ fn again_effects<R, H>(
     } else {
         headers.remove(HEADER_PARKED);
     }
-    let payload = job.claim.payload.clone();
+    // A woken step keeps its signal on its new job.
+    let payload = match &job.signal {
+        Some(signal) => {
+            headers.insert(HEADER_SIGNAL.to_string(), "1".to_string());
+            let carried = SignalledPayload {
+                payload: job.payload().to_vec(),
+                signal: signal.clone(),
+            };
+            encode(job.claim.id.as_bytes(), &carried)?
+        }
+        None => {
+            headers.remove(HEADER_SIGNAL);
+            job.payload().to_vec()
+        }
+    };
     step_job_effects(
         inner,
         job,

@@ -12,10 +12,14 @@ use tracing::Instrument;
 use super::settle::settle;
 use crate::breaker::Gate;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
+use crate::memo::Memo;
 use crate::policy::saturating_ms;
+use taquba::SettlementEffects;
+
+use crate::effects::StagedEffects;
 use crate::record::{
-    self, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, decode, parse_step_extras,
-    parse_step_headers, user_headers,
+    self, HEADER_SIGNAL, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, SignalledPayload, decode,
+    parse_step_extras, parse_step_headers, user_headers,
 };
 use crate::runner::{Step, StepError, StepOutcome, StepRunner};
 use crate::runtime::{InFlight, Inner, Phase, Settled};
@@ -27,10 +31,12 @@ const PARK_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// What a step's settlement does.
 pub(super) enum Verdict {
-    /// Enqueue the next step (after a delay) and move the run record.
+    /// Enqueue the next step (after a delay, or waiting for a signal until
+    /// the delay passes) and move the run record.
     Next {
         payload: Vec<u8>,
         delay: Option<Duration>,
+        signal_wait: bool,
     },
     /// End the run through `ack_with`.
     End(RunOutcome),
@@ -57,12 +63,23 @@ pub(super) struct StepJob {
     pub workflow: String,
     /// Attempts this step spent on earlier jobs.
     pub before: u32,
+    /// The signal that ended the wait before this step (from the job's
+    /// record, or carried in its payload by [`HEADER_SIGNAL`]).
+    pub signal: Option<Vec<u8>>,
+    /// The step's payload when the job's payload is a [`SignalledPayload`]
+    /// (otherwise it is the claim's payload).
+    pub unwrapped: Option<Vec<u8>>,
 }
 
 impl StepJob {
     /// Which attempt of the step this is (1-based).
     pub(super) fn attempts(&self) -> u32 {
         self.before.saturating_add(self.claim.attempts)
+    }
+
+    /// The step's payload.
+    pub(super) fn payload(&self) -> &[u8] {
+        self.unwrapped.as_deref().unwrap_or(&self.claim.payload)
     }
 
     /// How many attempts the step gets in all.
@@ -84,6 +101,7 @@ impl StepJob {
             error: error.map(record::bounded_reason),
             headers: user_headers(&self.claim.headers),
             final_step: self.step,
+            reruns: record::rerun_of(&self.claim.headers),
         }
     }
 
@@ -124,6 +142,8 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
         let mut probe = false;
         // Whether the run ends `Cancelled` because a cancel was requested.
         let mut by_request = false;
+        // What the runner staged: committed only with the outcome it returned.
+        let mut staged = SettlementEffects::default();
         let (verdict, health) = if job.claim.cancel_token().is_cancelled() {
             // A token that fired before we registered is a cancel accepted
             // earlier (stored on the job, or requested between claim and
@@ -182,10 +202,13 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 cancelled
             };
             match ran {
-                Ok(ran) => {
-                    let (verdict, health) = decide(inner, &job, ran, cancelled);
+                Ok((ran, effects)) => {
+                    let (verdict, health, as_returned) = decide(inner, &job, ran, cancelled);
                     by_request = cancelled
                         && matches!(&verdict, Verdict::End(o) if o.status == TerminalStatus::Cancelled && o.error.is_none());
+                    if as_returned {
+                        staged = effects;
+                    }
                     (verdict, health)
                 }
                 Err(_) if cancelled => {
@@ -198,7 +221,7 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 Err(held) => (held, Health::Neutral),
             }
         };
-        let committed = settle(inner, &job, verdict, health).await;
+        let committed = settle(inner, &job, verdict, health, staged).await;
         if probe {
             inner.breakers.probe_done(&job.workflow, &job.claim.id);
         }
@@ -264,7 +287,19 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             return None;
         }
     };
-    // The commit that enqueued this job may still wait for its flush.
+    let (signal, unwrapped) = if claim.headers.contains_key(HEADER_SIGNAL) {
+        match decode::<SignalledPayload>(claim.id.as_bytes(), &claim.payload) {
+            Ok(p) => (Some(p.signal), Some(p.payload)),
+            Err(e) => {
+                reject(inner, &claim, &e.to_string()).await;
+                return None;
+            }
+        }
+    } else {
+        (claim.signal.clone(), None)
+    };
+    // The commit that enqueued this job (or the signal that woke it) may
+    // still wait for its flush.
     inner.pending.settled(&run_id).await;
     if inner.pending.take_own(&claim.id) {
         // This process's own commit enqueued it and pointed the run at it.
@@ -274,6 +309,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             step,
             workflow,
             before,
+            signal,
+            unwrapped,
         });
     }
     let run_key = inner.keys.run(&run_id);
@@ -314,6 +351,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
         step,
         workflow,
         before,
+        signal,
+        unwrapped,
     })
 }
 
@@ -325,25 +364,30 @@ async fn reject<R, H>(inner: &Inner<R, H>, claim: &Claim, why: &str) {
     }
 }
 
-/// Call the runner. A panic is a transient error.
+/// Call the runner. A panic is a transient error. Returns what it staged
+/// beside what it returned (the handle is closed from then on).
 async fn run_runner<R: StepRunner, H>(
     inner: &Inner<R, H>,
     job: &StepJob,
     entry: &InFlight,
-) -> Result<StepOutcome, StepError> {
+) -> (Result<StepOutcome, StepError>, SettlementEffects) {
     let claim = &job.claim;
     let step = Step {
         run_id: job.run_id.clone(),
         workflow: job.workflow.clone(),
         step_number: job.step,
-        payload: claim.payload.clone(),
+        payload: job.payload().to_vec(),
         headers: user_headers(&claim.headers),
         job_id: claim.id.clone(),
         attempts: job.attempts(),
         max_attempts: job.max_attempts(),
         cancel_token: entry.token.clone(),
+        memo: memo(inner, job, Some(job.step)),
+        run_memo: memo(inner, job, None),
+        signal: job.signal.clone(),
+        effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
     };
-    AssertUnwindSafe(inner.runner.run_step(&step))
+    let ran = AssertUnwindSafe(inner.runner.run_step(&step))
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
@@ -353,78 +397,108 @@ async fn run_runner<R: StepRunner, H>(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a non-string panic".into());
             Err(StepError::transient(format!("step panicked: {what}")))
-        })
+        });
+    (ran, step.effects.take())
 }
 
-/// Turn what the runner returned into a settlement and a health change.
+/// The step's memo scope (`Some(step)`) or its run's (`None`).
+fn memo<R, H>(inner: &Inner<R, H>, job: &StepJob, step: Option<u32>) -> Memo {
+    Memo::new(
+        inner.queue.clone(),
+        &job.run_id,
+        inner.keys.memo(&job.run_id, step),
+        inner.keys.run(&job.run_id),
+        &job.claim.id,
+    )
+}
+
+/// Turn what the runner returned into a settlement and a health change, and
+/// say whether the settlement commits the outcome the runner returned (and
+/// so the effects it staged): not on an error, an external cancel, or an
+/// outcome the runtime refuses (an oversize result or payload).
 fn decide<R, H>(
     inner: &Inner<R, H>,
     job: &StepJob,
     ran: Result<StepOutcome, StepError>,
     cancelled: bool,
-) -> (Verdict, Health) {
+) -> (Verdict, Health, bool) {
     use TerminalStatus::*;
+    let returned = |(verdict, health)| (verdict, health, true);
+    let refused = |(verdict, health)| (verdict, health, false);
     match ran {
         // A runner's own cancel wins over an external one: it has a reason.
-        Ok(StepOutcome::Cancel { reason }) => (
+        Ok(StepOutcome::Cancel { reason }) => returned((
             Verdict::End(job.outcome(Cancelled, None, Some(reason))),
             Health::Neutral,
-        ),
-        _ if cancelled => (
+        )),
+        _ if cancelled => refused((
             Verdict::End(job.outcome(Cancelled, None, None)),
             Health::Neutral,
-        ),
-        Ok(StepOutcome::Continue { payload }) => next(job, payload, None),
-        Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay)),
+        )),
+        Ok(StepOutcome::Continue { payload }) => next(job, payload, None, false),
+        Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay), false),
+        Ok(StepOutcome::WaitForSignal { payload, timeout }) => {
+            next(job, payload, Some(timeout), true)
+        }
         Ok(StepOutcome::Succeed { result }) if result.len() > MAX_RESULT_BYTES => {
             let why = format!(
                 "returned a result of {} bytes, over the limit of {MAX_RESULT_BYTES}; store it elsewhere and return a reference",
                 result.len()
             );
-            (Verdict::End(job.failed(&why)), Health::Failure(why))
+            refused((Verdict::End(job.failed(&why)), Health::Failure(why)))
         }
-        Ok(StepOutcome::Succeed { result }) => (
+        Ok(StepOutcome::Succeed { result }) => returned((
             Verdict::End(job.outcome(Succeeded, Some(result), None)),
             Health::Success,
-        ),
-        Ok(StepOutcome::Fail { reason }) => (
+        )),
+        Ok(StepOutcome::Fail { reason }) => returned((
             Verdict::End(job.outcome(Failed, None, Some(reason.clone()))),
             Health::Failure(reason),
-        ),
-        Err(e) if e.is_permanent() => (
+        )),
+        Err(e) if e.is_permanent() => refused((
             Verdict::DeadLetter(e.message.clone(), job.failed(&e.message)),
             Health::Failure(e.message),
-        ),
+        )),
         Err(e) if job.attempts() >= job.max_attempts() => {
             let why = format!("gave up after {} attempts: {}", job.attempts(), e.message);
-            (
+            refused((
                 Verdict::DeadLetter(e.message.clone(), job.failed(&why)),
                 Health::Failure(e.message),
-            )
+            ))
         }
         Err(e) => {
             let policy = inner.cfg.retry_policy(&job.workflow);
             let delay = policy.delay(job.attempts(), crate::policy::draw());
             tracing::info!(error = %e.message, retry_in = ?delay, "step failed; retrying");
-            (
+            refused((
                 Verdict::Again {
                     at: inner.now_ms().saturating_add(saturating_ms(delay)),
                     spent: true,
                     parked: false,
                 },
                 Health::Failure(e.message),
-            )
+            ))
         }
     }
 }
 
-fn next(job: &StepJob, payload: Vec<u8>, delay: Option<Duration>) -> (Verdict, Health) {
+fn next(
+    job: &StepJob,
+    payload: Vec<u8>,
+    delay: Option<Duration>,
+    signal_wait: bool,
+) -> (Verdict, Health, bool) {
     if payload.len() > MAX_PAYLOAD_BYTES {
         let why = format!(
             "returned a payload of {} bytes, over the limit of {MAX_PAYLOAD_BYTES}",
             payload.len()
         );
-        return (Verdict::End(job.failed(&why)), Health::Failure(why));
+        return (Verdict::End(job.failed(&why)), Health::Failure(why), false);
     }
-    (Verdict::Next { payload, delay }, Health::Success)
+    let verdict = Verdict::Next {
+        payload,
+        delay,
+        signal_wait,
+    };
+    (verdict, Health::Success, true)
 }

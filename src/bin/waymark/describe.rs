@@ -28,6 +28,16 @@ pub fn state(status: &RunStatus) -> String {
         },
         RunState::Cancelling => "cancelling".into(),
         RunState::Parked => "parked by its workflow's circuit breaker".into(),
+        RunState::WaitingForSignal => match status.scheduled_for {
+            Some(at) => match at.duration_since(SystemTime::now()) {
+                Ok(left) => format!(
+                    "waiting for a signal (`waymark signal`), timing out in {:.1}s",
+                    left.as_secs_f64()
+                ),
+                Err(_) => "waiting for a signal; its timeout has passed".into(),
+            },
+            None => "waiting for a signal (`waymark signal`)".into(),
+        },
         _ => format!("{:?}", status.state),
     }
 }

@@ -3,11 +3,12 @@
 //! - `waymark demo` runs example order pipelines on a local directory and
 //!   shows each step once it is durable (module [`demo`]);
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
-//! - `waymark submit | cancel` send requests through the store's inbox, and
-//!   `status | outcome | runs | workflows | schedules` read through a
-//!   reader, and `trigger | pause | resume` drive the worker's schedules
-//!   through the inbox: none of them opens the store as its writer, so they
-//!   work while a worker or the demo runs (module [`commands`]).
+//! - `waymark submit | cancel | signal | rerun` send requests through the store's
+//!   inbox, and `status | outcome | runs | workflows | schedules` read
+//!   through a reader, and `trigger | pause | resume` drive the worker's
+//!   schedules through the inbox: none of them opens the store as its
+//!   writer, so they work while a worker or the demo runs (module
+//!   [`commands`]).
 //!
 //! The CLI is a folder: [`plumbing`] (store location and checks, timeouts,
 //! errors and exit codes, output, signals) is shared by every command; each
@@ -63,6 +64,14 @@ enum Command {
     /// Cancel a run (through the store's inbox; a worker applies it).
     #[command(after_help = EXIT_CODES_HELP)]
     Cancel(commands::control::CancelArgs),
+    /// Signal a run waiting for one (through the store's inbox; a worker
+    /// applies it): its next step runs now and sees PAYLOAD.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Signal(commands::signal::SignalArgs),
+    /// Re-run a run that ended Failed or Cancelled from one of its steps
+    /// (through the store's inbox; a worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Rerun(commands::rerun::RerunArgs),
     /// Print where a live run is, or how it ended. Never writes to the
     /// store; safe while a worker or the demo runs.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -113,6 +122,8 @@ fn main() -> ExitCode {
             Command::Worker(args) => commands::worker::run(args).await,
             Command::Submit(args) => commands::control::submit(args).await,
             Command::Cancel(args) => commands::control::cancel(args).await,
+            Command::Signal(args) => commands::signal::signal(args).await,
+            Command::Rerun(args) => commands::rerun::rerun(args).await,
             Command::Status(args) => commands::read::status(args).await,
             Command::Outcome(args) => commands::read::outcome(args).await,
             Command::Runs(args) => commands::read::runs(args).await,

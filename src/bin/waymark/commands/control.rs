@@ -165,7 +165,7 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
 }
 
 /// Send a request, bounded.
-pub async fn send<T>(
+pub(super) async fn send<T>(
     store: &Store,
     sending: impl Future<Output = Result<T, Error>>,
 ) -> CliResult<T> {
@@ -182,7 +182,7 @@ pub async fn send<T>(
 
 /// Wait up to the timeout for the worker's reply: `None` (said in words)
 /// when no worker answered; a refusal is an error.
-async fn await_reply(
+pub(super) async fn await_reply(
     store: &Store,
     client: &waymark::Client,
     sent: &Sent,
@@ -215,6 +215,11 @@ pub async fn await_reply_to(
             "run `{}` already exists with a different input; use another run id",
             shown(&run_id)
         ))),
+        Err(Error::NotWaiting(run_id)) => Err(CliError::refused(format!(
+            "run `{}` is not waiting for a signal (its waiting step has not committed yet, \
+             its wait already ended, or the run has ended); signals are not kept for later",
+            shown(&run_id)
+        ))),
         Err(Error::RequestRefused { reason, .. }) => Err(CliError::refused(format!(
             "the worker refused the request: {reason}"
         ))),
@@ -234,6 +239,19 @@ pub async fn await_reply_to(
             | Error::ScheduleOverlap { .. }
             | Error::ShuttingDown),
         ) => Err(CliError::refused(format!("the worker refused: {e}"))),
+        Err(Error::RunNotFound(run_id)) => Err(CliError::not_found(format!(
+            "no run `{}` in {} (never submitted, or its outcome passed the retention window)",
+            shown(&run_id),
+            store.shown()
+        ))),
+        Err(
+            e @ (Error::RunLive(_)
+            | Error::RunSucceeded(_)
+            | Error::StepNotReached { .. }
+            | Error::StepInputNotKept { .. }),
+        ) => Err(CliError::refused(format!(
+            "the worker refused the request: {e}"
+        ))),
         Err(e) => Err(CliError::failure(format!(
             "cannot read the worker's reply: {e}"
         ))),

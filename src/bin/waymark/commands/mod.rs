@@ -1,12 +1,14 @@
 //! The commands that work on a store from outside its worker: reads
 //! ([`read`]: `status`, `outcome`, `runs`, `workflows`), requests
-//! ([`control`]: `submit`, `cancel`), schedules ([`schedules`]:
-//! `schedules`, `trigger`, `pause`, `resume`), and the worker itself
-//! ([`worker`]).
+//! ([`control`]: `submit`, `cancel`; [`signal`]: `signal`; [`rerun`]:
+//! `rerun`), schedules ([`schedules`]: `schedules`, `trigger`, `pause`,
+//! `resume`), and the worker itself ([`worker`]).
 
 pub mod control;
 pub mod read;
+pub mod rerun;
 pub mod schedules;
+pub mod signal;
 pub mod worker;
 
 use waymark::Error;
