@@ -271,6 +271,10 @@ impl WorkflowState {
     }
 }
 
+/// A test hook called after each fold commit.
+#[cfg(test)]
+type AfterFold = Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send>;
+
 /// The breakers of one runtime.
 pub(crate) struct Breakers {
     policies: HashMap<String, BackoffPolicy>,
@@ -289,7 +293,7 @@ pub(crate) struct Breakers {
     between_health_reads: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
     /// Test hook: called after each fold commit.
     #[cfg(test)]
-    after_fold: Mutex<Option<Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send>>>,
+    after_fold: Mutex<Option<AfterFold>>,
 }
 
 /// A health update staged for a settlement: hold it across the commit, then
