@@ -75,6 +75,20 @@ pub(super) async fn maintain<R, H>(
     }
 }
 
+/// At a clean shutdown, once the steps have drained: one more tally fold, so
+/// the attempt results noted behind their settlements (workflows without a
+/// breaker) are written rather than lost with the process. Bounded like a
+/// tick, and by `store_timeout`; a failure is logged (those results only
+/// inform, and the tallies stay for the next pool).
+pub(super) async fn last_fold<R, H>(inner: &Inner<R, H>) {
+    let fold = inner.breakers.fold_tallies(&inner.queue, TALLIES_PER_TICK);
+    match tokio::time::timeout(inner.cfg.store_timeout, fold).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("the last tally fold at shutdown failed: {e}"),
+        Err(_) => tracing::warn!("the last tally fold at shutdown timed out"),
+    }
+}
+
 /// Retention over one expiry index: entries are deleted with the records
 /// their suffix names, up to [`EXPIRE_BATCH`] entries per commit and
 /// [`EXPIRE_BATCHES_PER_TICK`] commits per pass, scanning from an in-memory

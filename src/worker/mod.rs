@@ -33,8 +33,10 @@ use crate::runner::StepRunner;
 use crate::runtime::{Inner, WorkflowRuntime};
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
-    /// Run the worker pool until `shutdown` resolves, then stop claiming and
-    /// wait for the steps in flight to settle.
+    /// Run the worker pool until `shutdown` resolves, then stop claiming,
+    /// wait for the steps in flight to settle, and write the failure streaks
+    /// of workflows without a breaker, which are written behind their
+    /// settlements (ARCHITECTURE.md, "the path of one step").
     ///
     /// Claiming starts at once. In the background it reconciles steps the
     /// queue dead-lettered by itself (a crash or an expired lease during a
@@ -124,7 +126,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 }
             }
         };
-        result.map(|_| ())
+        result?;
+        maintenance::last_fold(inner).await;
+        Ok(())
     }
 }
 
