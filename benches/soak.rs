@@ -160,6 +160,12 @@ struct Row {
 
 #[tokio::main]
 async fn main() {
+    // The runtime's warnings (a slow maintenance tick, a slow store) go to
+    // stderr, beside the table.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let secs = args

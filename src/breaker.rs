@@ -286,7 +286,7 @@ impl WorkflowState {
 
 /// A test hook called after each fold commit.
 #[cfg(test)]
-type AfterFold = Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send>;
+pub(crate) type AfterFold = Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
 /// The breakers of one runtime.
 pub(crate) struct Breakers {
@@ -436,6 +436,12 @@ impl Breakers {
             key.extend_from_slice(b.as_bytes());
         }
         key
+    }
+
+    /// Test hook: call `f` after each fold commit (the fold awaits it).
+    #[cfg(test)]
+    pub(crate) fn set_after_fold(&self, f: AfterFold) {
+        *lock(&self.after_fold) = Some(f);
     }
 
     pub(crate) fn health_key(&self, workflow: &str) -> Vec<u8> {

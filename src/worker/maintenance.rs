@@ -1,5 +1,7 @@
-//! The pool's background work, done in bounded slices on maintenance ticks
-//! (every `poll_interval`, or at once while a backlog remains):
+//! The pool's background work, done in bounded slices on ticks (every
+//! `poll_interval`, or at once while a backlog remains) by two loops that
+//! never wait for each other: retention in one, the breakers' upkeep and the
+//! reconcile in the other.
 //!
 //! - **retention**: outcome and submit records past `terminal_retention`
 //!   are deleted in batches, many runs' records in one commit, scanning the
@@ -54,20 +56,39 @@ pub(super) async fn maintain<R, H>(
     inner: &Inner<R, H>,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
-    let mut state = Maintenance::new(inner.now_ms());
+    // Two loops: a fold that waits for a busy breaker workflow's lock, or
+    // a slow reconcile page, never holds up retention (a soak saw a 15 s
+    // fold leave outcomes 90 s past their expiry when they shared a tick).
+    tokio::join!(
+        ticking(inner, stop, Retention::new(inner.now_ms())),
+        ticking(inner, stop, Upkeep::new()),
+    );
+    Ok(())
+}
+
+/// One kind of maintenance work, done a bounded slice per tick.
+trait Pass {
+    /// One slice. Returns whether a backlog is left (the next tick then
+    /// follows at once).
+    async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool;
+}
+
+/// Run `pass` every `poll_interval` (at once while it has a backlog) until
+/// `stop` fires.
+async fn ticking<R, H>(inner: &Inner<R, H>, stop: &CancellationToken, mut pass: impl Pass) {
     let mut tick = tokio::time::interval(inner.cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         // A tick is abandoned at shutdown: its work is bounded and every
         // piece of it is safe to stop at an await (the next tick, or the
         // next process, picks up where it stopped).
         let backlog = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            backlog = state.tick(inner) => backlog,
+            _ = stop.cancelled() => return,
+            backlog = pass.tick(inner) => backlog,
         };
         if backlog {
             tick.reset_immediately();
@@ -236,10 +257,82 @@ async fn scan_all<R, H>(inner: &Inner<R, H>, prefix: &[u8]) -> Result<Vec<Vec<u8
     }
 }
 
-/// What the maintenance ticks remember between them.
-struct Maintenance {
+/// A tick slower than this is reported, with the time of each part.
+const SLOW_TICK: Duration = Duration::from_secs(2);
+
+/// How long each part of one upkeep tick took.
+#[derive(Default)]
+struct Took {
+    fold: Duration,
+    tend: Duration,
+    reconcile: Duration,
+}
+
+impl Took {
+    /// Warn of a slow tick: retention and the breakers wait for it, so an
+    /// operator should see which part held it up.
+    fn report(&self) {
+        let total = self.fold + self.tend + self.reconcile;
+        if total >= SLOW_TICK {
+            tracing::warn!(
+                ?total,
+                fold = ?self.fold,
+                tend = ?self.tend,
+                reconcile = ?self.reconcile,
+                "a breaker upkeep tick was slow (the store is slow, or a backlog is being worked off)"
+            );
+        }
+    }
+}
+
+/// Retention of run outcomes: what its ticks remember.
+struct Retention {
     /// Where retention is in the outcome expiry index.
     outcomes: Expiring,
+}
+
+impl Retention {
+    fn new(now: u64) -> Self {
+        Self {
+            outcomes: Expiring::new(now),
+        }
+    }
+}
+
+impl Pass for Retention {
+    /// Delete the outcome and submit records (and the run's data) past
+    /// their retention, up to [`EXPIRE_BATCHES_PER_TICK`] commits.
+    async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
+        let started = Instant::now();
+        let keys = &inner.keys;
+        let expired = self
+            .outcomes
+            .pass_scanning(
+                inner,
+                &inner.expiry,
+                keys.expiry_prefix(),
+                inner.cfg.terminal_retention,
+                |run_id| [keys.sub(run_id), keys.out(run_id)],
+                |run_id| Some(keys.data(run_id)),
+            )
+            .await;
+        let took = started.elapsed();
+        if took >= SLOW_TICK {
+            tracing::warn!(
+                ?took,
+                "a retention pass was slow (the store is slow, or a backlog is being worked off)"
+            );
+        }
+        expired.unwrap_or_else(|e| {
+            tracing::warn!("retention pass failed (retried next tick): {e}");
+            false
+        })
+    }
+}
+
+/// The breakers' upkeep and the reconcile of dead steps: what their ticks
+/// remember.
+struct Upkeep {
     /// The reconcile cycle's position: the last dead job id read, `None` at
     /// the start of a cycle.
     dead_after: Option<String>,
@@ -249,26 +342,17 @@ struct Maintenance {
     skipped: HashSet<String>,
 }
 
-impl Maintenance {
-    fn new(now: u64) -> Self {
-        Self {
-            outcomes: Expiring::new(now),
-            dead_after: None,
-            cycle_started: None,
-            skipped: HashSet::new(),
-        }
-    }
-
-    /// One tick of bounded work. Returns whether retention has a backlog
-    /// left (the next tick then follows at once).
+impl Pass for Upkeep {
+    /// Fold tallies, tend the breakers, reconcile one page of dead jobs.
+    /// Returns whether the fold has a backlog left.
     async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
-        let mut backlog = match self.expire(inner).await {
-            Ok(backlog) => backlog,
-            Err(e) => {
-                tracing::warn!("retention pass failed (retried next tick): {e}");
-                false
-            }
+        let mut took = Took::default();
+        let mut part = Instant::now();
+        let mut lap = |at: &mut Duration| {
+            *at = part.elapsed();
+            part = Instant::now();
         };
+        let mut backlog = false;
         let folded = {
             let _watch = watched(inner, WATCH);
             inner
@@ -280,6 +364,7 @@ impl Maintenance {
             Ok(n) => backlog |= n >= TALLIES_PER_TICK,
             Err(e) => tracing::warn!("folding run tallies failed (retried next tick): {e}"),
         }
+        lap(&mut took.fold);
         let tended = {
             let _watch = watched(inner, WATCH);
             inner.breakers.tend(&inner.queue, inner.now_ms()).await
@@ -287,27 +372,23 @@ impl Maintenance {
         if let Err(e) = tended {
             tracing::warn!("breaker upkeep failed (retried next tick): {e}");
         }
+        lap(&mut took.tend);
         if let Err(e) = self.reconcile_page(inner).await {
             tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
         }
+        lap(&mut took.reconcile);
+        took.report();
         backlog
     }
+}
 
-    /// Delete the outcome and submit records past their retention, up to
-    /// [`EXPIRE_BATCHES_PER_TICK`] commits. Returns whether due entries
-    /// remain.
-    async fn expire<R, H>(&mut self, inner: &Inner<R, H>) -> Result<bool, Error> {
-        let keys = &inner.keys;
-        self.outcomes
-            .pass_scanning(
-                inner,
-                &inner.expiry,
-                keys.expiry_prefix(),
-                inner.cfg.terminal_retention,
-                |run_id| [keys.sub(run_id), keys.out(run_id)],
-                |run_id| Some(keys.data(run_id)),
-            )
-            .await
+impl Upkeep {
+    fn new() -> Self {
+        Self {
+            dead_after: None,
+            cycle_started: None,
+            skipped: HashSet::new(),
+        }
     }
 
     /// Reconcile one page of the step queue's dead jobs, starting a new
@@ -352,5 +433,87 @@ impl Maintenance {
             _ => None,
         };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use taquba::{MockClock, OpenOptions, Queue};
+
+    use crate::hook::NoopTerminalHook;
+    use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+    use crate::runtime::{RunSpec, WorkflowRuntime};
+
+    struct Done;
+
+    impl StepRunner for Done {
+        async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    }
+
+    /// Soak regression: retention and the tally fold shared one tick, so a
+    /// fold waiting on a busy breaker workflow's lock (15 s in the soak)
+    /// held retention up with it, and outcomes stayed 90 s past their
+    /// expiry. With the fold stuck for good, retention still runs.
+    #[tokio::test]
+    async fn retention_goes_on_while_a_fold_is_held_up() {
+        let clock = MockClock::new(1_000_000);
+        let opts = OpenOptions {
+            clock: Arc::new(clock.clone()),
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
+            .poll_interval(Duration::from_millis(5))
+            .terminal_retention(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        // Every fold that commits never returns (it holds its workflow's
+        // writer lock and the upkeep loop with it).
+        let (folded, mut fold_stuck) = tokio::sync::mpsc::unbounded_channel::<()>();
+        rt.inner.breakers.set_after_fold(Box::new(move || {
+            let _ = folded.send(());
+            Box::pin(std::future::pending())
+        }));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pool = tokio::spawn({
+            let rt = rt.clone();
+            let stop = stop.clone();
+            async move { rt.run(stop.cancelled_owned()).await }
+        });
+        for id in ["a", "b"] {
+            rt.submit(RunSpec {
+                run_id: Some(id.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            rt.wait(id).await.unwrap();
+        }
+        fold_stuck
+            .recv()
+            .await
+            .expect("a fold committed and is stuck");
+        clock.advance(Duration::from_secs(61));
+        // Retention deletes both outcomes while the fold stays stuck (the
+        // bound only turns a hang into a failure).
+        let expired = async {
+            for id in ["a", "b"] {
+                while rt.outcome(id).await.unwrap().is_some() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), expired)
+            .await
+            .expect("retention went on while the fold was stuck");
+        stop.cancel();
+        pool.abort();
     }
 }
