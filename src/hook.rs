@@ -25,6 +25,9 @@ pub enum TerminalStatus {
     /// The run was cancelled, by [`WorkflowRuntime::cancel`](crate::WorkflowRuntime::cancel)
     /// or by a step's [`StepOutcome::Cancel`](crate::StepOutcome::Cancel).
     Cancelled,
+    /// The run's deadline ([`RunSpec::deadline`](crate::RunSpec::deadline))
+    /// passed before it ended.
+    TimedOut,
 }
 
 /// The terminal record of a run, as the hook and

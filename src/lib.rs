@@ -186,12 +186,13 @@ pub use read::{
     DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
 };
 pub use record::{
-    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_SIGNAL,
-    HEADER_STEP, HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
-    MAX_RUN_ID_LEN, MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
+    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_PARKED, HEADER_RUN_ID,
+    HEADER_SIGNAL, HEADER_STEP, HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES,
+    MAX_RESULT_BYTES, MAX_RUN_ID_LEN, MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers,
+    validate_name,
 };
 pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
-pub use runtime::{RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};
+pub use runtime::{Deadline, RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};
 pub use schedule::{Downtime, LastRun, Overlap, Schedule, ScheduleInfo, ScheduleKind};
 pub use store::{
     DEFAULT_QUEUE_NAME, STORE_FORMAT, StoreLocation, StoreOptions, control_queue_name,

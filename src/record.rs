@@ -10,6 +10,7 @@
 //! | `wm/Q/sub/{run_id}`    | [`SubmitRecord`]   | submit → end of the retention window         |
 //! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
 //! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
+//! | `wm/Q/dl/{t}{run_id}`  | deadline index entry (`t`: the deadline) | submit → termination, or the deadline's pass |
 //! | `wm/Q/data/{run_id}/…` | the run's data: memo entries (`memo/{step}/{key}`, `memo/run/{key}`, see [`crate::memo`]) and each step's input payload (`input/{step}`, for a re-run) | first write → end of the retention window |
 //!
 //! Elsewhere: workflow health under `wm/Q/wf/`, `wm/Q/tally/`, `wm/Q/park/`
@@ -49,6 +50,9 @@ pub const HEADER_SIGNAL: &str = "workflow.signal";
 /// The header carrying how many times the run was re-run from a step
 /// (absent on the first segment).
 pub const HEADER_RERUN: &str = "workflow.rerun";
+/// The header carrying a run's deadline, ms since the Unix epoch on the
+/// queue clock (absent: no deadline). Every step job of the run carries it.
+pub const HEADER_DEADLINE: &str = "workflow.deadline";
 /// Headers with this prefix are the runtime's; a submit may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
 
@@ -179,6 +183,7 @@ pub(crate) struct Keys {
     out: Vec<u8>,
     exp: Vec<u8>,
     data: Vec<u8>,
+    deadline: Vec<u8>,
 }
 
 impl Keys {
@@ -191,6 +196,7 @@ impl Keys {
             out: with("out"),
             exp: with("exp"),
             data: with("data"),
+            deadline: with("dl"),
         }
     }
 
@@ -251,6 +257,11 @@ impl Keys {
 
     pub(crate) fn expiry_prefix(&self) -> &[u8] {
         &self.exp
+    }
+
+    /// The prefix of the deadline index: `{prefix}{deadline ms}{run_id}`.
+    pub(crate) fn deadline_prefix(&self) -> &[u8] {
+        &self.deadline
     }
 }
 
@@ -347,6 +358,11 @@ pub(crate) fn rerun_of(headers: &HashMap<String, String>) -> u32 {
         .get(HEADER_RERUN)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// The deadline a step job's headers carry (ms, queue clock), if any.
+pub(crate) fn deadline_of(headers: &HashMap<String, String>) -> Option<u64> {
+    headers.get(HEADER_DEADLINE).and_then(|n| n.parse().ok())
 }
 
 /// The submitter's headers of a step job: all but the reserved keys.

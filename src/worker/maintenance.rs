@@ -9,6 +9,12 @@
 //! - **tallies** are folded into the workflow health records in bounded
 //!   batches, and the breakers are tended (parked steps of workflows that
 //!   are not tripped released, due probes woken, idle state dropped);
+//! - **deadlines**: runs whose deadline has passed (entries of the deadline
+//!   index `wm/Q/dl/`, due at their time) are ended `TimedOut` through
+//!   `end_run`; an entry is deleted once its run has ended (or is another
+//!   segment), and kept while the run's running step is asked to stop (its
+//!   settlement, or its next claim after a crash, ends the run and deletes
+//!   the entry);
 //! - **reconcile**: step jobs the queue dead-lettered by itself (a crash or
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   are ended as `Failed` runs, one page of dead jobs per tick, cycling
@@ -22,14 +28,14 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use taquba::{ExpiryIndex, KvOrder, SettlementEffects};
+use taquba::{Expired, ExpiryIndex, JobStatus, KvOrder, SettlementEffects};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::watched;
 use crate::error::Error;
 use crate::policy::saturating_ms;
-use crate::runtime::Inner;
+use crate::runtime::{Ending, Inner};
 
 /// The name maintenance store calls are watched under.
 const WATCH: &str = "maintenance";
@@ -273,6 +279,9 @@ impl Maintenance {
         if let Err(e) = tended {
             tracing::warn!("breaker upkeep failed (retried next tick): {e}");
         }
+        if let Err(e) = deadlines(inner).await {
+            tracing::warn!("ending runs past their deadline failed (retried next tick): {e}");
+        }
         if let Err(e) = self.reconcile_page(inner).await {
             tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
         }
@@ -339,4 +348,47 @@ impl Maintenance {
         };
         Ok(())
     }
+}
+
+/// End the runs whose deadline has passed. A running step is asked to stop
+/// (its `cancel_token` fires) and its entry is kept until the step's
+/// settlement ends the run; every other live run ends `TimedOut` in the
+/// transaction that removes its waiting step.
+async fn deadlines<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
+    let _watch = watched(inner, WATCH);
+    let now = inner.now_ms();
+    inner
+        .deadlines
+        .pass(&inner.queue, now, Duration::ZERO, |at, suffix| async move {
+            let Ok(run_id) = String::from_utf8(suffix) else {
+                return Expired::Delete(SettlementEffects::default());
+            };
+            match time_out(inner, &run_id, at).await {
+                Ok(true) => Expired::Keep,
+                Ok(false) => Expired::Delete(SettlementEffects::default()),
+                Err(e) => {
+                    tracing::warn!(run_id, "ending a run at its deadline failed: {e}");
+                    Expired::Keep
+                }
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+/// Time out `run_id` at its deadline `at`. Returns whether the run is still
+/// live with its step asked to stop (the entry stays until it ends).
+async fn time_out<R, H>(inner: &Inner<R, H>, run_id: &str, at: u64) -> Result<bool, Error> {
+    let Some((_, job)) = inner.current_step(run_id).await? else {
+        return Ok(false);
+    };
+    if job.status == JobStatus::Dead || crate::record::deadline_of(&job.headers) != Some(at) {
+        // Reconciled as a failure, or another segment of the run.
+        return Ok(false);
+    }
+    if job.status == JobStatus::Claimed && job.cancel_requested {
+        return Ok(true);
+    }
+    inner.end_run(run_id, Ending::Deadline(at)).await?;
+    Ok(inner.current_step(run_id).await?.is_some())
 }

@@ -86,8 +86,13 @@ impl Settlement {
     }
 
     /// A settlement that ends the run with `outcome`.
-    fn ending<R, H>(inner: &Inner<R, H>, end: JobEnd, outcome: RunOutcome) -> Result<Self, Error> {
-        let (effects, tally) = inner.terminal_effects(&outcome)?;
+    fn ending<R, H>(
+        inner: &Inner<R, H>,
+        job: &StepJob,
+        end: JobEnd,
+        outcome: RunOutcome,
+    ) -> Result<Self, Error> {
+        let (effects, tally) = inner.terminal_effects(&outcome, &job.claim.headers)?;
         Ok(Self {
             end,
             effects,
@@ -204,9 +209,9 @@ fn from_verdict<R, H>(
         Verdict::Again { at, spent, parked } => Ok(Settlement::moving(again_effects(
             inner, job, at, spent, parked,
         )?)),
-        Verdict::End(outcome) => Settlement::ending(inner, JobEnd::Ack, outcome),
+        Verdict::End(outcome) => Settlement::ending(inner, job, JobEnd::Ack, outcome),
         Verdict::DeadLetter(why, outcome) => {
-            Settlement::ending(inner, JobEnd::DeadLetter(why), outcome)
+            Settlement::ending(inner, job, JobEnd::DeadLetter(why), outcome)
         }
     }
 }
@@ -341,13 +346,16 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
     let outcome = job.failed(&format!(
         "the runtime could not record the step's result: {why}"
     ));
-    let settlement = match Settlement::ending(inner, JobEnd::DeadLetter(why.to_string()), outcome) {
-        Ok(settlement) => settlement,
-        Err(e) => {
-            tracing::error!("cannot encode the run's outcome either; the step stays claimed: {e}");
-            return false;
-        }
-    };
+    let settlement =
+        match Settlement::ending(inner, job, JobEnd::DeadLetter(why.to_string()), outcome) {
+            Ok(settlement) => settlement,
+            Err(e) => {
+                tracing::error!(
+                    "cannot encode the run's outcome either; the step stays claimed: {e}"
+                );
+                return false;
+            }
+        };
     match commit(inner, job, settlement).await {
         Ok(()) => true,
         Err(e) => {

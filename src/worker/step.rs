@@ -105,6 +105,19 @@ impl StepJob {
         }
     }
 
+    /// The outcome of a step stopped from outside: `TimedOut` once the
+    /// run's deadline has passed at `now` (ms), `Cancelled` otherwise.
+    pub(super) fn stopped(&self, now: u64) -> RunOutcome {
+        match record::deadline_of(&self.claim.headers) {
+            Some(at) if at <= now => self.outcome(
+                TerminalStatus::TimedOut,
+                None,
+                Some(crate::runtime::timed_out_reason(at)),
+            ),
+            _ => self.outcome(TerminalStatus::Cancelled, None, None),
+        }
+    }
+
     pub(super) fn failed(&self, why: &str) -> RunOutcome {
         self.outcome(
             TerminalStatus::Failed,
@@ -150,10 +163,7 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
             // now): the step is not run.
             *lock(&entry.phase) = Phase::Settling;
             by_request = true;
-            (
-                Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
-                Health::Neutral,
-            )
+            (Verdict::End(job.stopped(inner.now_ms())), Health::Neutral)
         } else {
             let now = inner.now_ms();
             let gate = inner
@@ -205,7 +215,8 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 Ok((ran, effects)) => {
                     let (verdict, health, as_returned) = decide(inner, &job, ran, cancelled);
                     by_request = cancelled
-                        && matches!(&verdict, Verdict::End(o) if o.status == TerminalStatus::Cancelled && o.error.is_none());
+                        && matches!(&verdict, Verdict::End(o) if o.status == TerminalStatus::TimedOut
+                            || (o.status == TerminalStatus::Cancelled && o.error.is_none()));
                     if as_returned {
                         staged = effects;
                     }
@@ -213,10 +224,7 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 }
                 Err(_) if cancelled => {
                     by_request = true;
-                    (
-                        Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
-                        Health::Neutral,
-                    )
+                    (Verdict::End(job.stopped(inner.now_ms())), Health::Neutral)
                 }
                 Err(held) => (held, Health::Neutral),
             }
@@ -431,10 +439,7 @@ fn decide<R, H>(
             Verdict::End(job.outcome(Cancelled, None, Some(reason))),
             Health::Neutral,
         )),
-        _ if cancelled => refused((
-            Verdict::End(job.outcome(Cancelled, None, None)),
-            Health::Neutral,
-        )),
+        _ if cancelled => refused((Verdict::End(job.stopped(inner.now_ms())), Health::Neutral)),
         Ok(StepOutcome::Continue { payload }) => next(job, payload, None, false),
         Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay), false),
         Ok(StepOutcome::WaitForSignal { payload, timeout }) => {

@@ -48,6 +48,7 @@ pub fn status_word(status: TerminalStatus) -> &'static str {
         TerminalStatus::Succeeded => "Succeeded",
         TerminalStatus::Failed => "Failed",
         TerminalStatus::Cancelled => "Cancelled",
+        TerminalStatus::TimedOut => "TimedOut",
         _ => "Ended",
     }
 }

@@ -150,6 +150,8 @@ pub enum StateArg {
     Failed,
     /// Runs that were cancelled.
     Cancelled,
+    /// Runs whose deadline passed.
+    TimedOut,
 }
 
 /// `waymark runs`' arguments.
@@ -190,6 +192,7 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
             StateArg::Succeeded => StateFilter::Is(RunPhase::Ended(TerminalStatus::Succeeded)),
             StateArg::Failed => StateFilter::Is(RunPhase::Ended(TerminalStatus::Failed)),
             StateArg::Cancelled => StateFilter::Is(RunPhase::Ended(TerminalStatus::Cancelled)),
+            StateArg::TimedOut => StateFilter::Is(RunPhase::Ended(TerminalStatus::TimedOut)),
         }),
         workflow: args.workflow.clone(),
         after: args.after.clone(),
