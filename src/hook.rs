@@ -57,6 +57,52 @@ pub struct RunOutcome {
     pub reruns: u32,
 }
 
+/// A child run's ending as its parent sees it (see
+/// [`StepOutcome::SpawnChildren`](crate::StepOutcome::SpawnChildren)): a
+/// child that ended `Cancelled` or `TimedOut` is `Failed` here, its error
+/// `cancelled:{reason}` or `timed_out:{deadline ms}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildOutcome {
+    /// The child run.
+    pub run_id: String,
+    /// `Succeeded` or `Failed`.
+    pub status: TerminalStatus,
+    /// The result of a succeeded child.
+    #[serde(with = "serde_bytes")]
+    pub result: Option<Vec<u8>>,
+    /// Why a child failed (with the prefixes above).
+    pub error: Option<String>,
+    /// The step the child ended at.
+    pub final_step: u32,
+}
+
+impl ChildOutcome {
+    /// How a parent sees `outcome`; `deadline` is the child's (ms).
+    pub(crate) fn of(outcome: &RunOutcome, deadline: Option<u64>) -> Self {
+        let (status, error) = match outcome.status {
+            TerminalStatus::Cancelled => (
+                TerminalStatus::Failed,
+                Some(format!(
+                    "cancelled:{}",
+                    outcome.error.as_deref().unwrap_or_default()
+                )),
+            ),
+            TerminalStatus::TimedOut => (
+                TerminalStatus::Failed,
+                Some(format!("timed_out:{}", deadline.unwrap_or_default())),
+            ),
+            status => (status, outcome.error.clone()),
+        };
+        Self {
+            run_id: outcome.run_id.clone(),
+            status,
+            result: outcome.result.clone(),
+            error,
+            final_step: outcome.final_step,
+        }
+    }
+}
+
 /// Called once a run has terminated (at least once; see the module docs).
 ///
 /// Return [`StepError::transient`] to have the notification retried with

@@ -325,6 +325,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 keys,
                 expiry,
                 deadlines,
+                joins: Default::default(),
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
@@ -388,6 +389,8 @@ pub(crate) struct Inner<R, H> {
     pub expiry: ExpiryIndex,
     /// The deadline index (entries at each run's deadline).
     pub deadlines: ExpiryIndex,
+    /// The join locks (see [`crate::children`]).
+    pub joins: crate::children::JoinLocks,
     /// Steps this process is running, per claim.
     pub inflight: InFlightSteps,
     /// Callers of `wait`, by run id.
@@ -949,6 +952,45 @@ pub(crate) fn step_headers(
     headers
 }
 
+/// A run's terminal effects and what must be held until they commit.
+pub(crate) struct Terminal<'a> {
+    pub effects: SettlementEffects,
+    pub hold: TerminalHold<'a>,
+}
+
+/// Held from building a run's terminal effects until their commit has
+/// returned: the run's tally, the join locks, the parent's pending commit.
+pub(crate) struct TerminalHold<'a> {
+    tally: Option<TallyGuard>,
+    locks: Vec<tokio::sync::MutexGuard<'a, ()>>,
+    pending: Option<crate::pending::PendingCommit<'a>>,
+    /// A parent's placeholder the commit replaced.
+    placeholder: Option<String>,
+}
+
+impl TerminalHold<'_> {
+    /// After the commit: release everything, then remove the parent's
+    /// placeholder job (best effort: one left behind is dead-lettered as
+    /// stale if it ever falls due).
+    pub(crate) async fn done(self, queue: &Queue, committed: bool) {
+        let Self {
+            tally,
+            locks,
+            pending,
+            placeholder,
+        } = self;
+        drop(pending);
+        drop(tally);
+        drop(locks);
+        if committed
+            && let Some(job) = placeholder
+            && let Err(e) = queue.cancel(&job).await
+        {
+            tracing::warn!(job, "removing a joined parent's placeholder failed: {e}");
+        }
+    }
+}
+
 /// A KV key and its value.
 pub(crate) type KvEntry = (Vec<u8>, Vec<u8>);
 
@@ -965,6 +1007,16 @@ pub(crate) struct PreparedSubmit {
     priority: Option<u32>,
     max_attempts: u32,
     deadline: Option<u64>,
+}
+
+impl PreparedSubmit {
+    /// Link the run, as child `index`, to the parent waiting at `step`.
+    pub(crate) fn link_parent(&mut self, parent: &str, step: u32, index: usize) {
+        self.headers.insert(
+            record::HEADER_PARENT.to_string(),
+            format!("{parent}/{step}/{index}"),
+        );
+    }
 }
 
 impl<R, H> Inner<R, H> {
@@ -1006,11 +1058,20 @@ impl<R, H> Inner<R, H> {
                 final_step: run.step,
                 reruns: record::rerun_of(&job.headers),
             };
-            let (effects, _tally) = inner.terminal_effects(&outcome, &job.headers)?;
-            let (cancelled, _) = {
-                let _pending = inner.pending.begin(run_id);
-                inner.queue.cancel_with(&run.job_id, effects).await?
+            let Some(Terminal { effects, hold }) = inner
+                .terminal_effects(&outcome, &job.headers, Some(&run.job_id))
+                .await?
+            else {
+                // The run moved on since the read.
+                continue;
             };
+            let cancelled = {
+                let _pending = inner.pending.begin(run_id);
+                inner.queue.cancel_with(&run.job_id, effects).await
+            };
+            let removed = matches!(cancelled, Ok((CancelOutcome::Removed, _)));
+            hold.done(&inner.queue, removed).await;
+            let (cancelled, _) = cancelled?;
             match cancelled {
                 CancelOutcome::Removed => {
                     inner.pending.take_own(&run.job_id);
@@ -1247,14 +1308,31 @@ impl<R, H> Inner<R, H> {
 
     /// The effects that end a run: remove its live record, write its outcome
     /// and retention entry, its workflow tally, and queue its hook
-    /// notification; drop its deadline entry (`headers`: its step job's).
-    /// Hold the returned guard until the commit has returned.
-    pub(crate) fn terminal_effects(
+    /// notification; drop its deadline entry (`headers`: its step job's);
+    /// record it into its parent if it is a child (see [`crate::children`]);
+    /// leave a cascade marker if it has live children. Takes the join locks
+    /// of the run and its parent, and, with `current`, checks under them
+    /// that the run is still at that job (`None` when it moved: read
+    /// again). Hold the returned [`Terminal`] until the commit has
+    /// returned, then call [`TerminalHold::done`].
+    pub(crate) async fn terminal_effects(
         &self,
         outcome: &RunOutcome,
         headers: &HashMap<String, String>,
-    ) -> Result<(SettlementEffects, Option<TallyGuard>), Error> {
+        current: Option<&str>,
+    ) -> Result<Option<Terminal<'_>>, Error> {
         let run_id = &outcome.run_id;
+        let mut runs = vec![run_id.as_str()];
+        if let Some((parent, _, _)) = record::parent_of(headers) {
+            runs.push(parent);
+        }
+        let locks = self.joins.lock(&runs).await;
+        if let Some(job_id) = current {
+            let at = read::read_run(self.queue.view(), &self.keys, run_id).await?;
+            if at.is_none_or(|run| run.job_id != job_id) {
+                return Ok(None);
+            }
+        }
         let now = self.now_ms();
         let out_key = self.keys.out(run_id);
         let record = OutcomeRecord {
@@ -1298,7 +1376,21 @@ impl<R, H> Inner<R, H> {
                 options,
             });
         }
-        Ok((effects, guard))
+        if let Some((key, value)) = self.cascade_entry(run_id, outcome.final_step).await? {
+            effects = effects.kv_put(key, value);
+        }
+        let mut hold = TerminalHold {
+            tally: guard,
+            locks,
+            pending: None,
+            placeholder: None,
+        };
+        if let Some(arrival) = self.child_arrival(outcome, headers).await? {
+            effects = crate::effects::merge(effects, arrival.effects);
+            hold.pending = arrival.pending;
+            hold.placeholder = arrival.placeholder;
+        }
+        Ok(Some(Terminal { effects, hold }))
     }
 
     /// Wake the callers of `wait` on this run.
@@ -1325,13 +1417,19 @@ impl<R, H> Inner<R, H> {
             return Ok(false);
         }
         let outcome = read::dead_outcome(run_id, &run, job);
-        let (effects, _tally) = self.terminal_effects(&outcome, &job.headers)?;
+        let Some(Terminal { effects, hold }) =
+            self.terminal_effects(&outcome, &job.headers, None).await?
+        else {
+            return Ok(false);
+        };
         let applied = {
             let _pending = self.pending.begin(run_id);
             self.queue
                 .kv_compare_commit(&[(&run_key, Some(&bytes))], effects)
-                .await?
+                .await
         };
+        hold.done(&self.queue, matches!(applied, Ok(Some(_)))).await;
+        let applied = applied?;
         if applied.is_some() {
             tracing::warn!(run_id, step = run.step, job_id = %job.id, "run failed: its step was dead-lettered by the queue");
             self.notify_terminal(outcome);

@@ -15,6 +15,11 @@
 //!   segment), and kept while the run's running step is asked to stop (its
 //!   settlement, or its next claim after a crash, ends the run and deletes
 //!   the entry);
+//! - **cascades**: an ended parent's cascade marker (`wm/Q/cascade/{id}`,
+//!   written in its terminal transaction while it had live children) has
+//!   each listed child cancelled through `end_run` (whose own ending leaves
+//!   a marker for its children, and so on down), then is deleted; up to
+//!   [`CASCADES_PER_TICK`] markers a tick, so a restart completes a cascade;
 //! - **reconcile**: step jobs the queue dead-lettered by itself (a crash or
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   are ended as `Failed` runs, one page of dead jobs per tick, cycling
@@ -50,6 +55,9 @@ const EXPIRE_BATCHES_PER_TICK: usize = 8;
 const RECONCILE_CYCLE: Duration = Duration::from_secs(1);
 /// Unreadable dead jobs warned about once per process, at most this many.
 const MAX_SKIPPED: usize = 4096;
+
+/// The most cascade markers one tick works on.
+const CASCADES_PER_TICK: usize = 64;
 
 /// The most run tallies one tick folds into health records; a tick that
 /// folds this many is followed by the next one at once.
@@ -282,6 +290,12 @@ impl Maintenance {
         if let Err(e) = deadlines(inner).await {
             tracing::warn!("ending runs past their deadline failed (retried next tick): {e}");
         }
+        match cascades(inner).await {
+            Ok(full) => backlog |= full,
+            Err(e) => {
+                tracing::warn!("cancelling ended parents' children failed (retried next tick): {e}")
+            }
+        }
         if let Err(e) = self.reconcile_page(inner).await {
             tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
         }
@@ -391,4 +405,44 @@ async fn time_out<R, H>(inner: &Inner<R, H>, run_id: &str, at: u64) -> Result<bo
     }
     inner.end_run(run_id, Ending::Deadline(at)).await?;
     Ok(inner.current_step(run_id).await?.is_some())
+}
+
+/// Cancel the live children of ended parents (their cascade markers).
+/// Returns whether a full page of markers was read (more may wait).
+async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
+    let page = {
+        let _watch = watched(inner, WATCH);
+        inner
+            .queue
+            .view()
+            .kv_scan(
+                inner.keys.cascade_prefix(),
+                ..,
+                KvOrder::Ascending,
+                CASCADES_PER_TICK,
+            )
+            .await?
+    };
+    for (key, value) in &page.entries {
+        let children: Vec<String> = match crate::record::decode(key, value) {
+            Ok(children) => children,
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(key), "dropping an unreadable cascade marker: {e}");
+                Vec::new()
+            }
+        };
+        let mut done = true;
+        for child in &children {
+            let _watch = watched(inner, WATCH);
+            if let Err(e) = inner.end_run(child, Ending::Cancel).await {
+                tracing::warn!(child, "cancelling a child of an ended parent failed: {e}");
+                done = false;
+            }
+        }
+        if done {
+            let _watch = watched(inner, WATCH);
+            inner.queue.kv_delete(key).await?;
+        }
+    }
+    Ok(page.more)
 }
