@@ -63,6 +63,10 @@ pub const HEADER_PARENT: &str = "workflow.parent";
 /// placeholder job that waits for them, and on the step job that runs once
 /// they are all in.
 pub const HEADER_JOIN: &str = "workflow.join";
+/// The header counting a run's segments started by
+/// [`StepOutcome::ContinueAsNew`](crate::StepOutcome::ContinueAsNew) (absent
+/// on the first).
+pub const HEADER_SEGMENT: &str = "workflow.segment";
 /// The most children one step may spawn.
 pub const MAX_CHILDREN: usize = 1000;
 /// Headers with this prefix are the runtime's; a submit may not set them.
@@ -452,6 +456,15 @@ pub(crate) fn rerun_of(headers: &HashMap<String, String>) -> u32 {
 /// The deadline a step job's headers carry (ms, queue clock), if any.
 pub(crate) fn deadline_of(headers: &HashMap<String, String>) -> Option<u64> {
     headers.get(HEADER_DEADLINE).and_then(|n| n.parse().ok())
+}
+
+/// The segment a step job belongs to (its `workflow.segment` header; 0
+/// when absent or malformed).
+pub(crate) fn segment_of(headers: &HashMap<String, String>) -> u32 {
+    headers
+        .get(HEADER_SEGMENT)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The submitter's headers of a step job: all but the reserved keys.

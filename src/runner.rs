@@ -115,6 +115,18 @@ pub enum StepOutcome {
         /// End this run at the first failed child.
         fail_fast: bool,
     },
+    /// End this segment of the run and start a fresh one of the same run
+    /// (same run id) at step 0 with `input`: the step counter, attempt
+    /// counts and the run's data (memo entries, kept step inputs, joined
+    /// children's outcomes) start empty, so an endless loop stays bounded.
+    /// Nothing ends: no outcome, no hook; `status`, `outcome` and `wait`
+    /// see the live segment, and a parent waiting on this run as a child
+    /// gets the ending of its last segment. Its headers, workflow, deadline
+    /// and parent link carry over.
+    ContinueAsNew {
+        /// The new segment's step 0 payload.
+        input: Vec<u8>,
+    },
     /// The run succeeded with this result.
     Succeed {
         /// The run's result, kept in its terminal record.

@@ -211,7 +211,10 @@ impl Expiring {
 }
 
 /// Every key under `prefix`, in pages of [`EXPIRE_BATCH`].
-async fn scan_all<R, H>(inner: &Inner<R, H>, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+pub(super) async fn scan_all<R, H>(
+    inner: &Inner<R, H>,
+    prefix: &[u8],
+) -> Result<Vec<Vec<u8>>, Error> {
     let mut keys: Vec<Vec<u8>> = Vec::new();
     loop {
         let view = inner.queue.view();

@@ -231,6 +231,9 @@ async fn from_verdict<'a, R, H>(
             settlement.runs = runs;
             Ok(settlement)
         }
+        Verdict::NewSegment { input } => Ok(Settlement::moving(
+            new_segment_effects(inner, job, input).await?,
+        )),
         Verdict::End(outcome) => Settlement::ending(inner, job, JobEnd::Ack, outcome).await,
         Verdict::DeadLetter(why, outcome) => {
             Settlement::ending(inner, job, JobEnd::DeadLetter(why), outcome).await
@@ -249,6 +252,7 @@ fn kept_input<R, H>(
         Verdict::Next { payload, .. } | Verdict::Spawn { payload, .. } => {
             inner.kept_input(&job.run_id, job.step.saturating_add(1), payload)
         }
+        Verdict::NewSegment { input } => inner.kept_input(&job.run_id, 0, input),
         _ => Ok(None),
     }
 }
@@ -289,10 +293,16 @@ async fn commit<R: StepRunner, H: TerminalHook>(
 ) -> Result<(), QueueError> {
     let Settlement {
         end,
-        effects,
+        mut effects,
         runs,
         after,
     } = settlement;
+    // A key both deleted and written (a new segment's kept input) is
+    // written: the delete clears the old segment's value.
+    if !effects.kv_writes.is_empty() {
+        let writes = &effects.kv_writes;
+        effects.kv_deletes.retain(|key| !writes.contains_key(key));
+    }
     let queue = &inner.queue;
     // Which enqueues are step jobs (the runner's staged ones go elsewhere).
     let steps: Vec<bool> = effects
@@ -516,4 +526,32 @@ fn step_job_effects<R, H>(
     }
     let run = RunRecord { step, job_id };
     Ok(effects.kv_put(run_key.clone(), encode(&run_key, &run)?))
+}
+
+/// The effects that start a new segment of the run (`ContinueAsNew`): step
+/// 0 as a new job with `input` (the run's headers, deadline and parent link
+/// kept, `workflow.segment` counted up), the run record pointing at it, and
+/// every key of the run's data deleted (memo entries, kept inputs, joins).
+async fn new_segment_effects<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    input: Vec<u8>,
+) -> Result<SettlementEffects, Error> {
+    let mut headers = job.claim.headers.clone();
+    for reserved in [
+        HEADER_ATTEMPTS_BEFORE,
+        HEADER_PARKED,
+        HEADER_SIGNAL,
+        record::HEADER_JOIN,
+    ] {
+        headers.remove(reserved);
+    }
+    let segment = record::segment_of(&headers).saturating_add(1);
+    headers.insert(record::HEADER_SEGMENT.to_string(), segment.to_string());
+    let attempts = inner.cfg.retry_policy(&job.workflow).max_attempts;
+    let mut effects = step_job_effects(inner, job, 0, input, headers, attempts, None, None)?;
+    for key in super::maintenance::scan_all(inner, &inner.keys.data(&job.run_id)).await? {
+        effects = effects.kv_delete(key);
+    }
+    Ok(effects)
 }

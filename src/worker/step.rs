@@ -46,6 +46,8 @@ pub(super) enum Verdict {
         payload: Vec<u8>,
         fail_fast: bool,
     },
+    /// Start a new segment of the run at step 0 with this input.
+    NewSegment { input: Vec<u8> },
     /// End the run through `ack_with`.
     End(RunOutcome),
     /// Move the step to a new job that runs at `at` (ms, queue clock): a
@@ -479,6 +481,15 @@ fn decide<R, H>(
         Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay), false),
         Ok(StepOutcome::WaitForSignal { payload, timeout }) => {
             next(job, payload, Some(timeout), true)
+        }
+        Ok(StepOutcome::ContinueAsNew { input }) => {
+            let (verdict, health, returned) = next(job, input, None, false);
+            match verdict {
+                Verdict::Next { payload, .. } => {
+                    (Verdict::NewSegment { input: payload }, health, returned)
+                }
+                verdict => (verdict, health, returned),
+            }
         }
         Ok(StepOutcome::SpawnChildren {
             children,
