@@ -11,9 +11,12 @@
 //! arrived, it records the child's [`ChildOutcome`] and marks it arrived;
 //! the last child (or, with `fail_fast`, the first failure) also enqueues
 //! the parent's step as a real job and points the parent's run record at
-//! it. A parent that ended (or moved on) records nothing. Every terminal
-//! transaction takes its own run's join lock too, so a parent's ending and
-//! its children's arrivals never interleave.
+//! it. A parent that ended (or moved on) records nothing. A parent's
+//! terminal transaction at its join (its job carries `workflow.join`) takes
+//! its own join lock too, so its ending and its children's arrivals never
+//! interleave; a run that is neither a child nor at a join takes no lock.
+//! The locks are held across the commit, so one parent's children record
+//! their endings one flush after another.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

@@ -1311,7 +1311,8 @@ impl<R, H> Inner<R, H> {
     /// notification; drop its deadline entry (`headers`: its step job's);
     /// record it into its parent if it is a child (see [`crate::children`]);
     /// leave a cascade marker if it has live children. Takes the join locks
-    /// of the run and its parent, and, with `current`, checks under them
+    /// of the run (at a join) and of its parent (for a child), and, with
+    /// `current`, checks under them
     /// that the run is still at that job (`None` when it moved: read
     /// again). Hold the returned [`Terminal`] until the commit has
     /// returned, then call [`TerminalHold::done`].
@@ -1322,7 +1323,13 @@ impl<R, H> Inner<R, H> {
         current: Option<&str>,
     ) -> Result<Option<Terminal<'_>>, Error> {
         let run_id = &outcome.run_id;
-        let mut runs = vec![run_id.as_str()];
+        // A parent at its join (placeholder or join step) is locked against
+        // its children's arrivals; a child locks its parent. A run that is
+        // neither takes no lock.
+        let mut runs = Vec::new();
+        if headers.contains_key(record::HEADER_JOIN) {
+            runs.push(run_id.as_str());
+        }
         if let Some((parent, _, _)) = record::parent_of(headers) {
             runs.push(parent);
         }
