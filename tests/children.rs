@@ -174,6 +174,22 @@ async fn children_are_joined_in_spawn_order() {
     );
     assert_eq!(runner.calls("p", 0), 1);
     assert_eq!(runner.calls("p", 1), 1, "the join step ran once");
+    // Listing the children of `p` (and theirs): ids extend the parent's.
+    env.submit("p2", b"").await;
+    let listed = env
+        .rt
+        .runs(&RunFilter {
+            children_of: Some("p".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut listed: Vec<String> = listed.runs.into_iter().map(|r| r.run_id).collect();
+    listed.sort();
+    let mut want_sorted = want_ids.clone();
+    want_sorted.sort();
+    assert_eq!(listed, want_sorted, "not `p` itself, not `p2`");
     env.stop().await;
 }
 
