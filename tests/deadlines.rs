@@ -86,6 +86,7 @@ async fn a_pending_step_is_removed_at_the_deadline() {
     assert_eq!(runner.calls("p", 0), 0, "the step never ran");
     gate.open();
     env.rt.wait("busy").await.unwrap();
+    hook.wait_for("p").await;
     some_ticks().await;
     assert_eq!(hook.count("p"), 1, "the hook fires once");
     env.stop().await;
@@ -119,6 +120,7 @@ async fn a_scheduled_step_is_removed_at_the_deadline() {
     let out = env.rt.wait("s").await.unwrap();
     assert_timed_out(&out, 1);
     assert_eq!(runner.calls("s", 1), 0);
+    hook.wait_for("s").await;
     some_ticks().await;
     assert_eq!(hook.count("s"), 1, "the hook fires once");
     env.stop().await;
@@ -127,11 +129,13 @@ async fn a_scheduled_step_is_removed_at_the_deadline() {
 #[tokio::test]
 async fn a_running_step_is_stopped_and_its_result_discarded() {
     let fired = Arc::new(AtomicBool::new(false));
+    let started = Gate::default();
     let runner = {
-        let fired = fired.clone();
+        let (fired, started) = (fired.clone(), started.clone());
         FnRunner::new(move |s: Step| {
-            let fired = fired.clone();
+            let (fired, started) = (fired.clone(), started.clone());
             async move {
+                started.open();
                 s.cancel_token.cancelled().await;
                 fired.store(true, Ordering::SeqCst);
                 // Discarded: the deadline has passed.
@@ -145,8 +149,8 @@ async fn a_running_step_is_stopped_and_its_result_discarded() {
     let mut env = env_with(runner.clone(), hook.clone(), 4).await;
     env.start();
     submit_with_deadline(&env, "r", Deadline::After(MINUTE)).await;
-    env.until_status("r", |s| s.is_some_and(|s| s.state == RunState::Running))
-        .await;
+    // The runner is running (not only claimed).
+    started.wait().await;
     env.clock.advance(MINUTE);
     let out = env.rt.wait("r").await.unwrap();
     assert_timed_out(&out, 0);
@@ -154,6 +158,7 @@ async fn a_running_step_is_stopped_and_its_result_discarded() {
         fired.load(Ordering::SeqCst),
         "the step's cancel_token fired"
     );
+    hook.wait_for("r").await;
     some_ticks().await;
     assert_eq!(hook.count("r"), 1, "the hook fires once");
     assert_eq!(runner.calls("r", 0), 1);
@@ -163,12 +168,13 @@ async fn a_running_step_is_stopped_and_its_result_discarded() {
 #[tokio::test]
 async fn a_deadline_survives_a_restart() {
     // A step that ignores its token: the crash strikes while it runs.
-    let gate = Gate::default();
+    let (gate, started) = (Gate::default(), Gate::default());
     let runner = {
-        let gate = gate.clone();
+        let (gate, started) = (gate.clone(), started.clone());
         FnRunner::new(move |_s: Step| {
-            let gate = gate.clone();
+            let (gate, started) = (gate.clone(), started.clone());
             async move {
+                started.open();
                 gate.wait().await;
                 Ok(StepOutcome::Succeed { result: vec![] })
             }
@@ -178,8 +184,7 @@ async fn a_deadline_survives_a_restart() {
     let mut env = env_with(runner.clone(), hook.clone(), 4).await;
     env.start();
     submit_with_deadline(&env, "c", Deadline::After(MINUTE)).await;
-    env.until_status("c", |s| s.is_some_and(|s| s.state == RunState::Running))
-        .await;
+    started.wait().await;
     env.clock.advance(MINUTE);
     env.until_status("c", |s| s.is_some_and(|s| s.state == RunState::Cancelling))
         .await;
@@ -222,6 +227,7 @@ async fn a_run_that_ends_in_time_leaves_no_deadline_behind() {
     env.clock.advance(HOUR);
     some_ticks().await;
     assert_eq!(env.rt.outcome("ok").await.unwrap().unwrap(), out);
+    hook.wait_for("ok").await;
     assert_eq!(hook.count("ok"), 1);
     env.stop().await;
 }
