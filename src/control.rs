@@ -382,6 +382,9 @@ mod tests {
             "r1".into(),
             RunSpec {
                 input: b"x".to_vec(),
+                deadline: Some(crate::runtime::Deadline::After(
+                    std::time::Duration::from_secs(90),
+                )),
                 ..Default::default()
             },
         );

@@ -481,3 +481,38 @@ async fn a_parent_cancel_cascades_through_two_levels() {
 async fn a_cascade_completes_across_a_restart() {
     cascade_two_levels(true).await;
 }
+
+#[tokio::test]
+async fn a_parent_past_its_deadline_times_out_and_cancels_its_children() {
+    let (gate, seen) = (Gate::default(), Seen::default());
+    let plan = Plan {
+        n: 2,
+        blocked: vec![0, 1],
+        ..Plan::default()
+    };
+    let mut env = env_for(family(plan, gate.clone(), seen.clone())).await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("d".into()),
+            workflow: Some("parent".into()),
+            deadline: Some(Deadline::After(MINUTE)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    env.until_status("d", |s| {
+        s.is_some_and(|s| s.state == RunState::WaitingForChildren)
+    })
+    .await;
+    env.clock.advance(MINUTE);
+    let out = env.rt.wait("d").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::TimedOut, "{out:?}");
+    assert_eq!(out.final_step, 1);
+    for child in ["d.0.0", "d.0.1"] {
+        let out = env.rt.wait(child).await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Cancelled, "{child}");
+    }
+    assert!(seen.lock().unwrap().get("d").is_none(), "no join ran");
+    env.stop().await;
+}
