@@ -43,8 +43,8 @@ pub struct RunOutcome {
     /// The result of a succeeded run.
     #[serde(with = "serde_bytes")]
     pub result: Option<Vec<u8>>,
-    /// Why a run failed, or the reason a step gave for cancelling it
-    /// (`None` for an external cancel).
+    /// Why a run failed, the reason a step gave for cancelling it (`None`
+    /// for an external cancel), or the deadline a timed-out run passed.
     pub error: Option<String>,
     /// The submitter's headers (without reserved keys).
     pub headers: HashMap<String, String>,

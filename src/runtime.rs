@@ -840,7 +840,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         }
     }
 
-    /// Re-run a run that ended `Failed` or `Cancelled` (and whose outcome is
+    /// Re-run a run that ended `Failed`, `Cancelled` or `TimedOut` (and whose outcome is
     /// still retained) from step `from_step`: a new segment of the same run
     /// starts at that step with the input payload it had, and the run is
     /// live again until it ends anew (its terminal hook fires again, its

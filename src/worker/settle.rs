@@ -3,7 +3,9 @@
 //! The settlement is one value: a [`Settlement`] holds how the step's job
 //! ends, every effect that commits with it, and the work that follows the
 //! commit. Contributors add to it — the verdict (the next step, a wait for a
-//! signal, a retry, or the run's terminal effects), the effects the runner
+//! signal, a retry, a new segment, or the run's terminal effects, which
+//! record a child's ending into its parent), the children a step spawns
+//! (`children::spawn_effects`), the effects the runner
 //! staged (when the settlement commits the outcome it returned), the next
 //! step's kept input (for a re-run) and the workflow's health — and
 //! [`settle`] commits it in one transaction and runs its aftermath. A
