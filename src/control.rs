@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::runtime::{RunSpec, SubmitOutcome};
+use crate::runtime::{Deadline, RunSpec, SubmitOutcome};
 
 /// Longest request id, in bytes (taquba's inbox id and job id limit).
 pub const MAX_REQUEST_ID_LEN: usize = 64;
@@ -33,6 +33,9 @@ pub(crate) enum Request {
         priority: Option<u32>,
         max_attempts_per_step: Option<u32>,
         workflow: Option<String>,
+        /// A `Deadline::After` counts from when the worker applies it.
+        #[serde(default)]
+        deadline: Option<Deadline>,
     },
     /// Cancel a run (`WorkflowRuntime::cancel`).
     Cancel { run_id: String },
@@ -69,6 +72,7 @@ impl Request {
             priority: spec.priority,
             max_attempts_per_step: spec.max_attempts_per_step,
             workflow: spec.workflow,
+            deadline: spec.deadline,
         }
     }
 }
@@ -378,6 +382,9 @@ mod tests {
             "r1".into(),
             RunSpec {
                 input: b"x".to_vec(),
+                deadline: Some(crate::runtime::Deadline::After(
+                    std::time::Duration::from_secs(90),
+                )),
                 ..Default::default()
             },
         );

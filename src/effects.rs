@@ -218,6 +218,7 @@ pub(crate) fn merge(
     effects.enqueues.extend(staged.enqueues);
     effects.kv_writes.extend(staged.kv_writes);
     effects.kv_deletes.extend(staged.kv_deletes);
+    effects.expiry_entries.extend(staged.expiry_entries);
     effects
 }
 

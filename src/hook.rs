@@ -25,6 +25,9 @@ pub enum TerminalStatus {
     /// The run was cancelled, by [`WorkflowRuntime::cancel`](crate::WorkflowRuntime::cancel)
     /// or by a step's [`StepOutcome::Cancel`](crate::StepOutcome::Cancel).
     Cancelled,
+    /// The run's deadline ([`RunSpec::deadline`](crate::RunSpec::deadline))
+    /// passed before it ended.
+    TimedOut,
 }
 
 /// The terminal record of a run, as the hook and
@@ -40,8 +43,8 @@ pub struct RunOutcome {
     /// The result of a succeeded run.
     #[serde(with = "serde_bytes")]
     pub result: Option<Vec<u8>>,
-    /// Why a run failed, or the reason a step gave for cancelling it
-    /// (`None` for an external cancel).
+    /// Why a run failed, the reason a step gave for cancelling it (`None`
+    /// for an external cancel), or the deadline a timed-out run passed.
     pub error: Option<String>,
     /// The submitter's headers (without reserved keys).
     pub headers: HashMap<String, String>,
@@ -52,6 +55,52 @@ pub struct RunOutcome {
     /// [`WorkflowRuntime::rerun`](crate::WorkflowRuntime::rerun).
     #[serde(default)]
     pub reruns: u32,
+}
+
+/// A child run's ending as its parent sees it (see
+/// [`StepOutcome::SpawnChildren`](crate::StepOutcome::SpawnChildren)): a
+/// child that ended `Cancelled` or `TimedOut` is `Failed` here, its error
+/// `cancelled:{reason}` or `timed_out:{deadline ms}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildOutcome {
+    /// The child run.
+    pub run_id: String,
+    /// `Succeeded` or `Failed`.
+    pub status: TerminalStatus,
+    /// The result of a succeeded child.
+    #[serde(with = "serde_bytes")]
+    pub result: Option<Vec<u8>>,
+    /// Why a child failed (with the prefixes above).
+    pub error: Option<String>,
+    /// The step the child ended at.
+    pub final_step: u32,
+}
+
+impl ChildOutcome {
+    /// How a parent sees `outcome`; `deadline` is the child's (ms).
+    pub(crate) fn of(outcome: &RunOutcome, deadline: Option<u64>) -> Self {
+        let (status, error) = match outcome.status {
+            TerminalStatus::Cancelled => (
+                TerminalStatus::Failed,
+                Some(format!(
+                    "cancelled:{}",
+                    outcome.error.as_deref().unwrap_or_default()
+                )),
+            ),
+            TerminalStatus::TimedOut => (
+                TerminalStatus::Failed,
+                Some(format!("timed_out:{}", deadline.unwrap_or_default())),
+            ),
+            status => (status, outcome.error.clone()),
+        };
+        Self {
+            run_id: outcome.run_id.clone(),
+            status,
+            result: outcome.result.clone(),
+            error,
+            final_step: outcome.final_step,
+        }
+    }
 }
 
 /// Called once a run has terminated (at least once; see the module docs).

@@ -157,6 +157,7 @@
 #![deny(missing_docs)]
 
 mod breaker;
+mod children;
 mod client;
 mod control;
 mod effects;
@@ -179,19 +180,20 @@ pub use client::{Client, ClientOptions, Sent};
 pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
 pub use effects::{MAX_EFFECT_KEY_BYTES, RESERVED_KEY_PREFIX, StagedEffects};
 pub use error::Error;
-pub use hook::{NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
+pub use hook::{ChildOutcome, NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
 pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
     DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
 };
 pub use record::{
-    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_RUN_ID, HEADER_SIGNAL,
-    HEADER_STEP, HEADER_WORKFLOW, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
-    MAX_RUN_ID_LEN, MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
+    DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_JOIN, HEADER_PARENT,
+    HEADER_PARKED, HEADER_RUN_ID, HEADER_SEGMENT, HEADER_SIGNAL, HEADER_STEP, HEADER_WORKFLOW,
+    MAX_CHILDREN, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN,
+    MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
 };
-pub use runner::{Step, StepError, StepErrorKind, StepOutcome, StepRunner};
-pub use runtime::{RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};
+pub use runner::{ChildSpec, Step, StepError, StepErrorKind, StepOutcome, StepRunner};
+pub use runtime::{Deadline, RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};
 pub use schedule::{Downtime, LastRun, Overlap, Schedule, ScheduleInfo, ScheduleKind};
 pub use store::{
     DEFAULT_QUEUE_NAME, STORE_FORMAT, StoreLocation, StoreOptions, control_queue_name,

@@ -16,8 +16,8 @@ use crate::breaker::{Breakers, ms_to_time};
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
-    DEFAULT_WORKFLOW, HEADER_PARKED, Keys, OutcomeRecord, RunRecord, bounded_reason, decode,
-    parse_step_extras, rerun_of, user_headers, validate_name,
+    DEFAULT_WORKFLOW, HEADER_JOIN, HEADER_PARKED, JoinRecord, Keys, OutcomeRecord, RunRecord,
+    bounded_reason, decode, parse_step_extras, rerun_of, user_headers, validate_name,
 };
 
 /// Where a live run is.
@@ -40,6 +40,10 @@ pub enum RunState {
     /// no worker) for a signal, or until [`RunStatus::scheduled_for`], when
     /// it runs without one.
     WaitingForSignal,
+    /// Its last step returned `SpawnChildren`: the next step waits (holding
+    /// no worker) until every child has ended ([`RunStatus::children_live`]
+    /// are still running).
+    WaitingForChildren,
 }
 
 /// A live run's status, read from durable state.
@@ -60,6 +64,8 @@ pub struct RunStatus {
     /// or a breaker's backoff window; for `WaitingForSignal`, when the wait
     /// times out.
     pub scheduled_for: Option<SystemTime>,
+    /// For `WaitingForChildren`: how many of its children have not ended.
+    pub children_live: Option<u32>,
 }
 
 /// Where a listed run is: live in a [`RunState`], or ended with a
@@ -101,6 +107,9 @@ pub struct RunFilter {
     pub state: Option<StateFilter>,
     /// Only runs of this workflow.
     pub workflow: Option<String>,
+    /// Only the children of this run, and theirs (their ids start with
+    /// `{id}.`, see [`ChildSpec`](crate::ChildSpec)).
+    pub children_of: Option<String>,
     /// Start after this run id: the [`RunPage::next`] of the previous page.
     pub after: Option<String>,
     /// The most runs in the page; 0 means [`DEFAULT_RUN_PAGE`].
@@ -265,12 +274,13 @@ pub(crate) async fn status(
         return Ok(None);
     };
     let cancel_here = cancel_here(&job.id);
-    status_of(view, breakers, run_id, &run, &job, cancel_here).await
+    status_of(view, keys, breakers, run_id, &run, &job, cancel_here).await
 }
 
 /// The status of a run at `run` whose current step is `job`.
 async fn status_of(
     view: &QueueView,
+    keys: &Keys,
     breakers: &Breakers,
     run_id: &str,
     run: &RunRecord,
@@ -282,6 +292,9 @@ async fn status_of(
         JobStatus::Pending => RunState::Pending,
         JobStatus::Scheduled if job.signal_wait => RunState::WaitingForSignal,
         JobStatus::Scheduled if job.headers.contains_key(HEADER_PARKED) => RunState::Parked,
+        JobStatus::Scheduled if job.headers.contains_key(HEADER_JOIN) => {
+            RunState::WaitingForChildren
+        }
         JobStatus::Scheduled => RunState::Scheduled,
         JobStatus::Claimed if job.cancel_requested || cancel_here => RunState::Cancelling,
         JobStatus::Claimed => RunState::Running,
@@ -298,6 +311,18 @@ async fn status_of(
         }
         state => state,
     };
+    let children_live = if state == RunState::WaitingForChildren {
+        let key = keys.join_record(run_id, run.step);
+        match view.kv_get(&key).await? {
+            Some(bytes) => {
+                let join: JoinRecord = decode(&key, &bytes)?;
+                Some(u32::try_from(join.live()).unwrap_or(u32::MAX))
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
     Ok(Some(RunStatus {
         run_id: run_id.to_string(),
         state,
@@ -308,6 +333,7 @@ async fn status_of(
             .then_some(job.run_at)
             .flatten()
             .map(ms_to_time),
+        children_live,
     }))
 }
 
@@ -324,6 +350,9 @@ pub(crate) async fn runs(
     }
     if let Some(workflow) = &filter.workflow {
         validate_name("workflow name", workflow)?;
+    }
+    if let Some(parent) = &filter.children_of {
+        validate_name("run id", parent)?;
     }
     let limit = if filter.limit == 0 {
         DEFAULT_RUN_PAGE
@@ -343,12 +372,22 @@ pub(crate) async fn runs(
         None => (Bound::Unbounded, Bound::Unbounded),
     };
     let (run_prefix, out_prefix) = (keys.run_prefix(), keys.out_prefix());
+    // Children's ids extend their parent's with `.`: scan only those.
+    let scanned = |prefix: &[u8]| {
+        let mut scan = prefix.to_vec();
+        if let Some(parent) = &filter.children_of {
+            scan.extend_from_slice(parent.as_bytes());
+            scan.push(b'.');
+        }
+        scan
+    };
+    let (run_scan, out_scan) = (scanned(run_prefix), scanned(out_prefix));
     let page = limit.clamp(16, 256);
     let mut live = view
-        .kv_entries(run_prefix, range(run_prefix), KvOrder::Ascending, page)
+        .kv_entries(&run_scan, range(run_prefix), KvOrder::Ascending, page)
         .boxed();
     let mut ended = view
-        .kv_entries(out_prefix, range(out_prefix), KvOrder::Ascending, page)
+        .kv_entries(&out_scan, range(out_prefix), KvOrder::Ascending, page)
         .boxed();
     let mut next_live = if want_live { live.next().await } else { None };
     let mut next_ended = if want_ended { ended.next().await } else { None };
@@ -385,7 +424,8 @@ pub(crate) async fn runs(
                 continue;
             }
             let cancel = cancel_here(&job.id);
-            let Some(status) = status_of(view, breakers, &run_id, &run, &job, cancel).await? else {
+            let Some(status) = status_of(view, keys, breakers, &run_id, &run, &job, cancel).await?
+            else {
                 continue;
             };
             RunSummary {

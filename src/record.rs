@@ -10,6 +10,9 @@
 //! | `wm/Q/sub/{run_id}`    | [`SubmitRecord`]   | submit → end of the retention window         |
 //! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
 //! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
+//! | `wm/Q/data/{run_id}/join/{step}`, `…/child/{step}/{i}` | [`JoinRecord`], each child's [`ChildOutcome`](crate::ChildOutcome) | a spawn → end of the retention window |
+//! | `wm/Q/cascade/{run_id}` | the children an ended parent must cancel | the parent's terminal transaction → the cascade's pass |
+//! | `wm/Q/dl/{t}{run_id}`  | deadline index entry (`t`: the deadline) | submit → termination, or the deadline's pass |
 //! | `wm/Q/data/{run_id}/…` | the run's data: memo entries (`memo/{step}/{key}`, `memo/run/{key}`, see [`crate::memo`]) and each step's input payload (`input/{step}`, for a re-run) | first write → end of the retention window |
 //!
 //! Elsewhere: workflow health under `wm/Q/wf/`, `wm/Q/tally/`, `wm/Q/park/`
@@ -49,6 +52,23 @@ pub const HEADER_SIGNAL: &str = "workflow.signal";
 /// The header carrying how many times the run was re-run from a step
 /// (absent on the first segment).
 pub const HEADER_RERUN: &str = "workflow.rerun";
+/// The header carrying a run's deadline, ms since the Unix epoch on the
+/// queue clock (absent: no deadline). Every step job of the run carries it.
+pub const HEADER_DEADLINE: &str = "workflow.deadline";
+/// The header linking a child run's step jobs to its parent:
+/// `{parent run id}/{the parent's waiting step}/{the child's index}` (run ids
+/// hold no `/`).
+pub const HEADER_PARENT: &str = "workflow.parent";
+/// The header marking the parent's step that joins its children: on the
+/// placeholder job that waits for them, and on the step job that runs once
+/// they are all in.
+pub const HEADER_JOIN: &str = "workflow.join";
+/// The header counting a run's segments started by
+/// [`StepOutcome::ContinueAsNew`](crate::StepOutcome::ContinueAsNew) (absent
+/// on the first).
+pub const HEADER_SEGMENT: &str = "workflow.segment";
+/// The most children one step may spawn.
+pub const MAX_CHILDREN: usize = 1000;
 /// Headers with this prefix are the runtime's; a submit may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "workflow.";
 
@@ -94,6 +114,47 @@ pub(crate) struct SignalledPayload {
     pub payload: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub signal: Vec<u8>,
+}
+
+/// A parent's wait for the children one of its steps spawned, at
+/// `wm/Q/data/{parent}/join/{step}` (`step`: the waiting step). Rewritten
+/// in each child's terminal transaction (under the parent's join lock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct JoinRecord {
+    /// The scheduled job the parent's run record points at while it waits.
+    pub placeholder: String,
+    /// The children's run ids, in spawn order.
+    pub children: Vec<String>,
+    /// Whose terminal outcome is recorded (same order).
+    pub arrived: Vec<bool>,
+    /// End the parent at the first failed child.
+    pub fail_fast: bool,
+    /// A child failed under `fail_fast`: the parent's step ends it.
+    pub failed: bool,
+    /// The waiting step's payload, headers, priority and attempts, for its
+    /// job once the children are in.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+    pub priority: u32,
+    pub max_attempts: u32,
+}
+
+impl JoinRecord {
+    /// How many children have not ended.
+    pub(crate) fn live(&self) -> usize {
+        self.arrived.iter().filter(|a| !**a).count()
+    }
+}
+
+/// The parent link of a child's step job: its parent, the parent's waiting
+/// step and the child's index.
+pub(crate) fn parent_of(headers: &HashMap<String, String>) -> Option<(&str, u32, usize)> {
+    let mut parts = headers.get(HEADER_PARENT)?.splitn(3, '/');
+    let parent = parts.next()?;
+    let step = parts.next()?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    Some((parent, step, index))
 }
 
 /// What a submit fixed: kept from submit until the terminal record expires,
@@ -179,6 +240,8 @@ pub(crate) struct Keys {
     out: Vec<u8>,
     exp: Vec<u8>,
     data: Vec<u8>,
+    deadline: Vec<u8>,
+    cascade: Vec<u8>,
 }
 
 impl Keys {
@@ -191,6 +254,8 @@ impl Keys {
             out: with("out"),
             exp: with("exp"),
             data: with("data"),
+            deadline: with("dl"),
+            cascade: with("cascade"),
         }
     }
 
@@ -229,6 +294,40 @@ impl Keys {
         key
     }
 
+    /// The join record of the parent's waiting step `step`.
+    pub(crate) fn join_record(&self, run_id: &str, step: u32) -> Vec<u8> {
+        let mut key = self.data(run_id);
+        key.extend_from_slice(format!("join/{step}").as_bytes());
+        key
+    }
+
+    /// The prefix of the children's outcomes recorded for waiting step
+    /// `step` (each under its spawn index, zero-padded: key order is spawn
+    /// order).
+    pub(crate) fn child_outcomes(&self, run_id: &str, step: u32) -> Vec<u8> {
+        let mut key = self.data(run_id);
+        key.extend_from_slice(format!("child/{step}/").as_bytes());
+        key
+    }
+
+    /// The outcome of child `index` recorded for waiting step `step`.
+    pub(crate) fn child_outcome(&self, run_id: &str, step: u32, index: usize) -> Vec<u8> {
+        let mut key = self.child_outcomes(run_id, step);
+        key.extend_from_slice(format!("{index:05}").as_bytes());
+        key
+    }
+
+    /// The cascade marker of an ended parent whose children must be
+    /// cancelled.
+    pub(crate) fn cascade(&self, run_id: &str) -> Vec<u8> {
+        Self::join(&self.cascade, run_id)
+    }
+
+    /// The prefix of every cascade marker.
+    pub(crate) fn cascade_prefix(&self) -> &[u8] {
+        &self.cascade
+    }
+
     /// The prefix of a memo scope: step `step`'s, or the run's (`None`).
     pub(crate) fn memo(&self, run_id: &str, step: Option<u32>) -> Vec<u8> {
         let mut key = self.data(run_id);
@@ -251,6 +350,11 @@ impl Keys {
 
     pub(crate) fn expiry_prefix(&self) -> &[u8] {
         &self.exp
+    }
+
+    /// The prefix of the deadline index: `{prefix}{deadline ms}{run_id}`.
+    pub(crate) fn deadline_prefix(&self) -> &[u8] {
+        &self.deadline
     }
 }
 
@@ -345,6 +449,20 @@ pub(crate) fn parse_step_extras(
 pub(crate) fn rerun_of(headers: &HashMap<String, String>) -> u32 {
     headers
         .get(HEADER_RERUN)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The deadline a step job's headers carry (ms, queue clock), if any.
+pub(crate) fn deadline_of(headers: &HashMap<String, String>) -> Option<u64> {
+    headers.get(HEADER_DEADLINE).and_then(|n| n.parse().ok())
+}
+
+/// The segment a step job belongs to (its `workflow.segment` header; 0
+/// when absent or malformed).
+pub(crate) fn segment_of(headers: &HashMap<String, String>) -> u32 {
+    headers
+        .get(HEADER_SEGMENT)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }

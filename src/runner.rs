@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::effects::StagedEffects;
 use crate::error::Error;
+use crate::hook::ChildOutcome;
 use crate::memo::Memo;
+use crate::runtime::Deadline;
 
 /// One step of a run, handed to [`StepRunner::run_step`].
 #[derive(Debug, Clone)]
@@ -46,6 +48,10 @@ pub struct Step {
     /// first. `None` for every other step. It stays with the step across
     /// its retries.
     pub signal: Option<Vec<u8>>,
+    /// For the step after a [`StepOutcome::SpawnChildren`]: every child's
+    /// outcome, in spawn order (see [`ChildOutcome`]). Empty for every other
+    /// step.
+    pub children: Vec<ChildOutcome>,
     /// The application KV writes and enqueues this step stages.
     pub(crate) effects: StagedEffects,
 }
@@ -91,6 +97,36 @@ pub enum StepOutcome {
         /// How long to wait for the signal.
         timeout: Duration,
     },
+    /// Start these child runs, and run the next step with `payload` once
+    /// every child has ended: it sees their outcomes in spawn order in
+    /// [`Step::children`]. The children's first steps and records commit
+    /// in this step's settlement; meanwhile the next step waits durably,
+    /// holding no worker slot and spending no attempt. Each child's ending
+    /// is recorded into this run once, in the child's terminal transaction.
+    /// With `fail_fast`, the first child that fails ends this run `Failed`
+    /// (its next step does not run) and cancels the others. Cancelling this
+    /// run (or its deadline) cancels its live children, durably.
+    SpawnChildren {
+        /// The children, in spawn order (at most
+        /// [`MAX_CHILDREN`](crate::MAX_CHILDREN)).
+        children: Vec<ChildSpec>,
+        /// The next step's payload.
+        payload: Vec<u8>,
+        /// End this run at the first failed child.
+        fail_fast: bool,
+    },
+    /// End this segment of the run and start a fresh one of the same run
+    /// (same run id) at step 0 with `input`: the step counter, attempt
+    /// counts and the run's data (memo entries, kept step inputs, joined
+    /// children's outcomes) start empty, so an endless loop stays bounded.
+    /// Nothing ends: no outcome, no hook; `status`, `outcome` and `wait`
+    /// see the live segment, and a parent waiting on this run as a child
+    /// gets the ending of its last segment. Its headers, workflow, deadline
+    /// and parent link carry over.
+    ContinueAsNew {
+        /// The new segment's step 0 payload.
+        input: Vec<u8>,
+    },
     /// The run succeeded with this result.
     Succeed {
         /// The run's result, kept in its terminal record.
@@ -106,6 +142,25 @@ pub enum StepOutcome {
         /// Why the run was cancelled.
         reason: String,
     },
+}
+
+/// One child run a step spawns ([`StepOutcome::SpawnChildren`]).
+///
+/// Construct with `ChildSpec { input, ..Default::default() }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChildSpec {
+    /// The child's workflow (default `"default"`).
+    pub workflow: Option<String>,
+    /// The child's step 0 payload.
+    pub input: Vec<u8>,
+    /// The last part of the child's run id (default: its index in the
+    /// spawn). The id is `{parent}.{step}.{suffix}` (`{parent}.{step}r{n}.{suffix}`
+    /// in re-run `n`), so the same step never starts a second set.
+    pub id_suffix: Option<String>,
+    /// The child's headers (no `workflow.` keys).
+    pub headers: HashMap<String, String>,
+    /// The child's own deadline.
+    pub deadline: Option<Deadline>,
 }
 
 /// Whether a [`StepError`] is worth retrying.

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use taquba::{
     CancelOutcome, EnqueueOptions, EnqueueRequest, EnqueueResult, ExpiryIndex, JobRecord,
@@ -52,6 +53,35 @@ pub struct RunSpec {
     /// The workflow the run belongs to (default `"default"`): its retry
     /// policy, breaker and health. Same form as run ids.
     pub workflow: Option<String>,
+    /// When the run gives up: a run not ended by then ends
+    /// [`TerminalStatus::TimedOut`] (a waiting step is removed, a running
+    /// step's `cancel_token` fires and its result is discarded). `None`: no
+    /// deadline. A re-run has none.
+    pub deadline: Option<Deadline>,
+}
+
+/// A run's deadline ([`RunSpec::deadline`]), kept durably from submit: an
+/// index entry the worker pool's maintenance pass reads (so it is checked
+/// every `poll_interval`, across restarts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Deadline {
+    /// This long after the submit (on the queue's clock).
+    After(Duration),
+    /// At this instant on the queue's clock.
+    At(SystemTime),
+}
+
+impl Deadline {
+    /// The deadline in ms since the Unix epoch, for a submit at `now_ms`.
+    pub(crate) fn at_ms(&self, now_ms: u64) -> u64 {
+        match self {
+            Deadline::After(d) => now_ms.saturating_add(crate::policy::saturating_ms(*d)),
+            Deadline::At(t) => t
+                .duration_since(UNIX_EPOCH)
+                .map(crate::policy::saturating_ms)
+                .unwrap_or(0),
+        }
+    }
 }
 
 impl RunSpec {
@@ -271,6 +301,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         let keys = Keys::new(&self.queue_name);
         let breakers = Breakers::new(&self.queue_name, self.breakers, self.observer);
         let expiry = ExpiryIndex::new(keys.expiry_prefix().to_vec());
+        let deadlines = ExpiryIndex::new(keys.deadline_prefix().to_vec());
         Ok(WorkflowRuntime {
             inner: Arc::new(Inner {
                 queue: self.queue,
@@ -293,6 +324,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 schedules,
                 keys,
                 expiry,
+                deadlines,
+                joins: Default::default(),
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
@@ -354,6 +387,10 @@ pub(crate) struct Inner<R, H> {
     pub breakers: Breakers,
     pub schedules: Schedules,
     pub expiry: ExpiryIndex,
+    /// The deadline index (entries at each run's deadline).
+    pub deadlines: ExpiryIndex,
+    /// The join locks (see [`crate::children`]).
+    pub joins: crate::children::JoinLocks,
     /// Steps this process is running, per claim.
     pub inflight: InFlightSteps,
     /// Callers of `wait`, by run id.
@@ -746,90 +783,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// a crash, when the step is next claimed — it is not run again).
     pub async fn cancel(&self, run_id: &str) -> Result<bool, Error> {
         validate_name("run id", run_id)?;
-        let inner = &self.inner;
-        // This call's request was accepted by the queue (stored on a job
-        // that had none): it stays ours across the retries below.
-        let mut accepted = false;
-        loop {
-            let Some((run, job)) = inner.current_step(run_id).await? else {
-                return Ok(false);
-            };
-            if job.status == JobStatus::Dead {
-                // The queue gave up on the step: the run has ended `Failed`
-                // (see `outcome`); the pool records it.
-                return Ok(false);
-            }
-            let outcome = RunOutcome {
-                run_id: run_id.to_string(),
-                workflow: job_workflow(&job),
-                status: TerminalStatus::Cancelled,
-                result: None,
-                error: None,
-                headers: user_headers(&job.headers),
-                final_step: run.step,
-                reruns: record::rerun_of(&job.headers),
-            };
-            let (effects, _tally) = inner.terminal_effects(&outcome)?;
-            let (cancelled, _) = {
-                let _pending = inner.pending.begin(run_id);
-                inner.queue.cancel_with(&run.job_id, effects).await?
-            };
-            match cancelled {
-                CancelOutcome::Removed => {
-                    inner.pending.take_own(&run.job_id);
-                    tracing::info!(run_id, step = run.step, "run cancelled");
-                    inner.notify_terminal(outcome);
-                    return Ok(true);
-                }
-                // The step settled between our read and the cancel.
-                CancelOutcome::NotFound => continue,
-                CancelOutcome::Requested => {
-                    accepted |= !job.cancel_requested;
-                    // Every claim of the job this process runs hears of it
-                    // (a stale attempt's settlement fails; the live one's
-                    // counts); the queue fired the live claim's token.
-                    let mut settling = Vec::new();
-                    let mut newly = false;
-                    for entry in inner.inflight.of(&run.job_id) {
-                        let mut phase = lock(&entry.phase);
-                        match *phase {
-                            Phase::Running {
-                                cancel_requested: false,
-                            } => {
-                                *phase = Phase::Running {
-                                    cancel_requested: true,
-                                };
-                                entry.token.cancel();
-                                newly = true;
-                            }
-                            Phase::Running { .. } => {}
-                            Phase::Settling => settling.push(entry.settled.subscribe()),
-                        }
-                    }
-                    if settling.is_empty() {
-                        if newly {
-                            tracing::info!(run_id, step = run.step, "cancel requested");
-                        }
-                        // No entry: claimed but not yet registered by its
-                        // worker, which checks the claim's fired token before
-                        // running the step.
-                        return Ok(accepted || newly);
-                    }
-                    // A worker had decided already: see what it committed.
-                    let mut cancelled_by_request = false;
-                    for mut settled in settling {
-                        if let Ok(done) = settled.wait_for(Option::is_some).await
-                            && *done == Some(Settled::Committed { cancelled: true })
-                        {
-                            cancelled_by_request = true;
-                        }
-                    }
-                    if cancelled_by_request {
-                        return Ok(accepted || newly);
-                    }
-                }
-            }
-        }
+        self.inner.end_run(run_id, Ending::Cancel).await
     }
 }
 
@@ -886,7 +840,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         }
     }
 
-    /// Re-run a run that ended `Failed` or `Cancelled` (and whose outcome is
+    /// Re-run a run that ended `Failed`, `Cancelled` or `TimedOut` (and whose outcome is
     /// still retained) from step `from_step`: a new segment of the same run
     /// starts at that step with the input payload it had, and the run is
     /// live again until it ends anew (its terminal hook fires again, its
@@ -933,7 +887,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 return Err(Error::RunNotFound(run_id.to_string()));
             }
             match record.status {
-                TerminalStatus::Failed | TerminalStatus::Cancelled => {}
+                TerminalStatus::Failed | TerminalStatus::Cancelled | TerminalStatus::TimedOut => {}
                 _ => return Err(Error::RunSucceeded(run_id.to_string())),
             }
             if from_step > record.final_step {
@@ -972,6 +926,20 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 
 pub(crate) use crate::read::job_workflow;
 
+/// Why [`WorkflowRuntime::end_run`] ends a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// A cancel request: the run ends `Cancelled`.
+    Cancel,
+    /// The deadline (ms, queue clock) passed: the run ends `TimedOut`.
+    Deadline(u64),
+}
+
+/// The error of a run that timed out at deadline `at_ms`.
+pub(crate) fn timed_out_reason(at_ms: u64) -> String {
+    format!("the run's deadline passed ({at_ms} ms since the Unix epoch, queue clock)")
+}
+
 /// The headers of step `step`'s job: the submitter's plus the reserved ones.
 pub(crate) fn step_headers(
     user: &HashMap<String, String>,
@@ -982,6 +950,45 @@ pub(crate) fn step_headers(
     headers.insert(HEADER_RUN_ID.to_string(), run_id.to_string());
     headers.insert(HEADER_STEP.to_string(), step.to_string());
     headers
+}
+
+/// A run's terminal effects and what must be held until they commit.
+pub(crate) struct Terminal<'a> {
+    pub effects: SettlementEffects,
+    pub hold: TerminalHold<'a>,
+}
+
+/// Held from building a run's terminal effects until their commit has
+/// returned: the run's tally, the join locks, the parent's pending commit.
+pub(crate) struct TerminalHold<'a> {
+    tally: Option<TallyGuard>,
+    locks: Vec<tokio::sync::MutexGuard<'a, ()>>,
+    pending: Option<crate::pending::PendingCommit<'a>>,
+    /// A parent's placeholder the commit replaced.
+    placeholder: Option<String>,
+}
+
+impl TerminalHold<'_> {
+    /// After the commit: release everything, then remove the parent's
+    /// placeholder job (best effort: one left behind is dead-lettered as
+    /// stale if it ever falls due).
+    pub(crate) async fn done(self, queue: &Queue, committed: bool) {
+        let Self {
+            tally,
+            locks,
+            pending,
+            placeholder,
+        } = self;
+        drop(pending);
+        drop(tally);
+        drop(locks);
+        if committed
+            && let Some(job) = placeholder
+            && let Err(e) = queue.cancel(&job).await
+        {
+            tracing::warn!(job, "removing a joined parent's placeholder failed: {e}");
+        }
+    }
 }
 
 /// A KV key and its value.
@@ -999,9 +1006,130 @@ pub(crate) struct PreparedSubmit {
     input: Vec<u8>,
     priority: Option<u32>,
     max_attempts: u32,
+    deadline: Option<u64>,
+}
+
+impl PreparedSubmit {
+    /// Link the run, as child `index`, to the parent waiting at `step`.
+    pub(crate) fn link_parent(&mut self, parent: &str, step: u32, index: usize) {
+        self.headers.insert(
+            record::HEADER_PARENT.to_string(),
+            format!("{parent}/{step}/{index}"),
+        );
+    }
 }
 
 impl<R, H> Inner<R, H> {
+    /// End a live run on a cancel or at its deadline (see [`WorkflowRuntime::cancel`]):
+    /// a waiting step is removed and the run ends in that transaction; a
+    /// running one is asked to stop, and its settlement ends the run.
+    /// `Ok(false)` when the run is not live, its request was accepted
+    /// before, or (for a deadline) the run's current step does not carry
+    /// that deadline.
+    pub(crate) async fn end_run(&self, run_id: &str, ending: Ending) -> Result<bool, Error> {
+        let inner = self;
+        // This call's request was accepted by the queue (stored on a job
+        // that had none): it stays ours across the retries below.
+        let mut accepted = false;
+        loop {
+            let Some((run, job)) = inner.current_step(run_id).await? else {
+                return Ok(false);
+            };
+            if job.status == JobStatus::Dead {
+                // The queue gave up on the step: the run has ended `Failed`
+                // (see `outcome`); the pool records it.
+                return Ok(false);
+            }
+            let (status, error) = match ending {
+                Ending::Cancel => (TerminalStatus::Cancelled, None),
+                Ending::Deadline(at) if record::deadline_of(&job.headers) == Some(at) => {
+                    (TerminalStatus::TimedOut, Some(timed_out_reason(at)))
+                }
+                // A stale entry: the run is another segment now.
+                Ending::Deadline(_) => return Ok(false),
+            };
+            let outcome = RunOutcome {
+                run_id: run_id.to_string(),
+                workflow: job_workflow(&job),
+                status,
+                result: None,
+                error,
+                headers: user_headers(&job.headers),
+                final_step: run.step,
+                reruns: record::rerun_of(&job.headers),
+            };
+            let Some(Terminal { effects, hold }) = inner
+                .terminal_effects(&outcome, &job.headers, Some(&run.job_id))
+                .await?
+            else {
+                // The run moved on since the read.
+                continue;
+            };
+            let cancelled = {
+                let _pending = inner.pending.begin(run_id);
+                inner.queue.cancel_with(&run.job_id, effects).await
+            };
+            let removed = matches!(cancelled, Ok((CancelOutcome::Removed, _)));
+            hold.done(&inner.queue, removed).await;
+            let (cancelled, _) = cancelled?;
+            match cancelled {
+                CancelOutcome::Removed => {
+                    inner.pending.take_own(&run.job_id);
+                    tracing::info!(run_id, step = run.step, status = ?outcome.status, "run ended");
+                    inner.notify_terminal(outcome);
+                    return Ok(true);
+                }
+                // The step settled between our read and the cancel.
+                CancelOutcome::NotFound => continue,
+                CancelOutcome::Requested => {
+                    accepted |= !job.cancel_requested;
+                    // Every claim of the job this process runs hears of it
+                    // (a stale attempt's settlement fails; the live one's
+                    // counts); the queue fired the live claim's token.
+                    let mut settling = Vec::new();
+                    let mut newly = false;
+                    for entry in inner.inflight.of(&run.job_id) {
+                        let mut phase = lock(&entry.phase);
+                        match *phase {
+                            Phase::Running {
+                                cancel_requested: false,
+                            } => {
+                                *phase = Phase::Running {
+                                    cancel_requested: true,
+                                };
+                                entry.token.cancel();
+                                newly = true;
+                            }
+                            Phase::Running { .. } => {}
+                            Phase::Settling => settling.push(entry.settled.subscribe()),
+                        }
+                    }
+                    if settling.is_empty() {
+                        if newly {
+                            tracing::info!(run_id, step = run.step, "cancel requested");
+                        }
+                        // No entry: claimed but not yet registered by its
+                        // worker, which checks the claim's fired token before
+                        // running the step.
+                        return Ok(accepted || newly);
+                    }
+                    // A worker had decided already: see what it committed.
+                    let mut cancelled_by_request = false;
+                    for mut settled in settling {
+                        if let Ok(done) = settled.wait_for(Option::is_some).await
+                            && *done == Some(Settled::Committed { cancelled: true })
+                        {
+                            cancelled_by_request = true;
+                        }
+                    }
+                    if cancelled_by_request {
+                        return Ok(accepted || newly);
+                    }
+                }
+            }
+        }
+    }
+
     pub(crate) fn now_ms(&self) -> u64 {
         self.queue.clock().now_ms()
     }
@@ -1039,6 +1167,10 @@ impl<R, H> Inner<R, H> {
             .unwrap_or(self.cfg.retry_policy(&workflow).max_attempts);
         let mut headers = step_headers(&spec.headers, &run_id, 0);
         headers.insert(HEADER_WORKFLOW.to_string(), workflow);
+        let deadline = spec.deadline.map(|d| d.at_ms(self.now_ms()));
+        if let Some(at) = deadline {
+            headers.insert(record::HEADER_DEADLINE.to_string(), at.to_string());
+        }
         let sha: [u8; 32] = Sha256::digest(&spec.input).into();
         let sub_key = self.keys.sub(&run_id);
         let run_key = self.keys.run(&run_id);
@@ -1058,6 +1190,7 @@ impl<R, H> Inner<R, H> {
             input: spec.input,
             priority: spec.priority,
             max_attempts,
+            deadline,
         })
     }
 
@@ -1086,6 +1219,9 @@ impl<R, H> Inner<R, H> {
             .kv_put(p.sub_key.clone(), p.sub_value.clone());
         if let Some((key, value)) = self.kept_input(&p.run_id, 0, &p.input)? {
             effects = effects.kv_put(key, value);
+        }
+        if let Some(at) = p.deadline {
+            effects = effects.expiry_entry(&self.deadlines, at, p.run_id.as_bytes());
         }
         Ok(effects)
     }
@@ -1172,12 +1308,38 @@ impl<R, H> Inner<R, H> {
 
     /// The effects that end a run: remove its live record, write its outcome
     /// and retention entry, its workflow tally, and queue its hook
-    /// notification. Hold the returned guard until the commit has returned.
-    pub(crate) fn terminal_effects(
+    /// notification; drop its deadline entry (`headers`: its step job's);
+    /// record it into its parent if it is a child (see [`crate::children`]);
+    /// leave a cascade marker if it has live children. Takes the join locks
+    /// of the run (at a join) and of its parent (for a child), and, with
+    /// `current`, checks under them
+    /// that the run is still at that job (`None` when it moved: read
+    /// again). Hold the returned [`Terminal`] until the commit has
+    /// returned, then call [`TerminalHold::done`].
+    pub(crate) async fn terminal_effects(
         &self,
         outcome: &RunOutcome,
-    ) -> Result<(SettlementEffects, Option<TallyGuard>), Error> {
+        headers: &HashMap<String, String>,
+        current: Option<&str>,
+    ) -> Result<Option<Terminal<'_>>, Error> {
         let run_id = &outcome.run_id;
+        // A parent at its join (placeholder or join step) is locked against
+        // its children's arrivals; a child locks its parent. A run that is
+        // neither takes no lock.
+        let mut runs = Vec::new();
+        if headers.contains_key(record::HEADER_JOIN) {
+            runs.push(run_id.as_str());
+        }
+        if let Some((parent, _, _)) = record::parent_of(headers) {
+            runs.push(parent);
+        }
+        let locks = self.joins.lock(&runs).await;
+        if let Some(job_id) = current {
+            let at = read::read_run(self.queue.view(), &self.keys, run_id).await?;
+            if at.is_none_or(|run| run.job_id != job_id) {
+                return Ok(None);
+            }
+        }
         let now = self.now_ms();
         let out_key = self.keys.out(run_id);
         let record = OutcomeRecord {
@@ -1194,6 +1356,9 @@ impl<R, H> Inner<R, H> {
             .kv_delete(self.keys.run(run_id))
             .kv_put(out_key.clone(), encode(&out_key, &record)?)
             .expiry_entry(&self.expiry, now, run_id.as_bytes());
+        if let Some(at) = record::deadline_of(headers) {
+            effects = effects.kv_delete(self.deadlines.entry_key(at, run_id.as_bytes()));
+        }
         let tally = match outcome.status {
             TerminalStatus::Succeeded => Some(true),
             TerminalStatus::Failed => Some(false),
@@ -1218,7 +1383,21 @@ impl<R, H> Inner<R, H> {
                 options,
             });
         }
-        Ok((effects, guard))
+        if let Some((key, value)) = self.cascade_entry(run_id, outcome.final_step).await? {
+            effects = effects.kv_put(key, value);
+        }
+        let mut hold = TerminalHold {
+            tally: guard,
+            locks,
+            pending: None,
+            placeholder: None,
+        };
+        if let Some(arrival) = self.child_arrival(outcome, headers).await? {
+            effects = crate::effects::merge(effects, arrival.effects);
+            hold.pending = arrival.pending;
+            hold.placeholder = arrival.placeholder;
+        }
+        Ok(Some(Terminal { effects, hold }))
     }
 
     /// Wake the callers of `wait` on this run.
@@ -1245,13 +1424,19 @@ impl<R, H> Inner<R, H> {
             return Ok(false);
         }
         let outcome = read::dead_outcome(run_id, &run, job);
-        let (effects, _tally) = self.terminal_effects(&outcome)?;
+        let Some(Terminal { effects, hold }) =
+            self.terminal_effects(&outcome, &job.headers, None).await?
+        else {
+            return Ok(false);
+        };
         let applied = {
             let _pending = self.pending.begin(run_id);
             self.queue
                 .kv_compare_commit(&[(&run_key, Some(&bytes))], effects)
-                .await?
+                .await
         };
+        hold.done(&self.queue, matches!(applied, Ok(Some(_)))).await;
+        let applied = applied?;
         if applied.is_some() {
             tracing::warn!(run_id, step = run.step, job_id = %job.id, "run failed: its step was dead-lettered by the queue");
             self.notify_terminal(outcome);

@@ -641,6 +641,7 @@ async fn child_async(cfg: ChildConfig) {
             workflow: Some(SCHEDULE_WORKFLOW.into()),
             after: None,
             limit: 1,
+            children_of: None,
         };
         while !rt.runs(&live).await.unwrap().runs.is_empty() {
             assert!(Instant::now() < deadline, "the schedule's runs never ended");

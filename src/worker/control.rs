@@ -221,6 +221,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             priority,
             max_attempts_per_step,
             workflow,
+            deadline,
         } => {
             let spec = RunSpec {
                 run_id: Some(run_id.clone()),
@@ -229,6 +230,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 priority,
                 max_attempts_per_step,
                 workflow,
+                deadline,
             };
             let created = ReplyBody::Submitted {
                 run_id: run_id.clone(),

@@ -1,7 +1,7 @@
 //! The pool's background work, done in bounded slices on ticks (every
-//! `poll_interval`, or at once while a backlog remains) by two loops that
-//! never wait for each other: retention in one, the breakers' upkeep and the
-//! reconcile in the other.
+//! `poll_interval`, or at once while a backlog remains) by three loops that
+//! never wait for each other: retention; the breakers' upkeep and the
+//! reconcile; and the runs ended by a deadline or a parent's cascade.
 //!
 //! - **retention**: outcome and submit records past `terminal_retention`
 //!   are deleted in batches, many runs' records in one commit, scanning the
@@ -11,6 +11,17 @@
 //! - **tallies** are folded into the workflow health records in bounded
 //!   batches, and the breakers are tended (parked steps of workflows that
 //!   are not tripped released, due probes woken, idle state dropped);
+//! - **deadlines**: runs whose deadline has passed (entries of the deadline
+//!   index `wm/Q/dl/`, due at their time) are ended `TimedOut` through
+//!   `end_run`; an entry is deleted once its run has ended (or is another
+//!   segment), and kept while the run's running step is asked to stop (its
+//!   settlement, or its next claim after a crash, ends the run and deletes
+//!   the entry);
+//! - **cascades**: an ended parent's cascade marker (`wm/Q/cascade/{id}`,
+//!   written in its terminal transaction while it had live children) has
+//!   each listed child cancelled through `end_run` (whose own ending leaves
+//!   a marker for its children, and so on down), then is deleted; up to
+//!   [`CASCADES_PER_TICK`] markers a tick, so a restart completes a cascade;
 //! - **reconcile**: step jobs the queue dead-lettered by itself (a crash or
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   are ended as `Failed` runs, one page of dead jobs per tick, cycling
@@ -24,14 +35,14 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use taquba::{ExpiryIndex, KvOrder, SettlementEffects};
+use taquba::{Expired, ExpiryIndex, JobStatus, KvOrder, SettlementEffects};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::watched;
 use crate::error::Error;
 use crate::policy::saturating_ms;
-use crate::runtime::Inner;
+use crate::runtime::{Ending, Inner};
 
 /// The name maintenance store calls are watched under.
 const WATCH: &str = "maintenance";
@@ -47,6 +58,9 @@ const RECONCILE_CYCLE: Duration = Duration::from_secs(1);
 /// Unreadable dead jobs warned about once per process, at most this many.
 const MAX_SKIPPED: usize = 4096;
 
+/// The most cascade markers one tick works on.
+const CASCADES_PER_TICK: usize = 64;
+
 /// The most run tallies one tick folds into health records; a tick that
 /// folds this many is followed by the next one at once.
 const TALLIES_PER_TICK: usize = 10_000;
@@ -56,12 +70,13 @@ pub(super) async fn maintain<R, H>(
     inner: &Inner<R, H>,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
-    // Two loops: a fold that waits for a busy breaker workflow's lock, or
+    // Three loops: a fold that waits for a busy breaker workflow's lock, or
     // a slow reconcile page, never holds up retention (a soak saw a 15 s
     // fold leave outcomes 90 s past their expiry when they shared a tick).
     tokio::join!(
         ticking(inner, stop, Retention::new(inner.now_ms())),
         ticking(inner, stop, Upkeep::new()),
+        ticking(inner, stop, Endings),
     );
     Ok(())
 }
@@ -232,7 +247,10 @@ impl Expiring {
 }
 
 /// Every key under `prefix`, in pages of [`EXPIRE_BATCH`].
-async fn scan_all<R, H>(inner: &Inner<R, H>, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+pub(super) async fn scan_all<R, H>(
+    inner: &Inner<R, H>,
+    prefix: &[u8],
+) -> Result<Vec<Vec<u8>>, Error> {
     let mut keys: Vec<Vec<u8>> = Vec::new();
     loop {
         let view = inner.queue.view();
@@ -327,6 +345,27 @@ impl Pass for Retention {
             tracing::warn!("retention pass failed (retried next tick): {e}");
             false
         })
+    }
+}
+
+/// Runs ended by the clock or by their parent: deadlines and cancel
+/// cascades. Remembers nothing between ticks.
+struct Endings;
+
+impl Pass for Endings {
+    /// End the runs past their deadline, and work one page of cascades.
+    /// Returns whether a full page of cascades was read.
+    async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
+        if let Err(e) = deadlines(inner).await {
+            tracing::warn!("ending runs past their deadline failed (retried next tick): {e}");
+        }
+        match cascades(inner).await {
+            Ok(full) => full,
+            Err(e) => {
+                tracing::warn!("cancelling ended parents' children failed (retried next tick): {e}");
+                false
+            }
+        }
     }
 }
 
@@ -434,6 +473,89 @@ impl Upkeep {
         };
         Ok(())
     }
+}
+
+/// End the runs whose deadline has passed. A running step is asked to stop
+/// (its `cancel_token` fires) and its entry is kept until the step's
+/// settlement ends the run; every other live run ends `TimedOut` in the
+/// transaction that removes its waiting step.
+async fn deadlines<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
+    let _watch = watched(inner, WATCH);
+    let now = inner.now_ms();
+    inner
+        .deadlines
+        .pass(&inner.queue, now, Duration::ZERO, |at, suffix| async move {
+            let Ok(run_id) = String::from_utf8(suffix) else {
+                return Expired::Delete(SettlementEffects::default());
+            };
+            match time_out(inner, &run_id, at).await {
+                Ok(true) => Expired::Keep,
+                Ok(false) => Expired::Delete(SettlementEffects::default()),
+                Err(e) => {
+                    tracing::warn!(run_id, "ending a run at its deadline failed: {e}");
+                    Expired::Keep
+                }
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+/// Time out `run_id` at its deadline `at`. Returns whether the run is still
+/// live with its step asked to stop (the entry stays until it ends).
+async fn time_out<R, H>(inner: &Inner<R, H>, run_id: &str, at: u64) -> Result<bool, Error> {
+    let Some((_, job)) = inner.current_step(run_id).await? else {
+        return Ok(false);
+    };
+    if job.status == JobStatus::Dead || crate::record::deadline_of(&job.headers) != Some(at) {
+        // Reconciled as a failure, or another segment of the run.
+        return Ok(false);
+    }
+    if job.status == JobStatus::Claimed && job.cancel_requested {
+        return Ok(true);
+    }
+    inner.end_run(run_id, Ending::Deadline(at)).await?;
+    Ok(inner.current_step(run_id).await?.is_some())
+}
+
+/// Cancel the live children of ended parents (their cascade markers).
+/// Returns whether a full page of markers was read (more may wait).
+async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
+    let page = {
+        let _watch = watched(inner, WATCH);
+        inner
+            .queue
+            .view()
+            .kv_scan(
+                inner.keys.cascade_prefix(),
+                ..,
+                KvOrder::Ascending,
+                CASCADES_PER_TICK,
+            )
+            .await?
+    };
+    for (key, value) in &page.entries {
+        let children: Vec<String> = match crate::record::decode(key, value) {
+            Ok(children) => children,
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(key), "dropping an unreadable cascade marker: {e}");
+                Vec::new()
+            }
+        };
+        let mut done = true;
+        for child in &children {
+            let _watch = watched(inner, WATCH);
+            if let Err(e) = inner.end_run(child, Ending::Cancel).await {
+                tracing::warn!(child, "cancelling a child of an ended parent failed: {e}");
+                done = false;
+            }
+        }
+        if done {
+            let _watch = watched(inner, WATCH);
+            inner.queue.kv_delete(key).await?;
+        }
+    }
+    Ok(page.more)
 }
 
 #[cfg(test)]

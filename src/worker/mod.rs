@@ -11,6 +11,7 @@
 //! "Terminal effects" delete the run record and write the outcome record,
 //! its retention entry and the hook notification job.
 
+mod children;
 mod control;
 mod hooks;
 mod maintenance;

@@ -3,7 +3,9 @@
 //! The settlement is one value: a [`Settlement`] holds how the step's job
 //! ends, every effect that commits with it, and the work that follows the
 //! commit. Contributors add to it — the verdict (the next step, a wait for a
-//! signal, a retry, or the run's terminal effects), the effects the runner
+//! signal, a retry, a new segment, or the run's terminal effects, which
+//! record a child's ending into its parent), the children a step spawns
+//! (`children::spawn_effects`), the effects the runner
 //! staged (when the settlement commits the outcome it returned), the next
 //! step's kept input (for a re-run) and the workflow's health — and
 //! [`settle`] commits it in one transaction and runs its aftermath. A
@@ -19,7 +21,7 @@ use taquba::{
 };
 
 use super::step::{Health, StepJob, Verdict};
-use crate::breaker::{Parking, Staged, TallyGuard, ms_to_time};
+use crate::breaker::{Parking, Staged, ms_to_time};
 use crate::effects;
 use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalHook};
@@ -29,16 +31,19 @@ use crate::record::{
     SignalledPayload, encode,
 };
 use crate::runner::StepRunner;
-use crate::runtime::{Inner, KvEntry};
+use crate::runtime::{Inner, KvEntry, Terminal, TerminalHold};
 
 /// One step's settlement, built by contributors and committed by [`settle`].
-struct Settlement {
+struct Settlement<'a> {
     /// How the step's job ends.
     end: JobEnd,
     /// Everything that commits with it.
     effects: SettlementEffects,
+    /// Other runs the commit creates or moves (children it spawns): it is
+    /// a commit in flight for them too.
+    runs: Vec<String>,
     /// What to do once it has committed.
-    after: Aftermath,
+    after: Aftermath<'a>,
 }
 
 /// How a settlement ends the step's job.
@@ -49,7 +54,7 @@ enum JobEnd {
 
 /// The work after a settlement's commit, run in this order.
 #[derive(Default)]
-struct Aftermath {
+struct Aftermath<'a> {
     /// Remember the step jobs the commit enqueued (admitted without a read).
     remember_enqueued: bool,
     /// The committed health change: cache, breaker events, parked steps.
@@ -59,12 +64,12 @@ struct Aftermath {
     parking: Option<Parking>,
     /// The run ended: wake its `wait` callers.
     ended: Option<RunOutcome>,
-    /// The run's tally, held until the commit has returned (folds wait for
-    /// it).
-    tally: Option<TallyGuard>,
+    /// The run's tally (folds wait for it), its join locks and its
+    /// parent's pending commit, held until the commit has returned.
+    terminal: Option<TerminalHold<'a>>,
 }
 
-impl Settlement {
+impl<'a> Settlement<'a> {
     /// This settlement with a KV put added to its effects.
     fn with(mut self, put: Option<KvEntry>) -> Self {
         if let Some((key, value)) = put {
@@ -78,6 +83,7 @@ impl Settlement {
         Self {
             end: JobEnd::Ack,
             effects,
+            runs: Vec::new(),
             after: Aftermath {
                 remember_enqueued: true,
                 ..Aftermath::default()
@@ -86,14 +92,25 @@ impl Settlement {
     }
 
     /// A settlement that ends the run with `outcome`.
-    fn ending<R, H>(inner: &Inner<R, H>, end: JobEnd, outcome: RunOutcome) -> Result<Self, Error> {
-        let (effects, tally) = inner.terminal_effects(&outcome)?;
+    async fn ending<R, H>(
+        inner: &'a Inner<R, H>,
+        job: &StepJob,
+        end: JobEnd,
+        outcome: RunOutcome,
+    ) -> Result<Self, Error> {
+        let Some(Terminal { effects, hold }) = inner
+            .terminal_effects(&outcome, &job.claim.headers, None)
+            .await?
+        else {
+            return Err(Error::RunNotFound(job.run_id.clone()));
+        };
         Ok(Self {
             end,
             effects,
+            runs: Vec::new(),
             after: Aftermath {
                 ended: Some(outcome),
-                tally,
+                terminal: Some(hold),
                 ..Aftermath::default()
             },
         })
@@ -113,7 +130,7 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
 ) -> bool {
     let (verdict, parking) = recheck_parking(inner, job, verdict).await;
     let kept = kept_input(inner, job, &verdict);
-    let built = match from_verdict(inner, job, verdict) {
+    let built = match from_verdict(inner, job, verdict).await {
         Ok(mut settlement) => {
             settlement.after.parking = parking;
             // The runner's staged effects: keys and queues apart from ours.
@@ -183,12 +200,13 @@ async fn recheck_parking<R, H>(
     }
 }
 
-/// The verdict's contribution: the step's next job, or the run's end.
-fn from_verdict<R, H>(
-    inner: &Inner<R, H>,
+/// The verdict's contribution: the step's next job (with the children it
+/// spawns), or the run's end.
+async fn from_verdict<'a, R, H>(
+    inner: &'a Inner<R, H>,
     job: &StepJob,
     verdict: Verdict,
-) -> Result<Settlement, Error> {
+) -> Result<Settlement<'a>, Error> {
     match verdict {
         Verdict::Next {
             payload,
@@ -204,9 +222,23 @@ fn from_verdict<R, H>(
         Verdict::Again { at, spent, parked } => Ok(Settlement::moving(again_effects(
             inner, job, at, spent, parked,
         )?)),
-        Verdict::End(outcome) => Settlement::ending(inner, JobEnd::Ack, outcome),
+        Verdict::Spawn {
+            children,
+            payload,
+            fail_fast,
+        } => {
+            let (effects, runs) =
+                super::children::spawn_effects(inner, job, children, payload, fail_fast)?;
+            let mut settlement = Settlement::moving(effects);
+            settlement.runs = runs;
+            Ok(settlement)
+        }
+        Verdict::NewSegment { input } => Ok(Settlement::moving(
+            new_segment_effects(inner, job, input).await?,
+        )),
+        Verdict::End(outcome) => Settlement::ending(inner, job, JobEnd::Ack, outcome).await,
         Verdict::DeadLetter(why, outcome) => {
-            Settlement::ending(inner, JobEnd::DeadLetter(why), outcome)
+            Settlement::ending(inner, job, JobEnd::DeadLetter(why), outcome).await
         }
     }
 }
@@ -219,21 +251,22 @@ fn kept_input<R, H>(
     verdict: &Verdict,
 ) -> Result<Option<KvEntry>, Error> {
     match verdict {
-        Verdict::Next { payload, .. } => {
+        Verdict::Next { payload, .. } | Verdict::Spawn { payload, .. } => {
             inner.kept_input(&job.run_id, job.step.saturating_add(1), payload)
         }
+        Verdict::NewSegment { input } => inner.kept_input(&job.run_id, 0, input),
         _ => Ok(None),
     }
 }
 
 /// The workflow health's contribution: the health record, when the attempt
 /// changes it (its writer lock is held until the aftermath).
-async fn with_health<R, H>(
+async fn with_health<'a, R, H>(
     inner: &Inner<R, H>,
     job: &StepJob,
     health: Health,
-    mut settlement: Settlement,
-) -> Result<Settlement, Error> {
+    mut settlement: Settlement<'a>,
+) -> Result<Settlement<'a>, Error> {
     let failure = match &health {
         Health::Neutral => return Ok(settlement),
         Health::Success => None,
@@ -258,13 +291,20 @@ async fn with_health<R, H>(
 async fn commit<R: StepRunner, H: TerminalHook>(
     inner: &Arc<Inner<R, H>>,
     job: &StepJob,
-    settlement: Settlement,
+    settlement: Settlement<'_>,
 ) -> Result<(), QueueError> {
     let Settlement {
         end,
-        effects,
+        mut effects,
+        runs,
         after,
     } = settlement;
+    // A key both deleted and written (a new segment's kept input) is
+    // written: the delete clears the old segment's value.
+    if !effects.kv_writes.is_empty() {
+        let writes = &effects.kv_writes;
+        effects.kv_deletes.retain(|key| !writes.contains_key(key));
+    }
     let queue = &inner.queue;
     // Which enqueues are step jobs (the runner's staged ones go elsewhere).
     let steps: Vec<bool> = effects
@@ -274,6 +314,7 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         .collect();
     let enqueued = {
         let _pending = inner.pending.begin(&job.run_id);
+        let _others: Vec<_> = runs.iter().map(|r| inner.pending.begin(r)).collect();
         match &end {
             JobEnd::Ack => queue.ack_with(&job.claim, effects).await?,
             JobEnd::DeadLetter(why) => queue.dead_letter_with(&job.claim, why, effects).await?,
@@ -288,7 +329,9 @@ async fn commit<R: StepRunner, H: TerminalHook>(
             }));
     }
     drop(after.parking);
-    drop(after.tally);
+    if let Some(hold) = after.terminal {
+        hold.done(queue, true).await;
+    }
     if let Some(staged) = &after.health
         && staged.releases_parked()
     {
@@ -341,13 +384,16 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
     let outcome = job.failed(&format!(
         "the runtime could not record the step's result: {why}"
     ));
-    let settlement = match Settlement::ending(inner, JobEnd::DeadLetter(why.to_string()), outcome) {
-        Ok(settlement) => settlement,
-        Err(e) => {
-            tracing::error!("cannot encode the run's outcome either; the step stays claimed: {e}");
-            return false;
-        }
-    };
+    let settlement =
+        match Settlement::ending(inner, job, JobEnd::DeadLetter(why.to_string()), outcome).await {
+            Ok(settlement) => settlement,
+            Err(e) => {
+                tracing::error!(
+                    "cannot encode the run's outcome either; the step stays claimed: {e}"
+                );
+                return false;
+            }
+        };
     match commit(inner, job, settlement).await {
         Ok(()) => true,
         Err(e) => {
@@ -361,7 +407,7 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
 
 /// The effects that move a run to its next step; with `signal_wait`, the
 /// next step's job waits for a signal until `delay` passes.
-fn next_step_effects<R, H>(
+pub(super) fn next_step_effects<R, H>(
     inner: &Inner<R, H>,
     job: &StepJob,
     payload: Vec<u8>,
@@ -372,6 +418,7 @@ fn next_step_effects<R, H>(
     headers.remove(HEADER_ATTEMPTS_BEFORE);
     headers.remove(HEADER_PARKED);
     headers.remove(HEADER_SIGNAL);
+    headers.remove(record::HEADER_JOIN);
     let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
     let next = job
         .step
@@ -481,4 +528,32 @@ fn step_job_effects<R, H>(
     }
     let run = RunRecord { step, job_id };
     Ok(effects.kv_put(run_key.clone(), encode(&run_key, &run)?))
+}
+
+/// The effects that start a new segment of the run (`ContinueAsNew`): step
+/// 0 as a new job with `input` (the run's headers, deadline and parent link
+/// kept, `workflow.segment` counted up), the run record pointing at it, and
+/// every key of the run's data deleted (memo entries, kept inputs, joins).
+async fn new_segment_effects<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    input: Vec<u8>,
+) -> Result<SettlementEffects, Error> {
+    let mut headers = job.claim.headers.clone();
+    for reserved in [
+        HEADER_ATTEMPTS_BEFORE,
+        HEADER_PARKED,
+        HEADER_SIGNAL,
+        record::HEADER_JOIN,
+    ] {
+        headers.remove(reserved);
+    }
+    let segment = record::segment_of(&headers).saturating_add(1);
+    headers.insert(record::HEADER_SEGMENT.to_string(), segment.to_string());
+    let attempts = inner.cfg.retry_policy(&job.workflow).max_attempts;
+    let mut effects = step_job_effects(inner, job, 0, input, headers, attempts, None, None)?;
+    for key in super::maintenance::scan_all(inner, &inner.keys.data(&job.run_id)).await? {
+        effects = effects.kv_delete(key);
+    }
+    Ok(effects)
 }

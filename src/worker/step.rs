@@ -17,11 +17,12 @@ use crate::policy::saturating_ms;
 use taquba::SettlementEffects;
 
 use crate::effects::StagedEffects;
+use crate::hook::ChildOutcome;
 use crate::record::{
     self, HEADER_SIGNAL, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, SignalledPayload, decode,
     parse_step_extras, parse_step_headers, user_headers,
 };
-use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+use crate::runner::{ChildSpec, Step, StepError, StepOutcome, StepRunner};
 use crate::runtime::{InFlight, Inner, Phase, Settled};
 use crate::sync::lock;
 
@@ -38,6 +39,15 @@ pub(super) enum Verdict {
         delay: Option<Duration>,
         signal_wait: bool,
     },
+    /// Start child runs and leave the run waiting for them at the next
+    /// step, with this payload.
+    Spawn {
+        children: Vec<ChildSpec>,
+        payload: Vec<u8>,
+        fail_fast: bool,
+    },
+    /// Start a new segment of the run at step 0 with this input.
+    NewSegment { input: Vec<u8> },
     /// End the run through `ack_with`.
     End(RunOutcome),
     /// Move the step to a new job that runs at `at` (ms, queue clock): a
@@ -69,6 +79,8 @@ pub(super) struct StepJob {
     /// The step's payload when the job's payload is a [`SignalledPayload`]
     /// (otherwise it is the claim's payload).
     pub unwrapped: Option<Vec<u8>>,
+    /// For a step that joins children: their outcomes in spawn order.
+    pub children: Vec<ChildOutcome>,
 }
 
 impl StepJob {
@@ -105,6 +117,19 @@ impl StepJob {
         }
     }
 
+    /// The outcome of a step stopped from outside: `TimedOut` once the
+    /// run's deadline has passed at `now` (ms), `Cancelled` otherwise.
+    pub(super) fn stopped(&self, now: u64) -> RunOutcome {
+        match record::deadline_of(&self.claim.headers) {
+            Some(at) if at <= now => self.outcome(
+                TerminalStatus::TimedOut,
+                None,
+                Some(crate::runtime::timed_out_reason(at)),
+            ),
+            _ => self.outcome(TerminalStatus::Cancelled, None, None),
+        }
+    }
+
     pub(super) fn failed(&self, why: &str) -> RunOutcome {
         self.outcome(
             TerminalStatus::Failed,
@@ -125,9 +150,25 @@ pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
 }
 
 async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, claim: Claim) {
-    let Some(job) = admit(inner, claim).await else {
+    let Some(mut job) = admit(inner, claim).await else {
         return;
     };
+    // A step that joins children sees their outcomes; under `fail_fast` a
+    // failed child ends the run instead.
+    let mut child_failed = None;
+    if job.claim.headers.contains_key(record::HEADER_JOIN) {
+        match inner.joined(&job.run_id, job.step).await {
+            Ok((outcomes, failed)) => {
+                job.children = outcomes;
+                child_failed = failed;
+            }
+            Err(e) => {
+                // Left claimed: its lease runs out and it is claimed again.
+                tracing::warn!(run_id = %job.run_id, "reading the children's outcomes failed: {e}");
+                return;
+            }
+        }
+    }
     let span = tracing::info_span!(
         "step",
         run_id = %job.run_id,
@@ -150,8 +191,11 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
             // now): the step is not run.
             *lock(&entry.phase) = Phase::Settling;
             by_request = true;
+            (Verdict::End(job.stopped(inner.now_ms())), Health::Neutral)
+        } else if let Some(why) = child_failed {
+            *lock(&entry.phase) = Phase::Settling;
             (
-                Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
+                Verdict::End(job.outcome(TerminalStatus::Failed, None, Some(why))),
                 Health::Neutral,
             )
         } else {
@@ -205,7 +249,8 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 Ok((ran, effects)) => {
                     let (verdict, health, as_returned) = decide(inner, &job, ran, cancelled);
                     by_request = cancelled
-                        && matches!(&verdict, Verdict::End(o) if o.status == TerminalStatus::Cancelled && o.error.is_none());
+                        && matches!(&verdict, Verdict::End(o) if o.status == TerminalStatus::TimedOut
+                            || (o.status == TerminalStatus::Cancelled && o.error.is_none()));
                     if as_returned {
                         staged = effects;
                     }
@@ -213,10 +258,7 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 }
                 Err(_) if cancelled => {
                     by_request = true;
-                    (
-                        Verdict::End(job.outcome(TerminalStatus::Cancelled, None, None)),
-                        Health::Neutral,
-                    )
+                    (Verdict::End(job.stopped(inner.now_ms())), Health::Neutral)
                 }
                 Err(held) => (held, Health::Neutral),
             }
@@ -311,6 +353,7 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             before,
             signal,
             unwrapped,
+            children: Vec::new(),
         });
     }
     let run_key = inner.keys.run(&run_id);
@@ -353,6 +396,7 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
         before,
         signal,
         unwrapped,
+        children: Vec::new(),
     })
 }
 
@@ -385,6 +429,7 @@ async fn run_runner<R: StepRunner, H>(
         memo: memo(inner, job, Some(job.step)),
         run_memo: memo(inner, job, None),
         signal: job.signal.clone(),
+        children: job.children.clone(),
         effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
     };
     let ran = AssertUnwindSafe(inner.runner.run_step(&step))
@@ -431,14 +476,38 @@ fn decide<R, H>(
             Verdict::End(job.outcome(Cancelled, None, Some(reason))),
             Health::Neutral,
         )),
-        _ if cancelled => refused((
-            Verdict::End(job.outcome(Cancelled, None, None)),
-            Health::Neutral,
-        )),
+        _ if cancelled => refused((Verdict::End(job.stopped(inner.now_ms())), Health::Neutral)),
         Ok(StepOutcome::Continue { payload }) => next(job, payload, None, false),
         Ok(StepOutcome::ContinueAfter { payload, delay }) => next(job, payload, Some(delay), false),
         Ok(StepOutcome::WaitForSignal { payload, timeout }) => {
             next(job, payload, Some(timeout), true)
+        }
+        Ok(StepOutcome::ContinueAsNew { input }) => {
+            let (verdict, health, returned) = next(job, input, None, false);
+            match verdict {
+                Verdict::Next { payload, .. } => {
+                    (Verdict::NewSegment { input: payload }, health, returned)
+                }
+                verdict => (verdict, health, returned),
+            }
+        }
+        Ok(StepOutcome::SpawnChildren {
+            children,
+            payload,
+            fail_fast,
+        }) => {
+            let (verdict, health, returned) = next(job, payload, None, false);
+            match verdict {
+                Verdict::Next { payload, .. } if !children.is_empty() => {
+                    let spawn = Verdict::Spawn {
+                        children,
+                        payload,
+                        fail_fast,
+                    };
+                    (spawn, health, returned)
+                }
+                verdict => (verdict, health, returned),
+            }
         }
         Ok(StepOutcome::Succeed { result }) if result.len() > MAX_RESULT_BYTES => {
             let why = format!(

@@ -38,6 +38,11 @@ pub fn state(status: &RunStatus) -> String {
             },
             None => "waiting for a signal (`waymark signal`)".into(),
         },
+        RunState::WaitingForChildren => match status.children_live {
+            Some(1) => "waiting for 1 child run".into(),
+            Some(n) => format!("waiting for {n} child runs"),
+            None => "waiting for its child runs".into(),
+        },
         _ => format!("{:?}", status.state),
     }
 }
@@ -48,6 +53,7 @@ pub fn status_word(status: TerminalStatus) -> &'static str {
         TerminalStatus::Succeeded => "Succeeded",
         TerminalStatus::Failed => "Failed",
         TerminalStatus::Cancelled => "Cancelled",
+        TerminalStatus::TimedOut => "TimedOut",
         _ => "Ended",
     }
 }

@@ -49,8 +49,46 @@ pub async fn status(args: RunArgs) -> CliResult<Exit> {
             None => return Err(not_found(run_id, &store)),
         },
     };
+    print_children(&store, &client, run_id).await?;
     let _ = client.close().await;
     Ok(code)
+}
+
+/// Print the run's children (and theirs) as a tree, if it has any: the
+/// first page of them.
+async fn print_children(store: &Store, client: &Client, run_id: &str) -> CliResult<()> {
+    let filter = RunFilter {
+        children_of: Some(run_id.to_string()),
+        limit: 100,
+        ..Default::default()
+    };
+    let page = store
+        .bounded("listing the run's children", client.runs(&filter))
+        .await?;
+    if page.runs.is_empty() {
+        return Ok(());
+    }
+    say!("  children:");
+    for child in &page.runs {
+        // `{parent}.{step}.{suffix}` per level.
+        let rest = &child.run_id[run_id.len()..];
+        let depth = rest.matches('.').count() / 2;
+        let phase = match child.phase {
+            RunPhase::Live(state) => format!("live, {state:?}"),
+            RunPhase::Ended(status) => describe::status_word(status).to_string(),
+        };
+        say!(
+            "    {}{}  {}  step {}",
+            "  ".repeat(depth.saturating_sub(1)),
+            child.run_id,
+            phase,
+            step_label(child.step)
+        );
+    }
+    if page.next.is_some() {
+        say!("    … (more: `waymark runs --children-of {}`)", run_id);
+    }
+    Ok(())
 }
 
 /// `waymark outcome`: how a run ended; exit 4 while it has not.
@@ -150,6 +188,8 @@ pub enum StateArg {
     Failed,
     /// Runs that were cancelled.
     Cancelled,
+    /// Runs whose deadline passed.
+    TimedOut,
 }
 
 /// `waymark runs`' arguments.
@@ -167,6 +207,9 @@ pub struct RunsArgs {
     /// Start after this run id (the next page).
     #[arg(long, value_name = "RUN_ID")]
     pub after: Option<String>,
+    /// Only the children of this run (and theirs).
+    #[arg(long, value_name = "RUN_ID")]
+    pub children_of: Option<String>,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -176,6 +219,9 @@ pub struct RunsArgs {
 pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
     if let Some(after) = &args.after {
         check_run_id(after)?;
+    }
+    if let Some(parent) = &args.children_of {
+        check_run_id(parent)?;
     }
     if let Some(workflow) = &args.workflow {
         waymark::validate_name("workflow name", workflow)
@@ -190,9 +236,11 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
             StateArg::Succeeded => StateFilter::Is(RunPhase::Ended(TerminalStatus::Succeeded)),
             StateArg::Failed => StateFilter::Is(RunPhase::Ended(TerminalStatus::Failed)),
             StateArg::Cancelled => StateFilter::Is(RunPhase::Ended(TerminalStatus::Cancelled)),
+            StateArg::TimedOut => StateFilter::Is(RunPhase::Ended(TerminalStatus::TimedOut)),
         }),
         workflow: args.workflow.clone(),
         after: args.after.clone(),
+        children_of: args.children_of.clone(),
         limit: args.limit.max(1),
     };
     let page = store.bounded("listing runs", client.runs(&filter)).await?;

@@ -1,0 +1,323 @@
+//! Child runs: what a child's terminal transaction records into its parent,
+//! and what an ending parent leaves for the cascade that cancels its
+//! children.
+//!
+//! A parent's step that returned `SpawnChildren` leaves the parent at its
+//! next step on a *placeholder*: a job scheduled far ahead (it holds no
+//! worker and spends no attempt), which the run record points at, with a
+//! [`JoinRecord`] beside it. Each child's terminal transaction, under the
+//! parent's join lock, reads the join record and the parent's run record:
+//! if the parent still waits on this placeholder and the child has not
+//! arrived, it records the child's [`ChildOutcome`] and marks it arrived;
+//! the last child (or, with `fail_fast`, the first failure) also enqueues
+//! the parent's step as a real job and points the parent's run record at
+//! it. A parent that ended (or moved on) records nothing. A parent's
+//! terminal transaction at its join (its job carries `workflow.join`) takes
+//! its own join lock too, so its ending and its children's arrivals never
+//! interleave; a run that is neither a child nor at a join takes no lock.
+//! The locks are held across the commit, so one parent's children record
+//! their endings one flush after another.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use taquba::{EnqueueOptions, EnqueueRequest, SettlementEffects};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::error::Error;
+use crate::hook::{ChildOutcome, RunOutcome, TerminalStatus};
+use crate::pending::PendingCommit;
+use crate::record::{self, JoinRecord, RunRecord, decode, encode};
+use crate::runtime::Inner;
+
+/// Lock stripes for joins (a run's lock is `hash(run id) % STRIPES`).
+const STRIPES: usize = 64;
+
+/// The join locks: striped, so memory stays bounded.
+pub(crate) struct JoinLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Default for JoinLocks {
+    fn default() -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+}
+
+impl JoinLocks {
+    fn stripe(run_id: &str) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        run_id.hash(&mut h);
+        (h.finish() % STRIPES as u64) as usize
+    }
+
+    /// Lock the stripes of `runs`, in stripe order (no two callers wait on
+    /// each other in a cycle).
+    pub(crate) async fn lock(&self, runs: &[&str]) -> Vec<MutexGuard<'_, ()>> {
+        let mut ids: Vec<usize> = runs.iter().map(|r| Self::stripe(r)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut held = Vec::with_capacity(ids.len());
+        for i in ids {
+            held.push(self.stripes[i].lock().await);
+        }
+        held
+    }
+}
+
+/// What a child's ending adds to its terminal transaction.
+pub(crate) struct Arrival<'a> {
+    pub effects: SettlementEffects,
+    /// The parent's step became a real job: a commit in flight for it.
+    pub pending: Option<PendingCommit<'a>>,
+    /// The parent's placeholder, to remove once the commit has returned.
+    pub placeholder: Option<String>,
+}
+
+impl<R, H> Inner<R, H> {
+    /// Record `outcome` of the child whose step job carries `headers` into
+    /// its parent (the caller holds the parent's join lock). `None` when
+    /// there is nothing to record: no parent link, the parent no longer
+    /// waits on this join, or the child arrived already.
+    pub(crate) async fn child_arrival(
+        &self,
+        outcome: &RunOutcome,
+        headers: &HashMap<String, String>,
+    ) -> Result<Option<Arrival<'_>>, Error> {
+        let Some((parent, step, index)) = record::parent_of(headers) else {
+            return Ok(None);
+        };
+        let view = self.queue.view();
+        let join_key = self.keys.join_record(parent, step);
+        let Some(bytes) = view.kv_get(&join_key).await? else {
+            return Ok(None);
+        };
+        let mut join: JoinRecord = decode(&join_key, &bytes)?;
+        let run_key = self.keys.run(parent);
+        let waiting = match view.kv_get(&run_key).await? {
+            Some(bytes) => {
+                let run: RunRecord = decode(&run_key, &bytes)?;
+                run.step == step && run.job_id == join.placeholder
+            }
+            None => false,
+        };
+        // The terminal guard: a parent that ended or moved on records
+        // nothing; a child records once.
+        if !waiting || join.arrived.get(index) != Some(&false) {
+            return Ok(None);
+        }
+        join.arrived[index] = true;
+        let seen = ChildOutcome::of(outcome, record::deadline_of(headers));
+        if join.fail_fast && seen.status != TerminalStatus::Succeeded {
+            join.failed = true;
+        }
+        let out_key = self.keys.child_outcome(parent, step, index);
+        let mut effects =
+            SettlementEffects::default().kv_put(out_key.clone(), encode(&out_key, &seen)?);
+        let mut arrival = Arrival {
+            effects: SettlementEffects::default(),
+            pending: None,
+            placeholder: None,
+        };
+        if join.failed || join.live() == 0 {
+            let job_id = self.queue.next_job_id();
+            let options = EnqueueOptions::default()
+                .dedup_key(record::dedup_key(parent, step))
+                .id_override(job_id.clone())
+                .headers(join.headers.clone())
+                .priority(Some(join.priority))
+                .max_attempts(join.max_attempts);
+            effects = effects.enqueue(EnqueueRequest {
+                queue: self.cfg.queue_name.clone(),
+                payload: join.payload.clone(),
+                options,
+            });
+            let run = RunRecord { step, job_id };
+            effects = effects.kv_put(run_key.clone(), encode(&run_key, &run)?);
+            arrival.pending = Some(self.pending.begin(parent));
+            arrival.placeholder = Some(join.placeholder.clone());
+        }
+        arrival.effects = effects.kv_put(join_key.clone(), encode(&join_key, &join)?);
+        Ok(Some(arrival))
+    }
+
+    /// The cascade marker an ending run leaves when it still has live
+    /// children at `step` (its final step): they are cancelled by the
+    /// cascade pass, durably.
+    pub(crate) async fn cascade_entry(
+        &self,
+        run_id: &str,
+        step: u32,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
+        let join_key = self.keys.join_record(run_id, step);
+        let Some(bytes) = self.queue.view().kv_get(&join_key).await? else {
+            return Ok(None);
+        };
+        let join: JoinRecord = decode(&join_key, &bytes)?;
+        let live: Vec<String> = join
+            .children
+            .iter()
+            .zip(&join.arrived)
+            .filter(|(_, arrived)| !**arrived)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if live.is_empty() {
+            return Ok(None);
+        }
+        let key = self.keys.cascade(run_id);
+        let value = encode(&key, &live)?;
+        Ok(Some((key, value)))
+    }
+
+    /// The outcomes recorded for the join at `step` of `run_id`, in spawn
+    /// order, and whether a child failed under `fail_fast`.
+    pub(crate) async fn joined(
+        &self,
+        run_id: &str,
+        step: u32,
+    ) -> Result<(Vec<ChildOutcome>, Option<String>), Error> {
+        let view = self.queue.view();
+        let join_key = self.keys.join_record(run_id, step);
+        let failed = match view.kv_get(&join_key).await? {
+            Some(bytes) => decode::<JoinRecord>(&join_key, &bytes)?.failed,
+            None => false,
+        };
+        let prefix = self.keys.child_outcomes(run_id, step);
+        let mut outcomes = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = match &after {
+                None => {
+                    view.kv_scan(&prefix, .., taquba::KvOrder::Ascending, 256)
+                        .await?
+                }
+                Some(last) => {
+                    let range = (
+                        std::ops::Bound::Excluded(last.clone()),
+                        std::ops::Bound::Unbounded,
+                    );
+                    view.kv_scan(&prefix, range, taquba::KvOrder::Ascending, 256)
+                        .await?
+                }
+            };
+            for (key, value) in &page.entries {
+                outcomes.push(decode::<ChildOutcome>(key, value)?);
+            }
+            after = page.entries.last().map(|(k, _)| k.to_vec());
+            if !page.more {
+                break;
+            }
+        }
+        let failure = if failed {
+            outcomes
+                .iter()
+                .find(|o| o.status != TerminalStatus::Succeeded)
+                .map(|o| {
+                    format!(
+                        "child `{}` failed: {}",
+                        o.run_id,
+                        o.error.as_deref().unwrap_or_default()
+                    )
+                })
+        } else {
+            None
+        };
+        Ok((outcomes, failure))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use taquba::{JobStatus, Queue};
+
+    use super::*;
+    use crate::hook::NoopTerminalHook;
+    use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+    use crate::runtime::WorkflowRuntime;
+
+    struct Done;
+
+    impl StepRunner for Done {
+        async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    }
+
+    fn ended(run_id: &str) -> RunOutcome {
+        RunOutcome {
+            run_id: run_id.into(),
+            workflow: "child".into(),
+            status: TerminalStatus::Succeeded,
+            result: Some(run_id.as_bytes().to_vec()),
+            error: None,
+            headers: HashMap::new(),
+            final_step: 0,
+            reruns: 0,
+        }
+    }
+
+    /// A child's terminal effects applied twice (a retried commit) record
+    /// it once: the second finds the parent no longer waiting, and neither
+    /// writes the outcome again nor moves the parent's run record to a job
+    /// its enqueue did not create.
+    #[tokio::test]
+    async fn a_child_ending_applied_twice_is_recorded_once() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        let run_key = inner.keys.run("p");
+        let waiting = RunRecord {
+            step: 1,
+            job_id: "placeholder".into(),
+        };
+        queue
+            .kv_put(&run_key, &encode(&run_key, &waiting).unwrap())
+            .await
+            .unwrap();
+        let join = JoinRecord {
+            placeholder: "placeholder".into(),
+            children: vec!["p.0.0".into(), "p.0.1".into()],
+            arrived: vec![true, false],
+            fail_fast: false,
+            failed: false,
+            payload: b"next".to_vec(),
+            headers: HashMap::new(),
+            priority: 0,
+            max_attempts: 3,
+        };
+        let join_key = inner.keys.join_record("p", 1);
+        queue
+            .kv_put(&join_key, &encode(&join_key, &join).unwrap())
+            .await
+            .unwrap();
+        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/1".to_string())]);
+        for _ in 0..2 {
+            let terminal = inner
+                .terminal_effects(&ended("p.0.1"), &headers, None)
+                .await
+                .unwrap()
+                .unwrap();
+            queue.commit_effects(terminal.effects).await.unwrap();
+            terminal.hold.done(&queue, true).await;
+        }
+        let bytes = queue.view().kv_get(&run_key).await.unwrap().unwrap();
+        let run: RunRecord = decode(&run_key, &bytes).unwrap();
+        assert_eq!(run.step, 1);
+        let job = queue.view().job_record(&run.job_id).await.unwrap();
+        assert!(
+            job.is_some_and(|j| j.status == JobStatus::Pending && j.payload == b"next"),
+            "the parent's step is the job its one arrival enqueued"
+        );
+        let (outcomes, failed) = inner.joined("p", 1).await.unwrap();
+        assert_eq!(failed, None);
+        assert_eq!(outcomes.len(), 1, "only this child's outcome is recorded");
+        assert_eq!(outcomes[0].run_id, "p.0.1");
+    }
+}

@@ -1,0 +1,134 @@
+//! Continue-as-new (`StepOutcome::ContinueAsNew`): a run that starts fresh
+//! segments of itself is followed by `wait` and by a waiting parent, its
+//! data stays bounded, and a new segment is never a child's ending. In-memory
+//! store, taquba's `MockClock`.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use waymark::*;
+
+/// A `looper` run's step 0 memoizes its input `n` and continues as new with
+/// `n + 1` until 3, then step 1 succeeds with `done-{n}`. A `parent` spawns
+/// one looper and succeeds with what its join saw.
+fn looper(joined: Arc<Mutex<Vec<ChildOutcome>>>) -> FnRunner {
+    FnRunner::new(move |s: Step| {
+        let joined = joined.clone();
+        async move {
+            match (s.workflow.as_str(), s.step_number) {
+                ("parent", 0) => Ok(StepOutcome::SpawnChildren {
+                    children: vec![ChildSpec {
+                        workflow: Some("looper".into()),
+                        input: b"0".to_vec(),
+                        ..Default::default()
+                    }],
+                    payload: vec![],
+                    fail_fast: false,
+                }),
+                ("parent", _) => {
+                    *joined.lock().unwrap() = s.children.clone();
+                    Ok(StepOutcome::Succeed { result: vec![] })
+                }
+                (_, 0) => {
+                    let n: u32 = String::from_utf8_lossy(&s.payload).parse().unwrap();
+                    s.run_memo.put(&format!("seen{n}"), &n).await?;
+                    if n < 3 {
+                        Ok(StepOutcome::ContinueAsNew {
+                            input: (n + 1).to_string().into_bytes(),
+                        })
+                    } else {
+                        Ok(StepOutcome::Continue { payload: s.payload })
+                    }
+                }
+                _ => Ok(StepOutcome::Succeed {
+                    result: format!("done-{}", String::from_utf8_lossy(&s.payload)).into_bytes(),
+                }),
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn wait_follows_a_chain_of_segments_and_their_data_stays_bounded() {
+    let runner = looper(Arc::default());
+    let hook = RecordingHook::default();
+    let mut env = Env::configured(runner.clone(), hook.clone(), |b| {
+        b.poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("x".into()),
+            input: b"0".to_vec(),
+            workflow: Some("looper".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = env.rt.wait("x").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.result.as_deref(), Some(&b"done-3"[..]));
+    assert_eq!(out.final_step, 1, "the last segment's step counter");
+    assert_eq!(runner.calls("x", 0), 4, "four segments ran step 0");
+    assert_eq!(env.rt.outcome("x").await.unwrap().unwrap(), out);
+    hook.wait_for("x").await;
+    assert_eq!(hook.count("x"), 1, "one ending for the whole chain");
+    // Only the last segment's data is left.
+    let data = env
+        .queue()
+        .view()
+        .kv_scan(
+            b"wm/workflow-steps/data/x/",
+            ..,
+            taquba::KvOrder::Ascending,
+            100,
+        )
+        .await
+        .unwrap();
+    let keys: Vec<String> = data
+        .entries
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.ends_with("memo/run/seen3")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("seen0") || k.contains("seen2")),
+        "{keys:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_parent_follows_its_childs_chain() {
+    let joined = Arc::new(Mutex::new(Vec::new()));
+    let mut env = Env::configured(looper(joined.clone()), RecordingHook::default(), |b| {
+        b.poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("p".into()),
+            workflow: Some("parent".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = env.rt.wait("p").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    let seen = joined.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "the new segments were not endings");
+    assert_eq!(seen[0].run_id, "p.0.0");
+    assert_eq!(seen[0].status, TerminalStatus::Succeeded);
+    assert_eq!(seen[0].result.as_deref(), Some(&b"done-3"[..]));
+    env.stop().await;
+}
