@@ -1333,8 +1333,12 @@ impl<R, H> Inner<R, H> {
         if let Some((parent, _, _)) = record::parent_of(headers) {
             runs.push(parent);
         }
+        let joined = !runs.is_empty();
         let locks = self.joins.lock(&runs).await;
-        if let Some(job_id) = current {
+        // Only a run at a join, or a child, can be moved by another run's
+        // commit (a child's arrival, a cascade) between the caller's read and
+        // this lock: any other run is checked by the commit itself.
+        if let Some(job_id) = current.filter(|_| joined) {
             let at = read::read_run(self.queue.view(), &self.keys, run_id).await?;
             if at.is_none_or(|run| run.job_id != job_id) {
                 return Ok(None);
@@ -1383,7 +1387,10 @@ impl<R, H> Inner<R, H> {
                 options,
             });
         }
-        if let Some((key, value)) = self.cascade_entry(run_id, outcome.final_step).await? {
+        // Only a run at a join can have live children.
+        if headers.contains_key(record::HEADER_JOIN)
+            && let Some((key, value)) = self.cascade_entry(run_id, outcome.final_step).await?
+        {
             effects = effects.kv_put(key, value);
         }
         let mut hold = TerminalHold {
