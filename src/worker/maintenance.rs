@@ -362,7 +362,9 @@ impl Pass for Endings {
         match cascades(inner).await {
             Ok(full) => full,
             Err(e) => {
-                tracing::warn!("cancelling ended parents' children failed (retried next tick): {e}");
+                tracing::warn!(
+                    "cancelling ended parents' children failed (retried next tick): {e}"
+                );
                 false
             }
         }
