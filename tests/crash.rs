@@ -224,6 +224,19 @@ fn plan(scenario: Scenario, seed: u64, run: u32) -> Plan {
     } else {
         0
     };
+    // Many parents are cancelled while they wait for their children (their
+    // first child asks for it): the cancel cascades to the children still
+    // running, and a child ending after its parent records nothing.
+    let (cancel_at, end) = if children > 0 && cancel_at.is_none() && family.chance(400) {
+        let end = if end == End::SelfCancel {
+            End::Succeed
+        } else {
+            end
+        };
+        (Some(1), end)
+    } else {
+        (cancel_at, end)
+    };
     Plan {
         steps,
         end,
@@ -588,7 +601,7 @@ impl TestRunner {
             Duration::from_millis(Rng::derive(self.cfg.seed, &[7, i, index]).range(0..6));
         if index == 0 && plan(self.cfg.scenario, self.cfg.seed, i as u32).cancel_at == Some(1) {
             let _ = self.cancels.send(parent.to_string());
-            pause += Duration::from_millis(25);
+            pause += Duration::from_millis(60);
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
