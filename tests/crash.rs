@@ -22,6 +22,9 @@
 //!   clock, overlap `Allow`, downtime `FireAll`): between processes and at
 //!   the end, the fire times of the runs it submitted (their run ids carry
 //!   them) have no gap and no duplicate, across every kill and downtime.
+//!   A share of its runs spawn children at step 0 and join them at step 1
+//!   (`J` logs what the join step saw): every parent sees each child's
+//!   outcome once, in spawn order; each child ends once; no extra children.
 
 mod common;
 
@@ -72,6 +75,43 @@ fn is_schedule_run(run: &str) -> bool {
     run.starts_with("tick:")
 }
 
+/// The workflow of the children a parent spawns.
+const CHILD_WORKFLOW: &str = "child";
+
+/// Whether a run id is a child's (`{parent}.{step}.{index}`).
+fn is_child_run(run: &str) -> bool {
+    run.contains('.')
+}
+
+/// The run ids of the children `parent` spawns at step 0, in spawn order.
+fn child_ids(parent: &str, children: u32) -> Vec<String> {
+    (0..children).map(|i| format!("{parent}.0.{i}")).collect()
+}
+
+/// Whether a child fails (permanently) rather than succeeds: a function of
+/// its id.
+fn child_fails(seed: u64, child: &str) -> bool {
+    let (parent, index) = child.split_once(".0.").expect("a child run id");
+    let index: u64 = index.parse().expect("a child index");
+    Rng::derive(seed, &[6, run_index(parent) as u64, index]).chance(300)
+}
+
+/// The tag a join step logs for a child's outcome as the parent saw it.
+fn seen_tag(seen: &ChildOutcome) -> &'static str {
+    let error = seen.error.as_deref().unwrap_or_default();
+    match seen.status {
+        TerminalStatus::Succeeded
+            if seen.result.as_deref() == Some(&result_of(&seen.run_id)[..]) =>
+        {
+            "ok"
+        }
+        TerminalStatus::Failed if error.contains(&permanent_reason(&seen.run_id)) => "perm",
+        TerminalStatus::Failed if error.starts_with("cancelled:") => "cancelled",
+        TerminalStatus::Failed if error.contains("gave up after") => "gaveup",
+        _ => "other",
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The workload: a pure function of (scenario, seed, run, step, attempt), so
 // the driver knows what every run must end with.
@@ -108,6 +148,8 @@ struct Plan {
     cancel_at: Option<u32>,
     /// Whether the hook fails its first delivery in each process.
     flaky_hook: bool,
+    /// Children spawned at step 0 and joined at step 1 (0: none).
+    children: u32,
 }
 
 impl Plan {
@@ -139,6 +181,7 @@ fn plan(scenario: Scenario, seed: u64, run: u32) -> Plan {
             delay_ms: vec![0; 6],
             cancel_at: None,
             flaky_hook: false,
+            children: 0,
         };
     }
     let mut rng = Rng::derive(seed, &[1, run as u64]);
@@ -172,13 +215,36 @@ fn plan(scenario: Scenario, seed: u64, run: u32) -> Plan {
     let delay_ms = (0..steps)
         .map(|_| if rng.chance(300) { rng.range(1..40) } else { 0 })
         .collect();
+    let flaky_hook = rng.chance(200);
+    // A run of two steps or more spawns children in a quarter of cases (a
+    // draw of its own, so the other choices stay what they were).
+    let mut family = Rng::derive(seed, &[5, run as u64]);
+    let children = if steps >= 2 && family.chance(250) {
+        2 + family.range(0..2) as u32
+    } else {
+        0
+    };
+    // Many parents are cancelled while they wait for their children (their
+    // first child asks for it): the cancel cascades to the children still
+    // running, and a child ending after its parent records nothing.
+    let (cancel_at, end) = if children > 0 && cancel_at.is_none() && family.chance(400) {
+        let end = if end == End::SelfCancel {
+            End::Succeed
+        } else {
+            end
+        };
+        (Some(1), end)
+    } else {
+        (cancel_at, end)
+    };
     Plan {
         steps,
         end,
         transient,
         delay_ms,
         cancel_at,
-        flaky_hook: rng.chance(200),
+        flaky_hook,
+        children,
     }
 }
 
@@ -230,6 +296,24 @@ fn decide(
     }
     if !last {
         let payload = payload(seed, run, step + 1);
+        if step == 0 && plan.children > 0 {
+            let children = child_ids(run, plan.children)
+                .iter()
+                .map(|id| ChildSpec {
+                    workflow: Some(CHILD_WORKFLOW.into()),
+                    input: input(id),
+                    ..Default::default()
+                })
+                .collect();
+            return (
+                "SP",
+                Ok(StepOutcome::SpawnChildren {
+                    children,
+                    payload,
+                    fail_fast: false,
+                }),
+            );
+        }
         return match plan.delay_ms[s] {
             0 => ("N", Ok(StepOutcome::Continue { payload })),
             ms => (
@@ -423,6 +507,9 @@ impl StepRunner for TestRunner {
             // The schedule's runs: one step, checked through the store.
             return Ok(StepOutcome::Succeed { result: vec![] });
         }
+        if step.workflow == CHILD_WORKFLOW {
+            return self.child_step(step).await;
+        }
         let (run, n, attempt) = (&step.run_id, step.step_number, step.attempts);
         self.log.line("S", format_args!("{run} {n} {attempt}"));
         let plan = plan(self.cfg.scenario, self.cfg.seed, run_index(run));
@@ -432,6 +519,20 @@ impl StepRunner for TestRunner {
             return Ok(StepOutcome::Fail {
                 reason: "unexpected payload".into(),
             });
+        }
+        // The join step logs the children's outcomes it was handed.
+        if n == 1 && plan.children > 0 {
+            let seen: Vec<String> = step
+                .children
+                .iter()
+                .map(|c| format!("{}:{}", c.run_id, seen_tag(c)))
+                .collect();
+            let seen = if seen.is_empty() {
+                "-".to_string()
+            } else {
+                seen.join(",")
+            };
+            self.log.line("J", format_args!("{run} {attempt} {seen}"));
         }
         // A memoized call (a "charge"): its closure logs `M` with the value
         // it makes; the value memoized is logged `V` once known. Once a `V`
@@ -478,6 +579,49 @@ impl StepRunner for TestRunner {
     }
 }
 
+impl TestRunner {
+    /// A child's one step: it succeeds or fails permanently, as its id
+    /// decides. The first child of a parent that plans a cancel at its join
+    /// step asks for that cancel, mostly while its siblings (and itself)
+    /// still run, so the cancel cascades.
+    async fn child_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+        let (run, attempt) = (&step.run_id, step.attempts);
+        self.log.line("S", format_args!("{run} 0 {attempt}"));
+        if step.payload != input(run) {
+            self.log
+                .line("BAD", format_args!("{run} 0 {attempt} payload"));
+            return Ok(StepOutcome::Fail {
+                reason: "unexpected payload".into(),
+            });
+        }
+        let (parent, index) = run.split_once(".0.").expect("a child run id");
+        let i = run_index(parent) as u64;
+        let index: u64 = index.parse().expect("a child index");
+        let mut pause =
+            Duration::from_millis(Rng::derive(self.cfg.seed, &[7, i, index]).range(0..6));
+        if index == 0 && plan(self.cfg.scenario, self.cfg.seed, i as u32).cancel_at == Some(1) {
+            let _ = self.cancels.send(parent.to_string());
+            pause += Duration::from_millis(60);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = step.cancel_token.cancelled() => {}
+        }
+        let (tag, outcome) = if child_fails(self.cfg.seed, run) {
+            ("P", Err(StepError::permanent(permanent_reason(run))))
+        } else {
+            (
+                "OK",
+                Ok(StepOutcome::Succeed {
+                    result: result_of(run),
+                }),
+            )
+        };
+        self.log.line("D", format_args!("{run} 0 {attempt} {tag}"));
+        outcome
+    }
+}
+
 struct MarkerHook {
     cfg: ChildConfig,
     log: Arc<Log>,
@@ -493,8 +637,14 @@ impl TerminalHook for MarkerHook {
         let run = &outcome.run_id;
         let status = status_tag(outcome.status);
         self.log.line("H", format_args!("{run} {status}"));
-        let plan = plan(self.cfg.scenario, self.cfg.seed, run_index(run));
-        if plan.flaky_hook && self.failed_once.lock().unwrap().insert(run.clone()) {
+        let plan = if outcome.workflow == CHILD_WORKFLOW {
+            None
+        } else {
+            Some(plan(self.cfg.scenario, self.cfg.seed, run_index(run)))
+        };
+        if plan.is_some_and(|plan| plan.flaky_hook)
+            && self.failed_once.lock().unwrap().insert(run.clone())
+        {
             return Err(StepError::transient("hook endpoint unavailable"));
         }
         let key = format!("{MARKER_PREFIX}{run}");
@@ -622,6 +772,40 @@ async fn child_async(cfg: ChildConfig) {
                     .unwrap()
                     .is_some()
             {
+                finished.push(id.clone());
+            }
+        }
+        for id in finished {
+            left.remove(&id);
+        }
+        if !left.is_empty() {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    // Then the children of the ended parents: each one spawned ended and its
+    // hook ran (a parent's cascade may still be cancelling some); one that
+    // is neither live nor ended was never spawned.
+    let mut left: BTreeSet<String> = (0..total)
+        .flat_map(|i| child_ids(&run_id(i), plan(cfg.scenario, cfg.seed, i).children))
+        .collect();
+    while !left.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "children never finished: {left:?}"
+        );
+        let mut finished = Vec::new();
+        for id in &left {
+            let marker = format!("{MARKER_PREFIX}{id}");
+            let done = match rt.outcome(id).await.unwrap() {
+                Some(_) => queue
+                    .view()
+                    .kv_get(marker.as_bytes())
+                    .await
+                    .unwrap()
+                    .is_some(),
+                None => rt.status(id).await.unwrap().is_none(),
+            };
+            if done {
                 finished.push(id.clone());
             }
         }
@@ -804,6 +988,8 @@ enum Entry {
     MemoCall(String, u32, String),
     /// A memoized call returned: (run, step, value).
     MemoValue(String, u32, String),
+    /// A join step saw its children's outcomes: (run, attempt, `id:tag,…`).
+    Join(String, u32, String),
 }
 
 #[derive(Debug, Clone)]
@@ -834,6 +1020,7 @@ fn read_log(dir: &Path) -> Vec<Line> {
             (Some("B"), 4) => Some(Entry::Blocked(f[2].into())),
             (Some("M"), 5) => num(3).map(|st| Entry::MemoCall(f[2].into(), st, f[4].into())),
             (Some("V"), 5) => num(3).map(|st| Entry::MemoValue(f[2].into(), st, f[4].into())),
+            (Some("J"), 5) => num(3).map(|a| Entry::Join(f[2].into(), a, f[4].into())),
             _ => None,
         };
         match (entry, num(1)) {
@@ -862,6 +1049,8 @@ struct RunHistory {
     memo_calls: Vec<(usize, u32, u32, String)>,
     /// (log position, step, value) of each memoized call's return.
     memo_values: Vec<(usize, u32, String)>,
+    /// (log position, attempt, what it saw) of each join step.
+    joins: Vec<(usize, u32, String)>,
 }
 
 fn histories(log: &[Line]) -> BTreeMap<String, RunHistory> {
@@ -910,6 +1099,12 @@ fn histories(log: &[Line]) -> BTreeMap<String, RunHistory> {
                     .memo_values
                     .push((pos, *st, val.clone()))
             }
+            Entry::Join(r, a, seen) => {
+                h.entry(r.clone())
+                    .or_default()
+                    .joins
+                    .push((pos, *a, seen.clone()))
+            }
             Entry::Bad(_) | Entry::Blocked(_) => {}
         }
     }
@@ -928,6 +1123,14 @@ struct Tally {
     /// Memoized closures that ran again because a kill struck between the
     /// closure and its memo's commit.
     memo_recomputed: usize,
+    /// Runs that spawned children.
+    parents: usize,
+    /// Parents whose join step ran, each time seeing every child once.
+    joins_checked: usize,
+    /// Children that ended (once each).
+    children_ended: usize,
+    /// Children cancelled by their ended parent's cascade.
+    children_cascaded: usize,
 }
 
 /// Check the log's own invariants: a committed step never starts again; a
@@ -1216,6 +1419,12 @@ struct Snapshot {
     /// Live run records: run -> (step, job id).
     live: BTreeMap<String, (u32, String)>,
     markers: BTreeMap<String, String>,
+    /// The children's outcomes recorded into each parent (present in the
+    /// store): parent -> index key -> outcome.
+    joined: BTreeMap<String, BTreeMap<String, ChildOutcome>>,
+    /// Placeholders a kill left behind (between a join's commit and their
+    /// removal, which is best effort).
+    orphan_placeholders: usize,
 }
 
 /// The body of a live run record (`wm/{queue}/run/{id}`), as this test
@@ -1314,6 +1523,8 @@ async fn check_store(
                 )
             })
             .collect(),
+        joined: BTreeMap::new(),
+        orphan_placeholders: 0,
     };
     let step_jobs: Vec<JobRecord> = {
         let mut all = Vec::new();
@@ -1339,21 +1550,39 @@ async fn check_store(
             (job.status == JobStatus::Dead).then(|| key[live_prefix.len()..].to_string())
         })
         .collect();
-    // The schedule's runs, live or ended: the same invariants.
+    // The schedule's runs and the children, live or ended: the same
+    // invariants.
     let out_prefix = format!("wm/{STEP_QUEUE}/out/");
     let ended: Vec<String> = kv_all(&queue, &out_prefix)
         .await
         .into_keys()
         .map(|k| k[out_prefix.len()..].to_string())
         .collect();
-    let schedule_runs: BTreeSet<String> = live_raw
+    let other_runs: BTreeSet<String> = live_raw
         .keys()
         .map(|k| k[live_prefix.len()..].to_string())
         .chain(ended)
-        .filter(|run| is_schedule_run(run))
+        .filter(|run| is_schedule_run(run) || is_child_run(run))
         .collect();
     check_schedule(&queue, &rt, v).await;
-    for id in (0..planned).map(run_id).chain(schedule_runs) {
+    let parents: BTreeSet<&str> = other_runs
+        .iter()
+        .filter_map(|run| run.split_once(".0.").map(|(parent, _)| parent))
+        .collect();
+    for parent in parents {
+        let prefix = format!("wm/{STEP_QUEUE}/data/{parent}/child/1/");
+        let mut recorded = BTreeMap::new();
+        for (key, raw) in kv_all(&queue, &prefix).await {
+            match rmp_serde::from_slice::<(u8, ChildOutcome)>(&raw) {
+                Ok((1, seen)) => {
+                    recorded.insert(key[prefix.len()..].to_string(), seen);
+                }
+                other => v.push(format!("{key}: child outcome does not decode: {other:?}")),
+            }
+        }
+        snap.joined.insert(parent.to_string(), recorded);
+    }
+    for id in (0..planned).map(run_id).chain(other_runs) {
         let outcome = rt.outcome(&id).await.unwrap();
         let status = rt.status(&id).await.unwrap();
         let live = live_raw.contains_key(&format!("{live_prefix}{id}"));
@@ -1409,6 +1638,9 @@ async fn check_store(
         let want = match job.status {
             JobStatus::Pending if job.cancel_requested => Some(RunState::Cancelling),
             JobStatus::Pending => Some(RunState::Pending),
+            JobStatus::Scheduled if job.headers.contains_key(HEADER_JOIN) => {
+                Some(RunState::WaitingForChildren)
+            }
             JobStatus::Scheduled => Some(RunState::Scheduled),
             // The queue dead-lettered the step (a kill during its last
             // attempt); the next worker reconciles the run.
@@ -1437,6 +1669,13 @@ async fn check_store(
         }
         let run = job.headers.get(HEADER_RUN_ID).cloned().unwrap_or_default();
         if snap.live.get(&run).map(|(_, j)| j) != Some(&job.id) {
+            // A joined parent's placeholder is removed after the join's
+            // commit, best effort: a kill in between leaves it scheduled
+            // far ahead (never due in this test).
+            if job.status == JobStatus::Scheduled && job.headers.contains_key(HEADER_JOIN) {
+                snap.orphan_placeholders += 1;
+                continue;
+            }
             v.push(format!(
                 "step job {} ({:?}, run {run}, step {:?}) is not its run's current step",
                 job.id,
@@ -1591,10 +1830,182 @@ fn check_final(
         }
         check_outcome(scenario, seed, &id, outcome, h, &mut tally, v);
     }
+    check_children(scenario, seed, planned, snap, &hist, &mut tally, v);
     if !snap.live.is_empty() {
         v.push(format!("live runs left: {:?}", snap.live));
     }
     tally
+}
+
+/// How a join step tags a child that ended with `outcome` (see
+/// [`seen_tag`]).
+fn outcome_tag(outcome: &RunOutcome) -> &'static str {
+    let error = outcome.error.as_deref().unwrap_or_default();
+    match outcome.status {
+        TerminalStatus::Succeeded
+            if outcome.result.as_deref() == Some(&result_of(&outcome.run_id)[..]) =>
+        {
+            "ok"
+        }
+        TerminalStatus::Failed if error.contains(&permanent_reason(&outcome.run_id)) => "perm",
+        TerminalStatus::Failed if error.contains("gave up after") => "gaveup",
+        TerminalStatus::Cancelled => "cancelled",
+        _ => "other",
+    }
+}
+
+/// The children at the end: only planned ones exist, and a parent's set
+/// all or nothing (a re-run of the spawning step makes no second set); each
+/// ended once, as planned, or cancelled by the cascade of a parent that
+/// ended cancelled, or given up after kills; its hook saw that ending. What
+/// a parent recorded of a child is the child's ending, at its index, and
+/// nothing once the parent had ended (the terminal guard); every join step
+/// that ran saw every child once, in spawn order, as it ended; a parent
+/// that succeeded ran its join step.
+fn check_children(
+    scenario: Scenario,
+    seed: u64,
+    planned: u32,
+    snap: &Snapshot,
+    hist: &BTreeMap<String, RunHistory>,
+    tally: &mut Tally,
+    v: &mut Vec<String>,
+) {
+    let mut expected = BTreeSet::new();
+    for i in 0..planned {
+        let parent = run_id(i);
+        let plan = plan(scenario, seed, i);
+        if plan.children == 0 {
+            continue;
+        }
+        tally.parents += 1;
+        let ids = child_ids(&parent, plan.children);
+        expected.extend(ids.iter().cloned());
+        let Some(ended) = snap.outcomes.get(&parent) else {
+            continue;
+        };
+        let spawned: Vec<&String> = ids
+            .iter()
+            .filter(|c| snap.outcomes.contains_key(*c) || snap.live.contains_key(*c))
+            .collect();
+        let joins = hist.get(&parent).map_or(&[][..], |h| &h.joins[..]);
+        if spawned.is_empty() {
+            if ended.final_step >= 1 {
+                v.push(format!(
+                    "{parent}: went past its spawning step, but none of its children exist"
+                ));
+            }
+            continue;
+        }
+        if spawned.len() != ids.len() {
+            v.push(format!(
+                "{parent}: only {spawned:?} of its children {ids:?} exist"
+            ));
+        }
+        let recorded = snap.joined.get(&parent);
+        let mut want = Vec::new();
+        for (index, child) in ids.iter().enumerate() {
+            let Some(o) = snap.outcomes.get(child) else {
+                v.push(format!("{child}: no terminal record at the end"));
+                continue;
+            };
+            tally.children_ended += 1;
+            want.push(format!("{child}:{}", outcome_tag(o)));
+            let hooks = hist.get(child).map_or(&[][..], |h| &h.hooks[..]);
+            if hooks.is_empty() || hooks.iter().any(|(_, st)| st != status_tag(o.status)) {
+                v.push(format!(
+                    "{child}: its hook calls {hooks:?} do not all report its ending {:?}",
+                    o.status
+                ));
+            }
+            if snap.markers.get(child).map(String::as_str) != Some(status_tag(o.status)) {
+                v.push(format!(
+                    "{child}: its hook never completed for {:?}",
+                    o.status
+                ));
+            }
+            let as_planned = if child_fails(seed, child) {
+                outcome_tag(o) == "perm"
+            } else {
+                outcome_tag(o) == "ok"
+            };
+            let cascaded = o.status == TerminalStatus::Cancelled
+                && o.error.is_none()
+                && ended.status == TerminalStatus::Cancelled;
+            if cascaded {
+                tally.children_cascaded += 1;
+            } else if outcome_tag(o) == "gaveup" {
+                tally.exhausted_by_kills += 1;
+            } else if !as_planned {
+                v.push(format!(
+                    "{child}: ended {o:?}, planned to {} (parent {ended:?})",
+                    if child_fails(seed, child) {
+                        "fail"
+                    } else {
+                        "succeed"
+                    }
+                ));
+            }
+            match recorded.and_then(|r| r.get(&format!("{index:05}"))) {
+                Some(seen) => {
+                    let (status, error) = match o.status {
+                        TerminalStatus::Succeeded => (TerminalStatus::Succeeded, None),
+                        TerminalStatus::Cancelled => (
+                            TerminalStatus::Failed,
+                            Some(format!(
+                                "cancelled:{}",
+                                o.error.as_deref().unwrap_or_default()
+                            )),
+                        ),
+                        _ => (TerminalStatus::Failed, o.error.clone()),
+                    };
+                    if seen.run_id != *child
+                        || seen.status != status
+                        || seen.error != error
+                        || seen.result != o.result
+                        || seen.final_step != o.final_step
+                    {
+                        v.push(format!(
+                            "{parent}: recorded {seen:?} for child {index}, which ended {o:?}"
+                        ));
+                    }
+                    if cascaded {
+                        v.push(format!(
+                            "{parent}: recorded {child}, which its cascade cancelled after the parent ended (the terminal guard)"
+                        ));
+                    }
+                }
+                None if !joins.is_empty() => v.push(format!(
+                    "{parent}: ran its join step, but {child}'s outcome is not recorded"
+                )),
+                None => {}
+            }
+        }
+        if let Some(extra) = recorded.and_then(|r| {
+            r.keys()
+                .find(|k| k.parse::<usize>().is_ok_and(|i| i >= ids.len()) || k.len() != 5)
+        }) {
+            v.push(format!("{parent}: a child outcome recorded at `{extra}`"));
+        }
+        let want = want.join(",");
+        for (pos, attempt, seen) in joins {
+            if *seen != want {
+                v.push(format!(
+                    "{parent}: its join step (attempt {attempt}, log line {pos}) saw `{seen}`, not `{want}`"
+                ));
+            }
+        }
+        if !joins.is_empty() {
+            tally.joins_checked += 1;
+        } else if ended.status == TerminalStatus::Succeeded {
+            v.push(format!("{parent}: succeeded without running its join step"));
+        }
+    }
+    for child in snap.outcomes.keys().chain(snap.live.keys()) {
+        if is_child_run(child) && !expected.contains(child) {
+            v.push(format!("{child}: a child run no parent spawns"));
+        }
+    }
 }
 
 fn submitted_in_log(log: &[Line]) -> BTreeSet<String> {
@@ -1873,7 +2284,7 @@ fn crash_torture() {
     let by_status = |s: TerminalStatus| {
         snap.outcomes
             .iter()
-            .filter(|(id, o)| o.status == s && !is_schedule_run(id))
+            .filter(|(id, o)| o.status == s && !is_schedule_run(id) && !is_child_run(id))
             .count()
     };
     let fired = snap
@@ -1882,7 +2293,7 @@ fn crash_torture() {
         .filter(|id| is_schedule_run(id))
         .count();
     eprintln!(
-        "torture (seed {seed}): {kills} kills survived ({timed_from_spawn} timed from spawn), {planned} runs ended ({} succeeded, {} failed, {} cancelled; {} external cancels accepted, {} exhausted by kills), {fired} schedule fires with no gap or duplicate, {} steps run, {} in-flight steps repeated, {} memoized closures re-run after a kill struck before their memo committed, in {:?}",
+        "torture (seed {seed}): {kills} kills survived ({timed_from_spawn} timed from spawn), {planned} runs ended ({} succeeded, {} failed, {} cancelled; {} external cancels accepted, {} exhausted by kills), {fired} schedule fires with no gap or duplicate, {} steps run, {} in-flight steps repeated, {} memoized closures re-run after a kill struck before their memo committed; {} parents spawned children ({} joins checked: each saw every child's outcome once, in spawn order), {} children ended once ({} cancelled by their parent's cascade), {} placeholders left behind by a kill; in {:?}",
         by_status(TerminalStatus::Succeeded),
         by_status(TerminalStatus::Failed),
         by_status(TerminalStatus::Cancelled),
@@ -1891,6 +2302,11 @@ fn crash_torture() {
         tally.steps_run,
         tally.repeated_in_flight,
         tally.memo_recomputed,
+        tally.parents,
+        tally.joins_checked,
+        tally.children_ended,
+        tally.children_cascaded,
+        snap.orphan_placeholders,
         started.elapsed(),
     );
 }
