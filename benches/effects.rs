@@ -17,164 +17,23 @@
 //! deletes, and the bytes put). The maintenance tick is set to an hour so
 //! it adds nothing.
 
+// Shared with the `memo` benchmark.
+#[path = "support/counted.rs"]
+mod counted;
 // Shared with the `steps` benchmark, which uses all of it.
 #[allow(dead_code)]
 #[path = "steps/counters.rs"]
 mod counters;
 
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
+use counted::{Counted, Ops, OpsSnapshot};
 use taquba::object_store::memory::InMemory;
-use taquba::object_store::path::Path;
-use taquba::object_store::{
-    self, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
-};
 use taquba::{OpenOptions, Queue};
 use waymark::{
     NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner, WorkflowRuntime,
 };
-
-/// Object-store operations so far.
-#[derive(Default)]
-struct Ops {
-    puts: AtomicU64,
-    put_bytes: AtomicU64,
-    gets: AtomicU64,
-    lists: AtomicU64,
-    deletes: AtomicU64,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct OpsSnapshot {
-    puts: u64,
-    put_bytes: u64,
-    gets: u64,
-    lists: u64,
-    deletes: u64,
-}
-
-impl Ops {
-    fn snapshot(&self) -> OpsSnapshot {
-        OpsSnapshot {
-            puts: self.puts.load(Ordering::Relaxed),
-            put_bytes: self.put_bytes.load(Ordering::Relaxed),
-            gets: self.gets.load(Ordering::Relaxed),
-            lists: self.lists.load(Ordering::Relaxed),
-            deletes: self.deletes.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// A store that counts what it is asked to do.
-#[derive(Debug)]
-struct Counted {
-    inner: Arc<dyn ObjectStore>,
-    ops: Arc<Ops>,
-}
-
-impl fmt::Debug for Ops {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.snapshot())
-    }
-}
-
-impl fmt::Display for Counted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counted({})", self.inner)
-    }
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for Counted {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.ops
-            .put_bytes
-            .fetch_add(payload.content_length() as u64, Ordering::Relaxed);
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        self.ops.gets.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_opts(location, options).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        let ops = self.ops.clone();
-        let counted = locations
-            .inspect(move |_| {
-                ops.deletes.fetch_add(1, Ordering::Relaxed);
-            })
-            .boxed();
-        self.inner.delete_stream(counted)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.ops.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list(prefix)
-    }
-
-    fn list_with_offset(
-        &self,
-        prefix: Option<&Path>,
-        offset: &Path,
-    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.ops.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list_with_offset(prefix, offset)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.ops.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    async fn rename_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: RenameOptions,
-    ) -> object_store::Result<()> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.inner.rename_opts(from, to, options).await
-    }
-}
 
 /// Counters at one step's start.
 #[derive(Clone, Copy)]

@@ -37,107 +37,23 @@
 #[allow(dead_code)]
 #[path = "steps/counters.rs"]
 mod counters;
+// Shared with the `effects` benchmark.
+#[allow(dead_code)]
+#[path = "support/counted.rs"]
+mod counted;
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::BoxStream;
+use counted::{Counted, Ops};
 use taquba::object_store::memory::InMemory;
 use taquba::object_store::path::Path;
-use taquba::object_store::{
-    self, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
-};
+use taquba::object_store::{self, ObjectStore, ObjectStoreExt, PutPayload};
 use taquba::{OpenOptions, Queue};
 use waymark::{
     NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner, WorkflowRuntime,
 };
-
-/// Counts the object-store operations that go through it.
-#[derive(Debug, Default)]
-struct Ops {
-    puts: AtomicU64,
-    put_bytes: AtomicU64,
-    gets: AtomicU64,
-    lists: AtomicU64,
-    deletes: AtomicU64,
-}
-
-#[derive(Debug)]
-struct CountingStore {
-    inner: InMemory,
-    ops: Arc<Ops>,
-}
-
-impl fmt::Display for CountingStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CountingStore({})", self.inner)
-    }
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for CountingStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.ops
-            .put_bytes
-            .fetch_add(payload.content_length() as u64, Ordering::Relaxed);
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        self.ops.gets.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_opts(location, options).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.ops.deletes.fetch_add(1, Ordering::Relaxed);
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.ops.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list(prefix)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.ops.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.ops.puts.fetch_add(1, Ordering::Relaxed);
-        self.inner.copy_opts(from, to, options).await
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
@@ -155,7 +71,7 @@ fn receipt() -> String {
 struct Runner {
     workload: Workload,
     /// Where the `objects` workload keeps its values.
-    store: Arc<CountingStore>,
+    store: Arc<Counted>,
     /// Step payloads (the kept-inputs table).
     payload: usize,
 }
@@ -259,8 +175,8 @@ async fn measure(counting: &counters::Counting, workload: Workload, shape: Shape
         keep_inputs,
     } = shape;
     let ops = Arc::new(Ops::default());
-    let store = Arc::new(CountingStore {
-        inner: InMemory::new(),
+    let store = Arc::new(Counted {
+        inner: Arc::new(InMemory::new()),
         ops: ops.clone(),
     });
     let runner = Runner {
