@@ -236,16 +236,8 @@ mod tests {
 
     use super::*;
     use crate::hook::NoopTerminalHook;
-    use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+    use crate::runner::Done;
     use crate::runtime::WorkflowRuntime;
-
-    struct Done;
-
-    impl StepRunner for Done {
-        async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
-            Ok(StepOutcome::Succeed { result: vec![] })
-        }
-    }
 
     fn ended(run_id: &str) -> RunOutcome {
         RunOutcome {

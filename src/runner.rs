@@ -228,3 +228,14 @@ pub trait StepRunner: Send + Sync + 'static {
     /// Run `step` and return what the run does next.
     fn run_step(&self, step: &Step) -> impl Future<Output = Result<StepOutcome, StepError>> + Send;
 }
+
+/// A runner for the crate's unit tests whose every step succeeds at once.
+#[cfg(test)]
+pub(crate) struct Done;
+
+#[cfg(test)]
+impl StepRunner for Done {
+    async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
+        Ok(StepOutcome::Succeed { result: vec![] })
+    }
+}

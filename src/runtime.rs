@@ -1456,15 +1456,7 @@ impl<R, H> Inner<R, H> {
 mod tests {
     use super::*;
     use crate::hook::NoopTerminalHook;
-    use crate::runner::{Step, StepError, StepOutcome};
-
-    struct Done;
-
-    impl StepRunner for Done {
-        async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
-            Ok(StepOutcome::Succeed { result: vec![] })
-        }
-    }
+    use crate::runner::Done;
 
     fn spec(id: &str) -> RunSpec {
         RunSpec {

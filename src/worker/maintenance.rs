@@ -568,16 +568,8 @@ mod tests {
     use taquba::{MockClock, OpenOptions, Queue};
 
     use crate::hook::NoopTerminalHook;
-    use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+    use crate::runner::Done;
     use crate::runtime::{RunSpec, WorkflowRuntime};
-
-    struct Done;
-
-    impl StepRunner for Done {
-        async fn run_step(&self, _step: &Step) -> Result<StepOutcome, StepError> {
-            Ok(StepOutcome::Succeed { result: vec![] })
-        }
-    }
 
     /// Soak regression: retention and the tally fold shared one tick, so a
     /// fold waiting on a busy breaker workflow's lock (15 s in the soak)
