@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use taquba::{EnqueueOptions, EnqueueRequest, SettlementEffects};
+use taquba::{CancelOutcome, EnqueueOptions, EnqueueRequest, Queue, SettlementEffects};
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::error::Error;
@@ -72,8 +72,36 @@ pub(crate) struct Arrival<'a> {
     pub effects: SettlementEffects,
     /// The parent's step became a real job: a commit in flight for it.
     pub pending: Option<PendingCommit<'a>>,
-    /// The parent's placeholder, to remove once the commit has returned.
-    pub placeholder: Option<String>,
+    /// The parent's placeholder the commit replaced, to remove once the
+    /// commit has returned.
+    pub replaced: Option<Replaced>,
+}
+
+/// A joined parent's placeholder job, replaced by the real step job, and
+/// the marker written in the same transaction. The marker lists the job for
+/// removal until it is gone, so a crash right after the join's commit leaves
+/// nothing behind: [`Replaced::remove`] runs after that commit, and the
+/// maintenance pass runs it for every marker it finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Replaced {
+    /// The placeholder's job id.
+    pub job: String,
+    /// Its marker's key.
+    pub marker: Vec<u8>,
+}
+
+impl Replaced {
+    /// Remove the placeholder job and its marker in one commit (the marker
+    /// alone when the job is gone already). A placeholder is never due, so
+    /// it is never claimed.
+    pub(crate) async fn remove(&self, queue: &Queue) -> Result<(), Error> {
+        let effects = SettlementEffects::default().kv_delete(self.marker.clone());
+        let (removed, _) = queue.cancel_with(&self.job, effects).await?;
+        if removed != CancelOutcome::Removed {
+            queue.kv_delete(&self.marker).await?;
+        }
+        Ok(())
+    }
 }
 
 impl<R, H> Inner<R, H> {
@@ -119,7 +147,7 @@ impl<R, H> Inner<R, H> {
         let mut arrival = Arrival {
             effects: SettlementEffects::default(),
             pending: None,
-            placeholder: None,
+            replaced: None,
         };
         if join.failed || join.live() == 0 {
             let job_id = self.queue.next_job_id();
@@ -136,8 +164,13 @@ impl<R, H> Inner<R, H> {
             });
             let run = RunRecord { step, job_id };
             effects = effects.kv_put(run_key.clone(), encode(&run_key, &run)?);
+            let replaced = Replaced {
+                job: join.placeholder.clone(),
+                marker: self.keys.replaced(&join.placeholder),
+            };
+            effects = effects.kv_put(replaced.marker.clone(), parent.as_bytes().to_vec());
             arrival.pending = Some(self.pending.begin(parent));
-            arrival.placeholder = Some(join.placeholder.clone());
+            arrival.replaced = Some(replaced);
         }
         arrival.effects = effects.kv_put(join_key.clone(), encode(&join_key, &join)?);
         Ok(Some(arrival))

@@ -242,6 +242,7 @@ pub(crate) struct Keys {
     data: Vec<u8>,
     deadline: Vec<u8>,
     cascade: Vec<u8>,
+    replaced: Vec<u8>,
 }
 
 impl Keys {
@@ -256,6 +257,7 @@ impl Keys {
             data: with("data"),
             deadline: with("dl"),
             cascade: with("cascade"),
+            replaced: with("replaced"),
         }
     }
 
@@ -326,6 +328,19 @@ impl Keys {
     /// The prefix of every cascade marker.
     pub(crate) fn cascade_prefix(&self) -> &[u8] {
         &self.cascade
+    }
+
+    /// The marker of a joined parent's placeholder job `job_id`, written in
+    /// the transaction that replaced it with the real step job: the job is
+    /// removed (and the marker with it) after that commit, or by the
+    /// maintenance pass after a crash.
+    pub(crate) fn replaced(&self, job_id: &str) -> Vec<u8> {
+        Self::join(&self.replaced, job_id)
+    }
+
+    /// The prefix of every replaced-placeholder marker.
+    pub(crate) fn replaced_prefix(&self) -> &[u8] {
+        &self.replaced
     }
 
     /// The prefix of a memo scope: step `step`'s, or the run's (`None`).
@@ -456,6 +471,11 @@ pub(crate) fn rerun_of(headers: &HashMap<String, String>) -> u32 {
 /// The deadline a step job's headers carry (ms, queue clock), if any.
 pub(crate) fn deadline_of(headers: &HashMap<String, String>) -> Option<u64> {
     headers.get(HEADER_DEADLINE).and_then(|n| n.parse().ok())
+}
+
+/// The error of a run that timed out at deadline `at_ms`.
+pub(crate) fn timed_out_reason(at_ms: u64) -> String {
+    format!("the run's deadline passed ({at_ms} ms since the Unix epoch, queue clock)")
 }
 
 /// The segment a step job belongs to (its `workflow.segment` header; 0

@@ -935,11 +935,6 @@ pub(crate) enum Ending {
     Deadline(u64),
 }
 
-/// The error of a run that timed out at deadline `at_ms`.
-pub(crate) fn timed_out_reason(at_ms: u64) -> String {
-    format!("the run's deadline passed ({at_ms} ms since the Unix epoch, queue clock)")
-}
-
 /// The headers of step `step`'s job: the submitter's plus the reserved ones.
 pub(crate) fn step_headers(
     user: &HashMap<String, String>,
@@ -965,28 +960,32 @@ pub(crate) struct TerminalHold<'a> {
     locks: Vec<tokio::sync::MutexGuard<'a, ()>>,
     pending: Option<crate::pending::PendingCommit<'a>>,
     /// A parent's placeholder the commit replaced.
-    placeholder: Option<String>,
+    replaced: Option<crate::children::Replaced>,
 }
 
 impl TerminalHold<'_> {
     /// After the commit: release everything, then remove the parent's
-    /// placeholder job (best effort: one left behind is dead-lettered as
-    /// stale if it ever falls due).
+    /// placeholder job (one left behind by a failure here or a crash is
+    /// removed by the maintenance pass: its marker committed with the
+    /// join).
     pub(crate) async fn done(self, queue: &Queue, committed: bool) {
         let Self {
             tally,
             locks,
             pending,
-            placeholder,
+            replaced,
         } = self;
         drop(pending);
         drop(tally);
         drop(locks);
         if committed
-            && let Some(job) = placeholder
-            && let Err(e) = queue.cancel(&job).await
+            && let Some(replaced) = replaced
+            && let Err(e) = replaced.remove(queue).await
         {
-            tracing::warn!(job, "removing a joined parent's placeholder failed: {e}");
+            tracing::warn!(
+                job = replaced.job,
+                "removing a joined parent's placeholder failed (the maintenance pass retries): {e}"
+            );
         }
     }
 }
@@ -1043,7 +1042,7 @@ impl<R, H> Inner<R, H> {
             let (status, error) = match ending {
                 Ending::Cancel => (TerminalStatus::Cancelled, None),
                 Ending::Deadline(at) if record::deadline_of(&job.headers) == Some(at) => {
-                    (TerminalStatus::TimedOut, Some(timed_out_reason(at)))
+                    (TerminalStatus::TimedOut, Some(record::timed_out_reason(at)))
                 }
                 // A stale entry: the run is another segment now.
                 Ending::Deadline(_) => return Ok(false),
@@ -1397,12 +1396,12 @@ impl<R, H> Inner<R, H> {
             tally: guard,
             locks,
             pending: None,
-            placeholder: None,
+            replaced: None,
         };
         if let Some(arrival) = self.child_arrival(outcome, headers).await? {
             effects = crate::effects::merge(effects, arrival.effects);
             hold.pending = arrival.pending;
-            hold.placeholder = arrival.placeholder;
+            hold.replaced = arrival.replaced;
         }
         Ok(Some(Terminal { effects, hold }))
     }

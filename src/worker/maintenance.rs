@@ -22,11 +22,16 @@
 //!   each listed child cancelled through `end_run` (whose own ending leaves
 //!   a marker for its children, and so on down), then is deleted; up to
 //!   [`CASCADES_PER_TICK`] markers a tick, so a restart completes a cascade;
+//! - **placeholders**: a joined parent's placeholder job is removed right
+//!   after the join commits; the marker that commit wrote
+//!   (`wm/Q/replaced/{job id}`) lets this pass remove one a crash left
+//!   behind;
 //! - **reconcile**: step jobs the queue dead-lettered by itself (a crash or
 //!   an expired lease during a last attempt, at open or while the pool runs)
-//!   are ended as `Failed` runs, one page of dead jobs per tick, cycling
-//!   through the dead-letter listing. Nothing of it holds up the first claim;
-//!   a record that cannot be read is logged and skipped.
+//!   end their runs `Failed` (`TimedOut` or `Cancelled` when a stop was
+//!   asked), one page of dead jobs per tick, cycling through the
+//!   dead-letter listing. Nothing of it holds up the first claim; a record
+//!   that cannot be read is logged and skipped.
 //!
 //! Every store call here counts for the store watchdog (see
 //! [`watched`](super::watched)), and a tick is abandoned as soon as the pool
@@ -60,6 +65,9 @@ const MAX_SKIPPED: usize = 4096;
 
 /// The most cascade markers one tick works on.
 const CASCADES_PER_TICK: usize = 64;
+
+/// The most replaced-placeholder markers one tick works on.
+const PLACEHOLDERS_PER_TICK: usize = 256;
 
 /// The most run tallies one tick folds into health records; a tick that
 /// folds this many is followed by the next one at once.
@@ -348,26 +356,28 @@ impl Pass for Retention {
     }
 }
 
-/// Runs ended by the clock or by their parent: deadlines and cancel
-/// cascades. Remembers nothing between ticks.
+/// Runs ended by the clock or by their parent, and what joins leave:
+/// deadlines, cancel cascades, replaced placeholders. Remembers nothing
+/// between ticks.
 struct Endings;
 
 impl Pass for Endings {
-    /// End the runs past their deadline, and work one page of cascades.
-    /// Returns whether a full page of cascades was read.
+    /// End the runs past their deadline, work one page of cascades and one
+    /// of replaced placeholders. Returns whether a full page of either was
+    /// read.
     async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
         if let Err(e) = deadlines(inner).await {
             tracing::warn!("ending runs past their deadline failed (retried next tick): {e}");
         }
-        match cascades(inner).await {
-            Ok(full) => full,
-            Err(e) => {
-                tracing::warn!(
-                    "cancelling ended parents' children failed (retried next tick): {e}"
-                );
-                false
-            }
-        }
+        let cascaded = cascades(inner).await.unwrap_or_else(|e| {
+            tracing::warn!("cancelling ended parents' children failed (retried next tick): {e}");
+            false
+        });
+        let replaced = placeholders(inner).await.unwrap_or_else(|e| {
+            tracing::warn!("removing joined parents' placeholders failed (retried next tick): {e}");
+            false
+        });
+        cascaded || replaced
     }
 }
 
@@ -560,16 +570,162 @@ async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
     Ok(page.more)
 }
 
+/// Remove the placeholder jobs that joins replaced and that are still in
+/// the queue (a crash, or a failed removal, right after the join's commit).
+/// Returns whether a full page of markers was read (more may wait).
+async fn placeholders<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
+    let page = {
+        let _watch = watched(inner, WATCH);
+        inner
+            .queue
+            .view()
+            .kv_scan(
+                inner.keys.replaced_prefix(),
+                ..,
+                KvOrder::Ascending,
+                PLACEHOLDERS_PER_TICK,
+            )
+            .await?
+    };
+    let prefix = inner.keys.replaced_prefix().len();
+    for (key, _) in &page.entries {
+        let replaced = crate::children::Replaced {
+            job: String::from_utf8_lossy(key.get(prefix..).unwrap_or_default()).into_owned(),
+            marker: key.clone(),
+        };
+        let _watch = watched(inner, WATCH);
+        replaced.remove(&inner.queue).await?;
+    }
+    Ok(page.more)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use taquba::{MockClock, OpenOptions, Queue};
+    use taquba::{JobStatus, KvOrder, MockClock, OpenOptions, Queue};
 
-    use crate::hook::NoopTerminalHook;
-    use crate::runner::Done;
-    use crate::runtime::{RunSpec, WorkflowRuntime};
+    use crate::hook::{NoopTerminalHook, RunOutcome, TerminalStatus};
+    use crate::runner::{ChildSpec, Done, Step, StepError, StepOutcome, StepRunner};
+    use crate::runtime::{RunSpec, Terminal, WorkflowRuntime};
+
+    /// A parent spawns one child, whose step 0 waits an hour; every other
+    /// step succeeds.
+    struct OneChild;
+
+    impl StepRunner for OneChild {
+        async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(match (step.run_id.as_str(), step.step_number) {
+                ("p", 0) => StepOutcome::SpawnChildren {
+                    children: vec![ChildSpec::default()],
+                    payload: vec![],
+                    fail_fast: false,
+                },
+                ("p", _) => StepOutcome::Succeed { result: vec![] },
+                (_, 0) => StepOutcome::ContinueAfter {
+                    payload: vec![],
+                    delay: Duration::from_secs(3600),
+                },
+                _ => StepOutcome::Succeed { result: vec![] },
+            })
+        }
+    }
+
+    /// A kill between a join's commit and the removal of the parent's
+    /// placeholder job left that job in the queue for good (scheduled 100
+    /// years ahead). The join's commit now lists it for removal, and the
+    /// maintenance pass removes it.
+    #[tokio::test]
+    async fn a_placeholder_left_by_a_crash_after_the_join_is_removed() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let opts = OpenOptions {
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, OneChild, NoopTerminalHook)
+            .poll_interval(Duration::from_millis(5))
+            .build()
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pool = tokio::spawn({
+            let rt = rt.clone();
+            let stop = stop.clone();
+            async move { rt.run(stop.cancelled_owned()).await }
+        });
+        rt.submit(RunSpec {
+            run_id: Some("p".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let inner = &rt.inner;
+        // The child waits at its scheduled step 1; the parent on its
+        // placeholder.
+        let (child, placeholder) = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let (Some((_, child)), Some((_, parent))) = (
+                    inner.current_step("p.0.0").await.unwrap(),
+                    inner.current_step("p").await.unwrap(),
+                ) && child.status == JobStatus::Scheduled
+                {
+                    return (child, parent.id);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the child reached its scheduled step");
+        // End the child as `cancel` does, and crash before the aftermath:
+        // the join commits, the placeholder's removal never runs.
+        let outcome = RunOutcome {
+            run_id: "p.0.0".into(),
+            workflow: "default".into(),
+            status: TerminalStatus::Cancelled,
+            result: None,
+            error: None,
+            headers: Default::default(),
+            final_step: 1,
+            reruns: 0,
+        };
+        let Terminal { effects, hold } = inner
+            .terminal_effects(&outcome, &child.headers, Some(&child.id))
+            .await
+            .unwrap()
+            .expect("the child is at that job");
+        let (ended, _) = inner.queue.cancel_with(&child.id, effects).await.unwrap();
+        assert_eq!(ended, taquba::CancelOutcome::Removed);
+        drop(hold);
+        // The parent's join step runs on the real job; the placeholder goes.
+        assert_eq!(
+            rt.wait("p").await.unwrap().status,
+            TerminalStatus::Succeeded
+        );
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while inner
+                .queue
+                .view()
+                .get_job(&placeholder)
+                .await
+                .unwrap()
+                .is_some_and(|job| job.status == JobStatus::Scheduled)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the placeholder was removed");
+        let markers = inner
+            .queue
+            .view()
+            .kv_scan(inner.keys.replaced_prefix(), .., KvOrder::Ascending, 10)
+            .await
+            .unwrap();
+        assert!(markers.entries.is_empty(), "its marker went with it");
+        stop.cancel();
+        pool.await.unwrap().unwrap();
+    }
 
     /// Soak regression: retention and the tally fold shared one tick, so a
     /// fold waiting on a busy breaker workflow's lock (15 s in the soak)
