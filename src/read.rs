@@ -17,7 +17,8 @@ use crate::error::Error;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
     DEFAULT_WORKFLOW, HEADER_JOIN, HEADER_PARKED, JoinRecord, Keys, OutcomeRecord, RunRecord,
-    bounded_reason, decode, parse_step_extras, rerun_of, user_headers, validate_name,
+    bounded_reason, deadline_of, decode, parse_step_extras, rerun_of, timed_out_reason,
+    user_headers, validate_name,
 };
 
 /// Where a live run is.
@@ -185,9 +186,16 @@ pub(crate) async fn outcome(
 }
 
 /// The outcome of a run whose current step `job` the queue dead-lettered by
-/// itself: `Cancelled` if a cancel was requested, `Failed` otherwise.
+/// itself: a step asked to stop ends as a settlement would have ended it,
+/// `TimedOut` when the run's deadline had passed by the time the queue gave
+/// up on the job (a deadline stop, or a cancel overtaken by the deadline),
+/// `Cancelled` otherwise; `Failed` when no stop was asked.
 pub(crate) fn dead_outcome(run_id: &str, run: &RunRecord, job: &JobRecord) -> RunOutcome {
-    let (status, error) = if job.cancel_requested {
+    let deadline =
+        deadline_of(&job.headers).filter(|at| job.failed_at.is_some_and(|failed| failed >= *at));
+    let (status, error) = if let (true, Some(at)) = (job.cancel_requested, deadline) {
+        (TerminalStatus::TimedOut, Some(timed_out_reason(at)))
+    } else if job.cancel_requested {
         (TerminalStatus::Cancelled, None)
     } else {
         let why = job

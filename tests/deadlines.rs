@@ -198,6 +198,62 @@ async fn a_deadline_survives_a_restart() {
     env.stop().await;
 }
 
+/// A step asked to stop at the deadline, on its last attempt, whose process
+/// dies: the queue dead-letters the job when its lease runs out, and the
+/// reconcile ended the run `Cancelled` (the job only says a stop was
+/// asked). It ends `TimedOut`, as the step's own settlement would have.
+#[tokio::test]
+async fn a_stopped_step_the_queue_dead_letters_still_times_out() {
+    let (gate, started) = (Gate::default(), Gate::default());
+    let runner = {
+        let (gate, started) = (gate.clone(), started.clone());
+        FnRunner::new(move |_s: Step| {
+            let (gate, started) = (gate.clone(), started.clone());
+            async move {
+                started.open();
+                gate.wait().await;
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let hook = RecordingHook::default();
+    let mut env = env_with(runner.clone(), hook.clone(), 4).await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("d".into()),
+            deadline: Some(Deadline::After(MINUTE)),
+            max_attempts_per_step: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    started.wait().await;
+    env.clock.advance(MINUTE);
+    env.until_status("d", |s| s.is_some_and(|s| s.state == RunState::Cancelling))
+        .await;
+    env.crash_and_reopen(runner.clone(), hook.clone()).await;
+    env.start();
+    // The dead process's lease runs out on the only attempt.
+    let out = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            env.clock.advance(Duration::from_secs(600));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(out) = env.rt.outcome("d").await.unwrap() {
+                return out;
+            }
+        }
+    })
+    .await
+    .expect("the dead-lettered step's run ends");
+    assert_timed_out(&out, 0);
+    assert_timed_out(&env.rt.wait("d").await.unwrap(), 0);
+    hook.wait_for("d").await;
+    assert_eq!(runner.calls("d", 0), 1);
+    gate.open();
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_run_that_ends_in_time_leaves_no_deadline_behind() {
     let runner = FnRunner::new(|_s: Step| async move {

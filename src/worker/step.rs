@@ -124,7 +124,7 @@ impl StepJob {
             Some(at) if at <= now => self.outcome(
                 TerminalStatus::TimedOut,
                 None,
-                Some(crate::runtime::timed_out_reason(at)),
+                Some(record::timed_out_reason(at)),
             ),
             _ => self.outcome(TerminalStatus::Cancelled, None, None),
         }
