@@ -162,6 +162,7 @@ mod client;
 mod control;
 mod effects;
 mod error;
+pub mod fleet;
 mod hook;
 pub mod memo;
 mod pending;

@@ -1,0 +1,21 @@
+//! The building blocks of a worker fleet on one bucket: a fleet is a
+//! prefix holding `N` shards, each its own taquba store (taquba is
+//! single-writer), with a manifest fixing `N`, a stable routing of run ids
+//! to shards, and shard leases that give each shard at most one writer.
+//!
+//! What is here: [`FleetManifest`] (created once with a conditional put;
+//! another `N` is refused), [`shard_of`] (FNV-1a 64 of the id, modulo `N`),
+//! [`check_conditional_writes`] (a store that ignores conditional writes
+//! is refused), and [`Leases`] (the create-only lease protocol, with its
+//! timing assumptions in its docs). A fleet worker that runs the shards it
+//! leases, and clients that route to them, are not built yet.
+
+mod lease;
+mod manifest;
+mod probe;
+mod route;
+
+pub use lease::{HeldLease, LeaseTiming, LeaseView, Leases, Watch};
+pub use manifest::{FleetManifest, MAX_SHARDS};
+pub use probe::check_conditional_writes;
+pub use route::{fnv1a64, shard_of};
