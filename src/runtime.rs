@@ -406,6 +406,10 @@ pub(crate) struct Inner<R, H> {
 #[derive(Default)]
 pub(crate) struct InFlightSteps {
     jobs: Mutex<HashMap<String, Vec<Arc<InFlight>>>>,
+    /// Test hook: awaited once by a cancel between the queue's answer
+    /// `Requested` and its look at the entries.
+    #[cfg(test)]
+    before_look: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
 }
 
 /// A step this process is running, as `cancel` and the worker share it.
@@ -1082,11 +1086,19 @@ impl<R, H> Inner<R, H> {
                 CancelOutcome::NotFound => continue,
                 CancelOutcome::Requested => {
                     accepted |= !job.cancel_requested;
+                    #[cfg(test)]
+                    {
+                        let hook = lock(&inner.inflight.before_look).take();
+                        if let Some(hook) = hook {
+                            hook.await;
+                        }
+                    }
                     // Every claim of the job this process runs hears of it
                     // (a stale attempt's settlement fails; the live one's
                     // counts); the queue fired the live claim's token.
                     let mut settling = Vec::new();
                     let mut newly = false;
+                    let mut running = false;
                     for entry in inner.inflight.of(&run.job_id) {
                         let mut phase = lock(&entry.phase);
                         match *phase {
@@ -1098,19 +1110,35 @@ impl<R, H> Inner<R, H> {
                                 };
                                 entry.token.cancel();
                                 newly = true;
+                                running = true;
                             }
-                            Phase::Running { .. } => {}
+                            Phase::Running { .. } => running = true,
                             Phase::Settling => settling.push(entry.settled.subscribe()),
                         }
                     }
-                    if settling.is_empty() {
+                    if settling.is_empty() && running {
+                        // The running attempt decides with the cancel.
                         if newly {
                             tracing::info!(run_id, step = run.step, "cancel requested");
                         }
-                        // No entry: claimed but not yet registered by its
-                        // worker, which checks the claim's fired token before
-                        // running the step.
                         return Ok(accepted || newly);
+                    }
+                    if settling.is_empty() {
+                        // No entry: the claim is not registered yet (its
+                        // worker checks the token the queue fired before it
+                        // runs the step), its process died (its next claim
+                        // starts with the token fired), or its worker
+                        // decided before the cancel reached it and has
+                        // settled since (the flag then lands on a finished
+                        // job, and the run went on). Only a job still
+                        // claimed carries the cancel; else read again.
+                        let still = inner.current_step(run_id).await?;
+                        if still.is_some_and(|(now, job)| {
+                            now.job_id == run.job_id && job.status == JobStatus::Claimed
+                        }) {
+                            return Ok(accepted);
+                        }
+                        continue;
                     }
                     // A worker had decided already: see what it committed.
                     let mut cancelled_by_request = false;
@@ -1456,12 +1484,75 @@ mod tests {
     use super::*;
     use crate::hook::NoopTerminalHook;
     use crate::runner::Done;
+    use crate::store::DEFAULT_QUEUE_NAME;
 
     fn spec(id: &str) -> RunSpec {
         RunSpec {
             run_id: Some(id.into()),
             ..Default::default()
         }
+    }
+
+    /// A cancel whose request lands on a claimed step that a worker had
+    /// already decided to move on (it decided before the cancel reached it)
+    /// and settles before the cancel looks for it: the flag lands on a
+    /// finished job. The cancel answered `true` ("no entry: not registered
+    /// yet") while the run went on and succeeded (the crash torture, seed
+    /// 1795675520399358605). It now follows the run to its next step.
+    #[tokio::test]
+    async fn a_cancel_that_lands_on_a_step_settled_meanwhile_follows_the_run() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(
+            Queue::open_with_options(
+                store,
+                "t",
+                taquba::OpenOptions {
+                    flush_interval: Some(Duration::from_millis(1)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        rt.submit(spec("r")).await.unwrap();
+        // A worker of its own claims step 0 (no entry in this process, as a
+        // worker that decided before the cancel reached it has none left).
+        let claim = queue
+            .claim(DEFAULT_QUEUE_NAME, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("step 0 is claimable");
+        // It settles "next step" while the cancel's request commits: step
+        // 1's job, the run record pointing at it.
+        let inner = rt.inner.clone();
+        *lock(&rt.inner.inflight.before_look) = Some(Box::pin(async move {
+            let next = inner.queue.next_job_id();
+            let mut headers = claim.headers.clone();
+            headers.insert(HEADER_STEP.to_string(), "1".to_string());
+            let run_key = inner.keys.run("r");
+            let run = RunRecord {
+                step: 1,
+                job_id: next.clone(),
+            };
+            let effects = SettlementEffects::default()
+                .enqueue(EnqueueRequest {
+                    queue: DEFAULT_QUEUE_NAME.to_string(),
+                    payload: vec![],
+                    options: EnqueueOptions::default()
+                        .dedup_key(record::dedup_key("r", 1))
+                        .id_override(next)
+                        .headers(headers),
+                })
+                .kv_put(run_key.clone(), encode(&run_key, &run).unwrap());
+            inner.queue.ack_with(&claim, effects).await.unwrap();
+        }));
+        assert!(rt.cancel("r").await.unwrap(), "the run is cancelled");
+        let out = rt.outcome("r").await.unwrap().expect("the run ended");
+        assert_eq!(out.status, TerminalStatus::Cancelled, "{out:?}");
+        assert_eq!(out.final_step, 1);
     }
 
     /// Defect 9: `wait` unregisters itself on every way out.
