@@ -7,15 +7,22 @@
 //! another `N` is refused), [`shard_of`] (FNV-1a 64 of the id, modulo `N`),
 //! [`check_conditional_writes`] (a store that ignores conditional writes
 //! is refused), and [`Leases`] (the create-only lease protocol, with its
-//! timing assumptions in its docs). A fleet worker that runs the shards it
-//! leases, and clients that route to them, are not built yet.
+//! timing assumptions in its docs); [`FleetWorker`] (one process of a
+//! fleet: takes a fair share of the shards, runs a runtime on each, hands
+//! them over) and [`FleetClient`] (routes each request to its run's shard).
+//! Not built yet: the CLI's `--shards` and `fleet` commands, multi-process
+//! and S3 tests, benchmarks.
 
+mod client;
 mod lease;
 mod manifest;
 mod probe;
 mod route;
+mod worker;
 
+pub use client::FleetClient;
 pub use lease::{HeldLease, LeaseTiming, LeaseView, Leases, Watch};
 pub use manifest::{FleetManifest, MAX_SHARDS};
 pub use probe::check_conditional_writes;
-pub use route::{fnv1a64, shard_of};
+pub use route::{fnv1a64, shard_of, shard_of_run};
+pub use worker::FleetWorker;

@@ -5,8 +5,11 @@
 //! versions, so the hash is fixed here and documented, not std's
 //! `DefaultHasher` (whose output may change between Rust releases): the
 //! 64-bit FNV-1a hash of the run id's UTF-8 bytes, modulo the fleet's shard
-//! count. Anything that must happen once per fleet gets a home shard by the
-//! same rule, from a name of its own (a schedule's id, a run's root id).
+//! count. A run is routed by its *root*: its id up to the first `.`, so a
+//! child (`{parent}.{step}.{suffix}`) lives on its parent's shard and its
+//! ending reaches the parent in one writer's transaction, as in a single
+//! store. Anything else that must happen once per fleet gets a home shard
+//! by the same rule, from a name of its own (a schedule's id).
 
 /// The 64-bit FNV-1a offset basis.
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -28,6 +31,13 @@ pub fn shard_of(name: &str, shards: u32) -> u32 {
         0 => 0,
         n => u32::try_from(fnv1a64(name.as_bytes()) % n).unwrap_or(0),
     }
+}
+
+/// The shard of run `run_id`: that of its root (its id up to the first
+/// `.`), so a run and its children, and theirs, share a shard.
+pub fn shard_of_run(run_id: &str, shards: u32) -> u32 {
+    let root = run_id.split('.').next().unwrap_or(run_id);
+    shard_of(root, shards)
 }
 
 #[cfg(test)]
@@ -52,6 +62,16 @@ mod tests {
         assert_eq!(on(7), [5, 3, 6, 3]);
         assert_eq!(shard_of("anything", 1), 0);
         assert_eq!(shard_of("anything", 0), 0);
+    }
+
+    #[test]
+    fn children_live_on_their_roots_shard() {
+        for n in [2, 3, 7, 16] {
+            let root = shard_of_run("order-9", n);
+            assert_eq!(root, shard_of("order-9", n));
+            assert_eq!(shard_of_run("order-9.0.3", n), root);
+            assert_eq!(shard_of_run("order-9.0.3.2r1.x", n), root);
+        }
     }
 
     /// Ids spread over the shards (a skewed hash would load one shard).
