@@ -166,6 +166,8 @@ mod hook;
 pub mod memo;
 mod pending;
 mod policy;
+#[cfg(feature = "testkit")]
+mod probe;
 mod read;
 mod record;
 mod runner;
@@ -173,6 +175,8 @@ mod runtime;
 mod schedule;
 mod store;
 mod sync;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod worker;
 
 pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};
