@@ -448,3 +448,40 @@ fn the_kill_schedule_replays_from_its_seed() {
     assert_ne!(a, c);
     assert!(a.iter().any(|k| k.from_spawn) && a.iter().any(|k| !k.from_spawn));
 }
+
+/// A severed handle (a dead process) never writes again, nor completes an
+/// operation; a new handle on the same store (the next process) sees what
+/// was written before.
+#[test]
+fn a_severed_handle_writes_nothing() {
+    use futures_util::FutureExt;
+    let store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+    let (before, after) = (Path::from("before"), Path::from("after"));
+    let dead = store.incarnation();
+    let put = dead
+        .put(&before, PutPayload::from_static(b"x"))
+        .now_or_never();
+    assert!(
+        matches!(put, Some(Ok(_))),
+        "an in-memory put completes at once"
+    );
+    dead.sever();
+    let mut put = Box::pin(dead.put(&after, PutPayload::from_static(b"x")));
+    for _ in 0..3 {
+        assert!(
+            (&mut put).now_or_never().is_none(),
+            "the dead process's put never completes"
+        );
+    }
+    drop(put);
+    let next = store.incarnation();
+    assert!(next.get(&before).now_or_never().is_some_and(|r| r.is_ok()));
+    let lost = next.get(&after).now_or_never();
+    assert!(
+        matches!(
+            lost,
+            Some(Err(waymark::taquba::object_store::Error::NotFound { .. }))
+        ),
+        "nothing the dead process did after the crash reached the store"
+    );
+}
