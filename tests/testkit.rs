@@ -485,3 +485,15 @@ fn a_severed_handle_writes_nothing() {
         "nothing the dead process did after the crash reached the store"
     );
 }
+
+/// The README's "Testing your workflows" test is `tests/readme_testing.rs`,
+/// verbatim (after its first line).
+#[test]
+fn the_readme_shows_the_test_it_runs() {
+    let test = include_str!("readme_testing.rs");
+    let body = test.split_once('\n').map(|(_, b)| b).unwrap_or(test);
+    assert!(
+        include_str!("../README.md").contains(body.trim_end()),
+        "README.md's test differs from tests/readme_testing.rs"
+    );
+}
