@@ -12,7 +12,9 @@ use waymark::taquba::object_store::memory::InMemory;
 use waymark::taquba::object_store::path::Path;
 use waymark::taquba::object_store::{ObjectStoreExt, PutPayload};
 use waymark::testkit::process::KillSchedule;
-use waymark::testkit::{CallEnd, CrashPoint, Drive, FaultPlan, FaultStore, KitError, TestKit};
+use waymark::testkit::{
+    CallEnd, CrashPoint, Drive, FaultPlan, FaultStore, KitError, Outage, TestKit,
+};
 use waymark::*;
 
 /// A runner of `steps` steps that counts, per step, how often its body
@@ -486,14 +488,56 @@ fn a_severed_handle_writes_nothing() {
     );
 }
 
-/// The README's "Testing your workflows" test is `tests/readme_testing.rs`,
-/// verbatim (after its first line).
+/// The README's "Testing your workflows" test, run here.
+mod readme {
+    include!("readme/testing.rs");
+}
+
+/// The README shows `tests/readme/testing.rs` verbatim (after its first
+/// line).
 #[test]
 fn the_readme_shows_the_test_it_runs() {
-    let test = include_str!("readme_testing.rs");
+    let test = include_str!("readme/testing.rs");
     let body = test.split_once('\n').map(|(_, b)| b).unwrap_or(test);
     assert!(
         include_str!("../README.md").contains(body.trim_end()),
         "README.md's test differs from tests/readme_testing.rs"
     );
+}
+
+/// A slow store, and an outage window during a submit: the submit waits
+/// out the window, and the run ends once.
+#[tokio::test]
+async fn an_outage_window_and_a_slow_store_delay_but_lose_nothing() {
+    let runner = Counting::new(2);
+    let plan = FaultPlan {
+        latency_ms: 2,
+        ..FaultPlan::default()
+    };
+    let mut kit = TestKit::builder(runner, NoopTerminalHook)
+        .faults(1, plan)
+        .start()
+        .await
+        .unwrap();
+    let faults = kit.faults();
+    faults.fail_everything(Outage::Unavailable);
+    let rt = kit.runtime().unwrap().clone();
+    let submit = tokio::spawn(async move { rt.submit(spec("o")).await });
+    for _ in 0..10_000 {
+        if faults.outage_refusals.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        faults.outage_refusals.load(Ordering::SeqCst) > 0,
+        "the outage refused"
+    );
+    assert!(!submit.is_finished(), "the submit waits for its commit");
+    faults.fail_everything(Outage::None);
+    assert!(submit.await.unwrap().unwrap().newly_submitted);
+    let out = kit.wait("o").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    kit.ran_to_commit_once().unwrap();
+    kit.shutdown().await.unwrap();
 }

@@ -25,6 +25,11 @@
 //! delayed steps, retries, deadlines, schedules and signal timeouts follow
 //! it. [`TestKit::wait`] runs until idle and returns the run's outcome.
 //!
+//! The kit wraps your runner and hook ([`KitRunner`], [`KitHook`]); a
+//! wrapped [`NoopTerminalHook`](crate::NoopTerminalHook) is a hook like any
+//! other, so the kit's runtime queues hook notifications (delivered to
+//! nothing) where the real one would queue none.
+//!
 //! Retries wait for their [`RetryPolicy`](crate::RetryPolicy) delay on the
 //! mock clock: advance it (or give the workflow a zero initial delay). The
 //! kit's defaults: one step at a time (`max_concurrent_steps(1)`, so seeded
@@ -554,8 +559,8 @@ impl<R: StepRunner, H: TerminalHook> TestKit<R, H> {
         self.boot().await
     }
 
-    /// Stop the process cleanly (its steps in flight settle) and close its
-    /// store.
+    /// Stop the process cleanly: its pool stops claiming and its steps in
+    /// flight settle.
     pub async fn shutdown(mut self) -> Result<(), KitError> {
         let Some(live) = self.live.take() else {
             return Ok(());

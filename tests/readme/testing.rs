@@ -1,4 +1,4 @@
-// The README's "Testing your workflows" test, verbatim (checked below).
+// The README's "Testing your workflows" test, verbatim (compiled and checked by tests/testkit.rs).
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
