@@ -170,7 +170,7 @@ impl fmt::Display for FaultCounts {
 }
 
 /// How a [`FaultStore`] fails an operation when it is told to fail all of
-/// them ([`FaultStore::fail_everything`]).
+/// them ([`Faults::fail_everything`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outage {
     /// No outage: only the seeded faults of the plan.

@@ -14,7 +14,7 @@
 //!
 //! ## Driving
 //!
-//! [`TestKit::start`] builds the runtime with your runner, hook and any
+//! [`TestKitBuilder::start`] builds the runtime with your runner, hook and any
 //! builder option ([`TestKitBuilder::runtime`] is handed the real
 //! [`WorkflowRuntimeBuilder`]) and starts its worker pool.
 //! [`TestKit::run_until_idle`] returns once nothing is runnable: no step,
