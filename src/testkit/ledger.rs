@@ -68,8 +68,8 @@ pub struct CrashReport {
 /// How one call of the runner ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallEnd {
-    /// It has not returned (it runs, or its process is gone but the kit has
-    /// not noticed yet).
+    /// It has not returned: it runs, or it panicked (the worker counts a
+    /// panic as a transient error).
     Running,
     /// It returned an outcome.
     Returned,
@@ -132,8 +132,6 @@ pub(super) struct Shared {
     pub incarnation: AtomicU32,
     /// Bumped by every call, return, settlement and hook call.
     pub activity: AtomicU64,
-    /// Runner calls that have not returned.
-    pub running: AtomicU64,
     pub clock: MockClock,
     pub lease: Duration,
 }
@@ -151,7 +149,6 @@ impl Shared {
             queue: Mutex::default(),
             incarnation: AtomicU32::new(0),
             activity: AtomicU64::new(0),
-            running: AtomicU64::new(0),
             clock,
             lease,
         }
@@ -321,7 +318,6 @@ impl<R: StepRunner> StepRunner for KitRunner<R> {
             return std::future::pending().await;
         }
         shared.maybe_lapse(run_id, n).await;
-        shared.running.fetch_add(1, Ordering::SeqCst);
         // Poll the runner; at its first suspension, the "while it runs"
         // point.
         let mut ran = pin!(self.inner.run_step(step));
@@ -339,7 +335,6 @@ impl<R: StepRunner> StepRunner for KitRunner<R> {
             Poll::Pending => Poll::Pending,
         })
         .await;
-        shared.running.fetch_sub(1, Ordering::SeqCst);
         let Some(result) = result else {
             return std::future::pending().await;
         };
