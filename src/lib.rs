@@ -151,6 +151,15 @@
 //! ([`StoreOptions::inbox_touch_poll`], default 250 ms), its flush interval
 //! and the client's refresh interval; `BENCHMARKS.md` has the numbers.
 //!
+//! ## Testing your workflows for crashes
+//!
+//! The `testkit` feature adds `waymark::testkit`: your runner and hook on
+//! this runtime over an in-memory store with a mock clock, crashes at named
+//! points of a step (losing exactly what a kill loses), seeded store faults,
+//! a record of every step's calls, and a helper that SIGKILLs a real worker
+//! process at seeded moments. Its module docs are the guide; Waymark's own
+//! crash tests use it.
+//!
 //! See `ARCHITECTURE.md` for the modules, the path of one step, and the
 //! path of a client's request.
 
@@ -166,6 +175,8 @@ mod hook;
 pub mod memo;
 mod pending;
 mod policy;
+#[cfg(feature = "testkit")]
+mod probe;
 mod read;
 mod record;
 mod runner;
@@ -173,6 +184,8 @@ mod runtime;
 mod schedule;
 mod store;
 mod sync;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod worker;
 
 pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};

@@ -161,6 +161,8 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     observer: Option<Observer>,
     schedules: Vec<Schedule>,
     keep_step_inputs: bool,
+    #[cfg(feature = "testkit")]
+    probe: Option<Arc<dyn crate::probe::Probe>>,
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
@@ -260,6 +262,13 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         self
     }
 
+    /// The test kit's probe (see [`crate::probe`]).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn probe(mut self, probe: Arc<dyn crate::probe::Probe>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
     /// Check the settings and build the runtime.
     pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
         let invalid = |m: String| Err(Error::InvalidConfig(m));
@@ -329,6 +338,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
+                #[cfg(feature = "testkit")]
+                probe: self.probe,
             }),
         })
     }
@@ -397,6 +408,9 @@ pub(crate) struct Inner<R, H> {
     pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).
     pub pending: PendingCommits,
+    /// The test kit's probe (see [`crate::probe`]).
+    #[cfg(feature = "testkit")]
+    pub probe: Option<Arc<dyn crate::probe::Probe>>,
 }
 
 /// The steps this process is running: per job id, one entry per claim. A
@@ -587,6 +601,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             observer: None,
             schedules: Vec::new(),
             keep_step_inputs: true,
+            #[cfg(feature = "testkit")]
+            probe: None,
         }
     }
 

@@ -320,6 +320,13 @@ async fn commit<R: StepRunner, H: TerminalHook>(
             JobEnd::DeadLetter(why) => queue.dead_letter_with(&job.claim, why, effects).await?,
         }
     };
+    #[cfg(feature = "testkit")]
+    if let Some(probe) = &inner.probe {
+        let attempt = job.attempts();
+        probe
+            .settled(&job.claim.id, &job.run_id, job.step, attempt)
+            .await;
+    }
     if after.remember_enqueued {
         inner
             .pending
