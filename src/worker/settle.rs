@@ -20,6 +20,9 @@ use taquba::{
     SettlementEffects,
 };
 
+use tracing::Instrument;
+
+use super::metrics;
 use super::step::{Health, StepJob, Verdict};
 use crate::breaker::{Parking, Staged, ms_to_time};
 use crate::effects;
@@ -129,6 +132,7 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
     staged: SettlementEffects,
 ) -> bool {
     let (verdict, parking) = recheck_parking(inner, job, verdict).await;
+    let outcome = metrics::outcome_label(&verdict);
     let kept = kept_input(inner, job, &verdict);
     let built = match from_verdict(inner, job, verdict).await {
         Ok(mut settlement) => {
@@ -146,7 +150,7 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
         Ok(settlement) => settlement,
         Err(e) => return give_up(inner, job, &e.to_string()).await,
     };
-    match commit(inner, job, settlement).await {
+    match counted(inner, job, settlement, outcome).await {
         Ok(()) => true,
         Err(QueueError::ClaimLost) => {
             claim_lost(inner, job).await;
@@ -287,6 +291,28 @@ async fn with_health<'a, R, H>(
     Ok(settlement)
 }
 
+/// [`commit`] in a `settle` span (run id, workflow, step, attempt and what
+/// the step became), counted and timed in the metrics once it committed.
+async fn counted<R: StepRunner, H: TerminalHook>(
+    inner: &Arc<Inner<R, H>>,
+    job: &StepJob,
+    settlement: Settlement<'_>,
+    outcome: &'static str,
+) -> Result<(), QueueError> {
+    let span = tracing::info_span!(
+        "settle",
+        run_id = %job.run_id,
+        workflow = %job.workflow,
+        step = job.step,
+        attempt = job.attempts(),
+        outcome,
+    );
+    let started = std::time::Instant::now();
+    commit(inner, job, settlement).instrument(span).await?;
+    metrics::step_settled(&job.workflow, outcome, started.elapsed());
+    Ok(())
+}
+
 /// Commit a settlement in one transaction, then run its aftermath.
 async fn commit<R: StepRunner, H: TerminalHook>(
     inner: &Arc<Inner<R, H>>,
@@ -394,7 +420,7 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
                 return false;
             }
         };
-    match commit(inner, job, settlement).await {
+    match counted(inner, job, settlement, "dead_lettered").await {
         Ok(()) => true,
         Err(e) => {
             tracing::error!(

@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use taquba::{Claim, LeaseHandle, Queue};
 use tracing::Instrument;
 
+use super::metrics;
 use super::settle::settle;
 use crate::breaker::Gate;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
@@ -179,6 +180,11 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
     async {
         // This claim's own entry, removed however this task ends.
         let registered = inner.inflight.register(&job.claim.id);
+        let _gauge = metrics::StepInFlight::start();
+        let record = job.claim.job();
+        let runnable = record.run_at.unwrap_or(0).max(record.enqueued_at);
+        let waited = inner.now_ms().saturating_sub(runnable);
+        metrics::step_claimed(&job.workflow, Duration::from_millis(waited));
         let entry = &registered.entry;
         let mut probe = false;
         // Whether the run ends `Cancelled` because a cancel was requested.
@@ -432,6 +438,7 @@ async fn run_runner<R: StepRunner, H>(
         children: job.children.clone(),
         effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
     };
+    let started = std::time::Instant::now();
     let ran = AssertUnwindSafe(inner.runner.run_step(&step))
         .catch_unwind()
         .await
@@ -443,6 +450,7 @@ async fn run_runner<R: StepRunner, H>(
                 .unwrap_or_else(|| "a non-string panic".into());
             Err(StepError::transient(format!("step panicked: {what}")))
         });
+    metrics::step_ran(&job.workflow, started.elapsed());
     (ran, step.effects.take())
 }
 

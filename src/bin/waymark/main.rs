@@ -8,7 +8,9 @@
 //!   through a reader, and `trigger | pause | resume` drive the worker's
 //!   schedules through the inbox: none of them opens the store as its
 //!   writer, so they work while a worker or the demo runs (module
-//!   [`commands`]).
+//!   [`commands`]);
+//! - `waymark serve` serves a dashboard, a JSON API and metrics over HTTP,
+//!   as a reader and through the inbox (module [`serve`]).
 //!
 //! The CLI is a folder: [`plumbing`] (store location and checks, timeouts,
 //! errors and exit codes, output, signals) is shared by every command; each
@@ -19,6 +21,7 @@ mod commands;
 mod demo;
 mod describe;
 mod plumbing;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -102,6 +105,11 @@ enum Command {
     /// inbox).
     #[command(after_help = EXIT_CODES_HELP)]
     Resume(commands::schedules::ScheduleArgs),
+    /// Serve the operator's view over HTTP: a dashboard, a JSON API and
+    /// Prometheus metrics. Reads through a reader and changes through the
+    /// inbox: never fences a worker. Listens on 127.0.0.1:8080 by default.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,6 +140,7 @@ fn main() -> ExitCode {
             Command::Trigger(args) => commands::schedules::trigger(args).await,
             Command::Pause(args) => commands::schedules::pause(args).await,
             Command::Resume(args) => commands::schedules::resume(args).await,
+            Command::Serve(args) => serve::run(args).await,
         }
     });
     // Background tasks of the storage layer may still retry a dead store:
