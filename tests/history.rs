@@ -202,13 +202,13 @@ async fn no_history_is_kept_when_turned_off() {
 
 #[tokio::test]
 async fn a_new_segment_starts_a_fresh_history() {
+    // Segment 0 settles four steps; segment 1 one: none of segment 0's
+    // entries may remain.
     let runner = FnRunner::new(|s: Step| async move {
-        let segment: u32 = s.payload.first().copied().unwrap_or(0).into();
+        let segment = s.payload.first().copied().unwrap_or(0);
         Ok(match (segment, s.step_number) {
-            (_, 0) => StepOutcome::Continue { payload: s.payload },
-            (0 | 1, _) => StepOutcome::ContinueAsNew {
-                input: vec![segment as u8 + 1],
-            },
+            (0, 0..=2) => StepOutcome::Continue { payload: s.payload },
+            (0, _) => StepOutcome::ContinueAsNew { input: vec![1] },
             _ => StepOutcome::Succeed { result: vec![] },
         })
     });
@@ -224,10 +224,9 @@ async fn a_new_segment_starts_a_fresh_history() {
     assert_eq!(
         entries,
         vec![
-            (1, AttemptOutcome::ContinuedAsNew { segment: 2 }),
-            (0, AttemptOutcome::Continued),
+            (3, AttemptOutcome::ContinuedAsNew { segment: 1 }),
             (
-                1,
+                0,
                 AttemptOutcome::Ended {
                     status: TerminalStatus::Succeeded
                 }
@@ -235,6 +234,7 @@ async fn a_new_segment_starts_a_fresh_history() {
         ]
     );
     assert_eq!(history.dropped, 0);
+    assert_eq!(hist_keys(&env, "seg").await, 2);
     env.stop().await;
 }
 
@@ -320,7 +320,9 @@ async fn a_client_reads_the_history() {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    assert_eq!(seen, rt.history("c").await.unwrap());
+    let seen = seen.unwrap();
+    assert_eq!(seen.steps.len(), 2, "{seen:?}");
+    assert_eq!(Some(seen), rt.history("c").await.unwrap());
     assert_eq!(client.history("nobody").await.unwrap(), None);
     worker.abort();
 }
