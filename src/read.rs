@@ -14,6 +14,7 @@ use taquba::{JobRecord, JobStatus, KvOrder, QueueView};
 
 use crate::breaker::{Breakers, ms_to_time};
 use crate::error::Error;
+use crate::history::RunHistory;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
     DEFAULT_WORKFLOW, HEADER_JOIN, HEADER_PARKED, JoinRecord, Keys, OutcomeRecord, RunRecord,
@@ -461,4 +462,21 @@ pub(crate) async fn runs(
         }
     }
     Ok(out)
+}
+
+/// A run's step history; `None` for a run that has neither history entries
+/// nor a live or terminal record.
+pub(crate) async fn history(
+    view: &QueueView,
+    keys: &Keys,
+    run_id: &str,
+) -> Result<Option<RunHistory>, Error> {
+    let (entries, next) = crate::history::entries(view, keys, run_id).await?;
+    if entries.is_empty()
+        && read_run(view, keys, run_id).await?.is_none()
+        && outcome(view, keys, run_id).await?.is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(crate::history::assemble(run_id, entries, next)))
 }

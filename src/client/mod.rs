@@ -29,6 +29,7 @@ use crate::control::{
     validate_request_id,
 };
 use crate::error::Error;
+use crate::history::RunHistory;
 use crate::hook::RunOutcome;
 use crate::read::{self, RunFilter, RunPage, RunStatus};
 use crate::record::{HEADER_RUN_ID, Keys, MAX_SIGNAL_BYTES, decode, encode, validate_name};
@@ -396,6 +397,13 @@ impl Client {
     pub async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
         validate_name("run id", run_id)?;
         read::outcome(self.inner.reader.view(), &self.inner.keys, run_id).await
+    }
+
+    /// A run's step history, as `WorkflowRuntime::history` gives it
+    /// (lagging by the client's refresh). `None` for an unknown run.
+    pub async fn history(&self, run_id: &str) -> Result<Option<RunHistory>, Error> {
+        validate_name("run id", run_id)?;
+        read::history(self.inner.reader.view(), &self.inner.keys, run_id).await
     }
 
     /// Wait up to `timeout` for a run to end and return its outcome,

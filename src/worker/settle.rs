@@ -7,7 +7,8 @@
 //! record a child's ending into its parent), the children a step spawns
 //! (`children::spawn_effects`), the effects the runner
 //! staged (when the settlement commits the outcome it returned), the next
-//! step's kept input (for a re-run) and the workflow's health — and
+//! step's kept input (for a re-run), the step's history entry
+//! ([`crate::history`]) and the workflow's health — and
 //! [`settle`] commits it in one transaction and runs its aftermath. A
 //! feature that must
 //! commit with a step adds a contributor, not a branch in the commit.
@@ -19,7 +20,6 @@ use taquba::{
     EnqueueOptions, EnqueueRequest, EnqueueResult, Error as QueueError, JobStatus,
     SettlementEffects,
 };
-
 use tracing::Instrument;
 
 use super::metrics;
@@ -27,6 +27,7 @@ use super::step::{Health, StepJob, Verdict};
 use crate::breaker::{Parking, Staged, ms_to_time};
 use crate::effects;
 use crate::error::Error;
+use crate::history::{self, AttemptOutcome, HEADER_HISTORY, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::policy::saturating_ms;
 use crate::record::{
@@ -134,13 +135,14 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
     let (verdict, parking) = recheck_parking(inner, job, verdict).await;
     let outcome = metrics::outcome_label(&verdict);
     let kept = kept_input(inner, job, &verdict);
+    let entry = history_entry(inner, job, &verdict, &health);
     let built = match from_verdict(inner, job, verdict).await {
         Ok(mut settlement) => {
             settlement.after.parking = parking;
             // The runner's staged effects: keys and queues apart from ours.
             settlement.effects = effects::merge(settlement.effects, staged);
-            match kept {
-                Ok(kept) => with_health(inner, job, health, settlement.with(kept)).await,
+            match kept.and_then(|kept| with_history(inner, job, entry, settlement.with(kept))) {
+                Ok(settlement) => with_health(inner, job, health, settlement).await,
                 Err(e) => Err(e),
             }
         }
@@ -261,6 +263,114 @@ fn kept_input<R, H>(
         Verdict::NewSegment { input } => inner.kept_input(&job.run_id, 0, input),
         _ => Ok(None),
     }
+}
+
+/// The step's history entry for this settlement (`None` when the runtime
+/// keeps no history): how the attempt ended, read off the verdict.
+fn history_entry<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    verdict: &Verdict,
+    health: &Health,
+) -> Option<StepAttempt> {
+    if inner.cfg.history_entries == 0 {
+        return None;
+    }
+    let now = inner.now_ms();
+    let after = |d: &Option<Duration>| now.saturating_add(d.map_or(0, saturating_ms));
+    let failure = match health {
+        Health::Failure(e) => Some(e.clone()),
+        _ => None,
+    };
+    let (outcome, error) = match verdict {
+        Verdict::Next {
+            signal_wait: true,
+            delay,
+            ..
+        } => (
+            AttemptOutcome::WaitingForSignal {
+                until_ms: after(delay),
+            },
+            None,
+        ),
+        Verdict::Next { delay: None, .. } => (AttemptOutcome::Continued, None),
+        Verdict::Next { delay, .. } => (
+            AttemptOutcome::Delayed {
+                until_ms: after(delay),
+            },
+            None,
+        ),
+        Verdict::Spawn { children, .. } => (
+            AttemptOutcome::SpawnedChildren {
+                children: u32::try_from(children.len()).unwrap_or(u32::MAX),
+            },
+            None,
+        ),
+        Verdict::NewSegment { .. } => (
+            AttemptOutcome::ContinuedAsNew {
+                segment: record::segment_of(&job.claim.headers).saturating_add(1),
+            },
+            None,
+        ),
+        Verdict::Again {
+            at, spent: true, ..
+        } => (AttemptOutcome::Retrying { at_ms: *at }, failure),
+        Verdict::Again { parked: true, .. } => (AttemptOutcome::Parked, None),
+        Verdict::Again { at, .. } => (AttemptOutcome::Deferred { until_ms: *at }, None),
+        Verdict::End(outcome) | Verdict::DeadLetter(_, outcome) => (
+            AttemptOutcome::Ended {
+                status: outcome.status,
+            },
+            outcome.error.clone(),
+        ),
+    };
+    Some(job.attempt_entry(now, outcome, error))
+}
+
+/// The history's contribution: the step's entry (a new segment's first),
+/// and the drop of the entry that falls out of the run's bounded history.
+fn with_history<'a, R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    entry: Option<StepAttempt>,
+    mut settlement: Settlement<'a>,
+) -> Result<Settlement<'a>, Error> {
+    let Some(entry) = entry else {
+        return Ok(settlement);
+    };
+    // A new segment's history starts afresh (its data is deleted).
+    let seq = match entry.outcome {
+        AttemptOutcome::ContinuedAsNew { .. } => 0,
+        _ => job.history,
+    };
+    settlement.effects = history::record(
+        settlement.effects,
+        &inner.keys,
+        &job.run_id,
+        seq,
+        inner.cfg.history_entries,
+        entry,
+    )?;
+    Ok(settlement)
+}
+
+/// Carry the number of the run's next history entry on its next step job:
+/// one past this settlement's entry (`first` for a new segment's).
+fn carry_history<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    headers: &mut std::collections::HashMap<String, String>,
+    new_segment: bool,
+) {
+    if inner.cfg.history_entries == 0 {
+        return;
+    }
+    let next = if new_segment {
+        1
+    } else {
+        job.history.saturating_add(1)
+    };
+    headers.insert(HEADER_HISTORY.to_string(), next.to_string());
 }
 
 /// The workflow health's contribution: the health record, when the attempt
@@ -410,16 +520,21 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
     let outcome = job.failed(&format!(
         "the runtime could not record the step's result: {why}"
     ));
-    let settlement =
-        match Settlement::ending(inner, job, JobEnd::DeadLetter(why.to_string()), outcome).await {
-            Ok(settlement) => settlement,
-            Err(e) => {
-                tracing::error!(
-                    "cannot encode the run's outcome either; the step stays claimed: {e}"
-                );
-                return false;
-            }
+    let entry = (inner.cfg.history_entries > 0).then(|| {
+        let ended = AttemptOutcome::Ended {
+            status: outcome.status,
         };
+        job.attempt_entry(inner.now_ms(), ended, outcome.error.clone())
+    });
+    let ending = Settlement::ending(inner, job, JobEnd::DeadLetter(why.to_string()), outcome).await;
+    let settlement = match ending.and_then(|settlement| with_history(inner, job, entry, settlement))
+    {
+        Ok(settlement) => settlement,
+        Err(e) => {
+            tracing::error!("cannot encode the run's outcome either; the step stays claimed: {e}");
+            return false;
+        }
+    };
     match counted(inner, job, settlement, "dead_lettered").await {
         Ok(()) => true,
         Err(e) => {
@@ -445,6 +560,7 @@ pub(super) fn next_step_effects<R, H>(
     headers.remove(HEADER_PARKED);
     headers.remove(HEADER_SIGNAL);
     headers.remove(record::HEADER_JOIN);
+    carry_history(inner, job, &mut headers, false);
     let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
     let next = job
         .step
@@ -486,6 +602,7 @@ fn again_effects<R, H>(
     let remaining = job.max_attempts().saturating_sub(before).max(1);
     let mut headers = job.claim.headers.clone();
     headers.insert(HEADER_ATTEMPTS_BEFORE.to_string(), before.to_string());
+    carry_history(inner, job, &mut headers, false);
     if parked {
         headers.insert(HEADER_PARKED.to_string(), "1".to_string());
     } else {
@@ -574,6 +691,7 @@ async fn new_segment_effects<R, H>(
     ] {
         headers.remove(reserved);
     }
+    carry_history(inner, job, &mut headers, true);
     let segment = record::segment_of(&headers).saturating_add(1);
     headers.insert(record::HEADER_SEGMENT.to_string(), segment.to_string());
     let attempts = inner.cfg.retry_policy(&job.workflow).max_attempts;

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::metrics;
 use super::settle::settle;
 use crate::breaker::Gate;
+use crate::history::{self, AttemptOutcome, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
 use crate::memo::Memo;
 use crate::policy::saturating_ms;
@@ -82,6 +83,11 @@ pub(super) struct StepJob {
     pub unwrapped: Option<Vec<u8>>,
     /// For a step that joins children: their outcomes in spawn order.
     pub children: Vec<ChildOutcome>,
+    /// When this process took the claim (ms, queue clock).
+    pub started_ms: u64,
+    /// The number of the run's next history entry (header
+    /// `workflow.history`).
+    pub history: u64,
 }
 
 impl StepJob {
@@ -128,6 +134,25 @@ impl StepJob {
                 Some(crate::runtime::timed_out_reason(at)),
             ),
             _ => self.outcome(TerminalStatus::Cancelled, None, None),
+        }
+    }
+
+    /// The history entry of this attempt, ended at `now` (ms).
+    pub(super) fn attempt_entry(
+        &self,
+        now: u64,
+        outcome: AttemptOutcome,
+        error: Option<String>,
+    ) -> StepAttempt {
+        StepAttempt {
+            step: self.step,
+            attempt: self.attempts(),
+            job_id: self.claim.id.clone(),
+            started_ms: self.started_ms,
+            ended_ms: now,
+            signalled: self.signal.is_some(),
+            outcome,
+            error,
         }
     }
 
@@ -323,6 +348,8 @@ impl Lease {
 
 /// Check a claimed job is a live step of a run; dead-letter it otherwise.
 async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
+    let started_ms = inner.now_ms();
+    let history = history::seq_of(&claim.headers);
     let parsed = parse_step_headers(&claim.headers)
         .map(|(run_id, step)| (run_id.to_string(), step))
         .and_then(|(run_id, step)| {
@@ -360,6 +387,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             signal,
             unwrapped,
             children: Vec::new(),
+            started_ms,
+            history,
         });
     }
     let run_key = inner.keys.run(&run_id);
@@ -403,6 +432,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
         signal,
         unwrapped,
         children: Vec::new(),
+        started_ms,
+        history,
     })
 }
 

@@ -4,7 +4,7 @@
 //!   shows each step once it is durable (module [`demo`]);
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
 //! - `waymark submit | cancel | signal | rerun` send requests through the store's
-//!   inbox, and `status | outcome | runs | workflows | schedules` read
+//!   inbox, and `status | outcome | history | runs | workflows | schedules` read
 //!   through a reader, and `trigger | pause | resume` drive the worker's
 //!   schedules through the inbox: none of them opens the store as its
 //!   writer, so they work while a worker or the demo runs (module
@@ -82,6 +82,10 @@ enum Command {
     /// Print how a run ended; exit 4 while it has not. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Outcome(commands::read::RunArgs),
+    /// Print a run's step history: each step's attempts, when, how long,
+    /// how each ended and its error. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    History(commands::history::HistoryArgs),
     /// List runs, live and ended. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Runs(commands::read::RunsArgs),
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
             Command::Rerun(args) => commands::rerun::rerun(args).await,
             Command::Status(args) => commands::read::status(args).await,
             Command::Outcome(args) => commands::read::outcome(args).await,
+            Command::History(args) => commands::history::history(args).await,
             Command::Runs(args) => commands::read::runs(args).await,
             Command::Workflows(args) => commands::read::workflows(args).await,
             Command::Schedules(args) => commands::schedules::list(args).await,

@@ -1,10 +1,12 @@
 //! The commands that work on a store from outside its worker: reads
-//! ([`read`]: `status`, `outcome`, `runs`, `workflows`), requests
+//! ([`read`]: `status`, `outcome`, `runs`, `workflows`; [`history`]:
+//! `history`), requests
 //! ([`control`]: `submit`, `cancel`; [`signal`]: `signal`; [`rerun`]:
 //! `rerun`), schedules ([`schedules`]: `schedules`, `trigger`, `pause`,
 //! `resume`), and the worker itself ([`worker`]).
 
 pub mod control;
+pub mod history;
 pub mod read;
 pub mod rerun;
 pub mod schedules;

@@ -167,7 +167,7 @@ fn print_outcome(outcome: &RunOutcome) {
 }
 
 /// The error for a run the store does not know (exit 3).
-fn not_found(run_id: &str, store: &Store) -> CliError {
+pub fn not_found(run_id: &str, store: &Store) -> CliError {
     CliError::not_found(format!(
         "no run `{}` in {} (never submitted there, or its outcome passed the retention window)",
         shown(run_id),
@@ -340,4 +340,12 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// Print `value` as pretty JSON, for scripts (`--json`).
+pub fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> CliResult<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::failure(format!("cannot print JSON: {e}")))?;
+    say!("{text}");
+    Ok(())
 }
