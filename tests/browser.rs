@@ -309,9 +309,24 @@ fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow()
 
     // The run page's step timeline, and the runs table after the reset.
     page.eval("location.hash = '#/run/order-1005'");
-    page.until(
-        "the run page to show the run's outcome",
-        "document.querySelector('dl')?.textContent.includes('succeeded')",
+    let steps = page.until(
+        "the run page to show the run's step timeline to its end",
+        "(() => { const items = [...document.querySelectorAll('#timeline li')]\
+           .map(li => li.dataset.step + '/' + li.dataset.attempt + ' ' + li.dataset.outcome); \
+           return items.length && items[items.length - 1].endsWith('succeeded') ? items : null; })()",
+    );
+    // Parked behind the trip (no attempt spent), then the five steps, the
+    // third waiting for the pick-up window.
+    assert_eq!(
+        steps,
+        json!([
+            "0/1 parked",
+            "0/1 continued",
+            "1/1 continued",
+            "2/1 delayed",
+            "3/1 continued",
+            "4/1 succeeded"
+        ])
     );
     page.screenshot(&shots.join("dashboard-run.png"));
     page.eval("location.hash = '#/runs'");

@@ -111,6 +111,34 @@ fn every_endpoint_against_a_live_worker() {
     let ok = get(addr, "/api/runs/shop-1").json();
     assert_eq!(ok["outcome"]["status"], "succeeded");
     assert_eq!(ok["outcome"]["final_step"], 4);
+    // Its step history: five steps, one attempt each; the third delayed.
+    let kinds: Vec<(u64, u64, String)> = ok["history"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["attempts"].as_array().unwrap().clone())
+        .map(|a| {
+            (
+                a["step"].as_u64().unwrap(),
+                a["attempt"].as_u64().unwrap(),
+                a["outcome"]["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, u64, String)> = [
+        (0, 1, "continued"),
+        (1, 1, "continued"),
+        (2, 1, "delayed"),
+        (3, 1, "continued"),
+        (4, 1, "ended"),
+    ]
+    .map(|(s, a, k)| (s, a, k.to_string()))
+    .to_vec();
+    assert_eq!(kinds, want, "{}", ok["history"]);
+    assert_eq!(
+        ok["history"]["steps"][4]["attempts"][0]["outcome"]["status"],
+        "Succeeded"
+    );
     assert_eq!(get(addr, "/api/runs/no-such-run").status, 404);
     assert_eq!(get(addr, "/api/runs/bad%20id").status, 400);
     assert_eq!(get(addr, "/api/runs/%00").status, 400);

@@ -5,7 +5,7 @@
 //! | method and path | answer |
 //! |-----------------|--------|
 //! | `GET /api/runs?state=&workflow=&children_of=&after=&limit=` | `{runs: [...], next}`: a page in run id order; `next` is the `after` of the next page |
-//! | `GET /api/runs/{id}` | `{run_id, workflow, live, outcome, children}`; 404 for an unknown run |
+//! | `GET /api/runs/{id}` | `{run_id, workflow, live, outcome, children, history}`; 404 for an unknown run |
 //! | `POST /api/runs/{id}/cancel` | `{cancelled}` (the worker's answer) |
 //! | `GET /api/workflows` | every workflow's health and breaker |
 //! | `GET /api/schedules` | every schedule's state |
@@ -27,7 +27,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use waymark::{Error, RunFilter, validate_name};
+use waymark::{Error, RunFilter, RunHistory, validate_name};
 
 use super::App;
 use super::json::{LiveJson, OutcomeJson, RunRow, ScheduleJson, WorkflowJson, parse_state};
@@ -199,6 +199,8 @@ pub struct RunJson {
     outcome: Option<OutcomeJson>,
     /// Its children (the first page of them).
     children: Vec<RunRow>,
+    /// Its step history (of its current segment), oldest first.
+    history: Option<RunHistory>,
 }
 
 /// `GET /api/runs/{id}`.
@@ -230,7 +232,11 @@ pub async fn run(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
             }),
         )
         .await?;
+    let history = app
+        .bounded("reading the run's history", app.client.history(&id))
+        .await?;
     Ok(Json(RunJson {
+        history,
         run_id: id,
         workflow,
         live: status.as_ref().map(LiveJson::from),

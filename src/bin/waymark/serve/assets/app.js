@@ -104,21 +104,39 @@ async function drawRuns() {
   });
 }
 
+// What an attempt became, in words, and whether it failed or waits.
+function became(a) {
+  const o = a.outcome || {};
+  switch (o.kind) {
+    case "continued": return ["continued", ""];
+    case "delayed": return ["delayed", `next step at ${when(o.until_ms)}`];
+    case "waiting_for_signal": return ["waiting for signal", `until ${when(o.until_ms)}`];
+    case "spawned_children": return ["spawned children", `${o.children} children`];
+    case "continued_as_new": return ["continued as new", `segment ${o.segment}`];
+    case "retrying": return ["retrying", `next attempt at ${when(o.at_ms)}`];
+    case "deferred": return ["deferred", `breaker backoff until ${when(o.until_ms)}`];
+    case "parked": return ["parked", "breaker tripped"];
+    case "ended": return [String(o.status).replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase(), ""];
+    default: return [o.kind || "?", ""];
+  }
+}
+
 function timeline(history) {
   if (!history) return `<p class="muted">No step history is kept for this run.</p>`;
   const items = [];
   for (const step of history.steps || []) {
     for (const a of step.attempts || []) {
-      const failed = a.error ? "failed" : "";
-      const waiting = a.wait ? "waiting" : "";
-      items.push(`<li class="${failed} ${waiting}"><strong>step ${step.step}</strong> attempt ${a.attempt}
-        ${a.outcome ? pill(a.outcome) : ""}
-        <span class="muted">${when(a.started_ms)}${a.ended_ms ? ` → ${when(a.ended_ms)}` : ""}</span>
-        ${a.wait ? `<div class="muted">${esc(a.wait)}</div>` : ""}
+      const [what, detail] = became(a);
+      const cls = a.error ? "failed" : (["retrying", "deferred", "parked", "waiting for signal", "delayed"].includes(what) ? "waiting" : "");
+      items.push(`<li class="${cls}" data-step="${step.step}" data-attempt="${a.attempt}" data-outcome="${esc(what)}">
+        <strong>step ${step.step}</strong> attempt ${a.attempt} ${pill(what)}${a.signalled ? " " + pill("signalled") : ""}
+        <span class="muted">${when(a.started_ms)} → ${when(a.ended_ms)}</span>
+        ${detail ? `<div class="muted">${esc(detail)}</div>` : ""}
         ${a.error ? `<pre>${esc(a.error)}</pre>` : ""}</li>`);
     }
   }
-  return items.length ? `<ol class="timeline" id="timeline">${items.join("")}</ol>` : `<p class="muted">No steps yet.</p>`;
+  const dropped = history.dropped ? `<p class="muted">${history.dropped} older entries dropped</p>` : "";
+  return items.length ? `${dropped}<ol class="timeline" id="timeline">${items.join("")}</ol>` : `<p class="muted">No step has settled yet.</p>`;
 }
 
 async function drawRun(id) {
