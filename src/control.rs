@@ -53,6 +53,14 @@ pub(crate) enum Request {
     Pause { schedule: String },
     /// Resume a schedule (`WorkflowRuntime::resume_schedule`).
     Resume { schedule: String },
+    /// Reset a workflow's breaker (`WorkflowRuntime::reset_workflow`).
+    Reset { workflow: String },
+}
+
+/// The ordering key (header `workflow.run_id`) of a request about workflow
+/// `name`'s breaker (no run id has a `/`).
+pub(crate) fn workflow_order_key(name: &str) -> String {
+    format!("workflow/{name}")
 }
 
 /// The ordering key (header `workflow.run_id`) of a request about schedule
@@ -126,6 +134,8 @@ pub(crate) enum ReplyBody {
     ScheduleOverlap { schedule: String, run_id: String },
     /// The worker pool was stopping (`Error::ShuttingDown`).
     ShuttingDown,
+    /// The reset was applied: whether the breaker was open.
+    Reset { workflow: String, was_open: bool },
 }
 
 /// Why a re-run was refused: each is one of `Error`'s variants.
@@ -248,6 +258,15 @@ pub enum Reply {
         /// False when it was running already.
         was_paused: bool,
     },
+    /// A workflow's breaker reset: whether it was open, as
+    /// [`WorkflowRuntime::reset_workflow`](crate::WorkflowRuntime::reset_workflow)
+    /// returned it.
+    Reset {
+        /// The workflow.
+        workflow: String,
+        /// False when it was closed with no failure streak.
+        was_open: bool,
+    },
 }
 
 impl ReplyBody {
@@ -299,6 +318,7 @@ impl ReplyBody {
                 Err(Error::ScheduleOverlap { schedule, run_id })
             }
             ReplyBody::ShuttingDown => Err(Error::ShuttingDown),
+            ReplyBody::Reset { workflow, was_open } => Ok(Reply::Reset { workflow, was_open }),
         }
     }
 }

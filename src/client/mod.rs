@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::breaker::{Breakers, WorkflowHealth};
 use crate::control::{
     ControlKeys, Reply, ReplyRecord, Request, new_request_id, schedule_order_key,
-    validate_request_id,
+    validate_request_id, workflow_order_key,
 };
 use crate::error::Error;
 use crate::history::RunHistory;
@@ -513,6 +513,31 @@ impl Client {
         let schedule = id.to_string();
         self.send_about_schedule(id, &Request::Resume { schedule })
             .await
+    }
+
+    /// Send a request to reset workflow `name`'s circuit breaker (close it,
+    /// zero its streak, release its parked steps); the worker applies it
+    /// with `WorkflowRuntime::reset_workflow`. Returns the request id; its
+    /// reply is [`Reply::Reset`].
+    pub async fn reset(&self, name: &str) -> Result<String, Error> {
+        validate_name("workflow name", name)?;
+        let request_id = new_request_id();
+        let request = Request::Reset {
+            workflow: name.to_string(),
+        };
+        self.send(&request_id, &workflow_order_key(name), &request)
+            .await?;
+        Ok(request_id)
+    }
+
+    /// Reset and wait up to `timeout` for the worker's answer: whether the
+    /// breaker was open.
+    pub async fn reset_and_wait(&self, name: &str, timeout: Duration) -> Result<bool, Error> {
+        let request_id = self.reset(name).await?;
+        match self.wait_reply(&request_id, timeout).await? {
+            Reply::Reset { was_open, .. } => Ok(was_open),
+            other => Err(unexpected(&request_id, &other)),
+        }
     }
 
     /// Trigger and wait up to `timeout` for the worker's answer: the run the

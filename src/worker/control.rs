@@ -293,6 +293,12 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => schedule_refusal(e),
             }
         }
+        // A crash between the reset's commit and the reply's re-applies it,
+        // which then answers `false` (as a cancel does).
+        Request::Reset { workflow } => rt
+            .reset_workflow(&workflow)
+            .await
+            .map(|was_open| ReplyBody::Reset { workflow, was_open }),
         Request::Rerun { run_id, from_step } => match rt.rerun(&run_id, from_step).await {
             Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
             Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),

@@ -5,7 +5,8 @@
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
 //! - `waymark submit | cancel | signal | rerun` send requests through the store's
 //!   inbox, and `status | outcome | history | runs | workflows | schedules` read
-//!   through a reader, and `trigger | pause | resume` drive the worker's
+//!   through a reader, `reset` resets a workflow's breaker and
+//!   `trigger | pause | resume` drive the worker's
 //!   schedules through the inbox: none of them opens the store as its
 //!   writer, so they work while a worker or the demo runs (module
 //!   [`commands`]).
@@ -90,6 +91,11 @@ enum Command {
     /// writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Workflows(commands::read::WorkflowsArgs),
+    /// Reset a workflow's circuit breaker: close it, zero its failure
+    /// streak and release its parked steps (through the store's inbox; a
+    /// worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Reset(commands::reset::ResetArgs),
     /// List the store's schedules: when each fires, paused or not, its next
     /// fire and last run. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -133,6 +139,7 @@ fn main() -> ExitCode {
             Command::History(args) => commands::history::history(args).await,
             Command::Runs(args) => commands::read::runs(args).await,
             Command::Workflows(args) => commands::read::workflows(args).await,
+            Command::Reset(args) => commands::reset::reset(args).await,
             Command::Schedules(args) => commands::schedules::list(args).await,
             Command::Trigger(args) => commands::schedules::trigger(args).await,
             Command::Pause(args) => commands::schedules::pause(args).await,
