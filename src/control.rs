@@ -55,6 +55,9 @@ pub(crate) enum Request {
     Resume { schedule: String },
     /// Reset a workflow's breaker (`WorkflowRuntime::reset_workflow`).
     Reset { workflow: String },
+    /// Requeue a dead-lettered job: a hook notification is delivered
+    /// again; a step job's run is re-run from that step.
+    Requeue { job_id: String },
 }
 
 /// The ordering key (header `workflow.run_id`) of a request about workflow
@@ -136,6 +139,10 @@ pub(crate) enum ReplyBody {
     ShuttingDown,
     /// The reset was applied: whether the breaker was open.
     Reset { workflow: String, was_open: bool },
+    /// A dead hook notification is pending again.
+    RequeuedHook { job_id: String },
+    /// No dead job has this id (`Error::JobNotFound`).
+    JobNotFound { job_id: String },
 }
 
 /// Why a re-run was refused: each is one of `Error`'s variants.
@@ -267,6 +274,13 @@ pub enum Reply {
         /// False when it was closed with no failure streak.
         was_open: bool,
     },
+    /// A dead hook notification requeued: it is pending again (a dead step
+    /// job's requeue is a re-run of its run from its step, answered by
+    /// [`Reply::Rerun`]).
+    Requeued {
+        /// The job.
+        job_id: String,
+    },
 }
 
 impl ReplyBody {
@@ -319,6 +333,8 @@ impl ReplyBody {
             }
             ReplyBody::ShuttingDown => Err(Error::ShuttingDown),
             ReplyBody::Reset { workflow, was_open } => Ok(Reply::Reset { workflow, was_open }),
+            ReplyBody::RequeuedHook { job_id } => Ok(Reply::Requeued { job_id }),
+            ReplyBody::JobNotFound { job_id } => Err(Error::JobNotFound(job_id)),
         }
     }
 }

@@ -1138,3 +1138,94 @@ fn operator_commands_read_in_text_and_json_and_reset_through_the_inbox() {
     let status = worker.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+    // Example 7 ships to a PO Box: the carrier refuses it for good, and
+    // the step job is dead-lettered.
+    waymark(tmp.path())
+        .args(["submit", "pobox", "--example", "7", "--store", &url])
+        .assert()
+        .success();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("Failed") {
+            break;
+        }
+    }
+    waymark(tmp.path())
+        .args(["dead", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("pobox").and(predicate::str::contains("PO Box")));
+    let dead = json_of(tmp.path(), &["dead"], &url);
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["kind"], "step");
+    assert_eq!(dead[0]["run_id"], "pobox");
+    assert_eq!(dead[0]["step"], 3);
+    assert!(
+        dead[0]["reason"].as_str().unwrap().contains("PO Box"),
+        "{dead:?}"
+    );
+    let hooks = json_of(tmp.path(), &["dead", "--kind", "hook"], &url);
+    assert_eq!(hooks, serde_json::json!([]));
+    let job = dead[0]["job_id"].as_str().unwrap().to_string();
+
+    // Requeue: the run re-runs from that step (and fails there again).
+    waymark(tmp.path())
+        .args(["requeue", &job, "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "run pobox runs again from that step (re-run 1)",
+        ));
+    let mut reruns = 0;
+    for _ in 0..200 {
+        let out = waymark(tmp.path())
+            .args(["outcome", "pobox", "--json", "--store", &url])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            reruns = outcome["reruns"].as_u64().unwrap();
+            if reruns == 1 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(reruns, 1, "the requeue did not re-run the run");
+    // The same job again is no longer dead: not found. A malformed id is a
+    // usage error, before anything is sent.
+    waymark(tmp.path())
+        .args(["requeue", &job, "--store", &url])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no dead job"));
+    waymark(tmp.path())
+        .args(["requeue", "01NOTAJOB", "--store", &url])
+        .assert()
+        .code(3);
+    waymark(tmp.path())
+        .args(["requeue", "bad/id", "--store", &url])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid job id"));
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+}
