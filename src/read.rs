@@ -143,6 +143,70 @@ pub struct RunPage {
     pub next: Option<String>,
 }
 
+/// Which queue a dead-lettered job was on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeadKind {
+    /// A run's step job (its run ended `Failed`, or will when the worker
+    /// reconciles it).
+    Step,
+    /// A hook notification the hook refused for good or ran out of attempts
+    /// on.
+    Hook,
+}
+
+/// A dead-lettered job, as [`Client::dead_jobs`](crate::Client::dead_jobs)
+/// lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DeadJob {
+    /// The job (pass it to `Client::requeue`).
+    pub job_id: String,
+    /// Its queue.
+    pub kind: DeadKind,
+    /// Its run, from its headers.
+    pub run_id: Option<String>,
+    /// For a step job: the step.
+    pub step: Option<u32>,
+    /// For a step job: its workflow.
+    pub workflow: Option<String>,
+    /// The attempts it had.
+    pub attempts: u32,
+    /// Why it was dead-lettered (its last error).
+    pub reason: Option<String>,
+}
+
+/// A page of the dead jobs on `queue`, in id (enqueue) order after `after`.
+pub(crate) async fn dead_jobs(
+    view: &QueueView,
+    queue: &str,
+    kind: DeadKind,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeadJob>, Error> {
+    let jobs = view.dead_jobs(queue, after, limit.max(1)).await?;
+    Ok(jobs
+        .into_iter()
+        .map(|job| {
+            let step_job = kind == DeadKind::Step;
+            DeadJob {
+                run_id: job.headers.get(crate::record::HEADER_RUN_ID).cloned(),
+                step: job
+                    .headers
+                    .get(crate::record::HEADER_STEP)
+                    .filter(|_| step_job)
+                    .and_then(|s| s.parse().ok()),
+                workflow: step_job.then(|| job_workflow(&job)),
+                attempts: job.attempts,
+                reason: job.last_error.clone(),
+                job_id: job.id,
+                kind,
+            }
+        })
+        .collect())
+}
+
 /// The workflow a step job belongs to.
 pub(crate) fn job_workflow(job: &JobRecord) -> String {
     parse_step_extras(&job.headers)

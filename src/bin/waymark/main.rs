@@ -5,7 +5,9 @@
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
 //! - `waymark submit | cancel | signal | rerun` send requests through the store's
 //!   inbox, and `status | outcome | history | runs | workflows | schedules` read
-//!   through a reader, and `trigger | pause | resume` drive the worker's
+//!   through a reader (and `dead` lists dead jobs); `reset` resets a
+//!   workflow's breaker, `requeue` requeues dead jobs, and
+//!   `trigger | pause | resume` drive the worker's
 //!   schedules through the inbox: none of them opens the store as its
 //!   writer, so they work while a worker or the demo runs (module
 //!   [`commands`]);
@@ -93,6 +95,20 @@ enum Command {
     /// writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Workflows(commands::read::WorkflowsArgs),
+    /// List dead-lettered step jobs and hook notifications, with the reason
+    /// each died. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Dead(commands::dead::DeadArgs),
+    /// Requeue dead jobs (through the store's inbox; a worker applies it):
+    /// a hook notification is delivered again, a step job's run re-runs
+    /// from that step.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Requeue(commands::dead::RequeueArgs),
+    /// Reset a workflow's circuit breaker: close it, zero its failure
+    /// streak and release its parked steps (through the store's inbox; a
+    /// worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Reset(commands::reset::ResetArgs),
     /// List the store's schedules: when each fires, paused or not, its next
     /// fire and last run. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -141,6 +157,9 @@ fn main() -> ExitCode {
             Command::History(args) => commands::history::history(args).await,
             Command::Runs(args) => commands::read::runs(args).await,
             Command::Workflows(args) => commands::read::workflows(args).await,
+            Command::Dead(args) => commands::dead::dead(args).await,
+            Command::Requeue(args) => commands::dead::requeue(args).await,
+            Command::Reset(args) => commands::reset::reset(args).await,
             Command::Schedules(args) => commands::schedules::list(args).await,
             Command::Trigger(args) => commands::schedules::trigger(args).await,
             Command::Pause(args) => commands::schedules::pause(args).await,

@@ -18,6 +18,9 @@ use crate::plumbing::store::{Store, StoreArgs};
 pub struct RunArgs {
     /// The run, e.g. demo-order-03.
     pub run_id: String,
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -32,6 +35,18 @@ pub async fn status(args: RunArgs) -> CliResult<Exit> {
     let live = store
         .bounded("reading the run's status", client.status(run_id))
         .await?;
+    if args.json {
+        let value = match &live {
+            Some(status) => super::json::status(status),
+            None => match read_outcome(&store, &client, run_id).await? {
+                Some(outcome) => super::json::outcome(&outcome),
+                None => return Err(not_found(run_id, &store)),
+            },
+        };
+        let _ = client.close().await;
+        print_json(&value)?;
+        return Ok(Exit::Ok);
+    }
     let code = match live {
         Some(status) => {
             say!("{run_id}: live");
@@ -98,6 +113,10 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
     let client = store.open_client().await?;
     let run_id = args.run_id.as_str();
     let code = match read_outcome(&store, &client, run_id).await? {
+        Some(outcome) if args.json => {
+            print_json(&super::json::outcome(&outcome))?;
+            Exit::Ok
+        }
         Some(outcome) => {
             say!("{run_id}: ended");
             print_outcome(&outcome);
@@ -107,6 +126,11 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
             .bounded("reading the run's status", client.status(run_id))
             .await?
         {
+            // Not ended: its status, and exit 4.
+            Some(status) if args.json => {
+                print_json(&super::json::status(&status))?;
+                Exit::Unfinished
+            }
             Some(status) => {
                 say!(
                     "{run_id} has not ended yet: it is at step {} ({}). A worker on the store \
@@ -210,6 +234,9 @@ pub struct RunsArgs {
     /// Only the children of this run (and theirs).
     #[arg(long, value_name = "RUN_ID")]
     pub children_of: Option<String>,
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -245,6 +272,10 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
     };
     let page = store.bounded("listing runs", client.runs(&filter)).await?;
     let _ = client.close().await;
+    if args.json {
+        print_json(&super::json::runs(&page))?;
+        return Ok(Exit::Ok);
+    }
     let rows: Vec<[String; 4]> = page
         .runs
         .iter()
@@ -274,6 +305,9 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
 /// `waymark workflows`' arguments.
 #[derive(Debug, Args)]
 pub struct WorkflowsArgs {
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -287,6 +321,10 @@ pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
         .bounded("reading workflow health", client.workflows())
         .await?;
     let _ = client.close().await;
+    if args.json {
+        print_json(&super::json::workflows(&health))?;
+        return Ok(Exit::Ok);
+    }
     let rows: Vec<[String; 4]> = health
         .iter()
         .map(|h| {
