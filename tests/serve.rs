@@ -156,6 +156,17 @@ fn every_endpoint_against_a_live_worker() {
     assert_eq!(default["breaker"]["state"], "tripped");
     assert!(default["failure_streak"].as_u64().unwrap() >= 2);
 
+    // serve's own metrics: a gauge per workflow's breaker, read at scrape.
+    let metrics = get(addr, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains("waymark_workflow_tripped{workflow=\"default\"} 1"),
+        "{}",
+        metrics.body
+    );
+
     // Schedules.
     let schedules = get(addr, "/api/schedules");
     assert_eq!(schedules.status, 200);
@@ -198,14 +209,76 @@ fn every_endpoint_against_a_live_worker() {
         (run["outcome"]["status"] == "cancelled").then_some(())
     });
 
-    // Unknown pages; serve's own metrics (a gauge per workflow's breaker).
+    // Dead letters: the step that could not read its order, with its reason.
+    let dead = get(addr, "/api/dead");
+    assert_eq!(dead.status, 200, "{}", dead.body);
+    let dead = dead.json();
+    let jobs = dead["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{dead}");
+    assert_eq!(jobs[0]["run_id"], "shop-bad");
+    assert_eq!(jobs[0]["kind"], "step");
+    assert_eq!(jobs[0]["step"], 0);
+    assert_eq!(jobs[0]["reason"], "malformed order field `garbage`");
+    let job = jobs[0]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        get(addr, "/api/dead?kind=hook").json()["jobs"],
+        serde_json::json!([])
+    );
+    assert_eq!(get(addr, "/api/dead?kind=bogus").status, 400);
+    assert_eq!(get(addr, "/api/dead?limit=0").status, 400);
+    let requeue = format!("/api/dead/{job}/requeue");
+    assert_eq!(http("POST", addr, &requeue, None).status, 401);
+    assert_eq!(
+        http("POST", addr, "/api/dead/no-such-job/requeue", Some(TOKEN)).status,
+        404
+    );
+    assert_eq!(
+        http("POST", addr, "/api/dead/bad%20id/requeue", Some(TOKEN)).status,
+        400
+    );
+    let requeued = http("POST", addr, &requeue, Some(TOKEN));
+    assert_eq!(requeued.status, 200, "{}", requeued.body);
+    let requeued = requeued.json();
+    assert_eq!(requeued["requeued"], "rerun");
+    assert_eq!(requeued["run_id"], "shop-bad");
+    assert_eq!(requeued["rerun"], 1);
+    // It fails the same way again: re-run 1 ended.
+    eventually("shop-bad's re-run to end", || {
+        let run = get(addr, "/api/runs/shop-bad").json();
+        (run["outcome"]["reruns"] == 1).then_some(())
+    });
+
+    // Reset the tripped workflow: the breaker closes and a trigger fires.
+    let reset = "/api/workflows/default/reset";
+    assert_eq!(http("POST", addr, reset, None).status, 401);
+    assert_eq!(http("POST", addr, reset, Some("wrong")).status, 401);
+    assert_eq!(
+        http("POST", addr, "/api/workflows/bad%20name/reset", Some(TOKEN)).status,
+        400
+    );
+    let answer = http("POST", addr, reset, Some(TOKEN));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["was_open"], true);
+    let default = get(addr, "/api/workflows").json();
+    let default = default
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "default")
+        .unwrap();
+    assert_eq!(default["breaker"]["state"], "closed");
+    let fired = http("POST", addr, "/api/schedules/nightly/trigger", Some(TOKEN));
+    assert_eq!(fired.status, 200, "{}", fired.body);
+    assert!(fired.json()["run_id"].as_str().unwrap().len() > 0);
+
+    // Unknown pages; the breaker's gauge after the reset.
     assert_eq!(get(addr, "/api/nope").status, 404);
     let metrics = get(addr, "/metrics");
     assert_eq!(metrics.status, 200);
     assert!(
         metrics
             .body
-            .contains("waymark_workflow_tripped{workflow=\"default\"} 1"),
+            .contains("waymark_workflow_tripped{workflow=\"default\"} 0"),
         "{}",
         metrics.body
     );

@@ -8,13 +8,16 @@
 //! | `GET /api/runs/{id}` | `{run_id, workflow, live, outcome, children, history}`; 404 for an unknown run |
 //! | `POST /api/runs/{id}/cancel` | `{cancelled}` (the worker's answer) |
 //! | `GET /api/workflows` | every workflow's health and breaker |
+//! | `POST /api/workflows/{name}/reset` | `{workflow, was_open}`: the breaker closed, its parked steps released |
+//! | `GET /api/dead?kind=step\|hook&after=&limit=` | `{jobs: [...], next}`: dead-lettered step jobs (default) or hook notifications, with reasons |
+//! | `POST /api/dead/{job}/requeue` | `{job_id, requeued}`: a hook is delivered again (`hook`), a step job's run re-runs from that step (`rerun`, with `run_id` and `rerun`) |
 //! | `GET /api/schedules` | every schedule's state |
 //! | `POST /api/schedules/{id}/trigger` | `{run_id}` of the run the fire submitted |
 //! | `GET /api/worker` | the worker's last heartbeat |
 //!
 //! Errors are `{error}` with a status: 400 for a malformed id or filter,
-//! 401 for a missing or wrong bearer token, 404 for an unknown run or
-//! schedule, 409 for a refusal of the worker (a tripped workflow, an
+//! 401 for a missing or wrong bearer token, 404 for an unknown run,
+//! schedule or dead job, 409 for a refusal of the worker (a tripped workflow, an
 //! overlapping fire), 504 when the store or the worker did not answer in
 //! time, 500 otherwise.
 
@@ -27,7 +30,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use waymark::{Error, RunFilter, RunHistory, validate_name};
+use waymark::{DeadJob, DeadKind, Error, Reply, RunFilter, RunHistory, validate_name};
 
 use super::App;
 use super::json::{LiveJson, OutcomeJson, RunRow, ScheduleJson, WorkflowJson, parse_state};
@@ -68,13 +71,17 @@ impl From<Error> for ApiError {
             Error::InvalidRunId { .. } | Error::InvalidConfig(_) | Error::ReservedName { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Error::RunNotFound(_) | Error::ScheduleNotFound(_) => StatusCode::NOT_FOUND,
+            Error::RunNotFound(_) | Error::ScheduleNotFound(_) | Error::JobNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             Error::WorkflowTripped { .. }
             | Error::ScheduleOverlap { .. }
             | Error::ShuttingDown
             | Error::RequestRefused { .. }
             | Error::RunLive(_)
-            | Error::RunSucceeded(_) => StatusCode::CONFLICT,
+            | Error::RunSucceeded(_)
+            | Error::StepNotReached { .. }
+            | Error::StepInputNotKept { .. } => StatusCode::CONFLICT,
             Error::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -298,4 +305,97 @@ pub async fn worker(State(app): State<Arc<App>>) -> ApiResult<serde_json::Value>
         }),
         None => json!({ "last_beat_ms": null, "interval_ms": null, "closed": null }),
     }))
+}
+
+/// `POST /api/workflows/{name}/reset`: whether the breaker was open.
+pub async fn reset(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    check_id("workflow name", &name)?;
+    let was_open = app.client.reset_and_wait(&name, app.timeout).await?;
+    Ok(Json(json!({ "workflow": name, "was_open": was_open })))
+}
+
+/// The query of `GET /api/dead`.
+#[derive(Debug, Deserialize)]
+pub struct DeadQuery {
+    /// `step` (default) or `hook`.
+    kind: Option<String>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+    /// The page size (1..=1000; default 100).
+    limit: Option<usize>,
+}
+
+/// A page of dead jobs.
+#[derive(Debug, Serialize)]
+pub struct DeadPage {
+    /// The jobs.
+    jobs: Vec<DeadJob>,
+    /// The `after` of the next page; `null` on the last.
+    next: Option<String>,
+}
+
+/// `GET /api/dead`.
+pub async fn dead(
+    State(app): State<Arc<App>>,
+    Query(query): Query<DeadQuery>,
+) -> ApiResult<DeadPage> {
+    let kind = match query.kind.as_deref() {
+        None | Some("") | Some("step") => DeadKind::Step,
+        Some("hook") => DeadKind::Hook,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown kind `{}`; use step or hook",
+                other.escape_debug()
+            )));
+        }
+    };
+    if let Some(after) = &query.after {
+        check_id("job id", after)?;
+    }
+    let limit = match query.limit {
+        None => 100,
+        Some(n @ 1..=MAX_PAGE) => n,
+        Some(n) => {
+            return Err(ApiError::bad_request(format!(
+                "limit {n} is out of range; use 1 to {MAX_PAGE}"
+            )));
+        }
+    };
+    let jobs = app
+        .bounded(
+            "listing dead jobs",
+            app.client.dead_jobs(kind, query.after.as_deref(), limit),
+        )
+        .await?;
+    // A full page may have a next one.
+    let next = (jobs.len() == limit)
+        .then(|| jobs.last().map(|j| j.job_id.clone()))
+        .flatten();
+    Ok(Json(DeadPage { jobs, next }))
+}
+
+/// `POST /api/dead/{job}/requeue`: what the worker did.
+pub async fn requeue(
+    State(app): State<Arc<App>>,
+    Path(job): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    check_id("job id", &job)?;
+    let request_id = app.client.requeue(&job).await?;
+    Ok(Json(
+        match app.client.wait_reply(&request_id, app.timeout).await? {
+            Reply::Rerun { run_id, rerun } => {
+                json!({ "job_id": job, "requeued": "rerun", "run_id": run_id, "rerun": rerun })
+            }
+            Reply::Requeued { .. } => json!({ "job_id": job, "requeued": "hook" }),
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the worker answered the requeue with {other:?}"),
+                ));
+            }
+        },
+    ))
 }

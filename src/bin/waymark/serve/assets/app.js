@@ -200,16 +200,19 @@ async function drawSchedules() {
 }
 
 async function drawDead() {
-  const page = await get("/api/dead");
-  const rows = page.jobs.map((j) => `<tr><td>${esc(j.job_id)}</td><td>${esc(j.kind)}</td>
+  const [steps, hooks] = await Promise.all([get("/api/dead?kind=step"), get("/api/dead?kind=hook")]);
+  const rows = steps.jobs.concat(hooks.jobs).map((j) => `<tr data-job="${esc(j.job_id)}"><td>${esc(j.job_id)}</td><td>${esc(j.kind)}</td>
       <td>${j.run_id ? `<a href="#/run/${encodeURIComponent(j.run_id)}">${esc(j.run_id)}</a>` : ""}</td>
-      <td class="num">${j.step ?? ""}</td><td class="num">${j.attempts}</td><td><pre>${esc(j.reason || "")}</pre></td>
+      <td>${esc(j.workflow || "")}</td><td class="num">${j.step ?? ""}</td><td class="num">${j.attempts}</td><td><pre>${esc(j.reason || "")}</pre></td>
       <td><button data-requeue="${esc(j.job_id)}">requeue</button></td></tr>`).join("");
+  const more = steps.next || hooks.next ? `<p class="muted">showing the first ${steps.jobs.length + hooks.jobs.length}; use the API's paging for the rest</p>` : "";
   view.innerHTML = `<h1>Dead letters</h1>
-    <table id="dead"><thead><tr><th>job</th><th>kind</th><th>run</th><th>step</th><th>attempts</th><th>reason</th><th></th></tr></thead>
-    <tbody>${rows || `<tr><td colspan="7" class="muted">no dead letters</td></tr>`}</tbody></table>`;
+    <table id="dead"><thead><tr><th>job</th><th>kind</th><th>run</th><th>workflow</th><th>step</th><th>attempts</th><th>reason</th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="8" class="muted">no dead letters</td></tr>`}</tbody></table>${more}`;
   view.querySelectorAll("[data-requeue]").forEach((b) => {
-    b.onclick = () => act(`/api/dead/${encodeURIComponent(b.dataset.requeue)}/requeue`, (a) => `requeued ${a.job_id}`);
+    b.onclick = () => act(`/api/dead/${encodeURIComponent(b.dataset.requeue)}/requeue`, (a) => a.requeued === "rerun"
+      ? `requeued ${a.job_id}: run ${a.run_id} runs again from that step (re-run ${a.rerun})`
+      : `requeued ${a.job_id}: the hook is delivered again`);
   });
 }
 
