@@ -10,6 +10,7 @@
 
 mod operator;
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -203,7 +204,10 @@ impl Cdp {
 #[test]
 fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow() {
     let Some(binary) = chromium() else {
-        eprintln!(
+        // Written to stderr directly: the test harness captures `eprintln!`
+        // of a passing test, and this must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
             "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
              !! SKIPPED the browser test: no Chromium found (apt-get install chromium,\n\
              !! or set WAYMARK_CHROMIUM to its path)\n\
