@@ -18,7 +18,7 @@ use crate::history::RunHistory;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
     DEFAULT_WORKFLOW, HEADER_JOIN, HEADER_PARKED, JoinRecord, Keys, OutcomeRecord, RunRecord,
-    bounded_reason, decode, parse_step_extras, rerun_of, user_headers, validate_name,
+    SubmitRecord, bounded_reason, decode, parse_step_extras, rerun_of, user_headers, validate_name,
 };
 
 /// Where a live run is.
@@ -100,7 +100,9 @@ impl StateFilter {
     }
 }
 
-/// The runs a listing asks for: a filter and a page. Construct with
+/// The runs a listing asks for: a filter and a page. The submit-time and
+/// header filters read each candidate's submit record (one more read per
+/// run). Construct with
 /// `RunFilter { workflow: Some(..), ..Default::default() }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunFilter {
@@ -111,6 +113,12 @@ pub struct RunFilter {
     /// Only the children of this run, and theirs (their ids start with
     /// `{id}.`, see [`ChildSpec`](crate::ChildSpec)).
     pub children_of: Option<String>,
+    /// Only runs submitted at or after this time (queue clock).
+    pub submitted_since: Option<SystemTime>,
+    /// Only runs submitted before this time (queue clock).
+    pub submitted_until: Option<SystemTime>,
+    /// Only runs submitted with this header: (name, value).
+    pub header: Option<(String, String)>,
     /// Start after this run id: the [`RunPage::next`] of the previous page.
     pub after: Option<String>,
     /// The most runs in the page; 0 means [`DEFAULT_RUN_PAGE`].
@@ -519,6 +527,9 @@ pub(crate) async fn runs(
         if filter.state.is_some_and(|s| !s.matches(&summary.phase)) {
             continue;
         }
+        if !submitted_as(view, keys, filter, &summary.run_id).await? {
+            continue;
+        }
         out.runs.push(summary);
         if out.runs.len() == limit {
             out.next = out.runs.last().map(|r| r.run_id.clone());
@@ -526,6 +537,35 @@ pub(crate) async fn runs(
         }
     }
     Ok(out)
+}
+
+/// Whether run `run_id`'s submit record matches the filter's submit time
+/// and header (read only when the filter asks; a run without one, e.g.
+/// past retention, does not match).
+async fn submitted_as(
+    view: &QueueView,
+    keys: &Keys,
+    filter: &RunFilter,
+    run_id: &str,
+) -> Result<bool, Error> {
+    if filter.submitted_since.is_none()
+        && filter.submitted_until.is_none()
+        && filter.header.is_none()
+    {
+        return Ok(true);
+    }
+    let key = keys.sub(run_id);
+    let Some(bytes) = view.kv_get(&key).await? else {
+        return Ok(false);
+    };
+    let record: SubmitRecord = decode(&key, &bytes)?;
+    let at = ms_to_time(record.submitted_at_ms);
+    Ok(filter.submitted_since.is_none_or(|since| at >= since)
+        && filter.submitted_until.is_none_or(|until| at < until)
+        && filter
+            .header
+            .as_ref()
+            .is_none_or(|(name, value)| record.headers.get(name) == Some(value)))
 }
 
 /// A run's step history; `None` for a run that has neither history entries

@@ -1063,6 +1063,16 @@ fn operator_commands_read_in_text_and_json_and_reset_through_the_inbox() {
         .map(|r| r["run_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["declined", "flaky"]);
+    let recent = json_of(tmp.path(), &["runs", "--since", "1h"], &url);
+    assert_eq!(recent["runs"].as_array().unwrap().len(), 2);
+    let old = json_of(
+        tmp.path(),
+        &["runs", "--until", "2001-01-01T00:00:00Z"],
+        &url,
+    );
+    assert_eq!(old["runs"], serde_json::json!([]));
+    let tagged = json_of(tmp.path(), &["runs", "--header", "team=red"], &url);
+    assert_eq!(tagged["runs"], serde_json::json!([]));
     let failed = json_of(tmp.path(), &["runs", "--state", "failed"], &url);
     assert_eq!(failed["runs"].as_array().unwrap().len(), 1);
     assert_eq!(failed["runs"][0]["run_id"], "declined");
@@ -1123,6 +1133,15 @@ fn operator_commands_read_in_text_and_json_and_reset_through_the_inbox() {
         .stderr(predicate::str::contains("invalid run id"));
     waymark(tmp.path())
         .args(["runs", "--state", "sleeping", "--store", &url])
+        .assert()
+        .code(2);
+    waymark(tmp.path())
+        .args(["runs", "--since", "yesterday", "--store", &url])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("RFC 3339"));
+    waymark(tmp.path())
+        .args(["runs", "--header", "novalue", "--store", &url])
         .assert()
         .code(2);
     waymark(tmp.path())

@@ -65,6 +65,15 @@ fn every_endpoint_against_a_live_worker() {
     assert_eq!(live["runs"][0]["state"], "parked");
     assert_eq!(live["runs"][0]["live"], true);
 
+    // Submit-time and header filters.
+    let far = 4_102_444_800_000u64; // 2100-01-01
+    assert_eq!(
+        ids(&get(addr, &format!("/api/runs?until_ms={far}")).json()),
+        expected
+    );
+    assert!(ids(&get(addr, &format!("/api/runs?since_ms={far}")).json()).is_empty());
+    assert!(ids(&get(addr, "/api/runs?header=team%3Dnobody").json()).is_empty());
+
     let mut paged = Vec::new();
     let mut path = "/api/runs?limit=3".to_string();
     loop {
@@ -89,6 +98,8 @@ fn every_endpoint_against_a_live_worker() {
         "/api/runs?limit=ten",
         "/api/runs?workflow=a%20b",
         "/api/runs?after=%00",
+        "/api/runs?header=no-equals-sign",
+        "/api/runs?since_ms=yesterday",
     ] {
         let answer = get(addr, bad);
         assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
@@ -269,7 +280,7 @@ fn every_endpoint_against_a_live_worker() {
     assert_eq!(default["breaker"]["state"], "closed");
     let fired = http("POST", addr, "/api/schedules/nightly/trigger", Some(TOKEN));
     assert_eq!(fired.status, 200, "{}", fired.body);
-    assert!(fired.json()["run_id"].as_str().unwrap().len() > 0);
+    assert!(!fired.json()["run_id"].as_str().unwrap().is_empty());
 
     // Unknown pages; the breaker's gauge after the reset.
     assert_eq!(get(addr, "/api/nope").status, 404);

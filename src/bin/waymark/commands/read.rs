@@ -3,6 +3,8 @@
 //! fences its worker, so they work while the demo or a worker runs. Ids are
 //! checked before anything is opened. Each read is bounded by `--timeout`.
 
+use std::time::{Duration, SystemTime};
+
 use clap::{Args, ValueEnum};
 use waymark::{Client, RunFilter, RunOutcome, RunPhase, StateFilter, TerminalStatus};
 
@@ -234,6 +236,16 @@ pub struct RunsArgs {
     /// Only the children of this run (and theirs).
     #[arg(long, value_name = "RUN_ID")]
     pub children_of: Option<String>,
+    /// Only runs submitted at or after this time: RFC 3339
+    /// (2026-11-26T08:00:00Z) or an age (90s, 15m, 2h, 3d ago).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<SystemTime>,
+    /// Only runs submitted before this time (as --since).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<SystemTime>,
+    /// Only runs submitted with this header.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub header: Option<(String, String)>,
     /// Print JSON instead of text, for scripts.
     #[arg(long)]
     pub json: bool,
@@ -266,6 +278,9 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
             StateArg::TimedOut => StateFilter::Is(RunPhase::Ended(TerminalStatus::TimedOut)),
         }),
         workflow: args.workflow.clone(),
+        submitted_since: args.since,
+        submitted_until: args.until,
+        header: args.header.clone(),
         after: args.after.clone(),
         children_of: args.children_of.clone(),
         limit: args.limit.max(1),
@@ -300,6 +315,42 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
         say!("more: {}", suggest(&more));
     }
     Ok(Exit::Ok)
+}
+
+/// Parse `--since`/`--until`: RFC 3339, or an age before now (`90s`, `15m`,
+/// `2h`, `3d`).
+fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
+        let ms =
+            u64::try_from(at.timestamp_millis()).map_err(|_| format!("`{text}` is before 1970"))?;
+        return Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+    }
+    let bad = || {
+        format!(
+            "`{text}` is neither an RFC 3339 time (2026-11-26T08:00:00Z) nor an age (90s, 15m, 2h, 3d)"
+        )
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(bad()),
+    };
+    Ok(SystemTime::now()
+        .checked_sub(Duration::from_secs(secs))
+        .unwrap_or(SystemTime::UNIX_EPOCH))
+}
+
+/// Parse `--header NAME=VALUE`.
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
 }
 
 /// `waymark workflows`' arguments.

@@ -4,7 +4,7 @@
 //!
 //! | method and path | answer |
 //! |-----------------|--------|
-//! | `GET /api/runs?state=&workflow=&children_of=&after=&limit=` | `{runs: [...], next}`: a page in run id order; `next` is the `after` of the next page |
+//! | `GET /api/runs?state=&workflow=&children_of=&since_ms=&until_ms=&header=NAME=VALUE&after=&limit=` | `{runs: [...], next}`: a page in run id order; `next` is the `after` of the next page |
 //! | `GET /api/runs/{id}` | `{run_id, workflow, live, outcome, children, history}`; 404 for an unknown run |
 //! | `POST /api/runs/{id}/cancel` | `{cancelled}` (the worker's answer) |
 //! | `GET /api/workflows` | every workflow's health and breaker |
@@ -23,6 +23,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -130,6 +131,12 @@ pub struct RunsQuery {
     workflow: Option<String>,
     /// A run whose children (and theirs) to list.
     children_of: Option<String>,
+    /// Only runs submitted at or after this time (ms since the epoch).
+    since_ms: Option<u64>,
+    /// Only runs submitted before this time (ms since the epoch).
+    until_ms: Option<u64>,
+    /// Only runs submitted with this header: `NAME=VALUE`.
+    header: Option<String>,
     /// The `next` of the previous page.
     after: Option<String>,
     /// The page size (1..=1000; default 100).
@@ -169,10 +176,26 @@ fn filter_of(query: RunsQuery) -> Result<RunFilter, ApiError> {
             )));
         }
     };
+    let header = match query.header.as_deref() {
+        None | Some("") => None,
+        Some(pair) => match pair.split_once('=') {
+            Some((name, value)) if !name.is_empty() => Some((name.to_string(), value.to_string())),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "header filter `{}` is not NAME=VALUE",
+                    pair.escape_debug()
+                )));
+            }
+        },
+    };
+    let time = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
     Ok(RunFilter {
         state,
         workflow: query.workflow,
         children_of: query.children_of,
+        submitted_since: query.since_ms.map(time),
+        submitted_until: query.until_ms.map(time),
+        header,
         after: query.after,
         limit,
     })
