@@ -171,6 +171,7 @@ mod client;
 mod control;
 mod effects;
 mod error;
+mod history;
 mod hook;
 pub mod memo;
 mod pending;
@@ -193,11 +194,16 @@ pub use client::{Client, ClientOptions, Sent};
 pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
 pub use effects::{MAX_EFFECT_KEY_BYTES, RESERVED_KEY_PREFIX, StagedEffects};
 pub use error::Error;
+pub use history::{
+    AttemptOutcome, DEFAULT_HISTORY_ENTRIES, HEADER_HISTORY, MAX_HISTORY_ERROR_BYTES, RunHistory,
+    StepAttempt, StepHistory,
+};
 pub use hook::{ChildOutcome, NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
 pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
-    DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
+    DEFAULT_RUN_PAGE, DeadJob, DeadKind, RunFilter, RunPage, RunPhase, RunState, RunStatus,
+    RunSummary, StateFilter,
 };
 pub use record::{
     DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_JOIN, HEADER_PARENT,

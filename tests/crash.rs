@@ -826,9 +826,8 @@ async fn child_async(cfg: ChildConfig) {
         let live = RunFilter {
             state: Some(StateFilter::Live),
             workflow: Some(SCHEDULE_WORKFLOW.into()),
-            after: None,
             limit: 1,
-            children_of: None,
+            ..Default::default()
         };
         while !rt.runs(&live).await.unwrap().runs.is_empty() {
             assert!(Instant::now() < deadline, "the schedule's runs never ended");

@@ -139,7 +139,11 @@ async fn memo_entries_go_with_the_outcome_at_retention() {
     assert_eq!(
         data_keys(&env).await,
         [
-            // The kept inputs of steps 0 and 1 (for a re-run), then the memo.
+            // The step history (one entry a settlement), the kept inputs of
+            // steps 0 and 1 (for a re-run), then the memo.
+            "wm/workflow-steps/data/kept/hist/00000000000000000000",
+            "wm/workflow-steps/data/kept/hist/00000000000000000001",
+            "wm/workflow-steps/data/kept/hist/00000000000000000002",
             "wm/workflow-steps/data/kept/input/0",
             "wm/workflow-steps/data/kept/input/1",
             "wm/workflow-steps/data/kept/memo/0/charge",

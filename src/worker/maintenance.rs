@@ -30,8 +30,9 @@
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   end their runs `Failed` (`TimedOut` or `Cancelled` when a stop was
 //!   asked), one page of dead jobs per tick, cycling through the
-//!   dead-letter listing. Nothing of it holds up the first claim; a record
-//!   that cannot be read is logged and skipped.
+//!   dead-letter listing (each new cycle also samples the step queue's job
+//!   counts for the `waymark_backlog` gauges). Nothing of it holds up the
+//!   first claim; a record that cannot be read is logged and skipped.
 //!
 //! Every store call here counts for the store watchdog (see
 //! [`watched`](super::watched)), and a tick is abandoned as soon as the pool
@@ -454,6 +455,12 @@ impl Upkeep {
         }
         if self.dead_after.is_none() {
             self.cycle_started = Some(Instant::now());
+            // The backlog gauges, sampled once a cycle (five reads).
+            let stats = {
+                let _watch = watched(inner, WATCH);
+                inner.queue.view().stats(&inner.cfg.queue_name).await?
+            };
+            super::metrics::backlog(&stats);
         }
         let page = {
             let _watch = watched(inner, WATCH);
