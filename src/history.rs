@@ -4,7 +4,10 @@
 //! parking, children, a new segment, the run's end) and its error.
 //!
 //! One entry per settlement, written in that settlement's transaction as
-//! one more KV put: `wm/Q/data/{id}/hist/{seq:020}`. The entry's number
+//! one more KV put: `wm/Q/data/{id}/hist/{seq:020}`; a run that ends
+//! outside a settlement (a cancel or deadline removing its waiting step,
+//! the reconcile of a dead step job) gets its ending as an entry in that
+//! terminal transaction. The entry's number
 //! travels on the run's step jobs (header `workflow.history`, the next
 //! number), so writing an entry reads nothing. A run keeps at most
 //! `WorkflowRuntimeBuilder::step_history` entries: entry `seq` deletes entry
@@ -18,11 +21,11 @@ use std::collections::HashMap;
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
-use taquba::{KvOrder, QueueView, SettlementEffects};
+use taquba::{JobRecord, KvOrder, QueueView, SettlementEffects};
 
 use crate::error::Error;
-use crate::hook::TerminalStatus;
-use crate::record::{Keys, bounded, decode, encode, validate_name};
+use crate::hook::{RunOutcome, TerminalStatus};
+use crate::record::{Keys, bounded, decode, encode, parse_step_extras, validate_name};
 
 /// The header carrying the number of the run's next history entry.
 pub const HEADER_HISTORY: &str = "workflow.history";
@@ -174,6 +177,40 @@ pub(crate) fn record(
         effects = effects.kv_delete(entry_key(keys, run_id, old));
     }
     Ok(effects)
+}
+
+/// Add the entry of a run that ends outside a settlement (a cancel or a
+/// deadline removing its waiting step, the reconcile of a step job the
+/// queue dead-lettered) to `effects`: its final step's job `job`, marked
+/// with how the run ended. Its attempt is the step's attempts so far (0
+/// when the step never ran); it started when the job was last claimed
+/// (`now` when never).
+pub(crate) fn record_ending(
+    effects: SettlementEffects,
+    keys: &Keys,
+    limit: u32,
+    outcome: &RunOutcome,
+    job: &JobRecord,
+    now: u64,
+) -> Result<SettlementEffects, Error> {
+    if limit == 0 {
+        return Ok(effects);
+    }
+    let before = parse_step_extras(&job.headers).map_or(0, |(_, before)| before);
+    let entry = StepAttempt {
+        step: outcome.final_step,
+        attempt: before.saturating_add(job.attempts),
+        job_id: job.id.clone(),
+        started_ms: job.claimed_at.unwrap_or(now),
+        ended_ms: now,
+        signalled: job.signal.is_some(),
+        outcome: AttemptOutcome::Ended {
+            status: outcome.status,
+        },
+        error: outcome.error.clone(),
+    };
+    let seq = seq_of(&job.headers);
+    record(effects, keys, &outcome.run_id, seq, limit, entry)
 }
 
 /// The number after the run's last history entry (0 for none).

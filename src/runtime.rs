@@ -1120,6 +1120,16 @@ impl<R, H> Inner<R, H> {
                 // The run moved on since the read.
                 continue;
             };
+            // Its history's last entry, for a waiting step removed (a running
+            // step's settlement writes its own).
+            let effects = crate::history::record_ending(
+                effects,
+                &inner.keys,
+                inner.cfg.history_entries,
+                &outcome,
+                &job,
+                inner.now_ms(),
+            )?;
             let cancelled = {
                 let _pending = inner.pending.begin(run_id);
                 inner.queue.cancel_with(&run.job_id, effects).await
@@ -1523,6 +1533,14 @@ impl<R, H> Inner<R, H> {
         else {
             return Ok(false);
         };
+        let effects = crate::history::record_ending(
+            effects,
+            &self.keys,
+            self.cfg.history_entries,
+            &outcome,
+            job,
+            self.now_ms(),
+        )?;
         let applied = {
             let _pending = self.pending.begin(run_id);
             self.queue

@@ -186,6 +186,80 @@ async fn the_history_keeps_the_newest_entries_and_counts_the_dropped() {
     env.stop().await;
 }
 
+/// A run that ends while its step waits (a cancel of a delayed step, a
+/// deadline during a wait for a signal) ends its history with that ending,
+/// though no settlement ran for it.
+#[tokio::test]
+async fn a_cancel_or_a_deadline_of_a_waiting_step_ends_the_history() {
+    let runner = FnRunner::new(|s: Step| async move {
+        Ok(match (s.run_id.as_str(), s.step_number) {
+            ("late", _) => StepOutcome::WaitForSignal {
+                payload: vec![],
+                timeout: HOUR,
+            },
+            _ => StepOutcome::ContinueAfter {
+                payload: vec![],
+                delay: HOUR,
+            },
+        })
+    });
+    let mut env = Env::configured(runner, NoopTerminalHook, |b| {
+        b.poll_interval(Duration::from_millis(5))
+    })
+    .await;
+    env.start();
+    env.submit("stopped", b"").await;
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("late".into()),
+            deadline: Some(Deadline::After(Duration::from_secs(60))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for id in ["stopped", "late"] {
+        env.until_status(id, |s| s.is_some_and(|s| s.current_step == 1))
+            .await;
+    }
+    assert!(env.rt.cancel("stopped").await.unwrap());
+    env.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        env.rt.wait("late").await.unwrap().status,
+        TerminalStatus::TimedOut
+    );
+    for (id, first, status) in [
+        (
+            "stopped",
+            AttemptOutcome::Delayed { until_ms: 0 },
+            TerminalStatus::Cancelled,
+        ),
+        (
+            "late",
+            AttemptOutcome::WaitingForSignal { until_ms: 0 },
+            TerminalStatus::TimedOut,
+        ),
+    ] {
+        let history = env.rt.history(id).await.unwrap().unwrap();
+        let entries = flat(&history);
+        assert_eq!(entries.len(), 2, "{id}: {entries:?}");
+        assert_eq!(
+            std::mem::discriminant(&entries[0].2),
+            std::mem::discriminant(&first),
+            "{id}: {entries:?}"
+        );
+        // Step 1 never ran (attempt 0); the run's ending is its entry.
+        assert_eq!(entries[1].0, 1);
+        assert_eq!(entries[1].1, 0);
+        assert_eq!(entries[1].2, AttemptOutcome::Ended { status }, "{id}");
+        assert_eq!(
+            entries[1].4,
+            status == TerminalStatus::TimedOut,
+            "{id}: the deadline's reason"
+        );
+    }
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn no_history_is_kept_when_turned_off() {
     let runner =
