@@ -141,6 +141,14 @@ async fn main() {
     let rt = WorkflowRuntime::builder(queue.clone(), Runner(bench.clone()), NoopTerminalHook)
         .max_concurrent_steps(1)
         .poll_interval(Duration::from_secs(3600))
+        // `WAYMARK_BENCH_STEP_HISTORY=0` measures a step without its
+        // history entry.
+        .step_history(
+            std::env::var("WAYMARK_BENCH_STEP_HISTORY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(waymark::DEFAULT_HISTORY_ENTRIES),
+        )
         .build()
         .expect("valid settings");
     let stop = tokio_util::sync::CancellationToken::new();

@@ -734,7 +734,11 @@ impl Breakers {
                 workflow,
                 streak,
                 last_error,
-            } => tracing::warn!(workflow, streak, last_error, "breaker tripped"),
+            } => {
+                metrics::counter!("waymark_breaker_trips_total", "workflow" => workflow.clone())
+                    .increment(1);
+                tracing::warn!(workflow, streak, last_error, "breaker tripped")
+            }
             BreakerEvent::Closed { workflow } => tracing::info!(workflow, "breaker closed"),
         }
         if let Some(observer) = &self.observer {

@@ -53,6 +53,17 @@ pub(crate) enum Request {
     Pause { schedule: String },
     /// Resume a schedule (`WorkflowRuntime::resume_schedule`).
     Resume { schedule: String },
+    /// Reset a workflow's breaker (`WorkflowRuntime::reset_workflow`).
+    Reset { workflow: String },
+    /// Requeue a dead-lettered job: a hook notification is delivered
+    /// again; a step job's run is re-run from that step.
+    Requeue { job_id: String },
+}
+
+/// The ordering key (header `workflow.run_id`) of a request about workflow
+/// `name`'s breaker (no run id has a `/`).
+pub(crate) fn workflow_order_key(name: &str) -> String {
+    format!("workflow/{name}")
 }
 
 /// The ordering key (header `workflow.run_id`) of a request about schedule
@@ -126,6 +137,12 @@ pub(crate) enum ReplyBody {
     ScheduleOverlap { schedule: String, run_id: String },
     /// The worker pool was stopping (`Error::ShuttingDown`).
     ShuttingDown,
+    /// The reset was applied: whether the breaker was open.
+    Reset { workflow: String, was_open: bool },
+    /// A dead hook notification is pending again.
+    RequeuedHook { job_id: String },
+    /// No dead job has this id (`Error::JobNotFound`).
+    JobNotFound { job_id: String },
 }
 
 /// Why a re-run was refused: each is one of `Error`'s variants.
@@ -248,6 +265,22 @@ pub enum Reply {
         /// False when it was running already.
         was_paused: bool,
     },
+    /// A workflow's breaker reset: whether it was open, as
+    /// [`WorkflowRuntime::reset_workflow`](crate::WorkflowRuntime::reset_workflow)
+    /// returned it.
+    Reset {
+        /// The workflow.
+        workflow: String,
+        /// False when it was closed with no failure streak.
+        was_open: bool,
+    },
+    /// A dead hook notification requeued: it is pending again (a dead step
+    /// job's requeue is a re-run of its run from its step, answered by
+    /// [`Reply::Rerun`]).
+    Requeued {
+        /// The job.
+        job_id: String,
+    },
 }
 
 impl ReplyBody {
@@ -299,6 +332,9 @@ impl ReplyBody {
                 Err(Error::ScheduleOverlap { schedule, run_id })
             }
             ReplyBody::ShuttingDown => Err(Error::ShuttingDown),
+            ReplyBody::Reset { workflow, was_open } => Ok(Reply::Reset { workflow, was_open }),
+            ReplyBody::RequeuedHook { job_id } => Ok(Reply::Requeued { job_id }),
+            ReplyBody::JobNotFound { job_id } => Err(Error::JobNotFound(job_id)),
         }
     }
 }

@@ -60,6 +60,13 @@ pub enum Error {
     #[error("no run `{0}` is known (never submitted, or its outcome passed the retention window)")]
     RunNotFound(String),
 
+    /// No dead-lettered job has this id (never dead, already requeued, or
+    /// removed by the queue's retention). `Client::dead_jobs` lists them.
+    #[error(
+        "no dead job `{0}` (never dead-lettered, already requeued, or past the queue's retention)"
+    )]
+    JobNotFound(String),
+
     /// The queue or its store failed. Transient store failures
     /// ([`Error::is_permanent`] is false) can be retried.
     #[error("queue error: {0}")]

@@ -151,6 +151,15 @@
 //! ([`StoreOptions::inbox_touch_poll`], default 250 ms), its flush interval
 //! and the client's refresh interval; `BENCHMARKS.md` has the numbers.
 //!
+//! ## Testing your workflows for crashes
+//!
+//! The `testkit` feature adds `waymark::testkit`: your runner and hook on
+//! this runtime over an in-memory store with a mock clock, crashes at named
+//! points of a step (losing exactly what a kill loses), seeded store faults,
+//! a record of every step's calls, and a helper that SIGKILLs a real worker
+//! process at seeded moments. Its module docs are the guide; Waymark's own
+//! crash tests use it.
+//!
 //! See `ARCHITECTURE.md` for the modules, the path of one step, and the
 //! path of a client's request.
 
@@ -163,10 +172,13 @@ mod control;
 mod effects;
 mod error;
 pub mod fleet;
+mod history;
 mod hook;
 pub mod memo;
 mod pending;
 mod policy;
+#[cfg(feature = "testkit")]
+mod probe;
 mod read;
 mod record;
 mod runner;
@@ -174,6 +186,8 @@ mod runtime;
 mod schedule;
 mod store;
 mod sync;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod worker;
 
 pub use breaker::{BreakerEvent, BreakerStatus, WorkflowHealth};
@@ -181,11 +195,16 @@ pub use client::{Client, ClientOptions, Sent};
 pub use control::{MAX_REQUEST_ID_LEN, Reply, validate_request_id};
 pub use effects::{MAX_EFFECT_KEY_BYTES, RESERVED_KEY_PREFIX, StagedEffects};
 pub use error::Error;
+pub use history::{
+    AttemptOutcome, DEFAULT_HISTORY_ENTRIES, HEADER_HISTORY, MAX_HISTORY_ERROR_BYTES, RunHistory,
+    StepAttempt, StepHistory,
+};
 pub use hook::{ChildOutcome, NoopTerminalHook, RunOutcome, TerminalHook, TerminalStatus};
 pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
-    DEFAULT_RUN_PAGE, RunFilter, RunPage, RunPhase, RunState, RunStatus, RunSummary, StateFilter,
+    DEFAULT_RUN_PAGE, DeadJob, DeadKind, RunFilter, RunPage, RunPhase, RunState, RunStatus,
+    RunSummary, StateFilter,
 };
 pub use record::{
     DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_JOIN, HEADER_PARENT,

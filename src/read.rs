@@ -14,11 +14,12 @@ use taquba::{JobRecord, JobStatus, KvOrder, QueueView};
 
 use crate::breaker::{Breakers, ms_to_time};
 use crate::error::Error;
+use crate::history::RunHistory;
 use crate::hook::{RunOutcome, TerminalStatus};
 use crate::record::{
     DEFAULT_WORKFLOW, HEADER_JOIN, HEADER_PARKED, JoinRecord, Keys, OutcomeRecord, RunRecord,
-    bounded_reason, deadline_of, decode, parse_step_extras, rerun_of, timed_out_reason,
-    user_headers, validate_name,
+    SubmitRecord, bounded_reason, deadline_of, decode, parse_step_extras, rerun_of,
+    timed_out_reason, user_headers, validate_name,
 };
 
 /// Where a live run is.
@@ -100,7 +101,9 @@ impl StateFilter {
     }
 }
 
-/// The runs a listing asks for: a filter and a page. Construct with
+/// The runs a listing asks for: a filter and a page. The submit-time and
+/// header filters read each candidate's submit record (one more read per
+/// run). Construct with
 /// `RunFilter { workflow: Some(..), ..Default::default() }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunFilter {
@@ -111,6 +114,12 @@ pub struct RunFilter {
     /// Only the children of this run, and theirs (their ids start with
     /// `{id}.`, see [`ChildSpec`](crate::ChildSpec)).
     pub children_of: Option<String>,
+    /// Only runs submitted at or after this time (queue clock).
+    pub submitted_since: Option<SystemTime>,
+    /// Only runs submitted before this time (queue clock).
+    pub submitted_until: Option<SystemTime>,
+    /// Only runs submitted with this header: (name, value).
+    pub header: Option<(String, String)>,
     /// Start after this run id: the [`RunPage::next`] of the previous page.
     pub after: Option<String>,
     /// The most runs in the page; 0 means [`DEFAULT_RUN_PAGE`].
@@ -141,6 +150,70 @@ pub struct RunPage {
     /// Pass as [`RunFilter::after`] for the next page; `None` when this page
     /// is the last.
     pub next: Option<String>,
+}
+
+/// Which queue a dead-lettered job was on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeadKind {
+    /// A run's step job (its run ended `Failed`, or will when the worker
+    /// reconciles it).
+    Step,
+    /// A hook notification the hook refused for good or ran out of attempts
+    /// on.
+    Hook,
+}
+
+/// A dead-lettered job, as [`Client::dead_jobs`](crate::Client::dead_jobs)
+/// lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DeadJob {
+    /// The job (pass it to `Client::requeue`).
+    pub job_id: String,
+    /// Its queue.
+    pub kind: DeadKind,
+    /// Its run, from its headers.
+    pub run_id: Option<String>,
+    /// For a step job: the step.
+    pub step: Option<u32>,
+    /// For a step job: its workflow.
+    pub workflow: Option<String>,
+    /// The attempts it had.
+    pub attempts: u32,
+    /// Why it was dead-lettered (its last error).
+    pub reason: Option<String>,
+}
+
+/// A page of the dead jobs on `queue`, in id (enqueue) order after `after`.
+pub(crate) async fn dead_jobs(
+    view: &QueueView,
+    queue: &str,
+    kind: DeadKind,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeadJob>, Error> {
+    let jobs = view.dead_jobs(queue, after, limit.max(1)).await?;
+    Ok(jobs
+        .into_iter()
+        .map(|job| {
+            let step_job = kind == DeadKind::Step;
+            DeadJob {
+                run_id: job.headers.get(crate::record::HEADER_RUN_ID).cloned(),
+                step: job
+                    .headers
+                    .get(crate::record::HEADER_STEP)
+                    .filter(|_| step_job)
+                    .and_then(|s| s.parse().ok()),
+                workflow: step_job.then(|| job_workflow(&job)),
+                attempts: job.attempts,
+                reason: job.last_error.clone(),
+                job_id: job.id,
+                kind,
+            }
+        })
+        .collect())
 }
 
 /// The workflow a step job belongs to.
@@ -462,6 +535,9 @@ pub(crate) async fn runs(
         if filter.state.is_some_and(|s| !s.matches(&summary.phase)) {
             continue;
         }
+        if !submitted_as(view, keys, filter, &summary.run_id).await? {
+            continue;
+        }
         out.runs.push(summary);
         if out.runs.len() == limit {
             out.next = out.runs.last().map(|r| r.run_id.clone());
@@ -469,4 +545,50 @@ pub(crate) async fn runs(
         }
     }
     Ok(out)
+}
+
+/// Whether run `run_id`'s submit record matches the filter's submit time
+/// and header (read only when the filter asks; a run without one, e.g.
+/// past retention, does not match).
+async fn submitted_as(
+    view: &QueueView,
+    keys: &Keys,
+    filter: &RunFilter,
+    run_id: &str,
+) -> Result<bool, Error> {
+    if filter.submitted_since.is_none()
+        && filter.submitted_until.is_none()
+        && filter.header.is_none()
+    {
+        return Ok(true);
+    }
+    let key = keys.sub(run_id);
+    let Some(bytes) = view.kv_get(&key).await? else {
+        return Ok(false);
+    };
+    let record: SubmitRecord = decode(&key, &bytes)?;
+    let at = ms_to_time(record.submitted_at_ms);
+    Ok(filter.submitted_since.is_none_or(|since| at >= since)
+        && filter.submitted_until.is_none_or(|until| at < until)
+        && filter
+            .header
+            .as_ref()
+            .is_none_or(|(name, value)| record.headers.get(name) == Some(value)))
+}
+
+/// A run's step history; `None` for a run that has neither history entries
+/// nor a live or terminal record.
+pub(crate) async fn history(
+    view: &QueueView,
+    keys: &Keys,
+    run_id: &str,
+) -> Result<Option<RunHistory>, Error> {
+    let (entries, next) = crate::history::entries(view, keys, run_id).await?;
+    if entries.is_empty()
+        && read_run(view, keys, run_id).await?.is_none()
+        && outcome(view, keys, run_id).await?.is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(crate::history::assemble(run_id, entries, next)))
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{BreakerEvent, Breakers, Observer, TallyGuard, WorkflowHealth};
 use crate::error::Error;
+use crate::history::RunHistory;
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus, hook_enabled, hook_queue_name};
 use crate::pending::PendingCommits;
 use crate::policy::{BackoffPolicy, RetryPolicy};
@@ -135,6 +136,7 @@ pub(crate) struct Config {
     pub retry: HashMap<String, RetryPolicy>,
     pub default_retry: RetryPolicy,
     pub keep_step_inputs: bool,
+    pub history_entries: u32,
 }
 
 impl Config {
@@ -161,6 +163,9 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     observer: Option<Observer>,
     schedules: Vec<Schedule>,
     keep_step_inputs: bool,
+    #[cfg(feature = "testkit")]
+    probe: Option<Arc<dyn crate::probe::Probe>>,
+    history_entries: u32,
 }
 
 impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
@@ -260,6 +265,24 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         self
     }
 
+    /// The test kit's probe (see [`crate::probe`]).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn probe(mut self, probe: Arc<dyn crate::probe::Probe>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// How many entries each run's step history keeps (default
+    /// [`DEFAULT_HISTORY_ENTRIES`](crate::DEFAULT_HISTORY_ENTRIES)); the
+    /// oldest are dropped, and [`RunHistory::dropped`] counts them. 0 keeps
+    /// no history. An entry is one more KV put in the settlement that
+    /// commits anyway (no commit of its own, about 100 bytes plus the error,
+    /// at most [`MAX_HISTORY_ERROR_BYTES`](crate::MAX_HISTORY_ERROR_BYTES)).
+    pub fn step_history(mut self, entries: u32) -> Self {
+        self.history_entries = entries;
+        self
+    }
+
     /// Check the settings and build the runtime.
     pub fn build(self) -> Result<WorkflowRuntime<R, H>, Error> {
         let invalid = |m: String| Err(Error::InvalidConfig(m));
@@ -319,6 +342,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                     retry: self.retry,
                     default_retry: self.default_retry,
                     keep_step_inputs: self.keep_step_inputs,
+                    history_entries: self.history_entries,
                 },
                 breakers,
                 schedules,
@@ -329,6 +353,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
+                #[cfg(feature = "testkit")]
+                probe: self.probe,
             }),
         })
     }
@@ -397,6 +423,9 @@ pub(crate) struct Inner<R, H> {
     pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).
     pub pending: PendingCommits,
+    /// The test kit's probe (see [`crate::probe`]).
+    #[cfg(feature = "testkit")]
+    pub probe: Option<Arc<dyn crate::probe::Probe>>,
 }
 
 /// The steps this process is running: per job id, one entry per claim. A
@@ -587,6 +616,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             observer: None,
             schedules: Vec::new(),
             keep_step_inputs: true,
+            #[cfg(feature = "testkit")]
+            probe: None,
+            history_entries: crate::history::DEFAULT_HISTORY_ENTRIES,
         }
     }
 
@@ -755,6 +787,21 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         self.inner.outcome(run_id).await
     }
 
+    /// A run's step history (of its current segment), from durable state:
+    /// each step's settled attempts, oldest first, kept with the outcome for
+    /// `terminal_retention`. `None` for an unknown run (or one whose outcome
+    /// retention deleted). See [`Self::builder`]'s `step_history`.
+    pub async fn history(&self, run_id: &str) -> Result<Option<RunHistory>, Error> {
+        validate_name("run id", run_id)?;
+        let inner = &self.inner;
+        inner
+            .durable(
+                run_id,
+                read::history(inner.queue.view(), &inner.keys, run_id),
+            )
+            .await
+    }
+
     /// Wait until the run terminates and return its outcome (at once if it
     /// already has). The run must be worked by this process's pool
     /// ([`Self::run`]); [`Error::RunNotFound`] for an unknown run.
@@ -870,10 +917,14 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let out_key = inner.keys.out(run_id);
         let input_key = inner.keys.input(run_id, from_step);
         loop {
-            let (ended, input) = inner
+            let (ended, input, history) = inner
                 .durable(run_id, async {
                     let view = inner.queue.view();
-                    Ok((view.kv_get(&out_key).await?, view.kv_get(&input_key).await?))
+                    Ok((
+                        view.kv_get(&out_key).await?,
+                        view.kv_get(&input_key).await?,
+                        crate::history::next_seq(view, &inner.keys, run_id).await?,
+                    ))
                 })
                 .await?;
             let Some(ended) = ended else {
@@ -909,7 +960,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             };
             let payload: serde_bytes::ByteBuf = decode(&input_key, &input)?;
             let rerun = record.reruns.saturating_add(1);
-            let effects = inner.rerun_effects(run_id, from_step, &record, rerun, payload)?;
+            let effects =
+                inner.rerun_effects(run_id, from_step, &record, rerun, history, payload)?;
             let committed = {
                 let _pending = inner.pending.begin(run_id);
                 inner
@@ -1068,6 +1120,16 @@ impl<R, H> Inner<R, H> {
                 // The run moved on since the read.
                 continue;
             };
+            // Its history's last entry, for a waiting step removed (a running
+            // step's settlement writes its own).
+            let effects = crate::history::record_ending(
+                effects,
+                &inner.keys,
+                inner.cfg.history_entries,
+                &outcome,
+                &job,
+                inner.now_ms(),
+            )?;
             let cancelled = {
                 let _pending = inner.pending.begin(run_id);
                 inner.queue.cancel_with(&run.job_id, effects).await
@@ -1278,12 +1340,20 @@ impl<R, H> Inner<R, H> {
         step: u32,
         ended: &OutcomeRecord,
         rerun: u32,
+        history: u64,
         payload: serde_bytes::ByteBuf,
     ) -> Result<SettlementEffects, Error> {
         let job_id = self.queue.next_job_id();
         let mut headers = step_headers(&ended.headers, run_id, step);
         headers.insert(HEADER_WORKFLOW.to_string(), ended.workflow.clone());
         headers.insert(record::HEADER_RERUN.to_string(), rerun.to_string());
+        // The re-run's entries follow the run's history.
+        if history > 0 {
+            headers.insert(
+                crate::history::HEADER_HISTORY.to_string(),
+                history.to_string(),
+            );
+        }
         let options = EnqueueOptions::default()
             .dedup_key(record::dedup_key(run_id, step))
             .id_override(job_id.clone())
@@ -1463,6 +1533,14 @@ impl<R, H> Inner<R, H> {
         else {
             return Ok(false);
         };
+        let effects = crate::history::record_ending(
+            effects,
+            &self.keys,
+            self.cfg.history_entries,
+            &outcome,
+            job,
+            self.now_ms(),
+        )?;
         let applied = {
             let _pending = self.pending.begin(run_id);
             self.queue

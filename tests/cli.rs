@@ -964,3 +964,287 @@ fn a_step_shown_done_survives_a_kill_at_that_moment() {
     let status = String::from_utf8(status.get_output().stdout.clone()).unwrap();
     assert!(!status.contains("step:     1/5"), "{line}\n{status}");
 }
+
+// ---------------------------------------------------------------------------
+// Issue 18: the operator's commands, human and --json, beside a worker
+// ---------------------------------------------------------------------------
+
+/// Run `waymark ARGS --store URL --json` and parse its stdout.
+fn json_of(cwd: &Path, args: &[&str], url: &str) -> serde_json::Value {
+    let out = waymark(cwd)
+        .args(args)
+        .args(["--json", "--store", url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out:?}"))
+}
+
+#[test]
+fn operator_commands_read_in_text_and_json_and_reset_through_the_inbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+    // Example 3's card fails its first attempt (retried); then example 5's
+    // card is declined (the run fails at step 3): the workflow's last
+    // attempt failed.
+    for (run, example) in [("flaky", "3"), ("declined", "5")] {
+        waymark(tmp.path())
+            .args(["submit", run, "--example", example, "--store", &url])
+            .assert()
+            .success();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains("Succeeded") || line.contains("Failed") {
+                break;
+            }
+        }
+    }
+
+    // history: the retry, then the pickup delay, in order.
+    let history = json_of(tmp.path(), &["history", "flaky"], &url);
+    assert_eq!(history["run_id"], "flaky");
+    let entries: Vec<(u64, u64, String)> = history["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["attempts"].as_array().unwrap().clone())
+        .map(|a| {
+            (
+                a["step"].as_u64().unwrap(),
+                a["attempt"].as_u64().unwrap(),
+                a["outcome"]["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let step2: Vec<_> = entries.iter().filter(|e| e.0 == 2).cloned().collect();
+    assert_eq!(
+        step2,
+        vec![
+            (2, 1, "retrying".to_string()),
+            (2, 2, "delayed".to_string())
+        ],
+        "{history}"
+    );
+    assert_eq!(entries.last().unwrap().2, "ended", "{history}");
+    waymark(tmp.path())
+        .args(["history", "flaky", "--store", &url])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("retry at")
+                .and(predicate::str::contains("payment gateway timed out"))
+                .and(predicate::str::contains("run Succeeded")),
+        );
+
+    // status and outcome.
+    let status = json_of(tmp.path(), &["status", "declined"], &url);
+    assert_eq!(status["live"], false);
+    assert_eq!(status["status"], "Failed");
+    let outcome = json_of(tmp.path(), &["outcome", "flaky"], &url);
+    assert_eq!(outcome["status"], "Succeeded");
+    assert_eq!(outcome["final_step"], 4);
+
+    // runs, with filters.
+    let runs = json_of(tmp.path(), &["runs"], &url);
+    let ids: Vec<&str> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["declined", "flaky"]);
+    let recent = json_of(tmp.path(), &["runs", "--since", "1h"], &url);
+    assert_eq!(recent["runs"].as_array().unwrap().len(), 2);
+    let old = json_of(
+        tmp.path(),
+        &["runs", "--until", "2001-01-01T00:00:00Z"],
+        &url,
+    );
+    assert_eq!(old["runs"], serde_json::json!([]));
+    let tagged = json_of(tmp.path(), &["runs", "--header", "team=red"], &url);
+    assert_eq!(tagged["runs"], serde_json::json!([]));
+    let failed = json_of(tmp.path(), &["runs", "--state", "failed"], &url);
+    assert_eq!(failed["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(failed["runs"][0]["run_id"], "declined");
+    waymark(tmp.path())
+        .args(["runs", "--state", "succeeded", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("flaky").and(predicate::str::contains("declined").not()));
+
+    // workflows: the declined card's failure is the streak; a reset through
+    // the inbox zeroes it.
+    let mut streak = 0;
+    for _ in 0..200 {
+        let all = json_of(tmp.path(), &["workflows"], &url);
+        streak = all[0]["failure_streak"].as_u64().unwrap_or(0);
+        if streak > 0 {
+            assert_eq!(all[0]["workflow"], "default");
+            assert_eq!(all[0]["breaker"]["state"], "closed");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(streak > 0, "the failure was never folded into the health");
+    waymark(tmp.path())
+        .args(["workflows", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("WORKFLOW").and(predicate::str::contains("default")));
+    waymark(tmp.path())
+        .args(["reset", "default", "--store", &url])
+        .assert()
+        .success();
+    let mut after = u64::MAX;
+    for _ in 0..200 {
+        let all = json_of(tmp.path(), &["workflows"], &url);
+        after = all[0]["failure_streak"].as_u64().unwrap();
+        if after == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(after, 0, "the reset did not zero the streak");
+
+    // schedules: none defined, an empty list.
+    let schedules = json_of(tmp.path(), &["schedules"], &url);
+    assert_eq!(schedules, serde_json::json!([]));
+
+    // Bad input: an unknown run, a malformed id, a bad filter, a bad name.
+    waymark(tmp.path())
+        .args(["history", "nobody", "--store", &url])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no run `nobody`"));
+    waymark(tmp.path())
+        .args(["history", "bad id", "--json", "--store", &url])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid run id"));
+    waymark(tmp.path())
+        .args(["runs", "--state", "sleeping", "--store", &url])
+        .assert()
+        .code(2);
+    waymark(tmp.path())
+        .args(["runs", "--since", "yesterday", "--store", &url])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("RFC 3339"));
+    waymark(tmp.path())
+        .args(["runs", "--header", "novalue", "--store", &url])
+        .assert()
+        .code(2);
+    waymark(tmp.path())
+        .args(["reset", "no/such", "--store", &url])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid workflow name"));
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    let status = worker.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+    // Example 7 ships to a PO Box: the carrier refuses it for good, and
+    // the step job is dead-lettered.
+    waymark(tmp.path())
+        .args(["submit", "pobox", "--example", "7", "--store", &url])
+        .assert()
+        .success();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("Failed") {
+            break;
+        }
+    }
+    waymark(tmp.path())
+        .args(["dead", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("pobox").and(predicate::str::contains("PO Box")));
+    let dead = json_of(tmp.path(), &["dead"], &url);
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["kind"], "step");
+    assert_eq!(dead[0]["run_id"], "pobox");
+    assert_eq!(dead[0]["step"], 3);
+    assert!(
+        dead[0]["reason"].as_str().unwrap().contains("PO Box"),
+        "{dead:?}"
+    );
+    let hooks = json_of(tmp.path(), &["dead", "--kind", "hook"], &url);
+    assert_eq!(hooks, serde_json::json!([]));
+    let job = dead[0]["job_id"].as_str().unwrap().to_string();
+
+    // Requeue: the run re-runs from that step (and fails there again).
+    waymark(tmp.path())
+        .args(["requeue", &job, "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "run pobox runs again from that step (re-run 1)",
+        ));
+    let mut reruns = 0;
+    for _ in 0..200 {
+        let out = waymark(tmp.path())
+            .args(["outcome", "pobox", "--json", "--store", &url])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            reruns = outcome["reruns"].as_u64().unwrap();
+            if reruns == 1 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(reruns, 1, "the requeue did not re-run the run");
+    // The same job again is no longer dead: not found. A malformed id is a
+    // usage error, before anything is sent.
+    waymark(tmp.path())
+        .args(["requeue", &job, "--store", &url])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no dead job"));
+    waymark(tmp.path())
+        .args(["requeue", "01NOTAJOB", "--store", &url])
+        .assert()
+        .code(3);
+    waymark(tmp.path())
+        .args(["requeue", "bad/id", "--store", &url])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid job id"));
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+}

@@ -1,8 +1,10 @@
 //! Crash tests with a real worker process on a local-disk store.
 //!
 //! The worker is this test binary re-executed as a child (`crash_child`, an
-//! ignored test that acts only when `WAYMARK_CRASH_CHILD` is set). The driver
-//! SIGKILLs it (`Child::kill`) and starts a new one on the same directory.
+//! ignored test that acts only when the test kit's worker variable is set),
+//! through `waymark::testkit::process`. The driver SIGKILLs it at moments of
+//! the kit's seeded `KillSchedule` and starts a new one on the same
+//! directory.
 //! Only one process opens the store at a time (taquba is single-writer): the
 //! driver opens it itself only between children, to check the durable state.
 //!
@@ -30,19 +32,20 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions as FileOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Rng;
 use tokio::sync::mpsc as amsc;
 use waymark::taquba::object_store::local::LocalFileSystem;
 use waymark::taquba::{JobRecord, JobStatus, KvOrder, OpenOptions, Queue, QueueConfig};
+use waymark::testkit::process::{
+    self, KillSchedule, READY, TestDir, WorkerProcess, fail_with_seed,
+};
 use waymark::*;
 
-const CHILD_ENV: &str = "WAYMARK_CRASH_CHILD";
 const STEP_QUEUE: &str = "crash";
 const HOOK_QUEUE: &str = "crash-hooks";
 const MARKER_PREFIX: &str = "test/hook/";
@@ -679,7 +682,7 @@ fn child_main(cfg: ChildConfig) {
 
 async fn child_async(cfg: ChildConfig) {
     let queue = open_queue(&cfg.dir, false).await;
-    println!("WAYMARK-READY");
+    process::announce_ready();
     let log = Arc::new(Log::open(&cfg.dir, cfg.incarnation));
     let (cancel_tx, mut cancel_rx) = amsc::unbounded_channel();
     let runner = TestRunner {
@@ -823,9 +826,8 @@ async fn child_async(cfg: ChildConfig) {
         let live = RunFilter {
             state: Some(StateFilter::Live),
             workflow: Some(SCHEDULE_WORKFLOW.into()),
-            after: None,
             limit: 1,
-            children_of: None,
+            ..Default::default()
         };
         while !rt.runs(&live).await.unwrap().runs.is_empty() {
             assert!(Instant::now() < deadline, "the schedule's runs never ended");
@@ -858,7 +860,7 @@ async fn child_async(cfg: ChildConfig) {
 #[test]
 #[ignore = "the worker process of the crash tests; runs only when they spawn it"]
 fn crash_child() {
-    if let Ok(cfg) = std::env::var(CHILD_ENV) {
+    if let Some(cfg) = process::worker_arg() {
         child_main(ChildConfig::decode(&cfg));
     }
 }
@@ -867,110 +869,20 @@ fn crash_child() {
 // The driver.
 // ---------------------------------------------------------------------------
 
-struct Worker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: PathBuf,
-}
-
-impl Worker {
-    fn spawn(cfg: &ChildConfig) -> Self {
-        let stderr = cfg.dir.join(format!("stderr-{}", cfg.incarnation));
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash_child",
-                "--nocapture",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, cfg.encode())
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn the worker process");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    /// Wait for a line containing `marker`; `Err` with the reason if the
-    /// process ends first or `limit` passes.
-    fn wait_line(&mut self, marker: &str, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(marker) => return Ok(()),
-                Ok(_) => continue,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "no `{marker}` within {limit:?}\n--- worker stderr ---\n{}",
-                        self.stderr_tail()
-                    ));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait().unwrap();
-                    return Err(format!(
-                        "the worker exited ({status}) before `{marker}`\n--- worker stderr ---\n{}",
-                        self.stderr_tail()
-                    ));
-                }
-            }
-        }
-    }
-
-    /// SIGKILL the process; `Err` if it had already exited by itself.
-    fn kill(mut self) -> Result<(), String> {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            return Err(format!("the worker exited by itself: {status}"));
-        }
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        Ok(())
-    }
-
-    fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Start a worker process for `cfg` (its stderr in the test directory).
+fn spawn(cfg: &ChildConfig) -> WorkerProcess {
+    let stderr = cfg.dir.join(format!("stderr-{}", cfg.incarnation));
+    WorkerProcess::spawn("crash_child", &cfg.encode(), &stderr).expect("spawn the worker process")
 }
 
 /// Run a worker to completion: it exits once every planned run ended.
 fn finish(cfg: &ChildConfig) -> Result<(), String> {
-    let mut w = Worker::spawn(cfg);
-    let r = w.wait_line("WAYMARK-FINISHED", Duration::from_secs(300));
-    if let Err(e) = r {
-        return Err(format!("{e}\n--- worker stderr ---\n{}", w.stderr_tail()));
-    }
-    let status = w.child.wait().unwrap();
+    let mut w = spawn(cfg);
+    w.wait_line("WAYMARK-FINISHED", Duration::from_secs(300))?;
+    let tail = w.stderr_tail();
+    let status = w.wait()?;
     if !status.success() {
-        return Err(format!(
-            "the final worker failed: {status}\n{}",
-            w.stderr_tail()
-        ));
+        return Err(format!("the final worker failed: {status}\n{tail}"));
     }
     Ok(())
 }
@@ -2041,44 +1953,7 @@ fn submitted_in_log(log: &[Line]) -> BTreeSet<String> {
 }
 
 fn fail_with(seed: u64, what: &str, v: &[String]) -> ! {
-    let shown: Vec<&String> = v.iter().take(40).collect();
-    panic!(
-        "{what}: {} invariant violation(s) (reproduce with WAYMARK_TORTURE_SEED={seed}):\n{}",
-        v.len(),
-        shown
-            .iter()
-            .map(|s| format!("  - {s}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
-/// A test directory that is deleted on success and kept (and its path
-/// printed) when the test fails, for a post-mortem of the log and store.
-struct TestDir(Option<tempfile::TempDir>);
-
-impl TestDir {
-    fn new(name: &str) -> Self {
-        Self(Some(
-            tempfile::Builder::new()
-                .prefix(&format!("waymark-{name}-"))
-                .tempdir()
-                .unwrap(),
-        ))
-    }
-
-    fn path(&self) -> PathBuf {
-        self.0.as_ref().unwrap().path().to_path_buf()
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let kept = self.0.take().unwrap().keep();
-            eprintln!("test directory kept for inspection: {}", kept.display());
-        }
-    }
+    fail_with_seed("WAYMARK_TORTURE_SEED", seed, what, v)
 }
 
 fn driver_runtime() -> tokio::runtime::Runtime {
@@ -2098,7 +1973,7 @@ fn driver_runtime() -> tokio::runtime::Runtime {
 /// commit once, and every run has exactly one terminal record.
 #[test]
 fn restart_resumes_every_run_after_sigkill() {
-    let tmp = TestDir::new("restart");
+    let tmp = TestDir::new("restart").unwrap();
     let dir = tmp.path();
     let seed = 7;
     let cfg = ChildConfig {
@@ -2113,10 +1988,8 @@ fn restart_resumes_every_run_after_sigkill() {
 
     // The first process runs until every run is submitted and r00000 is
     // inside its step 3 (which never returns in this process), then dies.
-    let mut first = Worker::spawn(&cfg);
-    first
-        .wait_line("WAYMARK-READY", Duration::from_secs(60))
-        .unwrap();
+    let mut first = spawn(&cfg);
+    first.wait_line(READY, Duration::from_secs(60)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let log = read_log(&dir);
@@ -2227,12 +2100,12 @@ fn crash_torture() {
         .ok()
         .map(|s| s.parse().expect("WAYMARK_TORTURE_KILLS is a number"))
         .unwrap_or(30);
-    let tmp = TestDir::new("torture");
+    let tmp = TestDir::new("torture").unwrap();
     let dir = tmp.path();
     let rt = driver_runtime();
     let mut v = Vec::new();
     // The kill schedule is a function of the seed alone.
-    let mut schedule = Rng::derive(seed, &[4]);
+    let mut schedule = KillSchedule::new(seed);
     let started = Instant::now();
     let mut timed_from_spawn = 0;
     let mut left_by_kills = 0;
@@ -2245,31 +2118,11 @@ fn crash_torture() {
             waves: inc,
             finish: false,
         };
-        let early = schedule.chance(150);
-        let delay = if early {
-            Duration::from_millis(schedule.range(0..60))
-        } else {
-            Duration::from_millis(schedule.range(10..400))
-        };
-        let mut w = Worker::spawn(&cfg);
-        if early {
-            // Kill at a moment measured from the spawn: often during open
-            // and recovery.
-            std::thread::sleep(delay);
-            timed_from_spawn += 1;
-        } else {
-            if let Err(e) = w.wait_line("WAYMARK-READY", Duration::from_secs(60)) {
-                fail_with(
-                    seed,
-                    "torture",
-                    &[format!("process {inc}: {e}\n{}", w.stderr_tail())],
-                );
-            }
-            std::thread::sleep(delay);
-        }
-        let tail = w.stderr_tail();
-        if let Err(e) = w.kill() {
-            fail_with(seed, "torture", &[format!("process {inc}: {e}\n{tail}")]);
+        let kill = schedule.next().expect("a kill schedule never ends");
+        // A kill timed from the spawn often strikes during open and recovery.
+        timed_from_spawn += u32::from(kill.from_spawn);
+        if let Err(e) = process::kill_at(spawn(&cfg), kill, Duration::from_secs(60)) {
+            fail_with(seed, "torture", &[format!("process {inc}: {e}")]);
         }
         // Between processes: the durable state is consistent.
         let log = read_log(&dir);

@@ -165,9 +165,9 @@ async fn a_running_step_is_stopped_and_its_result_discarded() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn a_deadline_survives_a_restart() {
-    // A step that ignores its token: the crash strikes while it runs.
+/// A runner whose step ignores its cancel token: it opens `started` and
+/// returns only once `gate` opens. Returns the runner, `gate`, `started`.
+fn ignoring_its_token() -> (FnRunner, Gate, Gate) {
     let (gate, started) = (Gate::default(), Gate::default());
     let runner = {
         let (gate, started) = (gate.clone(), started.clone());
@@ -180,6 +180,13 @@ async fn a_deadline_survives_a_restart() {
             }
         })
     };
+    (runner, gate, started)
+}
+
+#[tokio::test]
+async fn a_deadline_survives_a_restart() {
+    // A step that ignores its token: the crash strikes while it runs.
+    let (runner, gate, started) = ignoring_its_token();
     let hook = RecordingHook::default();
     let mut env = env_with(runner.clone(), hook.clone(), 4).await;
     env.start();
@@ -204,18 +211,7 @@ async fn a_deadline_survives_a_restart() {
 /// asked). It ends `TimedOut`, as the step's own settlement would have.
 #[tokio::test]
 async fn a_stopped_step_the_queue_dead_letters_still_times_out() {
-    let (gate, started) = (Gate::default(), Gate::default());
-    let runner = {
-        let (gate, started) = (gate.clone(), started.clone());
-        FnRunner::new(move |_s: Step| {
-            let (gate, started) = (gate.clone(), started.clone());
-            async move {
-                started.open();
-                gate.wait().await;
-                Ok(StepOutcome::Succeed { result: vec![] })
-            }
-        })
-    };
+    let (runner, gate, started) = ignoring_its_token();
     let hook = RecordingHook::default();
     let mut env = env_with(runner.clone(), hook.clone(), 4).await;
     env.start();

@@ -176,6 +176,7 @@ async fn runs_finish_once_while_the_store_fails_and_stalls() {
         delete_fail: 100,
         spike: 100,
         spike_max_ms: 40,
+        ..FaultPlan::default()
     };
     let store = FaultStore::new(Arc::new(InMemory::new()), seed, plan);
     let faults = store.faults();

@@ -77,14 +77,17 @@ async fn a_retry_after_a_transient_error_reuses_the_memo() {
     env.stop().await;
 }
 
+/// A crash after the runner memoized its charge and returned, before its
+/// result was durable (the test kit's `AfterRunner`): the step runs again
+/// and finds the memo.
 #[tokio::test]
 async fn a_step_rerun_after_a_crash_finds_its_memo() {
+    use waymark::testkit::{CrashPoint, Drive, TestKit};
     let charges = Arc::new(AtomicU32::new(0));
-    let gate = Gate::default();
-    let memoize_then_hang = |charges: Arc<AtomicU32>, gate: Gate| {
+    let runner = {
+        let charges = charges.clone();
         FnRunner::new(move |s: Step| {
             let charges = charges.clone();
-            let gate = gate.clone();
             async move {
                 let receipt: u32 = s
                     .memo
@@ -92,39 +95,34 @@ async fn a_step_rerun_after_a_crash_finds_its_memo() {
                         Ok::<_, StepError>(charges.fetch_add(1, Ordering::SeqCst) + 100)
                     })
                     .await?;
-                // The crash strikes between the charge and the commit.
-                gate.wait().await;
                 Ok(StepOutcome::Succeed {
                     result: receipt.to_string().into_bytes(),
                 })
             }
         })
     };
-    let mut env = Env::new(
-        memoize_then_hang(charges.clone(), gate.clone()),
-        NoopTerminalHook,
-    )
-    .await;
-    env.start();
-    env.submit("crashy", b"").await;
-    for _ in 0..10_000 {
-        if charges.load(Ordering::SeqCst) == 1 && !data_keys(&env).await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(charges.load(Ordering::SeqCst), 1);
-    let open = Gate::default();
-    open.open();
-    env.crash_and_reopen(memoize_then_hang(charges.clone(), open), NoopTerminalHook)
-        .await;
-    env.start();
-    let out = env.rt.wait("crashy").await.unwrap();
+    let mut kit = TestKit::builder(runner, NoopTerminalHook)
+        .start()
+        .await
+        .unwrap();
+    kit.crash_at(CrashPoint::AfterRunner, "crashy", 0);
+    kit.submit(RunSpec {
+        run_id: Some("crashy".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        kit.run_until_idle().await.unwrap(),
+        Drive::Crashed(_)
+    ));
+    kit.restart().await.unwrap();
+    let out = kit.wait("crashy").await.unwrap();
     assert_eq!(out.status, TerminalStatus::Succeeded);
     assert_eq!(out.result.as_deref(), Some(&b"100"[..]));
+    assert_eq!(kit.runner_calls("crashy", 0), 2, "the step ran again");
     assert_eq!(charges.load(Ordering::SeqCst), 1, "no second charge");
-    gate.open();
-    env.stop().await;
+    kit.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -141,7 +139,11 @@ async fn memo_entries_go_with_the_outcome_at_retention() {
     assert_eq!(
         data_keys(&env).await,
         [
-            // The kept inputs of steps 0 and 1 (for a re-run), then the memo.
+            // The step history (one entry a settlement), the kept inputs of
+            // steps 0 and 1 (for a re-run), then the memo.
+            "wm/workflow-steps/data/kept/hist/00000000000000000000",
+            "wm/workflow-steps/data/kept/hist/00000000000000000001",
+            "wm/workflow-steps/data/kept/hist/00000000000000000002",
             "wm/workflow-steps/data/kept/input/0",
             "wm/workflow-steps/data/kept/input/1",
             "wm/workflow-steps/data/kept/memo/0/charge",

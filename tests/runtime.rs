@@ -809,3 +809,44 @@ async fn step_attempt_counts_are_reported_to_the_runner() {
     assert_eq!(seen.load(Ordering::SeqCst), 7);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn runs_filter_by_submit_time_and_header() {
+    let runner =
+        FnRunner::new(|_s: Step| async move { Ok(StepOutcome::Succeed { result: vec![] }) });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    let spec = |id: &str, team: &str| RunSpec {
+        run_id: Some(id.into()),
+        headers: HashMap::from([("team".to_string(), team.to_string())]),
+        ..Default::default()
+    };
+    env.rt.submit(spec("early", "red")).await.unwrap();
+    env.clock.advance(Duration::from_secs(60));
+    let between = std::time::UNIX_EPOCH + Duration::from_millis(env.clock_now());
+    env.rt.submit(spec("late", "blue")).await.unwrap();
+    env.start();
+    env.rt.wait("early").await.unwrap();
+    env.rt.wait("late").await.unwrap();
+    let ids = |page: RunPage| -> Vec<String> { page.runs.into_iter().map(|r| r.run_id).collect() };
+    let since = RunFilter {
+        submitted_since: Some(between),
+        ..Default::default()
+    };
+    assert_eq!(ids(env.rt.runs(&since).await.unwrap()), ["late"]);
+    let until = RunFilter {
+        submitted_until: Some(between),
+        ..Default::default()
+    };
+    assert_eq!(ids(env.rt.runs(&until).await.unwrap()), ["early"]);
+    let red = RunFilter {
+        header: Some(("team".into(), "red".into())),
+        ..Default::default()
+    };
+    assert_eq!(ids(env.rt.runs(&red).await.unwrap()), ["early"]);
+    let none = RunFilter {
+        header: Some(("team".into(), "green".into())),
+        ..Default::default()
+    };
+    assert!(env.rt.runs(&none).await.unwrap().runs.is_empty());
+    env.stop().await;
+}

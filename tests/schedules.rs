@@ -268,7 +268,12 @@ async fn each_fire_time_fires_once_across_crashes() {
     let mut env = env_with(ok_runner(), defs, None).await;
     until(&env, "beat", |i| i.next_fire.is_some()).await;
     advance(&env, Duration::from_secs(10)).await;
-    until(&env, "beat", |i| i.run_count == 1).await;
+    // Wait for the run to end too: a run still live at the next fire would
+    // make that fire an overlap (skipped), which is not what this tests.
+    until(&env, "beat", |i| {
+        i.run_count == 1 && ended(i, TerminalStatus::Succeeded)
+    })
+    .await;
 
     // A crash between two fires: the restart neither forgets nor repeats.
     env.crash_and_reopen(ok_runner(), RecordingHook::default())
@@ -277,7 +282,12 @@ async fn each_fire_time_fires_once_across_crashes() {
     settle(&env).await;
     assert_eq!(info(&env, "beat").await.run_count, 1);
     advance(&env, Duration::from_secs(10)).await;
-    until(&env, "beat", |i| i.run_count == 2).await;
+    until(&env, "beat", |i| {
+        i.run_count == 2
+            && i.last_run_id == Some(format!("beat:{}", T0 + 20_000))
+            && ended(i, TerminalStatus::Succeeded)
+    })
+    .await;
 
     // A crash while a tick is claimed but not committed: stop the pool,
     // claim the due tick as a dying process would, crash, reopen.
@@ -651,7 +661,11 @@ async fn a_changed_definition_applies_at_its_next_fire_and_a_removed_one_stops()
     until(&env, "doomed", |i| i.next_fire.is_some()).await;
     advance(&env, Duration::from_secs(10)).await;
     until(&env, "doomed", |i| i.run_count == 1).await;
-    until(&env, "evolving", |i| i.run_count == 1).await;
+    // The run must end before the next fire, or that fire is an overlap.
+    until(&env, "evolving", |i| {
+        i.run_count == 1 && ended(i, TerminalStatus::Succeeded)
+    })
+    .await;
 
     // A new deployment: `evolving` every 30 s in another workflow,
     // `doomed` gone.

@@ -145,6 +145,7 @@ impl Engine {
                     .queue_name(WAYMARK_QUEUE)
                     .max_concurrent_steps(concurrency)
                     .poll_interval(POLL)
+                    .step_history(step_history())
                     .build()
                     .expect("build runtime"),
             ),
@@ -345,4 +346,14 @@ async fn raw_step(queue: Arc<Queue>, plan: Arc<Plan>, claim: Claim) {
         Next::Finish => SettlementEffects::default().kv_put(out_key(&run_id), step.to_le_bytes()),
     };
     queue.ack_with(&claim, effects).await.expect("ack");
+}
+
+/// The step history's bound for the benchmark's runtimes: the runtime's
+/// default, or `WAYMARK_BENCH_STEP_HISTORY` (0 keeps no history), to
+/// measure what the history costs.
+pub fn step_history() -> u32 {
+    std::env::var("WAYMARK_BENCH_STEP_HISTORY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(waymark::DEFAULT_HISTORY_ENTRIES)
 }

@@ -26,11 +26,12 @@ use tokio::time::Instant;
 use crate::breaker::{Breakers, WorkflowHealth};
 use crate::control::{
     ControlKeys, Reply, ReplyRecord, Request, new_request_id, schedule_order_key,
-    validate_request_id,
+    validate_request_id, workflow_order_key,
 };
 use crate::error::Error;
-use crate::hook::RunOutcome;
-use crate::read::{self, RunFilter, RunPage, RunStatus};
+use crate::history::RunHistory;
+use crate::hook::{RunOutcome, hook_queue_name};
+use crate::read::{self, DeadJob, DeadKind, RunFilter, RunPage, RunStatus};
 use crate::record::{HEADER_RUN_ID, Keys, MAX_SIGNAL_BYTES, decode, encode, validate_name};
 use crate::runtime::{RunSpec, SubmitOutcome};
 use crate::schedule::{self, ScheduleInfo};
@@ -398,6 +399,13 @@ impl Client {
         read::outcome(self.inner.reader.view(), &self.inner.keys, run_id).await
     }
 
+    /// A run's step history, as `WorkflowRuntime::history` gives it
+    /// (lagging by the client's refresh). `None` for an unknown run.
+    pub async fn history(&self, run_id: &str) -> Result<Option<RunHistory>, Error> {
+        validate_name("run id", run_id)?;
+        read::history(self.inner.reader.view(), &self.inner.keys, run_id).await
+    }
+
     /// Wait up to `timeout` for a run to end and return its outcome,
     /// polling with backoff. [`Error::RunNotFound`] when the run is neither
     /// live nor ended (wait for a submit's reply before waiting for its
@@ -505,6 +513,63 @@ impl Client {
         let schedule = id.to_string();
         self.send_about_schedule(id, &Request::Resume { schedule })
             .await
+    }
+
+    /// A page of the dead-lettered jobs of `kind` (step jobs, or hook
+    /// notifications), in enqueue order after job id `after`, at most
+    /// `limit`: each with its run, step and the reason it died.
+    pub async fn dead_jobs(
+        &self,
+        kind: DeadKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadJob>, Error> {
+        let queue = match kind {
+            DeadKind::Hook => hook_queue_name(&self.inner.queue_name),
+            _ => self.inner.queue_name.clone(),
+        };
+        read::dead_jobs(self.inner.reader.view(), &queue, kind, after, limit).await
+    }
+
+    /// Send a request to requeue dead job `job_id`. The worker applies it:
+    /// a hook notification is delivered again ([`Reply::Requeued`]); a step
+    /// job's run is re-run from that step ([`Reply::Rerun`], or a re-run's
+    /// typed refusal, see [`Self::rerun`]). [`Error::JobNotFound`] when no
+    /// dead job has the id. Returns the request id.
+    pub async fn requeue(&self, job_id: &str) -> Result<String, Error> {
+        validate_request_id(job_id).map_err(|_| Error::JobNotFound(job_id.to_string()))?;
+        let request_id = new_request_id();
+        let request = Request::Requeue {
+            job_id: job_id.to_string(),
+        };
+        self.send(&request_id, &format!("job/{job_id}"), &request)
+            .await?;
+        Ok(request_id)
+    }
+
+    /// Send a request to reset workflow `name`'s circuit breaker (close it,
+    /// zero its streak, release its parked steps); the worker applies it
+    /// with `WorkflowRuntime::reset_workflow`. Returns the request id; its
+    /// reply is [`Reply::Reset`].
+    pub async fn reset(&self, name: &str) -> Result<String, Error> {
+        validate_name("workflow name", name)?;
+        let request_id = new_request_id();
+        let request = Request::Reset {
+            workflow: name.to_string(),
+        };
+        self.send(&request_id, &workflow_order_key(name), &request)
+            .await?;
+        Ok(request_id)
+    }
+
+    /// Reset and wait up to `timeout` for the worker's answer: whether the
+    /// breaker was open.
+    pub async fn reset_and_wait(&self, name: &str, timeout: Duration) -> Result<bool, Error> {
+        let request_id = self.reset(name).await?;
+        match self.wait_reply(&request_id, timeout).await? {
+            Reply::Reset { was_open, .. } => Ok(was_open),
+            other => Err(unexpected(&request_id, &other)),
+        }
     }
 
     /// Trigger and wait up to `timeout` for the worker's answer: the run the

@@ -293,6 +293,13 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => schedule_refusal(e),
             }
         }
+        // A crash between the reset's commit and the reply's re-applies it,
+        // which then answers `false` (as a cancel does).
+        Request::Reset { workflow } => rt
+            .reset_workflow(&workflow)
+            .await
+            .map(|was_open| ReplyBody::Reset { workflow, was_open }),
+        Request::Requeue { job_id } => requeue(rt, job_id).await,
         Request::Rerun { run_id, from_step } => match rt.rerun(&run_id, from_step).await {
             Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
             Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
@@ -321,6 +328,60 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
         }
     }
     Ok(())
+}
+
+/// Requeue dead job `job_id`: a hook notification goes back to pending
+/// (taquba's `requeue_dead_job`); a step job's run is re-run from the
+/// job's step (its run ended with it; a re-run is how a step runs again).
+/// A step job is requeued once (its job stays dead, listed, but a second
+/// requeue finds its run re-run since and answers `JobNotFound`). A crash
+/// between the requeue and the reply re-applies it, which then answers
+/// `JobNotFound`.
+async fn requeue<R: StepRunner, H: TerminalHook>(
+    rt: &WorkflowRuntime<R, H>,
+    job_id: String,
+) -> Result<ReplyBody, Error> {
+    let queue = &rt.inner.queue;
+    let job = match queue.view().job_record(&job_id).await? {
+        Some(job) if job.status == taquba::JobStatus::Dead => job,
+        _ => return Ok(ReplyBody::JobNotFound { job_id }),
+    };
+    if job.queue.as_str() == rt.inner.cfg.hook_queue {
+        return match queue.requeue_dead_job(&job_id).await {
+            Ok(()) => Ok(ReplyBody::RequeuedHook { job_id }),
+            Err(taquba::Error::JobNotFound(_) | taquba::Error::InvalidState) => {
+                Ok(ReplyBody::JobNotFound { job_id })
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
+    if job.queue.as_str() != rt.inner.cfg.queue_name {
+        return Ok(ReplyBody::Refused {
+            reason: format!(
+                "job `{job_id}` is on queue `{}`, not this worker's step or hook queue",
+                job.queue.as_str()
+            ),
+        });
+    }
+    let (run_id, step) = match crate::record::parse_step_headers(&job.headers) {
+        Ok((run_id, step)) => (run_id.to_string(), step),
+        Err(why) => {
+            return Ok(ReplyBody::Refused {
+                reason: format!("dead job `{job_id}` is not a run's step: {why}"),
+            });
+        }
+    };
+    // A dead step job is requeued once: after its run was re-run (by this
+    // request or another) it is no longer the run's last ending.
+    if let Some(ended) = rt.outcome(&run_id).await?
+        && ended.reruns != crate::record::rerun_of(&job.headers)
+    {
+        return Ok(ReplyBody::JobNotFound { job_id });
+    }
+    match rt.rerun(&run_id, step).await {
+        Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
+        Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
+    }
 }
 
 /// The answer to a schedule request the runtime refused: its typed refusal

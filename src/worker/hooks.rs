@@ -7,6 +7,7 @@ use futures_util::FutureExt;
 use taquba::Claim;
 use tracing::Instrument;
 
+use super::metrics;
 use super::step::Lease;
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::record::decode;
@@ -40,19 +41,20 @@ async fn deliver<R, H: TerminalHook>(inner: &Inner<R, H>, claim: Claim) {
             .unwrap_or_else(|_| Err(StepError::transient("the hook panicked")));
         // Counted for the store watchdog.
         let _pending = inner.pending.begin(&outcome.run_id);
-        let settled = match delivered {
-            Ok(()) => queue.ack(&claim).await,
+        let (settled, outcome) = match delivered {
+            Ok(()) => (queue.ack(&claim).await, "delivered"),
             Err(e) if e.is_permanent() => {
                 tracing::warn!("hook gave up: {}", e.message);
-                queue.dead_letter(&claim, &e.message).await
+                (queue.dead_letter(&claim, &e.message).await, "dead_lettered")
             }
             Err(e) => {
                 tracing::info!("hook failed, retrying: {}", e.message);
-                queue.nack(&claim, &e.message).await
+                (queue.nack(&claim, &e.message).await, "retried")
             }
         };
-        if let Err(e) = settled {
-            tracing::warn!("settling the hook notification failed: {e}");
+        match settled {
+            Ok(()) => metrics::hook_settled(outcome),
+            Err(e) => tracing::warn!("settling the hook notification failed: {e}"),
         }
     }
     .instrument(span)

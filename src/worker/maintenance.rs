@@ -30,8 +30,9 @@
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   end their runs `Failed` (`TimedOut` or `Cancelled` when a stop was
 //!   asked), one page of dead jobs per tick, cycling through the
-//!   dead-letter listing. Nothing of it holds up the first claim; a record
-//!   that cannot be read is logged and skipped.
+//!   dead-letter listing (each new cycle also samples the step queue's job
+//!   counts for the `waymark_backlog` gauges). Nothing of it holds up the
+//!   first claim; a record that cannot be read is logged and skipped.
 //!
 //! Every store call here counts for the store watchdog (see
 //! [`watched`](super::watched)), and a tick is abandoned as soon as the pool
@@ -454,6 +455,12 @@ impl Upkeep {
         }
         if self.dead_after.is_none() {
             self.cycle_started = Some(Instant::now());
+            // The backlog gauges, sampled once a cycle (five reads).
+            let stats = {
+                let _watch = watched(inner, WATCH);
+                inner.queue.view().stats(&inner.cfg.queue_name).await?
+            };
+            super::metrics::backlog(&stats);
         }
         let page = {
             let _watch = watched(inner, WATCH);
@@ -530,22 +537,26 @@ async fn time_out<R, H>(inner: &Inner<R, H>, run_id: &str, at: u64) -> Result<bo
     Ok(inner.current_step(run_id).await?.is_some())
 }
 
+/// The first `limit` markers under `prefix` (cascades, replaced
+/// placeholders): each is deleted once its work is done, so the front of
+/// the prefix is always what is left to do.
+async fn markers<R, H>(
+    inner: &Inner<R, H>,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<taquba::KvPage, Error> {
+    let _watch = watched(inner, WATCH);
+    Ok(inner
+        .queue
+        .view()
+        .kv_scan(prefix, .., KvOrder::Ascending, limit)
+        .await?)
+}
+
 /// Cancel the live children of ended parents (their cascade markers).
 /// Returns whether a full page of markers was read (more may wait).
 async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
-    let page = {
-        let _watch = watched(inner, WATCH);
-        inner
-            .queue
-            .view()
-            .kv_scan(
-                inner.keys.cascade_prefix(),
-                ..,
-                KvOrder::Ascending,
-                CASCADES_PER_TICK,
-            )
-            .await?
-    };
+    let page = markers(inner, inner.keys.cascade_prefix(), CASCADES_PER_TICK).await?;
     for (key, value) in &page.entries {
         let children: Vec<String> = match crate::record::decode(key, value) {
             Ok(children) => children,
@@ -574,19 +585,7 @@ async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
 /// the queue (a crash, or a failed removal, right after the join's commit).
 /// Returns whether a full page of markers was read (more may wait).
 async fn placeholders<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
-    let page = {
-        let _watch = watched(inner, WATCH);
-        inner
-            .queue
-            .view()
-            .kv_scan(
-                inner.keys.replaced_prefix(),
-                ..,
-                KvOrder::Ascending,
-                PLACEHOLDERS_PER_TICK,
-            )
-            .await?
-    };
+    let page = markers(inner, inner.keys.replaced_prefix(), PLACEHOLDERS_PER_TICK).await?;
     let prefix = inner.keys.replaced_prefix().len();
     for (key, _) in &page.entries {
         let replaced = crate::children::Replaced {

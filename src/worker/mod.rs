@@ -15,6 +15,7 @@ mod children;
 mod control;
 mod hooks;
 mod maintenance;
+mod metrics;
 mod settle;
 mod step;
 

@@ -7,7 +7,8 @@
 //! record a child's ending into its parent), the children a step spawns
 //! (`children::spawn_effects`), the effects the runner
 //! staged (when the settlement commits the outcome it returned), the next
-//! step's kept input (for a re-run) and the workflow's health — and
+//! step's kept input (for a re-run), the step's history entry
+//! ([`crate::history`]) and the workflow's health — and
 //! [`settle`] commits it in one transaction and runs its aftermath. A
 //! feature that must
 //! commit with a step adds a contributor, not a branch in the commit.
@@ -19,11 +20,14 @@ use taquba::{
     EnqueueOptions, EnqueueRequest, EnqueueResult, Error as QueueError, JobStatus,
     SettlementEffects,
 };
+use tracing::Instrument;
 
+use super::metrics;
 use super::step::{Health, StepJob, Verdict};
 use crate::breaker::{Parking, Staged, ms_to_time};
 use crate::effects;
 use crate::error::Error;
+use crate::history::{self, AttemptOutcome, HEADER_HISTORY, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::policy::saturating_ms;
 use crate::record::{
@@ -129,14 +133,16 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
     staged: SettlementEffects,
 ) -> bool {
     let (verdict, parking) = recheck_parking(inner, job, verdict).await;
+    let outcome = metrics::outcome_label(&verdict);
     let kept = kept_input(inner, job, &verdict);
+    let entry = history_entry(inner, job, &verdict, &health);
     let built = match from_verdict(inner, job, verdict).await {
         Ok(mut settlement) => {
             settlement.after.parking = parking;
             // The runner's staged effects: keys and queues apart from ours.
             settlement.effects = effects::merge(settlement.effects, staged);
-            match kept {
-                Ok(kept) => with_health(inner, job, health, settlement.with(kept)).await,
+            match kept.and_then(|kept| with_history(inner, job, entry, settlement.with(kept))) {
+                Ok(settlement) => with_health(inner, job, health, settlement).await,
                 Err(e) => Err(e),
             }
         }
@@ -146,7 +152,7 @@ pub(super) async fn settle<R: StepRunner, H: TerminalHook>(
         Ok(settlement) => settlement,
         Err(e) => return give_up(inner, job, &e.to_string()).await,
     };
-    match commit(inner, job, settlement).await {
+    match counted(inner, job, settlement, outcome).await {
         Ok(()) => true,
         Err(QueueError::ClaimLost) => {
             claim_lost(inner, job).await;
@@ -259,6 +265,114 @@ fn kept_input<R, H>(
     }
 }
 
+/// The step's history entry for this settlement (`None` when the runtime
+/// keeps no history): how the attempt ended, read off the verdict.
+fn history_entry<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    verdict: &Verdict,
+    health: &Health,
+) -> Option<StepAttempt> {
+    if inner.cfg.history_entries == 0 {
+        return None;
+    }
+    let now = inner.now_ms();
+    let after = |d: &Option<Duration>| now.saturating_add(d.map_or(0, saturating_ms));
+    let failure = match health {
+        Health::Failure(e) => Some(e.clone()),
+        _ => None,
+    };
+    let (outcome, error) = match verdict {
+        Verdict::Next {
+            signal_wait: true,
+            delay,
+            ..
+        } => (
+            AttemptOutcome::WaitingForSignal {
+                until_ms: after(delay),
+            },
+            None,
+        ),
+        Verdict::Next { delay: None, .. } => (AttemptOutcome::Continued, None),
+        Verdict::Next { delay, .. } => (
+            AttemptOutcome::Delayed {
+                until_ms: after(delay),
+            },
+            None,
+        ),
+        Verdict::Spawn { children, .. } => (
+            AttemptOutcome::SpawnedChildren {
+                children: u32::try_from(children.len()).unwrap_or(u32::MAX),
+            },
+            None,
+        ),
+        Verdict::NewSegment { .. } => (
+            AttemptOutcome::ContinuedAsNew {
+                segment: record::segment_of(&job.claim.headers).saturating_add(1),
+            },
+            None,
+        ),
+        Verdict::Again {
+            at, spent: true, ..
+        } => (AttemptOutcome::Retrying { at_ms: *at }, failure),
+        Verdict::Again { parked: true, .. } => (AttemptOutcome::Parked, None),
+        Verdict::Again { at, .. } => (AttemptOutcome::Deferred { until_ms: *at }, None),
+        Verdict::End(outcome) | Verdict::DeadLetter(_, outcome) => (
+            AttemptOutcome::Ended {
+                status: outcome.status,
+            },
+            outcome.error.clone(),
+        ),
+    };
+    Some(job.attempt_entry(now, outcome, error))
+}
+
+/// The history's contribution: the step's entry (a new segment's first),
+/// and the drop of the entry that falls out of the run's bounded history.
+fn with_history<'a, R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    entry: Option<StepAttempt>,
+    mut settlement: Settlement<'a>,
+) -> Result<Settlement<'a>, Error> {
+    let Some(entry) = entry else {
+        return Ok(settlement);
+    };
+    // A new segment's history starts afresh (its data is deleted).
+    let seq = match entry.outcome {
+        AttemptOutcome::ContinuedAsNew { .. } => 0,
+        _ => job.history,
+    };
+    settlement.effects = history::record(
+        settlement.effects,
+        &inner.keys,
+        &job.run_id,
+        seq,
+        inner.cfg.history_entries,
+        entry,
+    )?;
+    Ok(settlement)
+}
+
+/// Carry the number of the run's next history entry on its next step job:
+/// one past this settlement's entry (`first` for a new segment's).
+fn carry_history<R, H>(
+    inner: &Inner<R, H>,
+    job: &StepJob,
+    headers: &mut std::collections::HashMap<String, String>,
+    new_segment: bool,
+) {
+    if inner.cfg.history_entries == 0 {
+        return;
+    }
+    let next = if new_segment {
+        1
+    } else {
+        job.history.saturating_add(1)
+    };
+    headers.insert(HEADER_HISTORY.to_string(), next.to_string());
+}
+
 /// The workflow health's contribution: the health record, when the attempt
 /// changes it (its writer lock is held until the aftermath).
 async fn with_health<'a, R, H>(
@@ -285,6 +399,28 @@ async fn with_health<'a, R, H>(
         settlement.after.health = Some(staged);
     }
     Ok(settlement)
+}
+
+/// [`commit`] in a `settle` span (run id, workflow, step, attempt and what
+/// the step became), counted and timed in the metrics once it committed.
+async fn counted<R: StepRunner, H: TerminalHook>(
+    inner: &Arc<Inner<R, H>>,
+    job: &StepJob,
+    settlement: Settlement<'_>,
+    outcome: &'static str,
+) -> Result<(), QueueError> {
+    let span = tracing::info_span!(
+        "settle",
+        run_id = %job.run_id,
+        workflow = %job.workflow,
+        step = job.step,
+        attempt = job.attempts(),
+        outcome,
+    );
+    let started = std::time::Instant::now();
+    commit(inner, job, settlement).instrument(span).await?;
+    metrics::step_settled(&job.workflow, outcome, started.elapsed());
+    Ok(())
 }
 
 /// Commit a settlement in one transaction, then run its aftermath.
@@ -320,6 +456,13 @@ async fn commit<R: StepRunner, H: TerminalHook>(
             JobEnd::DeadLetter(why) => queue.dead_letter_with(&job.claim, why, effects).await?,
         }
     };
+    #[cfg(feature = "testkit")]
+    if let Some(probe) = &inner.probe {
+        let attempt = job.attempts();
+        probe
+            .settled(&job.claim.id, &job.run_id, job.step, attempt)
+            .await;
+    }
     if after.remember_enqueued {
         inner
             .pending
@@ -384,17 +527,22 @@ async fn give_up<R: StepRunner, H: TerminalHook>(
     let outcome = job.failed(&format!(
         "the runtime could not record the step's result: {why}"
     ));
-    let settlement =
-        match Settlement::ending(inner, job, JobEnd::DeadLetter(why.to_string()), outcome).await {
-            Ok(settlement) => settlement,
-            Err(e) => {
-                tracing::error!(
-                    "cannot encode the run's outcome either; the step stays claimed: {e}"
-                );
-                return false;
-            }
+    let entry = (inner.cfg.history_entries > 0).then(|| {
+        let ended = AttemptOutcome::Ended {
+            status: outcome.status,
         };
-    match commit(inner, job, settlement).await {
+        job.attempt_entry(inner.now_ms(), ended, outcome.error.clone())
+    });
+    let ending = Settlement::ending(inner, job, JobEnd::DeadLetter(why.to_string()), outcome).await;
+    let settlement = match ending.and_then(|settlement| with_history(inner, job, entry, settlement))
+    {
+        Ok(settlement) => settlement,
+        Err(e) => {
+            tracing::error!("cannot encode the run's outcome either; the step stays claimed: {e}");
+            return false;
+        }
+    };
+    match counted(inner, job, settlement, "dead_lettered").await {
         Ok(()) => true,
         Err(e) => {
             tracing::error!(
@@ -419,6 +567,7 @@ pub(super) fn next_step_effects<R, H>(
     headers.remove(HEADER_PARKED);
     headers.remove(HEADER_SIGNAL);
     headers.remove(record::HEADER_JOIN);
+    carry_history(inner, job, &mut headers, false);
     let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
     let next = job
         .step
@@ -460,6 +609,7 @@ fn again_effects<R, H>(
     let remaining = job.max_attempts().saturating_sub(before).max(1);
     let mut headers = job.claim.headers.clone();
     headers.insert(HEADER_ATTEMPTS_BEFORE.to_string(), before.to_string());
+    carry_history(inner, job, &mut headers, false);
     if parked {
         headers.insert(HEADER_PARKED.to_string(), "1".to_string());
     } else {
@@ -548,6 +698,7 @@ async fn new_segment_effects<R, H>(
     ] {
         headers.remove(reserved);
     }
+    carry_history(inner, job, &mut headers, true);
     let segment = record::segment_of(&headers).saturating_add(1);
     headers.insert(record::HEADER_SEGMENT.to_string(), segment.to_string());
     let attempts = inner.cfg.retry_policy(&job.workflow).max_attempts;

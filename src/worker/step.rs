@@ -9,8 +9,10 @@ use futures_util::FutureExt;
 use taquba::{Claim, LeaseHandle, Queue};
 use tracing::Instrument;
 
+use super::metrics;
 use super::settle::settle;
 use crate::breaker::Gate;
+use crate::history::{self, AttemptOutcome, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook, TerminalStatus};
 use crate::memo::Memo;
 use crate::policy::saturating_ms;
@@ -81,6 +83,11 @@ pub(super) struct StepJob {
     pub unwrapped: Option<Vec<u8>>,
     /// For a step that joins children: their outcomes in spawn order.
     pub children: Vec<ChildOutcome>,
+    /// When this process took the claim (ms, queue clock).
+    pub started_ms: u64,
+    /// The number of the run's next history entry (header
+    /// `workflow.history`).
+    pub history: u64,
 }
 
 impl StepJob {
@@ -127,6 +134,25 @@ impl StepJob {
                 Some(record::timed_out_reason(at)),
             ),
             _ => self.outcome(TerminalStatus::Cancelled, None, None),
+        }
+    }
+
+    /// The history entry of this attempt, ended at `now` (ms).
+    pub(super) fn attempt_entry(
+        &self,
+        now: u64,
+        outcome: AttemptOutcome,
+        error: Option<String>,
+    ) -> StepAttempt {
+        StepAttempt {
+            step: self.step,
+            attempt: self.attempts(),
+            job_id: self.claim.id.clone(),
+            started_ms: self.started_ms,
+            ended_ms: now,
+            signalled: self.signal.is_some(),
+            outcome,
+            error,
         }
     }
 
@@ -179,6 +205,11 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
     async {
         // This claim's own entry, removed however this task ends.
         let registered = inner.inflight.register(&job.claim.id);
+        let _gauge = metrics::StepInFlight::start();
+        let record = job.claim.job();
+        let runnable = record.run_at.unwrap_or(0).max(record.enqueued_at);
+        let waited = inner.now_ms().saturating_sub(runnable);
+        metrics::step_claimed(&job.workflow, Duration::from_millis(waited));
         let entry = &registered.entry;
         let mut probe = false;
         // Whether the run ends `Cancelled` because a cancel was requested.
@@ -317,6 +348,8 @@ impl Lease {
 
 /// Check a claimed job is a live step of a run; dead-letter it otherwise.
 async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
+    let started_ms = inner.now_ms();
+    let history = history::seq_of(&claim.headers);
     let parsed = parse_step_headers(&claim.headers)
         .map(|(run_id, step)| (run_id.to_string(), step))
         .and_then(|(run_id, step)| {
@@ -354,6 +387,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             signal,
             unwrapped,
             children: Vec::new(),
+            started_ms,
+            history,
         });
     }
     let run_key = inner.keys.run(&run_id);
@@ -397,6 +432,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
         signal,
         unwrapped,
         children: Vec::new(),
+        started_ms,
+        history,
     })
 }
 
@@ -432,6 +469,7 @@ async fn run_runner<R: StepRunner, H>(
         children: job.children.clone(),
         effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
     };
+    let started = std::time::Instant::now();
     let ran = AssertUnwindSafe(inner.runner.run_step(&step))
         .catch_unwind()
         .await
@@ -443,6 +481,7 @@ async fn run_runner<R: StepRunner, H>(
                 .unwrap_or_else(|| "a non-string panic".into());
             Err(StepError::transient(format!("step panicked: {what}")))
         });
+    metrics::step_ran(&job.workflow, started.elapsed());
     (ran, step.effects.take())
 }
 

@@ -93,6 +93,14 @@ fn strip_step(error: &str, step: u32) -> &str {
     }
 }
 
+/// A queue-clock time (ms since the Unix epoch) as `2026-11-26 02:41:07.250Z`.
+pub fn utc_ms(ms: u64) -> String {
+    match chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)) {
+        Some(at) => at.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string(),
+        None => format!("{ms} ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::strip_step;

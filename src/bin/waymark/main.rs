@@ -4,11 +4,15 @@
 //!   shows each step once it is durable (module [`demo`]);
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
 //! - `waymark submit | cancel | signal | rerun` send requests through the store's
-//!   inbox, and `status | outcome | runs | workflows | schedules` read
-//!   through a reader, and `trigger | pause | resume` drive the worker's
+//!   inbox, and `status | outcome | history | runs | workflows | schedules` read
+//!   through a reader (and `dead` lists dead jobs); `reset` resets a
+//!   workflow's breaker, `requeue` requeues dead jobs, and
+//!   `trigger | pause | resume` drive the worker's
 //!   schedules through the inbox: none of them opens the store as its
 //!   writer, so they work while a worker or the demo runs (module
-//!   [`commands`]).
+//!   [`commands`]);
+//! - `waymark serve` serves a dashboard, a JSON API and metrics over HTTP,
+//!   as a reader and through the inbox (module [`serve`]).
 //!
 //! The CLI is a folder: [`plumbing`] (store location and checks, timeouts,
 //! errors and exit codes, output, signals) is shared by every command; each
@@ -19,6 +23,7 @@ mod commands;
 mod demo;
 mod describe;
 mod plumbing;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -79,6 +84,10 @@ enum Command {
     /// Print how a run ended; exit 4 while it has not. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Outcome(commands::read::RunArgs),
+    /// Print a run's step history: each step's attempts, when, how long,
+    /// how each ended and its error. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    History(commands::history::HistoryArgs),
     /// List runs, live and ended. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Runs(commands::read::RunsArgs),
@@ -86,6 +95,20 @@ enum Command {
     /// writes.
     #[command(after_help = EXIT_CODES_HELP)]
     Workflows(commands::read::WorkflowsArgs),
+    /// List dead-lettered step jobs and hook notifications, with the reason
+    /// each died. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Dead(commands::dead::DeadArgs),
+    /// Requeue dead jobs (through the store's inbox; a worker applies it):
+    /// a hook notification is delivered again, a step job's run re-runs
+    /// from that step.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Requeue(commands::dead::RequeueArgs),
+    /// Reset a workflow's circuit breaker: close it, zero its failure
+    /// streak and release its parked steps (through the store's inbox; a
+    /// worker applies it).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Reset(commands::reset::ResetArgs),
     /// List the store's schedules: when each fires, paused or not, its next
     /// fire and last run. Never writes.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -102,6 +125,11 @@ enum Command {
     /// inbox).
     #[command(after_help = EXIT_CODES_HELP)]
     Resume(commands::schedules::ScheduleArgs),
+    /// Serve the operator's view over HTTP: a dashboard, a JSON API and
+    /// Prometheus metrics. Reads through a reader and changes through the
+    /// inbox: never fences a worker. Listens on 127.0.0.1:8080 by default.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -126,12 +154,17 @@ fn main() -> ExitCode {
             Command::Rerun(args) => commands::rerun::rerun(args).await,
             Command::Status(args) => commands::read::status(args).await,
             Command::Outcome(args) => commands::read::outcome(args).await,
+            Command::History(args) => commands::history::history(args).await,
             Command::Runs(args) => commands::read::runs(args).await,
             Command::Workflows(args) => commands::read::workflows(args).await,
+            Command::Dead(args) => commands::dead::dead(args).await,
+            Command::Requeue(args) => commands::dead::requeue(args).await,
+            Command::Reset(args) => commands::reset::reset(args).await,
             Command::Schedules(args) => commands::schedules::list(args).await,
             Command::Trigger(args) => commands::schedules::trigger(args).await,
             Command::Pause(args) => commands::schedules::pause(args).await,
             Command::Resume(args) => commands::schedules::resume(args).await,
+            Command::Serve(args) => serve::run(args).await,
         }
     });
     // Background tasks of the storage layer may still retry a dead store:

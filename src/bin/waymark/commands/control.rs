@@ -239,6 +239,12 @@ pub async fn await_reply_to(
             | Error::ScheduleOverlap { .. }
             | Error::ShuttingDown),
         ) => Err(CliError::refused(format!("the worker refused: {e}"))),
+        Err(Error::JobNotFound(id)) => Err(CliError::not_found(format!(
+            "no dead job `{}` in {} (never dead-lettered, already requeued, or past the queue's \
+             retention; `waymark dead` lists them)",
+            shown(&id),
+            store.shown()
+        ))),
         Err(Error::RunNotFound(run_id)) => Err(CliError::not_found(format!(
             "no run `{}` in {} (never submitted, or its outcome passed the retention window)",
             shown(&run_id),

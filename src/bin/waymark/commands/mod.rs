@@ -1,12 +1,17 @@
 //! The commands that work on a store from outside its worker: reads
-//! ([`read`]: `status`, `outcome`, `runs`, `workflows`), requests
+//! ([`read`]: `status`, `outcome`, `runs`, `workflows`; [`history`]:
+//! `history`), requests
 //! ([`control`]: `submit`, `cancel`; [`signal`]: `signal`; [`rerun`]:
-//! `rerun`), schedules ([`schedules`]: `schedules`, `trigger`, `pause`,
+//! `rerun`; [`reset`]: `reset`; [`dead`]: `dead`, `requeue`), schedules ([`schedules`]: `schedules`, `trigger`, `pause`,
 //! `resume`), and the worker itself ([`worker`]).
 
 pub mod control;
+pub mod dead;
+pub mod history;
+pub mod json;
 pub mod read;
 pub mod rerun;
+pub mod reset;
 pub mod schedules;
 pub mod signal;
 pub mod worker;

@@ -3,6 +3,8 @@
 //! fences its worker, so they work while the demo or a worker runs. Ids are
 //! checked before anything is opened. Each read is bounded by `--timeout`.
 
+use std::time::{Duration, SystemTime};
+
 use clap::{Args, ValueEnum};
 use waymark::{Client, RunFilter, RunOutcome, RunPhase, StateFilter, TerminalStatus};
 
@@ -18,6 +20,9 @@ use crate::plumbing::store::{Store, StoreArgs};
 pub struct RunArgs {
     /// The run, e.g. demo-order-03.
     pub run_id: String,
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -32,6 +37,18 @@ pub async fn status(args: RunArgs) -> CliResult<Exit> {
     let live = store
         .bounded("reading the run's status", client.status(run_id))
         .await?;
+    if args.json {
+        let value = match &live {
+            Some(status) => super::json::status(status),
+            None => match read_outcome(&store, &client, run_id).await? {
+                Some(outcome) => super::json::outcome(&outcome),
+                None => return Err(not_found(run_id, &store)),
+            },
+        };
+        let _ = client.close().await;
+        print_json(&value)?;
+        return Ok(Exit::Ok);
+    }
     let code = match live {
         Some(status) => {
             say!("{run_id}: live");
@@ -98,6 +115,10 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
     let client = store.open_client().await?;
     let run_id = args.run_id.as_str();
     let code = match read_outcome(&store, &client, run_id).await? {
+        Some(outcome) if args.json => {
+            print_json(&super::json::outcome(&outcome))?;
+            Exit::Ok
+        }
         Some(outcome) => {
             say!("{run_id}: ended");
             print_outcome(&outcome);
@@ -107,6 +128,11 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
             .bounded("reading the run's status", client.status(run_id))
             .await?
         {
+            // Not ended: its status, and exit 4.
+            Some(status) if args.json => {
+                print_json(&super::json::status(&status))?;
+                Exit::Unfinished
+            }
             Some(status) => {
                 say!(
                     "{run_id} has not ended yet: it is at step {} ({}). A worker on the store \
@@ -167,7 +193,7 @@ fn print_outcome(outcome: &RunOutcome) {
 }
 
 /// The error for a run the store does not know (exit 3).
-fn not_found(run_id: &str, store: &Store) -> CliError {
+pub fn not_found(run_id: &str, store: &Store) -> CliError {
     CliError::not_found(format!(
         "no run `{}` in {} (never submitted there, or its outcome passed the retention window)",
         shown(run_id),
@@ -210,6 +236,19 @@ pub struct RunsArgs {
     /// Only the children of this run (and theirs).
     #[arg(long, value_name = "RUN_ID")]
     pub children_of: Option<String>,
+    /// Only runs submitted at or after this time: RFC 3339
+    /// (2026-11-26T08:00:00Z) or an age (90s, 15m, 2h, 3d ago).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<SystemTime>,
+    /// Only runs submitted before this time (as --since).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<SystemTime>,
+    /// Only runs submitted with this header.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub header: Option<(String, String)>,
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -239,12 +278,19 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
             StateArg::TimedOut => StateFilter::Is(RunPhase::Ended(TerminalStatus::TimedOut)),
         }),
         workflow: args.workflow.clone(),
+        submitted_since: args.since,
+        submitted_until: args.until,
+        header: args.header.clone(),
         after: args.after.clone(),
         children_of: args.children_of.clone(),
         limit: args.limit.max(1),
     };
     let page = store.bounded("listing runs", client.runs(&filter)).await?;
     let _ = client.close().await;
+    if args.json {
+        print_json(&super::json::runs(&page))?;
+        return Ok(Exit::Ok);
+    }
     let rows: Vec<[String; 4]> = page
         .runs
         .iter()
@@ -271,9 +317,48 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
     Ok(Exit::Ok)
 }
 
+/// Parse `--since`/`--until`: RFC 3339, or an age before now (`90s`, `15m`,
+/// `2h`, `3d`).
+fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
+        let ms =
+            u64::try_from(at.timestamp_millis()).map_err(|_| format!("`{text}` is before 1970"))?;
+        return Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+    }
+    let bad = || {
+        format!(
+            "`{text}` is neither an RFC 3339 time (2026-11-26T08:00:00Z) nor an age (90s, 15m, 2h, 3d)"
+        )
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(bad()),
+    };
+    Ok(SystemTime::now()
+        .checked_sub(Duration::from_secs(secs))
+        .unwrap_or(SystemTime::UNIX_EPOCH))
+}
+
+/// Parse `--header NAME=VALUE`.
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
+}
+
 /// `waymark workflows`' arguments.
 #[derive(Debug, Args)]
 pub struct WorkflowsArgs {
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -287,6 +372,10 @@ pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
         .bounded("reading workflow health", client.workflows())
         .await?;
     let _ = client.close().await;
+    if args.json {
+        print_json(&super::json::workflows(&health))?;
+        return Ok(Exit::Ok);
+    }
     let rows: Vec<[String; 4]> = health
         .iter()
         .map(|h| {
@@ -340,4 +429,12 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// Print `value` as pretty JSON, for scripts (`--json`).
+pub fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> CliResult<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::failure(format!("cannot print JSON: {e}")))?;
+    say!("{text}");
+    Ok(())
 }

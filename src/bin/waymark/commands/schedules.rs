@@ -26,6 +26,9 @@ use crate::plumbing::store::{Store, StoreArgs};
 /// `waymark schedules`' arguments.
 #[derive(Debug, Args)]
 pub struct SchedulesArgs {
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
     /// Where the store lives.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -62,6 +65,10 @@ pub async fn list(args: SchedulesArgs) -> CliResult<Exit> {
         .bounded("reading the schedules", client.schedules())
         .await?;
     let _ = client.close().await;
+    if args.json {
+        super::read::print_json(&super::json::schedules(&all))?;
+        return Ok(Exit::Ok);
+    }
     if all.is_empty() {
         say!(
             "no schedules in {} (a worker records its schedules when it starts)",

@@ -6,10 +6,14 @@
 //! process writes the store, unless `--force`. With `--schedule` it also
 //! fires durable schedules (each fire submits the demo's first order),
 //! which `waymark schedules | trigger | pause | resume` read and drive.
+//! `--trip-after N` gives the default workflow a circuit breaker;
+//! `--metrics ADDR` serves Prometheus metrics; logs go to stderr, filtered
+//! by `RUST_LOG`.
 //! Ctrl-C or SIGTERM stops
 //! claiming and lets the steps in flight commit; a second one skips the rest
 //! of their simulated work; a third quits at once.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -27,6 +31,7 @@ use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::{say, say_err};
 use crate::plumbing::signals::Signals;
 use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
+use crate::plumbing::telemetry::{init_logging, install_prometheus, serve_metrics};
 use crate::plumbing::writer::{close_writer, open_writer, refuse_if_live};
 
 /// `waymark worker`'s arguments.
@@ -44,6 +49,16 @@ pub struct WorkerArgs {
     /// or ID=cron:EXPR (six fields, with seconds; UTC). Repeatable.
     #[arg(long = "schedule", value_name = "SPEC", value_parser = parse_schedule)]
     pub schedules: Vec<Schedule>,
+    /// Serve Prometheus metrics (steps by outcome, retries, parks, trips,
+    /// hook deliveries, latencies, steps in flight, backlog) at
+    /// http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Give the default workflow a circuit breaker that trips after N
+    /// failed attempts in a row (backoff 50 ms; it stays tripped until
+    /// `waymark reset` or the dashboard's reset).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub trip_after: Option<u32>,
 }
 
 /// Run the worker pool until Ctrl-C or SIGTERM.
@@ -51,6 +66,13 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
     store.preflight(Use::Write)?;
     refuse_if_live(&store, args.force, "starting a worker").await?;
+    init_logging();
+    let stop = CancellationToken::new();
+    if let Some(addr) = args.metrics {
+        let handle = install_prometheus()?;
+        let bound = serve_metrics(addr, handle, stop.clone()).await?;
+        say!("metrics at http://{bound}/metrics");
+    }
     let queue = open_writer(&store).await?;
     let (work_tx, mut work_rx) = mpsc::unbounded_channel();
     let (end_tx, mut end_rx) = mpsc::unbounded_channel();
@@ -61,10 +83,10 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
         OrderPipeline::new(work_tx, hurry.clone()),
         OutcomeHook::new(end_tx),
         args.schedules.clone(),
+        args.trip_after,
     )?;
     let client = store.open_client().await?;
     let mut signals = Signals::listen()?;
-    let stop = CancellationToken::new();
     let mut worker = tokio::spawn({
         let runtime = runtime.clone();
         let stop = stop.clone();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use waymark::{RetryPolicy, Step, StepError, StepOutcome, StepRunner};
+use waymark::{BackoffPolicy, RetryPolicy, Step, StepError, StepOutcome, StepRunner};
 
 use crate::plumbing::output;
 
@@ -29,6 +29,20 @@ pub fn retry_policy() -> RetryPolicy {
         max_delay: Duration::from_secs(2),
         jitter: 0.2,
         max_attempts: 20,
+    }
+}
+
+/// The circuit breaker `waymark worker --trip-after N` gives the default
+/// workflow: a short backoff (50 ms) after each failure, tripped at `n`
+/// failures in a row, until a reset (no probe).
+pub fn breaker(n: u32) -> BackoffPolicy {
+    BackoffPolicy {
+        initial: Duration::from_millis(50),
+        multiplier: 1.0,
+        max_delay: Duration::from_millis(50),
+        jitter: 0.0,
+        streak_limit: Some(n),
+        probe_after: None,
     }
 }
 

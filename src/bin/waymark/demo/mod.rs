@@ -33,7 +33,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use waymark::taquba::Queue;
 use waymark::{
-    Client, RunOutcome, RunSpec, RunStatus, Schedule, StepError, TerminalHook, WorkflowRuntime,
+    Client, DEFAULT_WORKFLOW, RunOutcome, RunSpec, RunStatus, Schedule, StepError, TerminalHook,
+    WorkflowRuntime,
 };
 
 use crate::describe;
@@ -94,13 +95,17 @@ pub fn build_runtime(
     pipeline: OrderPipeline,
     hook: OutcomeHook,
     schedules: Vec<Schedule>,
+    trip_after: Option<u32>,
 ) -> CliResult<Runtime> {
-    schedules
-        .into_iter()
-        .fold(
-            WorkflowRuntime::builder(queue, pipeline, hook),
-            |builder, schedule| builder.schedule(schedule),
-        )
+    let builder = schedules.into_iter().fold(
+        WorkflowRuntime::builder(queue, pipeline, hook),
+        |builder, schedule| builder.schedule(schedule),
+    );
+    let builder = match trip_after {
+        Some(n) => builder.breaker(DEFAULT_WORKFLOW, domain::breaker(n)),
+        None => builder,
+    };
+    builder
         .queue_name(DEFAULT_STEP_QUEUE)
         .max_concurrent_steps(4)
         .poll_interval(Duration::from_millis(50))
@@ -181,6 +186,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
         OrderPipeline::new(work_tx, hurry.clone()),
         OutcomeHook::new(end_tx),
         Vec::new(),
+        None,
     )?;
 
     say!(

@@ -1,0 +1,203 @@
+//! `waymark dead` lists the store's dead-lettered jobs (step jobs and hook
+//! notifications, with the reason each died), read through a
+//! [`waymark::Client`] (never writing); `waymark requeue JOB...` sends one
+//! request per job through the store's inbox: the worker delivers a dead
+//! hook notification again, and re-runs a dead step job's run from that
+//! step (a step runs again only through a re-run: its run ended with it).
+//! Long listings and many requeues show progress, on a terminal only.
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use waymark::{Client, DeadJob, DeadKind, Reply};
+
+use super::control::{await_reply_to, send};
+use super::read::{print_json, table};
+use crate::demo::domain::step_label;
+use crate::plumbing::exit::{CliError, CliResult, Exit, one_line, shown};
+use crate::plumbing::output::{live_output, say};
+use crate::plumbing::store::{Store, StoreArgs};
+
+/// Dead jobs read per call.
+const PAGE: usize = 256;
+
+/// Which dead jobs `waymark dead` lists.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    /// Step jobs (their runs ended Failed).
+    Step,
+    /// Hook notifications.
+    Hook,
+}
+
+/// `waymark dead`'s arguments.
+#[derive(Debug, Args)]
+pub struct DeadArgs {
+    /// Only dead jobs of this kind (default: both).
+    #[arg(long, value_enum)]
+    pub kind: Option<KindArg>,
+    /// At most this many jobs of each kind.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    /// Print JSON instead of a table, for scripts.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark requeue`'s arguments.
+#[derive(Debug, Args)]
+pub struct RequeueArgs {
+    /// The dead jobs (ids as `waymark dead` lists them).
+    #[arg(required = true)]
+    pub job_ids: Vec<String>,
+    /// Return once the requests are stored, without waiting for the worker.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// A spinner or bar on a terminal; hidden otherwise (and under `--json`).
+fn progress(len: Option<u64>, message: &str, shown: bool) -> ProgressBar {
+    if !shown || !live_output() {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(len) => ProgressBar::new(len).with_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_message(message.to_string());
+    bar
+}
+
+/// `waymark dead`.
+pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let kinds = match args.kind {
+        Some(KindArg::Step) => vec![DeadKind::Step],
+        Some(KindArg::Hook) => vec![DeadKind::Hook],
+        None => vec![DeadKind::Step, DeadKind::Hook],
+    };
+    let bar = progress(None, "reading dead jobs", !args.json);
+    let mut all = Vec::new();
+    for kind in kinds {
+        all.extend(list(&store, &client, kind, args.limit.max(1), &bar).await?);
+    }
+    bar.finish_and_clear();
+    let _ = client.close().await;
+    if args.json {
+        print_json(&all)?;
+        return Ok(Exit::Ok);
+    }
+    if all.is_empty() {
+        say!("no dead jobs in {}", store.shown());
+        return Ok(Exit::Ok);
+    }
+    let rows: Vec<[String; 6]> = all
+        .iter()
+        .map(|job| {
+            [
+                job.job_id.clone(),
+                match job.kind {
+                    DeadKind::Hook => "hook".to_string(),
+                    _ => "step".to_string(),
+                },
+                job.run_id.clone().unwrap_or_else(|| "-".into()),
+                job.step.map_or_else(|| "-".into(), step_label),
+                job.attempts.to_string(),
+                job.reason.as_deref().map_or_else(|| "-".into(), one_line),
+            ]
+        })
+        .collect();
+    table(&["JOB", "KIND", "RUN", "STEP", "ATTEMPTS", "REASON"], &rows);
+    say!("requeue one: waymark requeue JOB (a step job re-runs its run from that step)");
+    Ok(Exit::Ok)
+}
+
+/// Up to `limit` dead jobs of `kind`, page by page.
+async fn list(
+    store: &Store,
+    client: &Client,
+    kind: DeadKind,
+    limit: usize,
+    bar: &ProgressBar,
+) -> CliResult<Vec<DeadJob>> {
+    let mut out: Vec<DeadJob> = Vec::new();
+    while out.len() < limit {
+        let after = out.last().map(|j| j.job_id.clone());
+        let want = PAGE.min(limit - out.len());
+        let page = store
+            .bounded(
+                "listing dead jobs",
+                client.dead_jobs(kind, after.as_deref(), want),
+            )
+            .await?;
+        let full = page.len() == want;
+        out.extend(page);
+        bar.set_message(format!("reading dead jobs: {}", out.len()));
+        bar.tick();
+        if !full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Check a job id before anything is opened.
+fn check_job_id(id: &str) -> CliResult<()> {
+    waymark::validate_request_id(id).map_err(|_| {
+        CliError::usage(format!(
+            "invalid job id `{}`: job ids are 1-64 ASCII letters and digits (as `waymark dead` \
+             lists them)",
+            shown(id)
+        ))
+    })
+}
+
+/// `waymark requeue`: one request per job, answered in order.
+pub async fn requeue(args: RequeueArgs) -> CliResult<Exit> {
+    for id in &args.job_ids {
+        check_job_id(id)?;
+    }
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let many = args.job_ids.len() > 1;
+    let bar = progress(Some(args.job_ids.len() as u64), "requeueing", many);
+    let mut sent = Vec::new();
+    for id in &args.job_ids {
+        sent.push((id, send(&store, client.requeue(id)).await?));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if args.no_wait {
+        for (id, request_id) in &sent {
+            say!("sent: requeue {id} (request {request_id}); a worker on the store applies it");
+        }
+        return Ok(Exit::Ok);
+    }
+    let mut code = Exit::Ok;
+    for (id, request_id) in &sent {
+        match await_reply_to(&store, &client, request_id).await {
+            Ok(Some(Reply::Requeued { .. })) => {
+                say!("requeued {id}: the hook notification is delivered again")
+            }
+            Ok(Some(Reply::Rerun { run_id, rerun })) => {
+                say!("requeued {id}: run {run_id} runs again from that step (re-run {rerun})")
+            }
+            Ok(Some(other)) => {
+                return Err(CliError::failure(format!("unexpected reply: {other:?}")));
+            }
+            Ok(None) => code = Exit::Unfinished,
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = client.close().await;
+    Ok(code)
+}

@@ -1,0 +1,58 @@
+//! `waymark reset WORKFLOW`: reset a workflow's circuit breaker (close it,
+//! zero its failure streak, release its parked steps), sent through the
+//! store's inbox like `cancel` (see [`super::control`]); the worker applies
+//! it with its runtime's `reset_workflow`. No worker answering within
+//! `--timeout` exits 4, the request waiting in the inbox.
+
+use clap::Args;
+use waymark::Reply;
+
+use super::control::{await_reply_to, send};
+use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
+use crate::plumbing::output::say;
+use crate::plumbing::store::{Store, StoreArgs};
+
+/// `waymark reset`'s arguments.
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The workflow whose breaker to reset.
+    pub workflow: String,
+    /// Return once the request is stored, without waiting for the worker.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark reset`.
+pub async fn reset(args: ResetArgs) -> CliResult<Exit> {
+    let workflow = args.workflow.as_str();
+    waymark::validate_name("workflow name", workflow).map_err(|_| {
+        CliError::usage(format!(
+            "invalid workflow name `{}`: only 1-128 ASCII letters, digits and `.` `_` `:` `-`",
+            shown(workflow)
+        ))
+    })?;
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let request_id = send(&store, client.reset(workflow)).await?;
+    if args.no_wait {
+        say!("sent: reset {workflow} (request {request_id}); a worker on the store applies it");
+        return Ok(Exit::Ok);
+    }
+    let code = match await_reply_to(&store, &client, &request_id).await? {
+        Some(Reply::Reset { was_open: true, .. }) => {
+            say!("reset {workflow}: its breaker is closed and its parked steps run again");
+            Exit::Ok
+        }
+        Some(Reply::Reset { .. }) => {
+            say!("{workflow}'s breaker was closed with no failure streak; nothing changed");
+            Exit::Ok
+        }
+        Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
+        None => Exit::Unfinished,
+    };
+    let _ = client.close().await;
+    Ok(code)
+}

@@ -1,0 +1,224 @@
+//! `waymark serve`: the operator's view of a store over HTTP — a JSON API
+//! ([`api`]), a dashboard page ([`page`], its assets embedded in the
+//! binary) and Prometheus metrics (`/metrics`).
+//!
+//! It reads through a [`Client`] (a reader: it never opens the store as its
+//! writer, so it never fences a worker) and changes things only through the
+//! client's inbox requests, which the worker applies. Mutating endpoints
+//! (`POST`) need `Authorization: Bearer TOKEN` with the token given by
+//! `--token` or `WAYMARK_TOKEN`; without a token they answer 401. Reads are
+//! open on a loopback address; on any other address `serve` refuses to
+//! start without a token, and reads need it too.
+
+pub mod api;
+pub mod json;
+pub mod page;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clap::Args;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use waymark::{BreakerStatus, Client};
+
+use crate::plumbing::exit::{CliError, CliResult, Exit};
+use crate::plumbing::output::say;
+use crate::plumbing::signals::Signals;
+use crate::plumbing::store::{Store, StoreArgs};
+use crate::plumbing::telemetry::{init_logging, install_prometheus};
+use api::ApiError;
+
+/// `waymark serve`'s arguments.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where the store lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The address to listen on (port 0 picks a free port; the address is
+    /// printed once it listens).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The bearer token mutating requests must carry (cancel, trigger,
+    /// reset, requeue). Without one, they are refused.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "WAYMARK_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+/// What every handler shares.
+pub struct App {
+    /// The store's client.
+    pub client: Client,
+    /// How long a read or a request's reply may take.
+    pub timeout: Duration,
+    /// The SHA-256 of the bearer token, if one was given.
+    token: Option<[u8; 32]>,
+    /// Whether reads need the token too (a non-loopback address).
+    guard_reads: bool,
+    /// Renders this process's metrics.
+    metrics: PrometheusHandle,
+}
+
+impl App {
+    /// Whether `request` carries the token.
+    fn authorized(&self, request: &Request) -> bool {
+        let Some(want) = &self.token else {
+            return false;
+        };
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compared as digests: the time taken says nothing about the token.
+        given.is_some_and(|given| digest(given) == *want)
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Refuse a request that needs the token and lacks it: every `POST`, and
+/// every request when reads are guarded.
+async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let needs = request.method() != Method::GET || app.guard_reads;
+    if needs && !app.authorized(&request) {
+        let why = if app.token.is_none() {
+            "changes are disabled: start `waymark serve` with --token or WAYMARK_TOKEN"
+        } else {
+            "missing or wrong bearer token (Authorization: Bearer TOKEN)"
+        };
+        let mut response = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
+/// `GET /metrics`: this process's metrics and, read at each scrape, every
+/// workflow's breaker state and failure streak as gauges.
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    match app
+        .bounded("reading the workflows", app.client.workflows())
+        .await
+    {
+        Ok(workflows) => {
+            for health in workflows {
+                let tripped = matches!(health.status, BreakerStatus::Tripped { .. });
+                metrics::gauge!("waymark_workflow_tripped", "workflow" => health.name.clone())
+                    .set(if tripped { 1.0 } else { 0.0 });
+                metrics::gauge!("waymark_workflow_failure_streak", "workflow" => health.name)
+                    .set(f64::from(health.failure_streak));
+            }
+        }
+        Err(e) => tracing::warn!("metrics: {e:?}"),
+    }
+    app.metrics.render().into_response()
+}
+
+/// The server's routes over `app`.
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/api/runs", get(api::runs))
+        .route("/api/runs/{id}", get(api::run))
+        .route("/api/runs/{id}/cancel", post(api::cancel))
+        .route("/api/workflows", get(api::workflows))
+        .route("/api/workflows/{name}/reset", post(api::reset))
+        .route("/api/dead", get(api::dead))
+        .route("/api/dead/{job}/requeue", post(api::requeue))
+        .route("/api/schedules", get(api::schedules))
+        .route("/api/schedules/{id}/trigger", post(api::trigger))
+        .route("/api/worker", get(api::worker))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), guard));
+    api.merge(page::routes())
+        .fallback(|| async { ApiError::not_found("no such page").into_response() })
+        .layer(middleware::from_fn(count_requests))
+        .with_state(app)
+}
+
+/// Count each request by method and status.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    metrics::counter!(
+        "waymark_http_requests_total",
+        "method" => method,
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    response
+}
+
+/// Serve until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> CliResult<Exit> {
+    init_logging();
+    let token = args.token.filter(|t| !t.is_empty());
+    let loopback = args.listen.ip().is_loopback();
+    if !loopback && token.is_none() {
+        return Err(CliError::usage(format!(
+            "refusing to listen on {} (not a loopback address) without a token: \
+             give --token or WAYMARK_TOKEN",
+            args.listen
+        )));
+    }
+    let store = Store::locate(&args.store)?;
+    let client = store.open_client().await?;
+    let handle = install_prometheus()?;
+    let app = Arc::new(App {
+        client: client.clone(),
+        timeout: store.timeout,
+        token: token.as_deref().map(digest),
+        guard_reads: !loopback,
+        metrics: handle,
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::failure(format!("cannot listen on {}: {e}", args.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::failure(format!("cannot read the listening address: {e}")))?;
+    say!(
+        "serving {} at http://{bound}/ (API under /api, metrics at /metrics; changes {})",
+        store.shown(),
+        if token.is_some() {
+            "need the bearer token"
+        } else {
+            "disabled: no token"
+        }
+    );
+    let stop = CancellationToken::new();
+    let mut signals = Signals::listen()?;
+    let server = tokio::spawn(
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let signal = signals.next().await;
+    say!("{signal}: stopping.");
+    stop.cancel();
+    let served = server.await;
+    let _ = client.close().await;
+    match served {
+        Ok(Ok(())) => Ok(Exit::Ok),
+        Ok(Err(e)) => Err(CliError::failure(format!("the server failed: {e}"))),
+        Err(e) => Err(CliError::failure(format!("the server's task failed: {e}"))),
+    }
+}

@@ -1,0 +1,396 @@
+//! `waymark serve`'s JSON API and the Prometheus endpoints, against a live
+//! `waymark worker` process: status codes, filters, paging, the bearer
+//! token on changes, and the counters after a few runs.
+
+mod operator;
+
+use operator::{Env, TOKEN, eventually, get, good_order, http, submit};
+
+/// The run ids of a `/api/runs` answer.
+fn ids(page: &serde_json::Value) -> Vec<String> {
+    page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn every_endpoint_against_a_live_worker() {
+    // The default workflow trips after two failures in a row; `nightly` is
+    // a manual schedule (of the default workflow).
+    let env = Env::start(&["--trip-after", "2", "--schedule", "nightly=manual"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(env.client());
+    rt.block_on(async {
+        for id in ["shop-1", "shop-2", "shop-3"] {
+            submit(&client, id, "shop", good_order()).await;
+        }
+        // Not an order: the step fails permanently and is dead-lettered.
+        submit(&client, "shop-bad", "shop", b"garbage".to_vec()).await;
+        for id in ["fail-1", "fail-2"] {
+            submit(&client, id, "default", operator::empty_order()).await;
+        }
+        for id in ["shop-1", "shop-2", "shop-3", "shop-bad", "fail-1", "fail-2"] {
+            client.wait(id, operator::HANG_GUARD).await.unwrap();
+        }
+        // The default workflow is tripped: this run parks.
+        submit(&client, "parked-1", "default", good_order()).await;
+    });
+    let addr = env.addr.as_str();
+    eventually("parked-1 to park", || {
+        let run = get(addr, "/api/runs/parked-1").json();
+        (run["live"]["state"] == "parked").then_some(())
+    });
+
+    // Listing: everything, then filtered, then paged.
+    let all = get(addr, "/api/runs");
+    assert_eq!(all.status, 200, "{}", all.body);
+    let all = all.json();
+    let expected: Vec<String> = [
+        "fail-1", "fail-2", "parked-1", "shop-1", "shop-2", "shop-3", "shop-bad",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_eq!(ids(&all), expected);
+    assert!(all["next"].is_null());
+
+    let failed = get(addr, "/api/runs?state=failed").json();
+    assert_eq!(ids(&failed), ["fail-1", "fail-2", "shop-bad"]);
+    let shop = get(addr, "/api/runs?workflow=shop&state=succeeded").json();
+    assert_eq!(ids(&shop), ["shop-1", "shop-2", "shop-3"]);
+    let live = get(addr, "/api/runs?state=live").json();
+    assert_eq!(ids(&live), ["parked-1"]);
+    assert_eq!(live["runs"][0]["state"], "parked");
+    assert_eq!(live["runs"][0]["live"], true);
+
+    // Submit-time and header filters.
+    let far = 4_102_444_800_000u64; // 2100-01-01
+    assert_eq!(
+        ids(&get(addr, &format!("/api/runs?until_ms={far}")).json()),
+        expected
+    );
+    assert!(ids(&get(addr, &format!("/api/runs?since_ms={far}")).json()).is_empty());
+    assert!(ids(&get(addr, "/api/runs?header=team%3Dnobody").json()).is_empty());
+
+    let mut paged = Vec::new();
+    let mut path = "/api/runs?limit=3".to_string();
+    loop {
+        let page = get(addr, &path);
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page = page.json();
+        let got = ids(&page);
+        assert!(got.len() <= 3);
+        paged.extend(got);
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/runs?limit=3&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, expected, "pages cover every run once, in order");
+
+    // Malformed filters: 400 with a reason.
+    for bad in [
+        "/api/runs?state=bogus",
+        "/api/runs?limit=0",
+        "/api/runs?limit=100000",
+        "/api/runs?limit=ten",
+        "/api/runs?workflow=a%20b",
+        "/api/runs?after=%00",
+        "/api/runs?header=no-equals-sign",
+        "/api/runs?since_ms=yesterday",
+    ] {
+        let answer = get(addr, bad);
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
+    }
+    assert!(
+        get(addr, "/api/runs?state=bogus").json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("parked")
+    );
+
+    // One run.
+    let run = get(addr, "/api/runs/fail-1");
+    assert_eq!(run.status, 200);
+    let run = run.json();
+    assert_eq!(run["workflow"], "default");
+    assert_eq!(run["outcome"]["status"], "failed");
+    assert_eq!(run["outcome"]["error"], "the order has no items");
+    assert!(run["live"].is_null());
+    let ok = get(addr, "/api/runs/shop-1").json();
+    assert_eq!(ok["outcome"]["status"], "succeeded");
+    assert_eq!(ok["outcome"]["final_step"], 4);
+    // Its step history: five steps, one attempt each; the third delayed.
+    let kinds: Vec<(u64, u64, String)> = ok["history"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["attempts"].as_array().unwrap().clone())
+        .map(|a| {
+            (
+                a["step"].as_u64().unwrap(),
+                a["attempt"].as_u64().unwrap(),
+                a["outcome"]["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, u64, String)> = [
+        (0, 1, "continued"),
+        (1, 1, "continued"),
+        (2, 1, "delayed"),
+        (3, 1, "continued"),
+        (4, 1, "ended"),
+    ]
+    .map(|(s, a, k)| (s, a, k.to_string()))
+    .to_vec();
+    assert_eq!(kinds, want, "{}", ok["history"]);
+    assert_eq!(
+        ok["history"]["steps"][4]["attempts"][0]["outcome"]["status"],
+        "Succeeded"
+    );
+    assert_eq!(get(addr, "/api/runs/no-such-run").status, 404);
+    assert_eq!(get(addr, "/api/runs/bad%20id").status, 400);
+    assert_eq!(get(addr, "/api/runs/%00").status, 400);
+
+    // Workflows and breakers.
+    let workflows = get(addr, "/api/workflows");
+    assert_eq!(workflows.status, 200);
+    let workflows = workflows.json();
+    let default = workflows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "default")
+        .expect("the default workflow");
+    assert_eq!(default["breaker"]["state"], "tripped");
+    assert!(default["failure_streak"].as_u64().unwrap() >= 2);
+
+    // serve's own metrics: a gauge per workflow's breaker, read at scrape.
+    let metrics = get(addr, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains("waymark_workflow_tripped{workflow=\"default\"} 1"),
+        "{}",
+        metrics.body
+    );
+
+    // Schedules.
+    let schedules = get(addr, "/api/schedules");
+    assert_eq!(schedules.status, 200);
+    let schedules = schedules.json();
+    assert_eq!(schedules[0]["id"], "nightly");
+    assert_eq!(schedules[0]["fires"], "manual");
+    assert_eq!(schedules[0]["active"], true);
+
+    // The worker's heartbeat.
+    let worker = get(addr, "/api/worker").json();
+    assert!(worker["last_beat_ms"].as_u64().unwrap() > 0);
+    assert_eq!(worker["closed"], false);
+
+    // Changes need the token.
+    for path in [
+        "/api/runs/parked-1/cancel",
+        "/api/schedules/nightly/trigger",
+    ] {
+        assert_eq!(http("POST", addr, path, None).status, 401, "{path}");
+        assert_eq!(
+            http("POST", addr, path, Some("wrong")).status,
+            401,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        http("POST", addr, "/api/runs/bad%20id/cancel", Some(TOKEN)).status,
+        400
+    );
+    // A trigger of a tripped workflow is refused by the worker: 409.
+    let refused = http("POST", addr, "/api/schedules/nightly/trigger", Some(TOKEN));
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let unknown = http("POST", addr, "/api/schedules/nope/trigger", Some(TOKEN));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let cancelled = http("POST", addr, "/api/runs/parked-1/cancel", Some(TOKEN));
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert_eq!(cancelled.json()["cancelled"], true);
+    eventually("parked-1 to end cancelled", || {
+        let run = get(addr, "/api/runs/parked-1").json();
+        (run["outcome"]["status"] == "cancelled").then_some(())
+    });
+
+    // Dead letters: the step that could not read its order, with its reason.
+    let dead = get(addr, "/api/dead");
+    assert_eq!(dead.status, 200, "{}", dead.body);
+    let dead = dead.json();
+    let jobs = dead["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{dead}");
+    assert_eq!(jobs[0]["run_id"], "shop-bad");
+    assert_eq!(jobs[0]["kind"], "step");
+    assert_eq!(jobs[0]["step"], 0);
+    assert_eq!(jobs[0]["reason"], "malformed order field `garbage`");
+    let job = jobs[0]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        get(addr, "/api/dead?kind=hook").json()["jobs"],
+        serde_json::json!([])
+    );
+    assert_eq!(get(addr, "/api/dead?kind=bogus").status, 400);
+    assert_eq!(get(addr, "/api/dead?limit=0").status, 400);
+    let requeue = format!("/api/dead/{job}/requeue");
+    assert_eq!(http("POST", addr, &requeue, None).status, 401);
+    assert_eq!(
+        http("POST", addr, "/api/dead/no-such-job/requeue", Some(TOKEN)).status,
+        404
+    );
+    assert_eq!(
+        http("POST", addr, "/api/dead/bad%20id/requeue", Some(TOKEN)).status,
+        400
+    );
+    let requeued = http("POST", addr, &requeue, Some(TOKEN));
+    assert_eq!(requeued.status, 200, "{}", requeued.body);
+    let requeued = requeued.json();
+    assert_eq!(requeued["requeued"], "rerun");
+    assert_eq!(requeued["run_id"], "shop-bad");
+    assert_eq!(requeued["rerun"], 1);
+    // It fails the same way again: re-run 1 ended.
+    eventually("shop-bad's re-run to end", || {
+        let run = get(addr, "/api/runs/shop-bad").json();
+        (run["outcome"]["reruns"] == 1).then_some(())
+    });
+
+    // Reset the tripped workflow: the breaker closes and a trigger fires.
+    let reset = "/api/workflows/default/reset";
+    assert_eq!(http("POST", addr, reset, None).status, 401);
+    assert_eq!(http("POST", addr, reset, Some("wrong")).status, 401);
+    assert_eq!(
+        http("POST", addr, "/api/workflows/bad%20name/reset", Some(TOKEN)).status,
+        400
+    );
+    let answer = http("POST", addr, reset, Some(TOKEN));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["was_open"], true);
+    let default = get(addr, "/api/workflows").json();
+    let default = default
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "default")
+        .unwrap();
+    assert_eq!(default["breaker"]["state"], "closed");
+    let fired = http("POST", addr, "/api/schedules/nightly/trigger", Some(TOKEN));
+    assert_eq!(fired.status, 200, "{}", fired.body);
+    assert!(!fired.json()["run_id"].as_str().unwrap().is_empty());
+
+    // Unknown pages; the breaker's gauge after the reset.
+    assert_eq!(get(addr, "/api/nope").status, 404);
+    let metrics = get(addr, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains("waymark_workflow_tripped{workflow=\"default\"} 0"),
+        "{}",
+        metrics.body
+    );
+    rt.block_on(client.close()).unwrap();
+}
+
+/// A metric's value in a Prometheus text body: the line starting with
+/// `name{` whose labels include every one of `labels`.
+fn metric(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_worker_metrics_endpoint_counts_steps_after_a_few_runs() {
+    let env = Env::start(&["--trip-after", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(env.client());
+    rt.block_on(async {
+        submit(&client, "ok-1", "shop", good_order()).await;
+        submit(&client, "ok-2", "shop", good_order()).await;
+        client.wait("ok-1", operator::HANG_GUARD).await.unwrap();
+        client.wait("ok-2", operator::HANG_GUARD).await.unwrap();
+        // Trips the default workflow (at one failure); the next run parks.
+        submit(&client, "bad-1", "default", operator::empty_order()).await;
+        client.wait("bad-1", operator::HANG_GUARD).await.unwrap();
+        submit(&client, "parks", "default", good_order()).await;
+    });
+    let metrics = env.metrics.as_str();
+    let body = eventually("the park and the hooks to be counted", || {
+        let body = get(metrics, "/metrics").body;
+        let parked = metric(&body, "waymark_step_parks_total", &["workflow=\"default\""]);
+        let hooks = metric(
+            &body,
+            "waymark_hook_deliveries_total",
+            &["outcome=\"delivered\""],
+        );
+        (parked.is_some() && hooks == Some(3.0)).then_some(body)
+    });
+    let shop = "workflow=\"shop\"";
+    assert_eq!(
+        metric(
+            &body,
+            "waymark_steps_total",
+            &[shop, "outcome=\"succeeded\""]
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    // Steps 0, 1, 3 continue; step 2 continues after a delay: 4 a run.
+    assert_eq!(
+        metric(
+            &body,
+            "waymark_steps_total",
+            &[shop, "outcome=\"continued\""]
+        ),
+        Some(8.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "waymark_steps_total",
+            &["workflow=\"default\"", "outcome=\"failed\""]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "waymark_breaker_trips_total",
+            &["workflow=\"default\""]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    // Hooks: the worker's hook reports each ended run.
+    assert_eq!(
+        metric(
+            &body,
+            "waymark_hook_deliveries_total",
+            &["outcome=\"delivered\""]
+        ),
+        Some(3.0),
+        "{body}"
+    );
+    for histogram in [
+        "waymark_settle_seconds_count",
+        "waymark_step_duration_seconds_count",
+        "waymark_step_to_step_seconds_count",
+    ] {
+        let count =
+            metric(&body, histogram, &[shop]).unwrap_or_else(|| panic!("{histogram}: {body}"));
+        assert!(count >= 10.0, "{histogram} = {count}");
+    }
+    assert!(body.contains("waymark_steps_in_flight"), "{body}");
+    let pending = metric(&body, "waymark_backlog", &["state=\"scheduled\""]);
+    assert!(pending.is_some(), "{body}");
+    rt.block_on(client.close()).unwrap();
+}
