@@ -34,7 +34,7 @@
 //! the last line should the assumptions break: the taker's open of the
 //! shard fences the old writer, whose next commit fails.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -103,6 +103,9 @@ pub struct LeaseView {
     pub owner: String,
     /// Whether it was released.
     pub released: bool,
+    /// When the store wrote it (its last-modified time, on the store's
+    /// clock: for display, never for the protocol).
+    pub written: SystemTime,
 }
 
 /// A lease this worker holds.
@@ -159,30 +162,13 @@ impl Leases {
         self.timing
     }
 
-    fn dir(&self, shard: u32) -> Path {
-        Path::from(format!(
-            "{}/leases/shard-{shard:04}",
-            self.location.path().trim_end_matches('/')
-        ))
-    }
-
     fn object(&self, shard: u32, epoch: u64) -> Path {
-        Path::from(format!("{}/{epoch:020}", self.dir(shard)))
+        lease_object(&self.location, shard, epoch)
     }
 
     /// The epochs of `shard`'s lease objects, lowest first.
     async fn epochs(&self, shard: u32) -> Result<Vec<u64>, Error> {
-        let dir = self.dir(shard);
-        let mut listing = self.location.object_store().list(Some(&dir));
-        let mut epochs = Vec::new();
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| store_error(&self.location, "list a shard's lease", e))?;
-            if let Some(epoch) = meta.location.filename().and_then(|n| n.parse().ok()) {
-                epochs.push(epoch);
-            }
-        }
-        epochs.sort_unstable();
-        Ok(epochs)
+        epochs(&self.location, shard).await
     }
 
     /// `shard`'s lease as it stands: `None` when it was never taken.
@@ -196,18 +182,15 @@ impl Leases {
         for old in epochs.iter().rev().skip(2) {
             self.forget(shard, *old).await;
         }
-        let path = self.object(shard, epoch);
-        let bytes = match self.location.object_store().get(&path).await {
-            Ok(got) => got.bytes().await,
-            Err(e) => Err(e),
+        match read_lease(&self.location, shard, epoch).await? {
+            Some(view) => Ok(Some(view)),
+            // Gone between the listing and the read: never "free".
+            None => Err(Error::FleetStore {
+                location: self.location.to_string(),
+                doing: format!("read shard {shard}'s lease"),
+                reason: format!("its lease object {epoch} was gone"),
+            }),
         }
-        .map_err(|e| store_error(&self.location, "read a shard's lease", e))?;
-        let body: LeaseBody = decode(path.as_ref().as_bytes(), &bytes)?;
-        Ok(Some(LeaseView {
-            epoch,
-            owner: body.owner,
-            released: body.released,
-        }))
     }
 
     /// Create `shard`'s lease object `epoch`. `Ok(false)` when it exists.
@@ -326,6 +309,79 @@ impl Leases {
             })
         }
     }
+}
+
+fn lease_dir(location: &StoreLocation, shard: u32) -> Path {
+    Path::from(format!(
+        "{}/leases/shard-{shard:04}",
+        location.path().trim_end_matches('/')
+    ))
+}
+
+fn lease_object(location: &StoreLocation, shard: u32, epoch: u64) -> Path {
+    Path::from(format!("{}/{epoch:020}", lease_dir(location, shard)))
+}
+
+/// The epochs of `shard`'s lease objects, lowest first.
+async fn epochs(location: &StoreLocation, shard: u32) -> Result<Vec<u64>, Error> {
+    let dir = lease_dir(location, shard);
+    let mut listing = location.object_store().list(Some(&dir));
+    let mut epochs = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| store_error(location, "list a shard's lease", e))?;
+        if let Some(epoch) = meta.location.filename().and_then(|n| n.parse().ok()) {
+            epochs.push(epoch);
+        }
+    }
+    epochs.sort_unstable();
+    Ok(epochs)
+}
+
+/// Read `shard`'s lease object `epoch`: `None` when it is gone.
+async fn read_lease(
+    location: &StoreLocation,
+    shard: u32,
+    epoch: u64,
+) -> Result<Option<LeaseView>, Error> {
+    let path = lease_object(location, shard, epoch);
+    let got = match location.object_store().get(&path).await {
+        Ok(got) => got,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(store_error(location, "read a shard's lease", e)),
+    };
+    let written = SystemTime::from(got.meta.last_modified);
+    let bytes = got
+        .bytes()
+        .await
+        .map_err(|e| store_error(location, "read a shard's lease", e))?;
+    let body: LeaseBody = decode(path.as_ref().as_bytes(), &bytes)?;
+    Ok(Some(LeaseView {
+        epoch,
+        owner: body.owner,
+        released: body.released,
+        written,
+    }))
+}
+
+/// `shard`'s lease in the fleet at `location` as it stands, for an
+/// observer (`waymark fleet`, a dashboard): it only reads, never writes or
+/// deletes. `None` when the shard was never taken.
+pub async fn peek_lease(location: &StoreLocation, shard: u32) -> Result<Option<LeaseView>, Error> {
+    // The top object may be deleted between the listing and the read (two
+    // renewals later): list again, a few times.
+    for _ in 0..3 {
+        let Some(&epoch) = epochs(location, shard).await?.last() else {
+            return Ok(None);
+        };
+        if let Some(view) = read_lease(location, shard, epoch).await? {
+            return Ok(Some(view));
+        }
+    }
+    Err(Error::FleetStore {
+        location: location.to_string(),
+        doing: format!("read shard {shard}'s lease"),
+        reason: "its newest lease object kept changing under the read".into(),
+    })
 }
 
 #[cfg(test)]

@@ -9,20 +9,23 @@
 //! is refused), and [`Leases`] (the create-only lease protocol, with its
 //! timing assumptions in its docs); [`FleetWorker`] (one process of a
 //! fleet: takes a fair share of the shards, runs a runtime on each, hands
-//! them over) and [`FleetClient`] (routes each request to its run's shard).
-//! Not built yet: the CLI's `--shards` and `fleet` commands, multi-process
-//! and S3 tests, benchmarks.
+//! them over; [`ShardEvent`]s report what it did) and [`FleetClient`]
+//! (routes each request to its run's shard); [`FleetStatus`] (what an
+//! observer sees: each shard's lease and backlog, read without writing).
+//! The CLI's `waymark worker --shards N` and `waymark fleet` use them.
 
 mod client;
 mod lease;
 mod manifest;
 mod probe;
 mod route;
+mod status;
 mod worker;
 
 pub use client::FleetClient;
-pub use lease::{HeldLease, LeaseTiming, LeaseView, Leases, Watch};
+pub use lease::{HeldLease, LeaseTiming, LeaseView, Leases, Watch, peek_lease};
 pub use manifest::{FleetManifest, MAX_SHARDS};
 pub use probe::check_conditional_writes;
 pub use route::{fnv1a64, shard_of, shard_of_run};
-pub use worker::FleetWorker;
+pub use status::{Backlog, FleetStatus, ShardStatus};
+pub use worker::{FleetWorker, ShardEvent};

@@ -41,6 +41,35 @@ pub type MakeRuntime<R, H> =
 /// Builds the store options of one shard.
 pub type MakeStoreOptions = dyn Fn(u32) -> StoreOptions + Send + Sync;
 
+/// What a fleet worker did with one of its shards, for a process that
+/// reports it ([`FleetWorker::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardEvent {
+    /// It took the shard's lease (at `epoch`) and started its runtime.
+    Took {
+        /// The shard.
+        shard: u32,
+        /// The lease epoch it created.
+        epoch: u64,
+    },
+    /// It handed the shard back gracefully: its runtime stopped, its
+    /// store closed, its lease released.
+    HandedBack {
+        /// The shard.
+        shard: u32,
+    },
+    /// It stopped working the shard without a clean hand-back (its lease
+    /// was taken or lapsed, its runtime stopped, the release failed); the
+    /// lease is left to lapse or is another worker's already.
+    Dropped {
+        /// The shard.
+        shard: u32,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
 /// One worker process of a fleet.
 pub struct FleetWorker<R, H> {
     location: StoreLocation,
@@ -49,6 +78,7 @@ pub struct FleetWorker<R, H> {
     id: String,
     store_options: Arc<MakeStoreOptions>,
     make: Arc<MakeRuntime<R, H>>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<ShardEvent>>,
 }
 
 /// A shard this worker runs.
@@ -76,6 +106,20 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
             id: ulid::Ulid::generate().to_string(),
             store_options: Arc::new(|_| StoreOptions::default()),
             make: Arc::new(make),
+            events: None,
+        }
+    }
+
+    /// Report each shard taken, handed back or dropped on `events` (a
+    /// closed receiver is ignored).
+    pub fn events(mut self, events: tokio::sync::mpsc::UnboundedSender<ShardEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    fn report(&self, event: ShardEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
         }
     }
 
@@ -127,11 +171,13 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 .collect();
             for shard in ended {
                 if let Some(r) = running.remove(&shard) {
-                    match r.task.await {
-                        Ok(Ok(())) => tracing::warn!(shard, "a shard's runtime stopped"),
-                        Ok(Err(e)) => tracing::warn!(shard, "a shard's runtime stopped: {e}"),
-                        Err(e) => tracing::warn!(shard, "a shard's runtime panicked: {e}"),
-                    }
+                    let reason = match r.task.await {
+                        Ok(Ok(())) => "its runtime stopped".to_string(),
+                        Ok(Err(e)) => format!("its runtime stopped: {e}"),
+                        Err(e) => format!("its runtime panicked: {e}"),
+                    };
+                    tracing::warn!(shard, "a shard's runtime stopped: {reason}");
+                    self.report(ShardEvent::Dropped { shard, reason });
                 }
             }
             if let Err(e) = members.beat().await {
@@ -157,6 +203,10 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 if let Some(r) = running.remove(&shard) {
                     tracing::error!(shard, "the shard's lease was taken: stopping it now");
                     r.task.abort();
+                    self.report(ShardEvent::Dropped {
+                        shard,
+                        reason: "its lease was taken by another worker".into(),
+                    });
                 }
             }
             // Take up to the fair share.
@@ -173,6 +223,10 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                     Ok(Some(lease)) => match self.start(&manifest, lease).await {
                         Ok(r) => {
                             tracing::info!(shard, "took the shard");
+                            self.report(ShardEvent::Took {
+                                shard,
+                                epoch: r.lease.epoch,
+                            });
                             running.insert(shard, r);
                         }
                         Err(e) => tracing::warn!(shard, "opening a taken shard failed: {e}"),
@@ -186,11 +240,11 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 && let Some(shard) = running.keys().next_back().copied()
                 && let Some(r) = running.remove(&shard)
             {
-                hand_back(&leases, shard, r).await;
+                self.report(hand_back(&leases, shard, r).await);
             }
         }
         for (shard, r) in std::mem::take(&mut running) {
-            hand_back(&leases, shard, r).await;
+            self.report(hand_back(&leases, shard, r).await);
         }
         members.leave().await;
         Ok(())
@@ -231,9 +285,10 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
 }
 
 /// Stop a shard gracefully (in-flight steps settle, the store closes),
-/// then release its lease.
-async fn hand_back(leases: &Leases, shard: u32, r: Running) {
+/// then release its lease. What became of the shard.
+async fn hand_back(leases: &Leases, shard: u32, r: Running) -> ShardEvent {
     r.stop.cancel();
+    let dropped = |reason: String| ShardEvent::Dropped { shard, reason };
     match r.task.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -241,19 +296,25 @@ async fn hand_back(leases: &Leases, shard: u32, r: Running) {
                 shard,
                 "the shard stopped with an error; its lease is left to lapse: {e}"
             );
-            return;
+            return dropped(format!("its runtime stopped with an error: {e}"));
         }
         Err(e) => {
             tracing::warn!(
                 shard,
                 "the shard's runtime panicked; its lease is left to lapse: {e}"
             );
-            return;
+            return dropped(format!("its runtime panicked: {e}"));
         }
     }
     match leases.release(r.lease).await {
-        Ok(()) => tracing::info!(shard, "handed the shard back"),
-        Err(e) => tracing::warn!(shard, "releasing the shard's lease failed (it lapses): {e}"),
+        Ok(()) => {
+            tracing::info!(shard, "handed the shard back");
+            ShardEvent::HandedBack { shard }
+        }
+        Err(e) => {
+            tracing::warn!(shard, "releasing the shard's lease failed (it lapses): {e}");
+            dropped(format!("releasing its lease failed (it lapses): {e}"))
+        }
     }
 }
 
