@@ -13,6 +13,8 @@ use assert_cmd::Command;
 use operator::{BIN, HANG_GUARD, Proc, eventually};
 use predicates::prelude::*;
 use serde_json::Value;
+use waymark::fleet::FleetClient;
+use waymark::{ClientOptions, StoreLocation};
 
 /// Short leases, so hand-offs and takeovers happen within a test.
 const LEASE: [&str; 4] = ["--lease-ms", "1500", "--guard-ms", "300"];
@@ -143,6 +145,17 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
             .assert()
             .success();
     }
+    // Each run is where the library's routing (every other process of the
+    // fleet) looks for it.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let at = StoreLocation::from_url(&url).unwrap();
+        let options = ClientOptions::default().queue_name("demo-orders");
+        let fleet = FleetClient::open(&at, options).await.unwrap();
+        for id in &ids {
+            let outcome = fleet.outcome(id).await.unwrap();
+            assert!(outcome.is_some(), "{id} is not on its shard");
+        }
+    });
     // `runs` lists every run of every shard.
     let out = waymark()
         .args(["runs", "--json", "--store", &url])

@@ -117,6 +117,7 @@ async fn backlog(at: &StoreLocation, queue_name: &str) -> Result<Option<Backlog>
 mod tests {
     use std::sync::Arc;
 
+    use taquba::object_store::ObjectStoreExt;
     use taquba::object_store::memory::InMemory;
 
     use super::*;
@@ -138,6 +139,14 @@ mod tests {
         a.renew(&mut held).await.unwrap();
         let released = a.try_take(2, &mut Watch::default()).await.unwrap().unwrap();
         a.release(released).await.unwrap();
+        // Junk a failed delete left behind: a worker's view deletes it, an
+        // observer's read must not.
+        let junk =
+            taquba::object_store::path::Path::from(format!("fleet/leases/shard-0000/{:020}", 0));
+        at.object_store()
+            .put(&junk, taquba::object_store::PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
         let objects = || async {
             use futures_util::StreamExt;
             at.object_store().list(None).count().await
