@@ -176,6 +176,20 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
         .assert()
         .success()
         .stdout(predicate::str::contains("had already ended"));
+    // A signal and a rerun reach the run's shard, whose worker answers for
+    // the run (on another shard it would be unknown: exit 3).
+    for id in &ids[1..3] {
+        waymark()
+            .args(["signal", id, "approved", "--store", &url])
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains("not waiting for a signal"));
+        waymark()
+            .args(["rerun", id, "0", "--store", &url])
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains("refused"));
+    }
     // An unknown run is not found on its shard.
     waymark()
         .args(["outcome", "no-such-run", "--store", &url])
