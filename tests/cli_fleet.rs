@@ -54,7 +54,7 @@ fn fleet(url: &str) -> Value {
 
 /// The owner of each shard of the fleet at `url` (`None`: not held).
 fn owners(url: &str) -> Vec<Option<String>> {
-    fleet(url)["shard"]
+    fleet(url)["shards"]
         .as_array()
         .unwrap()
         .iter()
@@ -197,8 +197,8 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
         .code(3);
     // Every shard has been opened: each shows a backlog, all worked off.
     let status = fleet(&url);
-    assert_eq!(status["shards"], 4);
-    for shard in status["shard"].as_array().unwrap() {
+    assert_eq!(status["shard_count"], 4);
+    for shard in status["shards"].as_array().unwrap() {
         assert_eq!(
             shard["backlog"],
             serde_json::json!({"ready": 0, "claimed": 0, "scheduled": 0}),

@@ -169,7 +169,7 @@ fn fleet_json(fleet: &FleetStatus, now: SystemTime) -> Value {
             })
         })
         .collect();
-    json!({ "shards": fleet.manifest.shards, "shard": shards })
+    json!({ "shard_count": fleet.manifest.shards, "shards": shards })
 }
 
 /// The lease timing from the flags (the library's defaults otherwise).
@@ -217,18 +217,20 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
             suggest(&worker)
         )));
     }
-    match store
-        .bounded("opening the fleet", async {
-            match FleetManifest::open_or_create(&location, shards).await {
-                Err(e @ waymark::Error::FleetMismatch { .. }) => Ok(Err(e)),
-                other => other.map(Ok),
-            }
-        })
-        .await?
-    {
-        Ok(_) => {}
-        Err(e) => return Err(CliError::refused(e.to_string())),
-    }
+    let opening = FleetManifest::open_or_create(&location, shards);
+    let manifest = match tokio::time::timeout(store.timeout, opening).await {
+        Ok(Ok(manifest)) => manifest,
+        Ok(Err(e @ waymark::Error::FleetMismatch { .. })) => {
+            return Err(CliError::refused(e.to_string()));
+        }
+        Ok(Err(e)) => {
+            return Err(CliError::failure(format!(
+                "cannot open the fleet at {}: {e}",
+                store.shown()
+            )));
+        }
+        Err(_) => return Err(store.timed_out("opening the fleet")),
+    };
     init_logging();
     let stop = CancellationToken::new();
     if let Some(addr) = args.metrics {
@@ -300,7 +302,7 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
             Some(event) = event_rx.recv() => shown(&event),
             _ = tick.tick() => {
                 if reads.is_none() && !tracker.awaiting().is_empty() {
-                    reads = store.open_fleet_client(&FleetManifest { shards }).await.ok();
+                    reads = store.open_fleet_client(&manifest).await.ok();
                 }
                 if let Some(fleet) = &reads {
                     for fact in confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store).await {
