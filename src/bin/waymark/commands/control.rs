@@ -83,7 +83,7 @@ pub async fn submit(args: SubmitArgs) -> CliResult<Exit> {
                 .get_or_insert_with(|| ulid::Ulid::generate().to_string());
             store.open_shard_client(&manifest, run_id).await?
         }
-        None => store.open_client().await?,
+        None => store.open_single_client().await?,
     };
     let sent = send(&store, client.submit(spec)).await?;
     if args.no_wait {

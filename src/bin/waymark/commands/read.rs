@@ -293,7 +293,7 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
             store.bounded("listing runs", fleet.runs(&filter)).await?
         }
         None => {
-            let client = store.open_client().await?;
+            let client = store.open_single_client().await?;
             let page = store.bounded("listing runs", client.runs(&filter)).await;
             let _ = client.close().await;
             page?

@@ -292,6 +292,11 @@ impl Store {
         if let Some(manifest) = self.fleet().await? {
             return Err(self.not_on_fleet(&manifest));
         }
+        self.open_single_client().await
+    }
+
+    /// [`Self::open_client`] once the location is known not to be a fleet.
+    pub async fn open_single_client(&self) -> CliResult<Client> {
         self.preflight(Use::Read)?;
         let location = self.location()?;
         match tokio::time::timeout(
@@ -317,7 +322,7 @@ impl Store {
     pub async fn open_run_client(&self, run_id: &str) -> CliResult<Client> {
         match self.fleet().await? {
             Some(manifest) => self.open_shard_client(&manifest, run_id).await,
-            None => self.open_client().await,
+            None => self.open_single_client().await,
         }
     }
 
