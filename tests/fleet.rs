@@ -134,3 +134,30 @@ async fn workers_share_shards_join_and_take_over() {
     until_owners(&at, |o| o.values().all(Option::is_none)).await;
     let _ = a_stop;
 }
+
+/// A store that accepts conditional writes and overwrites anyway (as Garage
+/// 2.5 does) is refused when a worker starts, before it writes anything.
+#[tokio::test]
+async fn a_store_that_ignores_conditional_writes_is_refused_at_fleet_start() {
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::testkit::{FaultPlan, FaultStore};
+    let inner = Arc::new(InMemory::new());
+    let store = FaultStore::new(
+        inner.clone(),
+        1,
+        FaultPlan {
+            ignore_conditional_writes: true,
+            ..FaultPlan::default()
+        },
+    );
+    let at = StoreLocation::new(store, "fleet");
+    let e = worker(&at).run(std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, Error::ConditionalWritesIgnored { .. }), "{e}");
+    assert!(
+        e.to_string().contains("create over an existing object"),
+        "{e}"
+    );
+    use futures_util::StreamExt;
+    use waymark::taquba::object_store::ObjectStore;
+    assert_eq!(inner.list(None).count().await, 0, "it wrote something");
+}

@@ -121,4 +121,12 @@ impl FleetClient {
         };
         Ok(RunPage { runs, next })
     }
+
+    /// Close every shard's reader.
+    pub async fn close(&self) -> Result<(), Error> {
+        for client in &self.shards {
+            client.close().await?;
+        }
+        Ok(())
+    }
 }

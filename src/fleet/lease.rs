@@ -34,6 +34,7 @@
 //! the last line should the assumptions break: the taker's open of the
 //! shard fences the old writer, whose next commit fails.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -211,15 +212,22 @@ impl Leases {
             )
             .await
         {
-            Ok(_) => {
-                if let Some(old) = epoch.checked_sub(2) {
-                    self.forget(shard, old).await;
-                }
-                Ok(true)
-            }
+            Ok(_) => Ok(true),
             Err(StoreError::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(store_error(&self.location, "write a shard's lease", e)),
         }
+    }
+
+    /// Whether `epoch` is still `shard`'s highest. A create alone does not
+    /// say so: old epochs are deleted, so a create of one long superseded
+    /// (a frozen owner renewing, a taker that listed before two renewals)
+    /// succeeds. The highest object is never deleted.
+    async fn is_top(&self, shard: u32, epoch: u64) -> Result<bool, Error> {
+        Ok(self
+            .epochs(shard)
+            .await?
+            .last()
+            .is_none_or(|top| *top <= epoch))
     }
 
     /// Delete an old lease object (best effort: a later view retries).
@@ -229,6 +237,44 @@ impl Leases {
             Ok(()) | Err(StoreError::NotFound { .. }) => {}
             Err(e) => tracing::debug!(%path, "deleting an old lease object failed: {e}"),
         }
+    }
+
+    /// Note in `watches`, for every shard, the highest epoch one listing of
+    /// all the leases shows (one LIST). Called every tick, it starts a
+    /// taker's wait when the owner stops renewing, not when the taker first
+    /// wants the shard (e.g. once the owner's membership lapsed): a
+    /// takeover then takes `duration + guard` plus a tick or two, not
+    /// twice that. Safe for the same reason as a first sighting in
+    /// [`Self::try_take`]: it is after the epoch's object was created.
+    pub async fn observe(&self, watches: &mut HashMap<u32, Watch>) -> Result<(), Error> {
+        let dir = Path::from(format!(
+            "{}/leases",
+            self.location.path().trim_end_matches('/')
+        ));
+        let mut listing = self.location.object_store().list(Some(&dir));
+        let mut top: HashMap<u32, u64> = HashMap::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| store_error(&self.location, "list the leases", e))?;
+            let path = meta.location.as_ref();
+            let mut parts = path.rsplit('/');
+            let epoch = parts.next().and_then(|e| e.parse::<u64>().ok());
+            let shard = parts
+                .next()
+                .and_then(|d| d.strip_prefix("shard-"))
+                .and_then(|s| s.parse::<u32>().ok());
+            if let (Some(shard), Some(epoch)) = (shard, epoch) {
+                let highest = top.entry(shard).or_default();
+                *highest = (*highest).max(epoch);
+            }
+        }
+        let now = Instant::now();
+        for (shard, epoch) in top {
+            let watch = watches.entry(shard).or_default();
+            if watch.seen.map(|(seen, _)| seen) != Some(epoch) {
+                watch.seen = Some((epoch, now));
+            }
+        }
+        Ok(())
     }
 
     /// Take `shard` if the protocol allows it now: it is free, released, or
@@ -259,12 +305,15 @@ impl Leases {
             },
         };
         let sent = Instant::now();
-        if !self.create(shard, next, false).await? {
+        if !self.create(shard, next, false).await? || !self.is_top(shard, next).await? {
             // Renewed, or another taker won: watch afresh.
             watch.seen = None;
             return Ok(None);
         }
         watch.seen = None;
+        if let Some(old) = next.checked_sub(2) {
+            self.forget(shard, old).await;
+        }
         Ok(Some(HeldLease {
             shard,
             epoch: next,
@@ -282,15 +331,26 @@ impl Leases {
     pub async fn renew(&self, lease: &mut HeldLease) -> Result<(), Error> {
         let next = lease.epoch.saturating_add(1);
         let sent = Instant::now();
-        if !self.create(lease.shard, next, false).await? {
+        let lost = |lease: &mut HeldLease| {
             lease.valid_until = sent;
-            return Err(Error::LeaseLost {
+            Err(Error::LeaseLost {
                 shard: lease.shard,
                 epoch: lease.epoch,
-            });
+            })
+        };
+        if !self.create(lease.shard, next, false).await? {
+            return lost(lease);
         }
+        // The object is this worker's now, whatever follows; an error in
+        // the check leaves the validity as it was (the fence stands).
         lease.epoch = next;
+        if !self.is_top(lease.shard, next).await? {
+            return lost(lease);
+        }
         lease.valid_until = self.valid_from(sent);
+        if let Some(old) = next.checked_sub(2) {
+            self.forget(lease.shard, old).await;
+        }
         Ok(())
     }
 
@@ -436,6 +496,28 @@ mod tests {
         assert!(!lease.is_valid());
         let view = a.view(0).await.unwrap().unwrap();
         assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_frozen_past_the_takers_renewals_learns_it_lost() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut lease = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let mut watch = Watch::default();
+        assert_eq!(b.try_take(0, &mut watch).await.unwrap(), None);
+        tokio::time::advance(TIMING.duration + TIMING.guard).await;
+        let mut taken = b.try_take(0, &mut watch).await.unwrap().unwrap();
+        // b renews twice: the epochs a would create next are deleted.
+        for _ in 0..3 {
+            b.renew(&mut taken).await.unwrap();
+        }
+        // a wakes: its create of a deleted epoch succeeds, yet it must
+        // learn the shard is b's, and stay fenced.
+        let e = a.renew(&mut lease).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { shard: 0, .. }), "{e}");
+        assert!(!lease.is_valid());
+        let view = b.view(0).await.unwrap().unwrap();
+        assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
+        b.renew(&mut taken).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

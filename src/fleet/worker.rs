@@ -4,7 +4,8 @@
 //! its lease can lapse (see [`super::lease`] for the protocol).
 //!
 //! Each tick (a third of the lease): beat this worker's membership object,
-//! count the live workers, renew every held lease, take free or lapsed
+//! count the live workers, renew every held lease, note every shard's
+//! highest lease epoch (one listing), take free or lapsed
 //! shards up to `ceil(N / live)`, and hand one shard back when holding more
 //! than that (a worker joined). A shard's runtime runs under a fence: when
 //! its lease's validity ends without a renewal, the runtime is dropped at
@@ -46,7 +47,8 @@ pub type MakeStoreOptions = dyn Fn(u32) -> StoreOptions + Send + Sync;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ShardEvent {
-    /// It took the shard's lease (at `epoch`) and started its runtime.
+    /// It took the shard's lease (at `epoch`), opened it and started its
+    /// runtime.
     Took {
         /// The shard.
         shard: u32,
@@ -70,6 +72,14 @@ pub enum ShardEvent {
     },
 }
 
+type Events = Option<tokio::sync::mpsc::UnboundedSender<ShardEvent>>;
+
+fn report(events: &Events, event: ShardEvent) {
+    if let Some(events) = events {
+        let _ = events.send(event);
+    }
+}
+
 /// One worker process of a fleet.
 pub struct FleetWorker<R, H> {
     location: StoreLocation,
@@ -78,7 +88,7 @@ pub struct FleetWorker<R, H> {
     id: String,
     store_options: Arc<MakeStoreOptions>,
     make: Arc<MakeRuntime<R, H>>,
-    events: Option<tokio::sync::mpsc::UnboundedSender<ShardEvent>>,
+    events: Events,
 }
 
 /// A shard this worker runs.
@@ -88,6 +98,8 @@ struct Running {
     valid_until: tokio::sync::watch::Sender<Instant>,
     /// Asks the runtime to stop gracefully.
     stop: CancellationToken,
+    /// Being handed back: stopping, its lease still renewed.
+    leaving: bool,
     task: JoinHandle<Result<(), Error>>,
 }
 
@@ -117,12 +129,6 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
         self
     }
 
-    fn report(&self, event: ShardEvent) {
-        if let Some(events) = &self.events {
-            let _ = events.send(event);
-        }
-    }
-
     /// The lease timing (default: 10 s, guard 2 s).
     pub fn lease_timing(mut self, timing: LeaseTiming) -> Self {
         self.timing = timing;
@@ -145,8 +151,10 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
 
     /// Run until `shutdown` resolves, then hand every shard back.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let manifest = FleetManifest::open_or_create(&self.location, self.shards).await?;
+        // Probe first: on a store that ignores conditional writes, not
+        // even the manifest is written.
         check_conditional_writes(&self.location).await?;
+        let manifest = FleetManifest::open_or_create(&self.location, self.shards).await?;
         let leases = Leases::new(self.location.clone(), self.id.clone(), self.timing)?;
         let members = Members::new(&self.location, &self.id);
         let mut running: BTreeMap<u32, Running> = BTreeMap::new();
@@ -154,38 +162,31 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
         let mut tick = tokio::time::interval(self.timing.renew_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut leaving = false;
         // Shards are tried from a point of this worker's own, so workers
         // starting together do not all race for shard 0.
         let start =
             u32::try_from(fnv1a64(self.id.as_bytes()) % u64::from(manifest.shards)).unwrap_or(0);
         loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                _ = tick.tick() => {}
-            }
-            // A shard whose runtime stopped by itself (fenced, store gone).
-            let ended: Vec<u32> = running
-                .iter()
-                .filter(|(_, r)| r.task.is_finished())
-                .map(|(s, _)| *s)
-                .collect();
-            for shard in ended {
-                if let Some(r) = running.remove(&shard) {
-                    let reason = match r.task.await {
-                        Ok(Ok(())) => "its runtime stopped".to_string(),
-                        Ok(Err(e)) => format!("its runtime stopped: {e}"),
-                        Err(e) => format!("its runtime panicked: {e}"),
-                    };
-                    tracing::warn!(shard, "a shard's runtime stopped: {reason}");
-                    self.report(ShardEvent::Dropped { shard, reason });
+            if leaving {
+                if running.is_empty() {
+                    break;
+                }
+                tick.tick().await;
+            } else {
+                tokio::select! {
+                    () = &mut shutdown => {
+                        leaving = true;
+                        for r in running.values_mut() {
+                            r.hand_back();
+                        }
+                    }
+                    _ = tick.tick() => {}
                 }
             }
-            if let Err(e) = members.beat().await {
-                tracing::warn!("beating this worker's membership failed: {e}");
-            }
-            let live = members.live(self.timing).await.unwrap_or(1).max(1);
-            let share = manifest.shards.div_ceil(live);
-            // Renew.
+            // Renew first (handing-back shards too: their steps are still
+            // settling). Nothing in this loop waits on a shard's runtime,
+            // so an open or a hand-back never delays a renewal.
             let mut lost = Vec::new();
             for (shard, r) in running.iter_mut() {
                 match leases.renew(&mut r.lease).await {
@@ -203,15 +204,45 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 if let Some(r) = running.remove(&shard) {
                     tracing::error!(shard, "the shard's lease was taken: stopping it now");
                     r.task.abort();
-                    self.report(ShardEvent::Dropped {
-                        shard,
-                        reason: "its lease was taken by another worker".into(),
-                    });
+                    report(
+                        &self.events,
+                        ShardEvent::Dropped {
+                            shard,
+                            reason: "its lease was taken by another worker".into(),
+                        },
+                    );
                 }
+            }
+            // Shards whose runtime ended: handed back (release the lease),
+            // or stopped by themselves (fenced, store gone: left to lapse).
+            let ended: Vec<u32> = running
+                .iter()
+                .filter(|(_, r)| r.task.is_finished())
+                .map(|(s, _)| *s)
+                .collect();
+            for shard in ended {
+                if let Some(r) = running.remove(&shard) {
+                    report(&self.events, r.ended(&leases, shard).await);
+                }
+            }
+            if leaving {
+                continue;
+            }
+            if let Err(e) = members.beat().await {
+                tracing::warn!("beating this worker's membership failed: {e}");
+            }
+            let live = members.live(self.timing).await.unwrap_or(1).max(1);
+            let share = manifest.shards.div_ceil(live) as usize;
+            let staying =
+                |running: &BTreeMap<u32, Running>| running.values().filter(|r| !r.leaving).count();
+            // Watch every shard's lease, so a dead owner's wait runs from
+            // its last renewal.
+            if let Err(e) = leases.observe(&mut watches).await {
+                tracing::warn!("listing the leases failed: {e}");
             }
             // Take up to the fair share.
             for offset in 0..manifest.shards {
-                if running.len() >= share as usize {
+                if staying(&running) >= share {
                     break;
                 }
                 let shard = (start + offset) % manifest.shards;
@@ -220,41 +251,34 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 }
                 let watch = watches.entry(shard).or_default();
                 match leases.try_take(shard, watch).await {
-                    Ok(Some(lease)) => match self.start(&manifest, lease).await {
-                        Ok(r) => {
-                            tracing::info!(shard, "took the shard");
-                            self.report(ShardEvent::Took {
-                                shard,
-                                epoch: r.lease.epoch,
-                            });
-                            running.insert(shard, r);
-                        }
-                        Err(e) => tracing::warn!(shard, "opening a taken shard failed: {e}"),
-                    },
+                    Ok(Some(lease)) => {
+                        tracing::info!(shard, "leased the shard; opening it");
+                        running.insert(shard, self.start(&manifest, lease));
+                    }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(shard, "taking a shard failed: {e}"),
                 }
             }
             // Hand one back above the fair share.
-            if running.len() > share as usize
-                && let Some(shard) = running.keys().next_back().copied()
-                && let Some(r) = running.remove(&shard)
+            if staying(&running) > share
+                && let Some(r) = running.values_mut().rev().find(|r| !r.leaving)
             {
-                self.report(hand_back(&leases, shard, r).await);
+                r.hand_back();
             }
-        }
-        for (shard, r) in std::mem::take(&mut running) {
-            self.report(hand_back(&leases, shard, r).await);
         }
         members.leave().await;
         Ok(())
     }
 
-    /// Open a taken shard's store and start its runtime under its fence.
-    async fn start(&self, manifest: &FleetManifest, lease: HeldLease) -> Result<Running, Error> {
-        let at = manifest.shard_location(&self.location, lease.shard);
-        let queue = open_worker_store(&at, (self.store_options)(lease.shard)).await?;
-        let rt = (self.make)(lease.shard, queue)?;
+    /// Start a taken shard: open its store and run its runtime, all under
+    /// its fence (a lease that lapses stops it, open included).
+    fn start(&self, manifest: &FleetManifest, lease: HeldLease) -> Running {
+        let shard = lease.shard;
+        let at = manifest.shard_location(&self.location, shard);
+        let options = (self.store_options)(shard);
+        let make = self.make.clone();
+        let events = self.events.clone();
+        let epoch = lease.epoch;
         let stop = CancellationToken::new();
         let (valid_until, mut fence) = tokio::sync::watch::channel(lease.valid_until);
         let task = tokio::spawn({
@@ -269,51 +293,66 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                         }
                     }
                 };
+                let work = async {
+                    let queue = open_worker_store(&at, options).await?;
+                    let rt = make(shard, queue.clone())?;
+                    tracing::info!(shard, "took the shard");
+                    report(&events, ShardEvent::Took { shard, epoch });
+                    rt.run(stop.cancelled_owned()).await?;
+                    // Close the store cleanly, so the next owner's open
+                    // starts from a closed database.
+                    drop(rt);
+                    match Arc::try_unwrap(queue) {
+                        Ok(queue) => queue.close().await.map_err(Error::from),
+                        Err(_) => Ok(()),
+                    }
+                };
                 tokio::select! {
-                    ran = rt.run(stop.cancelled_owned()) => ran,
-                    () = fenced => Err(Error::WorkerStopped("the shard's lease lapsed before a renewal: stopped writing to it".into())),
+                    ran = work => ran,
+                    () = fenced => Err(Error::WorkerStopped(
+                        "the shard's lease lapsed before a renewal: stopped writing to it".into(),
+                    )),
                 }
             }
         });
-        Ok(Running {
+        Running {
             lease,
             valid_until,
             stop,
+            leaving: false,
             task,
-        })
+        }
     }
 }
 
-/// Stop a shard gracefully (in-flight steps settle, the store closes),
-/// then release its lease. What became of the shard.
-async fn hand_back(leases: &Leases, shard: u32, r: Running) -> ShardEvent {
-    r.stop.cancel();
-    let dropped = |reason: String| ShardEvent::Dropped { shard, reason };
-    match r.task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(
-                shard,
-                "the shard stopped with an error; its lease is left to lapse: {e}"
-            );
-            return dropped(format!("its runtime stopped with an error: {e}"));
-        }
-        Err(e) => {
-            tracing::warn!(
-                shard,
-                "the shard's runtime panicked; its lease is left to lapse: {e}"
-            );
-            return dropped(format!("its runtime panicked: {e}"));
-        }
+impl Running {
+    /// Stop claiming; the steps in flight settle, then the store closes
+    /// (the lease is released once the task ends).
+    fn hand_back(&mut self) {
+        self.leaving = true;
+        self.stop.cancel();
     }
-    match leases.release(r.lease).await {
-        Ok(()) => {
-            tracing::info!(shard, "handed the shard back");
-            ShardEvent::HandedBack { shard }
-        }
-        Err(e) => {
-            tracing::warn!(shard, "releasing the shard's lease failed (it lapses): {e}");
-            dropped(format!("releasing its lease failed (it lapses): {e}"))
+
+    /// The shard's runtime ended: release the lease after a hand-back that
+    /// went well; otherwise leave it to lapse. What became of the shard.
+    async fn ended(self, leases: &Leases, shard: u32) -> ShardEvent {
+        let dropped = |reason: String| {
+            tracing::warn!(shard, "a shard's runtime stopped: {reason}");
+            ShardEvent::Dropped { shard, reason }
+        };
+        match self.task.await {
+            Err(e) => dropped(format!("its runtime panicked; its lease is left to lapse: {e}")),
+            Ok(Err(e)) => dropped(format!("{e}")),
+            Ok(Ok(())) if !self.leaving => {
+                dropped("its runtime stopped; its lease is left to lapse".into())
+            }
+            Ok(Ok(())) => match leases.release(self.lease).await {
+                Ok(()) => {
+                    tracing::info!(shard, "handed the shard back");
+                    ShardEvent::HandedBack { shard }
+                }
+                Err(e) => dropped(format!("releasing its lease failed (it lapses): {e}")),
+            },
         }
     }
 }
