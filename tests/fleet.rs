@@ -67,6 +67,20 @@ async fn until_owners(at: &StoreLocation, pred: impl Fn(&BTreeMap<u32, Option<St
     panic!("owners never matched: {:?}", owners(at).await);
 }
 
+/// A client, once every shard's store exists (a worker opens a shard just
+/// after taking its lease; bounded: a hang fails).
+async fn open_client(at: &StoreLocation) -> FleetClient {
+    for _ in 0..600 {
+        if let Ok(client) = FleetClient::open(at, ClientOptions::default()).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    FleetClient::open(at, ClientOptions::default())
+        .await
+        .unwrap()
+}
+
 fn held_by(owners: &BTreeMap<u32, Option<String>>, id: &str) -> usize {
     owners.values().filter(|o| o.as_deref() == Some(id)).count()
 }
@@ -106,9 +120,7 @@ async fn workers_share_shards_join_and_take_over() {
     });
     // Alone, a takes every shard.
     until_owners(&at, |o| held_by(o, &a_id) == 4).await;
-    let client = FleetClient::open(&at, ClientOptions::default())
-        .await
-        .unwrap();
+    let client = open_client(&at).await;
     submit_and_wait(&client, (0..40).map(|i| format!("first-{i}"))).await;
 
     // b joins: each ends with two shards.

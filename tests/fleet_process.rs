@@ -321,6 +321,19 @@ fn fair(owners: &BTreeMap<u32, Option<String>>, ids: &[&str]) -> bool {
         })
 }
 
+/// A client, once every shard's store exists (a worker opens a shard just
+/// after taking its lease).
+async fn open_client(at: &StoreLocation) -> FleetClient {
+    let start = Instant::now();
+    loop {
+        match FleetClient::open(at, ClientOptions::default()).await {
+            Ok(client) => return client,
+            Err(e) => assert!(start.elapsed() < HANG, "no fleet client: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn run_id(i: u32) -> String {
     format!("r{i:04}")
 }
@@ -622,9 +635,7 @@ fn kill_one_of_three(dir: &TestDir, url: String, runs: u32) {
         "three workers share six shards",
         |o| fair(o, &id_refs),
     ));
-    let client = rt
-        .block_on(FleetClient::open(&at, ClientOptions::default()))
-        .unwrap();
+    let client = rt.block_on(open_client(&at));
     rt.block_on(submit_all(&client, runs));
 
     // Mid-way, SIGKILL the first worker.
@@ -758,9 +769,7 @@ fn a_worker_frozen_past_its_lease_commits_nothing_after_the_takeover() {
         "two workers share four shards",
         |o| fair(o, &[&frozen.id, &other.id]),
     ));
-    let client = rt
-        .block_on(FleetClient::open(&at, ClientOptions::default()))
-        .unwrap();
+    let client = rt.block_on(open_client(&at));
     let runs = 40;
     rt.block_on(submit_all(&client, runs));
 
@@ -878,9 +887,7 @@ fn a_worker_joins_for_a_fair_share_and_one_leaves_without_interrupting_a_step() 
     rt.block_on(until_owners(&at, &cfg, "three share eight", |o| {
         fair(o, &three.iter().map(String::as_str).collect::<Vec<_>>())
     }));
-    let client = rt
-        .block_on(FleetClient::open(&at, ClientOptions::default()))
-        .unwrap();
+    let client = rt.block_on(open_client(&at));
     let runs = 300;
     rt.block_on(submit_all(&client, runs));
     let start = Instant::now();

@@ -341,7 +341,9 @@ impl Running {
             ShardEvent::Dropped { shard, reason }
         };
         match self.task.await {
-            Err(e) => dropped(format!("its runtime panicked; its lease is left to lapse: {e}")),
+            Err(e) => dropped(format!(
+                "its runtime panicked; its lease is left to lapse: {e}"
+            )),
             Ok(Err(e)) => dropped(format!("{e}")),
             Ok(Ok(())) if !self.leaving => {
                 dropped("its runtime stopped; its lease is left to lapse".into())
