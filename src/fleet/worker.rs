@@ -107,6 +107,7 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
         let members = Members::new(&self.location, &self.id);
         let mut running: BTreeMap<u32, Running> = BTreeMap::new();
         let mut watches: HashMap<u32, Watch> = HashMap::new();
+        let mut last_live = None;
         let mut tick = tokio::time::interval(self.timing.renew_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -139,6 +140,9 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
             }
             let live = members.live(self.timing).await.unwrap_or(1).max(1);
             let share = manifest.shards.div_ceil(live);
+            if last_live.replace(live) != Some(live) {
+                tracing::info!(live, share, "the fleet's live workers changed");
+            }
             // Renew.
             let mut lost = Vec::new();
             for (shard, r) in running.iter_mut() {
