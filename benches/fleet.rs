@@ -31,11 +31,15 @@
 //!   the client. CPU is each worker process's user + system time from
 //!   `/proc/PID/stat` over that window (and the client's, and moto's when
 //!   its pid file is found).
+//!   Lease 10 s / guard 2 s (the default).
 //! - **takeover**: 2 shards, 2 workers; 2 endless runs on shard 0; once
 //!   both workers count each other live, SIGKILL the worker holding shard
 //!   0, then time the survivor's count of live workers dropping to 1 (its
 //!   info log), its lease object (polled from here), its open, its first
-//!   step and its first durable commit on the shard.
+//!   step and its first durable commit on the shard. Full mode: 5 samples
+//!   at 2 s / 0.5 s and one at the default on local disk, one at the
+//!   default on moto (a short lease thrashed there); quick mode: one at
+//!   1 s / 0.25 s on local disk.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -313,9 +317,9 @@ impl Workers {
         let r = self.reports.lock().unwrap();
         r.events
             .iter()
+            .rev()
             .filter(|(at, who, _)| *at < before && *who == w)
-            .filter_map(|(_, _, l)| l.strip_prefix("live "))
-            .last()
+            .find_map(|(_, _, l)| l.strip_prefix("live "))
             .map(str::to_string)
     }
 
