@@ -163,6 +163,7 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut leaving = false;
+        let mut last_live = None;
         // Shards are tried from a point of this worker's own, so workers
         // starting together do not all race for shard 0.
         let start =
@@ -233,6 +234,9 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
             }
             let live = members.live(self.timing).await.unwrap_or(1).max(1);
             let share = manifest.shards.div_ceil(live) as usize;
+            if last_live.replace(live) != Some(live) {
+                tracing::info!(live, share, "the fleet's live workers changed");
+            }
             let staying =
                 |running: &BTreeMap<u32, Running>| running.values().filter(|r| !r.leaving).count();
             // Watch every shard's lease, so a dead owner's wait runs from
