@@ -297,6 +297,58 @@ pub enum Error {
         /// The step job of the attempt that tried to write.
         job_id: String,
     },
+
+    /// The fleet at this location was created with another shard count. A
+    /// fleet's shard count is fixed (every run's shard derives from it):
+    /// start the worker with the fleet's count, or use another prefix.
+    #[error(
+        "the fleet at {location} has {found} shards, not {asked}; use --shards {found} (resharding is not supported)"
+    )]
+    FleetMismatch {
+        /// The fleet's URL or path.
+        location: String,
+        /// The shard count in its manifest.
+        found: u32,
+        /// The shard count asked for.
+        asked: u32,
+    },
+
+    /// An object store call of the fleet (its manifest, leases or probe)
+    /// failed. Check the store's availability and credentials.
+    #[error("the fleet at {location} could not {doing}: {reason}")]
+    FleetStore {
+        /// The fleet's URL or path.
+        location: String,
+        /// What was being done.
+        doing: String,
+        /// What the store reported.
+        reason: String,
+    },
+
+    /// The store accepts conditional writes but does not enforce them, so
+    /// two writers could interleave and lose acknowledged commits (SlateDB's
+    /// fencing and the fleet's leases rely on them). Use a store that
+    /// enforces `If-None-Match` / `If-Match` (AWS S3, MinIO, a local
+    /// directory, ...).
+    #[error(
+        "the store at {location} does not enforce conditional writes ({what}); a fleet cannot run on it safely"
+    )]
+    ConditionalWritesIgnored {
+        /// The store's URL or path.
+        location: String,
+        /// What the probe saw.
+        what: String,
+    },
+
+    /// Another worker took this worker's lease of a shard: it must not
+    /// write to the shard again.
+    #[error("the lease of shard {shard} (epoch {epoch}) was taken by another worker")]
+    LeaseLost {
+        /// The shard.
+        shard: u32,
+        /// The epoch this worker last held.
+        epoch: u64,
+    },
 }
 
 impl Error {

@@ -171,6 +171,7 @@ mod client;
 mod control;
 mod effects;
 mod error;
+pub mod fleet;
 mod history;
 mod hook;
 pub mod memo;

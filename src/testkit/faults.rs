@@ -15,7 +15,7 @@ use futures_util::stream::BoxStream;
 use taquba::object_store::path::Path;
 use taquba::object_store::{
     self, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
 };
 
 use crate::error::Error;
@@ -115,6 +115,10 @@ pub struct FaultPlan {
     pub spike_max_ms: u64,
     /// Latency added to every operation, in milliseconds: a slow store.
     pub latency_ms: u64,
+    /// Accept conditional puts and overwrite anyway, as some
+    /// S3-compatible servers do (Garage 2.5, measured): a store on which
+    /// neither SlateDB's fencing nor the fleet's leases are safe.
+    pub ignore_conditional_writes: bool,
 }
 
 /// Counts of what a [`FaultStore`] did.
@@ -549,6 +553,10 @@ impl ObjectStore for FaultStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         disturb(&self.faults, &self.cut, Op::Put, location).await?;
+        let mut opts = opts;
+        if lock(&self.faults.plan).ignore_conditional_writes {
+            opts.mode = PutMode::Overwrite;
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 

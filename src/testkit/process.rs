@@ -33,6 +33,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub use rustix::process::Signal;
+use rustix::process::{Pid, kill_process};
+
 use super::faults::Rng;
 
 /// The environment variable that makes the re-executed binary a worker;
@@ -99,14 +102,15 @@ impl WorkerProcess {
         })
     }
 
-    /// Wait for a stdout line containing `marker`; `Err` with the reason
-    /// (and the worker's stderr) if it exits first or `limit` passes.
-    pub fn wait_line(&mut self, marker: &str, limit: Duration) -> Result<(), String> {
+    /// Wait for a stdout line containing `marker` and return it; `Err`
+    /// with the reason (and the worker's stderr) if it exits first or
+    /// `limit` passes.
+    pub fn wait_line(&mut self, marker: &str, limit: Duration) -> Result<String, String> {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(marker) => return Ok(()),
+                Ok(line) if line.contains(marker) => return Ok(line),
                 Ok(_) => continue,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(format!(
@@ -127,6 +131,18 @@ impl WorkerProcess {
                 }
             }
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send `signal` (e.g. [`Signal::STOP`] to freeze it, [`Signal::CONT`]
+    /// to wake it, [`Signal::TERM`] to ask it to stop).
+    pub fn signal(&self, signal: Signal) -> Result<(), String> {
+        kill_process(Pid::from_child(&self.child), signal)
+            .map_err(|e| format!("sending {signal:?} to the worker failed: {e}"))
     }
 
     /// SIGKILL the process; `Err` if it had already exited by itself.

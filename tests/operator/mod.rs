@@ -89,6 +89,36 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Send the signal `name` (`TERM`, `INT`, `KILL`) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the process to end (up to [`HANG_GUARD`]), reading the rest
+    /// of its output into `seen`; its exit code.
+    pub fn wait(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{} did not end; it printed:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        self.child.wait().unwrap().code()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -3,6 +3,11 @@
 //! - `waymark demo` runs example order pipelines on a local directory and
 //!   shows each step once it is durable (module [`demo`]);
 //! - `waymark worker` runs a worker pool for a store (the demo's pipeline);
+//!   with `--shards N` it joins (or creates) a fleet of N shards at the
+//!   location instead, and `waymark fleet` shows the fleet's shards, owners,
+//!   leases and backlogs. On a fleet, `submit | cancel | signal | rerun |
+//!   status | outcome | history` go to the run's shard and `runs` lists every
+//!   shard; the other commands refuse a fleet (not supported yet);
 //! - `waymark submit | cancel | signal | rerun` send requests through the store's
 //!   inbox, and `status | outcome | history | runs | workflows | schedules` read
 //!   through a reader (and `dead` lists dead jobs); `reset` resets a
@@ -61,8 +66,16 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a worker pool for a store: the demo's order pipeline, applying
     /// the requests `submit` and `cancel` send, until Ctrl-C or SIGTERM.
+    ///
+    /// With --shards N, join the fleet of N shards at the location
+    /// (creating it if there is none) and run the shards this worker holds;
+    /// Ctrl-C or SIGTERM hands them back.
     #[command(after_help = EXIT_CODES_HELP)]
     Worker(commands::worker::WorkerArgs),
+    /// Show a fleet: its shards, each one's owner, lease (epoch, age,
+    /// released) and backlog. Never writes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Fleet(commands::fleet::FleetArgs),
     /// Submit a run (through the store's inbox; a worker applies it).
     #[command(after_help = EXIT_CODES_HELP)]
     Submit(commands::control::SubmitArgs),
@@ -148,6 +161,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Worker(args) => commands::worker::run(args).await,
+            Command::Fleet(args) => commands::fleet::status(args).await,
             Command::Submit(args) => commands::control::submit(args).await,
             Command::Cancel(args) => commands::control::cancel(args).await,
             Command::Signal(args) => commands::signal::signal(args).await,

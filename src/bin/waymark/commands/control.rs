@@ -3,7 +3,8 @@
 //! them through its own submit/cancel. Neither command opens the store as
 //! its writer. By default each waits (up to `--timeout`) for the worker's
 //! answer; without a worker the request stays in the inbox until one runs,
-//! and the command exits 4 (unfinished) saying so.
+//! and the command exits 4 (unfinished) saying so. On a fleet, each goes to
+//! the run's shard (`submit` without a run id makes one, to route it).
 
 use clap::{ArgGroup, Args};
 use waymark::{Error, Reply, RunSpec, Sent};
@@ -59,7 +60,7 @@ pub async fn submit(args: SubmitArgs) -> CliResult<Exit> {
         (None, Some(n)) => ORDERS[usize::from(n) - 1].input(),
         (None, None) => return Err(CliError::usage("pass --input TEXT or --example N")),
     };
-    let spec = RunSpec {
+    let mut spec = RunSpec {
         run_id: args.run_id.clone(),
         input,
         ..Default::default()
@@ -74,7 +75,16 @@ pub async fn submit(args: SubmitArgs) -> CliResult<Exit> {
         )));
     }
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = match store.fleet().await? {
+        // On a fleet the run's id picks its shard: one is made here.
+        Some(manifest) => {
+            let run_id = spec
+                .run_id
+                .get_or_insert_with(|| ulid::Ulid::generate().to_string());
+            store.open_shard_client(&manifest, run_id).await?
+        }
+        None => store.open_single_client().await?,
+    };
     let sent = send(&store, client.submit(spec)).await?;
     if args.no_wait {
         say!(
@@ -107,7 +117,7 @@ pub async fn submit(args: SubmitArgs) -> CliResult<Exit> {
 pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
     check_run_id(&args.run_id)?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = store.open_run_client(&args.run_id).await?;
     let run_id = args.run_id.as_str();
     let sent = send(&store, client.cancel(run_id)).await?;
     if args.no_wait {

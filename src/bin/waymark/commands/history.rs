@@ -31,7 +31,7 @@ pub struct HistoryArgs {
 pub async fn history(args: HistoryArgs) -> CliResult<Exit> {
     check_run_id(&args.run_id)?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = store.open_run_client(&args.run_id).await?;
     let run_id = args.run_id.as_str();
     let read = store
         .bounded("reading the run's history", client.history(run_id))

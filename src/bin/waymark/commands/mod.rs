@@ -3,10 +3,12 @@
 //! `history`), requests
 //! ([`control`]: `submit`, `cancel`; [`signal`]: `signal`; [`rerun`]:
 //! `rerun`; [`reset`]: `reset`; [`dead`]: `dead`, `requeue`), schedules ([`schedules`]: `schedules`, `trigger`, `pause`,
-//! `resume`), and the worker itself ([`worker`]).
+//! `resume`), the worker itself ([`worker`]), and fleets ([`fleet`]:
+//! `worker --shards N`, `fleet`).
 
 pub mod control;
 pub mod dead;
+pub mod fleet;
 pub mod history;
 pub mod json;
 pub mod read;

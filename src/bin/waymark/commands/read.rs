@@ -2,6 +2,8 @@
 //! [`waymark::Client`], whose reader never writes to the store and never
 //! fences its worker, so they work while the demo or a worker runs. Ids are
 //! checked before anything is opened. Each read is bounded by `--timeout`.
+//! On a fleet, `status` and `outcome` read the run's shard and `runs` lists
+//! every shard; `workflows` is refused there (not supported on a fleet yet).
 
 use std::time::{Duration, SystemTime};
 
@@ -32,7 +34,7 @@ pub struct RunArgs {
 pub async fn status(args: RunArgs) -> CliResult<Exit> {
     check_run_id(&args.run_id)?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = store.open_run_client(&args.run_id).await?;
     let run_id = args.run_id.as_str();
     let live = store
         .bounded("reading the run's status", client.status(run_id))
@@ -112,7 +114,7 @@ async fn print_children(store: &Store, client: &Client, run_id: &str) -> CliResu
 pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
     check_run_id(&args.run_id)?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = store.open_run_client(&args.run_id).await?;
     let run_id = args.run_id.as_str();
     let code = match read_outcome(&store, &client, run_id).await? {
         Some(outcome) if args.json => {
@@ -267,7 +269,6 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
             .map_err(|_| CliError::usage(format!("invalid workflow name `{}`", shown(workflow))))?;
     }
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
     let filter = RunFilter {
         state: args.state.map(|s| match s {
             StateArg::Live => StateFilter::Live,
@@ -285,8 +286,19 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
         children_of: args.children_of.clone(),
         limit: args.limit.max(1),
     };
-    let page = store.bounded("listing runs", client.runs(&filter)).await?;
-    let _ = client.close().await;
+    // On a fleet, every shard's page, merged.
+    let page = match store.fleet().await? {
+        Some(manifest) => {
+            let fleet = store.open_fleet_client(&manifest).await?;
+            store.bounded("listing runs", fleet.runs(&filter)).await?
+        }
+        None => {
+            let client = store.open_single_client().await?;
+            let page = store.bounded("listing runs", client.runs(&filter)).await;
+            let _ = client.close().await;
+            page?
+        }
+    };
     if args.json {
         print_json(&super::json::runs(&page))?;
         return Ok(Exit::Ok);

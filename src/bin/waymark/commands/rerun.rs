@@ -31,7 +31,7 @@ pub struct RerunArgs {
 pub async fn rerun(args: RerunArgs) -> CliResult<Exit> {
     check_run_id(&args.run_id)?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = store.open_run_client(&args.run_id).await?;
     let (run_id, step) = (args.run_id.as_str(), args.step);
     let sent = send(&store, client.rerun(run_id, step)).await?;
     if args.no_wait {

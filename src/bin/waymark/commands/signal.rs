@@ -41,7 +41,7 @@ pub async fn signal(args: SignalArgs) -> CliResult<Exit> {
         )));
     }
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let client = store.open_run_client(&args.run_id).await?;
     let run_id = args.run_id.as_str();
     let sent = send(&store, client.signal(run_id, payload)).await?;
     if args.no_wait {

@@ -8,7 +8,8 @@
 //! which `waymark schedules | trigger | pause | resume` read and drive.
 //! `--trip-after N` gives the default workflow a circuit breaker;
 //! `--metrics ADDR` serves Prometheus metrics; logs go to stderr, filtered
-//! by `RUST_LOG`.
+//! by `RUST_LOG`. With `--shards N` it is a fleet worker instead
+//! ([`super::fleet`]); without, a fleet's prefix is refused.
 //! Ctrl-C or SIGTERM stops
 //! claiming and lets the steps in flight commit; a second one skips the rest
 //! of their simulated work; a third quits at once.
@@ -26,7 +27,7 @@ use crate::commands::schedules::parse_schedule;
 use crate::demo::domain::OrderPipeline;
 use crate::demo::progress::Tracker;
 use crate::demo::ui::Ui;
-use crate::demo::{OutcomeHook, build_runtime, confirm_waiting};
+use crate::demo::{OutcomeHook, Reads, build_runtime, confirm_waiting};
 use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::{say, say_err};
 use crate::plumbing::signals::Signals;
@@ -59,10 +60,26 @@ pub struct WorkerArgs {
     /// `waymark reset` or the dashboard's reset).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub trip_after: Option<u32>,
+    /// Join the fleet of N shards at the store's location (creating it if
+    /// there is none; a fleet of another N is refused) and run the shards
+    /// this worker holds. A location holding a single store is refused.
+    #[arg(long, value_name = "N", conflicts_with = "force")]
+    pub shards: Option<u32>,
+    /// With --shards: how long a lease renewal keeps a shard, in ms
+    /// (default 10000; renewed every third of it).
+    #[arg(long, value_name = "MS", requires = "shards")]
+    pub lease_ms: Option<u64>,
+    /// With --shards: the guard time in ms an owner stops before its lease
+    /// ends and a taker waits past it (default 2000; under half the lease).
+    #[arg(long, value_name = "MS", requires = "shards")]
+    pub guard_ms: Option<u64>,
 }
 
 /// Run the worker pool until Ctrl-C or SIGTERM.
 pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
+    if let Some(shards) = args.shards {
+        return super::fleet::work(args, shards).await;
+    }
     let store = Store::locate(&args.store)?;
     store.preflight(Use::Write)?;
     refuse_if_live(&store, args.force, "starting a worker").await?;
@@ -112,7 +129,7 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
             }
             Some(outcome) = end_rx.recv() => ui.show(&tracker.ended(outcome), started.elapsed()),
             _ = tick.tick() => {
-                for fact in confirm_waiting(&mut tracker, &runtime, Some(&client), &store).await {
+                for fact in confirm_waiting(&mut tracker, Reads::Client(&client), &store).await {
                     ui.show(&fact, started.elapsed());
                 }
             }
@@ -156,7 +173,7 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
             "the worker pool's task failed: {e}"
         ))),
     };
-    for fact in confirm_waiting(&mut tracker, &runtime, None, &store).await {
+    for fact in confirm_waiting(&mut tracker, Reads::Runtime(&runtime), &store).await {
         ui.show(&fact, started.elapsed());
     }
     drop(runtime);

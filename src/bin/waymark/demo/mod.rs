@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use waymark::fleet::FleetClient;
 use waymark::taquba::Queue;
 use waymark::{
     Client, DEFAULT_WORKFLOW, RunOutcome, RunSpec, RunStatus, Schedule, StepError, TerminalHook,
@@ -97,6 +98,20 @@ pub fn build_runtime(
     schedules: Vec<Schedule>,
     trip_after: Option<u32>,
 ) -> CliResult<Runtime> {
+    try_build_runtime(queue, store.timeout, pipeline, hook, schedules, trip_after)
+        .map_err(|e| CliError::failure(format!("cannot build the workflow runtime: {e}")))
+}
+
+/// [`build_runtime`] with the library's error (a fleet worker builds one
+/// per shard), each store operation bounded by `store_timeout`.
+pub fn try_build_runtime(
+    queue: Arc<Queue>,
+    store_timeout: Duration,
+    pipeline: OrderPipeline,
+    hook: OutcomeHook,
+    schedules: Vec<Schedule>,
+    trip_after: Option<u32>,
+) -> Result<Runtime, waymark::Error> {
     let builder = schedules.into_iter().fold(
         WorkflowRuntime::builder(queue, pipeline, hook),
         |builder, schedule| builder.schedule(schedule),
@@ -109,10 +124,9 @@ pub fn build_runtime(
         .queue_name(DEFAULT_STEP_QUEUE)
         .max_concurrent_steps(4)
         .poll_interval(Duration::from_millis(50))
-        .store_timeout(store.timeout)
+        .store_timeout(store_timeout)
         .default_retry_policy(domain::retry_policy())
         .build()
-        .map_err(|e| CliError::failure(format!("cannot build the workflow runtime: {e}")))
 }
 
 /// Where a run stood when the demo started.
@@ -268,7 +282,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
                 }
             }
             _ = tick.tick() => {
-                for fact in confirm_waiting(&mut tracker, &runtime, Some(&client), &store).await {
+                for fact in confirm_waiting(&mut tracker, Reads::Client(&client), &store).await {
                     ui.show(&fact, started.elapsed());
                 }
             }
@@ -358,7 +372,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
                 ui.show(&tracker.ended(outcome), started.elapsed());
             }
         }
-        for fact in confirm_waiting(&mut tracker, &runtime, None, &store).await {
+        for fact in confirm_waiting(&mut tracker, Reads::Runtime(&runtime), &store).await {
             ui.show(&fact, started.elapsed());
         }
     }
@@ -406,30 +420,29 @@ fn demo_args(store: &Store) -> Vec<&str> {
     args
 }
 
+/// Where [`confirm_waiting`] reads a run's status.
+#[derive(Clone, Copy)]
+pub enum Reads<'a> {
+    /// A client's reader, which sees only durable commits (while a pool
+    /// runs).
+    Client(&'a Client),
+    /// The runtime, once its pool has stopped (every commit it made has
+    /// returned).
+    Runtime(&'a Runtime),
+    /// A fleet's readers, on each run's shard.
+    Fleet(&'a FleetClient),
+}
+
 /// Confirm the runs whose last step awaits confirmation (a wait before the
-/// next step, a retry's backoff) from durable state: through `client`'s
-/// reader (which sees only durable commits) while the pool runs, or from
-/// the runtime once the pool has stopped (`client == None`: every commit it
-/// made has returned).
-pub async fn confirm_waiting(
-    tracker: &mut Tracker,
-    runtime: &Runtime,
-    client: Option<&Client>,
-    store: &Store,
-) -> Vec<Shown> {
+/// next step, a retry's backoff) from durable state, read from `reads`.
+pub async fn confirm_waiting(tracker: &mut Tracker, reads: Reads<'_>, store: &Store) -> Vec<Shown> {
     let mut facts = vec![];
     for id in tracker.awaiting() {
-        let status = match client {
-            Some(client) => {
-                store
-                    .bounded("reading a run's status", client.status(&id))
-                    .await
-            }
-            None => {
-                store
-                    .bounded("reading a run's status", runtime.status(&id))
-                    .await
-            }
+        let what = "reading a run's status";
+        let status = match reads {
+            Reads::Client(client) => store.bounded(what, client.status(&id)).await,
+            Reads::Runtime(runtime) => store.bounded(what, runtime.status(&id)).await,
+            Reads::Fleet(fleet) => store.bounded(what, fleet.status(&id)).await,
         };
         if let Ok(Some(status)) = status {
             facts.extend(tracker.durable(&status));

@@ -23,7 +23,8 @@ pub enum Exit {
     /// runs left to resume.
     Unfinished,
     /// 5: refused: the command would destroy data or disturb a live process
-    /// (`--reset` of something that is not a demo store, a second writer).
+    /// (`--reset` of something that is not a demo store, a second writer),
+    /// or misread a fleet as a single store or back.
     Refused,
 }
 
@@ -35,8 +36,9 @@ Exit codes:
   2  usage error (unknown option, invalid run id or input)
   3  not found (no Waymark store at the location, no such run or schedule)
   4  unfinished (the run has not ended yet; the demo stopped with runs left)
-  5  refused (would delete data the demo did not create, or disturb another process
-     writing the store; a request the worker refused)";
+  5  refused (would delete data the demo did not create, disturb another process
+     writing the store, or take a fleet for a single store or back; a request the
+     worker refused)";
 
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> Self {

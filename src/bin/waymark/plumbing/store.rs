@@ -9,6 +9,12 @@
 //! a one-line error naming the path and the cause, instead of the storage
 //! layer retrying without end. Every store operation after that runs under
 //! [`Store::bounded`], which gives up after `--timeout` and says so.
+//!
+//! A location may also be a fleet's prefix ([`Store::fleet`]): commands that
+//! work on one run open a client on the run's shard
+//! ([`Store::open_run_client`]), `runs` lists every shard
+//! ([`Store::open_fleet_client`]), and the others refuse a fleet
+//! ([`Store::open_client`]) rather than misread it.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,8 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use futures_util::StreamExt;
 use rustix::fs::Access;
+use waymark::fleet::{FleetClient, FleetManifest, shard_of_run};
 use waymark::taquba::object_store::local::LocalFileSystem;
+use waymark::taquba::object_store::path::Path as ObjectPath;
 use waymark::taquba::{QueueReader, ReaderMode, ReaderOptions};
 use waymark::{Client, ClientOptions, StoreLocation};
 
@@ -27,6 +36,8 @@ use super::exit::{CliError, CliResult, shown_path};
 pub const STORE_PATH: &str = "waymark";
 /// The step queue the CLI's runs use (the demo's, and `waymark worker`'s).
 pub const DEFAULT_STEP_QUEUE: &str = "demo-orders";
+/// The object that makes a prefix a fleet's (see `waymark::fleet`).
+const FLEET_MANIFEST: &str = "fleet-manifest";
 /// How often a reader polls the store's manifest. Reads of a just-opened
 /// reader do not wait for a poll; this bounds how stale a long-lived reader
 /// (the demo's progress, `waymark watch`-like loops) gets.
@@ -227,15 +238,73 @@ impl Store {
             .map_err(|e| CliError::usage(format!("--store {}: {e}", self.shown())))
     }
 
-    /// Open a client: reads through a reader (never writes to the store,
-    /// never fences its writer), requests through the inbox.
+    /// The fleet at this location, if it is a fleet's prefix (its
+    /// manifest); `None` for a single store or nothing.
+    pub async fn fleet(&self) -> CliResult<Option<FleetManifest>> {
+        if let Some(local) = &self.local
+            && !local.join(FLEET_MANIFEST).is_file()
+        {
+            return Ok(None);
+        }
+        let location = self.location()?;
+        self.bounded("reading the fleet manifest", FleetManifest::read(&location))
+            .await
+    }
+
+    /// Whether a single (non-fleet) store lives at this location: its
+    /// storage layer's manifest is there.
+    pub async fn has_single_store(&self) -> CliResult<bool> {
+        let location = self.location()?;
+        let prefix = ObjectPath::from(format!(
+            "{}/manifest",
+            location.path().trim_end_matches('/')
+        ));
+        let first = async {
+            let mut listing = location.object_store().list(Some(&prefix));
+            listing.next().await.transpose()
+        };
+        Ok(self.bounded("looking for a store", first).await?.is_some())
+    }
+
+    /// The refusal of a command that works on a single store only, on a
+    /// fleet.
+    pub fn not_on_fleet(&self, manifest: &FleetManifest) -> CliError {
+        CliError::refused(format!(
+            "{} is a fleet of {} shards, not a single store: this command is not supported on a \
+             fleet yet (submit, cancel, signal, rerun, status, outcome, history, runs and fleet \
+             are)",
+            self.shown(),
+            manifest.shards
+        ))
+    }
+
+    /// The client options every command uses.
+    fn client_options() -> ClientOptions {
+        ClientOptions::default()
+            .queue_name(DEFAULT_STEP_QUEUE)
+            .refresh_interval(READER_POLL)
+    }
+
+    /// Open a client on a single store: reads through a reader (never
+    /// writes to the store, never fences its writer), requests through the
+    /// inbox. A fleet is refused ([`Self::not_on_fleet`]).
     pub async fn open_client(&self) -> CliResult<Client> {
+        if let Some(manifest) = self.fleet().await? {
+            return Err(self.not_on_fleet(&manifest));
+        }
+        self.open_single_client().await
+    }
+
+    /// [`Self::open_client`] once the location is known not to be a fleet.
+    pub async fn open_single_client(&self) -> CliResult<Client> {
         self.preflight(Use::Read)?;
         let location = self.location()?;
-        let options = ClientOptions::default()
-            .queue_name(DEFAULT_STEP_QUEUE)
-            .refresh_interval(READER_POLL);
-        match tokio::time::timeout(self.timeout, Client::open(&location, options)).await {
+        match tokio::time::timeout(
+            self.timeout,
+            Client::open(&location, Self::client_options()),
+        )
+        .await
+        {
             Ok(Ok(client)) => Ok(client),
             Ok(Err(waymark::Error::NotAWaymarkStore { reason, .. })) => Err(CliError::not_found(
                 format!("no Waymark store at {}: {reason}", self.shown()),
@@ -246,6 +315,72 @@ impl Store {
             ))),
             Err(_) => Err(self.timed_out("opening the store for reading")),
         }
+    }
+
+    /// Open a client on the store that holds run `run_id`: the store
+    /// itself, or on a fleet the run's shard (by the fleet's routing).
+    pub async fn open_run_client(&self, run_id: &str) -> CliResult<Client> {
+        match self.fleet().await? {
+            Some(manifest) => self.open_shard_client(&manifest, run_id).await,
+            None => self.open_single_client().await,
+        }
+    }
+
+    /// Open a client on the shard of the fleet `manifest` that holds run
+    /// `run_id`.
+    pub async fn open_shard_client(
+        &self,
+        manifest: &FleetManifest,
+        run_id: &str,
+    ) -> CliResult<Client> {
+        let shard = shard_of_run(run_id, manifest.shards);
+        let at = manifest.shard_location(&self.location()?, shard);
+        match tokio::time::timeout(self.timeout, Client::open(&at, Self::client_options())).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(waymark::Error::NotAWaymarkStore { .. })) => {
+                Err(self.shard_not_opened(manifest))
+            }
+            Ok(Err(e)) => Err(CliError::failure(format!(
+                "cannot read shard {shard} of the fleet at {}: {e}",
+                self.shown()
+            ))),
+            Err(_) => Err(self.timed_out(&format!("opening shard {shard} for reading"))),
+        }
+    }
+
+    /// Open a client on every shard of the fleet `manifest`.
+    pub async fn open_fleet_client(&self, manifest: &FleetManifest) -> CliResult<FleetClient> {
+        let location = self.location()?;
+        match tokio::time::timeout(
+            self.timeout,
+            FleetClient::open(&location, Self::client_options()),
+        )
+        .await
+        {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(waymark::Error::NotAWaymarkStore { .. })) => {
+                Err(self.shard_not_opened(manifest))
+            }
+            Ok(Err(e)) => Err(CliError::failure(format!(
+                "cannot read the fleet at {}: {e}",
+                self.shown()
+            ))),
+            Err(_) => Err(self.timed_out("opening the fleet's shards for reading")),
+        }
+    }
+
+    /// The error for a shard no worker has opened yet.
+    fn shard_not_opened(&self, manifest: &FleetManifest) -> CliError {
+        let shards = manifest.shards.to_string();
+        let mut worker = vec!["worker"];
+        let args = self.args();
+        worker.extend(args.iter().map(String::as_str));
+        worker.extend(["--shards", shards.as_str()]);
+        CliError::not_found(format!(
+            "a shard of the fleet at {} has not been opened by a worker yet: start one ({})",
+            self.shown(),
+            super::output::suggest(&worker)
+        ))
     }
 
     /// Open a bare reader (for the writer's liveness): never writes to the

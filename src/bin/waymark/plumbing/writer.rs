@@ -69,9 +69,29 @@ pub async fn live_writer(store: &Store) -> CliResult<Option<String>> {
     })
 }
 
+/// Refuse to open a fleet's prefix as a single store: it holds shards, and
+/// opening it as one would misread it.
+pub async fn refuse_fleet(store: &Store) -> CliResult<()> {
+    let Some(manifest) = store.fleet().await? else {
+        return Ok(());
+    };
+    let shards = manifest.shards.to_string();
+    let mut worker = vec!["worker"];
+    let args = store.args();
+    worker.extend(args.iter().map(String::as_str));
+    worker.extend(["--shards", shards.as_str()]);
+    Err(CliError::refused(format!(
+        "{} is a fleet of {shards} shards, not a single store; opening it as one would misread \
+         it. Run a fleet worker on it: {}",
+        store.shown(),
+        suggest(&worker)
+    )))
+}
+
 /// Refuse to become the writer of `store` while another process writes it,
-/// unless `force`.
+/// unless `force`; a fleet's prefix always ([`refuse_fleet`]).
 pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResult<()> {
+    refuse_fleet(store).await?;
     if force {
         return Ok(());
     }
@@ -92,7 +112,9 @@ pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResu
 /// Open `store` as its worker (the library's `open_worker_store`: the
 /// inbox for clients' requests, a liveness heartbeat every [`HEARTBEAT`],
 /// 10 ms WAL flushes), bounded by the store's timeout.
+/// A fleet's prefix is refused ([`refuse_fleet`]).
 pub async fn open_writer(store: &Store) -> CliResult<Arc<Queue>> {
+    refuse_fleet(store).await?;
     store.preflight(Use::Write)?;
     if let Some(local) = &store.local {
         std::fs::create_dir_all(local).map_err(|e| {
@@ -100,14 +122,23 @@ pub async fn open_writer(store: &Store) -> CliResult<Arc<Queue>> {
         })?;
     }
     let location = store.location()?;
-    let options = StoreOptions::default()
+    store
+        .bounded(
+            "opening the store",
+            open_worker_store(&location, worker_store_options()),
+        )
+        .await
+}
+
+/// How the CLI's workers open a store (a single store, or each shard of a
+/// fleet): the demo's step queue, 10 ms WAL flushes, a liveness beat every
+/// [`HEARTBEAT`].
+pub fn worker_store_options() -> StoreOptions {
+    StoreOptions::default()
         .queue_name(DEFAULT_STEP_QUEUE)
         .flush_interval(Duration::from_millis(10))
         .liveness_heartbeat(HEARTBEAT)
-        .taquba_options(OpenOptions::default().scheduler_interval(Duration::from_millis(20)));
-    store
-        .bounded("opening the store", open_worker_store(&location, options))
-        .await
+        .taquba_options(OpenOptions::default().scheduler_interval(Duration::from_millis(20)))
 }
 
 /// Close the queue cleanly once nothing else holds it (a clean close commits

@@ -1,0 +1,379 @@
+//! A fleet on one location: `waymark worker --shards N` ([`work`]) joins
+//! the fleet of N shards there (creating it if there is none) and runs the
+//! demo's order pipeline on every shard it holds; `waymark fleet`
+//! ([`status`]) shows each shard's owner, lease and backlog.
+//!
+//! A fleet worker prints one line per fact once it is durable, as
+//! `waymark worker` does, and one line each time it takes, hands back or
+//! drops a shard. Ctrl-C or SIGTERM hands every shard back gracefully (its
+//! steps in flight commit, its store closes, its lease is released, so
+//! another worker takes it at once); a second one skips the rest of the
+//! steps' simulated work; a third quits at once (the leases then lapse and
+//! are taken over after lease + guard). A location holding a single store
+//! is refused, and a fleet of another shard count too: nothing is ever
+//! reinterpreted. Schedules (`--schedule`) need a home shard and are not
+//! supported on a fleet yet; `--trip-after` gives each shard its own
+//! breaker.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Args;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use waymark::fleet::{
+    FleetClient, FleetManifest, FleetStatus, FleetWorker, LeaseTiming, MAX_SHARDS, ShardEvent,
+};
+
+use super::read::{print_json, table};
+use super::worker::WorkerArgs;
+use crate::demo::domain::OrderPipeline;
+use crate::demo::progress::Tracker;
+use crate::demo::ui::Ui;
+use crate::demo::{OutcomeHook, Reads, confirm_waiting, try_build_runtime};
+use crate::plumbing::exit::{CliError, CliResult, Exit};
+use crate::plumbing::output::{say, say_err, suggest};
+use crate::plumbing::signals::Signals;
+use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
+use crate::plumbing::telemetry::{init_logging, install_prometheus, serve_metrics};
+use crate::plumbing::writer::worker_store_options;
+
+/// `waymark fleet`'s arguments.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the fleet lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `waymark fleet`: the fleet's shards, owners, leases and backlogs.
+pub async fn status(args: FleetArgs) -> CliResult<Exit> {
+    let store = Store::locate(&args.store)?;
+    let location = store.location()?;
+    let read = FleetStatus::read(&location, DEFAULT_STEP_QUEUE);
+    let fleet = match tokio::time::timeout(store.timeout, read).await {
+        Ok(Ok(fleet)) => fleet,
+        Ok(Err(waymark::Error::NotAWaymarkStore { .. })) => {
+            let held = if store.has_single_store().await? {
+                " (it holds a single store: use the other commands on it)"
+            } else {
+                ""
+            };
+            let mut worker = vec!["worker"];
+            let store_args = store.args();
+            worker.extend(store_args.iter().map(String::as_str));
+            worker.extend(["--shards", "N"]);
+            return Err(CliError::not_found(format!(
+                "no fleet at {}{held}; a fleet worker creates one: {}",
+                store.shown(),
+                suggest(&worker)
+            )));
+        }
+        Ok(Err(e)) => {
+            return Err(CliError::failure(format!(
+                "cannot read the fleet at {}: {e}",
+                store.shown()
+            )));
+        }
+        Err(_) => return Err(store.timed_out("reading the fleet")),
+    };
+    let now = SystemTime::now();
+    if args.json {
+        print_json(&fleet_json(&fleet, now))?;
+        return Ok(Exit::Ok);
+    }
+    let held = fleet.shards.iter().filter(|s| s.owner().is_some()).count();
+    let mut owners: Vec<&str> = fleet.shards.iter().filter_map(|s| s.owner()).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    say!(
+        "fleet at {}: {} shards, {held} held by {} worker(s)",
+        store.shown(),
+        fleet.manifest.shards,
+        owners.len()
+    );
+    let dash = || "-".to_string();
+    let rows: Vec<[String; 8]> = fleet
+        .shards
+        .iter()
+        .map(|s| {
+            let (owner, epoch, lease) = match &s.lease {
+                None => (dash(), dash(), "never taken".to_string()),
+                Some(l) if l.released => (l.owner.clone(), l.epoch.to_string(), "released".into()),
+                Some(l) => (l.owner.clone(), l.epoch.to_string(), "held".into()),
+            };
+            let age = s
+                .lease_age(now)
+                .map_or_else(dash, |age| format!("{:.1}s", age.as_secs_f64()));
+            let (ready, claimed, scheduled) = match s.backlog {
+                Some(b) => (
+                    b.ready.to_string(),
+                    b.claimed.to_string(),
+                    b.scheduled.to_string(),
+                ),
+                None => (dash(), dash(), dash()),
+            };
+            [
+                s.shard.to_string(),
+                owner,
+                lease,
+                epoch,
+                age,
+                ready,
+                claimed,
+                scheduled,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SHARD",
+            "OWNER",
+            "LEASE",
+            "EPOCH",
+            "AGE",
+            "READY",
+            "CLAIMED",
+            "SCHEDULED",
+        ],
+        &rows,
+    );
+    Ok(Exit::Ok)
+}
+
+/// `waymark fleet --json`.
+fn fleet_json(fleet: &FleetStatus, now: SystemTime) -> Value {
+    let shards: Vec<Value> = fleet
+        .shards
+        .iter()
+        .map(|s| {
+            let lease = s.lease.as_ref().map(|l| {
+                json!({
+                    "owner": l.owner,
+                    "epoch": l.epoch,
+                    "released": l.released,
+                    "age_ms": s.lease_age(now).map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+                })
+            });
+            let backlog = s.backlog.map(|b| {
+                json!({ "ready": b.ready, "claimed": b.claimed, "scheduled": b.scheduled })
+            });
+            json!({
+                "shard": s.shard,
+                "owner": s.owner(),
+                "lease": lease,
+                "backlog": backlog,
+            })
+        })
+        .collect();
+    json!({ "shard_count": fleet.manifest.shards, "shards": shards })
+}
+
+/// The lease timing from the flags (the library's defaults otherwise).
+fn timing(args: &WorkerArgs) -> CliResult<LeaseTiming> {
+    let default = LeaseTiming::default();
+    let timing = LeaseTiming {
+        duration: args
+            .lease_ms
+            .map_or(default.duration, Duration::from_millis),
+        guard: args.guard_ms.map_or(default.guard, Duration::from_millis),
+    };
+    timing
+        .validate()
+        .map_err(|e| CliError::usage(format!("--lease-ms/--guard-ms: {e}")))?;
+    Ok(timing)
+}
+
+/// `waymark worker --shards N`: join (or create) the fleet and run the
+/// shards this worker holds until Ctrl-C or SIGTERM.
+pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
+    if !args.schedules.is_empty() {
+        return Err(CliError::usage(
+            "--schedule is not supported on a fleet yet (a schedule needs a home shard); run \
+             schedules on a single store",
+        ));
+    }
+    if shards == 0 || shards > MAX_SHARDS {
+        return Err(CliError::usage(format!(
+            "--shards: a fleet has 1 to {MAX_SHARDS} shards, not {shards}"
+        )));
+    }
+    let timing = timing(&args)?;
+    let store = Store::locate(&args.store)?;
+    store.preflight(Use::Write)?;
+    let location = store.location()?;
+    // Never reinterpret a single store as a fleet.
+    if store.fleet().await?.is_none() && store.has_single_store().await? {
+        let mut worker = vec!["worker"];
+        let store_args = store.args();
+        worker.extend(store_args.iter().map(String::as_str));
+        return Err(CliError::refused(format!(
+            "{} holds a single store, not a fleet; --shards would misread it. Run a single \
+             worker on it ({}) or put the fleet at another location",
+            store.shown(),
+            suggest(&worker)
+        )));
+    }
+    let opening = FleetManifest::open_or_create(&location, shards);
+    let manifest = match tokio::time::timeout(store.timeout, opening).await {
+        Ok(Ok(manifest)) => manifest,
+        Ok(Err(e @ waymark::Error::FleetMismatch { .. })) => {
+            return Err(CliError::refused(e.to_string()));
+        }
+        Ok(Err(e)) => {
+            return Err(CliError::failure(format!(
+                "cannot open the fleet at {}: {e}",
+                store.shown()
+            )));
+        }
+        Err(_) => return Err(store.timed_out("opening the fleet")),
+    };
+    init_logging();
+    let stop = CancellationToken::new();
+    if let Some(addr) = args.metrics {
+        let handle = install_prometheus()?;
+        let bound = serve_metrics(addr, handle, stop.clone()).await?;
+        say!("metrics at http://{bound}/metrics");
+    }
+    let (work_tx, mut work_rx) = mpsc::unbounded_channel();
+    let (end_tx, mut end_rx) = mpsc::unbounded_channel();
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    let hurry = CancellationToken::new();
+    let (store_timeout, trip_after) = (store.timeout, args.trip_after);
+    let worker = FleetWorker::new(location.clone(), shards, {
+        let hurry = hurry.clone();
+        move |_shard, queue| {
+            try_build_runtime(
+                queue,
+                store_timeout,
+                OrderPipeline::new(work_tx.clone(), hurry.clone()),
+                OutcomeHook::new(end_tx.clone()),
+                Vec::new(),
+                trip_after,
+            )
+        }
+    })
+    .lease_timing(timing)
+    .store_options(|_| worker_store_options())
+    .events(event_tx);
+    let id = worker.id().to_string();
+    let mut signals = Signals::listen()?;
+    let mut running = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+    say!(
+        "fleet worker {id} on {} ({shards} shards): running the demo's order pipeline on the \
+         shards it holds; Ctrl-C or SIGTERM hands them back once the steps in flight commit.",
+        store.shown()
+    );
+    let ui = Ui::Lines;
+    let started = Instant::now();
+    // Whether every shard it dropped was handed back cleanly.
+    let mut clean = true;
+    let mut shown = |event: &ShardEvent| {
+        let stamp = format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
+        match event {
+            ShardEvent::Took { shard, epoch } => {
+                say!("{stamp} took shard {shard} (lease epoch {epoch})")
+            }
+            ShardEvent::HandedBack { shard } => say!("{stamp} handed shard {shard} back"),
+            ShardEvent::Dropped { shard, reason } => {
+                clean = false;
+                say!("{stamp} dropped shard {shard}: {reason}")
+            }
+            other => say!("{stamp} {other:?}"),
+        }
+    };
+    let mut tracker = Tracker::default();
+    // Opened once every shard exists (the readers for confirmations).
+    let mut reads: Option<FleetClient> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(150));
+    let mut presses = 0;
+    let mut stopping = false;
+    let joined = loop {
+        tokio::select! {
+            Some(work) = work_rx.recv() => {
+                for fact in tracker.work(work) {
+                    ui.show(&fact, started.elapsed());
+                }
+            }
+            Some(outcome) = end_rx.recv() => ui.show(&tracker.ended(outcome), started.elapsed()),
+            Some(event) = event_rx.recv() => shown(&event),
+            _ = tick.tick() => {
+                if reads.is_none() && !tracker.awaiting().is_empty() {
+                    reads = store.open_fleet_client(&manifest).await.ok();
+                }
+                if let Some(fleet) = &reads {
+                    for fact in confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store).await {
+                        ui.show(&fact, started.elapsed());
+                    }
+                }
+            }
+            signal = signals.next() => {
+                presses += 1;
+                match presses {
+                    1 => {
+                        stopping = true;
+                        stop.cancel();
+                        say!(
+                            "{signal}: stopping; the steps in flight finish and commit, then \
+                             every shard is handed back."
+                        );
+                    }
+                    2 => {
+                        hurry.cancel();
+                        say!("{signal} again: skipping the rest of the steps' simulated work.");
+                    }
+                    _ => {
+                        say_err!(
+                            "Quitting at once; the steps in flight run again once the shards' \
+                             leases lapse and another worker takes them."
+                        );
+                        std::process::exit(4);
+                    }
+                }
+            }
+            joined = &mut running => break joined,
+        }
+    };
+    while let Ok(work) = work_rx.try_recv() {
+        for fact in tracker.work(work) {
+            ui.show(&fact, started.elapsed());
+        }
+    }
+    while let Ok(outcome) = end_rx.try_recv() {
+        ui.show(&tracker.ended(outcome), started.elapsed());
+    }
+    while let Ok(event) = event_rx.try_recv() {
+        shown(&event);
+    }
+    if let Some(fleet) = &reads {
+        for fact in confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store).await {
+            ui.show(&fact, started.elapsed());
+        }
+    }
+    match joined {
+        Ok(Ok(())) if stopping => {}
+        Ok(Ok(())) => return Err(CliError::failure("the fleet worker stopped unexpectedly")),
+        Ok(Err(e)) => {
+            return Err(CliError::failure(format!("the fleet worker stopped: {e}")));
+        }
+        Err(e) => {
+            return Err(CliError::failure(format!(
+                "the fleet worker's task failed: {e}"
+            )));
+        }
+    }
+    if clean {
+        say!(
+            "fleet worker stopped; its shards are handed back and everything it ran is committed."
+        );
+    } else {
+        say!(
+            "fleet worker stopped; the shards it dropped (above) are taken over once their \
+             leases lapse."
+        );
+    }
+    Ok(Exit::Ok)
+}

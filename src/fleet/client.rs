@@ -1,0 +1,132 @@
+//! A client of a fleet: one [`Client`] per shard, every request routed to
+//! its run's shard ([`super::shard_of_run`]), listings merged across shards.
+
+use std::time::Duration;
+
+use crate::client::{Client, ClientOptions, Sent};
+use crate::error::Error;
+use crate::hook::RunOutcome;
+use crate::read::{DEFAULT_RUN_PAGE, RunFilter, RunPage, RunStatus};
+use crate::runtime::{RunSpec, SubmitOutcome};
+use crate::store::StoreLocation;
+
+use super::manifest::FleetManifest;
+use super::route::shard_of_run;
+
+/// Submits, cancels and observes runs of a fleet from any process.
+#[derive(Clone)]
+pub struct FleetClient {
+    manifest: FleetManifest,
+    shards: Vec<Client>,
+}
+
+impl FleetClient {
+    /// A client of the fleet at `location`, which must exist (a worker
+    /// creates it): [`Error::NotAWaymarkStore`] when there is none.
+    pub async fn open(location: &StoreLocation, options: ClientOptions) -> Result<Self, Error> {
+        let Some(manifest) = FleetManifest::read(location).await? else {
+            return Err(Error::NotAWaymarkStore {
+                location: location.to_string(),
+                reason: "no fleet manifest (start a fleet worker first)".into(),
+            });
+        };
+        let mut shards = Vec::with_capacity(manifest.shards as usize);
+        for shard in 0..manifest.shards {
+            let at = manifest.shard_location(location, shard);
+            shards.push(Client::open(&at, options.clone()).await?);
+        }
+        Ok(Self { manifest, shards })
+    }
+
+    /// The fleet's manifest.
+    pub fn manifest(&self) -> FleetManifest {
+        self.manifest
+    }
+
+    /// The client of `run_id`'s shard.
+    pub fn shard_client(&self, run_id: &str) -> &Client {
+        let shard = shard_of_run(run_id, self.manifest.shards) as usize;
+        &self.shards[shard.min(self.shards.len().saturating_sub(1))]
+    }
+
+    /// [`Client::submit`] on the run's shard (a spec without a run id gets
+    /// a ULID here, so it can be routed).
+    pub async fn submit(&self, mut spec: RunSpec) -> Result<Sent, Error> {
+        let run_id = spec
+            .run_id
+            .get_or_insert_with(|| ulid::Ulid::generate().to_string())
+            .clone();
+        self.shard_client(&run_id).submit(spec).await
+    }
+
+    /// [`Client::submit_and_wait`] on the run's shard (a spec without a
+    /// run id gets a ULID here).
+    pub async fn submit_and_wait(
+        &self,
+        mut spec: RunSpec,
+        timeout: Duration,
+    ) -> Result<SubmitOutcome, Error> {
+        let run_id = spec
+            .run_id
+            .get_or_insert_with(|| ulid::Ulid::generate().to_string())
+            .clone();
+        self.shard_client(&run_id)
+            .submit_and_wait(spec, timeout)
+            .await
+    }
+
+    /// [`Client::cancel`] on the run's shard.
+    pub async fn cancel(&self, run_id: &str) -> Result<Sent, Error> {
+        self.shard_client(run_id).cancel(run_id).await
+    }
+
+    /// [`Client::status`] on the run's shard.
+    pub async fn status(&self, run_id: &str) -> Result<Option<RunStatus>, Error> {
+        self.shard_client(run_id).status(run_id).await
+    }
+
+    /// [`Client::outcome`] on the run's shard.
+    pub async fn outcome(&self, run_id: &str) -> Result<Option<RunOutcome>, Error> {
+        self.shard_client(run_id).outcome(run_id).await
+    }
+
+    /// [`Client::wait`] on the run's shard.
+    pub async fn wait(&self, run_id: &str, timeout: Duration) -> Result<RunOutcome, Error> {
+        self.shard_client(run_id).wait(run_id, timeout).await
+    }
+
+    /// A page of runs across every shard, in run id order (each shard's
+    /// page after the same cursor, merged).
+    pub async fn runs(&self, filter: &RunFilter) -> Result<RunPage, Error> {
+        let limit = match filter.limit {
+            0 => DEFAULT_RUN_PAGE,
+            n => n,
+        };
+        let mut runs = Vec::new();
+        let mut more = false;
+        for client in &self.shards {
+            let page = client.runs(filter).await?;
+            more |= page.next.is_some();
+            runs.extend(page.runs);
+        }
+        runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        if runs.len() > limit {
+            runs.truncate(limit);
+            more = true;
+        }
+        let next = if more {
+            runs.last().map(|r| r.run_id.clone())
+        } else {
+            None
+        };
+        Ok(RunPage { runs, next })
+    }
+
+    /// Close every shard's reader.
+    pub async fn close(&self) -> Result<(), Error> {
+        for client in &self.shards {
+            client.close().await?;
+        }
+        Ok(())
+    }
+}

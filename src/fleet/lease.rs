@@ -1,0 +1,573 @@
+//! Shard leases: at most one writer per shard, through objects in the
+//! bucket and nothing else.
+//!
+//! # The protocol
+//!
+//! A shard's lease is a sequence of objects
+//! `{prefix}/leases/shard-{shard:04}/{epoch:020}`, each created with a
+//! conditional create (`If-None-Match: *` on S3, a hard link on a local
+//! directory), never updated: the object with the highest epoch is the
+//! lease, and its body names the owner (or says it was released). Creates
+//! only, because a local directory cannot do a conditional update.
+//!
+//! - **Take** a free shard (no object, or the highest one released): create
+//!   the next epoch. Of two workers racing, the create lets exactly one win.
+//! - **Renew**: the owner creates the next epoch, every `duration / 3`. It
+//!   may write to the shard until `sent + duration - guard`, where `sent` is
+//!   when it *sent* its last successful renewal (on its own monotonic
+//!   clock). A renewal that finds the next epoch taken means the lease was
+//!   lost: stop at once.
+//! - **Take over** a held shard: a taker watches the highest epoch; only
+//!   when the same epoch has stayed the highest for `duration + guard` since
+//!   the taker *first saw it* (its own monotonic clock) does it create the
+//!   next epoch.
+//! - **Release** (graceful hand-off): after the owner stopped writing, it
+//!   creates the next epoch marked released; a taker may take it at once.
+//!
+//! Why it is safe: the owner's last renewal object was created after the
+//! owner sent it and before any taker could see it, so the owner stops
+//! writing `2 × guard` before the earliest moment a taker creates the next
+//! epoch. That holds while the two monotonic clocks run at rates within
+//! `guard / duration` of each other and a taker's listing shows every
+//! object created before it (S3 and local directories list consistently).
+//! The wall clocks of the machines never enter. SlateDB's writer fencing is
+//! the last line should the assumptions break: the taker's open of the
+//! shard fences the old writer, whose next commit fails.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use taquba::object_store::path::Path;
+use taquba::object_store::{Error as StoreError, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use tokio::time::Instant;
+
+use super::manifest::store_error;
+use crate::error::Error;
+use crate::record::{decode, encode};
+use crate::store::StoreLocation;
+
+/// The timing of the lease protocol (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// How long a renewal keeps a lease.
+    pub duration: Duration,
+    /// The margin on either side: an owner stops `guard` before its lease
+    /// ends; a taker waits `guard` past it.
+    pub guard: Duration,
+}
+
+impl Default for LeaseTiming {
+    /// A 10 s lease with a 2 s guard, renewed every 3.3 s.
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_secs(10),
+            guard: Duration::from_secs(2),
+        }
+    }
+}
+
+impl LeaseTiming {
+    /// Check the timing makes sense: a guard shorter than half the lease.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.duration.is_zero() || self.guard.saturating_mul(2) >= self.duration {
+            return Err(Error::InvalidConfig(format!(
+                "a lease of {:?} needs a guard under half of it, not {:?}",
+                self.duration, self.guard
+            )));
+        }
+        Ok(())
+    }
+
+    /// How often an owner renews.
+    pub fn renew_every(&self) -> Duration {
+        self.duration / 3
+    }
+}
+
+/// The body of one lease object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LeaseBody {
+    /// The worker that wrote it.
+    owner: String,
+    /// Whether the owner gave the shard up with it.
+    released: bool,
+}
+
+/// A shard's lease as a listing shows it: its highest epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseView {
+    /// The highest epoch.
+    pub epoch: u64,
+    /// Its owner (the last writer, when released).
+    pub owner: String,
+    /// Whether it was released.
+    pub released: bool,
+    /// When the store wrote it (its last-modified time, on the store's
+    /// clock: for display, never for the protocol).
+    pub written: SystemTime,
+}
+
+/// A lease this worker holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLease {
+    /// The shard.
+    pub shard: u32,
+    /// The epoch of this worker's last lease object.
+    pub epoch: u64,
+    /// Until when this worker may write to the shard.
+    pub valid_until: Instant,
+}
+
+impl HeldLease {
+    /// Whether this worker may still write to the shard.
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.valid_until
+    }
+}
+
+/// What a taker remembers of a shard held by another worker.
+#[derive(Debug, Clone, Default)]
+pub struct Watch {
+    seen: Option<(u64, Instant)>,
+}
+
+/// The leases of one fleet, as one worker (`owner`) takes and keeps them.
+#[derive(Debug, Clone)]
+pub struct Leases {
+    location: StoreLocation,
+    owner: String,
+    timing: LeaseTiming,
+}
+
+impl Leases {
+    /// The leases of the fleet at `location`, for the worker `owner` (an id
+    /// unique to this process: two processes must never share one).
+    pub fn new(location: StoreLocation, owner: String, timing: LeaseTiming) -> Result<Self, Error> {
+        timing.validate()?;
+        Ok(Self {
+            location,
+            owner,
+            timing,
+        })
+    }
+
+    /// This worker's id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The protocol's timing.
+    pub fn timing(&self) -> LeaseTiming {
+        self.timing
+    }
+
+    fn object(&self, shard: u32, epoch: u64) -> Path {
+        lease_object(&self.location, shard, epoch)
+    }
+
+    /// The epochs of `shard`'s lease objects, lowest first.
+    async fn epochs(&self, shard: u32) -> Result<Vec<u64>, Error> {
+        epochs(&self.location, shard).await
+    }
+
+    /// `shard`'s lease as it stands: `None` when it was never taken.
+    pub async fn view(&self, shard: u32) -> Result<Option<LeaseView>, Error> {
+        let epochs = self.epochs(shard).await?;
+        let Some(&epoch) = epochs.last() else {
+            return Ok(None);
+        };
+        // Objects two or more epochs below the top are junk a failed
+        // delete left behind.
+        for old in epochs.iter().rev().skip(2) {
+            self.forget(shard, *old).await;
+        }
+        match read_lease(&self.location, shard, epoch).await? {
+            Some(view) => Ok(Some(view)),
+            // Gone between the listing and the read: never "free".
+            None => Err(Error::FleetStore {
+                location: self.location.to_string(),
+                doing: format!("read shard {shard}'s lease"),
+                reason: format!("its lease object {epoch} was gone"),
+            }),
+        }
+    }
+
+    /// Create `shard`'s lease object `epoch`. `Ok(false)` when it exists.
+    async fn create(&self, shard: u32, epoch: u64, released: bool) -> Result<bool, Error> {
+        let path = self.object(shard, epoch);
+        let body = LeaseBody {
+            owner: self.owner.clone(),
+            released,
+        };
+        let bytes = encode(path.as_ref().as_bytes(), &body)?;
+        match self
+            .location
+            .object_store()
+            .put_opts(
+                &path,
+                PutPayload::from(bytes),
+                PutOptions::from(PutMode::Create),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(store_error(&self.location, "write a shard's lease", e)),
+        }
+    }
+
+    /// Whether `epoch` is still `shard`'s highest. A create alone does not
+    /// say so: old epochs are deleted, so a create of one long superseded
+    /// (a frozen owner renewing, a taker that listed before two renewals)
+    /// succeeds. The highest object is never deleted.
+    async fn is_top(&self, shard: u32, epoch: u64) -> Result<bool, Error> {
+        Ok(self
+            .epochs(shard)
+            .await?
+            .last()
+            .is_none_or(|top| *top <= epoch))
+    }
+
+    /// Delete an old lease object (best effort: a later view retries).
+    async fn forget(&self, shard: u32, epoch: u64) {
+        let path = self.object(shard, epoch);
+        match self.location.object_store().delete(&path).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => tracing::debug!(%path, "deleting an old lease object failed: {e}"),
+        }
+    }
+
+    /// Note in `watches`, for every shard, the highest epoch one listing of
+    /// all the leases shows (one LIST). Called every tick, it starts a
+    /// taker's wait when the owner stops renewing, not when the taker first
+    /// wants the shard (e.g. once the owner's membership lapsed): a
+    /// takeover then takes `duration + guard` plus a tick or two, not
+    /// twice that. Safe for the same reason as a first sighting in
+    /// [`Self::try_take`]: it is after the epoch's object was created.
+    pub async fn observe(&self, watches: &mut HashMap<u32, Watch>) -> Result<(), Error> {
+        let dir = Path::from(format!(
+            "{}/leases",
+            self.location.path().trim_end_matches('/')
+        ));
+        let mut listing = self.location.object_store().list(Some(&dir));
+        let mut top: HashMap<u32, u64> = HashMap::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| store_error(&self.location, "list the leases", e))?;
+            let path = meta.location.as_ref();
+            let mut parts = path.rsplit('/');
+            let epoch = parts.next().and_then(|e| e.parse::<u64>().ok());
+            let shard = parts
+                .next()
+                .and_then(|d| d.strip_prefix("shard-"))
+                .and_then(|s| s.parse::<u32>().ok());
+            if let (Some(shard), Some(epoch)) = (shard, epoch) {
+                let highest = top.entry(shard).or_default();
+                *highest = (*highest).max(epoch);
+            }
+        }
+        let now = Instant::now();
+        for (shard, epoch) in top {
+            let watch = watches.entry(shard).or_default();
+            if watch.seen.map(|(seen, _)| seen) != Some(epoch) {
+                watch.seen = Some((epoch, now));
+            }
+        }
+        Ok(())
+    }
+
+    /// Take `shard` if the protocol allows it now: it is free, released, or
+    /// its owner has not renewed for `duration + guard` of this worker's
+    /// watch (kept in `watch` between calls). `None`: not (yet).
+    pub async fn try_take(
+        &self,
+        shard: u32,
+        watch: &mut Watch,
+    ) -> Result<Option<HeldLease>, Error> {
+        let view = self.view(shard).await?;
+        let next = match &view {
+            None => 1,
+            Some(v) if v.released => v.epoch.saturating_add(1),
+            Some(v) => match watch.seen {
+                Some((epoch, since))
+                    if epoch == v.epoch
+                        && since.elapsed()
+                            >= self.timing.duration.saturating_add(self.timing.guard) =>
+                {
+                    v.epoch.saturating_add(1)
+                }
+                Some((epoch, _)) if epoch == v.epoch => return Ok(None),
+                _ => {
+                    watch.seen = Some((v.epoch, Instant::now()));
+                    return Ok(None);
+                }
+            },
+        };
+        let sent = Instant::now();
+        if !self.create(shard, next, false).await? || !self.is_top(shard, next).await? {
+            // Renewed, or another taker won: watch afresh.
+            watch.seen = None;
+            return Ok(None);
+        }
+        watch.seen = None;
+        if let Some(old) = next.checked_sub(2) {
+            self.forget(shard, old).await;
+        }
+        Ok(Some(HeldLease {
+            shard,
+            epoch: next,
+            valid_until: self.valid_from(sent),
+        }))
+    }
+
+    fn valid_from(&self, sent: Instant) -> Instant {
+        sent + self.timing.duration.saturating_sub(self.timing.guard)
+    }
+
+    /// Renew `lease`. [`Error::LeaseLost`] when another worker took the
+    /// shard: stop writing to it at once. Another error leaves the lease
+    /// valid until [`HeldLease::valid_until`]; retry before then.
+    pub async fn renew(&self, lease: &mut HeldLease) -> Result<(), Error> {
+        let next = lease.epoch.saturating_add(1);
+        let sent = Instant::now();
+        let lost = |lease: &mut HeldLease| {
+            lease.valid_until = sent;
+            Err(Error::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            })
+        };
+        if !self.create(lease.shard, next, false).await? {
+            return lost(lease);
+        }
+        // The object is this worker's now, whatever follows; an error in
+        // the check leaves the validity as it was (the fence stands).
+        lease.epoch = next;
+        if !self.is_top(lease.shard, next).await? {
+            return lost(lease);
+        }
+        lease.valid_until = self.valid_from(sent);
+        if let Some(old) = next.checked_sub(2) {
+            self.forget(lease.shard, old).await;
+        }
+        Ok(())
+    }
+
+    /// Give `lease` up, once this worker has stopped writing to the shard:
+    /// another worker may take it at once.
+    pub async fn release(&self, lease: HeldLease) -> Result<(), Error> {
+        if self
+            .create(lease.shard, lease.epoch.saturating_add(1), true)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            })
+        }
+    }
+}
+
+fn lease_dir(location: &StoreLocation, shard: u32) -> Path {
+    Path::from(format!(
+        "{}/leases/shard-{shard:04}",
+        location.path().trim_end_matches('/')
+    ))
+}
+
+fn lease_object(location: &StoreLocation, shard: u32, epoch: u64) -> Path {
+    Path::from(format!("{}/{epoch:020}", lease_dir(location, shard)))
+}
+
+/// The epochs of `shard`'s lease objects, lowest first.
+async fn epochs(location: &StoreLocation, shard: u32) -> Result<Vec<u64>, Error> {
+    let dir = lease_dir(location, shard);
+    let mut listing = location.object_store().list(Some(&dir));
+    let mut epochs = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| store_error(location, "list a shard's lease", e))?;
+        if let Some(epoch) = meta.location.filename().and_then(|n| n.parse().ok()) {
+            epochs.push(epoch);
+        }
+    }
+    epochs.sort_unstable();
+    Ok(epochs)
+}
+
+/// Read `shard`'s lease object `epoch`: `None` when it is gone.
+async fn read_lease(
+    location: &StoreLocation,
+    shard: u32,
+    epoch: u64,
+) -> Result<Option<LeaseView>, Error> {
+    let path = lease_object(location, shard, epoch);
+    let got = match location.object_store().get(&path).await {
+        Ok(got) => got,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(store_error(location, "read a shard's lease", e)),
+    };
+    let written = SystemTime::from(got.meta.last_modified);
+    let bytes = got
+        .bytes()
+        .await
+        .map_err(|e| store_error(location, "read a shard's lease", e))?;
+    let body: LeaseBody = decode(path.as_ref().as_bytes(), &bytes)?;
+    Ok(Some(LeaseView {
+        epoch,
+        owner: body.owner,
+        released: body.released,
+        written,
+    }))
+}
+
+/// `shard`'s lease in the fleet at `location` as it stands, for an
+/// observer (`waymark fleet`, a dashboard): it only reads, never writes or
+/// deletes. `None` when the shard was never taken.
+pub async fn peek_lease(location: &StoreLocation, shard: u32) -> Result<Option<LeaseView>, Error> {
+    // The top object may be deleted between the listing and the read (two
+    // renewals later): list again, a few times.
+    for _ in 0..3 {
+        let Some(&epoch) = epochs(location, shard).await?.last() else {
+            return Ok(None);
+        };
+        if let Some(view) = read_lease(location, shard, epoch).await? {
+            return Ok(Some(view));
+        }
+    }
+    Err(Error::FleetStore {
+        location: location.to_string(),
+        doing: format!("read shard {shard}'s lease"),
+        reason: "its newest lease object kept changing under the read".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use taquba::object_store::ObjectStore;
+    use taquba::object_store::memory::InMemory;
+
+    use super::*;
+
+    const TIMING: LeaseTiming = LeaseTiming {
+        duration: Duration::from_secs(10),
+        guard: Duration::from_secs(2),
+    };
+
+    fn fleet(store: Arc<dyn ObjectStore>) -> (Leases, Leases) {
+        let at = StoreLocation::new(store, "fleet");
+        (
+            Leases::new(at.clone(), "a".into(), TIMING).unwrap(),
+            Leases::new(at, "b".into(), TIMING).unwrap(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_lease_is_taken_over_only_after_lease_and_guard() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut lease = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        assert_eq!(lease.epoch, 1);
+        let mut watch = Watch::default();
+        // While a renews, b never gets it.
+        for _ in 0..10 {
+            assert_eq!(b.try_take(0, &mut watch).await.unwrap(), None);
+            tokio::time::advance(TIMING.renew_every()).await;
+            a.renew(&mut lease).await.unwrap();
+        }
+        // a stops renewing (a crash): b takes over only once the epoch it
+        // watched has stood for lease + guard.
+        assert_eq!(b.try_take(0, &mut watch).await.unwrap(), None);
+        let watched_from = Instant::now();
+        tokio::time::advance(TIMING.duration + TIMING.guard - Duration::from_millis(1)).await;
+        assert_eq!(b.try_take(0, &mut watch).await.unwrap(), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let taken = b.try_take(0, &mut watch).await.unwrap().unwrap();
+        assert_eq!(taken.epoch, lease.epoch + 1);
+        // a had stopped writing 2 x guard before.
+        assert!(lease.valid_until + TIMING.guard * 2 <= Instant::now());
+        assert!(watched_from < lease.valid_until + TIMING.guard * 2);
+        // a, back, learns it lost the shard.
+        let e = a.renew(&mut lease).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { shard: 0, .. }), "{e}");
+        assert!(!lease.is_valid());
+        let view = a.view(0).await.unwrap().unwrap();
+        assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_frozen_past_the_takers_renewals_learns_it_lost() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut lease = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let mut watch = Watch::default();
+        assert_eq!(b.try_take(0, &mut watch).await.unwrap(), None);
+        tokio::time::advance(TIMING.duration + TIMING.guard).await;
+        let mut taken = b.try_take(0, &mut watch).await.unwrap().unwrap();
+        // b renews twice: the epochs a would create next are deleted.
+        for _ in 0..3 {
+            b.renew(&mut taken).await.unwrap();
+        }
+        // a wakes: its create of a deleted epoch succeeds, yet it must
+        // learn the shard is b's, and stay fenced.
+        let e = a.renew(&mut lease).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { shard: 0, .. }), "{e}");
+        assert!(!lease.is_valid());
+        let view = b.view(0).await.unwrap().unwrap();
+        assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
+        b.renew(&mut taken).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_lease_is_taken_at_once() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let lease = a.try_take(3, &mut Watch::default()).await.unwrap().unwrap();
+        a.release(lease).await.unwrap();
+        let taken = b.try_take(3, &mut Watch::default()).await.unwrap().unwrap();
+        assert_eq!(taken.epoch, 3);
+        assert!(taken.is_valid());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn of_two_takers_of_a_free_shard_one_wins() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let (mut wa, mut wb) = (Watch::default(), Watch::default());
+        let (x, y) = tokio::join!(a.try_take(1, &mut wa), b.try_take(1, &mut wb));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert!(x.is_some() != y.is_some(), "{x:?} {y:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_leave_a_bounded_trail_on_a_local_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = taquba::object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let (a, b) = fleet(Arc::new(fs));
+        let mut lease = a.try_take(2, &mut Watch::default()).await.unwrap().unwrap();
+        for _ in 0..20 {
+            a.renew(&mut lease).await.unwrap();
+        }
+        assert_eq!(lease.epoch, 21);
+        assert!(a.epochs(2).await.unwrap().len() <= 2);
+        // The create-only protocol works where updates do not exist.
+        let mut watch = Watch::default();
+        assert_eq!(b.try_take(2, &mut watch).await.unwrap(), None);
+        tokio::time::advance(TIMING.duration + TIMING.guard).await;
+        assert!(b.try_take(2, &mut watch).await.unwrap().is_some());
+        assert!(a.renew(&mut lease).await.is_err());
+    }
+
+    #[test]
+    fn a_guard_of_half_the_lease_or_more_is_refused() {
+        let at = StoreLocation::new(Arc::new(InMemory::new()), "f");
+        let bad = LeaseTiming {
+            duration: Duration::from_secs(4),
+            guard: Duration::from_secs(2),
+        };
+        assert!(matches!(
+            Leases::new(at, "a".into(), bad),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+}

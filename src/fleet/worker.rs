@@ -1,0 +1,438 @@
+//! A fleet worker: one process of a fleet. It takes a fair share of the
+//! fleet's shards through their leases, runs a [`WorkflowRuntime`] on each
+//! shard it holds, renews the leases, and stops writing to a shard before
+//! its lease can lapse (see [`super::lease`] for the protocol).
+//!
+//! Each tick (a third of the lease): beat this worker's membership object,
+//! count the live workers, renew every held lease, note every shard's
+//! highest lease epoch (one listing), take free or lapsed
+//! shards up to `ceil(N / live)`, and hand one shard back when holding more
+//! than that (a worker joined). A shard's runtime runs under a fence: when
+//! its lease's validity ends without a renewal, the runtime is dropped at
+//! once, commits in flight included; SlateDB's fencing (the taker's open)
+//! is the last line. A graceful hand-off stops claiming, lets in-flight
+//! steps settle, closes the store, then releases the lease.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use taquba::Queue;
+use taquba::object_store::path::Path;
+use taquba::object_store::{ObjectStoreExt, PutPayload};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::lease::{HeldLease, LeaseTiming, Leases, Watch};
+use super::manifest::{FleetManifest, store_error};
+use super::probe::check_conditional_writes;
+use super::route::fnv1a64;
+use crate::error::Error;
+use crate::hook::TerminalHook;
+use crate::runner::StepRunner;
+use crate::runtime::WorkflowRuntime;
+use crate::store::{StoreLocation, StoreOptions, open_worker_store};
+
+/// Builds the runtime of one shard from its opened store.
+pub type MakeRuntime<R, H> =
+    dyn Fn(u32, Arc<Queue>) -> Result<WorkflowRuntime<R, H>, Error> + Send + Sync;
+
+/// Builds the store options of one shard.
+pub type MakeStoreOptions = dyn Fn(u32) -> StoreOptions + Send + Sync;
+
+/// What a fleet worker did with one of its shards, for a process that
+/// reports it ([`FleetWorker::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardEvent {
+    /// It took the shard's lease (at `epoch`), opened it and started its
+    /// runtime.
+    Took {
+        /// The shard.
+        shard: u32,
+        /// The lease epoch it created.
+        epoch: u64,
+    },
+    /// It handed the shard back gracefully: its runtime stopped, its
+    /// store closed, its lease released.
+    HandedBack {
+        /// The shard.
+        shard: u32,
+    },
+    /// It stopped working the shard without a clean hand-back (its lease
+    /// was taken or lapsed, its runtime stopped, the release failed); the
+    /// lease is left to lapse or is another worker's already.
+    Dropped {
+        /// The shard.
+        shard: u32,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+type Events = Option<tokio::sync::mpsc::UnboundedSender<ShardEvent>>;
+
+fn report(events: &Events, event: ShardEvent) {
+    if let Some(events) = events {
+        let _ = events.send(event);
+    }
+}
+
+/// One worker process of a fleet.
+pub struct FleetWorker<R, H> {
+    location: StoreLocation,
+    shards: u32,
+    timing: LeaseTiming,
+    id: String,
+    store_options: Arc<MakeStoreOptions>,
+    make: Arc<MakeRuntime<R, H>>,
+    events: Events,
+}
+
+/// A shard this worker runs.
+struct Running {
+    lease: HeldLease,
+    /// Moves the fence when the lease is renewed.
+    valid_until: tokio::sync::watch::Sender<Instant>,
+    /// Asks the runtime to stop gracefully.
+    stop: CancellationToken,
+    /// Being handed back: stopping, its lease still renewed.
+    leaving: bool,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
+    /// A worker of the fleet at `location` with `shards` shards (created
+    /// if there is no fleet yet), whose shard runtimes `make` builds.
+    pub fn new(
+        location: StoreLocation,
+        shards: u32,
+        make: impl Fn(u32, Arc<Queue>) -> Result<WorkflowRuntime<R, H>, Error> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            location,
+            shards,
+            timing: LeaseTiming::default(),
+            id: ulid::Ulid::generate().to_string(),
+            store_options: Arc::new(|_| StoreOptions::default()),
+            make: Arc::new(make),
+            events: None,
+        }
+    }
+
+    /// Report each shard taken, handed back or dropped on `events` (a
+    /// closed receiver is ignored).
+    pub fn events(mut self, events: tokio::sync::mpsc::UnboundedSender<ShardEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// The lease timing (default: 10 s, guard 2 s).
+    pub fn lease_timing(mut self, timing: LeaseTiming) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// The store options of each shard (default: [`StoreOptions::default`]).
+    pub fn store_options(
+        mut self,
+        f: impl Fn(u32) -> StoreOptions + Send + Sync + 'static,
+    ) -> Self {
+        self.store_options = Arc::new(f);
+        self
+    }
+
+    /// This worker's id (a fresh ULID by default; unique per process).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Run until `shutdown` resolves, then hand every shard back.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        // Probe first: on a store that ignores conditional writes, not
+        // even the manifest is written.
+        check_conditional_writes(&self.location).await?;
+        let manifest = FleetManifest::open_or_create(&self.location, self.shards).await?;
+        let leases = Leases::new(self.location.clone(), self.id.clone(), self.timing)?;
+        let members = Members::new(&self.location, &self.id);
+        let mut running: BTreeMap<u32, Running> = BTreeMap::new();
+        let mut watches: HashMap<u32, Watch> = HashMap::new();
+        let mut tick = tokio::time::interval(self.timing.renew_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut leaving = false;
+        let mut last_live = None;
+        // Shards are tried from a point of this worker's own, so workers
+        // starting together do not all race for shard 0.
+        let start =
+            u32::try_from(fnv1a64(self.id.as_bytes()) % u64::from(manifest.shards)).unwrap_or(0);
+        loop {
+            if leaving {
+                if running.is_empty() {
+                    break;
+                }
+                tick.tick().await;
+            } else {
+                tokio::select! {
+                    () = &mut shutdown => {
+                        leaving = true;
+                        for r in running.values_mut() {
+                            r.hand_back();
+                        }
+                    }
+                    _ = tick.tick() => {}
+                }
+            }
+            // Renew first (handing-back shards too: their steps are still
+            // settling). Nothing in this loop waits on a shard's runtime,
+            // so an open or a hand-back never delays a renewal.
+            let mut lost = Vec::new();
+            for (shard, r) in running.iter_mut() {
+                match leases.renew(&mut r.lease).await {
+                    Ok(()) => {
+                        let _ = r.valid_until.send(r.lease.valid_until);
+                    }
+                    Err(Error::LeaseLost { .. }) => lost.push(*shard),
+                    Err(e) => tracing::warn!(
+                        shard,
+                        "renewing a shard's lease failed (its fence stands): {e}"
+                    ),
+                }
+            }
+            for shard in lost {
+                if let Some(r) = running.remove(&shard) {
+                    tracing::error!(shard, "the shard's lease was taken: stopping it now");
+                    r.task.abort();
+                    report(
+                        &self.events,
+                        ShardEvent::Dropped {
+                            shard,
+                            reason: "its lease was taken by another worker".into(),
+                        },
+                    );
+                }
+            }
+            // Shards whose runtime ended: handed back (release the lease),
+            // or stopped by themselves (fenced, store gone: left to lapse).
+            let ended: Vec<u32> = running
+                .iter()
+                .filter(|(_, r)| r.task.is_finished())
+                .map(|(s, _)| *s)
+                .collect();
+            for shard in ended {
+                if let Some(r) = running.remove(&shard) {
+                    report(&self.events, r.ended(&leases, shard).await);
+                }
+            }
+            if leaving {
+                continue;
+            }
+            if let Err(e) = members.beat().await {
+                tracing::warn!("beating this worker's membership failed: {e}");
+            }
+            let live = members.live(self.timing).await.unwrap_or(1).max(1);
+            let share = manifest.shards.div_ceil(live) as usize;
+            if last_live.replace(live) != Some(live) {
+                tracing::info!(live, share, "the fleet's live workers changed");
+            }
+            let staying =
+                |running: &BTreeMap<u32, Running>| running.values().filter(|r| !r.leaving).count();
+            // Watch every shard's lease, so a dead owner's wait runs from
+            // its last renewal.
+            if let Err(e) = leases.observe(&mut watches).await {
+                tracing::warn!("listing the leases failed: {e}");
+            }
+            // Take up to the fair share.
+            for offset in 0..manifest.shards {
+                if staying(&running) >= share {
+                    break;
+                }
+                let shard = (start + offset) % manifest.shards;
+                if running.contains_key(&shard) {
+                    continue;
+                }
+                let watch = watches.entry(shard).or_default();
+                match leases.try_take(shard, watch).await {
+                    Ok(Some(lease)) => {
+                        tracing::info!(shard, "leased the shard; opening it");
+                        running.insert(shard, self.start(&manifest, lease));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(shard, "taking a shard failed: {e}"),
+                }
+            }
+            // Hand one back above the fair share.
+            if staying(&running) > share
+                && let Some(r) = running.values_mut().rev().find(|r| !r.leaving)
+            {
+                r.hand_back();
+            }
+        }
+        members.leave().await;
+        Ok(())
+    }
+
+    /// Start a taken shard: open its store and run its runtime, all under
+    /// its fence (a lease that lapses stops it, open included).
+    fn start(&self, manifest: &FleetManifest, lease: HeldLease) -> Running {
+        let shard = lease.shard;
+        let at = manifest.shard_location(&self.location, shard);
+        let options = (self.store_options)(shard);
+        let make = self.make.clone();
+        let events = self.events.clone();
+        let epoch = lease.epoch;
+        let stop = CancellationToken::new();
+        let (valid_until, mut fence) = tokio::sync::watch::channel(lease.valid_until);
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let fenced = async {
+                    loop {
+                        let until = *fence.borrow_and_update();
+                        tokio::select! {
+                            () = tokio::time::sleep_until(until) => return,
+                            changed = fence.changed() => if changed.is_err() { return },
+                        }
+                    }
+                };
+                let work = async {
+                    let queue = open_worker_store(&at, options).await?;
+                    let rt = make(shard, queue.clone())?;
+                    tracing::info!(shard, "took the shard");
+                    report(&events, ShardEvent::Took { shard, epoch });
+                    rt.run(stop.cancelled_owned()).await?;
+                    // Close the store cleanly, so the next owner's open
+                    // starts from a closed database.
+                    drop(rt);
+                    match Arc::try_unwrap(queue) {
+                        Ok(queue) => queue.close().await.map_err(Error::from),
+                        Err(_) => Ok(()),
+                    }
+                };
+                tokio::select! {
+                    ran = work => ran,
+                    () = fenced => Err(Error::WorkerStopped(
+                        "the shard's lease lapsed before a renewal: stopped writing to it".into(),
+                    )),
+                }
+            }
+        });
+        Running {
+            lease,
+            valid_until,
+            stop,
+            leaving: false,
+            task,
+        }
+    }
+}
+
+impl Running {
+    /// Stop claiming; the steps in flight settle, then the store closes
+    /// (the lease is released once the task ends).
+    fn hand_back(&mut self) {
+        self.leaving = true;
+        self.stop.cancel();
+    }
+
+    /// The shard's runtime ended: release the lease after a hand-back that
+    /// went well; otherwise leave it to lapse. What became of the shard.
+    async fn ended(self, leases: &Leases, shard: u32) -> ShardEvent {
+        let dropped = |reason: String| {
+            tracing::warn!(shard, "a shard's runtime stopped: {reason}");
+            ShardEvent::Dropped { shard, reason }
+        };
+        match self.task.await {
+            Err(e) => dropped(format!(
+                "its runtime panicked; its lease is left to lapse: {e}"
+            )),
+            Ok(Err(e)) => dropped(format!("{e}")),
+            Ok(Ok(())) if !self.leaving => {
+                dropped("its runtime stopped; its lease is left to lapse".into())
+            }
+            Ok(Ok(())) => match leases.release(self.lease).await {
+                Ok(()) => {
+                    tracing::info!(shard, "handed the shard back");
+                    ShardEvent::HandedBack { shard }
+                }
+                Err(e) => dropped(format!("releasing its lease failed (it lapses): {e}")),
+            },
+        }
+    }
+}
+
+/// The fleet's membership: one object per worker, rewritten each tick;
+/// a worker is live while its object changes within a lease.
+struct Members {
+    location: StoreLocation,
+    dir: Path,
+    me: Path,
+    beats: std::sync::atomic::AtomicU64,
+    /// Per member: its last object version seen, and when it changed.
+    seen: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl Members {
+    fn new(location: &StoreLocation, id: &str) -> Self {
+        let dir = Path::from(format!("{}/members", location.path().trim_end_matches('/')));
+        let me = Path::from(format!("{dir}/{id}"));
+        Self {
+            location: location.clone(),
+            dir,
+            me,
+            beats: Default::default(),
+            seen: Default::default(),
+        }
+    }
+
+    async fn beat(&self) -> Result<(), Error> {
+        let n = self
+            .beats
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.location
+            .object_store()
+            .put(&self.me, PutPayload::from(n.to_string().into_bytes()))
+            .await
+            .map_err(|e| store_error(&self.location, "beat its membership", e))?;
+        Ok(())
+    }
+
+    /// How many workers are live (this one included).
+    async fn live(&self, timing: LeaseTiming) -> Result<u32, Error> {
+        let mut listing = self.location.object_store().list(Some(&self.dir));
+        let now = Instant::now();
+        let window = timing.duration.saturating_add(timing.guard);
+        let mut live = 0u32;
+        let mut present = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta =
+                meta.map_err(|e| store_error(&self.location, "list the fleet's members", e))?;
+            let Some(name) = meta.location.filename().map(str::to_string) else {
+                continue;
+            };
+            let version = format!("{:?}{}", meta.e_tag, meta.last_modified);
+            let mut seen = crate::sync::lock(&self.seen);
+            let since = match seen.get(&name) {
+                Some((v, at)) if *v == version => *at,
+                _ => {
+                    seen.insert(name.clone(), (version, now));
+                    now
+                }
+            };
+            if meta.location == self.me || now.duration_since(since) < window {
+                live = live.saturating_add(1);
+            }
+            present.push(name);
+        }
+        crate::sync::lock(&self.seen).retain(|name, _| present.contains(name));
+        Ok(live.max(1))
+    }
+
+    async fn leave(&self) {
+        if let Err(e) = self.location.object_store().delete(&self.me).await {
+            tracing::warn!("removing this worker's membership failed (it lapses): {e}");
+        }
+    }
+}

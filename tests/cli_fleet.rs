@@ -1,0 +1,345 @@
+//! The `waymark` CLI on a fleet, tested as processes: `waymark worker
+//! --shards N` workers on a temporary directory, the other commands routed
+//! to each run's shard, `waymark fleet` showing who holds what, and the
+//! refusals that keep a fleet and a single store from being misread as
+//! each other. Every wait is a bounded poll for a condition.
+
+mod operator;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use operator::{BIN, HANG_GUARD, Proc, eventually};
+use predicates::prelude::*;
+use serde_json::Value;
+use waymark::fleet::FleetClient;
+use waymark::{ClientOptions, StoreLocation};
+
+/// Short leases, so hand-offs and takeovers happen within a test.
+const LEASE: [&str; 4] = ["--lease-ms", "3000", "--guard-ms", "600"];
+
+/// `waymark` with plain output.
+fn waymark() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("TERM", "dumb").timeout(HANG_GUARD);
+    cmd
+}
+
+/// `file://` URL of `dir`.
+fn url_of(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+/// Start `waymark worker --store URL --shards N` with short leases; the
+/// process and its worker id (from its first line).
+fn fleet_worker(name: &'static str, url: &str, shards: &str) -> (Proc, String) {
+    let mut args = vec!["worker", "--store", url, "--shards", shards];
+    args.extend(LEASE);
+    let mut worker = Proc::start(name, &args, &[]);
+    let first = worker.until("fleet worker ");
+    let id = first.split_whitespace().nth(2).unwrap().to_string();
+    (worker, id)
+}
+
+/// `waymark fleet --json` of `url`.
+fn fleet(url: &str) -> Value {
+    let out = waymark()
+        .args(["fleet", "--json", "--store", url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The owner of each shard of the fleet at `url` (`None`: not held).
+fn owners(url: &str) -> Vec<Option<String>> {
+    fleet(url)["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["owner"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// How many shards each worker holds.
+fn held(owners: &[Option<String>]) -> BTreeMap<String, usize> {
+    let mut held = BTreeMap::new();
+    for owner in owners.iter().flatten() {
+        *held.entry(owner.clone()).or_default() += 1;
+    }
+    held
+}
+
+#[test]
+fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = url_of(&tmp.path().join("fleet"));
+    let (mut a, a_id) = fleet_worker("worker a", &url, "4");
+    let (mut b, b_id) = fleet_worker("worker b", &url, "4");
+    // The two split the four shards evenly.
+    let want: BTreeMap<String, usize> = [(a_id.clone(), 2), (b_id.clone(), 2)].into();
+    eventually("each worker holding two shards", || {
+        (held(&owners(&url)) == want).then_some(())
+    });
+    a.until("took shard");
+    b.until("took shard");
+    let shown = waymark().args(["fleet", "--store", &url]).output().unwrap();
+    assert!(shown.status.success());
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("4 shards, 4 held by 2 worker(s)"), "{text}");
+    assert!(text.contains(&a_id) && text.contains(&b_id), "{text}");
+
+    // Runs go to their shards; one without an id gets one to route by.
+    let mut ids: Vec<String> = (1..=6).map(|i| format!("fleet-order-{i}")).collect();
+    for id in &ids {
+        waymark()
+            .args(["submit", id, "--example", "1", "--store", &url])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(format!("submitted {id}")));
+    }
+    let out = waymark()
+        .args(["submit", "--example", "1", "--store", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let generated = line
+        .trim()
+        .strip_prefix("submitted ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    ids.push(generated);
+    // The ids spread over more than one shard, so routing is exercised.
+    let shards: BTreeSet<u32> = ids
+        .iter()
+        .map(|id| waymark::fleet::shard_of_run(id, 4))
+        .collect();
+    assert!(shards.len() > 1, "{shards:?}");
+
+    for id in &ids {
+        eventually(&format!("{id} to end"), || {
+            let out = waymark()
+                .args(["outcome", id, "--store", &url])
+                .output()
+                .unwrap();
+            match out.status.code() {
+                Some(0) => Some(String::from_utf8_lossy(&out.stdout).to_string()),
+                Some(4) => None,
+                _ => panic!("{out:?}"),
+            }
+        });
+        waymark()
+            .args(["outcome", id, "--store", &url])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("Succeeded"));
+        waymark()
+            .args(["status", id, "--store", &url])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(format!("{id}: ended")));
+        waymark()
+            .args(["history", id, "--store", &url])
+            .assert()
+            .success();
+    }
+    // Each run is where the library's routing (every other process of the
+    // fleet) looks for it.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let at = StoreLocation::from_url(&url).unwrap();
+        let options = ClientOptions::default().queue_name("demo-orders");
+        let fleet = FleetClient::open(&at, options).await.unwrap();
+        for id in &ids {
+            let outcome = fleet.outcome(id).await.unwrap();
+            assert!(outcome.is_some(), "{id} is not on its shard");
+        }
+    });
+    // `runs` lists every run of every shard.
+    let out = waymark()
+        .args(["runs", "--json", "--store", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: BTreeSet<String> = listed["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, ids.iter().cloned().collect());
+    // A cancel reaches the run's shard (it had ended: said so).
+    waymark()
+        .args(["cancel", &ids[0], "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("had already ended"));
+    // A signal and a rerun reach the run's shard, whose worker answers for
+    // the run (on another shard it would be unknown: exit 3).
+    for id in &ids[1..3] {
+        waymark()
+            .args(["signal", id, "approved", "--store", &url])
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains("not waiting for a signal"));
+        waymark()
+            .args(["rerun", id, "0", "--store", &url])
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains("refused"));
+    }
+    // An unknown run is not found on its shard.
+    waymark()
+        .args(["outcome", "no-such-run", "--store", &url])
+        .assert()
+        .code(3);
+    // Every shard has been opened: each shows a backlog, all worked off.
+    let status = fleet(&url);
+    assert_eq!(status["shard_count"], 4);
+    for shard in status["shards"].as_array().unwrap() {
+        assert_eq!(
+            shard["backlog"],
+            serde_json::json!({"ready": 0, "claimed": 0, "scheduled": 0}),
+            "{status}"
+        );
+    }
+    // Commands a fleet does not support yet say so.
+    waymark()
+        .args(["workflows", "--store", &url])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("not supported on a fleet yet"));
+
+    // b leaves gracefully: it hands its shards back and a takes them.
+    b.signal("TERM");
+    assert_eq!(b.wait(), Some(0), "{}", b.seen.join("\n"));
+    // (It may have handed one back while the two were splitting.)
+    let stopping = b
+        .seen
+        .iter()
+        .position(|l| l.contains("SIGTERM: stopping"))
+        .unwrap_or_else(|| panic!("{}", b.seen.join("\n")));
+    let handed = b.seen[stopping..]
+        .iter()
+        .filter(|l| l.contains("handed shard"))
+        .count();
+    assert_eq!(handed, 2, "{}", b.seen.join("\n"));
+    assert!(
+        b.seen
+            .iter()
+            .any(|l| l.contains("its shards are handed back")),
+        "{}",
+        b.seen.join("\n")
+    );
+    let all_a: BTreeMap<String, usize> = [(a_id.clone(), 4)].into();
+    eventually("worker a holding every shard", || {
+        (held(&owners(&url)) == all_a).then_some(())
+    });
+    // The runs are still there, through a's shards.
+    waymark()
+        .args(["outcome", &ids[3], "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Succeeded"));
+    a.signal("TERM");
+    assert_eq!(a.wait(), Some(0), "{}", a.seen.join("\n"));
+    // Every shard was handed back: released, none held.
+    assert_eq!(owners(&url), vec![None; 4]);
+}
+
+/// Every file under `root` with its contents.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.insert(path.clone(), b"<dir>".to_vec());
+                dirs.push(path);
+            } else {
+                out.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn another_shard_count_and_the_other_kind_of_store_are_refused_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fleet_dir = tmp.path().join("fleet");
+    let url = url_of(&fleet_dir);
+    let (mut worker, _) = fleet_worker("the fleet worker", &url, "2");
+    worker.until("took shard");
+    worker.signal("TERM");
+    assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+    let before = snapshot(&fleet_dir);
+
+    // Another shard count: the library's mismatch, nothing written.
+    waymark()
+        .args(["worker", "--store", &url, "--shards", "3"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("2 shards"));
+    // A single worker on a fleet, and a command that needs a single store.
+    waymark()
+        .args(["worker", "--store", &url])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("is a fleet of 2 shards"))
+        .stderr(predicate::str::contains("--shards 2"));
+    waymark()
+        .args(["dead", "--store", &url])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("not supported on a fleet yet"));
+    assert_eq!(snapshot(&fleet_dir), before);
+
+    // A single store: --shards refuses it, `fleet` finds no fleet there.
+    let single_dir = tmp.path().join("single");
+    let single = url_of(&single_dir);
+    let mut plain = Proc::start("the single worker", &["worker", "--store", &single], &[]);
+    plain.until("worker on");
+    plain.signal("TERM");
+    assert_eq!(plain.wait(), Some(0), "{}", plain.seen.join("\n"));
+    let before = snapshot(&single_dir);
+    waymark()
+        .args(["worker", "--store", &single, "--shards", "4"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("holds a single store"));
+    waymark()
+        .args(["fleet", "--store", &single])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no fleet at"))
+        .stderr(predicate::str::contains("holds a single store"));
+    assert_eq!(snapshot(&single_dir), before);
+
+    // Nothing at all: no fleet, and nothing created.
+    let nothing = tmp.path().join("nothing");
+    waymark()
+        .args(["fleet", "--store", &url_of(&nothing)])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no fleet at"));
+    assert!(!nothing.exists());
+    // A lease timing the protocol cannot keep is a usage error.
+    waymark()
+        .args([
+            "worker",
+            "--store",
+            &url,
+            "--shards",
+            "2",
+            "--lease-ms",
+            "1000",
+            "--guard-ms",
+            "500",
+        ])
+        .assert()
+        .code(2);
+}

@@ -1,0 +1,175 @@
+//! A fleet in one process: two workers share four shards on a local
+//! directory; a worker that joins takes a fair share, one that dies has its
+//! shards taken over once its leases lapse, and every run submitted through
+//! the fleet client ends once. (Multi-process and S3 tests are still to
+//! come.)
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use waymark::fleet::{FleetClient, FleetWorker, LeaseTiming, Leases};
+use waymark::*;
+
+/// Steps that always succeed, after one `Continue`.
+#[derive(Clone)]
+struct TwoSteps;
+
+impl StepRunner for TwoSteps {
+    async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+        Ok(match step.step_number {
+            0 => StepOutcome::Continue { payload: vec![] },
+            _ => StepOutcome::Succeed {
+                result: step.run_id.as_bytes().to_vec(),
+            },
+        })
+    }
+}
+
+const TIMING: LeaseTiming = LeaseTiming {
+    duration: Duration::from_millis(900),
+    guard: Duration::from_millis(150),
+};
+
+fn worker(at: &StoreLocation) -> FleetWorker<TwoSteps, NoopTerminalHook> {
+    FleetWorker::new(at.clone(), 4, |_, queue| {
+        WorkflowRuntime::builder(queue, TwoSteps, NoopTerminalHook)
+            .poll_interval(Duration::from_millis(20))
+            .build()
+    })
+    .lease_timing(TIMING)
+    .store_options(|_| {
+        StoreOptions::default()
+            .flush_interval(Duration::from_millis(2))
+            .inbox_touch_poll(Duration::from_millis(20))
+    })
+}
+
+/// Who holds each shard now (`None`: free or released).
+async fn owners(at: &StoreLocation) -> BTreeMap<u32, Option<String>> {
+    let leases = Leases::new(at.clone(), "observer".into(), TIMING).unwrap();
+    let mut out = BTreeMap::new();
+    for shard in 0..4 {
+        let view = leases.view(shard).await.unwrap();
+        out.insert(shard, view.filter(|v| !v.released).map(|v| v.owner));
+    }
+    out
+}
+
+/// Wait (bounded: a hang fails) until `pred` holds for the owners.
+async fn until_owners(at: &StoreLocation, pred: impl Fn(&BTreeMap<u32, Option<String>>) -> bool) {
+    for _ in 0..600 {
+        if pred(&owners(at).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("owners never matched: {:?}", owners(at).await);
+}
+
+/// A client, once every shard's store exists (a worker opens a shard just
+/// after taking its lease; bounded: a hang fails).
+async fn open_client(at: &StoreLocation) -> FleetClient {
+    for _ in 0..600 {
+        if let Ok(client) = FleetClient::open(at, ClientOptions::default()).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    FleetClient::open(at, ClientOptions::default())
+        .await
+        .unwrap()
+}
+
+fn held_by(owners: &BTreeMap<u32, Option<String>>, id: &str) -> usize {
+    owners.values().filter(|o| o.as_deref() == Some(id)).count()
+}
+
+async fn submit_and_wait(client: &FleetClient, ids: impl Iterator<Item = String>) {
+    let ids: Vec<String> = ids.collect();
+    let submits = ids.iter().map(|id| {
+        let spec = RunSpec {
+            run_id: Some(id.clone()),
+            ..Default::default()
+        };
+        client.submit_and_wait(spec, Duration::from_secs(60))
+    });
+    for submitted in futures_util::future::join_all(submits).await {
+        submitted.unwrap();
+    }
+    let waits = ids
+        .iter()
+        .map(|id| client.wait(id, Duration::from_secs(60)));
+    for (id, out) in ids.iter().zip(futures_util::future::join_all(waits).await) {
+        let out = out.unwrap();
+        assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+        assert_eq!(out.result.as_deref(), Some(id.as_bytes()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_shards_join_and_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = StoreLocation::from_url(&format!("file://{}", dir.path().display())).unwrap();
+    let a = worker(&at);
+    let a_id = a.id().to_string();
+    let a_stop = Arc::new(tokio::sync::Notify::new());
+    let a_task = tokio::spawn({
+        let stop = a_stop.clone();
+        a.run(async move { stop.notified().await })
+    });
+    // Alone, a takes every shard.
+    until_owners(&at, |o| held_by(o, &a_id) == 4).await;
+    let client = open_client(&at).await;
+    submit_and_wait(&client, (0..40).map(|i| format!("first-{i}"))).await;
+
+    // b joins: each ends with two shards.
+    let b = worker(&at);
+    let b_id = b.id().to_string();
+    let b_stop = Arc::new(tokio::sync::Notify::new());
+    let b_task = tokio::spawn({
+        let stop = b_stop.clone();
+        b.run(async move { stop.notified().await })
+    });
+    until_owners(&at, |o| held_by(o, &a_id) == 2 && held_by(o, &b_id) == 2).await;
+    submit_and_wait(&client, (0..40).map(|i| format!("second-{i}"))).await;
+
+    // a dies without a word: b takes its shards once their leases lapse.
+    a_task.abort();
+    let _ = a_task.await;
+    until_owners(&at, |o| held_by(o, &b_id) == 4).await;
+    submit_and_wait(&client, (0..40).map(|i| format!("third-{i}"))).await;
+
+    // b leaves gracefully: every shard is released.
+    b_stop.notify_one();
+    b_task.await.unwrap().unwrap();
+    until_owners(&at, |o| o.values().all(Option::is_none)).await;
+    let _ = a_stop;
+}
+
+/// A store that accepts conditional writes and overwrites anyway (as Garage
+/// 2.5 does) is refused when a worker starts, before it writes anything.
+#[tokio::test]
+async fn a_store_that_ignores_conditional_writes_is_refused_at_fleet_start() {
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::testkit::{FaultPlan, FaultStore};
+    let inner = Arc::new(InMemory::new());
+    let store = FaultStore::new(
+        inner.clone(),
+        1,
+        FaultPlan {
+            ignore_conditional_writes: true,
+            ..FaultPlan::default()
+        },
+    );
+    let at = StoreLocation::new(store, "fleet");
+    let e = worker(&at).run(std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, Error::ConditionalWritesIgnored { .. }), "{e}");
+    assert!(
+        e.to_string().contains("create over an existing object"),
+        "{e}"
+    );
+    use futures_util::StreamExt;
+    use waymark::taquba::object_store::ObjectStore;
+    assert_eq!(inner.list(None).count().await, 0, "it wrote something");
+}
