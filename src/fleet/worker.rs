@@ -188,13 +188,23 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
             // Renew first (handing-back shards too: their steps are still
             // settling). Nothing in this loop waits on a shard's runtime,
             // so an open or a hand-back never delays a renewal.
-            let mut lost = Vec::new();
-            for (shard, r) in running.iter_mut() {
-                match leases.renew(&mut r.lease).await {
-                    Ok(()) => {
+            // All at once: on a slow store, one renewal's latency must not
+            // add to the next's.
+            let renewals = running.iter_mut().map(|(shard, r)| {
+                let leases = &leases;
+                async move {
+                    let renewed = leases.renew(&mut r.lease).await;
+                    if renewed.is_ok() {
                         let _ = r.valid_until.send(r.lease.valid_until);
                     }
-                    Err(Error::LeaseLost { .. }) => lost.push(*shard),
+                    (*shard, renewed)
+                }
+            });
+            let mut lost = Vec::new();
+            for (shard, renewed) in futures_util::future::join_all(renewals).await {
+                match renewed {
+                    Ok(()) => {}
+                    Err(Error::LeaseLost { .. }) => lost.push(shard),
                     Err(e) => tracing::warn!(
                         shard,
                         "renewing a shard's lease failed (its fence stands): {e}"
