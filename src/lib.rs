@@ -151,6 +151,43 @@
 //! ([`StoreOptions::inbox_touch_poll`], default 250 ms), its flush interval
 //! and the client's refresh interval; `BENCHMARKS.md` has the numbers.
 //!
+//! ## A fleet of workers on one bucket
+//!
+//! One store has one writer, so several worker processes split the work:
+//! a [`fleet`] is a prefix holding `N` stores (shards). A run lives on the
+//! shard of its root id (FNV-1a, so every process agrees without asking;
+//! children share their parent's shard). Each [`fleet::FleetWorker`] takes
+//! a fair share of the shards through lease objects in the bucket (created
+//! with conditional writes: a store that ignores them is refused), stops
+//! writing to a shard before its lease can lapse, and takes over a dead
+//! worker's shards after the lease and a guard time; SlateDB's fencing is
+//! the last line. [`fleet::FleetClient`] routes each request to its run's
+//! shard. `waymark worker --shards N` and `waymark fleet` are the CLI's
+//! face; `ARCHITECTURE.md` has the protocol and its timing assumptions.
+//!
+//! ```no_run
+//! use waymark::fleet::{FleetClient, FleetWorker};
+//! use waymark::*;
+//!
+//! # struct MyRunner;
+//! # impl StepRunner for MyRunner {
+//! #     async fn run_step(&self, _: &Step) -> Result<StepOutcome, StepError> {
+//! #         Ok(StepOutcome::Succeed { result: vec![] })
+//! #     }
+//! # }
+//! # async fn demo() -> Result<(), Error> {
+//! let bucket = StoreLocation::from_url("s3://my-bucket/orders")?;
+//! // In each worker process: 8 shards (fixed when the fleet is created).
+//! let worker = FleetWorker::new(bucket.clone(), 8, |_shard, queue| {
+//!     WorkflowRuntime::builder(queue, MyRunner, NoopTerminalHook).build()
+//! });
+//! tokio::spawn(worker.run(async { tokio::signal::ctrl_c().await.ok(); }));
+//! // In any process: submit and observe, routed by run id.
+//! let client = FleetClient::open(&bucket, ClientOptions::default()).await?;
+//! client.submit(RunSpec { run_id: Some("order-42".into()), ..Default::default() }).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! ## Testing your workflows for crashes
 //!
 //! The `testkit` feature adds `waymark::testkit`: your runner and hook on
