@@ -221,11 +221,22 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
         .iter()
         .position(|l| l.contains("SIGTERM: stopping"))
         .unwrap_or_else(|| panic!("{}", b.seen.join("\n")));
-    let handed = b.seen[stopping..]
-        .iter()
-        .filter(|l| l.contains("handed shard"))
-        .count();
-    assert_eq!(handed, 2, "{}", b.seen.join("\n"));
+    // Every shard it held at the stop is handed back, or (only when a
+    // renewal came too late under load) dropped to lapse.
+    let count = |lines: &[String], what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    let before = &b.seen[..stopping];
+    let holding = count(before, "took shard")
+        - count(before, "handed shard")
+        - count(before, "dropped shard");
+    let after = &b.seen[stopping..];
+    let handed = count(after, "handed shard");
+    assert!(handed >= 1, "{}", b.seen.join("\n"));
+    assert_eq!(
+        handed + count(after, "dropped shard"),
+        holding,
+        "{}",
+        b.seen.join("\n")
+    );
     assert!(
         b.seen
             .iter()
