@@ -68,10 +68,24 @@ impl Default for LeaseTiming {
     }
 }
 
+/// The shortest lease [`LeaseTiming::validate`] accepts.
+pub const MIN_LEASE: Duration = Duration::from_millis(30);
+/// The longest lease [`LeaseTiming::validate`] accepts (a day).
+pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
+
 impl LeaseTiming {
     /// Check the timing makes sense: a guard shorter than half the lease.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.duration.is_zero() || self.guard.saturating_mul(2) >= self.duration {
+        // Bounds that keep the timers' arithmetic sane: a renewal every
+        // third of the lease must be at least a few milliseconds, and an
+        // instant plus the lease must not overflow.
+        if self.duration < MIN_LEASE || self.duration > MAX_LEASE {
+            return Err(Error::InvalidConfig(format!(
+                "a lease of {:?} is outside {MIN_LEASE:?}..={MAX_LEASE:?}",
+                self.duration
+            )));
+        }
+        if self.guard.saturating_mul(2) >= self.duration {
             return Err(Error::InvalidConfig(format!(
                 "a lease of {:?} needs a guard under half of it, not {:?}",
                 self.duration, self.guard
@@ -566,8 +580,22 @@ mod tests {
             guard: Duration::from_secs(2),
         };
         assert!(matches!(
-            Leases::new(at, "a".into(), bad),
+            Leases::new(at.clone(), "a".into(), bad),
             Err(Error::InvalidConfig(_))
         ));
+        // Durations that would make a zero renewal period or overflow an
+        // instant are refused, not panicked on.
+        for duration in [
+            Duration::ZERO,
+            Duration::from_nanos(2),
+            Duration::from_secs(u64::MAX),
+        ] {
+            let bad = LeaseTiming {
+                duration,
+                guard: Duration::ZERO,
+            };
+            let e = Leases::new(at.clone(), "a".into(), bad).unwrap_err();
+            assert!(e.to_string().contains("outside"), "{e}");
+        }
     }
 }

@@ -23,7 +23,9 @@ mod status;
 mod worker;
 
 pub use client::FleetClient;
-pub use lease::{HeldLease, LeaseTiming, LeaseView, Leases, Watch, peek_lease};
+pub use lease::{
+    HeldLease, LeaseTiming, LeaseView, Leases, MAX_LEASE, MIN_LEASE, Watch, peek_lease,
+};
 pub use manifest::{FleetManifest, MAX_SHARDS};
 pub use probe::check_conditional_writes;
 pub use route::{fnv1a64, shard_of, shard_of_run};
