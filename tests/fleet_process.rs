@@ -596,6 +596,21 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A test directory with an empty fleet directory in it, and its URL.
+fn local_fleet(name: &str) -> (TestDir, String) {
+    let dir = TestDir::new(name).unwrap();
+    let fleet = dir.path().join("fleet");
+    std::fs::create_dir_all(&fleet).unwrap();
+    (dir, format!("file://{}", fleet.display()))
+}
+
+/// The directory (created) where the workers write their logs.
+fn logs_in(dir: &TestDir) -> PathBuf {
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    logs
+}
+
 fn driver() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -612,8 +627,7 @@ fn count_lines(dir: &Path, kind: char) -> usize {
 /// five steps through the fleet client; one worker SIGKILLed once a third
 /// of the steps have run.
 fn kill_one_of_three(dir: &TestDir, url: String, runs: u32, (lease_ms, guard_ms): (u64, u64)) {
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = logs_in(dir);
     let cfg = WorkerCfg {
         url: url.clone(),
         shards: 6,
@@ -722,9 +736,7 @@ fn kill_one_of_three(dir: &TestDir, url: String, runs: u32, (lease_ms, guard_ms)
 #[test]
 fn a_sigkilled_worker_loses_nothing_and_its_shards_are_taken_over() {
     let _serial = serial();
-    let dir = TestDir::new("fleet-kill").unwrap();
-    let url = format!("file://{}", dir.path().join("fleet").display());
-    std::fs::create_dir_all(dir.path().join("fleet")).unwrap();
+    let (dir, url) = local_fleet("fleet-kill");
     kill_one_of_three(&dir, url, 600, (1500, 300));
 }
 
@@ -748,11 +760,8 @@ fn fleet_kill_on_s3() {
 #[test]
 fn a_worker_frozen_past_its_lease_commits_nothing_after_the_takeover() {
     let _serial = serial();
-    let dir = TestDir::new("fleet-stop").unwrap();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    std::fs::create_dir_all(dir.path().join("fleet")).unwrap();
-    let url = format!("file://{}", dir.path().join("fleet").display());
+    let (dir, url) = local_fleet("fleet-stop");
+    let logs = logs_in(&dir);
     let cfg = WorkerCfg {
         url: url.clone(),
         shards: 4,
@@ -867,11 +876,8 @@ fn a_worker_frozen_past_its_lease_commits_nothing_after_the_takeover() {
 #[test]
 fn a_worker_joins_for_a_fair_share_and_one_leaves_without_interrupting_a_step() {
     let _serial = serial();
-    let dir = TestDir::new("fleet-join").unwrap();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    std::fs::create_dir_all(dir.path().join("fleet")).unwrap();
-    let url = format!("file://{}", dir.path().join("fleet").display());
+    let (dir, url) = local_fleet("fleet-join");
+    let logs = logs_in(&dir);
     let cfg = WorkerCfg {
         url: url.clone(),
         shards: 8,
