@@ -448,28 +448,31 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         .iter()
         .map(|e| e.queue == inner.cfg.queue_name)
         .collect();
-    let enqueued = {
+    {
         let _pending = inner.pending.begin(&job.run_id);
         let _others: Vec<_> = runs.iter().map(|r| inner.pending.begin(r)).collect();
-        match &end {
+        let enqueued = match &end {
             JobEnd::Ack => queue.ack_with(&job.claim, effects).await?,
             JobEnd::DeadLetter(why) => queue.dead_letter_with(&job.claim, why, effects).await?,
+        };
+        // Remembered while the commit still counts as pending: a claim of
+        // the next step that waits for this commit must find its job
+        // remembered when it wakes, or it reads the run record for nothing.
+        if after.remember_enqueued {
+            inner
+                .pending
+                .enqueued(enqueued.iter().zip(steps).filter_map(|(e, step)| match e {
+                    EnqueueResult::New(id) if step => Some(id.as_str()),
+                    _ => None,
+                }));
         }
-    };
+    }
     #[cfg(feature = "testkit")]
     if let Some(probe) = &inner.probe {
         let attempt = job.attempts();
         probe
             .settled(&job.claim.id, &job.run_id, job.step, attempt)
             .await;
-    }
-    if after.remember_enqueued {
-        inner
-            .pending
-            .enqueued(enqueued.iter().zip(steps).filter_map(|(e, step)| match e {
-                EnqueueResult::New(id) if step => Some(id.as_str()),
-                _ => None,
-            }));
     }
     drop(after.parking);
     if let Some(hold) = after.terminal {
