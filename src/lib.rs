@@ -209,6 +209,7 @@ mod control;
 mod effects;
 mod error;
 pub mod fleet;
+pub mod gc;
 mod history;
 mod hook;
 pub mod memo;
@@ -246,8 +247,8 @@ pub use read::{
 pub use record::{
     DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_JOIN, HEADER_PARENT,
     HEADER_PARKED, HEADER_RUN_ID, HEADER_SEGMENT, HEADER_SIGNAL, HEADER_STEP, HEADER_WORKFLOW,
-    MAX_CHILDREN, MAX_HEADERS_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, MAX_RUN_ID_LEN,
-    MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
+    MAX_CHILDREN, MAX_HEADERS_BYTES, MAX_KEPT_INPUT_BYTES, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES,
+    MAX_RUN_ID_LEN, MAX_SIGNAL_BYTES, RESERVED_HEADER_PREFIX, validate_headers, validate_name,
 };
 pub use runner::{ChildSpec, Step, StepError, StepErrorKind, StepOutcome, StepRunner};
 pub use runtime::{Deadline, RunSpec, SubmitOutcome, WorkflowRuntime, WorkflowRuntimeBuilder};

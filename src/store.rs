@@ -24,7 +24,7 @@ use crate::error::Error;
 pub const STORE_FORMAT: u32 = 1;
 
 /// The KV key of the store marker.
-const MARKER_KEY: &[u8] = b"wm/store";
+pub(crate) const MARKER_KEY: &[u8] = b"wm/store";
 
 /// The prefix of every Waymark key.
 const WAYMARK_PREFIX: &[u8] = b"wm/";
@@ -159,6 +159,7 @@ pub struct StoreOptions {
     inbox_touch_poll: Duration,
     inbox_interval: Duration,
     request_retention: Duration,
+    gc_interval: Duration,
     base: OpenOptions,
 }
 
@@ -171,6 +172,7 @@ impl Default for StoreOptions {
             inbox_touch_poll: Duration::from_millis(250),
             inbox_interval: Duration::from_secs(30),
             request_retention: Duration::from_secs(7 * 24 * 3600),
+            gc_interval: Duration::from_secs(60),
             base: OpenOptions::default(),
         }
     }
@@ -225,9 +227,23 @@ impl StoreOptions {
         self
     }
 
+    /// How often the worker deletes the store's obsolete files (default
+    /// 1 minute): WAL objects a minute after a compacted SST holds their
+    /// writes, replaced SSTs and old manifests after 5 minutes. Waymark runs
+    /// SlateDB's garbage collector on this schedule instead of SlateDB's own
+    /// (a pass every 10 minutes), so the store's size levels off at its data
+    /// plus a few minutes of writes. Each pass lists the store's directories
+    /// (a few LIST requests) and deletes what it found. See the `gc` module
+    /// in ARCHITECTURE.md.
+    pub fn gc_interval(mut self, d: Duration) -> Self {
+        self.gc_interval = d;
+        self
+    }
+
     /// taquba's options for everything else (queue configs, the clock, the
     /// payload store, ...). Its inbox, heartbeat and flush interval are
-    /// replaced by this builder's.
+    /// replaced by this builder's, and SlateDB's in-process garbage
+    /// collector is off (the worker runs it, see [`Self::gc_interval`]).
     pub fn taquba_options(mut self, options: OpenOptions) -> Self {
         self.base = options;
         self
@@ -265,6 +281,7 @@ pub async fn open_worker_store(
         ("inbox_touch_poll", options.inbox_touch_poll),
         ("inbox_interval", options.inbox_interval),
         ("request_retention", options.request_retention),
+        ("gc_interval", options.gc_interval),
     ] {
         if d.is_zero() {
             return Err(Error::InvalidConfig(format!("{what} must be above zero")));
@@ -275,8 +292,10 @@ pub async fn open_worker_store(
         .touch_poll_interval(options.inbox_touch_poll)
         .interval(options.inbox_interval)
         .record_retention(options.request_retention);
+    let wal_object_store = options.base.wal_object_store.clone();
     let open = options
         .base
+        .in_process_garbage_collector(false)
         .inbox(inbox)
         .liveness_heartbeat(options.liveness_heartbeat)
         .flush_interval(options.flush_interval);
@@ -293,7 +312,17 @@ pub async fn open_worker_store(
         })?;
         queue.kv_put(MARKER_KEY, &bytes).await?;
     }
-    Ok(Arc::new(queue))
+    let queue = Arc::new(queue);
+    crate::gc::spawn(
+        crate::gc::GcTarget {
+            object_store: location.object_store.clone(),
+            path: location.path.clone(),
+            wal_object_store,
+        },
+        &queue,
+        options.gc_interval,
+    );
+    Ok(queue)
 }
 
 /// Check the store at `location` through a reader (which never fences):
