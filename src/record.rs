@@ -47,7 +47,8 @@ pub const HEADER_PARKED: &str = "workflow.parked";
 /// The header marking a step job whose payload carries, beside the step's
 /// payload, the signal its wait received: set when a woken step moves to a
 /// new job (a retry, a breaker deferral or a parking), so the signal stays
-/// with the step. The payload is then a [`SignalledPayload`] record.
+/// with the step. The payload is then a `SignalledPayload` record (the
+/// step's payload and the signal, in MessagePack).
 pub const HEADER_SIGNAL: &str = "workflow.signal";
 /// The header carrying how many times the run was re-run from a step
 /// (absent on the first segment).
