@@ -30,9 +30,10 @@
 //! minutes (its `checkpoint_lifetime`, which taquba 0.16 does not expose),
 //! so that a read begun before the compaction can finish; the inputs of
 //! every compaction of the last 15 minutes stay referenced until then. The
-//! store therefore levels off about 15 minutes into a steady load, at its
-//! data plus 15 minutes of compaction inputs plus a minute or two of WAL
-//! (the soak in BENCHMARKS.md: ~3.0–3.5 GiB at ~660 runs/s).
+//! store therefore grows fast for about 15 minutes of steady load and then
+//! holds its data plus 15 minutes of compaction inputs plus a minute or two
+//! of WAL (the soak in BENCHMARKS.md: 2.8–3.6 GiB at ~660 runs/s from 15 to
+//! 40 minutes, still creeping by ~0.2 MiB/s).
 //!
 //! The collector stops once the store is closed (a clean close, or a fence
 //! by another writer, which runs a collector of its own) or the queue
