@@ -81,6 +81,9 @@ fn options(wal_min_age: Duration) -> GarbageCollectorOptions {
         wal_options: aged(wal_min_age),
         compacted_options: aged(SST_MIN_AGE),
         compactions_options: aged(SST_MIN_AGE),
+        // A pass against a failing store gives up (and the next tick tries
+        // again) instead of retrying without end in a task nobody awaits.
+        object_store_max_retries: Some(5),
         // The rest as SlateDB sets them; WAL fences in particular are never
         // deleted (only listed), since deleting one can lose a write.
         ..GarbageCollectorOptions::default()
