@@ -12,15 +12,18 @@
 //! the highest the machine gives. A local-disk store opened as a worker opens
 //! it (`open_worker_store`: inbox, heartbeat, and Waymark's garbage
 //! collector, a pass a minute), 10 ms WAL flush, a short
-//! `terminal_retention`, a terminal hook. Two workflows: `plain` (1 run in 20
-//! fails for good at step 1, 1 in 20 fails once and retries) and `guarded`,
-//! with a circuit breaker, whose step attempts fail transiently 1 time in 30.
+//! `terminal_retention` and dead-letter retention, a terminal hook. Two
+//! workflows: `plain` (1 run in 20 fails for good at step 1, 1 in 20 fails
+//! once and retries) and `guarded`, with a circuit breaker, whose step
+//! attempts fail transiently 1 time in 30.
 //!
 //! Each row: elapsed time, runs ended per second over the interval, RSS
-//! (`VmRSS`), the store's size on disk, the outcome records retained and how
-//! far the oldest is past its expiry (the retention backlog), and the tally
-//! entries not yet folded into the health records. At the end: how long
-//! `run` took to return after its shutdown future resolved.
+//! (`VmRSS`), the store's size on disk and its WAL's share, the live data
+//! (every key-value record, its count and bytes; the jobs not done, dead
+//! ones included), the outcome records retained and how far the oldest is
+//! past its expiry (the retention backlog), and the tally entries not yet
+//! folded into the health records. At the end: how long `run` took to
+//! return after its shutdown future resolved.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +42,10 @@ const QUEUE: &str = "soak";
 const STEPS: u32 = 3;
 const IN_FLIGHT: usize = 1024;
 const SUBMITTERS: usize = 8;
+/// How long the dead-lettered step jobs of failed runs are kept. With the
+/// queue's default (7 days) they pile up for the whole soak: ~30 a second
+/// here, and taquba's retention sweep reads them all every 5 s.
+const DEAD_RETENTION: Duration = Duration::from_secs(60);
 
 struct Mode {
     duration: Duration,
@@ -197,7 +204,8 @@ async fn main() {
     let location = StoreLocation::new(store, "soak");
     let options = StoreOptions::default()
         .queue_name(QUEUE)
-        .flush_interval(Duration::from_millis(10));
+        .flush_interval(Duration::from_millis(10))
+        .dead_retention(DEAD_RETENTION);
     let queue = open_worker_store(&location, options)
         .await
         .expect("open the store");
@@ -256,16 +264,16 @@ async fn main() {
         .collect();
 
     println!(
-        "soak ({}): local-disk store, 10 ms flush, terminal_retention {:?}, {IN_FLIGHT} runs in flight, concurrency 64, {STEPS} steps per run, {:?}",
+        "soak ({}): local-disk store, 10 ms flush, terminal_retention {:?}, dead_retention {DEAD_RETENTION:?}, {IN_FLIGHT} runs in flight, concurrency 64, {STEPS} steps per run, {:?}",
         if quick { "quick" } else { "full" },
         mode.retention,
         mode.duration,
     );
     println!();
     println!(
-        "| elapsed s | runs ended/s | RSS MiB | store on disk MiB | of it WAL MiB | outcomes retained | oldest past expiry s | unfolded tallies |"
+        "| elapsed s | runs ended/s | RSS MiB | store on disk MiB | of it WAL MiB | live KV keys | live KV MiB | jobs not done | outcomes retained | oldest past expiry s | unfolded tallies |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let start = Instant::now();
     let retention_ms = mode.retention.as_millis() as u64;
     let out_prefix = format!("wm/{QUEUE}/out/").into_bytes();
@@ -283,6 +291,8 @@ async fn main() {
         let (outcomes, _) = count_keys(&queue, &out_prefix).await;
         let (_, oldest) = count_keys_first(&queue, &exp_prefix).await;
         let (tallies, _) = count_keys(&queue, &tally_prefix).await;
+        let (live_keys, live_bytes) = live_kv(&queue).await;
+        let jobs = jobs_not_done(&queue).await;
         let clock_now = taquba::Clock::now_ms(&*queue.clock());
         let past = oldest
             .and_then(|k| {
@@ -301,12 +311,13 @@ async fn main() {
             disk: dir_bytes(dir.path()) as f64 / (1024.0 * 1024.0),
         };
         println!(
-            "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {outcomes} | {past:.1} | {tallies} |",
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {live_keys} | {:.1} | {jobs} | {outcomes} | {past:.1} | {tallies} |",
             row.elapsed,
             row.rate,
             row.rss,
             row.disk,
-            dir_bytes(&dir.path().join("soak").join("wal")) as f64 / (1024.0 * 1024.0)
+            dir_bytes(&dir.path().join("soak").join("wal")) as f64 / (1024.0 * 1024.0),
+            live_bytes as f64 / (1024.0 * 1024.0)
         );
         rows.push(row);
         if worker.is_finished() {
@@ -358,6 +369,46 @@ async fn main() {
             last.disk
         );
     }
+}
+
+/// Every key of the store's key-value space (Waymark's records: runs,
+/// outcomes, history, tallies, health, ...) and the bytes of their keys and
+/// values: the live data, against which the size on disk is SlateDB's
+/// overhead (WAL, compaction inputs still referenced).
+async fn live_kv(queue: &Queue) -> (u64, u64) {
+    let (mut n, mut bytes, mut after): (u64, u64, Option<Vec<u8>>) = (0, 0, None);
+    loop {
+        let start = after
+            .take()
+            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let range = (start, std::ops::Bound::<Vec<u8>>::Unbounded);
+        let page = queue
+            .view()
+            .kv_scan(b"", range, KvOrder::Ascending, 4096)
+            .await
+            .expect("scan");
+        n += page.entries.len() as u64;
+        bytes += page
+            .entries
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum::<u64>();
+        if !page.more {
+            return (n, bytes);
+        }
+        after = page.entries.last().map(|(k, _)| k.clone());
+    }
+}
+
+/// Jobs of the step and hook queues that are not done: pending, claimed,
+/// scheduled (retry backoff, parked) and dead-lettered.
+async fn jobs_not_done(queue: &Queue) -> i64 {
+    let mut n = 0;
+    for name in [QUEUE.to_string(), format!("{QUEUE}-hooks")] {
+        let s = queue.view().stats(&name).await.expect("stats");
+        n += s.pending + s.claimed + s.scheduled + s.dead;
+    }
+    n
 }
 
 /// The first key with `prefix` (and a count of at most one page).

@@ -160,6 +160,7 @@ pub struct StoreOptions {
     inbox_interval: Duration,
     request_retention: Duration,
     gc_interval: Duration,
+    dead_retention: Option<Duration>,
     base: OpenOptions,
 }
 
@@ -173,6 +174,7 @@ impl Default for StoreOptions {
             inbox_interval: Duration::from_secs(30),
             request_retention: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(60),
+            dead_retention: None,
             base: OpenOptions::default(),
         }
     }
@@ -240,10 +242,27 @@ impl StoreOptions {
         self
     }
 
+    /// How long a dead-lettered job (a step whose run failed for good, a
+    /// hook notification that exhausted its attempts) is kept for `waymark
+    /// dead` and `requeue` before it is deleted. Without this setting, the
+    /// queue's own: 7 days unless [`Self::taquba_options`] says otherwise.
+    ///
+    /// What it costs: every dead job stays in the store until then, and the
+    /// queue's retention sweep reads the whole dead-letter set on each of its
+    /// ticks (every 5 s), so under a steady failure rate the store and the
+    /// sweep grow for the whole retention: at 30 failed runs a second, 7 days
+    /// is 18 million dead jobs. Set it to the time within which an operator
+    /// would requeue. It applies to every queue of the store.
+    pub fn dead_retention(mut self, d: Duration) -> Self {
+        self.dead_retention = Some(d);
+        self
+    }
+
     /// taquba's options for everything else (queue configs, the clock, the
     /// payload store, ...). Its inbox, heartbeat and flush interval are
-    /// replaced by this builder's, and SlateDB's in-process garbage
-    /// collector is off (the worker runs it, see [`Self::gc_interval`]).
+    /// replaced by this builder's, SlateDB's in-process garbage collector
+    /// is off (the worker runs it, see [`Self::gc_interval`]), and
+    /// [`Self::dead_retention`], when set, replaces every queue's.
     pub fn taquba_options(mut self, options: OpenOptions) -> Self {
         self.base = options;
         self
@@ -282,6 +301,10 @@ pub async fn open_worker_store(
         ("inbox_interval", options.inbox_interval),
         ("request_retention", options.request_retention),
         ("gc_interval", options.gc_interval),
+        (
+            "dead_retention",
+            options.dead_retention.unwrap_or(Duration::MAX),
+        ),
     ] {
         if d.is_zero() {
             return Err(Error::InvalidConfig(format!("{what} must be above zero")));
@@ -293,8 +316,14 @@ pub async fn open_worker_store(
         .interval(options.inbox_interval)
         .record_retention(options.request_retention);
     let wal_object_store = options.base.wal_object_store.clone();
-    let open = options
-        .base
+    let mut base = options.base;
+    if let Some(d) = options.dead_retention {
+        base.default_queue_config.dead_retention = Some(d);
+        for config in base.queue_configs.values_mut() {
+            config.dead_retention = Some(d);
+        }
+    }
+    let open = base
         .in_process_garbage_collector(false)
         .inbox(inbox)
         .liveness_heartbeat(options.liveness_heartbeat)
@@ -411,5 +440,39 @@ mod tests {
         assert!(StoreLocation::from_url_with_env("nope://x/y", [("X", "y")]).is_err());
         let dir = StoreLocation::from_url_with_env("some/dir", [("X", "y")]).unwrap();
         assert!(dir.path().ends_with("some/dir"), "{}", dir.path());
+    }
+
+    #[tokio::test]
+    async fn dead_retention_applies_to_every_queue_of_the_store() {
+        let location = StoreLocation::new(
+            Arc::new(taquba::object_store::memory::InMemory::new()),
+            "dead",
+        );
+        let day = Duration::from_secs(24 * 3600);
+        let base = OpenOptions::default()
+            .queue_config("mine", taquba::QueueConfig::default().dead_retention(day));
+        let options = StoreOptions::default()
+            .dead_retention(Duration::from_secs(90))
+            .taquba_options(base);
+        let queue = open_worker_store(&location, options).await.unwrap();
+        for name in ["mine", DEFAULT_QUEUE_NAME, "workflow-steps-hooks"] {
+            assert_eq!(
+                queue.queue_config(name).dead_retention,
+                Some(Duration::from_secs(90)),
+                "{name}"
+            );
+        }
+        drop(queue);
+
+        let refused = open_worker_store(
+            &location,
+            StoreOptions::default().dead_retention(Duration::ZERO),
+        )
+        .await;
+        assert!(
+            matches!(&refused, Err(Error::InvalidConfig(m)) if m.contains("dead_retention")),
+            "{:?}",
+            refused.err()
+        );
     }
 }
