@@ -1160,7 +1160,18 @@ impl Breakers {
             .into_iter()
             .take_while(|(key, _)| tally_order(&key[prefix.len()..]) < horizon)
             .collect();
-        if due.is_empty() && sweep {
+        // The sweep is over once it has folded everything before the
+        // horizon, or reached the cursor: an earlier process's tallies lie
+        // before the cursor, and everything after it is read from there.
+        // (Waiting for a fold that finds nothing due, as before, never ended
+        // the sweep under steady load, and each fold then walked the
+        // tombstones of every tally folded since the pool started.)
+        let swept = sweep
+            && (due.len() < limit
+                || due
+                    .last()
+                    .is_some_and(|(key, _)| key[prefix.len()..] >= rec.folded_through[..]));
+        if due.is_empty() && swept {
             lock(&self.swept).insert(workflow.to_string());
         }
         if due.is_empty() && behind.is_empty() {
@@ -1183,6 +1194,9 @@ impl Breakers {
         // Reloaded from the store if this future is dropped mid-commit.
         *lock(&state.cached) = None;
         queue.commit_effects(effects).await?;
+        if swept {
+            lock(&self.swept).insert(workflow.to_string());
+        }
         lock(&state.behind).drain(..behind.len());
         *lock(&state.cached) = Some(rec);
         #[cfg(test)]
@@ -1616,6 +1630,44 @@ mod tests {
         behind.extend_from_slice(&rec.folded_through[..rec.folded_through.len() - 1]);
         queue.kv_put(&behind, &[1]).await.unwrap();
         assert_eq!(counts(&b, &queue, "w").await, (11, 1));
+    }
+
+    /// Soak regression: the sweep from the front that a pool's first folds
+    /// make ended only at a fold that found nothing due, which steady load
+    /// never allows; every fold then scanned from the front, through the
+    /// tombstones of all the tallies folded since start (20 s folds after 15
+    /// minutes, and retention fell behind). It now ends once it reaches the
+    /// cursor, and still folds what an earlier process left behind it.
+    #[tokio::test]
+    async fn a_sweep_ends_at_the_cursor_although_every_batch_is_full() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        tallies(&b, &queue, "w", 0, 10, 10).await;
+        assert_eq!(b.fold_tallies(&queue, 4).await.unwrap(), 4);
+        assert!(
+            lock(&b.swept).contains("w"),
+            "a full first batch from the front reaches the (empty) cursor"
+        );
+
+        // An earlier process's tally behind the cursor, found by the sweep
+        // a new pool makes; full batches until the sweep passes the cursor.
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 6);
+        let rec = b.read_record(queue.view(), "w").await.unwrap().unwrap();
+        let mut behind = Breakers::key(&b.tally_prefix, "w", Some(""));
+        behind.extend_from_slice(&rec.folded_through[..rec.folded_through.len() - 1]);
+        queue.kv_put(&behind, &[1]).await.unwrap();
+        tallies(&b, &queue, "w", 10, 3, 3).await;
+        lock(&b.swept).clear();
+        assert_eq!(b.fold_tallies(&queue, 1).await.unwrap(), 1);
+        assert!(
+            !lock(&b.swept).contains("w"),
+            "the straggler alone does not reach the cursor"
+        );
+        assert_eq!(b.fold_tallies(&queue, 1).await.unwrap(), 1);
+        assert!(lock(&b.swept).contains("w"), "past the cursor: swept");
+        assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 2);
+        assert_eq!(counts(&b, &queue, "w").await, (14, 0));
+        assert_eq!(b.unfolded(queue.view(), "w", &[]).await.unwrap(), (0, 0));
     }
 
     /// Soak regression: a fold went round again whenever it had folded

@@ -18,6 +18,13 @@ pub const WRITE_BATCHES: &str = "slatedb.db.write_batch_count";
 pub const WAL_FLUSHES: &str = "slatedb.wal.wal_buffer_flushes";
 /// SlateDB: read requests, labelled `op` = get / scan / flush.
 pub const REQUESTS: &str = "slatedb.db.request_count";
+/// SlateDB: object-store requests, labelled `component` (db, compactor, gc,
+/// ...) and `op` (get / put).
+pub const STORE_REQUESTS: &str = "slatedb.object_store.request_count";
+/// SlateDB: block-cache lookups, labelled `entry_kind` and `result`.
+pub const CACHE_ACCESS: &str = "slatedb.db_cache.access_count";
+/// SlateDB: writes held back because L0 was full.
+pub const L0_STALLS: &str = "slatedb.db.l0_stall_count";
 /// taquba: a claim batch's transaction (committed without awaiting the WAL).
 pub const CLAIM_SECONDS: &str = "taquba_claim_duration_seconds";
 /// taquba: an ack's transaction, from the call to the durable commit.
@@ -86,10 +93,16 @@ impl Counting {
 
     /// The sum of a counter over all its label sets that contain `label`.
     fn counter_sum(&self, name: &str, label: Option<(&str, &str)>) -> u64 {
+        self.counter_sum_all(name, label.as_slice())
+    }
+
+    /// The sum of a counter over all its label sets that contain every one
+    /// of `labels`.
+    fn counter_sum_all(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         let maps = self.maps.lock().unwrap();
         maps.counters
             .iter()
-            .filter(|(k, _)| k.name() == name && has_label(k, label))
+            .filter(|(k, _)| k.name() == name && labels.iter().all(|l| has_label(k, Some(*l))))
             .map(|(_, c)| c.load(Ordering::Relaxed))
             .sum()
     }
@@ -125,6 +138,14 @@ impl Counting {
             wal_flushes: self.counter_sum(WAL_FLUSHES, None),
             gets: self.counter_sum(REQUESTS, Some(("op", "get"))),
             scans: self.counter_sum(REQUESTS, Some(("op", "scan"))),
+            store_reads: self
+                .counter_sum_all(STORE_REQUESTS, &[("component", "db"), ("op", "get")]),
+            block_misses: self.counter_sum_all(
+                CACHE_ACCESS,
+                &[("entry_kind", "data_block"), ("result", "miss")],
+            ),
+            l0_stalls: self.counter_sum(L0_STALLS, None),
+            cpu_ms: cpu_ms(),
         }
     }
 }
@@ -176,6 +197,13 @@ pub struct Snapshot {
     pub wal_flushes: u64,
     pub gets: u64,
     pub scans: u64,
+    /// Object-store reads by the database (not the compactor or collector):
+    /// SST blocks, indexes and filters missing from the cache.
+    pub store_reads: u64,
+    pub block_misses: u64,
+    pub l0_stalls: u64,
+    /// User and system CPU time of the whole process (the compactor too).
+    pub cpu_ms: u64,
 }
 
 impl std::ops::Sub for Snapshot {
@@ -188,6 +216,10 @@ impl std::ops::Sub for Snapshot {
             wal_flushes: self.wal_flushes - o.wal_flushes,
             gets: self.gets - o.gets,
             scans: self.scans - o.scans,
+            store_reads: self.store_reads - o.store_reads,
+            block_misses: self.block_misses - o.block_misses,
+            l0_stalls: self.l0_stalls - o.l0_stalls,
+            cpu_ms: self.cpu_ms - o.cpu_ms,
         }
     }
 }
@@ -199,6 +231,22 @@ impl Snapshot {
     pub fn awaited_commits(&self) -> u64 {
         self.write_batches.saturating_sub(self.claim_batches)
     }
+}
+
+/// User plus system CPU time of this process so far, in milliseconds
+/// (`/proc/self/stat`, in clock ticks of 10 ms).
+pub fn cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and
+    // stime are the 12th and 13th of them.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    ticks * 10
 }
 
 /// `VmHWM` (peak resident set) of this process, in MiB.
