@@ -41,6 +41,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
 use taquba::{Expired, ExpiryIndex, JobStatus, KvOrder, SettlementEffects};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,8 @@ const EXPIRE_BATCH: usize = 512;
 /// Expiry commits per tick; a tick that uses them all is followed by the
 /// next one at once.
 const EXPIRE_BATCHES_PER_TICK: usize = 8;
+/// How many expired runs' data a retention batch reads at once.
+const DATA_SCANS_AT_ONCE: usize = 32;
 /// The shortest time between two reconcile cycles over the dead jobs.
 const RECONCILE_CYCLE: Duration = Duration::from_secs(1);
 /// Unreadable dead jobs warned about once per process, at most this many.
@@ -221,6 +224,7 @@ impl Expiring {
         let mut effects = SettlementEffects::default();
         let mut last = None;
         let mut all_due = true;
+        let mut data = Vec::new();
         for (key, _) in &page.entries {
             let Some((at, suffix)) = index.parse(key) else {
                 tracing::warn!(key = %String::from_utf8_lossy(key), "expiry index key without a time; deleted");
@@ -235,14 +239,22 @@ impl Expiring {
                 for record in records(id) {
                     effects = effects.kv_delete(record);
                 }
-                if let Some(data) = scanned(id) {
-                    for key in scan_all(inner, &data).await? {
-                        effects = effects.kv_delete(key);
-                    }
-                }
+                data.extend(scanned(id));
             }
             effects = effects.kv_delete(key.clone());
             last = Some(at);
+        }
+        // The entries' data, read concurrently: one after the other, each
+        // read waited for its turn on a runtime busy with steps, and a
+        // batch took seconds while runs kept ending (a soak's retention
+        // fell behind with the process's CPU not all used).
+        let found: Vec<Vec<Vec<u8>>> = futures_util::stream::iter(data)
+            .map(|prefix| async move { scan_all(inner, &prefix).await })
+            .buffered(DATA_SCANS_AT_ONCE)
+            .try_collect()
+            .await?;
+        for key in found.into_iter().flatten() {
+            effects = effects.kv_delete(key);
         }
         if effects.kv_deletes.is_empty() {
             return Ok(false);
