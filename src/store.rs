@@ -252,9 +252,12 @@ impl StoreOptions {
     /// ticks (every 5 s), so under a steady failure rate the store and the
     /// sweep grow for the whole retention: at 30 failed runs a second, 7 days
     /// is 18 million dead jobs. Set it to the time within which an operator
-    /// would requeue. It applies to every queue of the store.
+    /// would requeue. It applies to every queue of the store. A duration
+    /// past `u64::MAX` milliseconds is held at it (taquba counts retention
+    /// in `u64` milliseconds, and a longer one would wrap round to a short
+    /// one).
     pub fn dead_retention(mut self, d: Duration) -> Self {
-        self.dead_retention = Some(d);
+        self.dead_retention = Some(d.min(Duration::from_millis(u64::MAX)));
         self
     }
 
@@ -463,6 +466,13 @@ mod tests {
             );
         }
         drop(queue);
+
+        // taquba counts it in u64 milliseconds: longer would wrap.
+        let forever = StoreOptions::default().dead_retention(Duration::MAX);
+        assert_eq!(
+            forever.dead_retention,
+            Some(Duration::from_millis(u64::MAX))
+        );
 
         let refused = open_worker_store(
             &location,
