@@ -433,28 +433,49 @@ fn io_cause(e: &std::io::Error) -> String {
 
 /// Check that the process can read every directory and file of the store at
 /// `root` (and, for [`Use::Write`], write every directory).
+///
+/// A live writer renames its staged uploads and its collector deletes
+/// objects while the walk runs, so an entry that is gone by the time it is
+/// checked is skipped: it is no longer part of the store.
 fn check_tree(root: &Path, usage: Use) -> CliResult<()> {
+    let mode = match usage {
+        Use::Read => Access::READ_OK | Access::EXEC_OK,
+        Use::Write => Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK,
+    };
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let mode = match usage {
-            Use::Read => Access::READ_OK | Access::EXEC_OK,
-            Use::Write => Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK,
+        let checked = rustix::fs::access(&dir, mode)
+            .map_err(std::io::Error::from)
+            .and_then(|()| std::fs::read_dir(&dir));
+        let entries = match present(checked).map_err(|e| denied(&dir, usage, e))? {
+            Some(entries) => entries,
+            None => continue,
         };
-        rustix::fs::access(&dir, mode).map_err(|e| denied(&dir, usage, e.into()))?;
-        let entries = std::fs::read_dir(&dir).map_err(|e| denied(&dir, usage, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| denied(&dir, usage, e))?;
             let path = entry.path();
-            let kind = entry.file_type().map_err(|e| denied(&path, usage, e))?;
+            let Some(kind) = present(entry.file_type()).map_err(|e| denied(&path, usage, e))?
+            else {
+                continue;
+            };
             if kind.is_dir() {
                 dirs.push(path);
             } else {
-                rustix::fs::access(&path, Access::READ_OK)
-                    .map_err(|e| denied(&path, usage, e.into()))?;
+                present(rustix::fs::access(&path, Access::READ_OK).map_err(Into::into))
+                    .map_err(|e| denied(&path, usage, e))?;
             }
         }
     }
     Ok(())
+}
+
+/// `result`, with "not found" read as "no longer there" (`None`).
+fn present<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Check that the store directory `store` can be created: its nearest
@@ -491,4 +512,24 @@ fn denied(path: &Path, usage: Use, e: std::io::Error) -> CliError {
         shown_path(&path.display().to_string()),
         io_cause(&e)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file listed and then removed by a live writer (a staged upload
+    /// renamed, an object collected) is skipped, not an error; a dangling
+    /// link stands in for it, since checking it fails the same way.
+    #[test]
+    fn an_entry_gone_between_listing_and_checking_is_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        let wal = root.path().join("wal");
+        std::fs::create_dir(&wal).unwrap();
+        std::fs::write(wal.join("00000000000000000001.sst"), b"x").unwrap();
+        std::os::unix::fs::symlink(wal.join("gone"), wal.join("00000000000000000030.sst#1"))
+            .unwrap();
+        assert!(check_tree(root.path(), Use::Read).is_ok());
+        assert!(check_tree(root.path(), Use::Write).is_ok());
+    }
 }
