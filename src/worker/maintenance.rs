@@ -244,16 +244,8 @@ impl Expiring {
             effects = effects.kv_delete(key.clone());
             last = Some(at);
         }
-        // The entries' data, read concurrently: one after the other, each
-        // read waited for its turn on a runtime busy with steps, and a
-        // batch took seconds while runs kept ending (a soak's retention
-        // fell behind with the process's CPU not all used).
-        let found: Vec<Vec<Vec<u8>>> = futures_util::stream::iter(data)
-            .map(|prefix| async move { scan_all(inner, &prefix).await })
-            .buffered(DATA_SCANS_AT_ONCE)
-            .try_collect()
-            .await?;
-        for key in found.into_iter().flatten() {
+        let found = scan_each(data, |prefix| async move { scan_all(inner, &prefix).await }).await?;
+        for key in found {
             effects = effects.kv_delete(key);
         }
         if effects.kv_deletes.is_empty() {
@@ -265,6 +257,25 @@ impl Expiring {
         }
         Ok(all_due && page.more)
     }
+}
+
+/// Every key `scan` finds under each of `prefixes`, up to
+/// [`DATA_SCANS_AT_ONCE`] scans at a time.
+///
+/// One after the other, each scan waited for its turn on a runtime busy
+/// with steps, and a retention batch took seconds while runs kept ending (a
+/// soak's retention fell behind with the process's CPU not all used).
+async fn scan_each<F, Fut>(prefixes: Vec<Vec<u8>>, scan: F) -> Result<Vec<Vec<u8>>, Error>
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Vec<u8>>, Error>>,
+{
+    let found: Vec<Vec<Vec<u8>>> = futures_util::stream::iter(prefixes)
+        .map(scan)
+        .buffered(DATA_SCANS_AT_ONCE)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// Every key under `prefix`, in pages of [`EXPIRE_BATCH`].
@@ -620,6 +631,36 @@ mod tests {
     use crate::hook::{NoopTerminalHook, RunOutcome, TerminalStatus};
     use crate::runner::{ChildSpec, Done, Step, StepError, StepOutcome, StepRunner};
     use crate::runtime::{RunSpec, Terminal, WorkflowRuntime};
+
+    /// A retention batch's data scans run [`super::DATA_SCANS_AT_ONCE`] at
+    /// a time, and their keys come back in the order of the prefixes. Each
+    /// scan here waits until a whole group of them has started, which scans
+    /// run one after the other never reach: the paused clock then runs out
+    /// the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_scans_its_runs_data_concurrently() {
+        let at_once = super::DATA_SCANS_AT_ONCE;
+        let group = Arc::new(tokio::sync::Barrier::new(at_once));
+        let prefixes: Vec<Vec<u8>> = (0..at_once * 2)
+            .map(|i| format!("run-{i:03}/").into_bytes())
+            .collect();
+        let scans = super::scan_each(prefixes.clone(), |prefix| {
+            let group = Arc::clone(&group);
+            async move {
+                group.wait().await;
+                Ok(vec![[prefix.as_slice(), b"memo"].concat()])
+            }
+        });
+        let found = tokio::time::timeout(Duration::from_secs(60), scans)
+            .await
+            .expect("the scans ran one after the other")
+            .unwrap();
+        let expected: Vec<Vec<u8>> = prefixes
+            .iter()
+            .map(|prefix| [prefix.as_slice(), b"memo"].concat())
+            .collect();
+        assert_eq!(found, expected);
+    }
 
     /// A parent spawns one child, whose step 0 waits an hour; every other
     /// step succeeds.
