@@ -107,11 +107,7 @@ pub(crate) fn spawn(target: GcTarget, queue: &Arc<Queue>, every: Duration) -> Jo
     let collector = collector(target, WAL_MIN_AGE).build();
     let queue = Arc::downgrade(queue);
     tokio::spawn(async move {
-        let first = tokio::time::Instant::now()
-            .checked_add(every)
-            .unwrap_or_else(tokio::time::Instant::now);
-        let mut tick = tokio::time::interval_at(first, every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::sync::ticks_after(every);
         loop {
             tick.tick().await;
             if !open(&queue).await {

@@ -335,12 +335,7 @@ impl Lease {
     /// every step wait ~1 ms before it started.
     pub(super) async fn keep<F: Future>(&self, work: F) -> F::Output {
         let mut work = std::pin::pin!(work);
-        let period = (self.duration / 3).max(Duration::from_millis(1));
-        let first = tokio::time::Instant::now()
-            .checked_add(period)
-            .unwrap_or_else(tokio::time::Instant::now);
-        let mut renew = tokio::time::interval_at(first, period);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew = crate::sync::ticks_after(self.duration / 3);
         loop {
             tokio::select! {
                 biased;
