@@ -127,38 +127,39 @@ fn dir_bytes(path: &Path) -> u64 {
         .sum()
 }
 
-/// How many KV keys start with `prefix`, and the first one.
-async fn count_keys(queue: &Queue, prefix: &[u8]) -> (u64, Option<Vec<u8>>) {
-    let (mut n, mut first, mut after): (u64, Option<Vec<u8>>, Option<Vec<u8>>) = (0, None, None);
+/// Call `each` with every KV entry whose key starts with `prefix`, reading
+/// pages of 4,096.
+async fn for_each_kv(queue: &Queue, prefix: &[u8], mut each: impl FnMut(&[u8], &[u8])) {
+    let mut after: Option<Vec<u8>> = None;
     loop {
-        let page = match &after {
-            None => {
-                queue
-                    .view()
-                    .kv_scan(prefix, .., KvOrder::Ascending, 4096)
-                    .await
-            }
-            Some(last) => {
-                let range = (
-                    std::ops::Bound::Excluded(last.clone()),
-                    std::ops::Bound::Unbounded,
-                );
-                queue
-                    .view()
-                    .kv_scan(prefix, range, KvOrder::Ascending, 4096)
-                    .await
-            }
-        }
-        .expect("scan");
-        n += page.entries.len() as u64;
-        if first.is_none() {
-            first = page.entries.first().map(|(k, _)| k.clone());
+        let start = after
+            .take()
+            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let range = (start, std::ops::Bound::<Vec<u8>>::Unbounded);
+        let page = queue
+            .view()
+            .kv_scan(prefix, range, KvOrder::Ascending, 4096)
+            .await
+            .expect("scan");
+        for (key, value) in &page.entries {
+            each(key, value);
         }
         if !page.more {
-            return (n, first);
+            return;
         }
-        after = page.entries.last().map(|(k, _)| k.clone());
+        after = page.entries.last().map(|(key, _)| key.clone());
     }
+}
+
+/// How many KV keys start with `prefix`, and the first one.
+async fn count_keys(queue: &Queue, prefix: &[u8]) -> (u64, Option<Vec<u8>>) {
+    let (mut n, mut first) = (0, None);
+    for_each_kv(queue, prefix, |key, _| {
+        n += 1;
+        first.get_or_insert_with(|| key.to_vec());
+    })
+    .await;
+    (n, first)
 }
 
 struct Row {
@@ -389,28 +390,13 @@ async fn main() {
 /// values: the live data, against which the size on disk is SlateDB's
 /// overhead (WAL, compaction inputs still referenced).
 async fn live_kv(queue: &Queue) -> (u64, u64) {
-    let (mut n, mut bytes, mut after): (u64, u64, Option<Vec<u8>>) = (0, 0, None);
-    loop {
-        let start = after
-            .take()
-            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let range = (start, std::ops::Bound::<Vec<u8>>::Unbounded);
-        let page = queue
-            .view()
-            .kv_scan(b"", range, KvOrder::Ascending, 4096)
-            .await
-            .expect("scan");
-        n += page.entries.len() as u64;
-        bytes += page
-            .entries
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum::<u64>();
-        if !page.more {
-            return (n, bytes);
-        }
-        after = page.entries.last().map(|(k, _)| k.clone());
-    }
+    let (mut n, mut bytes) = (0, 0);
+    for_each_kv(queue, b"", |key, value| {
+        n += 1;
+        bytes += (key.len() + value.len()) as u64;
+    })
+    .await;
+    (n, bytes)
 }
 
 /// Jobs of the step and hook queues that are not done: pending, claimed,
