@@ -32,8 +32,8 @@
 //! every compaction of the last 15 minutes stay referenced until then. The
 //! store therefore grows fast for about 15 minutes of steady load and then
 //! holds its data plus 15 minutes of compaction inputs plus a minute or two
-//! of WAL (the soak in BENCHMARKS.md: 2.8–3.6 GiB at ~660 runs/s from 15 to
-//! 40 minutes, still creeping by ~0.2 MiB/s).
+//! of WAL (the 65-minute soak in BENCHMARKS.md: 2.7–3.3 GiB at ~665 runs/s
+//! from 15 minutes to the end, with no upward trend).
 //!
 //! The collector stops once the store is closed (a clean close, or a fence
 //! by another writer, which runs a collector of its own) or the queue
