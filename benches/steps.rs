@@ -63,6 +63,8 @@ struct Sizes {
     lat_secs: f64,
     lat_steps: (u32, u32),
     backlogs: Vec<usize>,
+    /// Priority probe runs beside the backlog (`--no-probes`: none).
+    probes: usize,
     scale_warmup: u64,
     scale_window: u64,
     flushes: Vec<Duration>,
@@ -80,6 +82,7 @@ impl Sizes {
                 lat_secs: 0.4,
                 lat_steps: (20, 150),
                 backlogs: vec![1_000, 10_000],
+                probes: 2,
                 scale_warmup: 200,
                 scale_window: 1_000,
                 flushes: vec![ms(1), ms(10)],
@@ -93,6 +96,7 @@ impl Sizes {
                 lat_secs: 2.5,
                 lat_steps: (50, 400),
                 backlogs: vec![1_000, 10_000, 100_000],
+                probes: 2,
                 scale_warmup: 1_000,
                 scale_window: 20_000,
                 flushes: vec![ms(1), ms(10), ms(100)],
@@ -562,7 +566,7 @@ impl Bench {
         if new != backlog {
             problems.push(format!("{new} of {backlog} submits were new"));
         }
-        let probes = run_ids("p", 2);
+        let probes = run_ids("p", self.sizes.probes);
         for p in &probes {
             assert!(engine.submit(p, true).await, "probe run is new");
         }
@@ -575,6 +579,7 @@ impl Bench {
         wait_until("the warm-up steps", || acked() >= warmup).await;
         counting.take_ack_latencies();
         plan.take_gaps();
+        counting.reset_gauge_maxima();
         let before = counting.snapshot();
         let (from, start) = (acked(), Instant::now());
         wait_until("the window's steps", || {
@@ -632,7 +637,10 @@ impl Bench {
         table_header(
             "scaling: step rate with a backlog of pending runs (concurrency 64)",
             "steps/s",
-            "step-to-step latency of 2 priority probe runs",
+            &format!(
+                "step-to-step latency of {} priority probe runs",
+                self.sizes.probes
+            ),
         );
         let mut costs = Vec::new();
         for backlog in self.sizes.backlogs.clone() {
@@ -640,10 +648,16 @@ impl Bench {
                 .both(|side| self.measure_backlog(side, setup, backlog))
                 .await;
             costs.push(format!(
-                "| {}k | {:.3} / {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} / {} | {:.0} / {:.0} |",
+                "| {}k | {:.3} / {:.3} | {:.3} / {:.3} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {} / {} | {:.0} / {:.0} |",
                 backlog / 1000,
                 waymark.per_unit(waymark.counts.cpu_ms),
                 raw.per_unit(raw.counts.cpu_ms),
+                waymark.per_unit(waymark.counts.claim_us) / 1e3,
+                raw.per_unit(raw.counts.claim_us) / 1e3,
+                waymark.counts.l0_ssts_max,
+                raw.counts.l0_ssts_max,
+                waymark.counts.sorted_runs_max,
+                raw.counts.sorted_runs_max,
                 waymark.per_unit(waymark.counts.store_reads),
                 raw.per_unit(raw.counts.store_reads),
                 waymark.per_unit(waymark.counts.block_misses),
@@ -666,13 +680,13 @@ impl Bench {
         }
         println!();
         println!(
-            "What a step costs in each window (waymark / raw): the process's CPU, object-store reads by the database (cache misses for SST blocks, indexes, filters), block-cache misses; writes stalled on a full L0 in the window; the setup's submits."
+            "What a step costs in each window (waymark / raw): the process's CPU, time in claim transactions, the most L0 SSTs and sorted runs the store had, object-store reads by the database (cache misses for SST blocks, indexes, filters), block-cache misses; writes stalled on a full L0 in the window; the setup's submits."
         );
         println!();
         println!(
-            "| pending | CPU ms per step | store reads per step | block misses per step | L0 stalls | setup s |"
+            "| pending | CPU ms per step | claim ms per step | L0 SSTs (max) | sorted runs (max) | store reads per step | block misses per step | L0 stalls | setup s |"
         );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for line in costs {
             println!("{line}");
         }
@@ -868,7 +882,7 @@ fn machine() -> String {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench steps -- [--quick] [--only {}]",
+        "usage: cargo bench --bench steps -- [--quick] [--only {}] [--backlogs N,N..] [--no-probes]",
         SCENARIOS.join(",")
     );
     std::process::exit(2)
@@ -877,6 +891,8 @@ fn usage() -> ! {
 #[tokio::main]
 async fn main() {
     let mut quick = false;
+    let mut backlogs: Option<Vec<usize>> = None;
+    let mut probes = true;
     let mut only: BTreeSet<String> = SCENARIOS.iter().map(|s| s.to_string()).collect();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -890,6 +906,13 @@ async fn main() {
                     usage();
                 }
             }
+            "--backlogs" => {
+                let list = args.next().unwrap_or_else(|| usage());
+                let sizes: Result<Vec<usize>, _> =
+                    list.split(',').map(|n| n.trim().parse()).collect();
+                backlogs = Some(sizes.unwrap_or_else(|_| usage()));
+            }
+            "--no-probes" => probes = false,
             // `cargo bench` passes `--bench` to harness-less targets.
             "--bench" => {}
             "-h" | "--help" => usage(),
@@ -907,8 +930,15 @@ async fn main() {
         machine(),
         counters::rss_mib()
     );
+    let mut sizes = Sizes::new(quick);
+    if let Some(backlogs) = backlogs {
+        sizes.backlogs = backlogs;
+    }
+    if !probes {
+        sizes.probes = 0;
+    }
     let mut bench = Bench {
-        sizes: Sizes::new(quick),
+        sizes,
         counting,
         rows: Vec::new(),
         flip: std::cell::Cell::new(false),

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::{
-    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Label, Metadata, Recorder, SharedString,
-    Unit,
+    Counter, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Label, Metadata, Recorder,
+    SharedString, Unit,
 };
 
 /// SlateDB: every write batch handed to the writer. A transaction commit is
@@ -31,19 +31,65 @@ pub const CLAIM_SECONDS: &str = "taquba_claim_duration_seconds";
 pub const ACK_SECONDS: &str = "taquba_ack_duration_seconds";
 /// taquba: acks, by queue.
 pub const COMPLETED: &str = "taquba_jobs_completed_total";
+/// SlateDB: L0 SSTs in the manifest now (a gauge).
+pub const L0_SSTS: &str = "slatedb.db.l0_sst_count";
+/// SlateDB: sorted runs below L0 now (a gauge).
+pub const SORTED_RUNS: &str = "slatedb.db.sorted_run_count";
 
-/// A histogram that counts its samples and, for the ack latency, keeps them.
+/// A histogram that counts and sums its samples and, for the ack latency,
+/// keeps them.
 struct Samples {
     count: AtomicU64,
+    /// The samples' sum, in microseconds (the histograms here are seconds).
+    sum_us: AtomicU64,
     values: Option<Mutex<Vec<f64>>>,
 }
 
 impl HistogramFn for Samples {
     fn record(&self, value: f64) {
         self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
         if let Some(values) = &self.values {
             values.lock().unwrap().push(value);
         }
+    }
+}
+
+/// A gauge's value and the highest value it took since the last
+/// [`Counting::reset_gauge_maxima`] (both as `f64` bits).
+#[derive(Default)]
+struct Level {
+    now: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Level {
+    fn update(&self, f: impl Fn(f64) -> f64) {
+        let mut value = 0.0;
+        let _ = self
+            .now
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                value = f(f64::from_bits(bits));
+                Some(value.to_bits())
+            });
+        let _ = self
+            .max
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                (value > f64::from_bits(bits)).then_some(value.to_bits())
+            });
+    }
+}
+
+impl GaugeFn for Level {
+    fn increment(&self, value: f64) {
+        self.update(|now| now + value);
+    }
+    fn decrement(&self, value: f64) {
+        self.update(|now| now - value);
+    }
+    fn set(&self, value: f64) {
+        self.update(|_| value);
     }
 }
 
@@ -51,6 +97,7 @@ impl HistogramFn for Samples {
 struct Maps {
     counters: HashMap<Key, Arc<AtomicU64>>,
     histograms: HashMap<Key, Arc<Samples>>,
+    gauges: HashMap<Key, Arc<Level>>,
 }
 
 /// Counts every counter and histogram the process emits, by name and labels.
@@ -78,6 +125,7 @@ impl Counting {
         let keep = key.name() == ACK_SECONDS;
         let cell = Arc::new(Samples {
             count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
             values: keep.then(|| Mutex::new(Vec::new())),
         });
         maps.histograms.insert(key.clone(), cell.clone());
@@ -116,6 +164,40 @@ impl Counting {
             .sum()
     }
 
+    fn histogram_sum_us(&self, name: &str) -> u64 {
+        let maps = self.maps.lock().unwrap();
+        maps.histograms
+            .iter()
+            .filter(|(k, _)| k.name() == name)
+            .map(|(_, h)| h.sum_us.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn gauge_cell(&self, key: &Key) -> Arc<Level> {
+        let mut maps = self.maps.lock().unwrap();
+        maps.gauges.entry(key.clone()).or_default().clone()
+    }
+
+    /// The highest value any gauge named `name` took since the last reset.
+    fn gauge_max(&self, name: &str) -> f64 {
+        let maps = self.maps.lock().unwrap();
+        maps.gauges
+            .iter()
+            .filter(|(k, _)| k.name() == name)
+            .map(|(_, g)| f64::from_bits(g.max.load(Ordering::Relaxed)))
+            .fold(0.0, f64::max)
+    }
+
+    /// Start every gauge's maximum again from its present value.
+    pub fn reset_gauge_maxima(&self) {
+        let maps = self.maps.lock().unwrap();
+        for level in maps.gauges.values() {
+            level
+                .max
+                .store(level.now.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Take (and clear) the ack latencies recorded so far, in seconds.
     pub fn take_ack_latencies(&self) -> Vec<f64> {
         let maps = self.maps.lock().unwrap();
@@ -146,6 +228,9 @@ impl Counting {
             ),
             l0_stalls: self.counter_sum(L0_STALLS, None),
             cpu_ms: cpu_ms(),
+            claim_us: self.histogram_sum_us(CLAIM_SECONDS),
+            l0_ssts_max: self.gauge_max(L0_SSTS),
+            sorted_runs_max: self.gauge_max(SORTED_RUNS),
         }
     }
 }
@@ -166,8 +251,8 @@ impl Recorder for Counting {
         Counter::from_arc(self.counter_cell(key))
     }
 
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.gauge_cell(key))
     }
 
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
@@ -191,6 +276,12 @@ pub fn install() -> &'static Counting {
 /// Counter totals at one instant; subtract two to get a phase's counts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Snapshot {
+    /// Time in claim transactions, summed over every claim.
+    pub claim_us: u64,
+    /// The most L0 SSTs and sorted runs the store had since the maxima were
+    /// last reset (gauges: a difference keeps the later snapshot's).
+    pub l0_ssts_max: f64,
+    pub sorted_runs_max: f64,
     pub write_batches: u64,
     pub claim_batches: u64,
     pub acks: u64,
@@ -220,6 +311,9 @@ impl std::ops::Sub for Snapshot {
             block_misses: self.block_misses - o.block_misses,
             l0_stalls: self.l0_stalls - o.l0_stalls,
             cpu_ms: self.cpu_ms - o.cpu_ms,
+            claim_us: self.claim_us - o.claim_us,
+            l0_ssts_max: self.l0_ssts_max,
+            sorted_runs_max: self.sorted_runs_max,
         }
     }
 }
