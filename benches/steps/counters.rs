@@ -155,21 +155,14 @@ impl Counting {
             .sum()
     }
 
-    fn histogram_count(&self, name: &str) -> u64 {
+    /// One total over every histogram named `name`: `of` picks what to add
+    /// (its sample count, or its sum).
+    fn histogram_total(&self, name: &str, of: impl Fn(&Samples) -> &AtomicU64) -> u64 {
         let maps = self.maps.lock().unwrap();
         maps.histograms
             .iter()
             .filter(|(k, _)| k.name() == name)
-            .map(|(_, h)| h.count.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    fn histogram_sum_us(&self, name: &str) -> u64 {
-        let maps = self.maps.lock().unwrap();
-        maps.histograms
-            .iter()
-            .filter(|(k, _)| k.name() == name)
-            .map(|(_, h)| h.sum_us.load(Ordering::Relaxed))
+            .map(|(_, h)| of(h).load(Ordering::Relaxed))
             .sum()
     }
 
@@ -215,7 +208,7 @@ impl Counting {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             write_batches: self.counter_sum(WRITE_BATCHES, None),
-            claim_batches: self.histogram_count(CLAIM_SECONDS),
+            claim_batches: self.histogram_total(CLAIM_SECONDS, |h| &h.count),
             acks: self.counter_sum(COMPLETED, None),
             wal_flushes: self.counter_sum(WAL_FLUSHES, None),
             gets: self.counter_sum(REQUESTS, Some(("op", "get"))),
@@ -228,7 +221,7 @@ impl Counting {
             ),
             l0_stalls: self.counter_sum(L0_STALLS, None),
             cpu_ms: cpu_ms(),
-            claim_us: self.histogram_sum_us(CLAIM_SECONDS),
+            claim_us: self.histogram_total(CLAIM_SECONDS, |h| &h.sum_us),
             l0_ssts_max: self.gauge_max(L0_SSTS),
             sorted_runs_max: self.gauge_max(SORTED_RUNS),
         }
