@@ -17,7 +17,10 @@
 //!   n+1's runner being called.
 //! - `scaling`: 1k, 10k (and, in full mode, 100k) pending runs of unbounded
 //!   length at concurrency 64 (local store, 10 ms flush); step rate over a
-//!   window, RSS, and the step-to-step latency of two priority probe runs.
+//!   window, RSS, and the step-to-step latency of two priority probe runs
+//!   (`--no-probes`: none; `--probe-queue`: on a queue and pool of their
+//!   own, so their steps do not send the backlog's claims back over the
+//!   claimed jobs; the window counts the backlog queue's steps only).
 //! - `stores`: runs of 5 steps at concurrency 64 on each store and flush
 //!   interval.
 //!
@@ -65,6 +68,9 @@ struct Sizes {
     backlogs: Vec<usize>,
     /// Priority probe runs beside the backlog (`--no-probes`: none).
     probes: usize,
+    /// The probes on a queue of their own, with its own worker pool
+    /// (`--probe-queue`), instead of first in line on the backlog's queue.
+    probe_queue: bool,
     scale_warmup: u64,
     scale_window: u64,
     flushes: Vec<Duration>,
@@ -83,6 +89,7 @@ impl Sizes {
                 lat_steps: (20, 150),
                 backlogs: vec![1_000, 10_000],
                 probes: 2,
+                probe_queue: false,
                 scale_warmup: 200,
                 scale_window: 1_000,
                 flushes: vec![ms(1), ms(10)],
@@ -97,6 +104,7 @@ impl Sizes {
                 lat_steps: (50, 400),
                 backlogs: vec![1_000, 10_000, 100_000],
                 probes: 2,
+                probe_queue: false,
                 scale_warmup: 1_000,
                 scale_window: 20_000,
                 flushes: vec![ms(1), ms(10), ms(100)],
@@ -557,7 +565,11 @@ impl Bench {
         let concurrency = 64;
         counters::reset_peak_rss();
         let plan = Arc::new(Plan::new(UNTIL_FINISH, "p"));
-        let engine = Arc::new(Engine::open(side, setup, plan.clone(), concurrency).await);
+        let mut engine = Engine::open(side, setup, plan.clone(), concurrency).await;
+        if self.sizes.probe_queue {
+            engine = engine.probe_queue();
+        }
+        let engine = Arc::new(engine);
         let ids = Arc::new(run_ids("b", backlog));
         let setup_start = Instant::now();
         let (_, new) = submit_all(&engine, ids.clone(), 64).await;
@@ -574,6 +586,17 @@ impl Bench {
         let done = counting.completed(engine.queue_name());
         let base = done.load(Ordering::Relaxed);
         let acked = || done.load(Ordering::Relaxed) - base;
+        // The probes' own queue, when they have one (its steps are not in
+        // the window's count).
+        let probe_done = engine
+            .probe_queue_name()
+            .map(|name| counting.completed(name));
+        let probe_base = probe_done.as_ref().map_or(0, |d| d.load(Ordering::Relaxed));
+        let probes_acked = || {
+            probe_done
+                .as_ref()
+                .map_or(0, |d| d.load(Ordering::Relaxed) - probe_base)
+        };
         let pool = engine.start();
         let warmup = self.sizes.scale_warmup;
         wait_until("the warm-up steps", || acked() >= warmup).await;
@@ -595,7 +618,7 @@ impl Bench {
         plan.finish_all();
         let runs = backlog as u64 + probes.len() as u64;
         wait_until("every run to finish", || {
-            plan.finished_runs() >= runs && acked() >= plan.started()
+            plan.finished_runs() >= runs && acked() + probes_acked() >= plan.started()
         })
         .await;
         pool.stop().await;
@@ -638,8 +661,13 @@ impl Bench {
             "scaling: step rate with a backlog of pending runs (concurrency 64)",
             "steps/s",
             &format!(
-                "step-to-step latency of {} priority probe runs",
-                self.sizes.probes
+                "step-to-step latency of {} priority probe runs{}",
+                self.sizes.probes,
+                if self.sizes.probe_queue {
+                    " on their own queue"
+                } else {
+                    ""
+                }
             ),
         );
         let mut costs = Vec::new();
@@ -882,7 +910,7 @@ fn machine() -> String {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench steps -- [--quick] [--only {}] [--backlogs N,N..] [--no-probes]",
+        "usage: cargo bench --bench steps -- [--quick] [--only {}] [--backlogs N,N..] [--no-probes] [--probe-queue]",
         SCENARIOS.join(",")
     );
     std::process::exit(2)
@@ -893,6 +921,7 @@ async fn main() {
     let mut quick = false;
     let mut backlogs: Option<Vec<usize>> = None;
     let mut probes = true;
+    let mut probe_queue = false;
     let mut only: BTreeSet<String> = SCENARIOS.iter().map(|s| s.to_string()).collect();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -913,6 +942,7 @@ async fn main() {
                 backlogs = Some(sizes.unwrap_or_else(|_| usage()));
             }
             "--no-probes" => probes = false,
+            "--probe-queue" => probe_queue = true,
             // `cargo bench` passes `--bench` to harness-less targets.
             "--bench" => {}
             "-h" | "--help" => usage(),
@@ -937,6 +967,7 @@ async fn main() {
     if !probes {
         sizes.probes = 0;
     }
+    sizes.probe_queue = probe_queue;
     let mut bench = Bench {
         sizes,
         counting,

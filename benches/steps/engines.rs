@@ -71,6 +71,11 @@ impl Side {
 const POLL: Duration = Duration::from_millis(250);
 const RAW_QUEUE: &str = "raw-steps";
 const WAYMARK_QUEUE: &str = "workflow-steps";
+/// The probe runs' own queue, when they have one ([`Engine::probe_queue`]).
+const RAW_PROBE_QUEUE: &str = "raw-probes";
+const WAYMARK_PROBE_QUEUE: &str = "workflow-probes";
+/// Worker slots for the probe runs' own queue.
+const PROBE_CONCURRENCY: usize = 4;
 const PRIORITY_PROBE: u32 = 0;
 
 async fn open_queue(setup: Setup) -> (Arc<Queue>, Option<tempfile::TempDir>) {
@@ -113,26 +118,42 @@ impl StepRunner for Echo {
 
 type Runtime = WorkflowRuntime<Echo, NoopTerminalHook>;
 
+fn waymark_runtime(queue: &Arc<Queue>, plan: &Arc<Plan>, name: &str, slots: usize) -> Runtime {
+    WorkflowRuntime::builder(queue.clone(), Echo(plan.clone()), NoopTerminalHook)
+        .queue_name(name)
+        .max_concurrent_steps(slots)
+        .poll_interval(POLL)
+        .step_history(step_history())
+        .build()
+        .expect("build runtime")
+}
+
 /// One side on its own fresh queue and store.
 pub struct Engine {
     pub side: Side,
     pub plan: Arc<Plan>,
     queue: Arc<Queue>,
     runtime: Option<Runtime>,
+    /// Set by [`Self::probe_queue`]: the probe runs have a queue and a
+    /// worker pool of their own (Waymark: a runtime of their own).
+    probes_apart: bool,
+    probe_runtime: Option<Runtime>,
     concurrency: usize,
     _dir: Option<tempfile::TempDir>,
 }
 
-/// A running worker pool.
+/// A running worker pool (two, when the probes have their own queue).
 pub struct Pool {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
     pub async fn stop(self) {
         self.stop.cancel();
-        self.task.await.expect("worker pool task");
+        for task in self.tasks {
+            task.await.expect("worker pool task");
+        }
     }
 }
 
@@ -140,15 +161,7 @@ impl Engine {
     pub async fn open(side: Side, setup: Setup, plan: Arc<Plan>, concurrency: usize) -> Self {
         let (queue, dir) = open_queue(setup).await;
         let runtime = match side {
-            Side::Waymark => Some(
-                WorkflowRuntime::builder(queue.clone(), Echo(plan.clone()), NoopTerminalHook)
-                    .queue_name(WAYMARK_QUEUE)
-                    .max_concurrent_steps(concurrency)
-                    .poll_interval(POLL)
-                    .step_history(step_history())
-                    .build()
-                    .expect("build runtime"),
-            ),
+            Side::Waymark => Some(waymark_runtime(&queue, &plan, WAYMARK_QUEUE, concurrency)),
             Side::Raw => None,
         };
         Self {
@@ -156,8 +169,42 @@ impl Engine {
             plan,
             queue,
             runtime,
+            probes_apart: false,
+            probe_runtime: None,
             concurrency,
             _dir: dir,
+        }
+    }
+
+    /// The probe runs' own queue, if they have one.
+    pub fn probe_queue_name(&self) -> Option<&'static str> {
+        self.probes_apart.then_some(match self.side {
+            Side::Waymark => WAYMARK_PROBE_QUEUE,
+            Side::Raw => RAW_PROBE_QUEUE,
+        })
+    }
+
+    /// Give the probe runs a queue of their own, served by a pool of
+    /// [`PROBE_CONCURRENCY`] slots beside the main one (Waymark: a second
+    /// runtime on the same store, with its own `queue_name`).
+    pub fn probe_queue(mut self) -> Self {
+        self.probes_apart = true;
+        if self.side == Side::Waymark {
+            self.probe_runtime = Some(waymark_runtime(
+                &self.queue,
+                &self.plan,
+                WAYMARK_PROBE_QUEUE,
+                PROBE_CONCURRENCY,
+            ));
+        }
+        self
+    }
+
+    /// The runtime that holds `probe` runs (Waymark).
+    fn runtime_for(&self, probe: bool) -> Option<&Runtime> {
+        match &self.probe_runtime {
+            Some(rt) if probe => Some(rt),
+            _ => self.runtime.as_ref(),
         }
     }
 
@@ -171,7 +218,7 @@ impl Engine {
 
     /// Submit a run; `true` when it is new. `probe` runs go first in line.
     pub async fn submit(&self, run_id: &str, probe: bool) -> bool {
-        match &self.runtime {
+        match self.runtime_for(probe) {
             Some(rt) => {
                 rt.submit(RunSpec {
                     run_id: Some(run_id.to_string()),
@@ -187,9 +234,14 @@ impl Engine {
                 let options = step_options(run_id, 0, probe.then_some(PRIORITY_PROBE));
                 let effects =
                     SettlementEffects::default().kv_put(run_key(run_id), 0u32.to_le_bytes());
+                let queue = if probe && self.probes_apart {
+                    RAW_PROBE_QUEUE
+                } else {
+                    RAW_QUEUE
+                };
                 let (result, _) = self
                     .queue
-                    .enqueue_with_effects(RAW_QUEUE, input(), options, effects)
+                    .enqueue_with_effects(queue, input(), options, effects)
                     .await
                     .expect("enqueue");
                 matches!(result, EnqueueResult::New(_))
@@ -200,37 +252,60 @@ impl Engine {
     /// Start the worker pool.
     pub fn start(&self) -> Pool {
         let stop = CancellationToken::new();
-        let task = match &self.runtime {
-            Some(rt) => {
-                let rt = rt.clone();
-                let stopped = stop.clone();
-                tokio::spawn(async move {
-                    rt.run(async move { stopped.cancelled().await })
-                        .await
-                        .expect("waymark pool");
-                })
-            }
-            None => tokio::spawn(raw_pool(
+        let waymark = |rt: &Runtime| {
+            let rt = rt.clone();
+            let stopped = stop.clone();
+            tokio::spawn(async move {
+                rt.run(async move { stopped.cancelled().await })
+                    .await
+                    .expect("waymark pool");
+            })
+        };
+        let raw = |queue: &'static str, slots: usize| {
+            tokio::spawn(raw_pool(
                 self.queue.clone(),
-                self.concurrency,
+                queue,
+                slots,
                 self.plan.clone(),
                 stop.clone(),
-            )),
+            ))
         };
-        Pool { stop, task }
+        let mut tasks = Vec::new();
+        match &self.runtime {
+            Some(rt) => {
+                tasks.push(waymark(rt));
+                tasks.extend(self.probe_runtime.as_ref().map(waymark));
+            }
+            None => {
+                tasks.push(raw(RAW_QUEUE, self.concurrency));
+                if self.probes_apart {
+                    tasks.push(raw(RAW_PROBE_QUEUE, PROBE_CONCURRENCY));
+                }
+            }
+        }
+        Pool { stop, tasks }
     }
 
     /// Whether the run ended as the plan says (`Succeeded`, at its last
     /// step when the plan has a fixed length).
     pub async fn completed(&self, run_id: &str, steps_per_run: u32) -> bool {
         match &self.runtime {
-            Some(rt) => match rt.outcome(run_id).await.expect("outcome") {
-                Some(o) => {
-                    o.status == TerminalStatus::Succeeded
-                        && (steps_per_run == UNTIL_FINISH || o.final_step + 1 == steps_per_run)
+            Some(rt) => {
+                match rt
+                    .outcome(run_id)
+                    .await
+                    .expect("outcome")
+                    .or(match &self.probe_runtime {
+                        Some(probes) => probes.outcome(run_id).await.expect("outcome"),
+                        None => None,
+                    }) {
+                    Some(o) => {
+                        o.status == TerminalStatus::Succeeded
+                            && (steps_per_run == UNTIL_FINISH || o.final_step + 1 == steps_per_run)
+                    }
+                    None => false,
                 }
-                None => false,
-            },
+            }
             None => match self
                 .queue
                 .view()
@@ -267,6 +342,7 @@ impl Engine {
     /// Close the queue (drop the runtime first, so the queue is ours alone).
     pub async fn close(mut self) {
         self.runtime.take();
+        self.probe_runtime.take();
         match Arc::try_unwrap(self.queue) {
             Ok(queue) => queue.close().await.expect("close"),
             Err(_) => eprintln!("warning: queue still shared at close; dropped instead"),
@@ -293,8 +369,14 @@ fn step_options(run_id: &str, step: u32, priority: Option<u32>) -> EnqueueOption
 /// The raw pool: claim batches sized to the free slots, one task per job,
 /// wait for new jobs when the queue is empty (Waymark's pool, minus the
 /// workflow layer).
-async fn raw_pool(queue: Arc<Queue>, concurrency: usize, plan: Arc<Plan>, stop: CancellationToken) {
-    let lease = queue.queue_config(RAW_QUEUE).lease_duration;
+async fn raw_pool(
+    queue: Arc<Queue>,
+    name: &'static str,
+    concurrency: usize,
+    plan: Arc<Plan>,
+    stop: CancellationToken,
+) {
+    let lease = queue.queue_config(name).lease_duration;
     let mut set = JoinSet::new();
     loop {
         while set.try_join_next().is_some() {}
@@ -309,13 +391,13 @@ async fn raw_pool(queue: Arc<Queue>, concurrency: usize, plan: Arc<Plan>, stop: 
             continue;
         }
         let claims = queue
-            .claim_batch(RAW_QUEUE, concurrency - set.len(), lease)
+            .claim_batch(name, concurrency - set.len(), lease)
             .await
             .expect("claim");
         if claims.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = queue.wait_for_jobs_on(RAW_QUEUE, POLL) => {}
+                _ = queue.wait_for_jobs_on(name, POLL) => {}
             }
             continue;
         }
@@ -338,7 +420,7 @@ async fn raw_step(queue: Arc<Queue>, plan: Arc<Plan>, claim: Claim) {
     let effects = match plan.on_step(&run_id, step, &claim.payload) {
         Next::Continue(payload) => SettlementEffects::default()
             .enqueue(EnqueueRequest {
-                queue: RAW_QUEUE.to_string(),
+                queue: claim.queue.to_string(),
                 payload,
                 options: step_options(&run_id, step + 1, Some(claim.priority)),
             })
