@@ -47,6 +47,16 @@ pub struct RunSpec {
     pub headers: HashMap<String, String>,
     /// Queue priority of every step (lower runs first); `None` uses the
     /// queue's default.
+    ///
+    /// Beside a large backlog a better priority is not free: each step that
+    /// sorts ahead of the backlog sends taquba's next claim back over the
+    /// deleted entries of every job claimed before it that the store still
+    /// holds. Measured (BENCHMARKS.md, issue 11): two such runs beside 100k
+    /// pending runs cut the pool from ~5,750 to ~1,000 steps/s. Runs that
+    /// must overtake a backlog do better on a runtime of their own, with
+    /// another [`WorkflowRuntimeBuilder::queue_name`] on the same store:
+    /// each queue keeps its own claim position, and there the backlog held
+    /// its rate (1.00x of the rate at 1k pending).
     pub priority: Option<u32>,
     /// Attempts each step gets; `None` uses the workflow's
     /// [`RetryPolicy::max_attempts`].
