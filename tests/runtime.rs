@@ -102,6 +102,47 @@ async fn continue_after_waits_for_the_queue_clock() {
     env.stop().await;
 }
 
+/// A settlement's next job has no dedup key: it commits under the claim of
+/// the job before it, so only once, and the key would cost a read and two
+/// writes per step. A submit's step 0 keeps its key.
+#[tokio::test]
+async fn a_next_step_job_carries_no_dedup_key() {
+    let runner = FnRunner::new(|s: Step| async move {
+        Ok(match s.step_number {
+            0 => StepOutcome::ContinueAfter {
+                payload: vec![],
+                delay: Duration::from_secs(3600),
+            },
+            _ => StepOutcome::Succeed { result: vec![] },
+        })
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.submit("next", b"").await;
+    let pending = env
+        .queue()
+        .view()
+        .list_jobs("workflow-steps", JobStatus::Pending, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.jobs.len(), 1);
+    assert_eq!(pending.jobs[0].dedup_key.as_deref(), Some("run:next:0"));
+    env.start();
+    env.until_status("next", |s| {
+        s.is_some_and(|s| s.state == RunState::Scheduled)
+    })
+    .await;
+    let scheduled = env
+        .queue()
+        .view()
+        .list_jobs("workflow-steps", JobStatus::Scheduled, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(scheduled.jobs.len(), 1);
+    assert_eq!(scheduled.jobs[0].headers["workflow.step"], "1");
+    assert_eq!(scheduled.jobs[0].dedup_key, None);
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn permanent_error_dead_letters_but_verdicts_do_not() {
     let runner = FnRunner::new(|s: Step| async move {
