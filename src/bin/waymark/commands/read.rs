@@ -117,15 +117,7 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
     let client = store.open_run_client(&args.run_id).await?;
     let run_id = args.run_id.as_str();
     let code = match read_outcome(&store, &client, run_id).await? {
-        Some(outcome) if args.json => {
-            print_json(&super::json::outcome(&outcome))?;
-            Exit::Ok
-        }
-        Some(outcome) => {
-            say!("{run_id}: ended");
-            print_outcome(&outcome);
-            Exit::Ok
-        }
+        Some(outcome) => show_ended(run_id, &outcome, args.json)?,
         None => match store
             .bounded("reading the run's status", client.status(run_id))
             .await?
@@ -145,11 +137,28 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
                 );
                 Exit::Unfinished
             }
-            None => return Err(not_found(run_id, &store)),
+            // Neither ended at the first read nor live at the second: it may
+            // have ended in between (the reader refreshes between reads), so
+            // its outcome is read once more before the run is called unknown.
+            None => match read_outcome(&store, &client, run_id).await? {
+                Some(outcome) => show_ended(run_id, &outcome, args.json)?,
+                None => return Err(not_found(run_id, &store)),
+            },
         },
     };
     let _ = client.close().await;
     Ok(code)
+}
+
+/// Print how a run ended (as JSON with `json`); exit 0.
+fn show_ended(run_id: &str, outcome: &RunOutcome, json: bool) -> CliResult<Exit> {
+    if json {
+        print_json(&super::json::outcome(outcome))?;
+    } else {
+        say!("{run_id}: ended");
+        print_outcome(outcome);
+    }
+    Ok(Exit::Ok)
 }
 
 /// The command that works the runs of `store` (the demo for its own runs).
