@@ -7,7 +7,7 @@
 //! the run's shard (`submit` without a run id makes one, to route it).
 
 use clap::{ArgGroup, Args};
-use waymark::{Error, Reply, RunSpec, Sent};
+use waymark::{Error, Reply, RunOutcome, RunSpec, Sent};
 
 use super::check_run_id;
 use crate::demo::domain::ORDERS;
@@ -138,17 +138,20 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
             Exit::Ok
         }
         Some(Reply::Cancelled { .. }) => {
-            match store
-                .bounded("reading the run's outcome", client.outcome(run_id))
-                .await?
-            {
-                Some(outcome) => {
-                    say!(
-                        "{run_id} had already ended: {}",
-                        describe::outcome_line(&outcome)
-                    );
-                    Exit::Ok
-                }
+            let ended = || async {
+                store
+                    .bounded("reading the run's outcome", client.outcome(run_id))
+                    .await
+            };
+            let said_ended = |outcome: &RunOutcome| {
+                say!(
+                    "{run_id} had already ended: {}",
+                    describe::outcome_line(outcome)
+                );
+                Exit::Ok
+            };
+            match ended().await? {
+                Some(outcome) => said_ended(&outcome),
                 None => match store
                     .bounded("reading the run's status", client.status(run_id))
                     .await?
@@ -157,13 +160,18 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
                         say!("{run_id}: a cancel was already accepted; it ends Cancelled");
                         Exit::Ok
                     }
-                    None => {
-                        return Err(CliError::not_found(format!(
-                            "no run `{}` in {}",
-                            shown(run_id),
-                            store.shown()
-                        )));
-                    }
+                    // It may have ended between the two reads (the reader
+                    // refreshes in between): its outcome once more.
+                    None => match ended().await? {
+                        Some(outcome) => said_ended(&outcome),
+                        None => {
+                            return Err(CliError::not_found(format!(
+                                "no run `{}` in {}",
+                                shown(run_id),
+                                store.shown()
+                            )));
+                        }
+                    },
                 },
             }
         }
