@@ -65,9 +65,9 @@ async fn multi_step_chain_passes_payloads() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn continue_after_waits_for_the_queue_clock() {
-    let runner = FnRunner::new(|s: Step| async move {
+/// Step 0 continues after an hour; step 1 succeeds.
+fn an_hour_then_done() -> FnRunner {
+    FnRunner::new(|s: Step| async move {
         Ok(match s.step_number {
             0 => StepOutcome::ContinueAfter {
                 payload: vec![],
@@ -75,7 +75,12 @@ async fn continue_after_waits_for_the_queue_clock() {
             },
             _ => StepOutcome::Succeed { result: vec![] },
         })
-    });
+    })
+}
+
+#[tokio::test]
+async fn continue_after_waits_for_the_queue_clock() {
+    let runner = an_hour_then_done();
     let mut env = Env::new(runner.clone(), NoopTerminalHook).await;
     env.start();
     env.submit("later", b"").await;
@@ -107,15 +112,7 @@ async fn continue_after_waits_for_the_queue_clock() {
 /// writes per step. A submit's step 0 keeps its key.
 #[tokio::test]
 async fn a_next_step_job_carries_no_dedup_key() {
-    let runner = FnRunner::new(|s: Step| async move {
-        Ok(match s.step_number {
-            0 => StepOutcome::ContinueAfter {
-                payload: vec![],
-                delay: Duration::from_secs(3600),
-            },
-            _ => StepOutcome::Succeed { result: vec![] },
-        })
-    });
+    let runner = an_hour_then_done();
     let mut env = Env::new(runner, NoopTerminalHook).await;
     env.submit("next", b"").await;
     let pending = env
