@@ -14,7 +14,7 @@
 //! | `waymark_step_duration_seconds` | histogram | `workflow` | the runner's time for one attempt |
 //! | `waymark_step_to_step_seconds` | histogram | `workflow` | from the time a step job could run (enqueued, or its `run_at`) to its claim |
 //! | `waymark_steps_in_flight` | gauge | | step jobs claimed by this pool and not yet settled |
-//! | `waymark_backlog` | gauge | `state` | step jobs on the queue: `pending`, `scheduled`, `claimed`, `dead` (sampled by the maintenance loop) |
+//! | `waymark_backlog` | gauge | `state` | step jobs on the queue: `pending`, `scheduled`, `claimed`, `dead` (sampled by the maintenance loop every 10 s) |
 
 use std::time::Duration;
 
