@@ -47,14 +47,17 @@ pub const MAX_MEMO_VALUE_BYTES: usize = 192 * 1024;
 /// [module docs](crate::memo)). Cheap to clone.
 #[derive(Clone)]
 pub struct Memo {
-    scope: Arc<Scope>,
+    attempt: Arc<Attempt>,
+    /// The step whose scope this is; `None` for the run's.
+    step: Option<u32>,
 }
 
-struct Scope {
+/// What a step attempt's two memo scopes share (one allocation per step).
+pub(crate) struct Attempt {
     queue: Arc<Queue>,
     run_id: String,
-    /// The prefix of this scope's keys.
-    prefix: Vec<u8>,
+    /// The run's data prefix (`wm/Q/data/{run_id}/`).
+    data: Vec<u8>,
     /// The run's live record, and the step job a write requires it to name.
     run_key: Vec<u8>,
     job_id: String,
@@ -63,28 +66,53 @@ struct Scope {
 impl fmt::Debug for Memo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Memo")
-            .field("prefix", &String::from_utf8_lossy(&self.scope.prefix))
+            .field("prefix", &String::from_utf8_lossy(&self.full_key("")))
             .finish()
     }
 }
 
 impl Memo {
-    pub(crate) fn new(
+    /// The step's scope (`Some(step)`) and the run's scope of one attempt.
+    pub(crate) fn scopes(
         queue: Arc<Queue>,
         run_id: &str,
-        prefix: Vec<u8>,
+        data: Vec<u8>,
         run_key: Vec<u8>,
         job_id: &str,
-    ) -> Self {
-        Self {
-            scope: Arc::new(Scope {
-                queue,
-                run_id: run_id.to_string(),
-                prefix,
-                run_key,
-                job_id: job_id.to_string(),
-            }),
-        }
+        step: u32,
+    ) -> (Self, Self) {
+        let attempt = Arc::new(Attempt {
+            queue,
+            run_id: run_id.to_string(),
+            data,
+            run_key,
+            job_id: job_id.to_string(),
+        });
+        let step = Self {
+            attempt: attempt.clone(),
+            step: Some(step),
+        };
+        let run = Self {
+            attempt,
+            step: None,
+        };
+        (step, run)
+    }
+
+    /// `key`'s full key in this scope: `{data}memo/{step}/{key}` or
+    /// `{data}memo/run/{key}`.
+    fn full_key(&self, key: &str) -> Vec<u8> {
+        use std::io::Write;
+        let data = &self.attempt.data;
+        let mut full = Vec::with_capacity(data.len() + 16 + key.len());
+        full.extend_from_slice(data);
+        // Writing to a Vec cannot fail.
+        let _ = match self.step {
+            Some(step) => write!(full, "memo/{step}/"),
+            None => write!(full, "memo/run/"),
+        };
+        full.extend_from_slice(key.as_bytes());
+        full
     }
 
     fn key(&self, key: &str) -> Result<Vec<u8>, Error> {
@@ -101,15 +129,13 @@ impl Memo {
                 reason,
             });
         }
-        let mut full = self.scope.prefix.clone();
-        full.extend_from_slice(key.as_bytes());
-        Ok(full)
+        Ok(self.full_key(key))
     }
 
     /// The value memoized under `key`, if any (committed state only).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
         let full = self.key(key)?;
-        match self.scope.queue.view().kv_get(&full).await? {
+        match self.attempt.queue.view().kv_get(&full).await? {
             Some(bytes) => Ok(Some(decode(&full, &bytes)?)),
             None => Ok(None),
         }
@@ -171,7 +197,7 @@ impl Memo {
     /// if `if_absent`, the key is absent). Returns `false` only when
     /// `if_absent` and the key was present.
     async fn commit(&self, full: &[u8], bytes: Vec<u8>, if_absent: bool) -> Result<bool, Error> {
-        let scope = &*self.scope;
+        let scope = &*self.attempt;
         let stale = || Error::MemoStale {
             run_id: scope.run_id.clone(),
             job_id: scope.job_id.clone(),

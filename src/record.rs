@@ -344,16 +344,6 @@ impl Keys {
         &self.replaced
     }
 
-    /// The prefix of a memo scope: step `step`'s, or the run's (`None`).
-    pub(crate) fn memo(&self, run_id: &str, step: Option<u32>) -> Vec<u8> {
-        let mut key = self.data(run_id);
-        match step {
-            Some(step) => key.extend_from_slice(format!("memo/{step}/").as_bytes()),
-            None => key.extend_from_slice(b"memo/run/"),
-        }
-        key
-    }
-
     /// The prefix of every live run record.
     pub(crate) fn run_prefix(&self) -> &[u8] {
         &self.run

@@ -457,6 +457,14 @@ async fn run_runner<R: StepRunner, H>(
     entry: &InFlight,
 ) -> (Result<StepOutcome, StepError>, SettlementEffects) {
     let claim = &job.claim;
+    let (memo, run_memo) = Memo::scopes(
+        inner.queue.clone(),
+        &job.run_id,
+        inner.keys.data(&job.run_id),
+        inner.keys.run(&job.run_id),
+        &claim.id,
+        job.step,
+    );
     let step = Step {
         run_id: job.run_id.clone(),
         workflow: job.workflow.clone(),
@@ -467,8 +475,8 @@ async fn run_runner<R: StepRunner, H>(
         attempts: job.attempts(),
         max_attempts: job.max_attempts(),
         cancel_token: entry.token.clone(),
-        memo: memo(inner, job, Some(job.step)),
-        run_memo: memo(inner, job, None),
+        memo,
+        run_memo,
         signal: job.signal.clone(),
         children: job.children.clone(),
         effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
@@ -487,17 +495,6 @@ async fn run_runner<R: StepRunner, H>(
         });
     metrics::step_ran(&job.workflow, started.elapsed());
     (ran, step.effects.take())
-}
-
-/// The step's memo scope (`Some(step)`) or its run's (`None`).
-fn memo<R, H>(inner: &Inner<R, H>, job: &StepJob, step: Option<u32>) -> Memo {
-    Memo::new(
-        inner.queue.clone(),
-        &job.run_id,
-        inner.keys.memo(&job.run_id, step),
-        inner.keys.run(&job.run_id),
-        &job.claim.id,
-    )
 }
 
 /// Turn what the runner returned into a settlement and a health change, and
