@@ -678,6 +678,35 @@ mod tests {
         assert_eq!(found, expected);
     }
 
+    /// A runtime of `runner` on a fresh in-memory store (1 ms flush), with
+    /// maintenance ticks every `poll`, its pool running until `stop` fires.
+    async fn running<R: StepRunner>(
+        runner: R,
+        poll: Duration,
+    ) -> (
+        WorkflowRuntime<R, NoopTerminalHook>,
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<Result<(), crate::Error>>,
+    ) {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let opts = OpenOptions {
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, runner, NoopTerminalHook)
+            .poll_interval(poll)
+            .build()
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pool = tokio::spawn({
+            let rt = rt.clone();
+            let stop = stop.clone();
+            async move { rt.run(stop.cancelled_owned()).await }
+        });
+        (rt, stop, pool)
+    }
+
     /// A parent spawns one child, whose step 0 waits an hour; every other
     /// step succeeds.
     struct OneChild;
@@ -706,22 +735,7 @@ mod tests {
     /// maintenance pass removes it.
     #[tokio::test]
     async fn a_placeholder_left_by_a_crash_after_the_join_is_removed() {
-        let store = Arc::new(taquba::object_store::memory::InMemory::new());
-        let opts = OpenOptions {
-            flush_interval: Some(Duration::from_millis(1)),
-            ..Default::default()
-        };
-        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
-        let rt = WorkflowRuntime::builder(queue, OneChild, NoopTerminalHook)
-            .poll_interval(Duration::from_millis(5))
-            .build()
-            .unwrap();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let pool = tokio::spawn({
-            let rt = rt.clone();
-            let stop = stop.clone();
-            async move { rt.run(stop.cancelled_owned()).await }
-        });
+        let (rt, stop, pool) = running(OneChild, Duration::from_millis(5)).await;
         rt.submit(RunSpec {
             run_id: Some("p".into()),
             ..Default::default()
@@ -929,22 +943,7 @@ mod tests {
     async fn the_backlog_gauges_are_sampled_every_ten_seconds() {
         let samples = BacklogSamples::default();
         let _recorder = metrics::set_default_local_recorder(&samples);
-        let store = Arc::new(taquba::object_store::memory::InMemory::new());
-        let opts = OpenOptions {
-            flush_interval: Some(Duration::from_millis(1)),
-            ..Default::default()
-        };
-        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
-        let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
-            .poll_interval(Duration::from_millis(250))
-            .build()
-            .unwrap();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let pool = tokio::spawn({
-            let rt = rt.clone();
-            let stop = stop.clone();
-            async move { rt.run(stop.cancelled_owned()).await }
-        });
+        let (_rt, stop, pool) = running(Done, Duration::from_millis(250)).await;
         tokio::time::sleep(Duration::from_secs(25)).await;
         stop.cancel();
         pool.await.unwrap().unwrap();
