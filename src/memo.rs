@@ -53,7 +53,7 @@ pub struct Memo {
 }
 
 /// What a step attempt's two memo scopes share (one allocation per step).
-pub(crate) struct Attempt {
+struct Attempt {
     queue: Arc<Queue>,
     run_id: String,
     /// The run's data prefix (`wm/Q/data/{run_id}/`).
