@@ -18,7 +18,8 @@ use crate::runtime::Inner;
 /// from the claim to the settlement, however long the hook takes.
 pub(super) async fn deliver_hook<R, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim) {
     let lease = Lease::of(&inner.queue, &claim);
-    lease.keep(deliver(&inner, claim)).await
+    let work = std::pin::pin!(deliver(&inner, claim));
+    lease.keep(work).await
 }
 
 async fn deliver<R, H: TerminalHook>(inner: &Inner<R, H>, claim: Claim) {
