@@ -32,6 +32,12 @@
 //! Markdown table row and a `BENCH {json}` line; the run ends with the
 //! targets and whether each is met. A run that does not complete, a payload
 //! that arrives mangled, or a run that ends wrong fails the process.
+//!
+//! Two switches take the sides apart: `WAYMARK_BENCH_STEP_HISTORY=0` runs
+//! Waymark without its step history, and `WAYMARK_BENCH_RAW_WRITES=waymark`
+//! makes the raw side write what a Waymark step writes (its headers, a
+//! caller-chosen job id, its run record, kept input and history entry), so
+//! the gap left is Waymark's own code.
 
 #[path = "steps/counters.rs"]
 mod counters;
@@ -1019,6 +1025,11 @@ async fn main() {
         machine(),
         counters::rss_mib()
     );
+    if engines::raw_writes_like_waymark() {
+        println!(
+            "# the raw side writes what a Waymark step writes (WAYMARK_BENCH_RAW_WRITES=waymark)"
+        );
+    }
     let mut sizes = Sizes::new(quick);
     if let Some(backlogs) = backlogs {
         sizes.backlogs = backlogs;

@@ -359,8 +359,11 @@ fn out_key(run_id: &str) -> Vec<u8> {
 }
 
 fn step_options(run_id: &str, step: u32, priority: Option<u32>) -> EnqueueOptions {
+    step_options_unkeyed(run_id, step, priority).dedup_key(format!("{run_id}/{step}"))
+}
+
+fn step_options_unkeyed(run_id: &str, step: u32, priority: Option<u32>) -> EnqueueOptions {
     EnqueueOptions::default()
-        .dedup_key(format!("{run_id}/{step}"))
         .header("run", run_id)
         .header("step", step.to_string())
         .priority(priority)
@@ -417,7 +420,13 @@ async fn raw_step(queue: Arc<Queue>, plan: Arc<Plan>, claim: Claim) {
         .get("step")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let effects = match plan.on_step(&run_id, step, &claim.payload) {
+    let next = plan.on_step(&run_id, step, &claim.payload);
+    if raw_writes_like_waymark() {
+        let effects = like_waymark(&queue, &claim, &run_id, step, next);
+        queue.ack_with(&claim, effects).await.expect("ack");
+        return;
+    }
+    let effects = match next {
         Next::Continue(payload) => SettlementEffects::default()
             .enqueue(EnqueueRequest {
                 queue: claim.queue.to_string(),
@@ -428,6 +437,67 @@ async fn raw_step(queue: Arc<Queue>, plan: Arc<Plan>, claim: Claim) {
         Next::Finish => SettlementEffects::default().kv_put(out_key(&run_id), step.to_le_bytes()),
     };
     queue.ack_with(&claim, effects).await.expect("ack");
+}
+
+/// Whether the raw side writes what a Waymark step writes
+/// (`WAYMARK_BENCH_RAW_WRITES=waymark`): to tell the cost of those writes
+/// from the cost of Waymark's own code.
+pub fn raw_writes_like_waymark() -> bool {
+    std::env::var("WAYMARK_BENCH_RAW_WRITES").is_ok_and(|v| v == "waymark")
+}
+
+/// A raw step's settlement with the writes of a Waymark step of this
+/// benchmark, by key and value size (as measured at `eb281a6`): a next step
+/// job with Waymark's four `workflow.*` headers and a caller-chosen id
+/// (taquba reads its job index to check it), no dedup key, and three KV
+/// records (the run record, the kept input, the history entry); a last
+/// step writes the outcome, its retention entry, the history entry and the
+/// workflow's tally, and deletes the run record.
+fn like_waymark(
+    queue: &Queue,
+    claim: &Claim,
+    run_id: &str,
+    step: u32,
+    next: Next,
+) -> SettlementEffects {
+    let data = |what: String| format!("wm/workflow-steps/data/{run_id}/{what}").into_bytes();
+    let run = format!("wm/workflow-steps/run/{run_id}").into_bytes();
+    let history = data(format!("hist/{step:020}"));
+    match next {
+        Next::Continue(payload) => {
+            let n = (step + 1).to_string();
+            let options = step_options_unkeyed(run_id, step + 1, Some(claim.priority))
+                .header("workflow.name", "default")
+                .header("workflow.run_id", run_id)
+                .header("workflow.history", n.clone())
+                .header("workflow.step", n)
+                .id_override(queue.next_job_id());
+            SettlementEffects::default()
+                .enqueue(EnqueueRequest {
+                    queue: claim.queue.to_string(),
+                    payload,
+                    options,
+                })
+                .kv_put(run, vec![7u8; 43])
+                .kv_put(data(format!("input/{}", step + 1)), vec![7u8; 36])
+                .kv_put(history, vec![7u8; 132])
+        }
+        Next::Finish => SettlementEffects::default()
+            .kv_put(
+                format!("wm/workflow-steps/out/{run_id}").into_bytes(),
+                vec![7u8; 108],
+            )
+            .kv_put(
+                format!("wm/workflow-steps/exp/00000000{run_id}").into_bytes(),
+                vec![],
+            )
+            .kv_put(history, vec![7u8; 145])
+            .kv_put(
+                format!("wm/workflow-steps/tally/default/{:032}.{run_id}", 1).into_bytes(),
+                vec![1u8],
+            )
+            .kv_delete(run),
+    }
 }
 
 /// The step history's bound for the benchmark's runtimes: the runtime's
