@@ -46,6 +46,9 @@ mod engines;
 #[path = "steps/plan.rs"]
 mod plan;
 
+#[global_allocator]
+static ALLOC: counters::CountingAlloc = counters::CountingAlloc;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -178,6 +181,7 @@ impl Measured {
             "block_misses_per_unit": self.per_unit(self.counts.block_misses),
             "l0_stalls": self.counts.l0_stalls,
             "cpu_ms_per_unit": self.per_unit(self.counts.cpu_ms),
+            "allocs_per_unit": self.per_unit(self.counts.allocs),
             "setup_s": self.setup_secs,
             "ok": self.problems.is_empty(),
             "problems": self.problems,
@@ -251,15 +255,15 @@ fn table_header(scenario: &str, unit: &str, latency: &str) {
     println!("### {scenario}  (rate in {unit}; latency p50 / p99 in ms: {latency})");
     println!();
     println!(
-        "| case | store, flush | waymark {unit} | raw {unit} | ratio | waymark p50 / p99 | raw p50 / p99 | peak RSS MiB wm / raw | awaited commits per unit wm / raw | WAL flushes per unit wm / raw | gets per unit wm / raw |"
+        "| case | store, flush | waymark {unit} | raw {unit} | ratio | waymark p50 / p99 | raw p50 / p99 | peak RSS MiB wm / raw | awaited commits per unit wm / raw | WAL flushes per unit wm / raw | gets per unit wm / raw | allocations per unit wm / raw |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 }
 
 fn print_row(row: &Row) {
     let (w, r) = (&row.waymark, &row.raw);
     println!(
-        "| {} | {} | {:.0} | {:.0} | {:.2} | {} | {} | {:.0} / {:.0} | {:.2} / {:.2} | {:.3} / {:.3} | {:.2} / {:.2} |",
+        "| {} | {} | {:.0} | {:.0} | {:.2} | {} | {} | {:.0} / {:.0} | {:.2} / {:.2} | {:.3} / {:.3} | {:.2} / {:.2} | {:.0} / {:.0} |",
         row.case,
         row.setup.label(),
         w.rate(),
@@ -275,6 +279,8 @@ fn print_row(row: &Row) {
         r.per_unit(r.counts.wal_flushes),
         w.per_unit(w.counts.gets),
         r.per_unit(r.counts.gets),
+        w.per_unit(w.counts.allocs),
+        r.per_unit(r.counts.allocs),
     );
     println!("BENCH {}", row.json());
 }
