@@ -443,7 +443,9 @@ async fn raw_step(queue: Arc<Queue>, plan: Arc<Plan>, claim: Claim) {
 /// (`WAYMARK_BENCH_RAW_WRITES=waymark`): to tell the cost of those writes
 /// from the cost of Waymark's own code.
 pub fn raw_writes_like_waymark() -> bool {
-    std::env::var("WAYMARK_BENCH_RAW_WRITES").is_ok_and(|v| v == "waymark")
+    // Read once: every raw step asks, and the environment is behind a lock.
+    static LIKE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LIKE.get_or_init(|| std::env::var("WAYMARK_BENCH_RAW_WRITES").is_ok_and(|v| v == "waymark"))
 }
 
 /// A raw step's settlement with the writes of a Waymark step of this
