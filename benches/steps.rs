@@ -33,11 +33,12 @@
 //! targets and whether each is met. A run that does not complete, a payload
 //! that arrives mangled, or a run that ends wrong fails the process.
 //!
-//! Two switches take the sides apart: `WAYMARK_BENCH_STEP_HISTORY=0` runs
-//! Waymark without its step history, and `WAYMARK_BENCH_RAW_WRITES=waymark`
-//! makes the raw side write what a Waymark step writes (its headers, a
-//! caller-chosen job id, its run record, kept input and history entry), so
-//! the gap left is Waymark's own code.
+//! Switches take the sides apart: `WAYMARK_BENCH_STEP_HISTORY=0` runs
+//! Waymark without its step history, `WAYMARK_BENCH_KEPT_INPUTS=0` without
+//! its kept step inputs, and `WAYMARK_BENCH_RAW_WRITES=waymark` makes the
+//! raw side write what a Waymark step writes (its headers, a caller-chosen
+//! job id, its run record, and the kept input and history entry unless
+//! switched off), so the gap left is Waymark's own code.
 
 #[path = "steps/counters.rs"]
 mod counters;
@@ -1036,6 +1037,15 @@ async fn main() {
             "# the raw side writes what a Waymark step writes (WAYMARK_BENCH_RAW_WRITES=waymark)"
         );
     }
+    println!(
+        "# Waymark keeps {} history entries a run and {} step inputs",
+        engines::step_history(),
+        if engines::keep_step_inputs() {
+            "keeps"
+        } else {
+            "does not keep"
+        }
+    );
     let mut sizes = Sizes::new(quick);
     if let Some(backlogs) = backlogs {
         sizes.backlogs = backlogs;

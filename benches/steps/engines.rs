@@ -124,6 +124,7 @@ fn waymark_runtime(queue: &Arc<Queue>, plan: &Arc<Plan>, name: &str, slots: usiz
         .max_concurrent_steps(slots)
         .poll_interval(POLL)
         .step_history(step_history())
+        .keep_step_inputs(keep_step_inputs())
         .build()
         .expect("build runtime")
 }
@@ -354,8 +355,14 @@ fn run_key(run_id: &str) -> Vec<u8> {
     format!("run/{run_id}").into_bytes()
 }
 
+/// Where a raw run's last step records its number: Waymark's outcome key
+/// when the raw side writes like Waymark.
 fn out_key(run_id: &str) -> Vec<u8> {
-    format!("out/{run_id}").into_bytes()
+    if raw_writes_like_waymark() {
+        format!("wm/workflow-steps/out/{run_id}").into_bytes()
+    } else {
+        format!("out/{run_id}").into_bytes()
+    }
 }
 
 fn step_options(run_id: &str, step: u32, priority: Option<u32>) -> EnqueueOptions {
@@ -450,11 +457,13 @@ pub fn raw_writes_like_waymark() -> bool {
 
 /// A raw step's settlement with the writes of a Waymark step of this
 /// benchmark, by key and value size (as measured at `eb281a6`): a next step
-/// job with Waymark's four `workflow.*` headers and a caller-chosen id
-/// (taquba reads its job index to check it), no dedup key, and three KV
-/// records (the run record, the kept input, the history entry); a last
-/// step writes the outcome, its retention entry, the history entry and the
-/// workflow's tally, and deletes the run record.
+/// job with Waymark's `workflow.*` headers and a caller-chosen id (taquba
+/// reads its job index to check it), no dedup key, and its KV records (the
+/// run record, the kept input, the history entry); a last step writes the
+/// outcome, its retention entry, the history entry and the workflow's
+/// tally, and deletes the run record. The two switches that turn a Waymark
+/// record off (`WAYMARK_BENCH_STEP_HISTORY=0`, `WAYMARK_BENCH_KEPT_INPUTS=0`)
+/// drop it here too, with the history's header.
 fn like_waymark(
     queue: &Queue,
     claim: &Claim,
@@ -464,41 +473,52 @@ fn like_waymark(
 ) -> SettlementEffects {
     let data = |what: String| format!("wm/workflow-steps/data/{run_id}/{what}").into_bytes();
     let run = format!("wm/workflow-steps/run/{run_id}").into_bytes();
-    let history = data(format!("hist/{step:020}"));
+    let history = (step_history() > 0).then(|| data(format!("hist/{step:020}")));
+    let mut effects = SettlementEffects::default();
     match next {
         Next::Continue(payload) => {
             let n = (step + 1).to_string();
-            let options = step_options_unkeyed(run_id, step + 1, Some(claim.priority))
+            let mut options = step_options_unkeyed(run_id, step + 1, Some(claim.priority))
                 .header("workflow.name", "default")
                 .header("workflow.run_id", run_id)
-                .header("workflow.history", n.clone())
-                .header("workflow.step", n)
+                .header("workflow.step", n.clone())
                 .id_override(queue.next_job_id());
-            SettlementEffects::default()
+            if let Some(history) = history {
+                options = options.header("workflow.history", n);
+                effects = effects.kv_put(history, vec![7u8; 132]);
+            }
+            if keep_step_inputs() {
+                effects = effects.kv_put(data(format!("input/{}", step + 1)), vec![7u8; 36]);
+            }
+            effects
                 .enqueue(EnqueueRequest {
                     queue: claim.queue.to_string(),
                     payload,
                     options,
                 })
                 .kv_put(run, vec![7u8; 43])
-                .kv_put(data(format!("input/{}", step + 1)), vec![7u8; 36])
-                .kv_put(history, vec![7u8; 132])
         }
-        Next::Finish => SettlementEffects::default()
-            .kv_put(
-                format!("wm/workflow-steps/out/{run_id}").into_bytes(),
-                vec![7u8; 108],
-            )
-            .kv_put(
-                format!("wm/workflow-steps/exp/00000000{run_id}").into_bytes(),
-                vec![],
-            )
-            .kv_put(history, vec![7u8; 145])
-            .kv_put(
-                format!("wm/workflow-steps/tally/default/{:032}.{run_id}", 1).into_bytes(),
-                vec![1u8],
-            )
-            .kv_delete(run),
+        Next::Finish => {
+            if let Some(history) = history {
+                effects = effects.kv_put(history, vec![7u8; 145]);
+            }
+            effects
+                .kv_put(out_key(run_id), {
+                    // The last step's number first, as the check reads it.
+                    let mut outcome = vec![7u8; 108];
+                    outcome[..4].copy_from_slice(&step.to_le_bytes());
+                    outcome
+                })
+                .kv_put(
+                    format!("wm/workflow-steps/exp/00000000{run_id}").into_bytes(),
+                    vec![],
+                )
+                .kv_put(
+                    format!("wm/workflow-steps/tally/default/{:032}.{run_id}", 1).into_bytes(),
+                    vec![1u8],
+                )
+                .kv_delete(run)
+        }
     }
 }
 
@@ -506,8 +526,20 @@ fn like_waymark(
 /// default, or `WAYMARK_BENCH_STEP_HISTORY` (0 keeps no history), to
 /// measure what the history costs.
 pub fn step_history() -> u32 {
-    std::env::var("WAYMARK_BENCH_STEP_HISTORY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(waymark::DEFAULT_HISTORY_ENTRIES)
+    // Read once: every raw step writing like Waymark asks.
+    static ENTRIES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ENTRIES.get_or_init(|| {
+        std::env::var("WAYMARK_BENCH_STEP_HISTORY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(waymark::DEFAULT_HISTORY_ENTRIES)
+    })
+}
+
+/// Whether the benchmark's runtimes keep each step's input for a re-run:
+/// the runtime's default (yes), or not with `WAYMARK_BENCH_KEPT_INPUTS=0`,
+/// to measure what keeping them costs.
+pub fn keep_step_inputs() -> bool {
+    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| std::env::var("WAYMARK_BENCH_KEPT_INPUTS").map_or(true, |v| v != "0"))
 }
