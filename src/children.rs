@@ -169,7 +169,7 @@ impl<R, H> Inner<R, H> {
                 marker: self.keys.replaced(&join.placeholder),
             };
             effects = effects.kv_put(replaced.marker.clone(), parent.as_bytes().to_vec());
-            arrival.pending = Some(self.pending.begin(parent));
+            arrival.pending = Some(self.pending.begin(parent.to_string()));
             arrival.replaced = Some(replaced);
         }
         arrival.effects = effects.kv_put(join_key.clone(), encode(&join_key, &join)?);

@@ -30,6 +30,7 @@
 //! [`Error::StoreUnavailable`](crate::Error::StoreUnavailable) instead of
 //! hanging.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -72,28 +73,35 @@ struct Pending {
 /// Held while a commit for one run is in flight.
 pub(crate) struct PendingCommit<'a> {
     commits: &'a PendingCommits,
-    run_id: String,
+    /// Borrowed on the step path; owned where the guard outlives the name.
+    run_id: Cow<'a, str>,
     seq: u64,
 }
 
 impl PendingCommits {
     /// Note a commit for `run_id` that is about to start; it counts until the
     /// returned guard drops.
-    pub(crate) fn begin(&self, run_id: &str) -> PendingCommit<'_> {
+    pub(crate) fn begin<'a>(&'a self, run_id: impl Into<Cow<'a, str>>) -> PendingCommit<'a> {
+        let run_id = run_id.into();
         let mut runs = lock(&self.runs);
         let seq = runs.next;
         runs.next = runs.next.wrapping_add(1);
-        runs.by_run
-            .entry(run_id.to_string())
-            .or_insert_with(|| Pending {
-                started: BTreeMap::new(),
-                returned: watch::Sender::new(()),
-            })
-            .started
-            .insert(seq, Instant::now());
+        let now = Instant::now();
+        match runs.by_run.get_mut(run_id.as_ref()) {
+            Some(pending) => {
+                pending.started.insert(seq, now);
+            }
+            None => {
+                let pending = Pending {
+                    started: BTreeMap::from([(seq, now)]),
+                    returned: watch::Sender::new(()),
+                };
+                runs.by_run.insert(run_id.to_string(), pending);
+            }
+        }
         PendingCommit {
             commits: self,
-            run_id: run_id.to_string(),
+            run_id,
             seq,
         }
     }
@@ -160,10 +168,10 @@ impl PendingCommits {
 impl Drop for PendingCommit<'_> {
     fn drop(&mut self) {
         let mut runs = lock(&self.commits.runs);
-        if let Some(entry) = runs.by_run.get_mut(&self.run_id) {
+        if let Some(entry) = runs.by_run.get_mut(self.run_id.as_ref()) {
             entry.started.remove(&self.seq);
             if entry.started.is_empty() {
-                runs.by_run.remove(&self.run_id);
+                runs.by_run.remove(self.run_id.as_ref());
             } else {
                 entry.returned.send_replace(());
             }

@@ -219,8 +219,8 @@ pub(crate) async fn dead_jobs(
 /// The workflow a step job belongs to.
 pub(crate) fn job_workflow(job: &JobRecord) -> String {
     parse_step_extras(&job.headers)
-        .map(|(w, _)| w)
-        .unwrap_or_else(|_| DEFAULT_WORKFLOW.to_string())
+        .map_or(DEFAULT_WORKFLOW, |(w, _)| w)
+        .to_string()
 }
 
 /// A run's live record.

@@ -430,16 +430,14 @@ pub(crate) fn parse_step_headers(headers: &HashMap<String, String>) -> Result<(&
 
 /// The workflow and the attempts spent on earlier jobs that a step job's
 /// headers name (`default` and 0 when absent), or why they are malformed.
-pub(crate) fn parse_step_extras(
-    headers: &HashMap<String, String>,
-) -> Result<(String, u32), String> {
+pub(crate) fn parse_step_extras(headers: &HashMap<String, String>) -> Result<(&str, u32), String> {
     let workflow = match headers.get(HEADER_WORKFLOW) {
         Some(name) => {
             validate_name("workflow name", name)
                 .map_err(|e| format!("step job header `{HEADER_WORKFLOW}`: {e}"))?;
-            name.clone()
+            name.as_str()
         }
-        None => DEFAULT_WORKFLOW.to_string(),
+        None => DEFAULT_WORKFLOW,
     };
     let before = match headers.get(HEADER_ATTEMPTS_BEFORE) {
         Some(n) => n.parse::<u32>().map_err(|_| {
@@ -476,6 +474,17 @@ pub(crate) fn segment_of(headers: &HashMap<String, String>) -> u32 {
         .get(HEADER_SEGMENT)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// Set header `key` to `value`, keeping the key's allocation when the header
+/// is there already (a step's next job rewrites the headers it carries).
+pub(crate) fn set_header(headers: &mut HashMap<String, String>, key: &str, value: String) {
+    match headers.get_mut(key) {
+        Some(slot) => *slot = value,
+        None => {
+            headers.insert(key.to_string(), value);
+        }
+    }
 }
 
 /// The submitter's headers of a step job: all but the reserved keys.

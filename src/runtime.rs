@@ -485,13 +485,13 @@ pub(crate) enum Phase {
 /// a waiting `cancel`.
 pub(crate) struct Registered<'a> {
     steps: &'a InFlightSteps,
-    job_id: String,
+    job_id: &'a str,
     pub entry: Arc<InFlight>,
 }
 
 impl InFlightSteps {
     /// Register a claim of `job_id` as running.
-    pub(crate) fn register(&self, job_id: &str) -> Registered<'_> {
+    pub(crate) fn register<'a>(&'a self, job_id: &'a str) -> Registered<'a> {
         let entry = Arc::new(InFlight {
             phase: Mutex::new(Phase::Running {
                 cancel_requested: false,
@@ -505,7 +505,7 @@ impl InFlightSteps {
             .push(entry.clone());
         Registered {
             steps: self,
-            job_id: job_id.to_string(),
+            job_id,
             entry,
         }
     }
@@ -531,10 +531,10 @@ impl InFlightSteps {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut jobs = lock(&self.steps.jobs);
-        if let Some(entries) = jobs.get_mut(&self.job_id) {
+        if let Some(entries) = jobs.get_mut(self.job_id) {
             entries.retain(|e| !Arc::ptr_eq(e, &self.entry));
             if entries.is_empty() {
-                jobs.remove(&self.job_id);
+                jobs.remove(self.job_id);
             }
         }
         drop(jobs);

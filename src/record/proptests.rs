@@ -155,7 +155,7 @@ proptest! {
             Err(why) => prop_assert!(why.contains("workflow."), "{}", why),
         }
         match parse_step_extras(&headers) {
-            Ok((workflow, _)) => prop_assert!(is_valid_name(&workflow)),
+            Ok((workflow, _)) => prop_assert!(is_valid_name(workflow)),
             Err(why) => prop_assert!(why.contains("workflow."), "{}", why),
         }
     }

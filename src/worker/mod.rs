@@ -140,7 +140,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 /// it; distinct tasks use distinct `what`, so each one's wait is measured on
 /// its own.
 pub(crate) fn watched<'a, R, H>(inner: &'a Inner<R, H>, what: &str) -> PendingCommit<'a> {
-    inner.pending.begin(&format!(" {what}"))
+    inner.pending.begin(format!(" {what}"))
 }
 
 /// Resolve with [`Error::StoreUnavailable`] once a commit (or a background

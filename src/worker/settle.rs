@@ -370,7 +370,7 @@ fn carry_history<R, H>(
     } else {
         job.history.saturating_add(1)
     };
-    headers.insert(HEADER_HISTORY.to_string(), next.to_string());
+    record::set_header(headers, HEADER_HISTORY, next.to_string());
 }
 
 /// The workflow health's contribution: the health record, when the attempt
@@ -482,7 +482,7 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         && staged.releases_parked()
     {
         let inner = inner.clone();
-        let workflow = job.workflow.clone();
+        let workflow = job.workflow.to_string();
         tokio::spawn(async move {
             let _watch = super::watched(&inner, &format!("release {workflow}"));
             if let Err(e) = inner
@@ -666,7 +666,7 @@ fn step_job_effects<R, H>(
     parked: Option<bool>,
 ) -> Result<SettlementEffects, Error> {
     let job_id = inner.queue.next_job_id();
-    headers.insert(HEADER_STEP.to_string(), step.to_string());
+    record::set_header(&mut headers, HEADER_STEP, step.to_string());
     let options = EnqueueOptions::default()
         .id_override(job_id.clone())
         .headers(headers)
@@ -685,8 +685,8 @@ fn step_job_effects<R, H>(
             .park_entry(&job.workflow, &job_id, &job.run_id);
         effects = effects.kv_put(key, value);
     }
-    let run = RunRecord { step, job_id };
-    Ok(effects.kv_put(run_key.clone(), encode(&run_key, &run)?))
+    let run = encode(&run_key, &RunRecord { step, job_id })?;
+    Ok(effects.kv_put(run_key, run))
 }
 
 /// The effects that start a new segment of the run (`ContinueAsNew`): step

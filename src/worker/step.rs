@@ -73,7 +73,8 @@ pub(super) struct StepJob {
     pub claim: Claim,
     pub run_id: String,
     pub step: u32,
-    pub workflow: String,
+    /// Shared: the metrics label it on every call.
+    pub workflow: Arc<str>,
     /// Attempts this step spent on earlier jobs.
     pub before: u32,
     /// The signal that ended the wait before this step (from the job's
@@ -115,7 +116,7 @@ impl StepJob {
     ) -> RunOutcome {
         RunOutcome {
             run_id: self.run_id.clone(),
-            workflow: self.workflow.clone(),
+            workflow: self.workflow.to_string(),
             status,
             result,
             error: error.map(record::bounded_reason),
@@ -362,7 +363,8 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
     let parsed = parse_step_headers(&claim.headers)
         .map(|(run_id, step)| (run_id.to_string(), step))
         .and_then(|(run_id, step)| {
-            parse_step_extras(&claim.headers).map(|(wf, before)| (run_id, step, wf, before))
+            parse_step_extras(&claim.headers)
+                .map(|(wf, before)| (run_id, step, Arc::<str>::from(wf), before))
         });
     let (run_id, step, workflow, before) = match parsed {
         Ok(parsed) => parsed,
@@ -472,7 +474,7 @@ async fn run_runner<R: StepRunner, H>(
     );
     let step = Step {
         run_id: job.run_id.clone(),
-        workflow: job.workflow.clone(),
+        workflow: job.workflow.to_string(),
         step_number: job.step,
         payload: job.payload().to_vec(),
         headers: user_headers(&claim.headers),
