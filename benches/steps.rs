@@ -24,6 +24,9 @@
 //! - `stores`: runs of 5 steps at concurrency 64 on each store and flush
 //!   interval (at a 1 ms flush, where both sides are CPU-bound, full mode
 //!   measures each side three times and reports the median).
+//! - `peers`: the two rows issue 11 measured taquba-workflow 0.15 on (local
+//!   disk, 1 ms flush: 50 runs x 20 steps at concurrency 16, 200 x 5 at 64),
+//!   each measured three times a side in full mode.
 //!
 //! Every case runs twice in the same process, once on Waymark and once on
 //! the minimal raw-taquba equivalent (claim batches sized to the free slots,
@@ -62,7 +65,7 @@ use counters::{Counting, Snapshot};
 use engines::{Engine, Setup, Side, StoreKind};
 use plan::{Plan, UNTIL_FINISH, percentiles};
 
-const SCENARIOS: [&str; 5] = ["steps", "submit", "latency", "scaling", "stores"];
+const SCENARIOS: [&str; 6] = ["steps", "submit", "latency", "scaling", "stores", "peers"];
 /// How many times a CPU-bound case (1 ms flush, full mode) is measured.
 const CPU_BOUND_REPS: usize = 3;
 /// No single wait in a benchmark may take longer than this; a hang fails.
@@ -761,6 +764,30 @@ impl Bench {
         self.print_notes();
     }
 
+    /// The two rows issue 11 measured taquba-workflow 0.15 on, sized as
+    /// there: local disk, 1 ms flush, 50 runs of 20 steps at concurrency 16
+    /// and 200 runs of 5 at concurrency 64.
+    async fn scenario_peers(&mut self) {
+        table_header(
+            "peers: issue 11's comparison rows (local disk, 1 ms flush)",
+            "steps/s",
+            "ack commit latency",
+        );
+        let setup = Setup {
+            store: StoreKind::Local,
+            flush: Duration::from_millis(1),
+        };
+        for (runs, k, c) in [(50, 20, 16), (200, 5, 64)] {
+            self.throughput_of("peers", setup, c, k, runs).await;
+        }
+        self.notes.push(
+            "issue 11 quotes taquba-workflow 0.15 on these rows, on this machine but not in this run: \
+             ~6,230 steps/s (50 x 20, c=16) and 8,600-10,400 (200 x 5, c=64)"
+                .to_string(),
+        );
+        self.print_notes();
+    }
+
     /// Print the notes gathered under the table just printed.
     fn print_notes(&mut self) {
         if self.notes.is_empty() {
@@ -783,6 +810,18 @@ impl Bench {
     async fn throughput(&mut self, scenario: &'static str, setup: Setup, c: usize, k: u32) {
         let steps = self.sizes.steps_for(c, setup.flush);
         let runs = (steps.div_ceil(k as u64) as usize).max(c);
+        self.throughput_of(scenario, setup, c, k, runs).await;
+    }
+
+    /// [`Self::throughput`] with `runs` runs.
+    async fn throughput_of(
+        &mut self,
+        scenario: &'static str,
+        setup: Setup,
+        c: usize,
+        k: u32,
+        runs: usize,
+    ) {
         let reps = if self.sizes.quick || setup.flush > Duration::from_millis(1) {
             1
         } else {
@@ -841,7 +880,7 @@ impl Bench {
             println!("- {name}: **{word}** ({detail})");
             out.push(json!({"target": name, "met": met, "detail": detail}));
         };
-        for scenario in ["steps", "stores"] {
+        for scenario in ["steps", "stores", "peers"] {
             let rows: Vec<&Row> = self
                 .rows
                 .iter()
@@ -1072,6 +1111,7 @@ async fn main() {
             "latency" => bench.scenario_latency().await,
             "scaling" => bench.scenario_scaling().await,
             "stores" => bench.scenario_stores().await,
+            "peers" => bench.scenario_peers().await,
             _ => unreachable!(),
         }
         eprintln!("[{scenario} took {:.1} s]", t.elapsed().as_secs_f64());
