@@ -219,6 +219,7 @@ mod policy;
 mod probe;
 mod read;
 mod record;
+mod route;
 mod runner;
 mod runtime;
 mod schedule;

@@ -1,8 +1,9 @@
 //! A fleet in one process: two workers share four shards on a local
 //! directory; a worker that joins takes a fair share, one that dies has its
 //! shards taken over once its leases lapse, and every run submitted through
-//! the fleet client ends once. (Multi-process and S3 tests are still to
-//! come.)
+//! the fleet client ends once. Schedules defined on every shard's runtime
+//! fire on their home shard only. (Multi-process and S3 tests are in
+//! `fleet_process.rs` and `fleet_s3.rs`.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,9 +33,22 @@ const TIMING: LeaseTiming = LeaseTiming {
 };
 
 fn worker(at: &StoreLocation) -> FleetWorker<TwoSteps, NoopTerminalHook> {
-    FleetWorker::new(at.clone(), 4, |_, queue| {
-        WorkflowRuntime::builder(queue, TwoSteps, NoopTerminalHook)
-            .poll_interval(Duration::from_millis(20))
+    scheduling_worker(at, Vec::new())
+}
+
+/// A worker whose every shard's runtime is built with `schedules`.
+fn scheduling_worker(
+    at: &StoreLocation,
+    schedules: Vec<Schedule>,
+) -> FleetWorker<TwoSteps, NoopTerminalHook> {
+    FleetWorker::new(at.clone(), 4, move |_, queue| {
+        schedules
+            .iter()
+            .fold(
+                WorkflowRuntime::builder(queue, TwoSteps, NoopTerminalHook)
+                    .poll_interval(Duration::from_millis(20)),
+                |b, s| b.schedule(s.clone()),
+            )
             .build()
     })
     .lease_timing(TIMING)
@@ -145,6 +159,102 @@ async fn workers_share_shards_join_and_take_over() {
     b_task.await.unwrap().unwrap();
     until_owners(&at, |o| o.values().all(Option::is_none)).await;
     let _ = a_stop;
+}
+
+/// Every shard's runtime is given the same schedules; each is recorded,
+/// fired and triggered on its home shard only, under run ids that route
+/// there. Without the shard assignment every shard would record and fire
+/// every schedule (the merged listing would hold each id four times), and
+/// without the routed run ids a fired run would be on a shard the client
+/// does not look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_fire_on_their_home_shard_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = StoreLocation::from_url(&format!("file://{}", dir.path().display())).unwrap();
+    let timed: Vec<String> = (0..6).map(|i| format!("tick-{i}")).collect();
+    let manual: Vec<String> = (0..6).map(|i| format!("by-hand-{i}")).collect();
+    let homes: std::collections::BTreeSet<u32> = timed
+        .iter()
+        .chain(&manual)
+        .map(|id| waymark::fleet::shard_of_schedule(id, 4))
+        .collect();
+    assert!(homes.len() >= 3, "the ids should spread over the shards");
+    let defs: Vec<Schedule> = timed
+        .iter()
+        .map(|id| Schedule::every(id.clone(), Duration::from_millis(200)))
+        .chain(manual.iter().map(|id| Schedule::manual(id.clone())))
+        .collect();
+    let w = scheduling_worker(&at, defs);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    let client = open_client(&at).await;
+
+    // Triggered by hand through the home shard's inbox.
+    for id in &manual {
+        let home = client.schedule_client(id);
+        let run_id = home
+            .trigger_and_wait(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            waymark::fleet::shard_of_run(&run_id, 4),
+            waymark::fleet::shard_of_schedule(id, 4),
+            "{run_id} routes away from {id}'s home"
+        );
+        let out = client.wait(&run_id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+    }
+
+    // Timer fires: each schedule fires a few times, every run on its home.
+    for _ in 0..1200 {
+        let all = client.schedules().await.unwrap();
+        if timed.iter().all(|id| {
+            all.iter()
+                .any(|s| &s.id == id && s.run_count >= 3 && s.last_run_id.is_some())
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = client.schedules().await.unwrap();
+    let listed: Vec<&str> = all.iter().map(|s| s.id.as_str()).collect();
+    let mut want: Vec<&str> = timed.iter().chain(&manual).map(String::as_str).collect();
+    want.sort();
+    assert_eq!(listed, want, "each schedule is recorded once, on its home");
+    for info in &all {
+        assert!(info.run_count >= 1, "{info:?}");
+        let last = info.last_run_id.as_deref().expect("a run");
+        assert_eq!(
+            waymark::fleet::shard_of_run(last, 4),
+            waymark::fleet::shard_of_schedule(&info.id, 4),
+            "{last}"
+        );
+        let out = client.wait(last, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+        assert_eq!(
+            client.schedule(&info.id).await.unwrap().map(|s| s.id),
+            Some(info.id.clone())
+        );
+    }
+    // A trigger sent to a shard that is not the schedule's home is refused.
+    let id = &manual[0];
+    let home = waymark::fleet::shard_of_schedule(id, 4);
+    let other = (0..4u32).find(|s| *s != home).unwrap();
+    let stranger = (0..)
+        .map(|i| format!("probe-{i}"))
+        .find(|run| waymark::fleet::shard_of_run(run, 4) == other)
+        .unwrap();
+    let e = client
+        .shard_client(&stranger)
+        .trigger_and_wait(id, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::ScheduleNotFound(_)), "{e}");
+    stop.notify_one();
+    task.await.unwrap().unwrap();
 }
 
 /// A store that accepts conditional writes and overwrites anyway (as Garage

@@ -63,18 +63,27 @@ struct WorkerCfg {
     logs: PathBuf,
     /// How long each step works.
     step_ms: u64,
+    /// How many schedules every shard's runtime defines (`tick-{i}`, every
+    /// [`TICK_MS`], one-step runs of workflow [`TICK_WORKFLOW`]).
+    schedules: u32,
 }
+
+/// The interval of the test schedules.
+const TICK_MS: u64 = 200;
+/// The workflow of the runs the test schedules fire: one step, not logged.
+const TICK_WORKFLOW: &str = "tick";
 
 impl WorkerCfg {
     fn arg(&self) -> String {
         format!(
-            "{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}",
             self.url,
             self.shards,
             self.lease_ms,
             self.guard_ms,
             self.logs.display(),
-            self.step_ms
+            self.step_ms,
+            self.schedules
         )
     }
 
@@ -87,6 +96,7 @@ impl WorkerCfg {
             guard_ms: p[3].parse().unwrap(),
             logs: PathBuf::from(p[4]),
             step_ms: p[5].parse().unwrap(),
+            schedules: p[6].parse().unwrap(),
         }
     }
 
@@ -127,6 +137,9 @@ struct ChainRunner {
 
 impl StepRunner for ChainRunner {
     async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+        if step.workflow == TICK_WORKFLOW {
+            return Ok(StepOutcome::Succeed { result: vec![] });
+        }
         let (run, n, attempt) = (&step.run_id, step.step_number, step.attempts);
         self.log.line(format!("S {run} {n} {attempt}"));
         tokio::time::sleep(self.step).await;
@@ -146,6 +159,9 @@ struct EndHook(Arc<Log>);
 
 impl TerminalHook for EndHook {
     async fn on_termination(&self, outcome: &RunOutcome) -> Result<(), StepError> {
+        if outcome.workflow == TICK_WORKFLOW {
+            return Ok(());
+        }
         self.0.line(format!("E {}", outcome.run_id));
         Ok(())
     }
@@ -176,10 +192,16 @@ fn fleet_worker() {
         };
         let hook = EndHook(log);
         let location = StoreLocation::from_url(&cfg.url).unwrap();
+        let (schedules, shards) = (cfg.schedules, cfg.shards);
         let worker = FleetWorker::new(location, cfg.shards, move |_, queue| {
-            WorkflowRuntime::builder(queue, runner.clone(), hook.clone())
-                .poll_interval(Duration::from_millis(20))
-                .max_concurrent_steps(16)
+            // Every shard gets every schedule; each fires on its home only.
+            (0..schedules)
+                .fold(
+                    WorkflowRuntime::builder(queue, runner.clone(), hook.clone())
+                        .poll_interval(Duration::from_millis(20))
+                        .max_concurrent_steps(16),
+                    |b, i| b.schedule(tick_schedule(i, shards)),
+                )
                 .build()
         })
         .lease_timing(cfg.timing())
@@ -200,6 +222,26 @@ fn fleet_worker() {
             .unwrap();
         println!("WORKER-DONE");
     });
+}
+
+/// Test schedule `i`'s id: `tick-{i}`, with the first suffix that homes it
+/// on shard `i % shards`, so the schedules cover every shard, the killed
+/// worker's included.
+fn tick_id(i: u32, shards: u32) -> String {
+    (0..)
+        .map(|k| format!("tick-{i}-{k}"))
+        .find(|id| waymark::fleet::shard_of_schedule(id, shards) == i % shards)
+        .unwrap()
+}
+
+/// Test schedule `i`: every [`TICK_MS`], every time fired (late ones
+/// after a takeover too), overlapping runs allowed.
+fn tick_schedule(i: u32, shards: u32) -> Schedule {
+    Schedule::every(tick_id(i, shards), Duration::from_millis(TICK_MS))
+        .workflow(TICK_WORKFLOW)
+        .overlap(Overlap::Allow)
+        .downtime(Downtime::FireAll { max: 100_000 })
+        .misfire_grace(Duration::from_secs(3600))
 }
 
 // ---------------------------------------------------------------------------
@@ -624,9 +666,15 @@ fn count_lines(dir: &Path, kind: char) -> usize {
 }
 
 /// The kill test on `url`: three workers on six shards, `runs` runs of
-/// five steps through the fleet client; one worker SIGKILLed once a third
-/// of the steps have run.
-fn kill_one_of_three(dir: &TestDir, url: String, runs: u32, (lease_ms, guard_ms): (u64, u64)) {
+/// five steps through the fleet client, and `schedules` schedules defined
+/// on every shard; one worker SIGKILLed once a third of the steps have run.
+fn kill_one_of_three(
+    dir: &TestDir,
+    url: String,
+    runs: u32,
+    schedules: u32,
+    (lease_ms, guard_ms): (u64, u64),
+) {
     let logs = logs_in(dir);
     let cfg = WorkerCfg {
         url: url.clone(),
@@ -635,6 +683,7 @@ fn kill_one_of_three(dir: &TestDir, url: String, runs: u32, (lease_ms, guard_ms)
         guard_ms,
         logs: logs.clone(),
         step_ms: 2,
+        schedules,
     };
     let at = StoreLocation::from_url(&url).unwrap();
     let rt = driver();
@@ -731,13 +780,111 @@ fn kill_one_of_three(dir: &TestDir, url: String, runs: u32, (lease_ms, guard_ms)
     let log = read_logs(&logs);
     let retried = check_runs(&outs, &log, runs, cfg.shards, &excused);
     println!("{retried} committed steps were retried attempts after the kill");
+    rt.block_on(check_schedules(
+        &at,
+        cfg.shards,
+        schedules,
+        killed_at - start,
+    ));
+}
+
+/// The schedules' fires, read once every worker has left: each schedule
+/// fired on its home shard only (each fire time under one run id, routed
+/// home, listed once across the shards), every [`TICK_MS`] from its first
+/// fire to its last with no time missed or repeated (the kill included:
+/// the taker fires the dead owner's missed times), each run that ran
+/// succeeded (the last fires may wait: the workers stop claiming as they
+/// leave), and the record's count agrees. `ran_before_kill` bounds how many fires each
+/// must at least have.
+async fn check_schedules(
+    at: &StoreLocation,
+    shards: u32,
+    schedules: u32,
+    ran_before_kill: Duration,
+) {
+    if schedules == 0 {
+        return;
+    }
+    let client = open_client(at).await;
+    let mut fired: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    let mut live = 0;
+    let mut filter = RunFilter {
+        workflow: Some(TICK_WORKFLOW.into()),
+        limit: 500,
+        ..Default::default()
+    };
+    loop {
+        let page = client.runs(&filter).await.unwrap();
+        for run in &page.runs {
+            // A fire committed as the workers left may not have run yet.
+            match run.phase {
+                RunPhase::Ended(TerminalStatus::Succeeded) => {}
+                RunPhase::Live(_) => live += 1,
+                _ => panic!("a fired run ended otherwise: {run:?}"),
+            }
+            let (id, rest) = run.run_id.rsplit_once(':').unwrap();
+            let ms: u64 = rest.split('-').next().unwrap().parse().unwrap();
+            fired
+                .entry(id.to_string())
+                .or_default()
+                .push((ms, run.run_id.clone()));
+        }
+        match page.next {
+            Some(next) => filter.after = Some(next),
+            None => break,
+        }
+    }
+    let infos = client.schedules().await.unwrap();
+    let ids: Vec<&str> = infos.iter().map(|s| s.id.as_str()).collect();
+    let want: Vec<String> = (0..schedules).map(|i| tick_id(i, shards)).collect();
+    assert_eq!(ids, want, "each schedule recorded once, on its home");
+    let mut v = Vec::new();
+    for info in &infos {
+        let mut times = fired.remove(&info.id).unwrap_or_default();
+        times.sort();
+        let home = waymark::fleet::shard_of_schedule(&info.id, shards);
+        for (_, run) in &times {
+            if waymark::fleet::shard_of_run(run, shards) != home {
+                v.push(format!("{run} routes away from {}'s home {home}", info.id));
+            }
+        }
+        for pair in times.windows(2) {
+            if pair[1].0 != pair[0].0 + TICK_MS {
+                v.push(format!(
+                    "{}: fired {:?} then {:?}",
+                    info.id, pair[0], pair[1]
+                ));
+            }
+        }
+        if times.len() as u64 != info.run_count {
+            v.push(format!(
+                "{}: {} runs listed, the record counts {}",
+                info.id,
+                times.len(),
+                info.run_count
+            ));
+        }
+        let least = (ran_before_kill.as_millis() as u64 / TICK_MS).saturating_sub(2);
+        if (times.len() as u64) < least {
+            v.push(format!("{}: only {} fires", info.id, times.len()));
+        }
+        println!(
+            "{}: {} fires every {TICK_MS} ms on shard {home}, none missed or repeated",
+            info.id,
+            times.len()
+        );
+    }
+    println!("{live} fired runs were still waiting when the workers left");
+    assert!(fired.is_empty(), "runs of unknown schedules: {fired:?}");
+    assert!(v.is_empty(), "{} violation(s):\n{}", v.len(), v.join("\n"));
+    client.close().await.unwrap();
 }
 
 #[test]
 fn a_sigkilled_worker_loses_nothing_and_its_shards_are_taken_over() {
     let _serial = serial();
     let (dir, url) = local_fleet("fleet-kill");
-    kill_one_of_three(&dir, url, 600, (1500, 300));
+    kill_one_of_three(&dir, url, 600, 6, (1500, 300));
 }
 
 #[test]
@@ -754,7 +901,7 @@ fn fleet_kill_on_s3() {
     // A longer lease than on local disk: moto is one Python process that
     // eighteen shard writers (and this load) keep busy, and renewals there
     // can take a second.
-    kill_one_of_three(&dir, url, 150, (6000, 1000));
+    kill_one_of_three(&dir, url, 150, 6, (6000, 1000));
 }
 
 #[test]
@@ -770,6 +917,7 @@ fn a_worker_frozen_past_its_lease_commits_nothing_after_the_takeover() {
         logs: logs.clone(),
         // Long steps, so some are in flight when the worker freezes.
         step_ms: 300,
+        schedules: 0,
     };
     let at = StoreLocation::from_url(&url).unwrap();
     let rt = driver();
@@ -885,6 +1033,7 @@ fn a_worker_joins_for_a_fair_share_and_one_leaves_without_interrupting_a_step() 
         guard_ms: 300,
         logs: logs.clone(),
         step_ms: 20,
+        schedules: 0,
     };
     let at = StoreLocation::from_url(&url).unwrap();
     let rt = driver();

@@ -1,5 +1,6 @@
 //! A client of a fleet: one [`Client`] per shard, every request routed to
-//! its run's shard ([`super::shard_of_run`]), listings merged across shards.
+//! its run's shard ([`super::shard_of_run`]) or its schedule's home
+//! ([`super::shard_of_schedule`]), listings merged across shards.
 
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use crate::runtime::{RunSpec, SubmitOutcome};
 use crate::store::StoreLocation;
 
 use super::manifest::FleetManifest;
-use super::route::shard_of_run;
+use crate::route::{shard_of_run, shard_of_schedule};
+use crate::schedule::ScheduleInfo;
 
 /// Submits, cancels and observes runs of a fleet from any process.
 #[derive(Clone)]
@@ -120,6 +122,30 @@ impl FleetClient {
             None
         };
         Ok(RunPage { runs, next })
+    }
+
+    /// The client of schedule `id`'s home shard, where its record lives and
+    /// its requests go: `fleet.schedule_client(id).trigger_and_wait(id, t)`
+    /// fires it now (likewise `pause`, `resume`).
+    pub fn schedule_client(&self, id: &str) -> &Client {
+        let shard = shard_of_schedule(id, self.manifest.shards) as usize;
+        &self.shards[shard.min(self.shards.len().saturating_sub(1))]
+    }
+
+    /// [`Client::schedule`] on the schedule's home shard.
+    pub async fn schedule(&self, id: &str) -> Result<Option<ScheduleInfo>, Error> {
+        self.schedule_client(id).schedule(id).await
+    }
+
+    /// Every recorded schedule across the shards, sorted by id (each lives
+    /// on its home shard only).
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let mut all = Vec::new();
+        for client in &self.shards {
+            all.extend(client.schedules().await?);
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
     }
 
     /// Close every shard's reader.

@@ -4,7 +4,8 @@
 //! to shards, and shard leases that give each shard at most one writer.
 //!
 //! What is here: [`FleetManifest`] (created once with a conditional put;
-//! another `N` is refused), [`shard_of`] (FNV-1a 64 of the id, modulo `N`),
+//! another `N` is refused), [`shard_of`] (FNV-1a 64 of the id, modulo `N`; a run's shard is its
+//! root's, [`shard_of_run`], and a schedule's home [`shard_of_schedule`]),
 //! [`check_conditional_writes`] (a store that ignores conditional writes
 //! is refused), and [`Leases`] (the create-only lease protocol, with its
 //! timing assumptions in its docs); [`FleetWorker`] (one process of a
@@ -18,16 +19,15 @@ mod client;
 mod lease;
 mod manifest;
 mod probe;
-mod route;
 mod status;
 mod worker;
 
+pub use crate::route::{fnv1a64, shard_of, shard_of_run, shard_of_schedule};
 pub use client::FleetClient;
 pub use lease::{
     HeldLease, LeaseTiming, LeaseView, Leases, MAX_LEASE, MIN_LEASE, Watch, peek_lease,
 };
 pub use manifest::{FleetManifest, MAX_SHARDS};
 pub use probe::check_conditional_writes;
-pub use route::{fnv1a64, shard_of, shard_of_run};
 pub use status::{Backlog, FleetStatus, ShardStatus};
 pub use worker::{FleetWorker, ShardEvent};

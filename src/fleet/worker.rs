@@ -11,7 +11,9 @@
 //! its lease's validity ends without a renewal, the runtime is dropped at
 //! once, commits in flight included; SlateDB's fencing (the taker's open)
 //! is the last line. A graceful hand-off stops claiming, lets in-flight
-//! steps settle, closes the store, then releases the lease.
+//! steps settle, closes the store, then releases the lease. Each shard's
+//! runtime is told its shard before it runs, so it fires only the
+//! schedules homed there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -28,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use super::lease::{HeldLease, LeaseTiming, Leases, Watch};
 use super::manifest::{FleetManifest, store_error};
 use super::probe::check_conditional_writes;
-use super::route::fnv1a64;
 use crate::error::Error;
 use crate::hook::TerminalHook;
+use crate::route::fnv1a64;
 use crate::runner::StepRunner;
 use crate::runtime::WorkflowRuntime;
 use crate::store::{StoreLocation, StoreOptions, open_worker_store};
@@ -106,6 +108,12 @@ struct Running {
 impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
     /// A worker of the fleet at `location` with `shards` shards (created
     /// if there is no fleet yet), whose shard runtimes `make` builds.
+    ///
+    /// `make` may give every shard's runtime the same schedules: the worker
+    /// assigns each runtime its shard before running it, and the runtime
+    /// then fires only the schedules homed there
+    /// ([`shard_of_schedule`](super::shard_of_schedule)), so each fires once
+    /// for the fleet.
     pub fn new(
         location: StoreLocation,
         shards: u32,
@@ -288,6 +296,7 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
     /// its fence (a lease that lapses stops it, open included).
     fn start(&self, manifest: &FleetManifest, lease: HeldLease) -> Running {
         let shard = lease.shard;
+        let shards = manifest.shards;
         let at = manifest.shard_location(&self.location, shard);
         let options = (self.store_options)(shard);
         let make = self.make.clone();
@@ -310,6 +319,8 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 let work = async {
                     let queue = open_worker_store(&at, options).await?;
                     let rt = make(shard, queue.clone())?;
+                    // Each schedule fires on its home shard only.
+                    rt.inner.schedules.assign_shard(shard, shards)?;
                     tracing::info!(shard, "took the shard");
                     report(&events, ShardEvent::Took { shard, epoch });
                     rt.run(stop.cancelled_owned()).await?;

@@ -29,8 +29,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 
     /// Fire a schedule now, by hand, and return the run id it submitted
-    /// (`{id}:t{ms}`). Overrides the workflow's backoff window (the operator
-    /// asked), never a trip.
+    /// (`{id}:t{ms}`; on a fleet perhaps with a suffix `-{k}` that routes
+    /// it to the schedule's home shard). Overrides the workflow's backoff
+    /// window (the operator asked), never a trip.
     ///
     /// Errors: [`Error::ScheduleNotFound`] for an id this runtime does not
     /// define; [`Error::WorkflowTripped`]; [`Error::ScheduleOverlap`] when the
@@ -57,7 +58,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         if inner.schedules.shutting_down() {
             return Err(Error::ShuttingDown);
         }
-        let Some(def) = inner.schedules.defs.get(id) else {
+        let Some(def) = inner.schedules.get(id) else {
             return Err(Error::ScheduleNotFound(id.to_string()));
         };
         let _writer = inner.schedules.lock(id).await;
@@ -138,7 +139,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     ) -> Result<bool, Error> {
         validate_name("schedule id", id)?;
         let inner = &self.inner;
-        let Some(def) = inner.schedules.defs.get(id) else {
+        let Some(def) = inner.schedules.get(id) else {
             return Err(Error::ScheduleNotFound(id.to_string()));
         };
         let _writer = inner.schedules.lock(id).await;
@@ -185,7 +186,6 @@ async fn current<R, H>(
         None => {
             let def = inner
                 .schedules
-                .defs
                 .get(id)
                 .ok_or_else(|| Error::ScheduleNotFound(id.to_string()))?;
             let rec = ScheduleRecord::new(def.kind.clone(), def.workflow.clone(), inner.now_ms());

@@ -54,15 +54,6 @@ pub(crate) fn tick(queue: &str, id: &str, at: u64) -> EnqueueRequest {
     }
 }
 
-/// The run id of a timer fire at `at`, and of a manual trigger at `at`.
-pub(crate) fn fire_run_id(id: &str, at: u64, manual: bool) -> String {
-    if manual {
-        format!("{id}:t{at}")
-    } else {
-        format!("{id}:{at}")
-    }
-}
-
 /// Append `b`'s effects to `a`'s.
 pub(crate) fn merge(mut a: SettlementEffects, b: SettlementEffects) -> SettlementEffects {
     a.enqueues.extend(b.enqueues);
@@ -114,7 +105,7 @@ pub(crate) fn fire<R, H>(
             return Ok(None);
         }
     };
-    let run_id = fire_run_id(id, at, manual);
+    let run_id = inner.schedules.run_id(id, at, manual);
     let prepared = inner.prepare_submit(RunSpec {
         run_id: Some(run_id.clone()),
         input,
@@ -273,7 +264,7 @@ async fn tick_once<R, H>(
     }
     let now = inner.now_ms();
     let key = state::key(qname, id);
-    let Some(def) = schedules.defs.get(id).filter(|_| rec.active && !rec.paused) else {
+    let Some(def) = schedules.get(id).filter(|_| rec.active && !rec.paused) else {
         rec.armed_ms = None;
         rec.next_fire_ms = None;
         let effects = SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?);
@@ -328,9 +319,9 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
     let qname = &inner.cfg.queue_name;
     let schedules = &inner.schedules;
     let now = inner.now_ms();
-    let mut ids: Vec<String> = schedules.defs.keys().cloned().collect();
+    let mut ids: Vec<String> = schedules.ids().cloned().collect();
     for info in state::read_schedules(inner.queue.view(), qname).await? {
-        if !schedules.defs.contains_key(&info.id) {
+        if schedules.get(&info.id).is_none() {
             ids.push(info.id);
         }
     }
@@ -342,7 +333,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
             guards.push(schedules.lock(id).await);
             let old = state::read_record(inner.queue.view(), qname, id).await?;
             let key = state::key(qname, id);
-            let (current, changed) = match (schedules.defs.get(id), old) {
+            let (current, changed) = match (schedules.get(id), old) {
                 (Some(def), None) => {
                     let mut rec = ScheduleRecord::new(def.kind.clone(), def.workflow.clone(), now);
                     rec.next_fire_ms = def.times.next_after(now, now);

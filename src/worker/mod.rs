@@ -84,7 +84,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             .await
         };
         let ticks = async {
-            if inner.schedules.defs.is_empty() {
+            if inner.schedules.is_empty() {
                 stop.cancelled().await;
                 return Ok(());
             }

@@ -1,4 +1,5 @@
-//! Routing: which shard a run lives on.
+//! Routing: which shard of a fleet a run, or a schedule, lives on (below
+//! both the fleet and the schedules, which use it; it imports nothing).
 //!
 //! Every process of a fleet (workers, clients, the CLI) must agree on a
 //! run's shard without asking anyone, across builds, platforms and
@@ -25,7 +26,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// The shard (`0..shards`) that `name` (a run id, a schedule id) lives on
 /// in a fleet of `shards` shards. A fleet of zero shards does not exist
-/// (see [`FleetManifest`](super::FleetManifest)); it maps everything to 0.
+/// (see [`FleetManifest`](crate::fleet::FleetManifest)); it maps everything to 0.
 pub fn shard_of(name: &str, shards: u32) -> u32 {
     match u64::from(shards) {
         0 => 0,
@@ -38,6 +39,14 @@ pub fn shard_of(name: &str, shards: u32) -> u32 {
 pub fn shard_of_run(run_id: &str, shards: u32) -> u32 {
     let root = run_id.split('.').next().unwrap_or(run_id);
     shard_of(root, shards)
+}
+
+/// The home shard of schedule `id`: the shard a run named `id` would have
+/// ([`shard_of_run`]). The schedule's record and ticks live there, only
+/// that shard's runtime fires it, and the runs it fires are named to route
+/// there (see [`WorkflowRuntime::trigger`](crate::WorkflowRuntime::trigger)).
+pub fn shard_of_schedule(id: &str, shards: u32) -> u32 {
+    shard_of_run(id, shards)
 }
 
 #[cfg(test)]
