@@ -354,3 +354,124 @@ fn another_shard_count_and_the_other_kind_of_store_are_refused_and_change_nothin
         .assert()
         .code(2);
 }
+
+/// `--schedule` on a fleet: every shard's runtime is given the schedules,
+/// each is recorded and fired on its home shard only, `schedules` lists
+/// each once (merged over the shards), and `trigger`, `pause` and `resume`
+/// reach it there; the runs it fires are found by `outcome`.
+#[test]
+fn schedules_on_a_fleet_fire_on_their_home_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = url_of(&tmp.path().join("fleet"));
+    let manual = ["by-hand-a", "by-hand-b", "by-hand-c", "by-hand-d"];
+    let homes: BTreeSet<u32> = manual
+        .iter()
+        .map(|id| waymark::fleet::shard_of_schedule(id, 3))
+        .collect();
+    assert!(homes.len() > 1, "the ids should spread over the shards");
+    let mut args = vec!["worker", "--store", &url, "--shards", "3"];
+    args.extend(LEASE);
+    let specs: Vec<String> = manual
+        .iter()
+        .map(|id| format!("{id}=manual"))
+        .chain(["often=every:300ms".to_string()])
+        .collect();
+    for spec in &specs {
+        args.extend(["--schedule", spec.as_str()]);
+    }
+    let mut worker = Proc::start("scheduling worker", &args, &[]);
+    worker.until("fleet worker ");
+    // Alone, it takes (and opens) all three shards.
+    for _ in 0..3 {
+        worker.until("took shard");
+    }
+    let listed = |url: &str| -> Vec<Value> {
+        let out = waymark()
+            .args(["schedules", "--json", "--store", url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    // Each schedule once, and the timer one fires a few times.
+    let all = eventually("every schedule recorded, `often` fired thrice", || {
+        let all = listed(&url);
+        let often = all.iter().find(|s| s["schedule"] == "often")?;
+        (all.len() == 5 && often["run_count"].as_u64()? >= 3).then_some(all)
+    });
+    let ids: Vec<&str> = all
+        .iter()
+        .map(|s| s["schedule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["by-hand-a", "by-hand-b", "by-hand-c", "by-hand-d", "often"]
+    );
+    let last = all[4]["last_run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        waymark::fleet::shard_of_run(&last, 3),
+        waymark::fleet::shard_of_schedule("often", 3),
+        "{last}"
+    );
+    eventually(&format!("{last} to end"), || {
+        let out = waymark()
+            .args(["outcome", &last, "--store", &url])
+            .output()
+            .unwrap();
+        (out.status.code() == Some(0)).then_some(())
+    });
+
+    // Triggered by hand, each through its home shard.
+    for id in manual {
+        let out = waymark()
+            .args(["trigger", id, "--store", &url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let run_id = text
+            .split_whitespace()
+            .find(|w| w.starts_with(&format!("{id}:t")))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_string();
+        eventually(&format!("{run_id} to end"), || {
+            let out = waymark()
+                .args(["outcome", &run_id, "--store", &url])
+                .output()
+                .unwrap();
+            match out.status.code() {
+                Some(0) => Some(String::from_utf8_lossy(&out.stdout).to_string()),
+                Some(4) => None,
+                _ => panic!("{out:?}"),
+            }
+        });
+    }
+    // Pause and resume reach the home shard too.
+    waymark()
+        .args(["pause", "often", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("paused often"));
+    let often = listed(&url)
+        .into_iter()
+        .find(|s| s["schedule"] == "often")
+        .unwrap();
+    assert_eq!(often["paused"], true, "{often}");
+    waymark()
+        .args(["resume", "often", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("resumed often"));
+    // An unknown id is refused by its home shard's worker.
+    waymark()
+        .args(["trigger", "nope", "--store", &url])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no schedule `nope`"));
+    worker.signal("TERM");
+    assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+}

@@ -11,9 +11,10 @@
 //! steps' simulated work; a third quits at once (the leases then lapse and
 //! are taken over after lease + guard). A location holding a single store
 //! is refused, and a fleet of another shard count too: nothing is ever
-//! reinterpreted. Schedules (`--schedule`) need a home shard and are not
-//! supported on a fleet yet; `--trip-after` gives each shard its own
-//! breaker.
+//! reinterpreted. Every shard's runtime is given the `--schedule`s, and each
+//! schedule fires on its home shard only (`shard_of_schedule`), under run
+//! ids that route there; `--trip-after` gives each shard its own breaker
+//! (a schedule is gated by its home shard's).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -190,12 +191,6 @@ fn timing(args: &WorkerArgs) -> CliResult<LeaseTiming> {
 /// `waymark worker --shards N`: join (or create) the fleet and run the
 /// shards this worker holds until Ctrl-C or SIGTERM.
 pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
-    if !args.schedules.is_empty() {
-        return Err(CliError::usage(
-            "--schedule is not supported on a fleet yet (a schedule needs a home shard); run \
-             schedules on a single store",
-        ));
-    }
     if shards == 0 || shards > MAX_SHARDS {
         return Err(CliError::usage(format!(
             "--shards: a fleet has 1 to {MAX_SHARDS} shards, not {shards}"
@@ -243,6 +238,9 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
     let hurry = CancellationToken::new();
     let (store_timeout, trip_after) = (store.timeout, args.trip_after);
+    // Every shard's runtime gets every schedule; the fleet worker keeps
+    // only those homed on its shard, so each fires once for the fleet.
+    let schedules = args.schedules.clone();
     let worker = FleetWorker::new(location.clone(), shards, {
         let hurry = hurry.clone();
         move |_shard, queue| {
@@ -251,7 +249,7 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
                 store_timeout,
                 OrderPipeline::new(work_tx.clone(), hurry.clone()),
                 OutcomeHook::new(end_tx.clone()),
-                Vec::new(),
+                schedules.clone(),
                 trip_after,
             )
         }

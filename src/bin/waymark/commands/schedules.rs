@@ -1,7 +1,9 @@
 //! `waymark schedules | trigger | pause | resume`: a store's durable
 //! schedules, read through a [`waymark::Client`] (never writing), and the
 //! requests that drive them, sent through the store's inbox like `submit`
-//! and `cancel` (see [`super::control`]). The worker applies a request
+//! and `cancel` (see [`super::control`]). On a fleet each schedule lives on
+//! its home shard (`shard_of_schedule`): the listing merges the shards, and
+//! a request goes to the schedule's home. The worker applies a request
 //! through its runtime's own `trigger` / `pause_schedule` /
 //! `resume_schedule`, so only the schedules the worker defines (for
 //! `waymark worker`, its `--schedule` options) can be driven: another id
@@ -60,11 +62,26 @@ fn check_schedule_id(id: &str) -> CliResult<()> {
 /// `waymark schedules`: every recorded schedule, sorted by id.
 pub async fn list(args: SchedulesArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
-    let all = store
-        .bounded("reading the schedules", client.schedules())
-        .await?;
-    let _ = client.close().await;
+    // On a fleet each schedule is recorded on its home shard: every
+    // shard's, merged.
+    let all = match store.fleet().await? {
+        Some(manifest) => {
+            let fleet = store.open_fleet_client(&manifest).await?;
+            let all = store
+                .bounded("reading the schedules", fleet.schedules())
+                .await?;
+            let _ = fleet.close().await;
+            all
+        }
+        None => {
+            let client = store.open_single_client().await?;
+            let all = store
+                .bounded("reading the schedules", client.schedules())
+                .await?;
+            let _ = client.close().await;
+            all
+        }
+    };
     if args.json {
         super::read::print_json(&super::json::schedules(&all))?;
         return Ok(Exit::Ok);
@@ -221,7 +238,8 @@ pub async fn resume(args: ScheduleArgs) -> CliResult<Exit> {
 async fn request(args: ScheduleArgs, action: Action) -> CliResult<Exit> {
     check_schedule_id(&args.id)?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    // On a fleet, the schedule's home shard records and applies it.
+    let client = store.open_schedule_client(&args.id).await?;
     let id = args.id.as_str();
     let request_id = match action {
         Action::Trigger => send(&store, client.trigger(id)).await?,

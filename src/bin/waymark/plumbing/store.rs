@@ -24,7 +24,7 @@ use std::time::Duration;
 use clap::Args;
 use futures_util::StreamExt;
 use rustix::fs::Access;
-use waymark::fleet::{FleetClient, FleetManifest, shard_of_run};
+use waymark::fleet::{FleetClient, FleetManifest, shard_of_run, shard_of_schedule};
 use waymark::taquba::object_store::local::LocalFileSystem;
 use waymark::taquba::object_store::path::Path as ObjectPath;
 use waymark::taquba::{QueueReader, ReaderMode, ReaderOptions};
@@ -271,8 +271,8 @@ impl Store {
     pub fn not_on_fleet(&self, manifest: &FleetManifest) -> CliError {
         CliError::refused(format!(
             "{} is a fleet of {} shards, not a single store: this command is not supported on a \
-             fleet yet (submit, cancel, signal, rerun, status, outcome, history, runs and fleet \
-             are)",
+             fleet yet (submit, cancel, signal, rerun, status, outcome, history, runs, schedules, \
+             trigger, pause, resume and fleet are)",
             self.shown(),
             manifest.shards
         ))
@@ -333,7 +333,24 @@ impl Store {
         manifest: &FleetManifest,
         run_id: &str,
     ) -> CliResult<Client> {
-        let shard = shard_of_run(run_id, manifest.shards);
+        self.open_shard(manifest, shard_of_run(run_id, manifest.shards))
+            .await
+    }
+
+    /// Open a client on schedule `id`'s home: its shard on a fleet (where
+    /// its record lives and its requests are applied), else the store.
+    pub async fn open_schedule_client(&self, id: &str) -> CliResult<Client> {
+        match self.fleet().await? {
+            Some(manifest) => {
+                self.open_shard(&manifest, shard_of_schedule(id, manifest.shards))
+                    .await
+            }
+            None => self.open_single_client().await,
+        }
+    }
+
+    /// Open a client on shard `shard` of the fleet `manifest`.
+    async fn open_shard(&self, manifest: &FleetManifest, shard: u32) -> CliResult<Client> {
         let at = manifest.shard_location(&self.location()?, shard);
         match tokio::time::timeout(self.timeout, Client::open(&at, Self::client_options())).await {
             Ok(Ok(client)) => Ok(client),
