@@ -195,25 +195,48 @@ pub(crate) async fn dead_jobs(
     limit: usize,
 ) -> Result<Vec<DeadJob>, Error> {
     let jobs = view.dead_jobs(queue, after, limit.max(1)).await?;
-    Ok(jobs
-        .into_iter()
-        .map(|job| {
-            let step_job = kind == DeadKind::Step;
-            DeadJob {
-                run_id: job.headers.get(crate::record::HEADER_RUN_ID).cloned(),
-                step: job
-                    .headers
-                    .get(crate::record::HEADER_STEP)
-                    .filter(|_| step_job)
-                    .and_then(|s| s.parse().ok()),
-                workflow: step_job.then(|| job_workflow(&job)),
-                attempts: job.attempts,
-                reason: job.last_error.clone(),
-                job_id: job.id,
-                kind,
-            }
-        })
-        .collect())
+    Ok(jobs.into_iter().map(|job| dead_job_of(job, kind)).collect())
+}
+
+/// Dead job `job_id` of the step queue `step_queue` or its hook queue, if
+/// there is one.
+pub(crate) async fn dead_job(
+    view: &QueueView,
+    step_queue: &str,
+    job_id: &str,
+) -> Result<Option<DeadJob>, Error> {
+    let Some(job) = view.get_job(job_id).await? else {
+        return Ok(None);
+    };
+    if job.status != JobStatus::Dead {
+        return Ok(None);
+    }
+    let kind = if job.queue == step_queue {
+        DeadKind::Step
+    } else if job.queue == crate::hook::hook_queue_name(step_queue) {
+        DeadKind::Hook
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(dead_job_of(job, kind)))
+}
+
+/// A dead job of `kind`, as the listings give it.
+fn dead_job_of(job: JobRecord, kind: DeadKind) -> DeadJob {
+    let step_job = kind == DeadKind::Step;
+    DeadJob {
+        run_id: job.headers.get(crate::record::HEADER_RUN_ID).cloned(),
+        step: job
+            .headers
+            .get(crate::record::HEADER_STEP)
+            .filter(|_| step_job)
+            .and_then(|s| s.parse().ok()),
+        workflow: step_job.then(|| job_workflow(&job)),
+        attempts: job.attempts,
+        reason: job.last_error.clone(),
+        job_id: job.id,
+        kind,
+    }
 }
 
 /// The workflow a step job belongs to.

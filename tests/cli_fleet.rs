@@ -205,9 +205,28 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
             "{status}"
         );
     }
+    // Each shard that ran runs has the workflow's tallies; nothing died.
+    let out = waymark()
+        .args(["workflows", "--json", "--store", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let health: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let on: BTreeSet<u64> = health
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["shard"].as_u64().unwrap())
+        .collect();
+    assert_eq!(on.len(), shards.len(), "{health}");
+    waymark()
+        .args(["dead", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("no dead jobs"));
     // Commands a fleet does not support yet say so.
     waymark()
-        .args(["workflows", "--store", &url])
+        .args(["serve", "--store", &url])
         .assert()
         .code(5)
         .stderr(predicate::str::contains("not supported on a fleet yet"));
@@ -303,7 +322,7 @@ fn another_shard_count_and_the_other_kind_of_store_are_refused_and_change_nothin
         .stderr(predicate::str::contains("is a fleet of 2 shards"))
         .stderr(predicate::str::contains("--shards 2"));
     waymark()
-        .args(["dead", "--store", &url])
+        .args(["serve", "--store", &url])
         .assert()
         .code(5)
         .stderr(predicate::str::contains("not supported on a fleet yet"));
@@ -472,6 +491,111 @@ fn schedules_on_a_fleet_fire_on_their_home_shard() {
         .assert()
         .code(3)
         .stderr(predicate::str::contains("no schedule `nope`"));
+    worker.signal("TERM");
+    assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+}
+
+/// The operator's commands on a fleet: `dead` lists each shard's dead jobs
+/// with the shard, `requeue` finds the job's shard and re-runs its run
+/// there, `workflows` shows each shard's breaker, and `reset` resets the
+/// workflow's breaker on every shard, saying where it was open.
+#[test]
+fn dead_jobs_breakers_and_resets_on_a_fleet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = url_of(&tmp.path().join("fleet"));
+    let mut args = vec![
+        "worker",
+        "--store",
+        &url,
+        "--shards",
+        "2",
+        "--trip-after",
+        "1",
+    ];
+    args.extend(LEASE);
+    let mut worker = Proc::start("fleet worker", &args, &[]);
+    worker.until("fleet worker ");
+    for _ in 0..2 {
+        worker.until("took shard");
+    }
+    let home = waymark::fleet::shard_of_run("pobox", 2);
+    // Example 7 ships to a PO Box: the carrier refuses it for good, the
+    // step job is dead-lettered, and the breaker (trip after 1) trips on
+    // the run's shard.
+    waymark()
+        .args(["submit", "pobox", "--example", "7", "--store", &url])
+        .assert()
+        .success();
+    let json = |args: &[&str]| -> Value {
+        let out = waymark()
+            .args(args)
+            .args(["--json", "--store", &url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let dead = eventually("the dead step job", || {
+        let dead = json(&["dead"]);
+        (dead.as_array()?.len() == 1).then_some(dead)
+    });
+    assert_eq!(dead[0]["shard"], home, "{dead}");
+    assert_eq!(dead[0]["run_id"], "pobox", "{dead}");
+    assert_eq!(dead[0]["step"], 3, "{dead}");
+    let job = dead[0]["job_id"].as_str().unwrap().to_string();
+    let shown = waymark().args(["dead", "--store", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(text.starts_with("SHARD"), "{text}");
+    assert!(text.contains(&job) && text.contains("PO Box"), "{text}");
+
+    let tripped = eventually("the breaker to trip on the run's shard", || {
+        let health = json(&["workflows"]);
+        health
+            .as_array()?
+            .iter()
+            .find(|h| h["shard"] == home && h["breaker"]["state"] == "tripped")
+            .cloned()
+    });
+    assert_eq!(tripped["workflow"], "default", "{tripped}");
+    waymark()
+        .args(["reset", "default", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "reset default on shard(s) {home}:"
+        )));
+    waymark()
+        .args(["reset", "default", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("nothing changed"));
+
+    // Requeue: routed to the shard that holds the job; the run re-runs
+    // from that step (and fails there again).
+    waymark()
+        .args(["requeue", &job, "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "run pobox runs again from that step (re-run 1)",
+        ));
+    eventually("the re-run to end", || {
+        let out = waymark()
+            .args(["outcome", "pobox", "--json", "--store", &url])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        let outcome: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (outcome["reruns"] == 1).then_some(())
+    });
+    // No longer dead on any shard: not found, and nothing sent.
+    waymark()
+        .args(["requeue", &job, "--store", &url])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no dead job"));
     worker.signal("TERM");
     assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
 }

@@ -314,6 +314,16 @@ async fn reads_agree_with_the_runtime() {
     for id in ["a-ok", "b-fail", "e-ok"] {
         c.wait(id, GUARD).await.unwrap();
     }
+    // b-fail's step job died with it (in its ending's transaction), and is
+    // found by its id; an id no job has is not.
+    let dead = c.dead_jobs(DeadKind::Step, None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].run_id.as_deref(), Some("b-fail"));
+    assert_eq!(
+        c.dead_job(&dead[0].job_id).await.unwrap().as_ref(),
+        Some(&dead[0])
+    );
+    assert_eq!(c.dead_job("01NOSUCHJOB").await.unwrap(), None);
     env.until("the blocked step runs", || async {
         matches!(c.status("d-block").await.unwrap(), Some(s) if s.state == RunState::Running)
     })
@@ -442,6 +452,8 @@ async fn a_malformed_request_is_refused_and_the_worker_goes_on() {
         .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, "bad-1");
+    // A dead request is not a dead step or hook job.
+    assert_eq!(env.client.dead_job("bad-1").await.unwrap(), None);
     // The worker goes on.
     let ok = env
         .client

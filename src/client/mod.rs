@@ -515,6 +515,12 @@ impl Client {
             .await
     }
 
+    /// Dead job `job_id` (a step job or a hook notification of this
+    /// client's queue), or `None` when the store has no such dead job.
+    pub async fn dead_job(&self, job_id: &str) -> Result<Option<DeadJob>, Error> {
+        read::dead_job(self.inner.reader.view(), &self.inner.queue_name, job_id).await
+    }
+
     /// A page of the dead-lettered jobs of `kind` (step jobs, or hook
     /// notifications), in enqueue order after job id `after`, at most
     /// `limit`: each with its run, step and the reason it died.

@@ -124,6 +124,25 @@ impl FleetClient {
         Ok(RunPage { runs, next })
     }
 
+    /// Every shard's client, by shard number: for what concerns each shard
+    /// on its own (a workflow's breaker is per shard: its health is read,
+    /// and it is reset, on each).
+    pub fn shards(&self) -> &[Client] {
+        &self.shards
+    }
+
+    /// The client of the shard holding dead job `job_id` (job ids are not
+    /// routed: each shard is asked), where `Client::requeue` is sent;
+    /// `None` when no shard has such a dead job.
+    pub async fn dead_job_client(&self, job_id: &str) -> Result<Option<&Client>, Error> {
+        for client in &self.shards {
+            if client.dead_job(job_id).await?.is_some() {
+                return Ok(Some(client));
+            }
+        }
+        Ok(None)
+    }
+
     /// The client of schedule `id`'s home shard, where its record lives and
     /// its requests go: `fleet.schedule_client(id).trigger_and_wait(id, t)`
     /// fires it now (likewise `pause`, `resume`).

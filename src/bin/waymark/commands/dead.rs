@@ -4,7 +4,9 @@
 //! request per job through the store's inbox: the worker delivers a dead
 //! hook notification again, and re-runs a dead step job's run from that
 //! step (a step runs again only through a re-run: its run ended with it).
-//! Long listings and many requeues show progress, on a terminal only.
+//! Long listings and many requeues show progress, on a terminal only. On a
+//! fleet, `dead` lists every shard's (with the shard) and `requeue` sends
+//! each request to the shard that holds the job.
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -77,22 +79,52 @@ fn progress(len: Option<u64>, message: &str, shown: bool) -> ProgressBar {
 }
 
 /// `waymark dead`.
+///
+/// On a fleet each shard's dead jobs are listed in turn (`--limit` per
+/// shard and kind), under a `SHARD` column (a `shard` field in JSON).
 pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
     let kinds = match args.kind {
         Some(KindArg::Step) => vec![DeadKind::Step],
         Some(KindArg::Hook) => vec![DeadKind::Hook],
         None => vec![DeadKind::Step, DeadKind::Hook],
     };
     let bar = progress(None, "reading dead jobs", !args.json);
-    let mut all = Vec::new();
-    for kind in kinds {
-        all.extend(list(&store, &client, kind, args.limit.max(1), &bar).await?);
+    // (shard, job): the shard is `None` on a single store.
+    let mut all: Vec<(Option<u32>, DeadJob)> = Vec::new();
+    let fleet = store.fleet().await?;
+    match &fleet {
+        Some(manifest) => {
+            let fleet = store.open_fleet_client(manifest).await?;
+            for (shard, client) in (0..).zip(fleet.shards()) {
+                for kind in &kinds {
+                    let jobs = list(&store, client, *kind, args.limit.max(1), &bar).await?;
+                    all.extend(jobs.into_iter().map(|job| (Some(shard), job)));
+                }
+            }
+            let _ = fleet.close().await;
+        }
+        None => {
+            let client = store.open_single_client().await?;
+            for kind in &kinds {
+                let jobs = list(&store, &client, *kind, args.limit.max(1), &bar).await?;
+                all.extend(jobs.into_iter().map(|job| (None, job)));
+            }
+            let _ = client.close().await;
+        }
     }
     bar.finish_and_clear();
-    let _ = client.close().await;
     if args.json {
+        let all: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(shard, job)| {
+                let mut value = serde_json::to_value(job).unwrap_or_default();
+                if let (Some(shard), Some(fields)) = (shard, value.as_object_mut()) {
+                    fields.insert("shard".into(), (*shard).into());
+                }
+                value
+            })
+            .collect();
         print_json(&all)?;
         return Ok(Exit::Ok);
     }
@@ -100,10 +132,11 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
         say!("no dead jobs in {}", store.shown());
         return Ok(Exit::Ok);
     }
-    let rows: Vec<[String; 6]> = all
+    let rows: Vec<[String; 7]> = all
         .iter()
-        .map(|job| {
+        .map(|(shard, job)| {
             [
+                shard.map_or_else(String::new, |s| s.to_string()),
                 job.job_id.clone(),
                 match job.kind {
                     DeadKind::Hook => "hook".to_string(),
@@ -116,7 +149,19 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
             ]
         })
         .collect();
-    table(&["JOB", "KIND", "RUN", "STEP", "ATTEMPTS", "REASON"], &rows);
+    let header = ["SHARD", "JOB", "KIND", "RUN", "STEP", "ATTEMPTS", "REASON"];
+    if fleet.is_some() {
+        table(&header, &rows);
+    } else {
+        let rows: Vec<[String; 6]> = rows
+            .into_iter()
+            .map(|[_, job, kind, run, step, attempts, reason]| {
+                [job, kind, run, step, attempts, reason]
+            })
+            .collect();
+        let [_, header @ ..] = header;
+        table(&header, &rows);
+    }
     say!("requeue one: waymark requeue JOB (a step job re-runs its run from that step)");
     Ok(Exit::Ok)
 }
@@ -167,24 +212,42 @@ pub async fn requeue(args: RequeueArgs) -> CliResult<Exit> {
         check_job_id(id)?;
     }
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    // On a fleet each job is requeued through the shard that holds it.
+    let (fleet, single) = match store.fleet().await? {
+        Some(manifest) => (Some(store.open_fleet_client(&manifest).await?), None),
+        None => (None, Some(store.open_single_client().await?)),
+    };
     let many = args.job_ids.len() > 1;
     let bar = progress(Some(args.job_ids.len() as u64), "requeueing", many);
     let mut sent = Vec::new();
     for id in &args.job_ids {
-        sent.push((id, send(&store, client.requeue(id)).await?));
+        let client = match (&fleet, &single) {
+            (Some(fleet), _) => store
+                .bounded("finding the dead job's shard", fleet.dead_job_client(id))
+                .await?
+                .ok_or_else(|| {
+                    CliError::not_found(format!(
+                        "no dead job `{}` on any shard of the fleet at {}",
+                        shown(id),
+                        store.shown()
+                    ))
+                })?,
+            (None, Some(client)) => client,
+            (None, None) => return Err(CliError::failure("no client was opened")),
+        };
+        sent.push((id, client, send(&store, client.requeue(id)).await?));
         bar.inc(1);
     }
     bar.finish_and_clear();
     if args.no_wait {
-        for (id, request_id) in &sent {
+        for (id, _, request_id) in &sent {
             say!("sent: requeue {id} (request {request_id}); a worker on the store applies it");
         }
         return Ok(Exit::Ok);
     }
     let mut code = Exit::Ok;
-    for (id, request_id) in &sent {
-        match await_reply_to(&store, &client, request_id).await {
+    for (id, client, request_id) in &sent {
+        match await_reply_to(&store, client, request_id).await {
             Ok(Some(Reply::Requeued { .. })) => {
                 say!("requeued {id}: the hook notification is delivered again")
             }
@@ -198,6 +261,11 @@ pub async fn requeue(args: RequeueArgs) -> CliResult<Exit> {
             Err(e) => return Err(e),
         }
     }
-    let _ = client.close().await;
+    if let Some(fleet) = fleet {
+        let _ = fleet.close().await;
+    }
+    if let Some(client) = single {
+        let _ = client.close().await;
+    }
     Ok(code)
 }

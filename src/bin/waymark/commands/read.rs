@@ -3,7 +3,8 @@
 //! fences its worker, so they work while the demo or a worker runs. Ids are
 //! checked before anything is opened. Each read is bounded by `--timeout`.
 //! On a fleet, `status` and `outcome` read the run's shard and `runs` lists
-//! every shard; `workflows` is refused there (not supported on a fleet yet).
+//! every shard; `workflows` lists each shard's breaker and tallies per
+//! workflow (a breaker is per shard).
 
 use std::time::{Duration, SystemTime};
 
@@ -388,28 +389,71 @@ pub struct WorkflowsArgs {
 /// `waymark workflows`: each workflow's health.
 pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
-    let health = store
-        .bounded("reading workflow health", client.workflows())
-        .await?;
-    let _ = client.close().await;
+    let Some(manifest) = store.fleet().await? else {
+        let client = store.open_single_client().await?;
+        let health = store
+            .bounded("reading workflow health", client.workflows())
+            .await?;
+        let _ = client.close().await;
+        if args.json {
+            print_json(&super::json::workflows(&health))?;
+            return Ok(Exit::Ok);
+        }
+        let rows: Vec<[String; 4]> = health.iter().map(health_row).collect();
+        table(&["WORKFLOW", "BREAKER", "RUNS", "LAST ERROR"], &rows);
+        return Ok(Exit::Ok);
+    };
+    // On a fleet each shard keeps its own breaker and tallies per
+    // workflow: one row per shard that has seen the workflow.
+    let fleet = store.open_fleet_client(&manifest).await?;
+    let mut all = Vec::new();
+    for (shard, client) in (0..).zip(fleet.shards()) {
+        let health = store
+            .bounded("reading workflow health", client.workflows())
+            .await?;
+        all.extend(health.into_iter().map(|h| (shard, h)));
+    }
+    let _ = fleet.close().await;
+    all.sort_by(|(sa, a), (sb, b)| a.name.cmp(&b.name).then(sa.cmp(sb)));
     if args.json {
-        print_json(&super::json::workflows(&health))?;
+        let values: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(shard, h)| {
+                let mut value = super::json::workflows(std::slice::from_ref(h))
+                    .as_array_mut()
+                    .and_then(|a| a.pop())
+                    .unwrap_or_default();
+                if let Some(fields) = value.as_object_mut() {
+                    fields.insert("shard".into(), (*shard).into());
+                }
+                value
+            })
+            .collect();
+        print_json(&values)?;
         return Ok(Exit::Ok);
     }
-    let rows: Vec<[String; 4]> = health
+    let rows: Vec<[String; 5]> = all
         .iter()
-        .map(|h| {
-            [
-                h.name.clone(),
-                breaker_word(&h.status),
-                format!("{} succeeded, {} failed", h.runs_succeeded, h.runs_failed),
-                h.last_error.clone().unwrap_or_else(|| "-".into()),
-            ]
+        .map(|(shard, h)| {
+            let [name, breaker, runs, error] = health_row(h);
+            [name, shard.to_string(), breaker, runs, error]
         })
         .collect();
-    table(&["WORKFLOW", "BREAKER", "RUNS", "LAST ERROR"], &rows);
+    table(
+        &["WORKFLOW", "SHARD", "BREAKER", "RUNS", "LAST ERROR"],
+        &rows,
+    );
     Ok(Exit::Ok)
+}
+
+/// One workflow's health as a table row.
+fn health_row(h: &waymark::WorkflowHealth) -> [String; 4] {
+    [
+        h.name.clone(),
+        breaker_word(&h.status),
+        format!("{} succeeded, {} failed", h.runs_succeeded, h.runs_failed),
+        h.last_error.clone().unwrap_or_else(|| "-".into()),
+    ]
 }
 
 /// A breaker's state in a word or two.

@@ -2,10 +2,12 @@
 //! zero its failure streak, release its parked steps), sent through the
 //! store's inbox like `cancel` (see [`super::control`]); the worker applies
 //! it with its runtime's `reset_workflow`. No worker answering within
-//! `--timeout` exits 4, the request waiting in the inbox.
+//! `--timeout` exits 4, the request waiting in the inbox. On a fleet each
+//! shard has its own breaker: the request goes to every shard.
 
 use clap::Args;
 use waymark::Reply;
+use waymark::fleet::FleetManifest;
 
 use super::control::{await_reply_to, send};
 use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
@@ -35,7 +37,10 @@ pub async fn reset(args: ResetArgs) -> CliResult<Exit> {
         ))
     })?;
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    if let Some(manifest) = store.fleet().await? {
+        return reset_fleet(&store, &manifest, workflow, args.no_wait).await;
+    }
+    let client = store.open_single_client().await?;
     let request_id = send(&store, client.reset(workflow)).await?;
     if args.no_wait {
         say!("sent: reset {workflow} (request {request_id}); a worker on the store applies it");
@@ -55,4 +60,54 @@ pub async fn reset(args: ResetArgs) -> CliResult<Exit> {
     };
     let _ = client.close().await;
     Ok(code)
+}
+
+/// `waymark reset` on a fleet: each shard has its own breaker for the
+/// workflow, so the request goes to every shard, and each answers.
+async fn reset_fleet(
+    store: &Store,
+    manifest: &FleetManifest,
+    workflow: &str,
+    no_wait: bool,
+) -> CliResult<Exit> {
+    let fleet = store.open_fleet_client(manifest).await?;
+    let mut sent = Vec::new();
+    for (shard, client) in (0..).zip(fleet.shards()) {
+        sent.push((shard, client, send(store, client.reset(workflow)).await?));
+    }
+    if no_wait {
+        say!(
+            "sent: reset {workflow} to each of the {} shards; the workers on the fleet apply them",
+            sent.len()
+        );
+        let _ = fleet.close().await;
+        return Ok(Exit::Ok);
+    }
+    let (mut opened, mut unanswered) = (Vec::new(), 0);
+    for (shard, client, request_id) in &sent {
+        match await_reply_to(store, client, request_id).await? {
+            Some(Reply::Reset { was_open: true, .. }) => opened.push(shard.to_string()),
+            Some(Reply::Reset { .. }) => {}
+            Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
+            None => unanswered += 1,
+        }
+    }
+    let _ = fleet.close().await;
+    if opened.is_empty() {
+        say!(
+            "{workflow}'s breaker was closed with no failure streak on every shard that answered; \
+             nothing changed"
+        );
+    } else {
+        say!(
+            "reset {workflow} on shard(s) {}: its breaker there is closed and its parked steps run \
+             again (each shard has its own breaker)",
+            opened.join(", ")
+        );
+    }
+    Ok(if unanswered > 0 {
+        Exit::Unfinished
+    } else {
+        Exit::Ok
+    })
 }

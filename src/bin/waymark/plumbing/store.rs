@@ -271,8 +271,7 @@ impl Store {
     pub fn not_on_fleet(&self, manifest: &FleetManifest) -> CliError {
         CliError::refused(format!(
             "{} is a fleet of {} shards, not a single store: this command is not supported on a \
-             fleet yet (submit, cancel, signal, rerun, status, outcome, history, runs, schedules, \
-             trigger, pause, resume and fleet are)",
+             fleet yet (every command but `serve` and `demo` is)",
             self.shown(),
             manifest.shards
         ))
