@@ -162,8 +162,10 @@
 //! writing to a shard before its lease can lapse, and takes over a dead
 //! worker's shards after the lease and a guard time; SlateDB's fencing is
 //! the last line. [`fleet::FleetClient`] routes each request to its run's
-//! shard. `waymark worker --shards N` and `waymark fleet` are the CLI's
-//! face; `ARCHITECTURE.md` has the protocol and its timing assumptions.
+//! shard. Every shard's runtime may be given the same schedules: each
+//! fires on its home shard only ([`fleet::shard_of_schedule`]).
+//! `waymark worker --shards N` and `waymark fleet` are the CLI's face;
+//! `ARCHITECTURE.md` has the protocol and its timing assumptions.
 //!
 //! ```no_run
 //! use waymark::fleet::{FleetClient, FleetWorker};
@@ -196,6 +198,14 @@
 //! a record of every step's calls, and a helper that SIGKILLs a real worker
 //! process at seeded moments. Its module docs are the guide; Waymark's own
 //! crash tests use it.
+//!
+//! ## Features
+//!
+//! - `cli` (default): the `waymark` binary, and the dependencies only it
+//!   uses (HTTP server, argument parser, progress bars, the Prometheus
+//!   exporter, log output). A service embedding the library turns it off:
+//!   `waymark = { version = "0.1", default-features = false }`.
+//! - `testkit`: the test kit above.
 //!
 //! See `ARCHITECTURE.md` for the modules, the path of one step, and the
 //! path of a client's request.
