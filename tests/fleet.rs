@@ -95,6 +95,23 @@ async fn open_client(at: &StoreLocation) -> FleetClient {
         .unwrap()
 }
 
+/// The ids of the fleet's membership objects, sorted.
+async fn members(at: &StoreLocation) -> Vec<String> {
+    use futures_util::TryStreamExt;
+    use waymark::taquba::object_store::ObjectStore;
+    use waymark::taquba::object_store::path::Path;
+    let dir = Path::from(format!("{}/members", at.path().trim_end_matches('/')));
+    let mut ids: Vec<String> = at
+        .object_store()
+        .list(Some(&dir))
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    ids.sort();
+    ids
+}
+
 fn held_by(owners: &BTreeMap<u32, Option<String>>, id: &str) -> usize {
     owners.values().filter(|o| o.as_deref() == Some(id)).count()
 }
@@ -153,6 +170,21 @@ async fn workers_share_shards_join_and_take_over() {
     let _ = a_task.await;
     until_owners(&at, |o| held_by(o, &b_id) == 4).await;
     submit_and_wait(&client, (0..40).map(|i| format!("third-{i}"))).await;
+    // a's membership object, left behind, is removed once it has stood
+    // still for five lease windows (it would stay in the bucket for good,
+    // listed by every tick of every worker).
+    assert!(members(&at).await.contains(&a_id));
+    for _ in 0..600 {
+        if !members(&at).await.contains(&a_id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        members(&at).await,
+        vec![b_id.clone()],
+        "a's membership stayed"
+    );
 
     // b leaves gracefully: every shard is released.
     b_stop.notify_one();

@@ -384,8 +384,16 @@ impl Running {
     }
 }
 
+/// How many lease windows (lease + guard) a member's object may stand
+/// unchanged before another worker deletes it: a worker killed without
+/// leaving (its `leave` deletes its own) would otherwise leave it in the
+/// bucket for good, and every tick of every worker lists them all. A
+/// worker frozen that long and woken beats again: its object comes back.
+const STALE_MEMBER_WINDOWS: u32 = 5;
+
 /// The fleet's membership: one object per worker, rewritten each tick;
-/// a worker is live while its object changes within a lease.
+/// a worker is live while its object changes within a lease, and its
+/// object is deleted once it has stood still for [`STALE_MEMBER_WINDOWS`].
 struct Members {
     location: StoreLocation,
     dir: Path,
@@ -425,8 +433,10 @@ impl Members {
         let mut listing = self.location.object_store().list(Some(&self.dir));
         let now = Instant::now();
         let window = timing.duration.saturating_add(timing.guard);
+        let stale = window.saturating_mul(STALE_MEMBER_WINDOWS);
         let mut live = 0u32;
         let mut present = Vec::new();
+        let mut dead = Vec::new();
         while let Some(meta) = listing.next().await {
             let meta =
                 meta.map_err(|e| store_error(&self.location, "list the fleet's members", e))?;
@@ -442,12 +452,23 @@ impl Members {
                     now
                 }
             };
-            if meta.location == self.me || now.duration_since(since) < window {
+            let still = now.duration_since(since);
+            if meta.location == self.me || still < window {
                 live = live.saturating_add(1);
+            } else if still >= stale {
+                dead.push(meta.location.clone());
             }
             present.push(name);
         }
+        drop(listing);
+        let present: std::collections::HashSet<String> = present.into_iter().collect();
         crate::sync::lock(&self.seen).retain(|name, _| present.contains(name));
+        for gone in dead {
+            match self.location.object_store().delete(&gone).await {
+                Ok(()) => tracing::info!(member = %gone, "removed a dead worker's membership"),
+                Err(e) => tracing::debug!(member = %gone, "removing a dead member failed: {e}"),
+            }
+        }
         Ok(live.max(1))
     }
 
