@@ -62,6 +62,22 @@ fn owners(url: &str) -> Vec<Option<String>> {
         .collect()
 }
 
+/// Wait (bounded) until `waymark outcome RUN` finds run `run_id` ended;
+/// its output.
+fn ended(url: &str, run_id: &str) -> String {
+    eventually(&format!("{run_id} to end"), || {
+        let out = waymark()
+            .args(["outcome", run_id, "--store", url])
+            .output()
+            .unwrap();
+        match out.status.code() {
+            Some(0) => Some(String::from_utf8_lossy(&out.stdout).to_string()),
+            Some(4) => None,
+            _ => panic!("{out:?}"),
+        }
+    })
+}
+
 /// How many shards each worker holds.
 fn held(owners: &[Option<String>]) -> BTreeMap<String, usize> {
     let mut held = BTreeMap::new();
@@ -119,17 +135,7 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
     assert!(shards.len() > 1, "{shards:?}");
 
     for id in &ids {
-        eventually(&format!("{id} to end"), || {
-            let out = waymark()
-                .args(["outcome", id, "--store", &url])
-                .output()
-                .unwrap();
-            match out.status.code() {
-                Some(0) => Some(String::from_utf8_lossy(&out.stdout).to_string()),
-                Some(4) => None,
-                _ => panic!("{out:?}"),
-            }
-        });
+        ended(&url, id);
         waymark()
             .args(["outcome", id, "--store", &url])
             .assert()
@@ -436,13 +442,7 @@ fn schedules_on_a_fleet_fire_on_their_home_shard() {
         waymark::fleet::shard_of_schedule("often", 3),
         "{last}"
     );
-    eventually(&format!("{last} to end"), || {
-        let out = waymark()
-            .args(["outcome", &last, "--store", &url])
-            .output()
-            .unwrap();
-        (out.status.code() == Some(0)).then_some(())
-    });
+    ended(&url, &last);
 
     // Triggered by hand, each through its home shard.
     for id in manual {
@@ -457,17 +457,7 @@ fn schedules_on_a_fleet_fire_on_their_home_shard() {
             .find(|w| w.starts_with(&format!("{id}:t")))
             .unwrap_or_else(|| panic!("{text}"))
             .to_string();
-        eventually(&format!("{run_id} to end"), || {
-            let out = waymark()
-                .args(["outcome", &run_id, "--store", &url])
-                .output()
-                .unwrap();
-            match out.status.code() {
-                Some(0) => Some(String::from_utf8_lossy(&out.stdout).to_string()),
-                Some(4) => None,
-                _ => panic!("{out:?}"),
-            }
-        });
+        ended(&url, &run_id);
     }
     // Pause and resume reach the home shard too.
     waymark()
