@@ -115,17 +115,10 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
     }
     bar.finish_and_clear();
     if args.json {
-        let all: Vec<serde_json::Value> = all
-            .iter()
-            .map(|(shard, job)| {
-                let mut value = serde_json::to_value(job).unwrap_or_default();
-                if let (Some(shard), Some(fields)) = (shard, value.as_object_mut()) {
-                    fields.insert("shard".into(), (*shard).into());
-                }
-                value
-            })
-            .collect();
-        print_json(&all)?;
+        let (shards, jobs): (Vec<_>, Vec<_>) = all.into_iter().unzip();
+        let jobs = serde_json::to_value(&jobs)
+            .map_err(|e| CliError::failure(format!("cannot print JSON: {e}")))?;
+        print_json(&super::json::with_shards(jobs, shards))?;
         return Ok(Exit::Ok);
     }
     if all.is_empty() {

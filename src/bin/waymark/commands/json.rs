@@ -74,6 +74,19 @@ pub fn runs(page: &RunPage) -> Value {
 }
 
 /// Every workflow's health.
+/// `items` (a JSON array) with each element's fleet shard as a `shard`
+/// field; an element whose shard is `None` (a single store) is unchanged.
+pub fn with_shards(mut items: Value, shards: impl IntoIterator<Item = Option<u32>>) -> Value {
+    if let Some(items) = items.as_array_mut() {
+        for (item, shard) in items.iter_mut().zip(shards) {
+            if let (Some(shard), Some(fields)) = (shard, item.as_object_mut()) {
+                fields.insert("shard".into(), shard.into());
+            }
+        }
+    }
+    items
+}
+
 pub fn workflows(all: &[WorkflowHealth]) -> Value {
     let all: Vec<Value> = all
         .iter()

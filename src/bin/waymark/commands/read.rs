@@ -416,20 +416,12 @@ pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
     let _ = fleet.close().await;
     all.sort_by(|(sa, a), (sb, b)| a.name.cmp(&b.name).then(sa.cmp(sb)));
     if args.json {
-        let values: Vec<serde_json::Value> = all
-            .iter()
-            .map(|(shard, h)| {
-                let mut value = super::json::workflows(std::slice::from_ref(h))
-                    .as_array_mut()
-                    .and_then(|a| a.pop())
-                    .unwrap_or_default();
-                if let Some(fields) = value.as_object_mut() {
-                    fields.insert("shard".into(), (*shard).into());
-                }
-                value
-            })
-            .collect();
-        print_json(&values)?;
+        let (shards, health): (Vec<_>, Vec<_>) = all.into_iter().unzip();
+        let values = super::json::workflows(&health);
+        print_json(&super::json::with_shards(
+            values,
+            shards.into_iter().map(Some),
+        ))?;
         return Ok(Exit::Ok);
     }
     let rows: Vec<[String; 5]> = all
