@@ -47,7 +47,11 @@ async fn a_fleet_runs_on_s3() {
     let (a, b) = (worker(&at), worker(&at));
     let stop = tokio_util::sync::CancellationToken::new();
     let tasks = [a, b].map(|w| tokio::spawn(w.run(stop.clone().cancelled_owned())));
-    // The client opens once a worker has created the fleet.
+    // The client opens once the workers have created the fleet and every
+    // shard's store. Until then the open fails: no manifest yet, or (a
+    // shard caught while its first open writes it) a store whose manifest
+    // is not complete, which SlateDB reports as a data error. Bounded.
+    let started = std::time::Instant::now();
     let client = loop {
         match FleetClient::open(
             &at,
@@ -56,10 +60,11 @@ async fn a_fleet_runs_on_s3() {
         .await
         {
             Ok(client) => break client,
-            Err(Error::NotAWaymarkStore { .. }) => {
+            Err(e) if started.elapsed() < GUARD => {
+                eprintln!("the fleet client does not open yet: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
-            Err(e) => panic!("{e}"),
+            Err(e) => panic!("no fleet client within {GUARD:?}: {e}"),
         }
     };
     let ids: Vec<String> = (0..8).map(|i| format!("s3-fleet-{i}")).collect();
