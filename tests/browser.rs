@@ -3,7 +3,10 @@
 //! that the runs table shows the runs and the workflows page a tripped
 //! workflow, resets that workflow with a mouse click on the page's reset
 //! button, sees the reset happen, and saves screenshots under `target/`
-//! (`target/dashboard-*.png`).
+//! (`target/dashboard-*.png`); and, on a fleet of two shards, that the
+//! runs of both shards are listed, the header counts the shards' workers,
+//! the workflows page shows each shard's breaker, and a reset clicked there
+//! closes the tripped one.
 //!
 //! Skipped, loudly, when no Chromium is installed (`apt-get install
 //! chromium`; `WAYMARK_CHROMIUM` names another binary).
@@ -201,9 +204,11 @@ impl Cdp {
     }
 }
 
-#[test]
-fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow() {
-    let Some(binary) = chromium() else {
+/// The Chromium binary, or `None` after saying loudly that the test is
+/// skipped.
+fn chromium_or_skip() -> Option<PathBuf> {
+    let found = chromium();
+    if found.is_none() {
         // Written to stderr directly: the test harness captures `eprintln!`
         // of a passing test, and this must be seen.
         let _ = writeln!(
@@ -213,6 +218,27 @@ fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow()
              !! or set WAYMARK_CHROMIUM to its path)\n\
              !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
         );
+    }
+    found
+}
+
+impl Browser {
+    /// A page at `url`, 1280 by 760.
+    fn open(&self, url: &str) -> Cdp {
+        let mut page = self.page();
+        page.call("Page.enable", json!({}));
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1280, "height": 760, "deviceScaleFactor": 1, "mobile": false }),
+        );
+        page.call("Page.navigate", json!({ "url": url }));
+        page
+    }
+}
+
+#[test]
+fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow() {
+    let Some(binary) = chromium_or_skip() else {
         return;
     };
     // The default workflow trips at its first failure.
@@ -237,16 +263,7 @@ fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow()
     });
 
     let browser = Browser::start(&binary);
-    let mut page = browser.page();
-    page.call("Page.enable", json!({}));
-    page.call(
-        "Emulation.setDeviceMetricsOverride",
-        json!({ "width": 1280, "height": 760, "deviceScaleFactor": 1, "mobile": false }),
-    );
-    page.call(
-        "Page.navigate",
-        json!({ "url": format!("http://{addr}/#/runs") }),
-    );
+    let mut page = browser.open(&format!("http://{addr}/#/runs"));
 
     // The runs table lists every run with its state, updating live.
     let rows = page.until(
@@ -340,4 +357,121 @@ fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow()
     );
     page.screenshot(&shots.join("dashboard-runs-after-reset.png"));
     rt.block_on(client.close()).unwrap();
+}
+
+/// The first id `{prefix}-{k}` whose run lives on `shard` of a fleet of
+/// `shards`.
+fn id_on(prefix: &str, shard: u32, shards: u32) -> String {
+    (0..)
+        .map(|k| format!("{prefix}-{k}"))
+        .find(|id| waymark::fleet::shard_of_run(id, shards) == shard)
+        .unwrap()
+}
+
+#[test]
+fn the_dashboard_on_a_fleet_shows_each_shards_breaker_and_resets_them() {
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    // Two shards; `default` trips at its first failure, on shard 1 only.
+    let env = Env::start_fleet(2, &["--trip-after", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fleet = rt.block_on(env.fleet_client());
+    let (ok0, ok1) = (id_on("order", 0, 2), id_on("order", 1, 2));
+    let (fail, parked) = (id_on("fail", 1, 2), id_on("parked", 1, 2));
+    let spec = |id: &str, workflow: &str, input: Vec<u8>| waymark::RunSpec {
+        run_id: Some(id.into()),
+        workflow: Some(workflow.into()),
+        input,
+        ..Default::default()
+    };
+    rt.block_on(async {
+        // A success of `default` on shard 0 gives that shard a row too.
+        for (id, workflow) in [(&ok0, "default"), (&ok1, "checkout")] {
+            fleet
+                .submit_and_wait(spec(id, workflow, good_order()), operator::HANG_GUARD)
+                .await
+                .unwrap();
+        }
+        fleet
+            .submit_and_wait(
+                spec(&fail, "default", operator::empty_order()),
+                operator::HANG_GUARD,
+            )
+            .await
+            .unwrap();
+        fleet.wait(&fail, operator::HANG_GUARD).await.unwrap();
+        fleet
+            .submit_and_wait(spec(&parked, "default", good_order()), operator::HANG_GUARD)
+            .await
+            .unwrap();
+    });
+    let addr = env.addr.clone();
+    eventually("the run on shard 1 to park", || {
+        (get(&addr, &format!("/api/runs/{parked}")).json()["live"]["state"] == "parked")
+            .then_some(())
+    });
+
+    let browser = Browser::start(&binary);
+    let mut page = browser.open(&format!("http://{addr}/#/runs"));
+    // The runs of both shards in one table; the header counts the shards.
+    let rows = page.until(
+        "the runs table to list the four runs",
+        "(() => { const rows = [...document.querySelectorAll('#runs tr[data-run]')]; \
+         return rows.length === 4 ? rows.map(r => r.dataset.run) : null; })()",
+    );
+    let mut want = vec![ok0.clone(), ok1.clone(), fail.clone(), parked.clone()];
+    want.sort();
+    assert_eq!(rows, json!(want));
+    let header = page.until(
+        "the header to show the fleet",
+        "(() => { const t = document.getElementById('worker').textContent; \
+         return t.startsWith('fleet') ? t : null; })()",
+    );
+    assert!(
+        header
+            .as_str()
+            .unwrap()
+            .starts_with("fleet of 2 shards: 2 with a live worker"),
+        "{header}"
+    );
+
+    // One row per shard, tripped on shard 1 only.
+    page.eval("location.hash = '#/workflows'");
+    let row = |shard: u32| {
+        format!(
+            "document.querySelector('#workflows tr[data-workflow=\"default\"][data-shard=\"{shard}\"] .breaker .pill')?.textContent"
+        )
+    };
+    assert_eq!(page.until("shard 1's breaker", &row(1)), "tripped");
+    assert_eq!(page.until("shard 0's breaker", &row(0)), "closed");
+    let shots = target_dir();
+    page.screenshot(&shots.join("dashboard-fleet-workflows-tripped.png"));
+
+    // Reset through the page: it closes the breaker where it was open.
+    page.eval(&format!(
+        "(() => {{ const t = document.getElementById('token'); t.value = {TOKEN:?}; \
+         t.dispatchEvent(new Event('change')); }})()"
+    ));
+    page.click("#workflows tr[data-shard=\"1\"] button[data-reset=\"default\"]");
+    let said = page.until(
+        "the page to report the reset",
+        "document.getElementById('message').hidden ? null : document.getElementById('message').textContent",
+    );
+    assert!(
+        said.as_str()
+            .unwrap()
+            .starts_with("reset default on shard 1"),
+        "{said}"
+    );
+    page.until(
+        "shard 1's breaker to show closed",
+        &format!("{} === 'closed'", row(1)),
+    );
+    let outcome = rt
+        .block_on(fleet.wait(&parked, operator::HANG_GUARD))
+        .unwrap();
+    assert_eq!(outcome.status, waymark::TerminalStatus::Succeeded);
+    page.screenshot(&shots.join("dashboard-fleet-workflows-reset.png"));
+    rt.block_on(fleet.close()).unwrap();
 }

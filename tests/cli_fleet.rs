@@ -230,12 +230,6 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
         .assert()
         .success()
         .stdout(predicate::str::contains("no dead jobs"));
-    // Commands a fleet does not support yet say so.
-    waymark()
-        .args(["serve", "--store", &url])
-        .assert()
-        .code(5)
-        .stderr(predicate::str::contains("not supported on a fleet yet"));
 
     // b leaves gracefully: it hands its shards back and a takes them.
     b.signal("TERM");
@@ -327,11 +321,6 @@ fn another_shard_count_and_the_other_kind_of_store_are_refused_and_change_nothin
         .code(5)
         .stderr(predicate::str::contains("is a fleet of 2 shards"))
         .stderr(predicate::str::contains("--shards 2"));
-    waymark()
-        .args(["serve", "--store", &url])
-        .assert()
-        .code(5)
-        .stderr(predicate::str::contains("not supported on a fleet yet"));
     assert_eq!(snapshot(&fleet_dir), before);
 
     // A single store: --shards refuses it, `fleet` finds no fleet there.

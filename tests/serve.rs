@@ -1,6 +1,7 @@
 //! `waymark serve`'s JSON API and the Prometheus endpoints, against a live
 //! `waymark worker` process: status codes, filters, paging, the bearer
-//! token on changes, and the counters after a few runs.
+//! token on changes, and the counters after a few runs; and the same API on
+//! a fleet of two shards, routed, merged and showing the shards.
 
 mod operator;
 
@@ -237,6 +238,7 @@ fn every_endpoint_against_a_live_worker() {
     );
     assert_eq!(get(addr, "/api/dead?kind=bogus").status, 400);
     assert_eq!(get(addr, "/api/dead?limit=0").status, 400);
+    assert_eq!(get(addr, "/api/dead?shard=0").status, 400, "not a fleet");
     let requeue = format!("/api/dead/{job}/requeue");
     assert_eq!(http("POST", addr, &requeue, None).status, 401);
     assert_eq!(
@@ -393,4 +395,241 @@ fn the_worker_metrics_endpoint_counts_steps_after_a_few_runs() {
     let pending = metric(&body, "waymark_backlog", &["state=\"scheduled\""]);
     assert!(pending.is_some(), "{body}");
     rt.block_on(client.close()).unwrap();
+}
+
+/// The first id `{prefix}-{k}` whose run lives on `shard` of a fleet of
+/// `shards`.
+fn id_on(prefix: &str, shard: u32, shards: u32) -> String {
+    (0..)
+        .map(|k| format!("{prefix}-{k}"))
+        .find(|id| waymark::fleet::shard_of_run(id, shards) == shard)
+        .unwrap()
+}
+
+#[test]
+fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
+    // Two shards; the default workflow trips after one failure (on the
+    // shard where it failed); `nightly` is a manual schedule.
+    let env = Env::start_fleet(2, &["--trip-after", "1", "--schedule", "nightly=manual"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fleet = rt.block_on(env.fleet_client());
+    let addr = env.addr.as_str();
+    // Runs on both shards: good orders, a malformed one on each shard
+    // (dead-lettered), and a failure that trips `default` on shard 1.
+    let good = [id_on("shop", 0, 2), id_on("shop", 1, 2)];
+    let bad = [id_on("bad", 0, 2), id_on("bad", 1, 2)];
+    let fail = id_on("fail", 1, 2);
+    let parked = id_on("parked", 1, 2);
+    let elsewhere = id_on("fine", 0, 2);
+    rt.block_on(async {
+        let submit = |id: &str, workflow: &str, input: Vec<u8>| {
+            fleet.submit_and_wait(
+                waymark::RunSpec {
+                    run_id: Some(id.into()),
+                    workflow: Some(workflow.into()),
+                    input,
+                    ..Default::default()
+                },
+                operator::HANG_GUARD,
+            )
+        };
+        for id in &good {
+            submit(id, "shop", good_order()).await.unwrap();
+        }
+        for id in &bad {
+            submit(id, "shop", b"garbage".to_vec()).await.unwrap();
+        }
+        submit(&fail, "default", operator::empty_order())
+            .await
+            .unwrap();
+        for id in good.iter().chain(&bad).chain([&fail]) {
+            fleet.wait(id, operator::HANG_GUARD).await.unwrap();
+        }
+        // `default` is tripped on shard 1 only: a run there parks, a run
+        // on shard 0 succeeds.
+        submit(&parked, "default", good_order()).await.unwrap();
+        submit(&elsewhere, "default", good_order()).await.unwrap();
+        fleet.wait(&elsewhere, operator::HANG_GUARD).await.unwrap();
+    });
+    eventually("the run on the tripped shard to park", || {
+        let run = get(addr, &format!("/api/runs/{parked}")).json();
+        (run["live"]["state"] == "parked").then_some(())
+    });
+
+    // The listing merges the shards in id order, and pages across them.
+    let mut expected: Vec<String> = good
+        .iter()
+        .chain(&bad)
+        .chain([&fail, &parked, &elsewhere])
+        .cloned()
+        .collect();
+    expected.sort();
+    assert_eq!(ids(&get(addr, "/api/runs").json()), expected);
+    let mut paged = Vec::new();
+    let mut path = "/api/runs?limit=2".to_string();
+    loop {
+        let page = get(addr, &path).json();
+        paged.extend(ids(&page));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/runs?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, expected);
+    let live = get(addr, "/api/runs?state=live").json();
+    assert_eq!(ids(&live), vec![parked.clone()]);
+
+    // One run, read on its shard, whichever it is.
+    for id in &good {
+        let run = get(addr, &format!("/api/runs/{id}")).json();
+        assert_eq!(run["outcome"]["status"], "succeeded", "{run}");
+        assert_eq!(run["history"]["steps"].as_array().unwrap().len(), 5);
+    }
+    assert_eq!(get(addr, "/api/runs/no-such-run").status, 404);
+
+    // Workflows: one row per shard, the breaker tripped on shard 1 only.
+    let workflows = get(addr, "/api/workflows").json();
+    let default: Vec<(u64, String)> = workflows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["name"] == "default")
+        .map(|w| {
+            let state = w["breaker"]["state"].as_str().unwrap().to_string();
+            (w["shard"].as_u64().unwrap(), state)
+        })
+        .collect();
+    assert_eq!(
+        default,
+        [(0, "closed".to_string()), (1, "tripped".to_string())],
+        "{workflows}"
+    );
+    let metrics = get(addr, "/metrics").body;
+    assert!(
+        metric(
+            &metrics,
+            "waymark_workflow_tripped",
+            &["workflow=\"default\"", "shard=\"1\""]
+        ) == Some(1.0)
+            && metric(
+                &metrics,
+                "waymark_workflow_tripped",
+                &["workflow=\"default\"", "shard=\"0\""]
+            ) == Some(0.0),
+        "{metrics}"
+    );
+
+    // Each shard's heartbeat, and the newest.
+    let worker = get(addr, "/api/worker").json();
+    let shards = worker["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2, "{worker}");
+    for (i, beat) in shards.iter().enumerate() {
+        assert_eq!(beat["shard"], i as u64, "{worker}");
+        assert!(beat["last_beat_ms"].as_u64().unwrap() > 0, "{worker}");
+        assert_eq!(beat["closed"], false, "{worker}");
+    }
+    assert_eq!(worker["closed"], false);
+    let newest = shards
+        .iter()
+        .map(|b| b["last_beat_ms"].as_u64().unwrap())
+        .max();
+    assert_eq!(worker["last_beat_ms"].as_u64(), newest);
+
+    // Dead letters, shard by shard, each with its shard; paged one job at
+    // a time across the shards.
+    let all = get(addr, "/api/dead").json();
+    let jobs = all["jobs"].as_array().unwrap();
+    let found: Vec<(u64, String)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j["shard"].as_u64().unwrap(),
+                j["run_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(found, [(0, bad[0].clone()), (1, bad[1].clone())], "{all}");
+    assert!(
+        all["next"].is_null() && all.get("next_shard").is_none(),
+        "{all}"
+    );
+    let mut paged = Vec::new();
+    let mut path = "/api/dead?limit=1".to_string();
+    loop {
+        let page = get(addr, &path);
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page = page.json();
+        paged.extend(
+            page["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["job_id"].clone()),
+        );
+        match (page["next"].as_str(), page["next_shard"].as_u64()) {
+            (Some(next), Some(shard)) => {
+                path = format!("/api/dead?limit=1&after={next}&shard={shard}")
+            }
+            (None, None) => break,
+            other => panic!("a next without its shard: {other:?}"),
+        }
+    }
+    let every: Vec<_> = jobs.iter().map(|j| j["job_id"].clone()).collect();
+    assert_eq!(paged, every);
+    assert_eq!(
+        get(addr, "/api/dead?shard=1").json()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(get(addr, "/api/dead?shard=2").status, 400);
+    // Requeue: found on its shard, re-run there.
+    let job = jobs[1]["job_id"].as_str().unwrap();
+    let requeued = http(
+        "POST",
+        addr,
+        &format!("/api/dead/{job}/requeue"),
+        Some(TOKEN),
+    );
+    assert_eq!(requeued.status, 200, "{}", requeued.body);
+    assert_eq!(requeued.json()["run_id"], bad[1].as_str());
+    let unknown = http("POST", addr, "/api/dead/no-such-job/requeue", Some(TOKEN));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    eventually("the re-run to end", || {
+        let run = get(addr, &format!("/api/runs/{}", bad[1])).json();
+        (run["outcome"]["reruns"] == 1).then_some(())
+    });
+
+    // Cancel the parked run on its shard; reset the breaker on every shard.
+    let cancelled = http(
+        "POST",
+        addr,
+        &format!("/api/runs/{parked}/cancel"),
+        Some(TOKEN),
+    );
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert_eq!(cancelled.json()["cancelled"], true);
+    let reset = http("POST", addr, "/api/workflows/default/reset", Some(TOKEN));
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    let reset = reset.json();
+    assert_eq!(reset["was_open"], true, "{reset}");
+    assert_eq!(reset["shards_open"], serde_json::json!([1]), "{reset}");
+    let again = http("POST", addr, "/api/workflows/default/reset", Some(TOKEN)).json();
+    assert_eq!(again["was_open"], false, "{again}");
+    assert_eq!(again["shards_open"], serde_json::json!([]), "{again}");
+
+    // The schedule, from its home shard; a trigger fires it there and its
+    // run is found by id.
+    let schedules = get(addr, "/api/schedules").json();
+    assert_eq!(schedules.as_array().unwrap().len(), 1, "{schedules}");
+    assert_eq!(schedules[0]["id"], "nightly");
+    let fired = http("POST", addr, "/api/schedules/nightly/trigger", Some(TOKEN));
+    assert_eq!(fired.status, 200, "{}", fired.body);
+    let run_id = fired.json()["run_id"].as_str().unwrap().to_string();
+    eventually("the triggered run to end", || {
+        let run = get(addr, &format!("/api/runs/{run_id}")).json();
+        (run["outcome"]["status"] == "succeeded").then_some(())
+    });
+    rt.block_on(fleet.close()).unwrap();
 }

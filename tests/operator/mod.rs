@@ -164,6 +164,62 @@ impl Env {
         }
     }
 
+    /// Start a fleet worker on `shards` shards (with `worker_args` after
+    /// the store's, short leases, no metrics endpoint), wait until it holds
+    /// every shard, and then start `serve` on the fleet with the token.
+    /// The fleet's URL is [`Self::fleet_url`].
+    pub fn start_fleet(shards: u32, worker_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("fleet").display());
+        let shards_arg = shards.to_string();
+        let mut args = vec![
+            "worker",
+            "--store",
+            &url,
+            "--shards",
+            &shards_arg,
+            "--lease-ms",
+            "3000",
+            "--guard-ms",
+            "600",
+        ];
+        args.extend_from_slice(worker_args);
+        let mut worker = Proc::start("the fleet worker", &args, &[]);
+        for _ in 0..shards {
+            worker.until("took shard");
+        }
+        let mut serve = Proc::start(
+            "serve",
+            &["serve", "--store", &url, "--listen", "127.0.0.1:0"],
+            &[("WAYMARK_TOKEN", TOKEN)],
+        );
+        let addr = serve.address("serving");
+        Self {
+            dir,
+            worker,
+            serve,
+            addr,
+            metrics: String::new(),
+        }
+    }
+
+    /// The fleet's URL, for an env made by [`Self::start_fleet`].
+    pub fn fleet_url(&self) -> String {
+        format!("file://{}", self.dir.path().join("fleet").display())
+    }
+
+    /// A library client on every shard of the fleet of
+    /// [`Self::start_fleet`] (the demo's step queue).
+    pub async fn fleet_client(&self) -> waymark::fleet::FleetClient {
+        let options = ClientOptions::default()
+            .queue_name("demo-orders")
+            .refresh_interval(Duration::from_millis(50));
+        let location = StoreLocation::from_url(&self.fleet_url()).unwrap();
+        waymark::fleet::FleetClient::open(&location, options)
+            .await
+            .unwrap()
+    }
+
     /// The store's location (what `--dir` names).
     pub fn location(&self) -> StoreLocation {
         let path: PathBuf = self.dir.path().join("data").join("waymark");

@@ -102,7 +102,7 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
         args.schedules.clone(),
         args.trip_after,
     )?;
-    let client = store.open_client().await?;
+    let client = store.open_single_client().await?;
     let mut signals = Signals::listen()?;
     let mut worker = tokio::spawn({
         let runtime = runtime.clone();

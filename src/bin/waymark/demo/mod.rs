@@ -238,7 +238,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
     }
 
     // Durable reads for the UI: a reader sees only what is durable.
-    let client = store.open_client().await?;
+    let client = store.open_single_client().await?;
     let mut signals = Signals::listen()?;
     let stop = CancellationToken::new();
     let mut worker = tokio::spawn({

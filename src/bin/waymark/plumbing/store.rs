@@ -12,9 +12,10 @@
 //!
 //! A location may also be a fleet's prefix ([`Store::fleet`]): commands that
 //! work on one run open a client on the run's shard
-//! ([`Store::open_run_client`]), `runs` lists every shard
-//! ([`Store::open_fleet_client`]), and the others refuse a fleet
-//! ([`Store::open_client`]) rather than misread it.
+//! ([`Store::open_run_client`]), those that list or reach every shard open
+//! them all ([`Store::open_fleet_client`]), and the ones that must write a
+//! single store (a plain worker, the demo) refuse a fleet rather than
+//! misread it (`plumbing::writer::refuse_fleet`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -266,17 +267,6 @@ impl Store {
         Ok(self.bounded("looking for a store", first).await?.is_some())
     }
 
-    /// The refusal of a command that works on a single store only, on a
-    /// fleet.
-    pub fn not_on_fleet(&self, manifest: &FleetManifest) -> CliError {
-        CliError::refused(format!(
-            "{} is a fleet of {} shards, not a single store: this command is not supported on a \
-             fleet yet (every command but `serve` and `demo` is)",
-            self.shown(),
-            manifest.shards
-        ))
-    }
-
     /// The client options every command uses.
     fn client_options() -> ClientOptions {
         ClientOptions::default()
@@ -284,17 +274,9 @@ impl Store {
             .refresh_interval(READER_POLL)
     }
 
-    /// Open a client on a single store: reads through a reader (never
-    /// writes to the store, never fences its writer), requests through the
-    /// inbox. A fleet is refused ([`Self::not_on_fleet`]).
-    pub async fn open_client(&self) -> CliResult<Client> {
-        if let Some(manifest) = self.fleet().await? {
-            return Err(self.not_on_fleet(&manifest));
-        }
-        self.open_single_client().await
-    }
-
-    /// [`Self::open_client`] once the location is known not to be a fleet.
+    /// Open a client on a single store, once the location is known not to
+    /// be a fleet: reads through a reader (never writes to the store, never
+    /// fences its writer), requests through the inbox.
     pub async fn open_single_client(&self) -> CliResult<Client> {
         self.preflight(Use::Read)?;
         let location = self.location()?;

@@ -7,13 +7,17 @@
 //! | `GET /api/runs?state=&workflow=&children_of=&since_ms=&until_ms=&header=NAME=VALUE&after=&limit=` | `{runs: [...], next}`: a page in run id order; `next` is the `after` of the next page |
 //! | `GET /api/runs/{id}` | `{run_id, workflow, live, outcome, children, history}`; 404 for an unknown run |
 //! | `POST /api/runs/{id}/cancel` | `{cancelled}` (the worker's answer) |
-//! | `GET /api/workflows` | every workflow's health and breaker |
-//! | `POST /api/workflows/{name}/reset` | `{workflow, was_open}`: the breaker closed, its parked steps released |
-//! | `GET /api/dead?kind=step\|hook&after=&limit=` | `{jobs: [...], next}`: dead-lettered step jobs (default) or hook notifications, with reasons |
+//! | `GET /api/workflows` | every workflow's health and breaker (on a fleet, one per shard that knows the workflow, with its `shard`) |
+//! | `POST /api/workflows/{name}/reset` | `{workflow, was_open}`: the breaker closed, its parked steps released (on a fleet on every shard, with `shards_open`: where it was open) |
+//! | `GET /api/dead?kind=step\|hook&after=&limit=&shard=` | `{jobs: [...], next}`: dead-lettered step jobs (default) or hook notifications, with reasons (on a fleet shard by shard, each job with its `shard`, and `next_shard` with `next`) |
 //! | `POST /api/dead/{job}/requeue` | `{job_id, requeued}`: a hook is delivered again (`hook`), a step job's run re-runs from that step (`rerun`, with `run_id` and `rerun`) |
 //! | `GET /api/schedules` | every schedule's state |
 //! | `POST /api/schedules/{id}/trigger` | `{run_id}` of the run the fire submitted |
-//! | `GET /api/worker` | the worker's last heartbeat |
+//! | `GET /api/worker` | the worker's last heartbeat (on a fleet the newest, and each shard's under `shards`) |
+//!
+//! On a fleet, everything about one run goes to its shard, the schedules
+//! to their home shards, and the run listing is merged across shards (see
+//! [`super::source`]).
 //!
 //! Errors are `{error}` with a status: 400 for a malformed id or filter,
 //! 401 for a missing or wrong bearer token, 404 for an unknown run,
@@ -25,12 +29,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use tokio::time::Instant;
+
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use waymark::taquba::WriterHeartbeat;
 use waymark::{DeadJob, DeadKind, Error, Reply, RunFilter, RunHistory, validate_name};
 
 use super::App;
@@ -208,7 +215,7 @@ pub async fn runs(
 ) -> ApiResult<RunsPage> {
     let filter = filter_of(query)?;
     let page = app
-        .bounded("listing runs", app.client.runs(&filter))
+        .bounded("listing runs", app.source.runs(&filter))
         .await?;
     Ok(Json(RunsPage {
         runs: page.runs.iter().map(RunRow::from).collect(),
@@ -236,14 +243,15 @@ pub struct RunJson {
 /// `GET /api/runs/{id}`.
 pub async fn run(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<RunJson> {
     check_id("run id", &id)?;
+    let client = app.source.run_client(&id);
     let (status, outcome) = app
         .bounded("reading the run", async {
-            let status = app.client.status(&id).await?;
+            let status = client.status(&id).await?;
             // It may have ended between the two reads: read the outcome
             // after the status.
             let outcome = match status {
                 Some(_) => None,
-                None => app.client.outcome(&id).await?,
+                None => client.outcome(&id).await?,
             };
             Ok((status, outcome))
         })
@@ -253,17 +261,18 @@ pub async fn run(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
         (None, Some(outcome)) => outcome.workflow.clone(),
         (None, None) => return Err(ApiError::not_found(format!("no run `{id}` is known"))),
     };
+    // A run's children live on its shard (they route by their root).
     let children = app
         .bounded(
             "listing the run's children",
-            app.client.runs(&RunFilter {
+            client.runs(&RunFilter {
                 children_of: Some(id.clone()),
                 ..Default::default()
             }),
         )
         .await?;
     let history = app
-        .bounded("reading the run's history", app.client.history(&id))
+        .bounded("reading the run's history", client.history(&id))
         .await?;
     Ok(Json(RunJson {
         history,
@@ -281,22 +290,34 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     check_id("run id", &id)?;
-    let cancelled = app.client.cancel_and_wait(&id, app.timeout).await?;
+    let cancelled = app
+        .source
+        .run_client(&id)
+        .cancel_and_wait(&id, app.timeout)
+        .await?;
     Ok(Json(json!({ "run_id": id, "cancelled": cancelled })))
 }
 
-/// `GET /api/workflows`.
+/// `GET /api/workflows`: each shard's rows in turn on a fleet (all of
+/// them read within one store timeout).
 pub async fn workflows(State(app): State<Arc<App>>) -> ApiResult<Vec<WorkflowJson>> {
-    let all = app
-        .bounded("reading the workflows", app.client.workflows())
+    let rows = app
+        .bounded("reading the workflows", async {
+            let mut rows = Vec::new();
+            for (shard, client) in app.source.shards() {
+                let all = client.workflows().await?;
+                rows.extend(all.iter().map(|health| WorkflowJson::new(health, shard)));
+            }
+            Ok(rows)
+        })
         .await?;
-    Ok(Json(all.iter().map(WorkflowJson::from).collect()))
+    Ok(Json(rows))
 }
 
 /// `GET /api/schedules`.
 pub async fn schedules(State(app): State<Arc<App>>) -> ApiResult<Vec<ScheduleJson>> {
     let all = app
-        .bounded("reading the schedules", app.client.schedules())
+        .bounded("reading the schedules", app.source.schedules())
         .await?;
     Ok(Json(all.iter().map(ScheduleJson::from).collect()))
 }
@@ -307,37 +328,120 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     check_id("schedule id", &id)?;
-    let run_id = app.client.trigger_and_wait(&id, app.timeout).await?;
+    let run_id = app
+        .source
+        .schedule_client(&id)
+        .trigger_and_wait(&id, app.timeout)
+        .await?;
     Ok(Json(json!({ "schedule": id, "run_id": run_id })))
 }
 
-/// `GET /api/worker`: the worker's last heartbeat (`null` fields when no
-/// worker ever beat).
-pub async fn worker(State(app): State<Arc<App>>) -> ApiResult<serde_json::Value> {
-    let beat = app
-        .bounded(
-            "reading the worker's heartbeat",
-            app.client.worker_heartbeat(),
-        )
-        .await?;
-    Ok(Json(match beat {
+/// A heartbeat as JSON (`null` fields when no worker ever beat).
+fn beat_json(beat: Option<&WriterHeartbeat>) -> serde_json::Value {
+    match beat {
         Some(beat) => json!({
             "last_beat_ms": beat.at_ms,
             "interval_ms": u64::try_from(beat.interval.as_millis()).unwrap_or(u64::MAX),
             "closed": beat.closed,
         }),
         None => json!({ "last_beat_ms": null, "interval_ms": null, "closed": null }),
-    }))
+    }
 }
 
-/// `POST /api/workflows/{name}/reset`: whether the breaker was open.
+/// `GET /api/worker`: the worker's last heartbeat. On a fleet, the newest
+/// of the shards' (`closed` when every shard's last beat was a clean
+/// stop), and each shard's under `shards`.
+pub async fn worker(State(app): State<Arc<App>>) -> ApiResult<serde_json::Value> {
+    let beats = app
+        .bounded("reading the workers' heartbeats", async {
+            let mut beats = Vec::new();
+            for (shard, client) in app.source.shards() {
+                beats.push((shard, client.worker_heartbeat().await?));
+            }
+            Ok(beats)
+        })
+        .await?;
+    if !app.source.is_fleet() {
+        return Ok(Json(beat_json(
+            beats.first().and_then(|(_, beat)| beat.as_ref()),
+        )));
+    }
+    let newest = beats
+        .iter()
+        .filter_map(|(_, beat)| beat.as_ref())
+        .max_by_key(|beat| beat.at_ms);
+    let mut answer = beat_json(newest);
+    if newest.is_some() {
+        let all_closed = beats
+            .iter()
+            .all(|(_, beat)| beat.as_ref().is_some_and(|b| b.closed));
+        answer["closed"] = all_closed.into();
+    }
+    answer["shards"] = beats
+        .iter()
+        .map(|(shard, beat)| {
+            let mut one = beat_json(beat.as_ref());
+            one["shard"] = (*shard).into();
+            one
+        })
+        .collect();
+    Ok(Json(answer))
+}
+
+/// `POST /api/workflows/{name}/reset`: whether the breaker was open. On a
+/// fleet each shard has its own breaker: the request goes to every shard,
+/// and `shards_open` lists those where it was open.
 pub async fn reset(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     check_id("workflow name", &name)?;
-    let was_open = app.client.reset_and_wait(&name, app.timeout).await?;
-    Ok(Json(json!({ "workflow": name, "was_open": was_open })))
+    // Every request is stored before any answer is awaited, so the shards'
+    // workers apply theirs together, within one timeout.
+    let mut sent = Vec::new();
+    for (shard, client) in app.source.shards() {
+        let request_id = app
+            .bounded("sending the reset", client.reset(&name))
+            .await?;
+        sent.push((shard, client, request_id));
+    }
+    let deadline = Instant::now() + app.timeout;
+    let mut shards_open = Vec::new();
+    for (shard, client, request_id) in sent {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.wait_reply(&request_id, left).await {
+            Ok(Reply::Reset { was_open, .. }) => {
+                if was_open {
+                    shards_open.push(shard);
+                }
+            }
+            Ok(other) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the worker answered the reset with {other:?}"),
+                ));
+            }
+            Err(e @ Error::TimedOut { .. }) if shard.is_some() => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "shard {} did not answer the reset ({e}); the request waits in its inbox",
+                        shard.unwrap_or_default()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut answer = json!({ "workflow": name, "was_open": !shards_open.is_empty() });
+    if app.source.is_fleet() {
+        answer["shards_open"] = shards_open
+            .into_iter()
+            .flatten()
+            .collect::<Vec<u32>>()
+            .into();
+    }
+    Ok(Json(answer))
 }
 
 /// The query of `GET /api/dead`.
@@ -349,18 +453,37 @@ pub struct DeadQuery {
     after: Option<String>,
     /// The page size (1..=1000; default 100).
     limit: Option<usize>,
+    /// On a fleet, the shard to start at (the `next_shard` of the previous
+    /// page; default 0).
+    shard: Option<u32>,
+}
+
+/// A dead job, with its shard on a fleet.
+#[derive(Debug, Serialize)]
+pub struct DeadRow {
+    /// The job.
+    #[serde(flatten)]
+    job: DeadJob,
+    /// The shard holding it (fleets only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<u32>,
 }
 
 /// A page of dead jobs.
 #[derive(Debug, Serialize)]
 pub struct DeadPage {
     /// The jobs.
-    jobs: Vec<DeadJob>,
+    jobs: Vec<DeadRow>,
     /// The `after` of the next page; `null` on the last.
     next: Option<String>,
+    /// On a fleet, the `shard` of the next page (absent on the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_shard: Option<u32>,
 }
 
-/// `GET /api/dead`.
+/// `GET /api/dead`. On a fleet, dead jobs are listed shard by shard (each
+/// shard's in enqueue order): a page starts at `shard` after `after` and
+/// runs on into the next shards until it is full.
 pub async fn dead(
     State(app): State<Arc<App>>,
     Query(query): Query<DeadQuery>,
@@ -387,28 +510,64 @@ pub async fn dead(
             )));
         }
     };
-    let jobs = app
-        .bounded(
-            "listing dead jobs",
-            app.client.dead_jobs(kind, query.after.as_deref(), limit),
-        )
+    let shards = app.source.shards();
+    let first = match query.shard {
+        None => 0,
+        Some(_) if !app.source.is_fleet() => {
+            return Err(ApiError::bad_request(
+                "`shard` is for a fleet; this is a single store",
+            ));
+        }
+        Some(shard) if (shard as usize) < shards.len() => shard as usize,
+        Some(shard) => {
+            return Err(ApiError::bad_request(format!(
+                "shard {shard} is out of range: the fleet has {} shards",
+                shards.len()
+            )));
+        }
+    };
+    let page = app
+        .bounded("listing dead jobs", async {
+            let mut page = DeadPage {
+                jobs: Vec::new(),
+                next: None,
+                next_shard: None,
+            };
+            let mut after = query.after;
+            for (shard, client) in shards.into_iter().skip(first) {
+                let want = limit - page.jobs.len();
+                let cursor = after.take();
+                let jobs = client.dead_jobs(kind, cursor.as_deref(), want).await?;
+                // A full page may have a next one.
+                let full = jobs.len() == want;
+                page.jobs
+                    .extend(jobs.into_iter().map(|job| DeadRow { job, shard }));
+                if full {
+                    page.next = page.jobs.last().map(|row| row.job.job_id.clone());
+                    page.next_shard = shard;
+                    break;
+                }
+            }
+            Ok(page)
+        })
         .await?;
-    // A full page may have a next one.
-    let next = (jobs.len() == limit)
-        .then(|| jobs.last().map(|j| j.job_id.clone()))
-        .flatten();
-    Ok(Json(DeadPage { jobs, next }))
+    Ok(Json(page))
 }
 
-/// `POST /api/dead/{job}/requeue`: what the worker did.
+/// `POST /api/dead/{job}/requeue`: what the worker did (on a fleet, the
+/// worker of the shard holding the job).
 pub async fn requeue(
     State(app): State<Arc<App>>,
     Path(job): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     check_id("job id", &job)?;
-    let request_id = app.client.requeue(&job).await?;
+    let client = app
+        .bounded("finding the dead job", app.source.dead_job_client(&job))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no shard has a dead job `{job}`")))?;
+    let request_id = client.requeue(&job).await?;
     Ok(Json(
-        match app.client.wait_reply(&request_id, app.timeout).await? {
+        match client.wait_reply(&request_id, app.timeout).await? {
             Reply::Rerun { run_id, rerun } => {
                 json!({ "job_id": job, "requeued": "rerun", "run_id": run_id, "rerun": rerun })
             }

@@ -202,10 +202,15 @@ pub struct WorkflowJson {
     pub runs_failed: u64,
     /// The last failed attempt's error.
     pub last_error: Option<String>,
+    /// The shard whose breaker this is (fleets only: each shard has its
+    /// own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
 }
 
-impl From<&WorkflowHealth> for WorkflowJson {
-    fn from(health: &WorkflowHealth) -> Self {
+impl WorkflowJson {
+    /// `health` as JSON, read from `shard` on a fleet.
+    pub fn new(health: &WorkflowHealth, shard: Option<u32>) -> Self {
         let breaker = match &health.status {
             BreakerStatus::Backoff { until, .. } => BreakerJson {
                 state: "backoff",
@@ -230,6 +235,7 @@ impl From<&WorkflowHealth> for WorkflowJson {
             runs_succeeded: health.runs_succeeded,
             runs_failed: health.runs_failed,
             last_error: health.last_error.clone(),
+            shard,
         }
     }
 }

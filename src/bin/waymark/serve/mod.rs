@@ -13,6 +13,7 @@
 pub mod api;
 pub mod json;
 pub mod page;
+pub mod source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use clap::Args;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use waymark::{BreakerStatus, Client};
+use waymark::BreakerStatus;
 
 use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::say;
@@ -36,6 +37,7 @@ use crate::plumbing::signals::Signals;
 use crate::plumbing::store::{Store, StoreArgs};
 use crate::plumbing::telemetry::{init_logging, install_prometheus};
 use api::ApiError;
+use source::Source;
 
 /// `waymark serve`'s arguments.
 #[derive(Debug, Args)]
@@ -60,8 +62,8 @@ pub struct ServeArgs {
 
 /// What every handler shares.
 pub struct App {
-    /// The store's client.
-    pub client: Client,
+    /// The store's client, or on a fleet every shard's.
+    pub source: Source,
     /// How long a read or a request's reply may take.
     pub timeout: Duration,
     /// The SHA-256 of the bearer token, if one was given.
@@ -113,18 +115,32 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
 }
 
 /// `GET /metrics`: this process's metrics and, read at each scrape, every
-/// workflow's breaker state and failure streak as gauges.
+/// workflow's breaker state and failure streak as gauges (on a fleet one
+/// per shard, with a `shard` label: each shard has its own breaker).
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    match app
-        .bounded("reading the workflows", app.client.workflows())
-        .await
-    {
+    let read = app
+        .bounded("reading the workflows", async {
+            let mut all = Vec::new();
+            for (shard, client) in app.source.shards() {
+                all.extend(client.workflows().await?.into_iter().map(|h| (shard, h)));
+            }
+            Ok(all)
+        })
+        .await;
+    match read {
         Ok(workflows) => {
-            for health in workflows {
+            for (shard, health) in workflows {
                 let tripped = matches!(health.status, BreakerStatus::Tripped { .. });
-                metrics::gauge!("waymark_workflow_tripped", "workflow" => health.name.clone())
-                    .set(if tripped { 1.0 } else { 0.0 });
-                metrics::gauge!("waymark_workflow_failure_streak", "workflow" => health.name)
+                let mut labels = vec![("workflow", health.name.clone())];
+                if let Some(shard) = shard {
+                    labels.push(("shard", shard.to_string()));
+                }
+                metrics::gauge!("waymark_workflow_tripped", &labels).set(if tripped {
+                    1.0
+                } else {
+                    0.0
+                });
+                metrics::gauge!("waymark_workflow_failure_streak", &labels)
                     .set(f64::from(health.failure_streak));
             }
         }
@@ -180,10 +196,23 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
         )));
     }
     let store = Store::locate(&args.store)?;
-    let client = store.open_client().await?;
+    let (source, shown) = match store.fleet().await? {
+        Some(manifest) => (
+            Source::Fleet(store.open_fleet_client(&manifest).await?),
+            format!(
+                "the fleet of {} shards at {}",
+                manifest.shards,
+                store.shown()
+            ),
+        ),
+        None => (
+            Source::Store(store.open_single_client().await?),
+            store.shown(),
+        ),
+    };
     let handle = install_prometheus()?;
     let app = Arc::new(App {
-        client: client.clone(),
+        source,
         timeout: store.timeout,
         token: token.as_deref().map(digest),
         guard_reads: !loopback,
@@ -196,8 +225,7 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
         .local_addr()
         .map_err(|e| CliError::failure(format!("cannot read the listening address: {e}")))?;
     say!(
-        "serving {} at http://{bound}/ (API under /api, metrics at /metrics; changes {})",
-        store.shown(),
+        "serving {shown} at http://{bound}/ (API under /api, metrics at /metrics; changes {})",
         if token.is_some() {
             "need the bearer token"
         } else {
@@ -207,7 +235,7 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
     let stop = CancellationToken::new();
     let mut signals = Signals::listen()?;
     let server = tokio::spawn(
-        axum::serve(listener, router(app))
+        axum::serve(listener, router(app.clone()))
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
@@ -215,7 +243,7 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
     say!("{signal}: stopping.");
     stop.cancel();
     let served = server.await;
-    let _ = client.close().await;
+    let _ = app.source.close().await;
     match served {
         Ok(Ok(())) => Ok(Exit::Ok),
         Ok(Err(e)) => Err(CliError::failure(format!("the server failed: {e}"))),

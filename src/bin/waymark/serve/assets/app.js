@@ -167,19 +167,29 @@ async function drawRun(id) {
 
 async function drawWorkflows() {
   const all = await get("/api/workflows");
-  const rows = all.map((w) => `<tr data-workflow="${esc(w.name)}">
-      <td>${esc(w.name)}</td><td class="breaker">${pill(w.breaker.state)}
+  // On a fleet each shard has its own breaker: one row per shard.
+  const fleet = all.some((w) => "shard" in w);
+  const rows = all.map((w) => `<tr data-workflow="${esc(w.name)}"${fleet ? ` data-shard="${w.shard}"` : ""}>
+      <td>${esc(w.name)}</td>${fleet ? `<td class="num">${w.shard}</td>` : ""}<td class="breaker">${pill(w.breaker.state)}
       ${w.breaker.since_ms ? `<div class="muted">since ${when(w.breaker.since_ms)}</div>` : ""}
       ${w.breaker.until_ms ? `<div class="muted">until ${when(w.breaker.until_ms)}</div>` : ""}</td>
       <td class="num">${w.failure_streak}</td><td class="num">${w.runs_succeeded}</td><td class="num">${w.runs_failed}</td>
       <td><pre>${esc(w.last_error || "")}</pre></td>
       <td>${w.breaker.state !== "closed" ? `<button class="danger" data-reset="${esc(w.name)}">reset</button>` : ""}</td></tr>`).join("");
+  const columns = fleet ? 8 : 7;
   view.innerHTML = `<h1>Workflows</h1>
-    <table id="workflows"><thead><tr><th>workflow</th><th>breaker</th><th>failure streak</th><th>succeeded</th><th>failed</th><th>last error</th><th></th></tr></thead>
-    <tbody>${rows || `<tr><td colspan="7" class="muted">no workflow has run yet</td></tr>`}</tbody></table>`;
+    ${fleet ? `<p class="muted">A fleet: each shard keeps its own breaker; reset closes it on every shard.</p>` : ""}
+    <table id="workflows"><thead><tr><th>workflow</th>${fleet ? "<th>shard</th>" : ""}<th>breaker</th><th>failure streak</th><th>succeeded</th><th>failed</th><th>last error</th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="${columns}" class="muted">no workflow has run yet</td></tr>`}</tbody></table>`;
   view.querySelectorAll("[data-reset]").forEach((b) => {
-    b.onclick = () => act(`/api/workflows/${encodeURIComponent(b.dataset.reset)}/reset`,
-      (a) => `reset ${a.workflow}: ${a.was_open ? "its breaker closed and its parked steps run" : "it was not open"}`);
+    b.onclick = () => act(`/api/workflows/${encodeURIComponent(b.dataset.reset)}/reset`, (a) => {
+      if (a.shards_open) {
+        return a.shards_open.length
+          ? `reset ${a.workflow} on shard ${a.shards_open.join(", ")}: its breaker there closed and its parked steps run`
+          : `reset ${a.workflow}: it was not open on any shard`;
+      }
+      return `reset ${a.workflow}: ${a.was_open ? "its breaker closed and its parked steps run" : "it was not open"}`;
+    });
   });
 }
 
@@ -201,14 +211,16 @@ async function drawSchedules() {
 
 async function drawDead() {
   const [steps, hooks] = await Promise.all([get("/api/dead?kind=step"), get("/api/dead?kind=hook")]);
-  const rows = steps.jobs.concat(hooks.jobs).map((j) => `<tr data-job="${esc(j.job_id)}"><td>${esc(j.job_id)}</td><td>${esc(j.kind)}</td>
+  const jobs = steps.jobs.concat(hooks.jobs);
+  const fleet = jobs.some((j) => "shard" in j);
+  const rows = jobs.map((j) => `<tr data-job="${esc(j.job_id)}"><td>${esc(j.job_id)}</td>${fleet ? `<td class="num">${j.shard}</td>` : ""}<td>${esc(j.kind)}</td>
       <td>${j.run_id ? `<a href="#/run/${encodeURIComponent(j.run_id)}">${esc(j.run_id)}</a>` : ""}</td>
       <td>${esc(j.workflow || "")}</td><td class="num">${j.step ?? ""}</td><td class="num">${j.attempts}</td><td><pre>${esc(j.reason || "")}</pre></td>
       <td><button data-requeue="${esc(j.job_id)}">requeue</button></td></tr>`).join("");
   const more = steps.next || hooks.next ? `<p class="muted">showing the first ${steps.jobs.length + hooks.jobs.length}; use the API's paging for the rest</p>` : "";
   view.innerHTML = `<h1>Dead letters</h1>
-    <table id="dead"><thead><tr><th>job</th><th>kind</th><th>run</th><th>workflow</th><th>step</th><th>attempts</th><th>reason</th><th></th></tr></thead>
-    <tbody>${rows || `<tr><td colspan="8" class="muted">no dead letters</td></tr>`}</tbody></table>${more}`;
+    <table id="dead"><thead><tr><th>job</th>${fleet ? "<th>shard</th>" : ""}<th>kind</th><th>run</th><th>workflow</th><th>step</th><th>attempts</th><th>reason</th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="9" class="muted">no dead letters</td></tr>`}</tbody></table>${more}`;
   view.querySelectorAll("[data-requeue]").forEach((b) => {
     b.onclick = () => act(`/api/dead/${encodeURIComponent(b.dataset.requeue)}/requeue`, (a) => a.requeued === "rerun"
       ? `requeued ${a.job_id}: run ${a.run_id} runs again from that step (re-run ${a.rerun})`
@@ -216,11 +228,21 @@ async function drawDead() {
   });
 }
 
+// A heartbeat is live when it is not a clean stop and is no older than
+// three of its intervals (by this browser's clock).
+function beating(beat) {
+  return beat.last_beat_ms !== null && !beat.closed && Date.now() - beat.last_beat_ms < 3 * beat.interval_ms;
+}
+
 async function drawWorker() {
   const w = document.getElementById("worker");
   try {
     const beat = await get("/api/worker");
-    if (beat.last_beat_ms === null) w.textContent = "no worker has run";
+    if (beat.shards) {
+      const live = beat.shards.filter(beating).length;
+      w.textContent = `fleet of ${beat.shards.length} shards: ${live} with a live worker` +
+        (beat.last_beat_ms === null ? "" : `, newest beat ${when(beat.last_beat_ms)}`);
+    } else if (beat.last_beat_ms === null) w.textContent = "no worker has run";
     else if (beat.closed) w.textContent = `worker stopped ${when(beat.last_beat_ms)}`;
     else w.textContent = `worker beat ${when(beat.last_beat_ms)}`;
   } catch (e) {
