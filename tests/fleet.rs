@@ -289,6 +289,80 @@ async fn schedules_fire_on_their_home_shard_only() {
     task.await.unwrap().unwrap();
 }
 
+/// A fleet worker before schedules had homes recorded every schedule on
+/// every shard. A worker now deletes, on each shard it runs, the records of
+/// schedules homed elsewhere: each schedule is left recorded once, on its
+/// home, with its own record untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_records_left_on_other_shards_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = StoreLocation::from_url(&format!("file://{}", dir.path().display())).unwrap();
+    let ids: Vec<String> = (0..8).map(|i| format!("nightly-{i}")).collect();
+    let defs: Vec<Schedule> = ids.iter().map(|id| Schedule::manual(id.clone())).collect();
+    let manifest = waymark::fleet::FleetManifest::open_or_create(&at, 4)
+        .await
+        .unwrap();
+    // The old way: each shard's runtime recorded every schedule.
+    for shard in 0..4 {
+        let location = manifest.shard_location(&at, shard);
+        let queue = open_worker_store(&location, StoreOptions::default())
+            .await
+            .unwrap();
+        let runtime = defs
+            .iter()
+            .fold(
+                WorkflowRuntime::builder(queue.clone(), TwoSteps, NoopTerminalHook),
+                |b, s| b.schedule(s.clone()),
+            )
+            .build()
+            .unwrap();
+        runtime.run(async {}).await.unwrap();
+        drop(runtime);
+        // Not closed: the fleet worker's open fences it, as after a crash.
+        drop(queue);
+    }
+    let before = open_client(&at).await;
+    for shard in before.shards() {
+        assert_eq!(shard.schedules().await.unwrap().len(), ids.len());
+    }
+    before.close().await.unwrap();
+
+    let w = scheduling_worker(&at, defs);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    let client = open_client(&at).await;
+    let home_only = |shard: u32, listed: &[ScheduleInfo]| {
+        let mut want: Vec<&str> = ids
+            .iter()
+            .filter(|id| waymark::fleet::shard_of_schedule(id, 4) == shard)
+            .map(String::as_str)
+            .collect();
+        want.sort();
+        listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>() == want
+    };
+    let mut done = false;
+    for _ in 0..1200 {
+        let mut all_home = true;
+        for (shard, c) in (0..).zip(client.shards()) {
+            all_home &= home_only(shard, &c.schedules().await.unwrap());
+        }
+        if all_home {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(done, "every shard should keep only its home schedules");
+    let all = client.schedules().await.unwrap();
+    assert_eq!(all.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), ids);
+    assert!(all.iter().all(|s| s.active), "{all:?}");
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+}
+
 /// A store that accepts conditional writes and overwrites anyway (as Garage
 /// 2.5 does) is refused when a worker starts, before it writes anything.
 #[tokio::test]

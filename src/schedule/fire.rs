@@ -315,6 +315,11 @@ async fn tick_once<R, H>(
 /// first time after now; changed ones keep their armed time; removed ones
 /// marked inactive) and arm the tick of every active schedule, so a tick
 /// lost with a dead-lettered job is armed again (a live one is a dedup hit).
+///
+/// On a fleet shard, a record of a schedule homed on another shard is
+/// deleted: a fleet worker before schedules had homes recorded every
+/// schedule on every shard, and the home shard keeps the schedule's own
+/// record. Its armed tick, if any, is then acked as stale.
 pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
     let qname = &inner.cfg.queue_name;
     let schedules = &inner.schedules;
@@ -329,6 +334,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
         let mut guards = Vec::with_capacity(chunk.len());
         let mut effects = SettlementEffects::default();
         let mut writes: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        let mut strays = Vec::new();
         for id in chunk {
             guards.push(schedules.lock(id).await);
             let old = state::read_record(inner.queue.view(), qname, id).await?;
@@ -359,6 +365,10 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                     let changed = rec != old;
                     (Some(rec), changed)
                 }
+                (None, Some(_)) if !schedules.is_home(id) => {
+                    strays.push(key.clone());
+                    (None, false)
+                }
                 (None, Some((mut rec, _))) => {
                     let changed = rec.active || rec.armed_ms.is_some();
                     rec.active = false;
@@ -377,8 +387,17 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                 effects = effects.enqueue(tick(&schedules.queue, id, armed));
             }
         }
-        effects = effects.kv_writes(writes);
-        if !effects.enqueues.is_empty() || !effects.kv_writes.is_empty() {
+        if !strays.is_empty() {
+            tracing::info!(
+                count = strays.len(),
+                "deleting schedule records homed on other shards"
+            );
+        }
+        effects = effects.kv_writes(writes).kv_deletes(strays);
+        if !effects.enqueues.is_empty()
+            || !effects.kv_writes.is_empty()
+            || !effects.kv_deletes.is_empty()
+        {
             inner.queue.commit_effects(effects).await?;
         }
         drop(guards);

@@ -59,7 +59,9 @@
 //! lives on the shard its id routes to, so a fire whose `{id}:{ms}` would
 //! route elsewhere gets the shortest suffix `-{k}` that routes it home
 //! (the same for the same fire: a tick redelivered after a crash submits
-//! the same run).
+//! the same run). A record on a shard that is not the schedule's home (left
+//! by a fleet worker from before schedules had homes) is deleted when that
+//! shard's runtime starts.
 //!
 //! ## Cron
 //!
@@ -163,7 +165,7 @@ impl Schedules {
 
     /// Whether schedule `id` is this runtime's: always on a single store,
     /// on a fleet when its home is this runtime's shard.
-    fn is_home(&self, id: &str) -> bool {
+    pub(crate) fn is_home(&self, id: &str) -> bool {
         self.shard
             .get()
             .is_none_or(|&(shard, shards)| shard_of_schedule(id, shards) == shard)
