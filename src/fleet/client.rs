@@ -35,7 +35,16 @@ impl FleetClient {
         let mut shards = Vec::with_capacity(manifest.shards as usize);
         for shard in 0..manifest.shards {
             let at = manifest.shard_location(location, shard);
-            shards.push(Client::open(&at, options.clone()).await?);
+            match Client::open(&at, options.clone()).await {
+                Ok(client) => shards.push(client),
+                Err(e) => {
+                    // Not half open: the readers already opened are closed.
+                    for client in &shards {
+                        let _ = client.close().await;
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(Self { manifest, shards })
     }
