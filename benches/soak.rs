@@ -18,7 +18,9 @@
 //! attempts fail transiently 1 time in 30.
 //!
 //! Each row: elapsed time, runs ended per second over the interval, RSS
-//! (`VmRSS`), the store's size on disk and its WAL's share, the live data
+//! (`VmRSS`), the heap in use (glibc's `mallinfo2`: bytes allocated and not
+//! freed, which can grow inside memory the allocator already holds while
+//! RSS stays flat), the store's size on disk and its WAL's share, the live data
 //! (every key-value record, its count and bytes; the jobs not done, dead
 //! ones included), the outcome records retained and how far the oldest is
 //! past its expiry (the retention backlog), and the tally entries not yet
@@ -113,6 +115,21 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The bytes allocated and not yet freed, by glibc's count (main arena,
+/// the other arenas and mmapped blocks); `None` on another C library.
+fn heap_in_use_mib() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `mallinfo2` only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as f64 / (1024.0 * 1024.0))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 fn dir_bytes(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
@@ -166,6 +183,7 @@ struct Row {
     elapsed: f64,
     rate: f64,
     rss: f64,
+    heap: Option<f64>,
     disk: f64,
 }
 
@@ -274,9 +292,9 @@ async fn main() {
     );
     println!();
     println!(
-        "| elapsed s | runs ended/s | RSS MiB | store on disk MiB | of it WAL MiB | live KV keys | live KV MiB | jobs not done | outcomes retained | oldest past expiry s | unfolded tallies |"
+        "| elapsed s | runs ended/s | RSS MiB | heap in use MiB | store on disk MiB | of it WAL MiB | live KV keys | live KV MiB | jobs not done | outcomes retained | oldest past expiry s | unfolded tallies |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let start = Instant::now();
     let retention_ms = mode.retention.as_millis() as u64;
     let out_prefix = format!("wm/{QUEUE}/out/").into_bytes();
@@ -321,13 +339,15 @@ async fn main() {
             elapsed: start.elapsed().as_secs_f64(),
             rate,
             rss: rss_mib(),
+            heap: heap_in_use_mib(),
             disk: dir_bytes(dir.path()) as f64 / (1024.0 * 1024.0),
         };
         println!(
-            "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {jobs} | {outcomes} | {past:.1} | {tallies} |",
+            "| {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {jobs} | {outcomes} | {past:.1} | {tallies} |",
             row.elapsed,
             row.rate,
             row.rss,
+            row.heap.map_or_else(|| "-".into(), |h| format!("{h:.0}")),
             row.disk,
             dir_bytes(&dir.path().join("soak").join("wal")) as f64 / (1024.0 * 1024.0),
             live.0,
@@ -373,12 +393,14 @@ async fn main() {
         let min = settled.iter().map(|r| r.rate).fold(f64::MAX, f64::min);
         let mean = settled.iter().map(|r| r.rate).sum::<f64>() / settled.len() as f64;
         println!(
-            "after warm-up ({} rows): throughput {min:.0}..{max:.0} runs/s (mean {mean:.0}, spread {:+.1}% / {:+.1}%); RSS {:.0} -> {:.0} MiB; store {:.0} -> {:.0} MiB",
+            "after warm-up ({} rows): throughput {min:.0}..{max:.0} runs/s (mean {mean:.0}, spread {:+.1}% / {:+.1}%); RSS {:.0} -> {:.0} MiB; heap in use {} -> {} MiB; store {:.0} -> {:.0} MiB",
             settled.len(),
             (min / mean - 1.0) * 100.0,
             (max / mean - 1.0) * 100.0,
             first.rss,
             last.rss,
+            first.heap.map_or_else(|| "-".into(), |h| format!("{h:.0}")),
+            last.heap.map_or_else(|| "-".into(), |h| format!("{h:.0}")),
             first.disk,
             last.disk
         );
