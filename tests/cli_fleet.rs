@@ -577,4 +577,17 @@ fn dead_jobs_breakers_and_resets_on_a_fleet() {
         .stderr(predicate::str::contains("no dead job"));
     worker.signal("TERM");
     assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+
+    // A reset that reaches shard 0 but cannot be stored on shard 1 (its
+    // inbox made a plain file) says where it was sent.
+    let inbox = tmp.path().join("fleet").join("shard-0001-inbox");
+    std::fs::remove_dir_all(&inbox).unwrap();
+    std::fs::write(&inbox, b"not a directory").unwrap();
+    waymark()
+        .args(["reset", "default", "--no-wait", "--store", &url])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "the reset was sent to shard(s) 0 (their workers apply it) but not to shard 1",
+        ));
 }

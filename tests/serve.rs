@@ -410,10 +410,11 @@ fn id_on(prefix: &str, shard: u32, shards: u32) -> String {
 fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
     // Two shards; the default workflow trips after one failure (on the
     // shard where it failed); `nightly` is a manual schedule.
-    let env = Env::start_fleet(2, &["--trip-after", "1", "--schedule", "nightly=manual"]);
+    let mut env = Env::start_fleet(2, &["--trip-after", "1", "--schedule", "nightly=manual"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fleet = rt.block_on(env.fleet_client());
-    let addr = env.addr.as_str();
+    let serve_addr = env.addr.clone();
+    let addr = serve_addr.as_str();
     // Runs on both shards: good orders, a malformed one on each shard
     // (dead-lettered), and a failure that trips `default` on shard 1.
     let good = [id_on("shop", 0, 2), id_on("shop", 1, 2)];
@@ -451,9 +452,16 @@ fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
         submit(&elsewhere, "default", good_order()).await.unwrap();
         fleet.wait(&elsewhere, operator::HANG_GUARD).await.unwrap();
     });
+    // serve reads each shard through its own reader, each following its
+    // store at its own pace: wait until both show the last thing done
+    // there (everything before it is then visible too).
     eventually("the run on the tripped shard to park", || {
         let run = get(addr, &format!("/api/runs/{parked}")).json();
         (run["live"]["state"] == "parked").then_some(())
+    });
+    eventually("the run on shard 0 to end", || {
+        let run = get(addr, &format!("/api/runs/{elsewhere}")).json();
+        (run["outcome"]["status"] == "succeeded").then_some(())
     });
 
     // The listing merges the shards in id order, and pages across them.
@@ -631,5 +639,22 @@ fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
         let run = get(addr, &format!("/api/runs/{run_id}")).json();
         (run["outcome"]["status"] == "succeeded").then_some(())
     });
+
+    // With the worker stopped, a reset that is stored on shard 0 but not
+    // on shard 1 (its inbox made a plain file) says where it was sent.
+    env.worker.signal("TERM");
+    assert_eq!(env.worker.wait(), Some(0));
+    let inbox = env.dir.path().join("fleet").join("shard-0001-inbox");
+    std::fs::remove_dir_all(&inbox).unwrap();
+    std::fs::write(&inbox, b"not a directory").unwrap();
+    let half = http("POST", addr, "/api/workflows/default/reset", Some(TOKEN));
+    assert_eq!(half.status, 500, "{}", half.body);
+    assert!(
+        half.body.contains(
+            "the reset was sent to shard(s) 0 (their workers apply it) but not to shard 1"
+        ),
+        "{}",
+        half.body
+    );
     rt.block_on(fleet.close()).unwrap();
 }

@@ -73,7 +73,23 @@ async fn reset_fleet(
     let fleet = store.open_fleet_client(manifest).await?;
     let mut sent = Vec::new();
     for (shard, client) in (0..).zip(fleet.shards()) {
-        sent.push((shard, client, send(store, client.reset(workflow)).await?));
+        match send(store, client.reset(workflow)).await {
+            Ok(request_id) => sent.push((shard, client, request_id)),
+            // Some shards have the request and will apply it: say which.
+            Err(e) if !sent.is_empty() => {
+                let _ = fleet.close().await;
+                let done: Vec<String> = sent.iter().map(|(s, _, _)| s.to_string()).collect();
+                return Err(CliError::new(
+                    e.exit,
+                    format!(
+                        "{e}; the reset was sent to shard(s) {} (their workers apply it) but not \
+                         to shard {shard} or after: run `reset` again once the store answers",
+                        done.join(", ")
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
     }
     if no_wait {
         say!(

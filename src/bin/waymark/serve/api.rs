@@ -400,10 +400,27 @@ pub async fn reset(
     // workers apply theirs together, within one timeout.
     let mut sent = Vec::new();
     for (shard, client) in app.source.shards() {
-        let request_id = app
-            .bounded("sending the reset", client.reset(&name))
-            .await?;
-        sent.push((shard, client, request_id));
+        match app.bounded("sending the reset", client.reset(&name)).await {
+            Ok(request_id) => sent.push((shard, client, request_id)),
+            // Some shards have the request and will apply it: say which.
+            Err(e) if !sent.is_empty() => {
+                let done: Vec<String> = sent
+                    .iter()
+                    .filter_map(|(s, _, _)| s.map(|s| s.to_string()))
+                    .collect();
+                return Err(ApiError::new(
+                    e.status,
+                    format!(
+                        "{}; the reset was sent to shard(s) {} (their workers apply it) but not to \
+                         shard {} or after: reset again once the store answers",
+                        e.message,
+                        done.join(", "),
+                        shard.unwrap_or_default()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
     }
     let deadline = Instant::now() + app.timeout;
     let mut shards_open = Vec::new();
