@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use base64::Engine;
-use operator::{Env, TOKEN, eventually, get, good_order, submit};
+use operator::{Env, TOKEN, eventually, get, good_order, id_on, submit};
 use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 
@@ -357,15 +357,6 @@ fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow()
     );
     page.screenshot(&shots.join("dashboard-runs-after-reset.png"));
     rt.block_on(client.close()).unwrap();
-}
-
-/// The first id `{prefix}-{k}` whose run lives on `shard` of a fleet of
-/// `shards`.
-fn id_on(prefix: &str, shard: u32, shards: u32) -> String {
-    (0..)
-        .map(|k| format!("{prefix}-{k}"))
-        .find(|id| waymark::fleet::shard_of_run(id, shards) == shard)
-        .unwrap()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod operator;
 
-use operator::{Env, TOKEN, eventually, get, good_order, http, submit};
+use operator::{Env, TOKEN, eventually, get, good_order, http, id_on, submit};
 
 /// The run ids of a `/api/runs` answer.
 fn ids(page: &serde_json::Value) -> Vec<String> {
@@ -395,15 +395,6 @@ fn the_worker_metrics_endpoint_counts_steps_after_a_few_runs() {
     let pending = metric(&body, "waymark_backlog", &["state=\"scheduled\""]);
     assert!(pending.is_some(), "{body}");
     rt.block_on(client.close()).unwrap();
-}
-
-/// The first id `{prefix}-{k}` whose run lives on `shard` of a fleet of
-/// `shards`.
-fn id_on(prefix: &str, shard: u32, shards: u32) -> String {
-    (0..)
-        .map(|k| format!("{prefix}-{k}"))
-        .find(|id| waymark::fleet::shard_of_run(id, shards) == shard)
-        .unwrap()
 }
 
 #[test]

@@ -149,12 +149,7 @@ impl Env {
         let mut worker = Proc::start("the worker", &args, &[]);
         let metrics = worker.address("metrics at");
         worker.until("worker on");
-        let mut serve = Proc::start(
-            "serve",
-            &["serve", "--dir", data, "--listen", "127.0.0.1:0"],
-            &[("WAYMARK_TOKEN", TOKEN)],
-        );
-        let addr = serve.address("serving");
+        let (serve, addr) = start_serve(&["--dir", data]);
         Self {
             dir,
             worker,
@@ -188,12 +183,7 @@ impl Env {
         for _ in 0..shards {
             worker.until("took shard");
         }
-        let mut serve = Proc::start(
-            "serve",
-            &["serve", "--store", &url, "--listen", "127.0.0.1:0"],
-            &[("WAYMARK_TOKEN", TOKEN)],
-        );
-        let addr = serve.address("serving");
+        let (serve, addr) = start_serve(&["--store", &url]);
         Self {
             dir,
             worker,
@@ -233,6 +223,26 @@ impl Env {
             .refresh_interval(Duration::from_millis(50));
         Client::open(&self.location(), options).await.unwrap()
     }
+}
+
+/// Start `waymark serve` on the store `store_args` name, on a free
+/// loopback port, with the token; the process and its address.
+fn start_serve(store_args: &[&str]) -> (Proc, String) {
+    let mut args = vec!["serve"];
+    args.extend_from_slice(store_args);
+    args.extend(["--listen", "127.0.0.1:0"]);
+    let mut serve = Proc::start("serve", &args, &[("WAYMARK_TOKEN", TOKEN)]);
+    let addr = serve.address("serving");
+    (serve, addr)
+}
+
+/// The first id `{prefix}-{k}` whose run lives on `shard` of a fleet of
+/// `shards`.
+pub fn id_on(prefix: &str, shard: u32, shards: u32) -> String {
+    (0..)
+        .map(|k| format!("{prefix}-{k}"))
+        .find(|id| waymark::fleet::shard_of_run(id, shards) == shard)
+        .unwrap()
 }
 
 /// An order the demo pipeline completes (five steps).
