@@ -5,7 +5,7 @@
 
 mod operator;
 
-use operator::{Env, TOKEN, eventually, get, good_order, http, id_on, submit};
+use operator::{Env, Proc, TOKEN, eventually, get, good_order, http, id_on, submit};
 
 /// The run ids of a `/api/runs` answer.
 fn ids(page: &serde_json::Value) -> Vec<String> {
@@ -631,10 +631,41 @@ fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
         (run["outcome"]["status"] == "succeeded").then_some(())
     });
 
-    // With the worker stopped, a reset that is stored on shard 0 but not
-    // on shard 1 (its inbox made a plain file) says where it was sent.
+    // With the worker stopped, nothing answers a reset: a serve with a
+    // short timeout says which shard did not answer (the requests wait in
+    // the inboxes).
     env.worker.signal("TERM");
     assert_eq!(env.worker.wait(), Some(0));
+    let url = env.fleet_url();
+    let mut short = Proc::start(
+        "serve with a short timeout",
+        &[
+            "serve",
+            "--store",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--timeout",
+            "1",
+        ],
+        &[("WAYMARK_TOKEN", TOKEN)],
+    );
+    let short_addr = short.address("serving");
+    let unanswered = http(
+        "POST",
+        &short_addr,
+        "/api/workflows/default/reset",
+        Some(TOKEN),
+    );
+    assert_eq!(unanswered.status, 504, "{}", unanswered.body);
+    assert!(
+        unanswered.body.contains("shard 0 did not answer the reset"),
+        "{}",
+        unanswered.body
+    );
+
+    // A reset that is stored on shard 0 but not on shard 1 (its inbox made
+    // a plain file) says where it was sent.
     let inbox = env.dir.path().join("fleet").join("shard-0001-inbox");
     std::fs::remove_dir_all(&inbox).unwrap();
     std::fs::write(&inbox, b"not a directory").unwrap();
