@@ -106,6 +106,28 @@ fn echo() -> FnRunner {
     FnRunner::new(|s: Step| async move { Ok(StepOutcome::Succeed { result: s.payload }) })
 }
 
+/// A timeout longer than an `Instant` can hold (`Duration::MAX`) waits:
+/// an answer that comes is returned, and one that never comes is waited
+/// for without end, never a panic on the deadline's arithmetic.
+#[tokio::test]
+async fn a_timeout_past_what_an_instant_holds_waits_without_panicking() {
+    let env = Env::new(echo(), 4).await;
+    let c = &env.client;
+    let sent = c
+        .submit_and_wait(spec("forever", b"x"), Duration::MAX)
+        .await
+        .unwrap();
+    assert!(sent.newly_submitted);
+    let out = c.wait("forever", Duration::MAX).await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    let never = tokio::time::timeout(
+        Duration::from_millis(200),
+        c.wait_reply("no-such-request", Duration::MAX),
+    )
+    .await;
+    assert!(never.is_err(), "still waiting, not {never:?}");
+}
+
 #[tokio::test]
 async fn submit_applies_once_with_the_runtimes_idempotency() {
     let env = Env::new(echo(), 4).await;

@@ -102,6 +102,24 @@ async fn crash_step_1_at(point: CrashPoint) -> (TestKit<Counting, NoopTerminalHo
     (kit, runner)
 }
 
+/// An idle limit longer than an `Instant` can hold is no limit: the kit
+/// runs to idle instead of panicking on the deadline's arithmetic.
+#[tokio::test]
+async fn an_idle_limit_of_duration_max_is_no_limit() {
+    let mut kit = TestKit::builder(Counting::new(2), NoopTerminalHook)
+        .idle_limit(Duration::MAX)
+        .start()
+        .await
+        .unwrap();
+    kit.submit(spec("r")).await.unwrap();
+    assert!(matches!(kit.run_until_idle().await.unwrap(), Drive::Idle));
+    assert_eq!(
+        kit.wait("r").await.unwrap().status,
+        TerminalStatus::Succeeded
+    );
+    kit.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_crash_after_the_runner_returned_reruns_the_step_once() {
     let (kit, runner) = crash_step_1_at(CrashPoint::AfterRunner).await;

@@ -682,7 +682,8 @@ impl Client {
         Fut: Future<Output = Result<Option<T>, Error>>,
     {
         let start = Instant::now();
-        let deadline = start + timeout;
+        // A timeout past what an `Instant` can hold waits without end.
+        let deadline = start.checked_add(timeout);
         let cap = (self.inner.refresh / 4).max(Duration::from_millis(1));
         let mut pause = Duration::from_millis(1).min(cap);
         loop {
@@ -690,13 +691,14 @@ impl Client {
                 return Ok(answer);
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|deadline| now >= deadline) {
                 return Err(Error::TimedOut {
                     what: what(),
                     waited: now.saturating_duration_since(start),
                 });
             }
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(now))).await;
+            let left = deadline.map_or(pause, |d| d.saturating_duration_since(now));
+            tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(cap);
         }
     }

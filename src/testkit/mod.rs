@@ -427,7 +427,8 @@ impl<R: StepRunner, H: TerminalHook> TestKit<R, H> {
     /// Run until nothing is runnable (see the [module docs](self)), or a
     /// planned crash strikes ([`Drive::Crashed`]: the process is down).
     pub async fn run_until_idle(&mut self) -> Result<Drive, KitError> {
-        let limit = tokio::time::Instant::now() + self.idle_limit;
+        // A limit past what an `Instant` can hold never runs out.
+        let limit = tokio::time::Instant::now().checked_add(self.idle_limit);
         let mut crashed = self.shared.crashed.subscribe();
         let mut quiet = 0;
         let mut seen = self.shared.activity.load(Ordering::SeqCst);
@@ -459,7 +460,7 @@ impl<R: StepRunner, H: TerminalHook> TestKit<R, H> {
                 quiet = 0;
             }
             seen = now;
-            if tokio::time::Instant::now() >= limit {
+            if limit.is_some_and(|limit| tokio::time::Instant::now() >= limit) {
                 let why = busy.unwrap_or_else(|| "the kit kept seeing activity".into());
                 return Err(KitError::NotIdle(self.idle_limit, why));
             }

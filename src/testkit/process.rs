@@ -106,9 +106,10 @@ impl WorkerProcess {
     /// with the reason (and the worker's stderr) if it exits first or
     /// `limit` passes.
     pub fn wait_line(&mut self, marker: &str, limit: Duration) -> Result<String, String> {
-        let deadline = Instant::now() + limit;
+        // A limit past what an `Instant` can hold waits without end.
+        let deadline = Instant::now().checked_add(limit);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(limit, |d| d.saturating_duration_since(Instant::now()));
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(marker) => return Ok(line),
                 Ok(_) => continue,

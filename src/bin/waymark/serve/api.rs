@@ -422,10 +422,11 @@ pub async fn reset(
             Err(e) => return Err(e),
         }
     }
-    let deadline = Instant::now() + app.timeout;
+    // A timeout past what an `Instant` can hold waits without end.
+    let deadline = Instant::now().checked_add(app.timeout);
     let mut shards_open = Vec::new();
     for (shard, client, request_id) in sent {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(app.timeout, |d| d.saturating_duration_since(Instant::now()));
         match client.wait_reply(&request_id, left).await {
             Ok(Reply::Reset { was_open, .. }) => {
                 if was_open {
