@@ -376,6 +376,21 @@ impl Error {
         })
     }
 
+    /// Whether this is a durable record that does not decode: corrupt
+    /// ([`Error::CorruptRecord`], or a queue job record the queue cannot
+    /// decode) or written by a newer Waymark
+    /// ([`Error::UnsupportedRecordVersion`]). Listings skip such a run and
+    /// name it in [`RunPage::unreadable`](crate::RunPage::unreadable)
+    /// instead of failing.
+    pub fn is_unreadable_record(&self) -> bool {
+        matches!(
+            self,
+            Error::CorruptRecord { .. }
+                | Error::UnsupportedRecordVersion { .. }
+                | Error::Queue(taquba::Error::Deserialization(_))
+        )
+    }
+
     /// Whether retrying the same call cannot succeed. Input, configuration
     /// and record errors are permanent; store failures are not.
     pub fn is_permanent(&self) -> bool {

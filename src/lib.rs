@@ -253,7 +253,7 @@ pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
     DEFAULT_RUN_PAGE, DeadJob, DeadKind, RunFilter, RunPage, RunPhase, RunState, RunStatus,
-    RunSummary, StateFilter,
+    RunSummary, StateFilter, UnreadableRun,
 };
 pub use record::{
     DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_JOIN, HEADER_PARENT,

@@ -150,6 +150,23 @@ pub struct RunPage {
     /// Pass as [`RunFilter::after`] for the next page; `None` when this page
     /// is the last.
     pub next: Option<String>,
+    /// The runs in this page's range whose records could not be read
+    /// (corrupt, or written by a newer Waymark), in run id order. They are
+    /// left out of [`runs`](Self::runs) whatever the filter, and the
+    /// listing goes on past them: one bad record does not hide the rest.
+    pub unreadable: Vec<UnreadableRun>,
+}
+
+/// A run a listing skipped because one of its records does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableRun {
+    /// The run.
+    pub run_id: String,
+    /// What was wrong, naming the record's key: the
+    /// [`Error::CorruptRecord`] or [`Error::UnsupportedRecordVersion`] that
+    /// reading it gave. `status` and `outcome` on the run give the same
+    /// error.
+    pub error: String,
 }
 
 /// Which queue a dead-lettered job was on.
@@ -513,41 +530,46 @@ pub(crate) async fn runs(
         };
         let Some(item) = item else { break };
         let (key, value) = item?;
-        let summary = if take_live {
-            let run_id = String::from_utf8_lossy(&key[run_prefix.len()..]).into_owned();
-            let run: RunRecord = decode(&key, &value)?;
-            let Some(job) = view.job_record(&run.job_id).await? else {
-                // Settled between the two reads: it is listed where it went.
-                continue;
-            };
-            if filter
-                .workflow
-                .as_ref()
-                .is_some_and(|w| *w != job_workflow(&job))
-            {
-                continue;
-            }
-            let cancel = cancel_here(&job.id);
-            let Some(status) = status_of(view, keys, breakers, &run_id, &run, &job, cancel).await?
-            else {
-                continue;
-            };
-            RunSummary {
-                run_id,
-                workflow: status.workflow,
-                phase: RunPhase::Live(status.state),
-                step: status.current_step,
+        let prefix = if take_live { run_prefix } else { out_prefix };
+        let run_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+        let listed = if take_live {
+            match decode::<RunRecord>(&key, &value) {
+                Ok(run) => {
+                    live_summary(
+                        view,
+                        keys,
+                        breakers,
+                        filter,
+                        &cancel_here,
+                        run_id.clone(),
+                        run,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
             }
         } else {
-            let run_id = String::from_utf8_lossy(&key[out_prefix.len()..]).into_owned();
-            let record: OutcomeRecord = decode(&key, &value)?;
-            RunSummary {
-                run_id,
-                workflow: record.workflow,
-                phase: RunPhase::Ended(record.status),
-                step: record.final_step,
-            }
+            decode::<OutcomeRecord>(&key, &value).map(|record| {
+                Some(RunSummary {
+                    run_id: run_id.clone(),
+                    workflow: record.workflow,
+                    phase: RunPhase::Ended(record.status),
+                    step: record.final_step,
+                })
+            })
         };
+        let listed = match listed {
+            Ok(listed) => listed,
+            Err(e) if e.is_unreadable_record() => {
+                out.unreadable.push(UnreadableRun {
+                    run_id,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(summary) = listed else { continue };
         if filter
             .workflow
             .as_ref()
@@ -558,8 +580,17 @@ pub(crate) async fn runs(
         if filter.state.is_some_and(|s| !s.matches(&summary.phase)) {
             continue;
         }
-        if !submitted_as(view, keys, filter, &summary.run_id).await? {
-            continue;
+        match submitted_as(view, keys, filter, &summary.run_id).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) if e.is_unreadable_record() => {
+                out.unreadable.push(UnreadableRun {
+                    run_id,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
         }
         out.runs.push(summary);
         if out.runs.len() == limit {
@@ -568,6 +599,40 @@ pub(crate) async fn runs(
         }
     }
     Ok(out)
+}
+
+/// The listing's summary of live run `run_id` at `run`; `None` when it is
+/// not listed (settled between two reads, or of another workflow).
+async fn live_summary(
+    view: &QueueView,
+    keys: &Keys,
+    breakers: &Breakers,
+    filter: &RunFilter,
+    cancel_here: &impl Fn(&str) -> bool,
+    run_id: String,
+    run: RunRecord,
+) -> Result<Option<RunSummary>, Error> {
+    let Some(job) = view.job_record(&run.job_id).await? else {
+        // Settled between the two reads: it is listed where it went.
+        return Ok(None);
+    };
+    if filter
+        .workflow
+        .as_ref()
+        .is_some_and(|w| *w != job_workflow(&job))
+    {
+        return Ok(None);
+    }
+    let cancel = cancel_here(&job.id);
+    let Some(status) = status_of(view, keys, breakers, &run_id, &run, &job, cancel).await? else {
+        return Ok(None);
+    };
+    Ok(Some(RunSummary {
+        run_id,
+        workflow: status.workflow,
+        phase: RunPhase::Live(status.state),
+        step: status.current_step,
+    }))
 }
 
 /// Whether run `run_id`'s submit record matches the filter's submit time

@@ -274,3 +274,129 @@ async fn a_step_at_the_last_step_number_fails_its_run_instead_of_wrapping() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_listing_names_the_runs_it_cannot_read_and_lists_the_rest() {
+    let mut env = Env::new(echo(), NoopTerminalHook).await;
+    env.start();
+    for id in ["e-ended", "f-ended"] {
+        env.submit(id, b"x").await;
+        env.rt.wait(id).await.unwrap();
+    }
+    env.stop().await;
+    for id in ["a", "b-garbled", "c", "d-newer"] {
+        env.submit(id, b"x").await;
+    }
+    let q = env.queue().clone();
+    let put = |key: String, value: Vec<u8>| {
+        let q = q.clone();
+        async move { q.kv_put(key.as_bytes(), &value).await.unwrap() }
+    };
+    // A broken write, a newer build's live and terminal records, and a
+    // submit record the header filter must read.
+    put(
+        "wm/workflow-steps/run/b-garbled".into(),
+        b"\xc1 not msgpack".to_vec(),
+    )
+    .await;
+    put(
+        "wm/workflow-steps/run/d-newer".into(),
+        run_record_of_version(9, "some-job"),
+    )
+    .await;
+    put(
+        "wm/workflow-steps/out/e-ended".into(),
+        rmp_serde::to_vec_named(&(2u8, "from the future")).unwrap(),
+    )
+    .await;
+    put("wm/workflow-steps/sub/c".into(), b"\xc1".to_vec()).await;
+
+    let ids = |page: &RunPage| -> (Vec<String>, Vec<String>) {
+        (
+            page.runs.iter().map(|r| r.run_id.clone()).collect(),
+            page.unreadable.iter().map(|r| r.run_id.clone()).collect(),
+        )
+    };
+    let all = env.rt.runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(
+        ids(&all),
+        (
+            vec!["a".into(), "c".into(), "f-ended".into()],
+            vec!["b-garbled".into(), "d-newer".into(), "e-ended".into()]
+        )
+    );
+    assert_eq!(all.next, None);
+    let newer = &all.unreadable[1];
+    assert!(
+        newer.error.contains("run/d-newer") && newer.error.contains("version 9"),
+        "{newer:?}"
+    );
+    assert!(
+        all.unreadable[0].error.contains("does not decode"),
+        "{all:?}"
+    );
+
+    // Pages cut between them: each names the ones in its own range.
+    let first = env
+        .rt
+        .runs(&RunFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&first),
+        (vec!["a".into(), "c".into()], vec!["b-garbled".into()])
+    );
+    let second = env
+        .rt
+        .runs(&RunFilter {
+            limit: 2,
+            after: first.next.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&second),
+        (
+            vec!["f-ended".into()],
+            vec!["d-newer".into(), "e-ended".into()]
+        )
+    );
+
+    // A filter cannot be applied to what cannot be read: named whatever
+    // the filter. The header filter reads each run's submit record, and
+    // `c`'s is garbled.
+    let headed = env
+        .rt
+        .runs(&RunFilter {
+            header: Some(("tenant".into(), "acme".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&headed),
+        (
+            vec![],
+            vec![
+                "b-garbled".into(),
+                "c".into(),
+                "d-newer".into(),
+                "e-ended".into()
+            ]
+        )
+    );
+    // The records are left as they were.
+    assert_eq!(
+        q.view()
+            .kv_get(b"wm/workflow-steps/run/b-garbled")
+            .await
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        b"\xc1 not msgpack"
+    );
+}

@@ -357,6 +357,51 @@ fn the_dashboard_in_headless_chromium_shows_runs_and_resets_a_tripped_workflow()
     );
     page.screenshot(&shots.join("dashboard-runs-after-reset.png"));
     rt.block_on(client.close()).unwrap();
+
+    // A record broken while no worker runs: the API and the page list the
+    // other runs and name the one they cannot read.
+    let mut env = env;
+    env.worker.signal("TERM");
+    env.worker.wait();
+    rt.block_on(async {
+        let queue = waymark::open_worker_store(&env.location(), Default::default())
+            .await
+            .unwrap();
+        queue
+            .kv_put(b"wm/demo-orders/out/order-1002", b"\xc1")
+            .await
+            .unwrap();
+        std::sync::Arc::try_unwrap(queue)
+            .ok()
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+    });
+    let page_json = eventually("/api/runs to name order-1002 unreadable", || {
+        let page = get(&addr, "/api/runs").json();
+        (page["unreadable"][0]["run_id"] == "order-1002").then_some(page)
+    });
+    assert_eq!(
+        page_json["runs"].as_array().unwrap().len(),
+        4,
+        "{page_json}"
+    );
+    let said = page.until(
+        "the runs page to name the unreadable run",
+        "document.getElementById('unreadable')?.textContent",
+    );
+    let said = said.as_str().unwrap();
+    assert!(
+        said.contains("1 run(s) left out")
+            && said.contains("order-1002: record `wm/demo-orders/out/order-1002` does not decode"),
+        "{said}"
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('#runs tr[data-run]').length"),
+        json!(4)
+    );
+    page.screenshot(&shots.join("dashboard-runs-unreadable.png"));
 }
 
 #[test]

@@ -1248,3 +1248,77 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
         .unwrap();
     assert_eq!(worker.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn runs_lists_the_rest_and_names_a_run_it_cannot_read_with_exit_1() {
+    use waymark::{NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner};
+    use waymark::{StoreLocation, StoreOptions};
+    /// Never called: the store is written and closed before any worker.
+    struct Unused;
+    impl StepRunner for Unused {
+        async fn run_step(&self, _: &Step) -> Result<StepOutcome, StepError> {
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    // A store a worker wrote, with one run record broken.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let at = StoreLocation::from_url(&url).unwrap();
+        let queue = waymark::open_worker_store(&at, StoreOptions::default())
+            .await
+            .unwrap();
+        // The queue the CLI's worker serves.
+        let runtime = waymark::WorkflowRuntime::builder(queue.clone(), Unused, NoopTerminalHook)
+            .queue_name("demo-orders")
+            .build()
+            .unwrap();
+        for id in ["alpha", "broken", "gamma"] {
+            let spec = RunSpec {
+                run_id: Some(id.into()),
+                ..Default::default()
+            };
+            runtime.submit(spec).await.unwrap();
+        }
+        queue
+            .kv_put(b"wm/demo-orders/run/broken", b"\xc1")
+            .await
+            .unwrap();
+        drop(runtime);
+        std::sync::Arc::try_unwrap(queue)
+            .ok()
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+    });
+    let out = waymark(tmp.path())
+        .args(["runs", "--store", &url])
+        .timeout(HANG_GUARD)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout.contains("alpha") && stdout.contains("gamma") && !stdout.contains("broken"),
+        "{stdout}"
+    );
+    assert!(
+        stderr
+            .contains("left out: run `broken`: record `wm/demo-orders/run/broken` does not decode")
+            && stderr.contains("1 run(s) in this page were left out"),
+        "{stderr}"
+    );
+    let out = waymark(tmp.path())
+        .args(["runs", "--json", "--store", &url])
+        .timeout(HANG_GUARD)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["runs"].as_array().unwrap().len(), 2, "{page}");
+    assert_eq!(page["unreadable"][0]["run_id"], "broken", "{page}");
+}

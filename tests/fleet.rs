@@ -363,6 +363,72 @@ async fn schedule_records_left_on_other_shards_are_deleted() {
     task.await.unwrap().unwrap();
 }
 
+/// A fleet listing merges each shard's page, and with it each shard's
+/// runs whose records do not decode: a page names those in its own range
+/// only, so each is named once as the pages are walked.
+#[tokio::test]
+async fn a_fleet_listing_names_each_shards_unreadable_runs_in_the_page_they_fall_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = StoreLocation::from_url(&format!("file://{}", dir.path().display())).unwrap();
+    let manifest = waymark::fleet::FleetManifest::open_or_create(&at, 2)
+        .await
+        .unwrap();
+    // Listing scans every shard, so where each run is does not matter
+    // here: these are written straight to a shard, as its worker would.
+    for (shard, runs) in [(0, ["a", "b", "c", "e"]), (1, ["d", "f", "g", "h"])] {
+        let location = manifest.shard_location(&at, shard);
+        let queue = open_worker_store(&location, StoreOptions::default())
+            .await
+            .unwrap();
+        let runtime = WorkflowRuntime::builder(queue.clone(), TwoSteps, NoopTerminalHook)
+            .build()
+            .unwrap();
+        for id in runs {
+            runtime
+                .submit(RunSpec {
+                    run_id: Some(id.into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let garbled = ["b", "d"][shard as usize];
+        queue
+            .kv_put(
+                format!("wm/workflow-steps/run/{garbled}").as_bytes(),
+                b"\xc1",
+            )
+            .await
+            .unwrap();
+        drop(runtime);
+        Arc::try_unwrap(queue).ok().unwrap().close().await.unwrap();
+    }
+    let client = open_client(&at).await;
+    let mut filter = RunFilter {
+        limit: 2,
+        ..Default::default()
+    };
+    let mut pages = Vec::new();
+    loop {
+        let page = client.runs(&filter).await.unwrap();
+        let names = |ids: Vec<&str>| ids.join(",");
+        pages.push(format!(
+            "{} / {}",
+            names(page.runs.iter().map(|r| r.run_id.as_str()).collect()),
+            names(page.unreadable.iter().map(|r| r.run_id.as_str()).collect())
+        ));
+        match page.next {
+            Some(next) => filter.after = Some(next),
+            None => break,
+        }
+    }
+    // Shard 1's first page reaches `g` and names `d`, but the merged page
+    // ends at `c`: `d` is named by the page that covers it. (A full page
+    // always offers a next one, which here is empty.)
+    assert_eq!(pages, ["a,c / b", "e,f / d", "g,h / ", " / "]);
+    client.close().await.unwrap();
+}
+
 /// A store that accepts conditional writes and overwrites anyway (as Garage
 /// 2.5 does) is refused when a worker starts, before it writes anything.
 #[tokio::test]

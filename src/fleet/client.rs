@@ -114,13 +114,16 @@ impl FleetClient {
             n => n,
         };
         let mut runs = Vec::new();
+        let mut unreadable = Vec::new();
         let mut more = false;
         for client in &self.shards {
             let page = client.runs(filter).await?;
             more |= page.next.is_some();
             runs.extend(page.runs);
+            unreadable.extend(page.unreadable);
         }
         runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        unreadable.sort_by(|a, b| a.run_id.cmp(&b.run_id));
         if runs.len() > limit {
             runs.truncate(limit);
             more = true;
@@ -130,7 +133,15 @@ impl FleetClient {
         } else {
             None
         };
-        Ok(RunPage { runs, next })
+        // Past the cut, a run is the next page's to name.
+        if let Some(last) = &next {
+            unreadable.retain(|u| u.run_id <= *last);
+        }
+        Ok(RunPage {
+            runs,
+            next,
+            unreadable,
+        })
     }
 
     /// Every shard's client, by shard number: for what concerns each shard

@@ -70,7 +70,12 @@ pub fn runs(page: &RunPage) -> Value {
             })
         })
         .collect();
-    json!({ "runs": runs, "next": page.next })
+    let unreadable: Vec<Value> = page
+        .unreadable
+        .iter()
+        .map(|run| json!({ "run_id": run.run_id, "error": run.error }))
+        .collect();
+    json!({ "runs": runs, "next": page.next, "unreadable": unreadable })
 }
 
 /// Every workflow's health.

@@ -9,13 +9,13 @@
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, ValueEnum};
-use waymark::{Client, RunFilter, RunOutcome, RunPhase, StateFilter, TerminalStatus};
+use waymark::{Client, RunFilter, RunOutcome, RunPage, RunPhase, StateFilter, TerminalStatus};
 
 use super::check_run_id;
 use crate::demo::domain::step_label;
 use crate::describe;
-use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
-use crate::plumbing::output::{say, suggest};
+use crate::plumbing::exit::{CliError, CliResult, Exit, one_line, shown};
+use crate::plumbing::output::{say, say_err, suggest};
 use crate::plumbing::store::{Store, StoreArgs};
 
 /// `status` and `outcome`'s arguments.
@@ -85,7 +85,7 @@ async fn print_children(store: &Store, client: &Client, run_id: &str) -> CliResu
     let page = store
         .bounded("listing the run's children", client.runs(&filter))
         .await?;
-    if page.runs.is_empty() {
+    if page.runs.is_empty() && page.unreadable.is_empty() {
         return Ok(());
     }
     say!("  children:");
@@ -103,6 +103,13 @@ async fn print_children(store: &Store, client: &Client, run_id: &str) -> CliResu
             child.run_id,
             phase,
             step_label(child.step)
+        );
+    }
+    for child in &page.unreadable {
+        say!(
+            "    {}  unreadable: {}",
+            child.run_id,
+            one_line(&child.error)
         );
     }
     if page.next.is_some() {
@@ -311,7 +318,7 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
     };
     if args.json {
         print_json(&super::json::runs(&page))?;
-        return Ok(Exit::Ok);
+        return left_out(&page);
     }
     let rows: Vec<[String; 4]> = page
         .runs
@@ -330,13 +337,33 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
         })
         .collect();
     table(&["RUN", "STATE", "STEP", "WORKFLOW"], &rows);
-    if let Some(next) = page.next {
+    if let Some(next) = &page.next {
         let mut more = vec!["runs"];
         more.extend(store_args(&store));
         more.extend(["--after", next.as_str()]);
         say!("more: {}", suggest(&more));
     }
-    Ok(Exit::Ok)
+    for run in &page.unreadable {
+        say_err!(
+            "left out: run `{}`: {}",
+            shown(&run.run_id),
+            one_line(&run.error)
+        );
+    }
+    left_out(&page)
+}
+
+/// Exit 0 for a complete listing; for one that left out runs whose records
+/// do not decode (named on stderr, or in the JSON's `unreadable`), exit 1
+/// saying so: a script must not take it for the whole list.
+fn left_out(page: &RunPage) -> CliResult<Exit> {
+    match page.unreadable.len() {
+        0 => Ok(Exit::Ok),
+        n => Err(CliError::failure(format!(
+            "{n} run(s) in this page were left out: their records do not decode (corrupt, or \
+             written by a newer Waymark; upgrade if so). The other runs are listed."
+        ))),
+    }
 }
 
 /// Parse `--since`/`--until`: RFC 3339, or an age before now (`90s`, `15m`,

@@ -38,7 +38,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use waymark::taquba::WriterHeartbeat;
-use waymark::{DeadJob, DeadKind, Error, Reply, RunFilter, RunHistory, validate_name};
+use waymark::{
+    DeadJob, DeadKind, Error, Reply, RunFilter, RunHistory, UnreadableRun, validate_name,
+};
 
 use super::App;
 use super::json::{LiveJson, OutcomeJson, RunRow, ScheduleJson, WorkflowJson, parse_state};
@@ -157,6 +159,28 @@ pub struct RunsPage {
     runs: Vec<RunRow>,
     /// The `after` of the next page; `null` on the last.
     next: Option<String>,
+    /// The runs in this page's range left out because their records do
+    /// not decode, each with the error naming the record.
+    unreadable: Vec<UnreadableRow>,
+}
+
+/// The rows of the runs a listing left out.
+fn unreadable_rows(runs: Vec<UnreadableRun>) -> Vec<UnreadableRow> {
+    runs.into_iter()
+        .map(|run| UnreadableRow {
+            run_id: run.run_id,
+            error: run.error,
+        })
+        .collect()
+}
+
+/// A run a listing left out.
+#[derive(Debug, Serialize)]
+pub struct UnreadableRow {
+    /// The run.
+    run_id: String,
+    /// What was wrong with its record.
+    error: String,
 }
 
 /// The filter a query asks for, or 400.
@@ -220,6 +244,7 @@ pub async fn runs(
     Ok(Json(RunsPage {
         runs: page.runs.iter().map(RunRow::from).collect(),
         next: page.next,
+        unreadable: unreadable_rows(page.unreadable),
     }))
 }
 
@@ -236,6 +261,8 @@ pub struct RunJson {
     outcome: Option<OutcomeJson>,
     /// Its children (the first page of them).
     children: Vec<RunRow>,
+    /// Children in that page whose records do not decode.
+    children_unreadable: Vec<UnreadableRow>,
     /// Its step history (of its current segment), oldest first.
     history: Option<RunHistory>,
 }
@@ -281,6 +308,7 @@ pub async fn run(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
         live: status.as_ref().map(LiveJson::from),
         outcome: outcome.as_ref().map(OutcomeJson::from),
         children: children.runs.iter().map(RunRow::from).collect(),
+        children_unreadable: unreadable_rows(children.unreadable),
     }))
 }
 

@@ -93,7 +93,9 @@ async function drawRuns() {
       <span class="muted">live: refreshed every second</span>
     </div>
     <table id="runs"><thead><tr><th>run</th><th>workflow</th><th>state</th><th>step</th><th></th></tr></thead>
-    <tbody>${rows || `<tr><td colspan="5" class="muted">no runs</td></tr>`}</tbody></table>`;
+    <tbody>${rows || `<tr><td colspan="5" class="muted">no runs</td></tr>`}</tbody></table>
+    ${page.unreadable.length ? `<div class="unreadable" id="unreadable"><strong>${page.unreadable.length} run(s) left out: their records do not decode</strong>
+      (corrupt, or written by a newer Waymark)<ul>${page.unreadable.map((u) => `<li>${esc(u.run_id)}: ${esc(u.error)}</li>`).join("")}</ul></div>` : ""}`;
   document.getElementById("f-state").onchange = (e) => { runsState.state = e.target.value; runsState.pages = [null]; refresh(); };
   document.getElementById("f-workflow").onchange = (e) => { runsState.workflow = e.target.value.trim(); runsState.pages = [null]; refresh(); };
   document.getElementById("prev").onclick = () => { runsState.pages.pop(); refresh(); };
@@ -155,7 +157,8 @@ async function drawRun(id) {
     if (outcome.result) facts.push(["result", `<pre>${esc(outcome.result)}</pre>`]);
   }
   const children = run.children.map((c) => `<tr><td><a href="#/run/${encodeURIComponent(c.run_id)}">${esc(c.run_id)}</a></td>
-    <td>${pill(c.state)}</td><td class="num">${c.step}</td></tr>`).join("");
+    <td>${pill(c.state)}</td><td class="num">${c.step}</td></tr>`).join("")
+    + run.children_unreadable.map((c) => `<tr><td>${esc(c.run_id)}</td><td colspan="2">unreadable: ${esc(c.error)}</td></tr>`).join("");
   view.innerHTML = `<h1>Run ${esc(run.run_id)} ${live ? `<button class="danger" id="cancel">cancel</button>` : ""}</h1>
     <dl>${facts.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>
     <h2>Step timeline</h2>${timeline(run.history)}
