@@ -13,10 +13,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use waymark::{Client, DeadJob, DeadKind, Reply};
 
 use super::control::{await_reply_to, send};
-use super::read::{print_json, table};
+use super::read::{print_json, table_with_shards};
 use crate::demo::domain::step_label;
 use crate::plumbing::exit::{CliError, CliResult, Exit, one_line, shown};
 use crate::plumbing::output::{live_output, say};
+use crate::plumbing::source::Source;
 use crate::plumbing::store::{Store, StoreArgs};
 
 /// Dead jobs read per call.
@@ -92,27 +93,14 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
     let bar = progress(None, "reading dead jobs", !args.json);
     // (shard, job): the shard is `None` on a single store.
     let mut all: Vec<(Option<u32>, DeadJob)> = Vec::new();
-    let fleet = store.fleet().await?;
-    match &fleet {
-        Some(manifest) => {
-            let fleet = store.open_fleet_client(manifest).await?;
-            for (shard, client) in (0..).zip(fleet.shards()) {
-                for kind in &kinds {
-                    let jobs = list(&store, client, *kind, args.limit.max(1), &bar).await?;
-                    all.extend(jobs.into_iter().map(|job| (Some(shard), job)));
-                }
-            }
-            let _ = fleet.close().await;
-        }
-        None => {
-            let client = store.open_single_client().await?;
-            for kind in &kinds {
-                let jobs = list(&store, &client, *kind, args.limit.max(1), &bar).await?;
-                all.extend(jobs.into_iter().map(|job| (None, job)));
-            }
-            let _ = client.close().await;
+    let source = store.open_source().await?;
+    for (shard, client) in source.shards() {
+        for kind in &kinds {
+            let jobs = list(&store, client, *kind, args.limit.max(1), &bar).await?;
+            all.extend(jobs.into_iter().map(|job| (shard, job)));
         }
     }
+    let _ = source.close().await;
     bar.finish_and_clear();
     if args.json {
         let (shards, jobs): (Vec<_>, Vec<_>) = all.into_iter().unzip();
@@ -125,11 +113,10 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
         say!("no dead jobs in {}", store.shown());
         return Ok(Exit::Ok);
     }
-    let rows: Vec<[String; 7]> = all
+    let rows: Vec<_> = all
         .iter()
         .map(|(shard, job)| {
-            [
-                shard.map_or_else(String::new, |s| s.to_string()),
+            let row = [
                 job.job_id.clone(),
                 match job.kind {
                     DeadKind::Hook => "hook".to_string(),
@@ -139,22 +126,16 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
                 job.step.map_or_else(|| "-".into(), step_label),
                 job.attempts.to_string(),
                 job.reason.as_deref().map_or_else(|| "-".into(), one_line),
-            ]
+            ];
+            (*shard, row)
         })
         .collect();
-    let header = ["SHARD", "JOB", "KIND", "RUN", "STEP", "ATTEMPTS", "REASON"];
-    if fleet.is_some() {
-        table(&header, &rows);
-    } else {
-        let rows: Vec<[String; 6]> = rows
-            .into_iter()
-            .map(|[_, job, kind, run, step, attempts, reason]| {
-                [job, kind, run, step, attempts, reason]
-            })
-            .collect();
-        let [_, header @ ..] = header;
-        table(&header, &rows);
-    }
+    table_with_shards(
+        source.is_fleet(),
+        0,
+        &["JOB", "KIND", "RUN", "STEP", "ATTEMPTS", "REASON"],
+        &rows,
+    );
     say!("requeue one: waymark requeue JOB (a step job re-runs its run from that step)");
     Ok(Exit::Ok)
 }
@@ -206,41 +187,54 @@ pub async fn requeue(args: RequeueArgs) -> CliResult<Exit> {
     }
     let store = Store::locate(&args.store)?;
     // On a fleet each job is requeued through the shard that holds it.
-    let (fleet, single) = match store.fleet().await? {
-        Some(manifest) => (Some(store.open_fleet_client(&manifest).await?), None),
-        None => (None, Some(store.open_single_client().await?)),
+    let source = store.open_source().await?;
+    let sent = send_requeues(&store, &source, &args.job_ids).await;
+    let code = match sent {
+        Ok(sent) if args.no_wait => {
+            for (id, _, request_id) in &sent {
+                say!("sent: requeue {id} (request {request_id}); a worker on the store applies it");
+            }
+            Ok(Exit::Ok)
+        }
+        Ok(sent) => await_requeues(&store, &sent).await,
+        Err(e) => Err(e),
     };
-    let many = args.job_ids.len() > 1;
-    let bar = progress(Some(args.job_ids.len() as u64), "requeueing", many);
+    let _ = source.close().await;
+    code
+}
+
+/// Send a requeue for each job, through the store or the fleet shard that
+/// holds it: each job with its client and request id.
+async fn send_requeues<'a>(
+    store: &Store,
+    source: &'a Source,
+    job_ids: &'a [String],
+) -> CliResult<Vec<(&'a str, &'a Client, String)>> {
+    let bar = progress(Some(job_ids.len() as u64), "requeueing", job_ids.len() > 1);
     let mut sent = Vec::new();
-    for id in &args.job_ids {
-        let client = match (&fleet, &single) {
-            (Some(fleet), _) => store
-                .bounded("finding the dead job's shard", fleet.dead_job_client(id))
-                .await?
-                .ok_or_else(|| {
-                    CliError::not_found(format!(
-                        "no dead job `{}` on any shard of the fleet at {}",
-                        shown(id),
-                        store.shown()
-                    ))
-                })?,
-            (None, Some(client)) => client,
-            (None, None) => return Err(CliError::failure("no client was opened")),
-        };
-        sent.push((id, client, send(&store, client.requeue(id)).await?));
+    for id in job_ids {
+        let client = store
+            .bounded("finding the dead job's shard", source.dead_job_client(id))
+            .await?
+            .ok_or_else(|| {
+                CliError::not_found(format!(
+                    "no dead job `{}` on any shard of the fleet at {}",
+                    shown(id),
+                    store.shown()
+                ))
+            })?;
+        sent.push((id.as_str(), client, send(store, client.requeue(id)).await?));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if args.no_wait {
-        for (id, _, request_id) in &sent {
-            say!("sent: requeue {id} (request {request_id}); a worker on the store applies it");
-        }
-        return Ok(Exit::Ok);
-    }
+    Ok(sent)
+}
+
+/// Wait for each requeue's answer and report it.
+async fn await_requeues(store: &Store, sent: &[(&str, &Client, String)]) -> CliResult<Exit> {
     let mut code = Exit::Ok;
-    for (id, client, request_id) in &sent {
-        match await_reply_to(&store, client, request_id).await {
+    for (id, client, request_id) in sent {
+        match await_reply_to(store, client, request_id).await {
             Ok(Some(Reply::Requeued { .. })) => {
                 say!("requeued {id}: the hook notification is delivered again")
             }
@@ -253,12 +247,6 @@ pub async fn requeue(args: RequeueArgs) -> CliResult<Exit> {
             Ok(None) => code = Exit::Unfinished,
             Err(e) => return Err(e),
         }
-    }
-    if let Some(fleet) = fleet {
-        let _ = fleet.close().await;
-    }
-    if let Some(client) = single {
-        let _ = client.close().await;
     }
     Ok(code)
 }

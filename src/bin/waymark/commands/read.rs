@@ -304,18 +304,10 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
         limit: args.limit.max(1),
     };
     // On a fleet, every shard's page, merged.
-    let page = match store.fleet().await? {
-        Some(manifest) => {
-            let fleet = store.open_fleet_client(&manifest).await?;
-            store.bounded("listing runs", fleet.runs(&filter)).await?
-        }
-        None => {
-            let client = store.open_single_client().await?;
-            let page = store.bounded("listing runs", client.runs(&filter)).await;
-            let _ = client.close().await;
-            page?
-        }
-    };
+    let source = store.open_source().await?;
+    let page = store.bounded("listing runs", source.runs(&filter)).await;
+    let _ = source.close().await;
+    let page = page?;
     if args.json {
         print_json(&super::json::runs(&page))?;
         return left_out(&page);
@@ -413,53 +405,35 @@ pub struct WorkflowsArgs {
     pub store: StoreArgs,
 }
 
-/// `waymark workflows`: each workflow's health.
+/// `waymark workflows`: each workflow's health. On a fleet each shard
+/// keeps its own breaker and tallies per workflow: one row per shard that
+/// has seen the workflow, under a `SHARD` column (a `shard` field in JSON).
 pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
-    let Some(manifest) = store.fleet().await? else {
-        let client = store.open_single_client().await?;
-        let health = store
-            .bounded("reading workflow health", client.workflows())
-            .await?;
-        let _ = client.close().await;
-        if args.json {
-            print_json(&super::json::workflows(&health))?;
-            return Ok(Exit::Ok);
-        }
-        let rows: Vec<[String; 4]> = health.iter().map(health_row).collect();
-        table(&["WORKFLOW", "BREAKER", "RUNS", "LAST ERROR"], &rows);
-        return Ok(Exit::Ok);
-    };
-    // On a fleet each shard keeps its own breaker and tallies per
-    // workflow: one row per shard that has seen the workflow.
-    let fleet = store.open_fleet_client(&manifest).await?;
+    let source = store.open_source().await?;
     let mut all = Vec::new();
-    for (shard, client) in (0..).zip(fleet.shards()) {
+    for (shard, client) in source.shards() {
         let health = store
             .bounded("reading workflow health", client.workflows())
             .await?;
         all.extend(health.into_iter().map(|h| (shard, h)));
     }
-    let _ = fleet.close().await;
+    let _ = source.close().await;
     all.sort_by(|(sa, a), (sb, b)| a.name.cmp(&b.name).then(sa.cmp(sb)));
     if args.json {
         let (shards, health): (Vec<_>, Vec<_>) = all.into_iter().unzip();
         let values = super::json::workflows(&health);
-        print_json(&super::json::with_shards(
-            values,
-            shards.into_iter().map(Some),
-        ))?;
+        print_json(&super::json::with_shards(values, shards))?;
         return Ok(Exit::Ok);
     }
-    let rows: Vec<[String; 5]> = all
+    let rows: Vec<_> = all
         .iter()
-        .map(|(shard, h)| {
-            let [name, breaker, runs, error] = health_row(h);
-            [name, shard.to_string(), breaker, runs, error]
-        })
+        .map(|(shard, h)| (*shard, health_row(h)))
         .collect();
-    table(
-        &["WORKFLOW", "SHARD", "BREAKER", "RUNS", "LAST ERROR"],
+    table_with_shards(
+        source.is_fleet(),
+        1,
+        &["WORKFLOW", "BREAKER", "RUNS", "LAST ERROR"],
         &rows,
     );
     Ok(Exit::Ok)
@@ -489,10 +463,36 @@ fn breaker_word(status: &waymark::BreakerStatus) -> String {
 
 /// Print a table with a header; the last column is not padded.
 pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let widths: Vec<usize> = (0..N)
+    columns(header, &rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>());
+}
+
+/// [`table`] of rows that each come from a store, with a `SHARD` column
+/// inserted at `at` when the store is a fleet (`fleet`).
+pub fn table_with_shards<const N: usize>(
+    fleet: bool,
+    at: usize,
+    header: &[&str; N],
+    rows: &[(Option<u32>, [String; N])],
+) {
+    let mut head = header.to_vec();
+    let mut body: Vec<Vec<String>> = rows.iter().map(|(_, r)| r.to_vec()).collect();
+    if fleet {
+        head.insert(at, "SHARD");
+        for (row, (shard, _)) in body.iter_mut().zip(rows) {
+            row.insert(at, shard.map_or_else(String::new, |s| s.to_string()));
+        }
+    }
+    columns(&head, &body);
+}
+
+/// Print `rows` under `header` in aligned columns; the last is not padded.
+fn columns(header: &[&str], rows: &[Vec<String>]) {
+    let n = header.len();
+    let widths: Vec<usize> = (0..n)
         .map(|col| {
             rows.iter()
-                .map(|r| r[col].chars().count())
+                .filter_map(|r| r.get(col))
+                .map(|cell| cell.chars().count())
                 .chain([header[col].len()])
                 .max()
                 .unwrap_or(0)
@@ -501,7 +501,7 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let line = |cells: Vec<&str>| {
         let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == N {
+            if i + 1 == n {
                 out.push_str(cell);
             } else {
                 out.push_str(&format!("{cell:<w$}  ", w = widths[i]));

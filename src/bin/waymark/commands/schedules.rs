@@ -64,24 +64,12 @@ pub async fn list(args: SchedulesArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
     // On a fleet each schedule is recorded on its home shard: every
     // shard's, merged.
-    let all = match store.fleet().await? {
-        Some(manifest) => {
-            let fleet = store.open_fleet_client(&manifest).await?;
-            let all = store
-                .bounded("reading the schedules", fleet.schedules())
-                .await?;
-            let _ = fleet.close().await;
-            all
-        }
-        None => {
-            let client = store.open_single_client().await?;
-            let all = store
-                .bounded("reading the schedules", client.schedules())
-                .await?;
-            let _ = client.close().await;
-            all
-        }
-    };
+    let source = store.open_source().await?;
+    let all = store
+        .bounded("reading the schedules", source.schedules())
+        .await;
+    let _ = source.close().await;
+    let all = all?;
     if args.json {
         super::read::print_json(&super::json::schedules(&all))?;
         return Ok(Exit::Ok);

@@ -32,6 +32,7 @@ use waymark::taquba::{QueueReader, ReaderMode, ReaderOptions};
 use waymark::{Client, ClientOptions, StoreLocation};
 
 use super::exit::{CliError, CliResult, shown_path};
+use super::source::Source;
 
 /// The store's path inside a `--dir` data directory.
 pub const STORE_PATH: &str = "waymark";
@@ -296,6 +297,15 @@ impl Store {
             ))),
             Err(_) => Err(self.timed_out("opening the store for reading")),
         }
+    }
+
+    /// Open what the store is read and sent through: a client on it, or on
+    /// a fleet a client on every shard.
+    pub async fn open_source(&self) -> CliResult<Source> {
+        Ok(match self.fleet().await? {
+            Some(manifest) => Source::Fleet(self.open_fleet_client(&manifest).await?),
+            None => Source::Store(self.open_single_client().await?),
+        })
     }
 
     /// Open a client on the store that holds run `run_id`: the store

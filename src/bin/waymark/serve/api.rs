@@ -426,30 +426,16 @@ pub async fn reset(
     check_id("workflow name", &name)?;
     // Every request is stored before any answer is awaited, so the shards'
     // workers apply theirs together, within one timeout.
-    let mut sent = Vec::new();
-    for (shard, client) in app.source.shards() {
-        match app.bounded("sending the reset", client.reset(&name)).await {
-            Ok(request_id) => sent.push((shard, client, request_id)),
-            // Some shards have the request and will apply it: say which.
-            Err(e) if !sent.is_empty() => {
-                let done: Vec<String> = sent
-                    .iter()
-                    .filter_map(|(s, _, _)| s.map(|s| s.to_string()))
-                    .collect();
-                return Err(ApiError::new(
-                    e.status,
-                    format!(
-                        "{}; the reset was sent to shard(s) {} (their workers apply it) but not to \
-                         shard {} or after: reset again once the store answers",
-                        e.message,
-                        done.join(", "),
-                        shard.unwrap_or_default()
-                    ),
-                ));
+    let sent = app
+        .source
+        .send_to_every_shard(|client| app.bounded("sending the reset", client.reset(&name)))
+        .await
+        .map_err(|cut| match cut.partly_sent("reset") {
+            Some(partly) => {
+                ApiError::new(cut.error.status, format!("{}; {partly}", cut.error.message))
             }
-            Err(e) => return Err(e),
-        }
-    }
+            None => cut.error,
+        })?;
     // A timeout past what an `Instant` can hold waits without end.
     let deadline = Instant::now().checked_add(app.timeout);
     let mut shards_open = Vec::new();

@@ -13,7 +13,6 @@
 pub mod api;
 pub mod json;
 pub mod page;
-pub mod source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,10 +33,10 @@ use waymark::BreakerStatus;
 use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::say;
 use crate::plumbing::signals::Signals;
+use crate::plumbing::source::Source;
 use crate::plumbing::store::{Store, StoreArgs};
 use crate::plumbing::telemetry::{init_logging, install_prometheus};
 use api::ApiError;
-use source::Source;
 
 /// `waymark serve`'s arguments.
 #[derive(Debug, Args)]
@@ -196,19 +195,14 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
         )));
     }
     let store = Store::locate(&args.store)?;
-    let (source, shown) = match store.fleet().await? {
-        Some(manifest) => (
-            Source::Fleet(store.open_fleet_client(&manifest).await?),
-            format!(
-                "the fleet of {} shards at {}",
-                manifest.shards,
-                store.shown()
-            ),
+    let source = store.open_source().await?;
+    let shown = match &source {
+        Source::Fleet(fleet) => format!(
+            "the fleet of {} shards at {}",
+            fleet.manifest().shards,
+            store.shown()
         ),
-        None => (
-            Source::Store(store.open_single_client().await?),
-            store.shown(),
-        ),
+        Source::Store(_) => store.shown(),
     };
     let handle = install_prometheus()?;
     let app = Arc::new(App {

@@ -1,14 +1,21 @@
-//! What `serve` reads and sends through: one store's [`Client`], or a
-//! fleet's [`FleetClient`] (a client on every shard).
+//! What a command reads and sends through: one store's [`Client`], or a
+//! fleet's [`FleetClient`] (a client on every shard). `serve` and the
+//! commands that concern the whole store (`runs`, `workflows`,
+//! `schedules`, `reset`, `dead`, `requeue`) take one from
+//! `Store::open_source`, so a fleet and a single store go through the same
+//! code.
 //!
 //! Everything about one run (its status, outcome, history, children, a
 //! cancel) goes to the run's shard, as every other command routes it; a
 //! schedule's record and requests live on its home shard; the run listing
 //! and the schedules are merged across shards. What each shard keeps for
 //! itself is shown per shard: a workflow's breaker and tally, the dead
-//! jobs, the writer's heartbeat. A handler that needs every shard walks
+//! jobs, the writer's heartbeat. What needs every shard walks
 //! [`Source::shards`], which on a single store is that store with no shard
-//! number.
+//! number; a request every shard must get is sent by
+//! [`Source::send_to_every_shard`].
+
+use std::future::Future;
 
 use waymark::fleet::FleetClient;
 use waymark::{Client, Error, RunFilter, RunPage, ScheduleInfo};
@@ -88,5 +95,63 @@ impl Source {
             Self::Store(client) => client.close().await,
             Self::Fleet(fleet) => fleet.close().await,
         }
+    }
+
+    /// Send a request to every shard in turn (the one store on a single
+    /// store) with `send`, storing each before any answer is awaited, so
+    /// the shards' workers apply theirs together. Each shard's number and
+    /// client with the request's id; if a send fails after others were
+    /// stored, [`CutShort`] says which shards have it.
+    pub async fn send_to_every_shard<'a, E, F, Fut>(
+        &'a self,
+        mut send: F,
+    ) -> Result<Vec<(Option<u32>, &'a Client, String)>, CutShort<E>>
+    where
+        F: FnMut(&'a Client) -> Fut,
+        Fut: Future<Output = Result<String, E>>,
+    {
+        let mut sent = Vec::new();
+        for (shard, client) in self.shards() {
+            match send(client).await {
+                Ok(request_id) => sent.push((shard, client, request_id)),
+                Err(error) => {
+                    return Err(CutShort {
+                        error,
+                        sent_to: sent.iter().filter_map(|(s, _, _)| *s).collect(),
+                        failed_at: shard,
+                    });
+                }
+            }
+        }
+        Ok(sent)
+    }
+}
+
+/// A request [`Source::send_to_every_shard`] could not send to every
+/// shard.
+pub struct CutShort<E> {
+    /// Why the send to shard `failed_at` failed.
+    pub error: E,
+    /// The shards that have the request (their workers apply it); empty
+    /// when none has.
+    pub sent_to: Vec<u32>,
+    /// The shard it failed on (`None` on a single store).
+    pub failed_at: Option<u32>,
+}
+
+impl<E> CutShort<E> {
+    /// What to add to the error, if some shards have the request: which,
+    /// and that it should be sent again. `None` when no shard has it.
+    pub fn partly_sent(&self, what: &str) -> Option<String> {
+        if self.sent_to.is_empty() {
+            return None;
+        }
+        let done: Vec<String> = self.sent_to.iter().map(u32::to_string).collect();
+        Some(format!(
+            "the {what} was sent to shard(s) {} (their workers apply it) but not to shard {} or \
+             after: send it again once the store answers",
+            done.join(", "),
+            self.failed_at.unwrap_or_default()
+        ))
     }
 }
