@@ -396,15 +396,6 @@ pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-/// Whether `e` says a record could not be decoded (as opposed to a store
-/// failure).
-fn unreadable(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::CorruptRecord { .. } | Error::UnsupportedRecordVersion { .. }
-    )
-}
-
 impl Breakers {
     pub(crate) fn new(
         queue_name: &str,
@@ -926,7 +917,7 @@ impl Breakers {
             let tripped = match self.cached(queue, &workflow, &state).await {
                 Ok(rec) => matches!(rec.state, Stored::Tripped { .. }),
                 // Its steps run as if it were closed.
-                Err(e) if unreadable(&e) => false,
+                Err(e) if e.is_unreadable_record() => false,
                 Err(e) => return Err(e),
             };
             if !tripped {
@@ -1102,7 +1093,7 @@ impl Breakers {
                         // arriving, and chasing them would never end.
                         progressed |= n == batch;
                     }
-                    Err(e) if unreadable(&e) => {
+                    Err(e) if e.is_unreadable_record() => {
                         tracing::error!(
                             workflow,
                             "not folding run tallies into an unreadable health record: {e}"
@@ -1238,7 +1229,7 @@ impl Breakers {
     pub(crate) async fn is_tripped(&self, view: &QueueView, workflow: &str) -> Result<bool, Error> {
         match self.read_record(view, workflow).await {
             Ok(rec) => Ok(rec.is_some_and(|r| matches!(r.state, Stored::Tripped { .. }))),
-            Err(e) if unreadable(&e) => Ok(false),
+            Err(e) if e.is_unreadable_record() => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -1354,7 +1345,7 @@ impl Breakers {
             match self.health_of(view, &name).await {
                 Ok(Some(health)) => out.push(health),
                 Ok(None) => {}
-                Err(e) if unreadable(&e) => {
+                Err(e) if e.is_unreadable_record() => {
                     tracing::error!(
                         workflow = name,
                         "leaving out an unreadable health record: {e}"

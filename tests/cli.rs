@@ -1250,7 +1250,7 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
 }
 
 #[test]
-fn runs_lists_the_rest_and_names_a_run_it_cannot_read_with_exit_1() {
+fn listings_go_on_past_records_they_cannot_read_and_name_them() {
     use waymark::{NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner};
     use waymark::{StoreLocation, StoreOptions};
     /// Never called: the store is written and closed before any worker.
@@ -1280,10 +1280,13 @@ fn runs_lists_the_rest_and_names_a_run_it_cannot_read_with_exit_1() {
             };
             runtime.submit(spec).await.unwrap();
         }
-        queue
-            .kv_put(b"wm/demo-orders/run/broken", b"\xc1")
-            .await
-            .unwrap();
+        for key in [
+            "wm/demo-orders/run/broken",
+            "wm/demo-orders/sched/nightly",
+            "wm/demo-orders/wf/billing",
+        ] {
+            queue.kv_put(key.as_bytes(), b"\xc1").await.unwrap();
+        }
         drop(runtime);
         std::sync::Arc::try_unwrap(queue)
             .ok()
@@ -1321,4 +1324,22 @@ fn runs_lists_the_rest_and_names_a_run_it_cannot_read_with_exit_1() {
     let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page["runs"].as_array().unwrap().len(), 2, "{page}");
     assert_eq!(page["unreadable"][0]["run_id"], "broken", "{page}");
+    // Schedules and workflows: the rest listed, the record named in a
+    // logged error.
+    for (command, key) in [
+        ("schedules", "wm/demo-orders/sched/nightly"),
+        ("workflows", "wm/demo-orders/wf/billing"),
+    ] {
+        let out = waymark(tmp.path())
+            .args([command, "--store", &url])
+            .timeout(HANG_GUARD)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command}: {out:?}");
+        assert!(
+            stderr.contains("leaving out an unreadable") && stderr.contains(key),
+            "{command}: {stderr}"
+        );
+    }
 }

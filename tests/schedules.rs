@@ -727,3 +727,86 @@ async fn a_panicking_input_function_skips_the_fire_and_says_why() {
         Err(Error::InvalidConfig(_))
     ));
 }
+
+/// A schedule record this build cannot read (a broken write, a newer
+/// build's format) does not stop the worker: it starts, fires the other
+/// schedules, leaves the record as it is, and dead-letters that
+/// schedule's tick with the reason. Listings leave it out; reading it
+/// names the error.
+#[tokio::test]
+async fn an_unreadable_schedule_record_is_left_alone_and_the_others_fire() {
+    let defs: Defs = Arc::new(Mutex::new(vec![
+        Schedule::every_seconds("good", 10),
+        Schedule::every_seconds("broken", 10),
+    ]));
+    let mut env = env_with(ok_runner(), defs, None).await;
+    until(&env, "broken", |i| i.next_fire.is_some()).await;
+    let q = env.queue().clone();
+    let newer = rmp_serde::to_vec_named(&(9u8, "from the future")).unwrap();
+    q.kv_put(b"wm/workflow-steps/sched/broken", b"\xc1")
+        .await
+        .unwrap();
+    // A schedule this build does not define, recorded by a newer one.
+    q.kv_put(b"wm/workflow-steps/sched/newer", &newer)
+        .await
+        .unwrap();
+    env.crash_and_reopen(ok_runner(), RecordingHook::default())
+        .await;
+    env.start();
+    advance(&env, Duration::from_secs(10)).await;
+    until(&env, "good", |i| i.run_count == 1).await;
+
+    let listed: Vec<String> = env
+        .rt
+        .schedules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(listed, ["good"]);
+    let broken = env.rt.schedule("broken").await;
+    assert!(
+        matches!(&broken, Err(Error::CorruptRecord { key, .. }) if key.ends_with("sched/broken")),
+        "{broken:?}"
+    );
+    // Its armed tick fell due with the good one's: dead-lettered, naming
+    // the record.
+    let q = env.queue().clone();
+    let mut dead = Vec::new();
+    for _ in 0..5_000 {
+        dead = q
+            .view()
+            .dead_jobs("workflow-steps-sched", None, 10)
+            .await
+            .unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let reason = dead
+        .first()
+        .and_then(|j| j.last_error.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("sched/broken"), "{dead:?}");
+    env.stop().await;
+    // Left as they were, for the build that wrote them.
+    let view = q.view();
+    assert_eq!(
+        view.kv_get(b"wm/workflow-steps/sched/broken")
+            .await
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        b"\xc1"
+    );
+    assert_eq!(
+        view.kv_get(b"wm/workflow-steps/sched/newer")
+            .await
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        newer.as_slice()
+    );
+}

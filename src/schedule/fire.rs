@@ -316,6 +316,8 @@ async fn tick_once<R, H>(
 /// marked inactive) and arm the tick of every active schedule, so a tick
 /// lost with a dead-lettered job is armed again (a live one is a dedup hit).
 ///
+/// A record this build cannot read is logged and left as it is.
+///
 /// On a fleet shard, a record of a schedule homed on another shard is
 /// deleted: a fleet worker before schedules had homes recorded every
 /// schedule on every shard, and the home shard keeps the schedule's own
@@ -337,7 +339,16 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
         let mut strays = Vec::new();
         for id in chunk {
             guards.push(schedules.lock(id).await);
-            let old = state::read_record(inner.queue.view(), qname, id).await?;
+            let old = match state::read_record(inner.queue.view(), qname, id).await {
+                Ok(old) => old,
+                // Left as it is, for the build that wrote it; its tick, if
+                // one is armed, is dead-lettered with the reason.
+                Err(e) if e.is_unreadable_record() => {
+                    tracing::error!(schedule = id, "not arming an unreadable schedule: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let key = state::key(qname, id);
             let (current, changed) = match (schedules.get(id), old) {
                 (Some(def), None) => {

@@ -196,7 +196,8 @@ pub(crate) async fn read_schedule(
     }
 }
 
-/// Every recorded schedule's state, sorted by id.
+/// Every recorded schedule's state, sorted by id. A schedule whose record
+/// (or its last run's outcome) does not decode is logged and left out.
 pub(crate) async fn read_schedules(
     view: &QueueView,
     queue_name: &str,
@@ -216,8 +217,18 @@ pub(crate) async fn read_schedules(
         };
         for (key, value) in &page.entries {
             let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            let rec: ScheduleRecord = decode(key, value)?;
-            out.push(info(view, &keys, &id, rec).await?);
+            let read = match decode::<ScheduleRecord>(key, value) {
+                Ok(rec) => info(view, &keys, &id, rec).await,
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(info) => out.push(info),
+                // `schedule(id)` gives the error; the others are listed.
+                Err(e) if e.is_unreadable_record() => {
+                    tracing::error!(schedule = id, "leaving out an unreadable schedule: {e}");
+                }
+                Err(e) => return Err(e),
+            }
         }
         if !page.more {
             return Ok(out);

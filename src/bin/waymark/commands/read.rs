@@ -17,6 +17,7 @@ use crate::describe;
 use crate::plumbing::exit::{CliError, CliResult, Exit, one_line, shown};
 use crate::plumbing::output::{say, say_err, suggest};
 use crate::plumbing::store::{Store, StoreArgs};
+use crate::plumbing::telemetry::init_logging;
 
 /// `status` and `outcome`'s arguments.
 #[derive(Debug, Args)]
@@ -409,6 +410,9 @@ pub struct WorkflowsArgs {
 /// keeps its own breaker and tallies per workflow: one row per shard that
 /// has seen the workflow, under a `SHARD` column (a `shard` field in JSON).
 pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
+    // A workflow whose health record does not decode is left out with a
+    // logged error: show it.
+    init_logging();
     let store = Store::locate(&args.store)?;
     let source = store.open_source().await?;
     let mut all = Vec::new();

@@ -24,6 +24,7 @@ use crate::describe;
 use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
 use crate::plumbing::output::{say, suggest};
 use crate::plumbing::store::{Store, StoreArgs};
+use crate::plumbing::telemetry::init_logging;
 
 /// `waymark schedules`' arguments.
 #[derive(Debug, Args)]
@@ -61,6 +62,9 @@ fn check_schedule_id(id: &str) -> CliResult<()> {
 
 /// `waymark schedules`: every recorded schedule, sorted by id.
 pub async fn list(args: SchedulesArgs) -> CliResult<Exit> {
+    // A schedule whose record does not decode is left out with a logged
+    // error: show it.
+    init_logging();
     let store = Store::locate(&args.store)?;
     // On a fleet each schedule is recorded on its home shard: every
     // shard's, merged.
