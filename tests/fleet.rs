@@ -363,6 +363,38 @@ async fn schedule_records_left_on_other_shards_are_deleted() {
     task.await.unwrap().unwrap();
 }
 
+/// A user's function that panics when a shard starts (here the store
+/// options, the first time shard 2 opens) ends that shard's task only: the
+/// worker goes on with the others, takes shard 2 again once its lease
+/// lapses, and every run ends.
+#[tokio::test]
+async fn a_panic_in_the_store_options_function_costs_one_shard_one_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = StoreLocation::from_url(&format!("file://{}", dir.path().display())).unwrap();
+    let panicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = worker(&at).store_options({
+        let panicked = panicked.clone();
+        move |shard| {
+            if shard == 2 && !panicked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                panic!("the options function failed for shard 2");
+            }
+            StoreOptions::default().flush_interval(Duration::from_millis(2))
+        }
+    });
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    until_owners(&at, |o| held_by(o, &id) == 4).await;
+    let client = open_client(&at).await;
+    submit_and_wait(&client, (0..40).map(|i| format!("run-{i}"))).await;
+    assert!(panicked.load(std::sync::atomic::Ordering::SeqCst));
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+}
+
 /// A fleet listing merges each shard's page, and with it each shard's
 /// runs whose records do not decode: a page names those in its own range
 /// only, so each is named once as the pages are walked.

@@ -538,3 +538,75 @@ async fn a_step_waiting_to_settle_keeps_its_lease() {
     worker.await.unwrap().unwrap();
     assert_eq!(runner.calls("b", 0), 2, "one failed attempt, one retry");
 }
+
+/// A runner or a hook that panics in `run_step` or `on_termination` itself,
+/// before returning its future (a plain `fn` with code ahead of its `async`
+/// block), is contained like a panic inside the future: the attempt is a
+/// transient failure and is retried, and the pool goes on.
+#[tokio::test]
+async fn a_runner_or_hook_panicking_before_returning_its_future_is_contained() {
+    struct Eager;
+    impl StepRunner for Eager {
+        #[allow(clippy::manual_async_fn)]
+        fn run_step(
+            &self,
+            step: &Step,
+        ) -> impl Future<Output = Result<StepOutcome, StepError>> + Send {
+            if step.attempts == 1 {
+                panic!("eager runner");
+            }
+            async {
+                Ok(StepOutcome::Succeed {
+                    result: b"second".to_vec(),
+                })
+            }
+        }
+    }
+    #[derive(Clone, Default)]
+    struct EagerHook(Arc<AtomicU32>);
+    impl TerminalHook for EagerHook {
+        #[allow(clippy::manual_async_fn)]
+        fn on_termination(
+            &self,
+            _outcome: &RunOutcome,
+        ) -> impl Future<Output = Result<(), StepError>> + Send {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("eager hook");
+            }
+            async { Ok(()) }
+        }
+    }
+    let queue = open_queue(Arc::new(InMemory::new()), &MockClock::new(T0)).await;
+    let hook = EagerHook::default();
+    let rt = WorkflowRuntime::builder(queue, Eager, hook.clone())
+        .default_retry_policy(RetryPolicy {
+            initial: Duration::ZERO,
+            ..RetryPolicy::default()
+        })
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = tokio::spawn({
+        let (rt, stop) = (rt.clone(), stop.clone());
+        async move { rt.run(async move { stop.notified().await }).await }
+    });
+    rt.submit(spec("eager", b"x")).await.unwrap();
+    // Uncontained, the panic ends the step's task with its claim held, and
+    // the run waits for a lease lapse the mock clock never brings.
+    let out = tokio::time::timeout(BOUND, rt.wait("eager"))
+        .await
+        .expect("the run never ended: the panic was not contained")
+        .unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+    assert_eq!(out.result.as_deref(), Some(&b"second"[..]));
+    let history = rt.history("eager").await.unwrap().unwrap();
+    let first = format!("{:?}", history.steps[0].attempts[0]);
+    assert!(first.contains("step panicked: eager runner"), "{first}");
+    wait_until(BOUND, "the hook's second delivery", || {
+        let calls = hook.0.clone();
+        async move { calls.load(Ordering::SeqCst) >= 2 }
+    })
+    .await;
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}

@@ -298,7 +298,9 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
         let shard = lease.shard;
         let shards = manifest.shards;
         let at = manifest.shard_location(&self.location, shard);
-        let options = (self.store_options)(shard);
+        // The user's functions are called in the shard's task: a panic in
+        // one ends that task (its lease lapses), not the fleet worker.
+        let store_options = self.store_options.clone();
         let make = self.make.clone();
         let events = self.events.clone();
         let epoch = lease.epoch;
@@ -317,7 +319,7 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                     }
                 };
                 let work = async {
-                    let queue = open_worker_store(&at, options).await?;
+                    let queue = open_worker_store(&at, store_options(shard)).await?;
                     let rt = make(shard, queue.clone())?;
                     // Each schedule fires on its home shard only.
                     rt.inner.schedules.assign_shard(shard, shards)?;

@@ -36,7 +36,9 @@ async fn deliver<R, H: TerminalHook>(inner: &Inner<R, H>, claim: Claim) {
     async {
         // The terminal commit that enqueued this may still wait for its flush.
         inner.pending.settled(&outcome.run_id).await;
-        let delivered = AssertUnwindSafe(inner.hook.on_termination(&outcome))
+        // The call inside the guard too: a hook may panic before returning
+        // its future.
+        let delivered = AssertUnwindSafe(async { inner.hook.on_termination(&outcome).await })
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Err(StepError::transient("the hook panicked")));

@@ -489,7 +489,9 @@ async fn run_runner<R: StepRunner, H>(
         effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
     };
     let started = std::time::Instant::now();
-    let ran = AssertUnwindSafe(inner.runner.run_step(&step))
+    // The call itself inside the guard too: a runner may panic before
+    // returning its future.
+    let ran = AssertUnwindSafe(async { inner.runner.run_step(&step).await })
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
