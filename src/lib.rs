@@ -252,8 +252,8 @@ pub use hook::{ChildOutcome, NoopTerminalHook, RunOutcome, TerminalHook, Termina
 pub use memo::Memo;
 pub use policy::{BackoffPolicy, RetryPolicy};
 pub use read::{
-    DEFAULT_RUN_PAGE, DeadJob, DeadKind, RunFilter, RunPage, RunPhase, RunState, RunStatus,
-    RunSummary, StateFilter, UnreadableRun,
+    DEFAULT_RUN_PAGE, DeadJob, DeadKind, MAX_DEAD_JOB_PAGE, RunFilter, RunPage, RunPhase, RunState,
+    RunStatus, RunSummary, StateFilter, UnreadableRun,
 };
 pub use record::{
     DEFAULT_WORKFLOW, HEADER_ATTEMPTS_BEFORE, HEADER_DEADLINE, HEADER_JOIN, HEADER_PARENT,

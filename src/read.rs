@@ -203,7 +203,11 @@ pub struct DeadJob {
     pub reason: Option<String>,
 }
 
-/// A page of the dead jobs on `queue`, in id (enqueue) order after `after`.
+/// The most dead jobs one page holds: a larger `limit` is cut to it.
+pub const MAX_DEAD_JOB_PAGE: usize = 1000;
+
+/// A page of the dead jobs on `queue`, in id (enqueue) order after `after`
+/// (`limit` within 1 and [`MAX_DEAD_JOB_PAGE`]).
 pub(crate) async fn dead_jobs(
     view: &QueueView,
     queue: &str,
@@ -211,7 +215,9 @@ pub(crate) async fn dead_jobs(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<DeadJob>, Error> {
-    let jobs = view.dead_jobs(queue, after, limit.max(1)).await?;
+    let jobs = view
+        .dead_jobs(queue, after, limit.clamp(1, MAX_DEAD_JOB_PAGE))
+        .await?;
     Ok(jobs.into_iter().map(|job| dead_job_of(job, kind)).collect())
 }
 

@@ -1343,3 +1343,37 @@ fn listings_go_on_past_records_they_cannot_read_and_name_them() {
         );
     }
 }
+
+#[test]
+fn a_worker_says_so_while_it_watches_an_unclosed_writers_heartbeat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    // A service that beats every 2 s left the store without closing it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let at = waymark::StoreLocation::from_url(&url).unwrap();
+        let options = waymark::StoreOptions::default().liveness_heartbeat(Duration::from_secs(2));
+        let queue = waymark::open_worker_store(&at, options).await.unwrap();
+        // Its first beat is durable before it "dies".
+        queue.kv_put(b"test/barrier", b"").await.unwrap();
+        std::mem::forget(queue);
+    });
+    drop(rt);
+    let mut worker = std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["worker", "--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    worker.kill().unwrap();
+    let out = worker.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(first.starts_with("worker on"), "{first} / {stderr}");
+    assert!(
+        stderr.contains("did not close cleanly and beats every 2s: watching for its next beat"),
+        "{stderr}"
+    );
+}

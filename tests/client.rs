@@ -126,6 +126,13 @@ async fn a_timeout_past_what_an_instant_holds_waits_without_panicking() {
     )
     .await;
     assert!(never.is_err(), "still waiting, not {never:?}");
+    // A refresh interval of `Duration::MAX` ("never refresh") and a page
+    // limit of `usize::MAX` are taken, not a panic.
+    let options = fast_client().refresh_interval(Duration::MAX);
+    let still = Client::open(&env.location, options).await.unwrap();
+    still.close().await.unwrap();
+    let dead = c.dead_jobs(DeadKind::Step, None, usize::MAX).await.unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
 }
 
 #[tokio::test]

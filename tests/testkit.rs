@@ -120,6 +120,21 @@ async fn an_idle_limit_of_duration_max_is_no_limit() {
     kit.shutdown().await.unwrap();
 }
 
+/// Advancing by `Duration::MAX` moves the clock to its last millisecond
+/// instead of wrapping it around to the past.
+#[tokio::test]
+async fn an_advance_of_duration_max_stops_at_the_clocks_end() {
+    let mut kit = TestKit::builder(Counting::new(2), NoopTerminalHook)
+        .start()
+        .await
+        .unwrap();
+    let before = kit.now_ms();
+    kit.advance(Duration::MAX).await.unwrap();
+    assert!(kit.now_ms() >= before, "the clock went back");
+    assert_eq!(kit.now_ms(), u64::MAX);
+    kit.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_crash_after_the_runner_returned_reruns_the_step_once() {
     let (kit, runner) = crash_step_1_at(CrashPoint::AfterRunner).await;

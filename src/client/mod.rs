@@ -150,7 +150,12 @@ impl Client {
         let reader_options = ReaderOptions::default()
             .mode(options.reader_mode)
             .manifest_poll_interval(options.refresh_interval)
-            .checkpoint_lifetime((options.refresh_interval * 4).max(Duration::from_secs(10 * 60)));
+            .checkpoint_lifetime(
+                options
+                    .refresh_interval
+                    .saturating_mul(4)
+                    .max(Duration::from_secs(10 * 60)),
+            );
         let reader = match QueueReader::open_with_options(
             location.object_store().clone(),
             location.path(),
@@ -523,7 +528,8 @@ impl Client {
 
     /// A page of the dead-lettered jobs of `kind` (step jobs, or hook
     /// notifications), in enqueue order after job id `after`, at most
-    /// `limit`: each with its run, step and the reason it died.
+    /// `limit` (cut to [`MAX_DEAD_JOB_PAGE`](crate::MAX_DEAD_JOB_PAGE)):
+    /// each with its run, step and the reason it died.
     pub async fn dead_jobs(
         &self,
         kind: DeadKind,

@@ -2,9 +2,9 @@
 //! runs, rewrites the schedule's record and arms the next tick; and arming
 //! every schedule when the pool starts.
 
+use crate::policy::saturating_ms;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use taquba::{Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, SettlementEffects};
 
@@ -97,7 +97,7 @@ pub(crate) fn fire<R, H>(
     at: u64,
     manual: bool,
 ) -> Result<Option<(String, SettlementEffects)>, Error> {
-    let input = match def.input_at(UNIX_EPOCH + Duration::from_millis(at)) {
+    let input = match def.input_at(ms_to_time(at)) {
         Ok(input) => input,
         Err(why) => {
             tracing::error!(schedule = id, at, "fire skipped: {why}");
@@ -180,11 +180,11 @@ pub(crate) fn plan(
     for at in chosen {
         match gate {
             Gate::Tripped => {
-                rec.suppressed_tripped += 1;
+                rec.suppressed_tripped = rec.suppressed_tripped.saturating_add(1);
                 continue;
             }
             Gate::Backoff(until) if at < until => {
-                rec.suppressed_backoff += 1;
+                rec.suppressed_backoff = rec.suppressed_backoff.saturating_add(1);
                 continue;
             }
             _ => {}
@@ -193,14 +193,14 @@ pub(crate) fn plan(
             match def.overlap {
                 Overlap::Allow => {}
                 Overlap::Skip => {
-                    rec.skipped_overlap += 1;
+                    rec.skipped_overlap = rec.skipped_overlap.saturating_add(1);
                     continue;
                 }
                 Overlap::BufferOne => {
                     if rec.buffered_ms.is_none() {
                         rec.buffered_ms = Some(at);
                     } else {
-                        rec.skipped_overlap += 1;
+                        rec.skipped_overlap = rec.skipped_overlap.saturating_add(1);
                     }
                     continue;
                 }
@@ -286,7 +286,7 @@ async fn tick_once<R, H>(
     }
     rec.armed_ms = match (rec.next_fire_ms, rec.buffered_ms) {
         (next, Some(_)) => {
-            let check = now.saturating_add(inner.cfg.poll_interval.as_millis() as u64);
+            let check = now.saturating_add(saturating_ms(inner.cfg.poll_interval));
             Some(next.map_or(check, |n| n.min(check)))
         }
         (next, None) => next,

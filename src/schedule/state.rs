@@ -3,7 +3,7 @@
 //! sees what the worker pool sees.
 
 use std::ops::Bound;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use taquba::{KvOrder, QueueView};
@@ -126,7 +126,7 @@ pub struct ScheduleInfo {
 }
 
 fn time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+    crate::breaker::ms_to_time(ms)
 }
 
 async fn info(

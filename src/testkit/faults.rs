@@ -377,7 +377,7 @@ impl Faults {
             let mut rng = lock(&self.rng);
             let fail = rng.chance(rate);
             let spike = (plan.spike_max_ms > 0 && rng.chance(plan.spike))
-                .then(|| rng.range(1..plan.spike_max_ms + 1));
+                .then(|| rng.range(1..plan.spike_max_ms.saturating_add(1)));
             // The first operation of each kind with a rate fails, and the
             // first with spikes planned spikes: the plan's faults certainly
             // fire, whatever the seed and however few operations there are.

@@ -418,9 +418,11 @@ impl<R: StepRunner, H: TerminalHook> TestKit<R, H> {
         self.store.clone()
     }
 
-    /// Move the clock by `by`, then run until idle.
+    /// Move the clock by `by` (at most to the last millisecond it holds:
+    /// `Duration::MAX` does not wrap it around), then run until idle.
     pub async fn advance(&mut self, by: Duration) -> Result<Drive, KitError> {
-        self.clock.advance(by);
+        let room = u64::MAX.saturating_sub(self.clock.now_ms());
+        self.clock.advance(by.min(Duration::from_millis(room)));
         self.run_until_idle().await
     }
 

@@ -22,6 +22,11 @@ use super::store::{DEFAULT_STEP_QUEUE, READER_POLL, Store, Use};
 /// How often a writer the CLI opens commits its liveness beat.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 
+/// The longest [`live_writer`] watches for a heartbeat: a writer that beats
+/// less often and commits nothing meanwhile is taken for dead (taking the
+/// store over fences it; nothing it acknowledged is lost).
+const MAX_LIVENESS_WAIT: Duration = Duration::from_secs(600);
+
 /// Whether another process is writing `store` now: `Some(evidence)` if so.
 /// Waits up to a few heartbeat intervals when the last writer did not close
 /// cleanly (it may have been killed, or may be alive).
@@ -44,11 +49,21 @@ pub async fn live_writer(store: &Store) -> CliResult<Option<String>> {
     }
     let seq = reader.last_store_activity().durable_seq;
     let interval = first.as_ref().map_or(HEARTBEAT, |beat| beat.interval);
-    // Two beats' time, plus the reader's poll and a commit's flush.
+    // Two beats' time, plus the reader's poll and a commit's flush; the
+    // interval is the last writer's own setting (an embedding service may
+    // beat once an hour), so the wait is said and bounded.
     let wait = interval
         .saturating_mul(2)
         .saturating_add(READER_POLL.saturating_mul(2))
-        .max(Duration::from_millis(600));
+        .clamp(Duration::from_millis(600), MAX_LIVENESS_WAIT);
+    if wait > Duration::from_secs(2) {
+        say_err!(
+            "the store's last writer did not close cleanly and beats every {:.0?}: watching for \
+             its next beat for {:.0?} to see whether it is alive (--force skips this)",
+            interval,
+            wait
+        );
+    }
     tokio::time::sleep(wait).await;
     let second = store
         .bounded("reading the writer's heartbeat", reader.writer_heartbeat())

@@ -219,7 +219,12 @@ fn filter_of(query: RunsQuery) -> Result<RunFilter, ApiError> {
             }
         },
     };
-    let time = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    // Past what a `SystemTime` holds (not on 64-bit Unix): the latest.
+    let time = |ms: u64| {
+        UNIX_EPOCH
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)))
+    };
     Ok(RunFilter {
         state,
         workflow: query.workflow,
