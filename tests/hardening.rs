@@ -610,3 +610,85 @@ async fn a_runner_or_hook_panicking_before_returning_its_future_is_contained() {
     stop.notify_one();
     worker.await.unwrap().unwrap();
 }
+
+/// A job whose offloaded payload object was deleted from the bucket (by a
+/// lifecycle rule, by hand) can never run. It used to stop the pool: its
+/// claim failed as permanent, and after a restart it failed again. Now the
+/// pool goes on: the jobs claimed with it run once their leases lapse, it
+/// is claimed alone from then on, and its run fails once the queue gives
+/// up on it.
+#[tokio::test]
+async fn a_deleted_payload_object_fails_its_run_and_the_pool_goes_on() {
+    use futures_util::TryStreamExt;
+    use taquba::object_store::ObjectStoreExt;
+    let runner = FnRunner::new(|step: Step| async move {
+        Ok(StepOutcome::Succeed {
+            result: step.payload.len().to_string().into_bytes(),
+        })
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    // Over taquba's offload threshold (256 KiB): kept in its own object.
+    env.submit("big", &vec![7u8; 300 * 1024]).await;
+    let small: Vec<String> = (0..5).map(|i| format!("small-{i}")).collect();
+    for id in &small {
+        env.submit(id, b"x").await;
+    }
+    let listed: Vec<_> = env.store.list(None).try_collect().await.unwrap();
+    let payloads: Vec<_> = listed
+        .into_iter()
+        .filter(|meta| meta.location.as_ref().starts_with("wm-test-payloads/"))
+        .collect();
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    env.store.delete(&payloads[0].location).await.unwrap();
+    env.start();
+
+    let ended = |id: &str| {
+        let rt = env.rt.clone();
+        let id = id.to_string();
+        async move { rt.outcome(&id).await.unwrap() }
+    };
+    let q = env.queue().clone();
+    let mut outcome = None;
+    for _ in 0..20 {
+        // Let the pool claim what it can, then lapse the leases it holds.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        env.clock.advance(Duration::from_secs(31));
+        q.reap_now().await.unwrap();
+        outcome = ended("big").await;
+        let mut all_small = true;
+        for id in &small {
+            all_small &= ended(id).await.is_some();
+        }
+        if outcome.is_some() && all_small {
+            break;
+        }
+        let worker = env.worker.as_ref().unwrap();
+        assert!(!worker.is_finished(), "the pool stopped");
+    }
+    for id in &small {
+        let out = ended(id).await.expect("every small run ended");
+        assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+    }
+    let big = outcome.expect("the run whose payload is gone ended");
+    // The queue gave up on it lease by lease; the worker's log names the
+    // missing object's job.
+    assert_eq!(big.status, TerminalStatus::Failed, "{big:?}");
+    assert!(
+        big.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("gave up after 3 attempts"),
+        "{big:?}"
+    );
+    // Still claiming: a new run goes through.
+    env.submit("after", b"y").await;
+    let after = tokio::time::timeout(BOUND, env.rt.wait("after"))
+        .await
+        .expect("the pool still runs")
+        .unwrap();
+    assert_eq!(after.status, TerminalStatus::Succeeded);
+    env.stop().await;
+}

@@ -23,7 +23,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use taquba::{Claim, Queue};
+use taquba::{Claim, JobStatus, Queue};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -175,6 +175,14 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
 /// on its own task, and drain in-flight work once `stop` fires. Ends with an
 /// error when claiming fails for good (the store closed, or kept failing for
 /// `store_timeout`).
+///
+/// A job whose offloaded payload object is gone (deleted from the bucket
+/// by something else) fails the claim of its whole batch: the batch is
+/// claimed, and each of its jobs runs again only when its lease lapses,
+/// one attempt spent. That job can never run, but it is not a reason to
+/// stop the pool: it is logged, and from then on jobs are claimed one at
+/// a time until the queue dead-letters it (its attempts run out, a lease
+/// each), so it takes no other job down with it again.
 async fn claim_loop<F, Fut>(
     queue: Arc<Queue>,
     queue_name: String,
@@ -191,6 +199,8 @@ where
     let lease = queue.queue_config(&queue_name).lease_duration;
     let mut set = JoinSet::new();
     let mut failing_since: Option<Instant> = None;
+    // A job whose payload object is missing, while the queue still holds it.
+    let mut unrunnable: Option<String> = None;
     let result = loop {
         while let Some(done) = set.try_join_next() {
             note_panic(&queue_name, done);
@@ -205,13 +215,36 @@ where
             }
             continue;
         }
-        let claims = match queue
-            .claim_batch(&queue_name, concurrency - set.len(), lease)
-            .await
-        {
+        let mut want = concurrency - set.len();
+        if let Some(id) = &unrunnable {
+            match queue.view().job_record(id).await {
+                Ok(Some(job)) if !matches!(job.status, JobStatus::Dead | JobStatus::Done) => {
+                    want = 1
+                }
+                Ok(_) => {
+                    tracing::info!(queue = %queue_name, job_id = %id, "the job whose payload was missing has left the queue; claiming in batches again");
+                    unrunnable = None;
+                }
+                Err(_) => want = 1,
+            }
+        }
+        let claims = match queue.claim_batch(&queue_name, want, lease).await {
             Ok(claims) => {
                 failing_since = None;
                 claims
+            }
+            Err(taquba::Error::PayloadMissing { id }) => {
+                tracing::error!(
+                    queue = %queue_name,
+                    job_id = %id,
+                    "the job's offloaded payload object is missing from the store (deleted by \
+                     something else): it cannot run, and is dead-lettered once its attempts run \
+                     out. Jobs claimed with it run again when their leases lapse; jobs are \
+                     claimed one at a time until it has left the queue"
+                );
+                failing_since = None;
+                unrunnable = Some(id);
+                continue;
             }
             // A transient failure (a read of the store, or of an offloaded
             // payload) is retried; one that lasts `store_timeout`, or a
