@@ -810,3 +810,26 @@ async fn an_unreadable_schedule_record_is_left_alone_and_the_others_fire() {
         newer.as_slice()
     );
 }
+
+/// A schedule's tick reads its workflow's breaker record and its last
+/// run's record. Either one not decoding used to dead-letter every tick (the
+/// schedule never fired again); now neither is applied, as for the
+/// workflow's steps: the gate is open and the run counts as ended.
+#[tokio::test]
+async fn an_unreadable_breaker_or_last_run_record_does_not_stop_a_schedule() {
+    let env = env_of(vec![Schedule::every_seconds("s", 10).workflow(WF)]).await;
+    until(&env, "s", |i| i.next_fire.is_some()).await;
+    let q = env.queue().clone();
+    q.kv_put(format!("wm/workflow-steps/wf/{WF}").as_bytes(), b"\xc1")
+        .await
+        .unwrap();
+    advance(&env, Duration::from_secs(10)).await;
+    until(&env, "s", |i| i.run_count == 1).await;
+    until(&env, "s", |i| ended(i, TerminalStatus::Succeeded)).await;
+    let last = info(&env, "s").await.last_run_id.unwrap();
+    q.kv_put(format!("wm/workflow-steps/run/{last}").as_bytes(), b"\xc1")
+        .await
+        .unwrap();
+    advance(&env, Duration::from_secs(10)).await;
+    until(&env, "s", |i| i.run_count == 2).await;
+}

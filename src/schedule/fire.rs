@@ -63,28 +63,46 @@ pub(crate) fn merge(mut a: SettlementEffects, b: SettlementEffects) -> Settlemen
     a
 }
 
-/// What the workflow's breaker says, from its durable record.
+/// What the workflow's breaker says, from its durable record. A record
+/// that does not decode is not applied (as for the workflow's steps): the
+/// gate is open.
 pub(crate) async fn gate<R, H>(inner: &Inner<R, H>, workflow: &str) -> Result<Gate, Error> {
     let key = inner.breakers.health_key(workflow);
-    Ok(match inner.queue.view().kv_get(&key).await? {
-        None => Gate::Open,
-        Some(bytes) => match decode::<HealthRecord>(&key, &bytes)?.state {
+    let Some(bytes) = inner.queue.view().kv_get(&key).await? else {
+        return Ok(Gate::Open);
+    };
+    Ok(match decode::<HealthRecord>(&key, &bytes) {
+        Ok(rec) => match rec.state {
             Stored::Closed => Gate::Open,
             Stored::Backoff { until } => Gate::Backoff(until),
             Stored::Tripped { .. } => Gate::Tripped,
         },
+        Err(e) if e.is_unreadable_record() => {
+            tracing::warn!(workflow, "firing as if its breaker were closed: {e}");
+            Gate::Open
+        }
+        Err(e) => return Err(e),
     })
 }
 
-/// Whether the schedule's last run is live.
+/// Whether the schedule's last run is live. A run record that does not
+/// decode is that run's problem (its step is dead-lettered when claimed),
+/// not the schedule's: it counts as ended.
 pub(crate) async fn last_live<R, H>(
     inner: &Inner<R, H>,
     rec: &ScheduleRecord,
 ) -> Result<bool, Error> {
-    Ok(match &rec.last_run_id {
-        Some(run) => inner.read_run(run).await?.is_some(),
-        None => false,
-    })
+    let Some(run) = &rec.last_run_id else {
+        return Ok(false);
+    };
+    match inner.read_run(run).await {
+        Ok(live) => Ok(live.is_some()),
+        Err(e) if e.is_unreadable_record() => {
+            tracing::warn!(run_id = %run, "taking the schedule's last run as ended: {e}");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The submit effects of a run fired at `at`, and its run id. Records the
