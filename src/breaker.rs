@@ -753,19 +753,34 @@ impl Breakers {
     /// Close a workflow's breaker, zero its streak and release its parked
     /// steps. Returns whether it was open (in backoff or tripped). A
     /// workflow with nothing to reset (a clean or unknown one) is not
-    /// written.
+    /// written. A health record that does not decode is replaced by a
+    /// closed one (and counts as open).
     pub(crate) async fn reset(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
         let state = self.state(workflow);
         let writer = state.lock.clone().write_owned().await;
         // Results noted behind (no breaker) count; the reset supersedes
         // them once it has committed.
         let behind = lock(&state.behind).clone();
-        let mut rec = with_behind(self.cached(queue, workflow, &state).await?, &behind);
-        if rec.streak == 0 && rec.state == Stored::Closed {
+        // A record that does not decode is not applied anywhere (the steps
+        // run as if closed, nothing folds into it): the reset is the
+        // operator's way to replace it, releasing any parked steps.
+        let (cached, replaced) = match self.cached(queue, workflow, &state).await {
+            Ok(rec) => (rec, false),
+            Err(e) if e.is_unreadable_record() => {
+                tracing::error!(
+                    workflow,
+                    "the reset replaces an unreadable health record: {e}"
+                );
+                (HealthRecord::default(), true)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut rec = with_behind(cached, &behind);
+        if !replaced && rec.streak == 0 && rec.state == Stored::Closed {
             return Ok(false);
         }
-        let was_open = rec.state != Stored::Closed;
-        let was_tripped = matches!(rec.state, Stored::Tripped { .. });
+        let was_open = replaced || rec.state != Stored::Closed;
+        let was_tripped = replaced || matches!(rec.state, Stored::Tripped { .. });
         rec.streak = 0;
         rec.state = Stored::Closed;
         let staged = Staged {

@@ -762,7 +762,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// Close `workflow`'s breaker, zero its failure streak and release its
     /// parked steps at once. Returns whether the breaker was open (in
     /// backoff or tripped). A workflow with nothing to reset (unknown, or
-    /// closed with no streak) is not written.
+    /// closed with no streak) is not written. A health record that does not
+    /// decode (corrupt, or a newer Waymark's) is replaced by a closed one,
+    /// with an error logged: this is how an operator repairs it.
     pub async fn reset_workflow(&self, workflow: &str) -> Result<bool, Error> {
         validate_name("workflow name", workflow)?;
         let inner = &self.inner;

@@ -400,3 +400,42 @@ async fn a_listing_names_the_runs_it_cannot_read_and_lists_the_rest() {
         b"\xc1 not msgpack"
     );
 }
+
+/// A workflow's health record that does not decode is not applied (its
+/// steps run as if its breaker were closed) and reading it names the
+/// error; `reset_workflow`, the operator's repair, replaces it with a
+/// closed record, after which its tallies fold again.
+#[tokio::test]
+async fn a_reset_replaces_a_health_record_that_does_not_decode() {
+    let mut env = Env::new(echo(), NoopTerminalHook).await;
+    env.start();
+    env.submit("before", b"x").await;
+    env.rt.wait("before").await.unwrap();
+    env.stop().await;
+    env.queue()
+        .kv_put(b"wm/workflow-steps/wf/default", b"\xc1")
+        .await
+        .unwrap();
+    env.crash_and_reopen(echo(), NoopTerminalHook).await;
+    env.start();
+    let health = env.rt.workflow_health("default").await;
+    assert!(
+        matches!(&health, Err(Error::CorruptRecord { key, .. }) if key.ends_with("wf/default")),
+        "{health:?}"
+    );
+    env.submit("during", b"x").await;
+    assert_eq!(
+        env.rt.wait("during").await.unwrap().status,
+        TerminalStatus::Succeeded
+    );
+
+    assert!(env.rt.reset_workflow("default").await.unwrap());
+    let health = env.rt.workflow_health("default").await.unwrap().unwrap();
+    assert_eq!(health.status, BreakerStatus::Closed, "{health:?}");
+    assert_eq!(health.failure_streak, 0);
+    // Nothing left to reset.
+    assert!(!env.rt.reset_workflow("default").await.unwrap());
+    env.submit("after", b"x").await;
+    env.rt.wait("after").await.unwrap();
+    env.stop().await;
+}
