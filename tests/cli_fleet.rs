@@ -591,3 +591,40 @@ fn dead_jobs_breakers_and_resets_on_a_fleet() {
             "the reset was sent to shard(s) 0 (their workers apply it) but not to shard 1",
         ));
 }
+
+/// `waymark fleet` shows every shard it can read and names what it could
+/// not (here a lease object that does not decode), exiting 1.
+#[test]
+fn fleet_status_shows_the_other_shards_past_an_unreadable_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = url_of(&dir.path().join("fleet"));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let at = StoreLocation::from_url(&url).unwrap();
+        waymark::fleet::FleetManifest::open_or_create(&at, 2)
+            .await
+            .unwrap();
+    });
+    let lease_dir = dir.path().join("fleet/leases/shard-0001");
+    std::fs::create_dir_all(&lease_dir).unwrap();
+    std::fs::write(lease_dir.join(format!("{:020}", 1)), b"\xc1").unwrap();
+    let out = waymark().args(["fleet", "--store", &url]).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout.contains("2 shards, 0 held"), "{stdout}");
+    assert!(
+        stderr.contains("shard 1: cannot read its lease: record")
+            && stderr.contains("1 shard(s) could not be read in full"),
+        "{stderr}"
+    );
+    let out = waymark()
+        .args(["fleet", "--json", "--store", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["shards"][0]["problems"], serde_json::json!([]));
+    assert_eq!(status["shards"][1]["problems"].as_array().unwrap().len(), 1);
+}

@@ -32,8 +32,14 @@ pub struct ShardStatus {
     pub shard: u32,
     /// Its lease's newest epoch: `None` when no worker ever took it.
     pub lease: Option<LeaseView>,
-    /// Its step queue's backlog: `None` when no worker ever opened it.
+    /// Its step queue's backlog: `None` when no worker ever opened it (or
+    /// it could not be read: see [`Self::problems`]).
     pub backlog: Option<Backlog>,
+    /// What could not be read for this shard, each with its error: its
+    /// lease object (it does not decode) or its store (for example one a
+    /// worker is creating at this moment). One shard's problem does not
+    /// hide the others.
+    pub problems: Vec<String>,
 }
 
 impl ShardStatus {
@@ -81,10 +87,29 @@ impl FleetStatus {
         };
         let mut shards = Vec::with_capacity(manifest.shards as usize);
         for shard in 0..manifest.shards {
+            let mut problems = Vec::new();
+            let lease = match peek_lease(location, shard).await {
+                Ok(lease) => lease,
+                Err(e) if e.is_unreadable_record() => {
+                    problems.push(format!("its lease: {e}"));
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            let at = manifest.shard_location(location, shard);
+            let backlog = match backlog(&at, queue_name).await {
+                Ok(backlog) => backlog,
+                Err(e @ (Error::Queue(_) | Error::CorruptRecord { .. })) => {
+                    problems.push(format!("its store: {e}"));
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             shards.push(ShardStatus {
                 shard,
-                lease: peek_lease(location, shard).await?,
-                backlog: backlog(&manifest.shard_location(location, shard), queue_name).await?,
+                lease,
+                backlog,
+                problems,
             });
         }
         Ok(Self { manifest, shards })
@@ -166,5 +191,35 @@ mod tests {
         assert!(two.lease.as_ref().unwrap().released);
         // No worker opened any shard.
         assert!(status.shards.iter().all(|s| s.backlog.is_none()));
+        assert!(status.shards.iter().all(|s| s.problems.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_shard_whose_lease_does_not_decode_is_shown_with_its_problem() {
+        let at = StoreLocation::new(Arc::new(InMemory::new()), "fleet");
+        FleetManifest::open_or_create(&at, 2).await.unwrap();
+        let a = Leases::new(at.clone(), "worker-a".into(), LeaseTiming::default()).unwrap();
+        a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let garbled =
+            taquba::object_store::path::Path::from(format!("fleet/leases/shard-0001/{:020}", 1));
+        at.object_store()
+            .put(
+                &garbled,
+                taquba::object_store::PutPayload::from_static(b"\xc1"),
+            )
+            .await
+            .unwrap();
+        let status = FleetStatus::read(&at, "q").await.unwrap();
+        let [zero, one] = &status.shards[..] else {
+            panic!("{status:?}")
+        };
+        assert_eq!(zero.owner(), Some("worker-a"));
+        assert!(zero.problems.is_empty(), "{zero:?}");
+        assert_eq!(one.lease, None);
+        assert_eq!(one.problems.len(), 1, "{one:?}");
+        assert!(
+            one.problems[0].starts_with("its lease: record `fleet/leases/shard-0001/"),
+            "{one:?}"
+        );
     }
 }

@@ -32,7 +32,7 @@ use crate::demo::domain::OrderPipeline;
 use crate::demo::progress::Tracker;
 use crate::demo::ui::Ui;
 use crate::demo::{OutcomeHook, Reads, confirm_waiting, try_build_runtime};
-use crate::plumbing::exit::{CliError, CliResult, Exit};
+use crate::plumbing::exit::{CliError, CliResult, Exit, one_line};
 use crate::plumbing::output::{say, say_err, suggest};
 use crate::plumbing::signals::Signals;
 use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
@@ -84,7 +84,7 @@ pub async fn status(args: FleetArgs) -> CliResult<Exit> {
     let now = SystemTime::now();
     if args.json {
         print_json(&fleet_json(&fleet, now))?;
-        return Ok(Exit::Ok);
+        return partly_read(&fleet);
     }
     let held = fleet.shards.iter().filter(|s| s.owner().is_some()).count();
     let mut owners: Vec<&str> = fleet.shards.iter().filter_map(|s| s.owner()).collect();
@@ -142,7 +142,28 @@ pub async fn status(args: FleetArgs) -> CliResult<Exit> {
         ],
         &rows,
     );
-    Ok(Exit::Ok)
+    for s in &fleet.shards {
+        for problem in &s.problems {
+            say_err!("shard {}: cannot read {}", s.shard, one_line(problem));
+        }
+    }
+    partly_read(&fleet)
+}
+
+/// Exit 0 when every shard was read in full; otherwise exit 1 saying so
+/// (the problems are on stderr, or in the JSON's `problems`).
+fn partly_read(fleet: &FleetStatus) -> CliResult<Exit> {
+    match fleet
+        .shards
+        .iter()
+        .filter(|s| !s.problems.is_empty())
+        .count()
+    {
+        0 => Ok(Exit::Ok),
+        n => Err(CliError::failure(format!(
+            "{n} shard(s) could not be read in full; the others are shown"
+        ))),
+    }
 }
 
 /// `waymark fleet --json`.
@@ -167,6 +188,7 @@ fn fleet_json(fleet: &FleetStatus, now: SystemTime) -> Value {
                 "owner": s.owner(),
                 "lease": lease,
                 "backlog": backlog,
+                "problems": s.problems,
             })
         })
         .collect();
