@@ -299,7 +299,27 @@ impl Leases {
         shard: u32,
         watch: &mut Watch,
     ) -> Result<Option<HeldLease>, Error> {
-        let view = self.view(shard).await?;
+        let view = match self.view(shard).await {
+            Ok(view) => view,
+            // A newest lease object that does not decode (garbage, or a
+            // newer build's format) is held by an owner this build cannot
+            // name. It is watched like any other: a live owner of any build
+            // writes newer epochs, so one that stands still for the lease
+            // and its guard has lapsed.
+            Err(e) if e.is_unreadable_record() => {
+                let Some(&epoch) = self.epochs(shard).await?.last() else {
+                    return Ok(None);
+                };
+                tracing::warn!(shard, epoch, "a shard's lease object does not decode: {e}");
+                Some(LeaseView {
+                    epoch,
+                    owner: String::new(),
+                    released: false,
+                    written: SystemTime::UNIX_EPOCH,
+                })
+            }
+            Err(e) => return Err(e),
+        };
         let next = match &view {
             None => 1,
             Some(v) if v.released => v.epoch.saturating_add(1),
@@ -510,6 +530,26 @@ mod tests {
         assert!(!lease.is_valid());
         let view = a.view(0).await.unwrap().unwrap();
         assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_object_that_does_not_decode_is_taken_once_it_stands_still() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let (a, _) = fleet(store.clone());
+        let garbled = Path::from(format!("fleet/leases/shard-0000/{:020}", 1));
+        store
+            .put(&garbled, PutPayload::from_static(b"\xc1"))
+            .await
+            .unwrap();
+        let mut watch = Watch::default();
+        assert_eq!(a.try_take(0, &mut watch).await.unwrap(), None);
+        tokio::time::advance(TIMING.duration + TIMING.guard - Duration::from_millis(1)).await;
+        assert_eq!(a.try_take(0, &mut watch).await.unwrap(), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let taken = a.try_take(0, &mut watch).await.unwrap().unwrap();
+        assert_eq!(taken.epoch, 2);
+        let view = a.view(0).await.unwrap().unwrap();
+        assert_eq!((view.owner.as_str(), view.epoch), ("a", 2));
     }
 
     #[tokio::test(start_paused = true)]
