@@ -516,3 +516,100 @@ async fn a_parent_past_its_deadline_times_out_and_cancels_its_children() {
     assert!(seen.lock().unwrap().get("d").is_none(), "no join ran");
     env.stop().await;
 }
+
+/// A join step whose children's outcomes do not decode can never run: it
+/// fails its run with the reason, instead of being left claimed to be
+/// claimed again (a lease each) until the queue gives up with a reason
+/// that says nothing. The join step is held parked behind a tripped
+/// breaker while a child's outcome record is broken under it.
+#[tokio::test]
+async fn a_join_whose_child_outcome_does_not_decode_fails_its_run_with_the_reason() {
+    let gate = Gate::default();
+    let runner = {
+        let gate = gate.clone();
+        FnRunner::new(move |s: Step| {
+            let gate = gate.clone();
+            async move {
+                match (s.workflow.as_str(), s.step_number) {
+                    ("parent", _) if s.payload == b"fail" => Err(StepError::permanent("trip it")),
+                    ("parent", 0) => Ok(StepOutcome::SpawnChildren {
+                        children: vec![ChildSpec {
+                            workflow: Some("child".into()),
+                            ..Default::default()
+                        }],
+                        payload: vec![],
+                        fail_fast: false,
+                    }),
+                    ("child", _) => {
+                        gate.wait().await;
+                        Ok(StepOutcome::Succeed {
+                            result: b"c".to_vec(),
+                        })
+                    }
+                    _ => Ok(StepOutcome::Succeed { result: vec![] }),
+                }
+            }
+        })
+    };
+    let policy = BackoffPolicy {
+        initial: Duration::from_secs(60),
+        jitter: 0.0,
+        streak_limit: Some(1),
+        ..Default::default()
+    };
+    let mut env = Env::configured(runner, NoopTerminalHook, move |b| {
+        b.breaker("parent", policy.clone())
+    })
+    .await;
+    env.start();
+    let submit = |id: &str, input: &[u8]| RunSpec {
+        run_id: Some(id.into()),
+        workflow: Some("parent".into()),
+        input: input.to_vec(),
+        ..Default::default()
+    };
+    env.rt.submit(submit("fam", b"ok")).await.unwrap();
+    let children = RunFilter {
+        children_of: Some("fam".into()),
+        ..Default::default()
+    };
+    while env.rt.runs(&children).await.unwrap().runs.is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The parent's workflow trips; then the child ends, and the parent's
+    // join step parks when it is claimed.
+    env.rt.submit(submit("tripper", b"fail")).await.unwrap();
+    env.rt.wait("tripper").await.unwrap();
+    gate.open();
+    loop {
+        let state = env.rt.status("fam").await.unwrap().map(|s| s.state);
+        if state == Some(RunState::Parked) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let q = env.queue().clone();
+    let prefix = b"wm/workflow-steps/data/fam/child/";
+    let page = q
+        .view()
+        .kv_scan(prefix, .., taquba::KvOrder::Ascending, 16)
+        .await
+        .unwrap();
+    assert_eq!(page.entries.len(), 1, "the child's outcome is recorded");
+    for (key, _) in &page.entries {
+        q.kv_put(key, b"\xc1").await.unwrap();
+    }
+    assert!(env.rt.reset_workflow("parent").await.unwrap());
+    let out = tokio::time::timeout(Duration::from_secs(10), env.rt.wait("fam"))
+        .await
+        .expect("the run should fail, not wait on a lease")
+        .unwrap();
+    assert_eq!(out.status, TerminalStatus::Failed, "{out:?}");
+    let error = out.error.unwrap_or_default();
+    assert!(
+        error.contains("its children's outcomes cannot be read")
+            && error.contains("does not decode"),
+        "{error}"
+    );
+    env.stop().await;
+}

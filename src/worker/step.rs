@@ -191,6 +191,13 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
                 job.children = outcomes;
                 child_failed = failed;
             }
+            // A record that does not decode fails the run, with the
+            // reason: claiming it again would read the same record.
+            Err(e) if e.is_permanent() => {
+                let why = format!("its children's outcomes cannot be read: {e}");
+                reject(inner, &job.claim, &why).await;
+                return;
+            }
             Err(e) => {
                 // Left claimed: its lease runs out and it is claimed again.
                 tracing::warn!(run_id = %job.run_id, "reading the children's outcomes failed: {e}");
