@@ -266,8 +266,92 @@ struct WorkflowState {
     cached: Mutex<Option<HealthRecord>>,
     probe: Mutex<Probe>,
     /// Attempt results of a workflow without a breaker, committed steps
-    /// whose health change the next fold writes (`Some(error)`: a failure).
-    behind: Mutex<Vec<Option<String>>>,
+    /// whose health change the next fold writes.
+    behind: Mutex<Behind>,
+}
+
+/// What a run of attempt results does to a health record: whether one
+/// succeeded (zeroing the streak before the failures after it), the
+/// failures counted from there, and the last error. Results compose, so
+/// any number of them is one of these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Noted {
+    succeeded: bool,
+    failures: u32,
+    last_error: Option<String>,
+}
+
+impl Noted {
+    fn is_empty(&self) -> bool {
+        !self.succeeded && self.failures == 0
+    }
+
+    /// Append `later`'s results to these.
+    fn then(&mut self, later: Noted) {
+        if later.succeeded {
+            self.succeeded = true;
+            self.failures = later.failures;
+        } else {
+            self.failures = self.failures.saturating_add(later.failures);
+        }
+        if later.last_error.is_some() {
+            self.last_error = later.last_error;
+        }
+    }
+
+    /// Add one attempt's result (`Some(error)`: a failure).
+    fn add(&mut self, failure: Option<String>) {
+        match failure {
+            None => {
+                self.succeeded = true;
+                self.failures = 0;
+            }
+            Some(error) => {
+                self.failures = self.failures.saturating_add(1);
+                self.last_error = Some(error);
+            }
+        }
+    }
+}
+
+/// The results noted behind a workflow's record, bounded however long they
+/// wait (a fold that cannot write, behind a record that does not decode,
+/// once grew a list by an entry an attempt): those a write has taken
+/// (`taken`: applied by the write, dropped once it lands, kept for the next
+/// one if it fails) and those noted since (`open`). A write takes them under
+/// the workflow's writer lock, so no other write holds them meanwhile.
+#[derive(Debug, Clone, Default)]
+struct Behind {
+    taken: Noted,
+    open: Noted,
+}
+
+impl Behind {
+    fn is_empty(&self) -> bool {
+        self.taken.is_empty() && self.open.is_empty()
+    }
+
+    fn push(&mut self, failure: Option<String>) {
+        self.open.add(failure);
+    }
+
+    /// Everything noted, in order, to apply to a record.
+    fn all(&self) -> [Noted; 2] {
+        [self.taken.clone(), self.open.clone()]
+    }
+
+    /// Take everything noted so far for a write: what it applies. Results
+    /// noted meanwhile stay for the next.
+    fn take(&mut self) -> Noted {
+        let open = std::mem::take(&mut self.open);
+        self.taken.then(open);
+        self.taken.clone()
+    }
+
+    /// The write that took them has landed.
+    fn drop_taken(&mut self) {
+        self.taken = Noted::default();
+    }
 }
 
 impl WorkflowState {
@@ -373,9 +457,15 @@ fn note_attempt(rec: &mut HealthRecord, failure: Option<&str>) {
 }
 
 /// `rec` with the results noted behind it applied.
-fn with_behind(mut rec: HealthRecord, behind: &[Option<String>]) -> HealthRecord {
-    for failure in behind {
-        note_attempt(&mut rec, failure.as_deref());
+fn with_behind(mut rec: HealthRecord, behind: &[Noted]) -> HealthRecord {
+    for noted in behind {
+        if noted.succeeded {
+            note_attempt(&mut rec, None);
+        }
+        rec.streak = rec.streak.saturating_add(noted.failures);
+        if let Some(error) = &noted.last_error {
+            rec.last_error = Some(bounded(error.clone(), MAX_HEALTH_ERROR_BYTES));
+        }
     }
     rec
 }
@@ -760,7 +850,7 @@ impl Breakers {
         let writer = state.lock.clone().write_owned().await;
         // Results noted behind (no breaker) count; the reset supersedes
         // them once it has committed.
-        let behind = lock(&state.behind).clone();
+        let behind = [lock(&state.behind).take()];
         // A record that does not decode is not applied anywhere (the steps
         // run as if closed, nothing folds into it): the reset is the
         // operator's way to replace it, releasing any parked steps.
@@ -801,7 +891,7 @@ impl Breakers {
             .await?;
         // Only a fold or a reset (each under the writer lock, held here)
         // takes from the front: these are the ones read above.
-        lock(&state.behind).drain(..behind.len());
+        lock(&state.behind).drop_taken();
         let event = self.settle_cache(staged);
         if was_tripped {
             self.release_parked(queue, workflow, false).await?;
@@ -1149,7 +1239,7 @@ impl Breakers {
         // Results of a workflow without a breaker noted since the last fold
         // (taken from the front; only a fold or a reset, under the writer
         // lock, takes them).
-        let behind = lock(&state.behind).clone();
+        let behind = [lock(&state.behind).take()];
         rec = with_behind(rec, &behind);
         let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
         let sweep = !lock(&self.swept).contains(workflow);
@@ -1180,7 +1270,7 @@ impl Breakers {
         if due.is_empty() && swept {
             lock(&self.swept).insert(workflow.to_string());
         }
-        if due.is_empty() && behind.is_empty() {
+        if due.is_empty() && behind.iter().all(Noted::is_empty) {
             return Ok(0);
         }
         let (ok, failed) = count_tallies(&due);
@@ -1203,7 +1293,7 @@ impl Breakers {
         if swept {
             lock(&self.swept).insert(workflow.to_string());
         }
-        lock(&state.behind).drain(..behind.len());
+        lock(&state.behind).drop_taken();
         *lock(&state.cached) = Some(rec);
         #[cfg(test)]
         {
@@ -1314,9 +1404,9 @@ impl Breakers {
         // without a breaker): their steps' settlements are durable.
         let behind = lock(&self.states)
             .get(workflow)
-            .map(|state| lock(&state.behind).clone())
+            .map(|state| lock(&state.behind).all().to_vec())
             .unwrap_or_default();
-        if rec.is_none() && ok == 0 && failed == 0 && behind.is_empty() {
+        if rec.is_none() && ok == 0 && failed == 0 && behind.iter().all(Noted::is_empty) {
             return Ok(None);
         }
         let rec = with_behind(rec.unwrap_or_default(), &behind);
@@ -1386,6 +1476,50 @@ fn count_tallies<V: AsRef<[u8]>>(entries: &[(Vec<u8>, V)]) -> (u64, u64) {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+
+    /// Results noted behind, however they are taken and dropped, apply as
+    /// the same results one by one would, in two entries of memory at most.
+    #[test]
+    fn noted_results_compose_like_the_results_one_by_one() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let start = HealthRecord {
+                streak: (next() % 4) as u32,
+                last_error: (next() % 2 == 0).then(|| "before".to_string()),
+                ..HealthRecord::default()
+            };
+            let (mut one_by_one, mut written) = (start.clone(), start);
+            let mut behind = Behind::default();
+            for i in 0..(next() % 40) {
+                let result = (next() % 3 != 0).then(|| format!("error {i}"));
+                note_attempt(&mut one_by_one, result.as_deref());
+                behind.push(result);
+                match next() % 6 {
+                    // A write lands what it took.
+                    0 => {
+                        written = with_behind(written, &[behind.take()]);
+                        behind.drop_taken();
+                    }
+                    // A write fails: what it took is taken again.
+                    1 => {
+                        behind.take();
+                    }
+                    _ => {}
+                }
+            }
+            let now = with_behind(written, &behind.all());
+            assert_eq!(
+                (now.streak, now.last_error),
+                (one_by_one.streak, one_by_one.last_error)
+            );
+        }
+    }
 
     async fn test_queue() -> Arc<Queue> {
         let store = Arc::new(taquba::object_store::memory::InMemory::new());
