@@ -628,3 +628,31 @@ fn fleet_status_shows_the_other_shards_past_an_unreadable_lease() {
     assert_eq!(status["shards"][0]["problems"], serde_json::json!([]));
     assert_eq!(status["shards"][1]["problems"].as_array().unwrap().len(), 1);
 }
+
+/// `--dir` names a directory a fleet worker creates, as a single worker
+/// does (it failed on a directory that did not exist yet); `waymark fleet`
+/// on a directory that does not exist is "not found" (exit 3).
+#[test]
+fn a_fleet_worker_creates_its_dir_and_a_missing_one_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh");
+    let fresh_arg = fresh.to_str().unwrap();
+    let mut args = vec!["worker", "--dir", fresh_arg, "--shards", "2"];
+    args.extend(LEASE);
+    let mut worker = Proc::start("the fleet worker", &args, &[]);
+    worker.until("took shard");
+    worker.until("took shard");
+    worker.signal("TERM");
+    assert_eq!(worker.wait(), Some(0));
+    waymark()
+        .args(["fleet", "--dir", fresh_arg])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("2 shards"));
+    waymark()
+        .args(["fleet", "--dir"])
+        .arg(dir.path().join("missing"))
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no Waymark store at"));
+}

@@ -221,6 +221,7 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
     let timing = timing(&args)?;
     let store = Store::locate(&args.store)?;
     store.preflight(Use::Write)?;
+    store.create_local()?;
     let location = store.location()?;
     // Never reinterpret a single store as a fleet.
     if store.fleet().await?.is_none() && store.has_single_store().await? {

@@ -449,7 +449,7 @@ fn health_row(h: &waymark::WorkflowHealth) -> [String; 4] {
         h.name.clone(),
         breaker_word(&h.status),
         format!("{} succeeded, {} failed", h.runs_succeeded, h.runs_failed),
-        h.last_error.clone().unwrap_or_else(|| "-".into()),
+        h.last_error.as_deref().map_or_else(|| "-".into(), one_line),
     ]
 }
 

@@ -231,6 +231,11 @@ impl Store {
     pub fn location(&self) -> CliResult<StoreLocation> {
         if let Some(dir) = &self.dir {
             let abs = std::path::absolute(dir).map_err(|e| io_error(dir, &e))?;
+            // A writer creates it first (`create_local`): a reader finds
+            // nothing there.
+            if !abs.exists() {
+                return Err(self.no_store());
+            }
             let store = LocalFileSystem::new_with_prefix(&abs).map_err(|e| {
                 CliError::failure(format!("cannot use {} as a store: {e}", self.shown()))
             })?;
@@ -238,6 +243,17 @@ impl Store {
         }
         StoreLocation::from_url(&self.url)
             .map_err(|e| CliError::usage(format!("--store {}: {e}", self.shown())))
+    }
+
+    /// Create a local store's directory (with `--dir`, the directory too),
+    /// for a writer about to open it; nothing for a remote store.
+    pub fn create_local(&self) -> CliResult<()> {
+        if let Some(local) = &self.local {
+            std::fs::create_dir_all(local).map_err(|e| {
+                CliError::failure(format!("cannot create the store at {}: {e}", self.shown()))
+            })?;
+        }
+        Ok(())
     }
 
     /// The fleet at this location, if it is a fleet's prefix (its

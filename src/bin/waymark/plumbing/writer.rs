@@ -131,11 +131,7 @@ pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResu
 pub async fn open_writer(store: &Store) -> CliResult<Arc<Queue>> {
     refuse_fleet(store).await?;
     store.preflight(Use::Write)?;
-    if let Some(local) = &store.local {
-        std::fs::create_dir_all(local).map_err(|e| {
-            CliError::failure(format!("cannot create the store at {}: {e}", store.shown()))
-        })?;
-    }
+    store.create_local()?;
     let location = store.location()?;
     store
         .bounded(
