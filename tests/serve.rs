@@ -663,6 +663,22 @@ fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
         "{}",
         unanswered.body
     );
+    // A request no worker answers is stored: the 504 says so, lest it be
+    // sent again (a second trigger would fire twice).
+    let unanswered = http(
+        "POST",
+        &short_addr,
+        "/api/schedules/nightly/trigger",
+        Some(TOKEN),
+    );
+    assert_eq!(unanswered.status, 504, "{}", unanswered.body);
+    assert!(
+        unanswered
+            .body
+            .contains("the request waits in the store's inbox and is applied when a worker runs"),
+        "{}",
+        unanswered.body
+    );
 
     // A reset that is stored on shard 0 but not on shard 1 (its inbox made
     // a plain file) says where it was sent.

@@ -92,7 +92,17 @@ impl From<Error> for ApiError {
             | Error::RunSucceeded(_)
             | Error::StepNotReached { .. }
             | Error::StepInputNotKept { .. } => StatusCode::CONFLICT,
-            Error::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // Only a request already stored times out waiting for its
+            // answer here (a store that does not answer is `bounded`'s).
+            Error::TimedOut { .. } => {
+                return Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "{e}; the request waits in the store's inbox and is applied when a worker \
+                         runs: do not send it again"
+                    ),
+                );
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
