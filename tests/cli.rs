@@ -1241,6 +1241,28 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("invalid job id"));
+    // Several at once: each is answered, a refusal of the first included,
+    // and the exit code is the refusal's.
+    let dead = json_of(tmp.path(), &["dead", "--kind", "step"], &url);
+    // The re-run failed at step 3 again: a new dead job.
+    let again = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["job_id"].as_str().unwrap().to_string())
+        .find(|id| *id != job)
+        .expect("the re-run's dead job");
+    waymark(tmp.path())
+        .args(["requeue", "01NOTAJOB", &again, "--store", &url])
+        .assert()
+        .code(3)
+        .stdout(
+            predicate::str::contains("not requeued 01NOTAJOB: no dead job").and(
+                predicate::str::contains(format!(
+                    "requeued {again}: run pobox runs again from that step (re-run 2)"
+                )),
+            ),
+        );
 
     std::process::Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])

@@ -213,17 +213,40 @@ async fn send_requeues<'a>(
     let bar = progress(Some(job_ids.len() as u64), "requeueing", job_ids.len() > 1);
     let mut sent = Vec::new();
     for id in job_ids {
-        let client = store
+        let found = store
             .bounded("finding the dead job's shard", source.dead_job_client(id))
-            .await?
-            .ok_or_else(|| {
-                CliError::not_found(format!(
-                    "no dead job `{}` on any shard of the fleet at {}",
-                    shown(id),
-                    store.shown()
-                ))
-            })?;
-        sent.push((id.as_str(), client, send(store, client.requeue(id)).await?));
+            .await
+            .and_then(|client| {
+                client.ok_or_else(|| {
+                    CliError::not_found(format!(
+                        "no dead job `{}` on any shard of the fleet at {}",
+                        shown(id),
+                        store.shown()
+                    ))
+                })
+            });
+        let request = match found {
+            Ok(client) => send(store, client.requeue(id)).await.map(|r| (client, r)),
+            Err(e) => Err(e),
+        };
+        match request {
+            Ok((client, request_id)) => sent.push((id.as_str(), client, request_id)),
+            // The ones before it are stored: a worker applies them.
+            Err(e) if !sent.is_empty() => {
+                bar.finish_and_clear();
+                let done: Vec<&str> = sent.iter().map(|(id, _, _)| *id).collect();
+                return Err(CliError::new(
+                    e.exit,
+                    format!(
+                        "{e}; the requeue of {} was sent (a worker applies it), not of `{}` or \
+                         the jobs after it",
+                        done.join(", "),
+                        shown(id)
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -232,7 +255,9 @@ async fn send_requeues<'a>(
 
 /// Wait for each requeue's answer and report it.
 async fn await_requeues(store: &Store, sent: &[(&str, &Client, String)]) -> CliResult<Exit> {
-    let mut code = Exit::Ok;
+    // Every request is stored: each answer is reported, a refusal of one
+    // included, before the first refusal sets the exit code.
+    let (mut code, mut refused) = (Exit::Ok, None);
     for (id, client, request_id) in sent {
         match await_reply_to(store, client, request_id).await {
             Ok(Some(Reply::Requeued { .. })) => {
@@ -245,8 +270,15 @@ async fn await_requeues(store: &Store, sent: &[(&str, &Client, String)]) -> CliR
                 return Err(CliError::failure(format!("unexpected reply: {other:?}")));
             }
             Ok(None) => code = Exit::Unfinished,
+            Err(e) if sent.len() > 1 => {
+                say!("not requeued {id}: {e}");
+                refused.get_or_insert(e);
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(code)
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(code),
+    }
 }
