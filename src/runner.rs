@@ -154,8 +154,10 @@ pub struct ChildSpec {
     /// The child's step 0 payload.
     pub input: Vec<u8>,
     /// The last part of the child's run id (default: its index in the
-    /// spawn). The id is `{parent}.{step}.{suffix}` (`{parent}.{step}r{n}.{suffix}`
-    /// in re-run `n`), so the same step never starts a second set.
+    /// spawn). The id is `{parent}.{step}.{suffix}`, with `s{k}` after the
+    /// step in the run's segment `k` (after `k` continue-as-new) and `r{n}`
+    /// in re-run `n` (`{parent}.{step}s{k}r{n}.{suffix}`), so the same step
+    /// never starts a second set.
     pub id_suffix: Option<String>,
     /// The child's headers (no `workflow.` keys).
     pub headers: HashMap<String, String>,

@@ -132,3 +132,72 @@ async fn a_waiting_parent_follows_its_childs_chain() {
     assert_eq!(seen[0].result.as_deref(), Some(&b"done-3"[..]));
     env.stop().await;
 }
+
+/// A parent that spawns at the same step in each of its segments gets new
+/// children each time: their ids carry the segment. (They were
+/// `{parent}.{step}.{i}` in every segment, so the second segment's child
+/// reused the first's id: its old outcome answered `wait`, and the old
+/// child's retention later deleted the new one's data.)
+#[tokio::test]
+async fn each_segment_spawns_children_of_its_own() {
+    let runner = FnRunner::new(|s: Step| async move {
+        match (s.workflow.as_str(), s.step_number) {
+            ("loop", 0) => Ok(StepOutcome::SpawnChildren {
+                children: vec![ChildSpec {
+                    workflow: Some("kid".into()),
+                    input: s.payload.clone(),
+                    ..Default::default()
+                }],
+                payload: s.payload,
+                fail_fast: false,
+            }),
+            ("loop", _) => {
+                let seen =
+                    String::from_utf8_lossy(s.children[0].result.as_deref().unwrap_or_default())
+                        .into_owned();
+                if seen == "a" {
+                    Ok(StepOutcome::ContinueAsNew {
+                        input: b"b".to_vec(),
+                    })
+                } else {
+                    Ok(StepOutcome::Succeed {
+                        result: seen.into_bytes(),
+                    })
+                }
+            }
+            _ => Ok(StepOutcome::Succeed { result: s.payload }),
+        }
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("p".into()),
+            input: b"a".to_vec(),
+            workflow: Some("loop".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = env.rt.wait("p").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+    assert_eq!(
+        out.result.as_deref(),
+        Some(&b"b"[..]),
+        "the second segment's join saw its own child"
+    );
+    let kids: Vec<String> = env
+        .rt
+        .runs(&RunFilter {
+            children_of: Some("p".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .runs
+        .into_iter()
+        .map(|r| r.run_id)
+        .collect();
+    assert_eq!(kids, ["p.0.0", "p.0s1.0"]);
+    env.stop().await;
+}

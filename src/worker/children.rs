@@ -89,14 +89,18 @@ pub(super) fn spawn_effects<R, H>(
 }
 
 /// The children's run ids: `{parent}.{step}.{suffix or index}`, with
-/// `r{n}` after the step in re-run `n`; distinct and valid.
+/// `s{k}` after the step in the run's segment `k` (continue-as-new starts
+/// the step counter again) and `r{n}` in re-run `n`; distinct and valid.
 fn child_ids(job: &StepJob, children: &[ChildSpec]) -> Result<Vec<String>, Error> {
     let rerun = record::rerun_of(&job.claim.headers);
-    let step = if rerun == 0 {
-        job.step.to_string()
-    } else {
-        format!("{}r{rerun}", job.step)
-    };
+    let segment = record::segment_of(&job.claim.headers);
+    let mut step = job.step.to_string();
+    if segment > 0 {
+        step.push_str(&format!("s{segment}"));
+    }
+    if rerun > 0 {
+        step.push_str(&format!("r{rerun}"));
+    }
     let mut seen = HashSet::new();
     let mut ids = Vec::with_capacity(children.len());
     for (index, child) in children.iter().enumerate() {
