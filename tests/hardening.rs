@@ -692,3 +692,95 @@ async fn a_deleted_payload_object_fails_its_run_and_the_pool_goes_on() {
     assert_eq!(after.status, TerminalStatus::Succeeded);
     env.stop().await;
 }
+
+/// A client request's claim keeps its lease while the request is applied,
+/// however long that takes. Here a cancel's durable commit is held by the
+/// store far longer than the lease: without the renewal the lease lapsed
+/// between the cancel's effect and its reply, and the request was
+/// delivered, and applied, again.
+#[tokio::test]
+async fn a_request_held_by_the_store_keeps_its_lease() {
+    use taquba::Clock;
+    let store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+    let faults = store.faults();
+    let clock = MockClock::new(T0);
+    let location = StoreLocation::new(store as Arc<dyn ObjectStore>, "wm");
+    let options = StoreOptions::default()
+        .flush_interval(Duration::from_millis(1))
+        .inbox_touch_poll(Duration::from_millis(5))
+        .taquba_options(OpenOptions {
+            clock: Arc::new(clock.clone()),
+            default_queue_config: QueueConfig::default()
+                .retry_backoff_base(Duration::ZERO)
+                .lease_duration(Duration::from_millis(90)),
+            ..OpenOptions::default()
+        });
+    let queue = open_worker_store(&location, options).await.unwrap();
+    let gate = Gate::default();
+    let runner = {
+        let gate = gate.clone();
+        FnRunner::new(move |_s: Step| {
+            let gate = gate.clone();
+            async move {
+                gate.wait().await;
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let rt = builder(queue.clone(), runner, NoopTerminalHook)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("held", b"x")).await.unwrap();
+    wait_until(BOUND, "the step to run", || {
+        let rt = rt.clone();
+        async move { rt.status("held").await.unwrap().map(|s| s.state) == Some(RunState::Running) }
+    })
+    .await;
+    let client = Client::open(
+        &location,
+        ClientOptions::default().refresh_interval(Duration::from_millis(5)),
+    )
+    .await
+    .unwrap();
+    faults.hold(StoreOp::Put, "wal");
+    let sent = client.cancel("held").await.unwrap();
+    let control = control_queue_name(DEFAULT_QUEUE_NAME);
+    let mut request = None;
+    wait_until(BOUND, "the cancel to be claimed", || {
+        let claimed = queue.lease_expiry(&control, &sent.request_id).is_some();
+        if claimed {
+            request = Some(sent.request_id.clone());
+        }
+        async move { claimed }
+    })
+    .await;
+    let request = request.unwrap();
+    // Far past the lease, in steps shorter than it: renewed each time.
+    for round in 0..40 {
+        clock.advance(Duration::from_millis(60));
+        let now = clock.now_ms();
+        wait_until(
+            BOUND,
+            &format!("the request's lease renewed (round {round})"),
+            || {
+                let expiry = queue.lease_expiry(&control, &request);
+                async move { expiry.is_some_and(|e| e > now + 60) }
+            },
+        )
+        .await;
+    }
+    faults.release();
+    gate.open();
+    let reply = client.wait_reply(&sent.request_id, BOUND).await.unwrap();
+    // Answered once (the step may have settled first: then `false`).
+    assert!(
+        matches!(&reply, Reply::Cancelled { run_id, .. } if run_id == "held"),
+        "{reply:?}"
+    );
+    rt.wait("held").await.unwrap();
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}

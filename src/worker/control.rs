@@ -154,6 +154,11 @@ impl Done {
 }
 
 /// Apply one request job, after the run's previous request.
+///
+/// The claim's lease is renewed all the while, the wait for the previous
+/// request included: most requests commit their effect before the reply
+/// that settles the claim, and a lease that lapsed between the two would
+/// have the request applied a second time.
 async fn apply<R: StepRunner, H: TerminalHook>(
     rt: WorkflowRuntime<R, H>,
     control: Arc<Control>,
@@ -161,13 +166,17 @@ async fn apply<R: StepRunner, H: TerminalHook>(
     after: Option<watch::Receiver<bool>>,
     done: Done,
 ) {
-    if let Some(mut before) = after {
-        // An error means the previous task is gone: nothing to wait for.
-        let _ = before.wait_for(|finished| *finished).await;
-    }
-    if let Err(e) = apply_now(&rt, &control, &claim).await {
-        tracing::warn!(request_id = %claim.id, "settling a client request failed (it is retried): {e}");
-    }
+    let lease = super::step::Lease::of(&rt.inner.queue, &claim);
+    let work = std::pin::pin!(async {
+        if let Some(mut before) = after {
+            // An error means the previous task is gone: nothing to wait for.
+            let _ = before.wait_for(|finished| *finished).await;
+        }
+        if let Err(e) = apply_now(&rt, &control, &claim).await {
+            tracing::warn!(request_id = %claim.id, "settling a client request failed (it is retried): {e}");
+        }
+    });
+    lease.keep(work).await;
     done.finish(&control);
 }
 
