@@ -1346,6 +1346,13 @@ fn listings_go_on_past_records_they_cannot_read_and_name_them() {
     let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page["runs"].as_array().unwrap().len(), 2, "{page}");
     assert_eq!(page["unreadable"][0]["run_id"], "broken", "{page}");
+    // (While the store is here: a re-run's STEP is 0-based, and the
+    // answer shows it as every other output does, 1-based and named.)
+    waymark(tmp.path())
+        .args(["rerun", "alpha", "3", "--no-wait", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("sent: rerun alpha from step 4/5"));
     // Schedules and workflows: the rest listed, the record named in a
     // logged error.
     for (command, key) in [

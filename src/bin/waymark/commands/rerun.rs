@@ -8,6 +8,7 @@ use waymark::Reply;
 
 use super::check_run_id;
 use super::control::{await_reply, send};
+use crate::demo::domain::step_label;
 use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::say;
 use crate::plumbing::store::{Store, StoreArgs};
@@ -17,7 +18,8 @@ use crate::plumbing::store::{Store, StoreArgs};
 pub struct RerunArgs {
     /// The run to re-run (it ended Failed or Cancelled).
     pub run_id: String,
-    /// The step to start from (0 for the first); the run must have reached it.
+    /// The step to start from, 0-based (0 for the first: the step other
+    /// output shows as 1/5); the run must have reached it.
     pub step: u32,
     /// Return once the request is stored, without waiting for the worker.
     #[arg(long)]
@@ -34,16 +36,18 @@ pub async fn rerun(args: RerunArgs) -> CliResult<Exit> {
     let client = store.open_run_client(&args.run_id).await?;
     let (run_id, step) = (args.run_id.as_str(), args.step);
     let sent = send(&store, client.rerun(run_id, step)).await?;
+    // The step as the other commands show it (1-based, named).
+    let shown = step_label(step);
     if args.no_wait {
         say!(
-            "sent: rerun {run_id} from step {step} (request {}); a worker on the store applies it",
+            "sent: rerun {run_id} from step {shown} (request {}); a worker on the store applies it",
             sent.request_id
         );
         return Ok(Exit::Ok);
     }
     let code = match await_reply(&store, &client, &sent).await? {
         Some(Reply::Rerun { rerun, .. }) => {
-            say!("{run_id} re-runs from step {step} (re-run {rerun}); it is live again");
+            say!("{run_id} re-runs from step {shown} (re-run {rerun}); it is live again");
             Exit::Ok
         }
         Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
