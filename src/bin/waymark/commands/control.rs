@@ -6,6 +6,8 @@
 //! and the command exits 4 (unfinished) saying so. On a fleet, each goes to
 //! the run's shard (`submit` without a run id makes one, to route it).
 
+use std::time::Duration;
+
 use clap::{ArgGroup, Args};
 use waymark::{Error, Reply, RunOutcome, RunSpec, Sent};
 
@@ -215,7 +217,21 @@ pub async fn await_reply_to(
     client: &waymark::Client,
     request_id: &str,
 ) -> CliResult<Option<Reply>> {
-    match client.wait_reply(request_id, store.timeout).await {
+    // The wait gives up at the timeout when no worker answers; a store
+    // that stops answering the wait's reads is given a little more, then
+    // reported as such (the request is stored either way).
+    let grace = store.timeout.saturating_add(Duration::from_secs(2));
+    let waited =
+        match tokio::time::timeout(grace, client.wait_reply(request_id, store.timeout)).await {
+            Ok(waited) => waited,
+            Err(_) => {
+                return Err(CliError::failure(format!(
+                    "{}; the request is stored and a worker applies it",
+                    store.timed_out("reading the worker's answer")
+                )));
+            }
+        };
+    match waited {
         Ok(reply) => Ok(Some(reply)),
         Err(Error::TimedOut { .. }) => {
             let mut worker = vec!["worker"];

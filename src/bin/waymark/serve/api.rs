@@ -136,6 +136,33 @@ impl App {
     }
 }
 
+impl App {
+    /// A request sent and its answer awaited (`operation`, which gives up
+    /// waiting for a worker at the timeout), failing with 504 when the
+    /// store itself stops answering: bounded at twice the timeout and a
+    /// little more.
+    pub async fn answered<T>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, ApiError> {
+        let bound = self
+            .timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(2));
+        match tokio::time::timeout(bound, operation).await {
+            Ok(done) => Ok(done?),
+            Err(_) => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{what}: the store did not answer within {bound:?}; the request may be \
+                     stored (a worker applies it): check before sending it again"
+                ),
+            )),
+        }
+    }
+}
+
 /// Check an id from a path: 400 when it is not a valid name.
 pub fn check_id(what: &'static str, id: &str) -> Result<(), ApiError> {
     validate_name(what, id).map_err(|e| ApiError::bad_request(e.to_string()))
@@ -333,10 +360,9 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     check_id("run id", &id)?;
+    let client = app.source.run_client(&id);
     let cancelled = app
-        .source
-        .run_client(&id)
-        .cancel_and_wait(&id, app.timeout)
+        .answered("cancelling", client.cancel_and_wait(&id, app.timeout))
         .await?;
     Ok(Json(json!({ "run_id": id, "cancelled": cancelled })))
 }
@@ -371,10 +397,9 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     check_id("schedule id", &id)?;
+    let client = app.source.schedule_client(&id);
     let run_id = app
-        .source
-        .schedule_client(&id)
-        .trigger_and_wait(&id, app.timeout)
+        .answered("triggering", client.trigger_and_wait(&id, app.timeout))
         .await?;
     Ok(Json(json!({ "schedule": id, "run_id": run_id })))
 }
@@ -456,7 +481,18 @@ pub async fn reset(
     let mut shards_open = Vec::new();
     for (shard, client, request_id) in sent {
         let left = deadline.map_or(app.timeout, |d| d.saturating_duration_since(Instant::now()));
-        match client.wait_reply(&request_id, left).await {
+        let grace = left.saturating_add(Duration::from_secs(2));
+        let Ok(waited) = tokio::time::timeout(grace, client.wait_reply(&request_id, left)).await
+        else {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "waiting for the reset: the store did not answer within {grace:?}; the \
+                     request is stored (a worker applies it)"
+                ),
+            ));
+        };
+        match waited {
             Ok(Reply::Reset { was_open, .. }) => {
                 if was_open {
                     shards_open.push(shard);
@@ -612,19 +648,22 @@ pub async fn requeue(
         .bounded("finding the dead job", app.source.dead_job_client(&job))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no shard has a dead job `{job}`")))?;
-    let request_id = client.requeue(&job).await?;
-    Ok(Json(
-        match client.wait_reply(&request_id, app.timeout).await? {
-            Reply::Rerun { run_id, rerun } => {
-                json!({ "job_id": job, "requeued": "rerun", "run_id": run_id, "rerun": rerun })
-            }
-            Reply::Requeued { .. } => json!({ "job_id": job, "requeued": "hook" }),
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("the worker answered the requeue with {other:?}"),
-                ));
-            }
-        },
-    ))
+    let reply = app
+        .answered("requeueing", async {
+            let request_id = client.requeue(&job).await?;
+            client.wait_reply(&request_id, app.timeout).await
+        })
+        .await?;
+    Ok(Json(match reply {
+        Reply::Rerun { run_id, rerun } => {
+            json!({ "job_id": job, "requeued": "rerun", "run_id": run_id, "rerun": rerun })
+        }
+        Reply::Requeued { .. } => json!({ "job_id": job, "requeued": "hook" }),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the worker answered the requeue with {other:?}"),
+            ));
+        }
+    }))
 }
