@@ -538,34 +538,44 @@ pub(crate) async fn runs(
         let (key, value) = item?;
         let prefix = if take_live { run_prefix } else { out_prefix };
         let run_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-        let listed = if take_live {
-            match decode::<RunRecord>(&key, &value) {
-                Ok(run) => {
-                    live_summary(
-                        view,
-                        keys,
-                        breakers,
-                        filter,
-                        &cancel_here,
-                        run_id.clone(),
-                        run,
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            decode::<OutcomeRecord>(&key, &value).map(|record| {
+        // The run's summary if the filter keeps it; an error for a record
+        // that does not decode names the run instead of ending the listing.
+        let listed = async {
+            let summary = if take_live {
+                let run = decode::<RunRecord>(&key, &value)?;
+                live_summary(
+                    view,
+                    keys,
+                    breakers,
+                    filter,
+                    &cancel_here,
+                    run_id.clone(),
+                    run,
+                )
+                .await?
+            } else {
+                let record = decode::<OutcomeRecord>(&key, &value)?;
                 Some(RunSummary {
                     run_id: run_id.clone(),
                     workflow: record.workflow,
                     phase: RunPhase::Ended(record.status),
                     step: record.final_step,
                 })
-            })
+            };
+            let Some(summary) = summary else {
+                return Ok(None);
+            };
+            let kept = filter
+                .workflow
+                .as_ref()
+                .is_none_or(|w| *w == summary.workflow)
+                && filter.state.is_none_or(|s| s.matches(&summary.phase))
+                && submitted_as(view, keys, filter, &summary.run_id).await?;
+            Ok::<_, Error>(kept.then_some(summary))
         };
-        let listed = match listed {
-            Ok(listed) => listed,
+        let summary = match listed.await {
+            Ok(Some(summary)) => summary,
+            Ok(None) => continue,
             Err(e) if e.is_unreadable_record() => {
                 out.unreadable.push(UnreadableRun {
                     run_id,
@@ -575,29 +585,6 @@ pub(crate) async fn runs(
             }
             Err(e) => return Err(e),
         };
-        let Some(summary) = listed else { continue };
-        if filter
-            .workflow
-            .as_ref()
-            .is_some_and(|w| *w != summary.workflow)
-        {
-            continue;
-        }
-        if filter.state.is_some_and(|s| !s.matches(&summary.phase)) {
-            continue;
-        }
-        match submitted_as(view, keys, filter, &summary.run_id).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) if e.is_unreadable_record() => {
-                out.unreadable.push(UnreadableRun {
-                    run_id,
-                    error: e.to_string(),
-                });
-                continue;
-            }
-            Err(e) => return Err(e),
-        }
         out.runs.push(summary);
         if out.runs.len() == limit {
             out.next = out.runs.last().map(|r| r.run_id.clone());
