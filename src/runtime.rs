@@ -363,6 +363,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
+                endings: Default::default(),
                 #[cfg(feature = "testkit")]
                 probe: self.probe,
             }),
@@ -433,6 +434,8 @@ pub(crate) struct Inner<R, H> {
     pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).
     pub pending: PendingCommits,
+    /// One `end_run` at a time per run.
+    pub endings: crate::sync::KeyedLocks,
     /// The test kit's probe (see [`crate::probe`]).
     #[cfg(feature = "testkit")]
     pub probe: Option<Arc<dyn crate::probe::Probe>>,
@@ -449,6 +452,10 @@ pub(crate) struct InFlightSteps {
     /// `Requested` and its look at the entries.
     #[cfg(test)]
     before_look: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
+    /// Test hook: awaited once by a cancel between its read of the run and
+    /// its request to the queue.
+    #[cfg(test)]
+    before_request: Mutex<Option<futures_util::future::BoxFuture<'static, ()>>>,
 }
 
 /// A step this process is running, as `cancel` and the worker share it.
@@ -1095,6 +1102,12 @@ impl<R, H> Inner<R, H> {
     /// that deadline.
     pub(crate) async fn end_run(&self, run_id: &str, ending: Ending) -> Result<bool, Error> {
         let inner = self;
+        // One ending of a run at a time in this process: a second cancel
+        // would otherwise find the first's request stored but not yet
+        // durable (taquba answers it without a commit) and answer from it,
+        // and both would say they were the one accepted. Every request for
+        // a run is applied by the process that owns its store.
+        let _ending = inner.endings.lock(run_id).await;
         // This call's request was accepted by the queue (stored on a job
         // that had none): it stays ours across the retries below.
         let mut accepted = false;
@@ -1142,6 +1155,13 @@ impl<R, H> Inner<R, H> {
                 &job,
                 inner.now_ms(),
             )?;
+            #[cfg(test)]
+            {
+                let hook = lock(&inner.inflight.before_request).take();
+                if let Some(hook) = hook {
+                    hook.await;
+                }
+            }
             let cancelled = {
                 let _pending = inner.pending.begin(run_id);
                 inner.queue.cancel_with(&run.job_id, effects).await
@@ -1643,6 +1663,54 @@ mod tests {
         let out = rt.outcome("r").await.unwrap().expect("the run ended");
         assert_eq!(out.status, TerminalStatus::Cancelled, "{out:?}");
         assert_eq!(out.final_step, 1);
+    }
+
+    /// A second cancel whose request follows the first's commit (visible,
+    /// and maybe not yet durable) found the request stored: taquba answers
+    /// that without a commit. It answered `true` from a read taken before
+    /// the first's commit, so both said they were the one accepted, and the
+    /// second answered before the first's commit was durable. Cancels of
+    /// one run now take turns.
+    #[tokio::test]
+    async fn two_cancels_of_one_run_take_turns() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        rt.submit(spec("r")).await.unwrap();
+        // A worker of its own runs step 0, so the cancel is a request.
+        let claim = queue
+            .claim(DEFAULT_QUEUE_NAME, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("step 0 is claimable");
+        // The second cancel has read the run; the first starts and gets its
+        // request stored, if it can, before the second's request.
+        let first = Arc::new(Mutex::new(None));
+        *lock(&rt.inner.inflight.before_request) = Some(Box::pin({
+            let (rt, queue, first) = (rt.clone(), queue.clone(), first.clone());
+            let job = claim.id.clone();
+            async move {
+                let cancel = tokio::spawn(async move { rt.cancel("r").await });
+                *lock(&first) = Some(cancel);
+                for _ in 0..30 {
+                    let stored = queue.view().get_job(&job).await.unwrap();
+                    if stored.is_some_and(|j| j.cancel_requested) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }));
+        let second = rt.cancel("r").await.unwrap();
+        let first = lock(&first).take().expect("the hook ran");
+        let first = first.await.unwrap().unwrap();
+        assert!(
+            first != second,
+            "exactly one cancel is the one accepted: first {first}, second {second}"
+        );
+        assert_eq!(rt.inner.endings.len(), 0, "no lock is left behind");
     }
 
     /// Defect 9: `wait` unregisters itself on every way out.

@@ -225,6 +225,74 @@ async fn reads_answer_only_from_durable_commits() {
     worker.await.unwrap().unwrap();
 }
 
+/// A second cancel of a running step, racing the first, finds the request
+/// already stored on the job (the first's commit, visible but not durable):
+/// it must not answer before that commit is durable, nor say that it was the
+/// one accepted.
+#[tokio::test]
+async fn a_racing_cancel_answers_only_once_the_first_is_durable() {
+    let (started, gate) = (Arc::new(Notify::new()), Gate::default());
+    let runner = {
+        let (started, gate) = (started.clone(), gate.clone());
+        FnRunner::new(move |_s: Step| {
+            let (started, gate) = (started.clone(), gate.clone());
+            async move {
+                started.notify_one();
+                gate.wait().await;
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let (rt, faults) = held_runtime(runner).await;
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("twice", b"")).await.unwrap();
+    started.notified().await;
+    faults.hold(StoreOp::Put, "wal");
+    let first = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.cancel("twice").await }
+    });
+    let queue = rt.queue().clone();
+    wait_until(BOUND, "the first cancel is visible, not durable", || {
+        let queue = queue.clone();
+        let held = faults.held();
+        async move {
+            let claimed = queue
+                .view()
+                .list_jobs("workflow-steps", JobStatus::Claimed, None, 10)
+                .await
+                .unwrap();
+            held > 0 && claimed.jobs.iter().any(|job| job.cancel_requested)
+        }
+    })
+    .await;
+    let mut second = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.cancel("twice").await }
+    });
+    if let Ok(answer) = tokio::time::timeout(GRACE, &mut second).await {
+        panic!(
+            "the second cancel answered {answer:?} while the first's commit was not durable ({} writes held)",
+            faults.held()
+        );
+    }
+    faults.release();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(
+        matches!(
+            (&first, &second),
+            (Ok(true), Ok(false)) | (Ok(false), Ok(true))
+        ),
+        "exactly one cancel is the one accepted: {first:?}, {second:?}"
+    );
+    gate.open();
+    let out = rt.wait("twice").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Cancelled, "{out:?}");
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
+
 /// A hook that counts its calls and blocks on a gate.
 #[derive(Clone, Default)]
 struct SlowHook {
