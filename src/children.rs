@@ -152,7 +152,6 @@ impl<R, H> Inner<R, H> {
         if join.failed || join.live() == 0 {
             let job_id = self.queue.next_job_id();
             let options = EnqueueOptions::default()
-                .dedup_key(record::dedup_key(parent, step))
                 .id_override(job_id.clone())
                 .headers(join.headers.clone())
                 .priority(Some(join.priority))

@@ -364,7 +364,8 @@ impl Keys {
     }
 }
 
-/// The dedup key of step `step` of run `run_id`.
+/// The stem of the dedup key of a wait for step `step`'s children (its
+/// placeholder job's key adds `:join`).
 pub(crate) fn dedup_key(run_id: &str, step: u32) -> String {
     format!("run:{run_id}:{step}")
 }

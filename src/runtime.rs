@@ -667,7 +667,6 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let PreparedSubmit {
             run_id,
             sub_key,
-            run_key,
             sha,
             ..
         } = &prepared;
@@ -684,20 +683,6 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             if let Some(results) = committed {
                 if let Some(EnqueueResult::New(job_id)) = results.first() {
                     inner.pending.enqueued([job_id.as_str()]);
-                }
-                if let Some(EnqueueResult::AlreadyEnqueued(existing)) = results.first() {
-                    // A step-0 job with this run's dedup key outlived its run
-                    // record (only a foreign job can do that): point the run
-                    // at the job that exists, so the run is not orphaned.
-                    tracing::warn!(run_id, existing, "step 0 already queued; adopting it");
-                    let adopted = RunRecord {
-                        step: 0,
-                        job_id: existing.clone(),
-                    };
-                    inner
-                        .queue
-                        .kv_put(run_key, &encode(run_key, &adopted)?)
-                        .await?;
                 }
                 return Ok(SubmitOutcome {
                     run_id,
@@ -1325,7 +1310,6 @@ impl<R, H> Inner<R, H> {
             job_id: job_id.clone(),
         };
         let options = EnqueueOptions::default()
-            .dedup_key(record::dedup_key(&p.run_id, 0))
             .id_override(job_id)
             .headers(p.headers.clone())
             .priority(p.priority)
@@ -1387,7 +1371,6 @@ impl<R, H> Inner<R, H> {
             );
         }
         let options = EnqueueOptions::default()
-            .dedup_key(record::dedup_key(run_id, step))
             .id_override(job_id.clone())
             .headers(headers)
             .max_attempts(self.cfg.retry_policy(&ended.workflow).max_attempts);

@@ -107,9 +107,10 @@ async fn continue_after_waits_for_the_queue_clock() {
     env.stop().await;
 }
 
-/// A settlement's next job has no dedup key: it commits under the claim of
-/// the job before it, so only once, and the key would cost a read and two
-/// writes per step. A submit's step 0 keeps its key.
+/// No step job has a dedup key: a settlement's next job commits under the
+/// claim of the job before it, so only once, a submit's step 0 under the
+/// compare on its submit record; the run record names each by id, and a
+/// key would cost a read and two writes per step.
 #[tokio::test]
 async fn a_next_step_job_carries_no_dedup_key() {
     let runner = an_hour_then_done();
@@ -122,7 +123,7 @@ async fn a_next_step_job_carries_no_dedup_key() {
         .await
         .unwrap();
     assert_eq!(pending.jobs.len(), 1);
-    assert_eq!(pending.jobs[0].dedup_key.as_deref(), Some("run:next:0"));
+    assert_eq!(pending.jobs[0].dedup_key, None);
     env.start();
     env.until_status("next", |s| {
         s.is_some_and(|s| s.state == RunState::Scheduled)
@@ -137,6 +138,42 @@ async fn a_next_step_job_carries_no_dedup_key() {
     assert_eq!(scheduled.jobs.len(), 1);
     assert_eq!(scheduled.jobs[0].headers["workflow.step"], "1");
     assert_eq!(scheduled.jobs[0].dedup_key, None);
+    env.stop().await;
+}
+
+/// A step-0 job for a run id that was not written by its submit (another
+/// writer's, in the queue before the submit) is not the run's step: the
+/// submit writes its own, in its one commit, and the other is refused at
+/// admit. (It was adopted, in a second commit after the run's, running the
+/// other job's payload as the run's input.)
+#[tokio::test]
+async fn a_submit_ignores_a_foreign_step_0_job_for_its_run_id() {
+    let runner = FnRunner::new(|s: Step| async move {
+        Ok(StepOutcome::Succeed {
+            result: s.payload.clone(),
+        })
+    });
+    let mut env = Env::new(runner.clone(), NoopTerminalHook).await;
+    let headers = HashMap::from([
+        ("workflow.run_id".to_string(), "mine".to_string()),
+        ("workflow.step".to_string(), "0".to_string()),
+    ]);
+    env.queue()
+        .enqueue_with(
+            "workflow-steps",
+            b"foreign".to_vec(),
+            EnqueueOptions::default()
+                .dedup_key("run:mine:0".to_string())
+                .headers(headers),
+        )
+        .await
+        .unwrap();
+    env.submit("mine", b"own input").await;
+    env.start();
+    let out = env.rt.wait("mine").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(out.result.as_deref(), Some(&b"own input"[..]));
+    assert_eq!(runner.calls("mine", 0), 1, "the foreign job never ran");
     env.stop().await;
 }
 

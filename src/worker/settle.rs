@@ -648,12 +648,12 @@ fn again_effects<R, H>(
 /// Enqueue step `step` of the job's run as a new job and point the run
 /// record at it; `parked` adds (or not) the park index entry.
 ///
-/// The job carries no dedup key (a submit's step 0 and a child's do): it is
-/// enqueued only by the settlement of the job before it, which commits under
-/// that job's claim, so at most once; and the run record names it by id, so
-/// a second job for the step would be refused at admit anyway. A dedup key
-/// would cost a read and two writes per step, and a hit would point the
-/// record at a job that was never written.
+/// The job carries no dedup key (no step job does): it is enqueued only by
+/// the settlement of the job before it, which commits under that job's
+/// claim, so at most once; and the run record names it by id, so a second
+/// job for the step would be refused at admit anyway. A dedup key would
+/// cost a read and two writes per step, and a hit would point the record at
+/// a job that was never written.
 #[allow(clippy::too_many_arguments)]
 fn step_job_effects<R, H>(
     inner: &Inner<R, H>,
