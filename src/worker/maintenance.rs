@@ -153,6 +153,9 @@ pub(super) struct Expiring {
     cursor: u64,
     /// When the scan last started from the front of the index.
     rescanned_at: u64,
+    /// Test hook: awaited once by a batch between its scan and its commit.
+    #[cfg(test)]
+    before_commit: Option<futures_util::future::BoxFuture<'static, ()>>,
 }
 
 impl Expiring {
@@ -160,6 +163,8 @@ impl Expiring {
         Self {
             cursor: 0,
             rescanned_at: now,
+            #[cfg(test)]
+            before_commit: None,
         }
     }
 
@@ -232,7 +237,11 @@ impl Expiring {
         let mut last = None;
         let mut all_due = true;
         let mut data = Vec::new();
-        for (key, _) in &page.entries {
+        // The batch commits only if every entry it deletes is still there:
+        // a re-run takes its run's entry out of the index in its commit, and
+        // its run (live again) must keep its records and data.
+        let mut taken = Vec::new();
+        for (key, value) in &page.entries {
             let Some((at, suffix)) = index.parse(key) else {
                 tracing::warn!(key = %String::from_utf8_lossy(key), "expiry index key without a time; deleted");
                 effects = effects.kv_delete(key.clone());
@@ -249,6 +258,7 @@ impl Expiring {
                 data.extend(scanned(id));
             }
             effects = effects.kv_delete(key.clone());
+            taken.push((key.as_slice(), Some(value.as_ref())));
             last = Some(at);
         }
         let found = scan_each(data, |prefix| async move { scan_all(inner, &prefix).await }).await?;
@@ -258,7 +268,19 @@ impl Expiring {
         if effects.kv_deletes.is_empty() {
             return Ok(false);
         }
-        inner.queue.commit_effects(effects).await?;
+        #[cfg(test)]
+        if let Some(hook) = self.before_commit.take() {
+            hook.await;
+        }
+        if inner
+            .queue
+            .kv_compare_commit(&taken, effects)
+            .await?
+            .is_none()
+        {
+            // An entry went meanwhile: read the batch again.
+            return Ok(true);
+        }
         if let Some(at) = last {
             self.cursor = at;
         }
@@ -869,6 +891,71 @@ mod tests {
             .expect("retention went on while the fold was stuck");
         stop.cancel();
         pool.abort();
+    }
+
+    /// A re-run that commits between a retention batch's scan and its
+    /// commit (it read the clock just before the outcome fell due) takes its
+    /// run's entry out of the index. The batch deleted the live run's submit
+    /// record and data all the same; it now commits only if its entries are
+    /// all still there. (The re-run is played by its deletion of the entry.)
+    #[tokio::test]
+    async fn retention_leaves_a_run_re_run_after_its_scan() {
+        let clock = MockClock::new(1_000_000);
+        let opts = OpenOptions {
+            clock: Arc::new(clock.clone()),
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .terminal_retention(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        rt.submit(RunSpec {
+            run_id: Some("r".into()),
+            input: b"in".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(rt.cancel("r").await.unwrap(), "ended while pending");
+        let (inner, keys) = (&rt.inner, &rt.inner.keys);
+        let index = queue
+            .view()
+            .kv_scan(keys.expiry_prefix(), .., KvOrder::Ascending, 10)
+            .await
+            .unwrap();
+        assert_eq!(index.entries.len(), 1, "the run's retention entry");
+        let entry = index.entries[0].0.to_vec();
+        clock.advance(Duration::from_secs(61));
+        let mut pass = super::Expiring::new(inner.now_ms());
+        pass.before_commit = Some(Box::pin({
+            let queue = queue.clone();
+            async move {
+                let rerun = taquba::SettlementEffects::default().kv_delete(entry);
+                queue.commit_effects(rerun).await.unwrap();
+            }
+        }));
+        pass.pass_scanning(
+            inner,
+            &inner.expiry,
+            keys.expiry_prefix(),
+            Duration::from_secs(60),
+            |id| [keys.sub(id), keys.out(id)],
+            |id| Some(keys.data(id)),
+        )
+        .await
+        .unwrap();
+        let view = queue.view();
+        assert!(
+            view.kv_get(&keys.sub("r")).await.unwrap().is_some(),
+            "the re-run run's submit record was deleted"
+        );
+        assert!(
+            view.kv_get(&keys.input("r", 0)).await.unwrap().is_some(),
+            "the re-run run's kept input was deleted"
+        );
     }
 
     /// Counts the samples of the `waymark_backlog{state="pending"}` gauge.
