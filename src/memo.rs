@@ -12,11 +12,19 @@
 //! durable before the call returns, so a result the step goes on to use is
 //! never lost by a crash before the step's settlement.
 //!
-//! Writes are fenced: a put commits only while the run's live record still
-//! points at the step job that made the memo, so an attempt that lost its
-//! claim (a stale attempt) or a run that has ended cannot write
-//! ([`Error::MemoStale`]). [`Memo::memoized`] writes only a key that is
-//! absent; when two attempts race, the first write wins and both return it.
+//! Writes are fenced ([`Error::MemoStale`]):
+//! - a put commits only while the run's live record still points at the
+//!   step job that made the memo, so an attempt whose step has settled (the
+//!   run moved on) or whose run has ended cannot write;
+//! - and only while the attempt's own claim is held in this process, so an
+//!   attempt that outlived its lease cannot write once the queue has taken
+//!   the lease back, even while a later claim of the same job runs.
+//!
+//! The second check is made just before the commit, not inside it (taquba
+//! keeps leases in memory): a put that passed it as its lease lapsed can
+//! still land. For a value every attempt must agree on, use
+//! [`Memo::memoized`]: it writes only a key that is absent, so when two
+//! attempts race, the first write wins and both return it.
 //!
 //! The entries are deleted with the run's terminal record, at
 //! `terminal_retention` after the run ends (see `worker::maintenance`).
@@ -30,10 +38,11 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use taquba::{Queue, SettlementEffects};
+use taquba::{LeaseHandle, Queue, SettlementEffects};
 
 use crate::error::Error;
 use crate::record::{RunRecord, decode, encode};
@@ -61,6 +70,8 @@ struct Attempt {
     /// The run's live record, and the step job a write requires it to name.
     run_key: Vec<u8>,
     job_id: String,
+    /// The attempt's claim, which a write requires to be held.
+    lease: LeaseHandle,
 }
 
 impl fmt::Debug for Memo {
@@ -80,6 +91,7 @@ impl Memo {
         run_key: Vec<u8>,
         job_id: &str,
         step: u32,
+        lease: LeaseHandle,
     ) -> (Self, Self) {
         let attempt = Arc::new(Attempt {
             queue,
@@ -87,6 +99,7 @@ impl Memo {
             data,
             run_key,
             job_id: job_id.to_string(),
+            lease,
         });
         let step = Self {
             attempt: attempt.clone(),
@@ -203,6 +216,11 @@ impl Memo {
             job_id: scope.job_id.clone(),
         };
         loop {
+            // A cancel requested of the step leaves its claim held: what it
+            // computed may still serve a re-run.
+            if let Err(taquba::Error::ClaimLost) = scope.lease.ensure_at_least(Duration::ZERO) {
+                return Err(stale());
+            }
             let view = scope.queue.view();
             let Some(run) = view.kv_get(&scope.run_key).await? else {
                 return Err(stale());

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use support::*;
 use taquba::KvOrder;
+use tokio::sync::Notify;
 use waymark::*;
 
 /// Every key of the runs' data (memo entries) in the store.
@@ -209,5 +210,68 @@ async fn writes_are_fenced_and_checked() {
     ));
     assert_eq!(memo.get::<u32>("late").await.unwrap(), None);
     assert_eq!(memo.get::<u32>("v").await.unwrap(), Some(2));
+    env.stop().await;
+}
+
+/// An attempt that outlived its lease, while a second claim of the same
+/// step job runs: the run record still names the job, so the fence on it
+/// let the stale attempt overwrite the live one's value. Its claim is gone,
+/// and that refuses the write now.
+#[tokio::test]
+async fn an_attempt_that_outlived_its_lease_cannot_write() {
+    let (first, second) = (Gate::default(), Gate::default());
+    let (started1, started2) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let stale_put: Arc<Mutex<Option<String>>> = Arc::default();
+    let seen_by_live: Arc<Mutex<Option<Option<u32>>>> = Arc::default();
+    let runner = FnRunner::new({
+        let (first, second) = (first.clone(), second.clone());
+        let (started1, started2) = (started1.clone(), started2.clone());
+        let (stale_put, seen_by_live) = (stale_put.clone(), seen_by_live.clone());
+        move |s: Step| {
+            let (first, second) = (first.clone(), second.clone());
+            let (started1, started2) = (started1.clone(), started2.clone());
+            let (stale_put, seen_by_live) = (stale_put.clone(), seen_by_live.clone());
+            async move {
+                if s.attempts == 1 {
+                    started1.notify_one();
+                    first.wait().await;
+                    let put = s.memo.put("v", &1u32).await;
+                    *stale_put.lock().unwrap() = Some(format!("{put:?}"));
+                } else {
+                    s.memo.put("v", &2u32).await?;
+                    started2.notify_one();
+                    second.wait().await;
+                    *seen_by_live.lock().unwrap() = Some(s.memo.get::<u32>("v").await?);
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        }
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.start();
+    env.submit("lapse", b"").await;
+    started1.notified().await;
+    // The process stalls past the lease: the reaper takes the job back and
+    // the pool runs the step again under a second claim.
+    env.clock.advance(Duration::from_secs(31));
+    env.queue().reap_now().await.unwrap();
+    started2.notified().await;
+    first.open();
+    let stale = async {
+        loop {
+            if let Some(put) = stale_put.lock().unwrap().clone() {
+                return put;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let put = tokio::time::timeout(Duration::from_secs(10), stale)
+        .await
+        .expect("the stale attempt tried its write");
+    assert!(put.contains("MemoStale"), "the stale attempt's put: {put}");
+    second.open();
+    let out = env.rt.wait("lapse").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+    assert_eq!(*seen_by_live.lock().unwrap(), Some(Some(2)));
     env.stop().await;
 }

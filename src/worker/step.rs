@@ -478,6 +478,7 @@ async fn run_runner<R: StepRunner, H>(
         inner.keys.run(&job.run_id),
         &claim.id,
         job.step,
+        inner.queue.lease_handle(claim),
     );
     let step = Step {
         run_id: job.run_id.clone(),
