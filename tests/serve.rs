@@ -298,6 +298,32 @@ fn every_endpoint_against_a_live_worker() {
     rt.block_on(client.close()).unwrap();
 }
 
+/// A cancel of a run nobody submitted is 404 with a JSON error (it was
+/// 200 `{"cancelled": false}`, as for a run that had already ended); a
+/// cancel of an ended run still answers 200, not cancelled.
+#[test]
+fn a_cancel_of_an_unknown_run_is_not_found() {
+    let env = Env::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(env.client());
+    rt.block_on(async {
+        submit(&client, "done-1", "shop", good_order()).await;
+        client.wait("done-1", operator::HANG_GUARD).await.unwrap();
+    });
+    let addr = env.addr.as_str();
+    let unknown = http("POST", addr, "/api/runs/no-such-run/cancel", Some(TOKEN));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let error = unknown.json()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("no run `no-such-run` is known"), "{error}");
+    let ended = http("POST", addr, "/api/runs/done-1/cancel", Some(TOKEN));
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    assert_eq!(
+        ended.json(),
+        serde_json::json!({ "run_id": "done-1", "cancelled": false })
+    );
+    rt.block_on(client.close()).unwrap();
+}
+
 /// A metric's value in a Prometheus text body: the line starting with
 /// `name{` whose labels include every one of `labels`.
 fn metric(body: &str, name: &str, labels: &[&str]) -> Option<f64> {

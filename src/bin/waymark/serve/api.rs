@@ -6,7 +6,7 @@
 //! |-----------------|--------|
 //! | `GET /api/runs?state=&workflow=&children_of=&since_ms=&until_ms=&header=NAME=VALUE&after=&limit=` | `{runs: [...], next}`: a page in run id order; `next` is the `after` of the next page |
 //! | `GET /api/runs/{id}` | `{run_id, workflow, live, outcome, children, history}`; 404 for an unknown run |
-//! | `POST /api/runs/{id}/cancel` | `{cancelled}` (the worker's answer) |
+//! | `POST /api/runs/{id}/cancel` | `{run_id, cancelled}` (the worker's answer: `false` for a run that had already ended); 404 for an unknown run |
 //! | `GET /api/workflows` | every workflow's health and breaker (on a fleet, one per shard that knows the workflow, with its `shard`) |
 //! | `POST /api/workflows/{name}/reset` | `{workflow, was_open}`: the breaker closed, its parked steps released (on a fleet on every shard, with `shards_open`: where it was open) |
 //! | `GET /api/dead?kind=step\|hook&after=&limit=&shard=` | `{jobs: [...], next}`: dead-lettered step jobs (default) or hook notifications, with reasons (on a fleet shard by shard, each job with its `shard`, and `next_shard` with `next`) |
@@ -364,6 +364,27 @@ pub async fn cancel(
     let cancelled = app
         .answered("cancelling", client.cancel_and_wait(&id, app.timeout))
         .await?;
+    // The worker answers "not cancelled" both for a run that had already
+    // ended and for one it does not know: tell them apart, as `waymark
+    // cancel` does (the reply is visible, so the reads see the run if the
+    // worker did).
+    if !cancelled {
+        let known = app
+            .bounded("reading the run", async {
+                if client.outcome(&id).await?.is_some() || client.status(&id).await?.is_some() {
+                    return Ok(true);
+                }
+                // It may have ended between the two reads.
+                Ok(client.outcome(&id).await?.is_some())
+            })
+            .await?;
+        if !known {
+            return Err(ApiError::not_found(format!(
+                "no run `{id}` is known (never submitted, or its outcome passed the retention \
+                 window)"
+            )));
+        }
+    }
     Ok(Json(json!({ "run_id": id, "cancelled": cancelled })))
 }
 
