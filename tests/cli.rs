@@ -1188,7 +1188,8 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
         .success()
         .stdout(predicate::str::contains("pobox").and(predicate::str::contains("PO Box")));
     let dead = json_of(tmp.path(), &["dead"], &url);
-    let dead = dead.as_array().unwrap();
+    assert_eq!(dead["more"], false, "{dead}");
+    let dead = dead["jobs"].as_array().unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["kind"], "step");
     assert_eq!(dead[0]["run_id"], "pobox");
@@ -1198,7 +1199,7 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
         "{dead:?}"
     );
     let hooks = json_of(tmp.path(), &["dead", "--kind", "hook"], &url);
-    assert_eq!(hooks, serde_json::json!([]));
+    assert_eq!(hooks, serde_json::json!({ "jobs": [], "more": false }));
     let job = dead[0]["job_id"].as_str().unwrap().to_string();
 
     // Requeue: the run re-runs from that step (and fails there again).
@@ -1245,7 +1246,7 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
     // and the exit code is the refusal's.
     let dead = json_of(tmp.path(), &["dead", "--kind", "step"], &url);
     // The re-run failed at step 3 again: a new dead job.
-    let again = dead
+    let again = dead["jobs"]
         .as_array()
         .unwrap()
         .iter()
@@ -1269,6 +1270,97 @@ fn dead_jobs_are_listed_and_requeued_through_the_inbox() {
         .status()
         .unwrap();
     assert_eq!(worker.wait().unwrap().code(), Some(0));
+}
+
+/// `dead --limit N` with more than N dead jobs says the list is cut: a
+/// note on stderr and `more` in the JSON (it printed the first N as if
+/// they were all). At the limit exactly, nothing is said.
+#[test]
+fn a_dead_listing_cut_by_its_limit_says_so() {
+    use waymark::{NoopTerminalHook, RunSpec, Step, StepError, StepOutcome, StepRunner};
+    use waymark::{StoreLocation, StoreOptions};
+    /// Every step fails for good: its job is dead-lettered.
+    struct Refuses;
+    impl StepRunner for Refuses {
+        async fn run_step(&self, _: &Step) -> Result<StepOutcome, StepError> {
+            Err(StepError::permanent("refused"))
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", tmp.path().display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let at = StoreLocation::from_url(&url).unwrap();
+        let queue = waymark::open_worker_store(&at, StoreOptions::default())
+            .await
+            .unwrap();
+        // The queue the CLI reads.
+        let runtime = waymark::WorkflowRuntime::builder(queue.clone(), Refuses, NoopTerminalHook)
+            .queue_name("demo-orders")
+            .build()
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pool = tokio::spawn({
+            let (runtime, stop) = (runtime.clone(), stop.clone());
+            async move { runtime.run(stop.cancelled_owned()).await }
+        });
+        for id in ["dead-1", "dead-2", "dead-3"] {
+            let spec = RunSpec {
+                run_id: Some(id.into()),
+                ..Default::default()
+            };
+            runtime.submit(spec).await.unwrap();
+        }
+        for id in ["dead-1", "dead-2", "dead-3"] {
+            tokio::time::timeout(HANG_GUARD, runtime.wait(id))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        stop.cancel();
+        pool.await.unwrap().unwrap();
+        drop(runtime);
+        std::sync::Arc::try_unwrap(queue)
+            .ok()
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+    });
+    let dead = |args: &[&str]| {
+        let out = waymark(tmp.path())
+            .args(["dead", "--kind", "step", "--store", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (stdout, stderr) = dead(&["--limit", "2"]);
+    assert!(
+        stdout.contains("dead-1") && stdout.contains("dead-2") && !stdout.contains("dead-3"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("showing the first 2 dead step jobs; more exist: raise --limit"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = dead(&["--limit", "2", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["jobs"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json["more"], true, "{json}");
+    assert!(stderr.contains("more exist"), "{stderr}");
+    // Exactly at the limit: the whole list, and nothing said.
+    let (stdout, stderr) = dead(&["--limit", "3", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["jobs"].as_array().unwrap().len(), 3, "{json}");
+    assert_eq!(json["more"], false, "{json}");
+    assert!(!stderr.contains("more exist"), "{stderr}");
+    let (stdout, stderr) = dead(&["--limit", "3"]);
+    assert!(stdout.contains("dead-3"), "{stdout}");
+    assert!(!stderr.contains("more exist"), "{stderr}");
 }
 
 #[test]

@@ -515,7 +515,7 @@ fn dead_jobs_breakers_and_resets_on_a_fleet() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let dead = eventually("the dead step job", || {
-        let dead = json(&["dead"]);
+        let dead = json(&["dead"])["jobs"].clone();
         (dead.as_array()?.len() == 1).then_some(dead)
     });
     assert_eq!(dead[0]["shard"], home, "{dead}");

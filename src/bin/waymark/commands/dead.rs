@@ -16,7 +16,7 @@ use super::control::{await_reply_to, send};
 use super::read::{print_json, table_with_shards};
 use crate::demo::domain::step_label;
 use crate::plumbing::exit::{CliError, CliResult, Exit, one_line, shown};
-use crate::plumbing::output::{live_output, say};
+use crate::plumbing::output::{live_output, say, say_err};
 use crate::plumbing::source::Source;
 use crate::plumbing::store::{Store, StoreArgs};
 
@@ -38,7 +38,8 @@ pub struct DeadArgs {
     /// Only dead jobs of this kind (default: both).
     #[arg(long, value_enum)]
     pub kind: Option<KindArg>,
-    /// At most this many jobs of each kind.
+    /// At most this many jobs of each kind (on a fleet, of each shard);
+    /// a listing this cut says so (on stderr; `more` in JSON).
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
     /// Print JSON instead of a table, for scripts.
@@ -90,23 +91,41 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
         Some(KindArg::Hook) => vec![DeadKind::Hook],
         None => vec![DeadKind::Step, DeadKind::Hook],
     };
+    let limit = args.limit.max(1);
     let bar = progress(None, "reading dead jobs", !args.json);
     // (shard, job): the shard is `None` on a single store.
     let mut all: Vec<(Option<u32>, DeadJob)> = Vec::new();
+    // The listings `--limit` cut: (shard, kind).
+    let mut cut: Vec<(Option<u32>, DeadKind)> = Vec::new();
     let source = store.open_source().await?;
     for (shard, client) in source.shards() {
         for kind in &kinds {
-            let jobs = list(&store, client, *kind, args.limit.max(1), &bar).await?;
+            let (jobs, more) = list(&store, client, *kind, limit, &bar).await?;
             all.extend(jobs.into_iter().map(|job| (shard, job)));
+            if more {
+                cut.push((shard, *kind));
+            }
         }
     }
     let _ = source.close().await;
     bar.finish_and_clear();
+    // On stderr, so a script reading stdout (the JSON too) is not misled,
+    // and a reader of the table is told.
+    for (shard, kind) in &cut {
+        let on = shard.map_or_else(String::new, |shard| format!(" of shard {shard}"));
+        say_err!(
+            "showing the first {limit} dead {} jobs{on}; more exist: raise --limit",
+            kind_word(*kind)
+        );
+    }
     if args.json {
         let (shards, jobs): (Vec<_>, Vec<_>) = all.into_iter().unzip();
         let jobs = serde_json::to_value(&jobs)
             .map_err(|e| CliError::failure(format!("cannot print JSON: {e}")))?;
-        print_json(&super::json::with_shards(jobs, shards))?;
+        print_json(&serde_json::json!({
+            "jobs": super::json::with_shards(jobs, shards),
+            "more": !cut.is_empty(),
+        }))?;
         return Ok(Exit::Ok);
     }
     if all.is_empty() {
@@ -118,10 +137,7 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
         .map(|(shard, job)| {
             let row = [
                 job.job_id.clone(),
-                match job.kind {
-                    DeadKind::Hook => "hook".to_string(),
-                    _ => "step".to_string(),
-                },
+                kind_word(job.kind).to_string(),
                 job.run_id.clone().unwrap_or_else(|| "-".into()),
                 job.step.map_or_else(|| "-".into(), step_label),
                 job.attempts.to_string(),
@@ -140,18 +156,28 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
     Ok(Exit::Ok)
 }
 
-/// Up to `limit` dead jobs of `kind`, page by page.
+/// A dead job's kind in words.
+fn kind_word(kind: DeadKind) -> &'static str {
+    match kind {
+        DeadKind::Hook => "hook",
+        _ => "step",
+    }
+}
+
+/// Up to `limit` dead jobs of `kind`, page by page, and whether there are
+/// more (one more is read to know).
 async fn list(
     store: &Store,
     client: &Client,
     kind: DeadKind,
     limit: usize,
     bar: &ProgressBar,
-) -> CliResult<Vec<DeadJob>> {
+) -> CliResult<(Vec<DeadJob>, bool)> {
+    let fetch = limit.saturating_add(1);
     let mut out: Vec<DeadJob> = Vec::new();
-    while out.len() < limit {
+    while out.len() < fetch {
         let after = out.last().map(|j| j.job_id.clone());
-        let want = PAGE.min(limit - out.len());
+        let want = PAGE.min(fetch - out.len());
         let page = store
             .bounded(
                 "listing dead jobs",
@@ -166,7 +192,9 @@ async fn list(
             break;
         }
     }
-    Ok(out)
+    let more = out.len() > limit;
+    out.truncate(limit);
+    Ok((out, more))
 }
 
 /// Check a job id before anything is opened.
