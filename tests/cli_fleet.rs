@@ -233,7 +233,7 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
 
     // b leaves gracefully: it hands its shards back and a takes them.
     b.signal("TERM");
-    assert_eq!(b.wait(), Some(0), "{}", b.seen.join("\n"));
+    b.wait_fleet_stopped();
     // (It may have handed one back while the two were splitting.)
     let stopping = b
         .seen
@@ -274,7 +274,7 @@ fn two_fleet_workers_share_the_shards_and_the_commands_route_to_each_run() {
         .success()
         .stdout(predicate::str::contains("Succeeded"));
     a.signal("TERM");
-    assert_eq!(a.wait(), Some(0), "{}", a.seen.join("\n"));
+    a.wait_fleet_stopped();
     // Every shard was handed back: released, none held.
     assert_eq!(owners(&url), vec![None; 4]);
 }
@@ -305,7 +305,7 @@ fn another_shard_count_and_the_other_kind_of_store_are_refused_and_change_nothin
     let (mut worker, _) = fleet_worker("the fleet worker", &url, "2");
     worker.until("took shard");
     worker.signal("TERM");
-    assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+    worker.wait_fleet_stopped();
     let before = snapshot(&fleet_dir);
 
     // Another shard count: the library's mismatch, nothing written.
@@ -471,7 +471,7 @@ fn schedules_on_a_fleet_fire_on_their_home_shard() {
         .code(3)
         .stderr(predicate::str::contains("no schedule `nope`"));
     worker.signal("TERM");
-    assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+    worker.wait_fleet_stopped();
 }
 
 /// The operator's commands on a fleet: `dead` lists each shard's dead jobs
@@ -576,7 +576,7 @@ fn dead_jobs_breakers_and_resets_on_a_fleet() {
         .code(3)
         .stderr(predicate::str::contains("no dead job"));
     worker.signal("TERM");
-    assert_eq!(worker.wait(), Some(0), "{}", worker.seen.join("\n"));
+    worker.wait_fleet_stopped();
 
     // A reset that reaches shard 0 but cannot be stored on shard 1 (its
     // inbox made a plain file) says where it was sent.
@@ -643,7 +643,7 @@ fn a_fleet_worker_creates_its_dir_and_a_missing_one_is_not_found() {
     worker.until("took shard");
     worker.until("took shard");
     worker.signal("TERM");
-    assert_eq!(worker.wait(), Some(0));
+    worker.wait_fleet_stopped();
     waymark()
         .args(["fleet", "--dir", fresh_arg])
         .assert()
@@ -655,4 +655,39 @@ fn a_fleet_worker_creates_its_dir_and_a_missing_one_is_not_found() {
         .assert()
         .code(3)
         .stderr(predicate::str::contains("no Waymark store at"));
+}
+
+/// A fleet worker that dropped a shard instead of handing it back exits 1
+/// and names the shard and why (it exited 0, as after a clean stop). Here
+/// every shard's runtime fails to build: the cron expression, checked only
+/// when a shard's runtime is built, is not one.
+#[test]
+fn a_fleet_worker_that_dropped_a_shard_exits_1_saying_which_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = url_of(&dir.path().join("fleet"));
+    let mut args = vec![
+        "worker",
+        "--store",
+        &url,
+        "--shards",
+        "2",
+        "--schedule",
+        "bad=cron:nonsense",
+    ];
+    args.extend(LEASE);
+    let mut worker = Proc::start("the fleet worker", &args, &[]);
+    let line = worker.until("dropped shard");
+    assert!(
+        line.contains("cron expression `nonsense` is invalid"),
+        "{line}"
+    );
+    worker.signal("TERM");
+    assert_eq!(worker.wait(), Some(1), "{}", worker.seen.join("\n"));
+    let stderr = worker.stderr();
+    assert!(
+        stderr.contains("the fleet worker dropped")
+            && stderr.contains("instead of handing them back: shard ")
+            && stderr.contains("cron expression `nonsense` is invalid"),
+        "{stderr}"
+    );
 }

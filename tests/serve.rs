@@ -661,7 +661,7 @@ fn every_endpoint_on_a_fleet_routes_merges_and_shows_the_shards() {
     // short timeout says which shard did not answer (the requests wait in
     // the inboxes).
     env.worker.signal("TERM");
-    assert_eq!(env.worker.wait(), Some(0));
+    env.worker.wait_fleet_stopped();
     let url = env.fleet_url();
     let mut short = Proc::start(
         "serve with a short timeout",

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use waymark::{Client, ClientOptions, RunSpec, StoreLocation};
@@ -20,11 +20,16 @@ pub const TOKEN: &str = "s3cret-token";
 /// A guard against a hung process or condition: far above any honest run.
 pub const HANG_GUARD: Duration = Duration::from_secs(90);
 
-/// A child process whose stdout lines are read on a thread; killed on drop.
+/// A child process whose stdout lines are read on a thread (and its
+/// stderr, passed on and kept); killed on drop.
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub seen: Vec<String>,
+    /// Its stderr so far.
+    errors: Arc<Mutex<String>>,
+    /// The thread reading its stderr.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     name: &'static str,
 }
 
@@ -37,9 +42,23 @@ impl Proc {
             .envs(envs.iter().copied())
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let errors = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let stderr_reader = std::thread::spawn({
+            let errors = errors.clone();
+            move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { return };
+                    eprintln!("{line}");
+                    let mut errors = errors.lock().unwrap();
+                    errors.push_str(&line);
+                    errors.push('\n');
+                }
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -54,8 +73,30 @@ impl Proc {
             child,
             lines,
             seen: vec![],
+            errors,
+            stderr_reader: Some(stderr_reader),
             name,
         }
+    }
+
+    /// Its stderr: all of it once [`Self::wait`] returned.
+    pub fn stderr(&self) -> String {
+        self.errors.lock().unwrap().clone()
+    }
+
+    /// Wait for a fleet worker asked to stop: it exits 0, or 1 when it
+    /// dropped a shard instead of handing it back (a lease renewal too late
+    /// on a loaded machine), which it printed.
+    pub fn wait_fleet_stopped(&mut self) {
+        let code = self.wait();
+        let dropped = self.seen.iter().any(|l| l.contains("dropped shard"));
+        assert_eq!(
+            code,
+            Some(if dropped { 1 } else { 0 }),
+            "{}\n{}",
+            self.seen.join("\n"),
+            self.stderr()
+        );
     }
 
     /// Read lines until one contains `needle`; that line.
@@ -115,7 +156,12 @@ impl Proc {
                 ),
             }
         }
-        self.child.wait().unwrap().code()
+        let code = self.child.wait().unwrap().code();
+        // Its stderr is closed too: read to the end.
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        code
     }
 }
 

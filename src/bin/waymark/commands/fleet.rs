@@ -9,13 +9,16 @@
 //! steps in flight commit, its store closes, its lease is released, so
 //! another worker takes it at once); a second one skips the rest of the
 //! steps' simulated work; a third quits at once (the leases then lapse and
-//! are taken over after lease + guard). A location holding a single store
-//! is refused, and a fleet of another shard count too: nothing is ever
-//! reinterpreted. Every shard's runtime is given the `--schedule`s, and each
+//! are taken over after lease + guard). A worker that dropped a shard
+//! instead of handing it back (its runtime failed, its lease was taken or
+//! lapsed) exits 1, naming each such shard and why. A location holding a
+//! single store is refused, and a fleet of another shard count too:
+//! nothing is ever reinterpreted. Every shard's runtime is given the `--schedule`s, and each
 //! schedule fires on its home shard only (`shard_of_schedule`), under run
 //! ids that route there; `--trip-after` gives each shard its own breaker
 //! (a schedule is gated by its home shard's).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
@@ -290,8 +293,9 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
     );
     let ui = Ui::Lines;
     let started = Instant::now();
-    // Whether every shard it dropped was handed back cleanly.
-    let mut clean = true;
+    // The shards it dropped instead of handing them back: how many times,
+    // and the last reason.
+    let mut dropped: BTreeMap<u32, (usize, String)> = BTreeMap::new();
     let mut shown = |event: &ShardEvent| {
         let stamp = format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
         match event {
@@ -300,8 +304,11 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
             }
             ShardEvent::HandedBack { shard } => say!("{stamp} handed shard {shard} back"),
             ShardEvent::Dropped { shard, reason } => {
-                clean = false;
-                say!("{stamp} dropped shard {shard}: {reason}")
+                let reason = one_line(reason);
+                say!("{stamp} dropped shard {shard}: {reason}");
+                let entry = dropped.entry(*shard).or_default();
+                entry.0 += 1;
+                entry.1 = reason;
             }
             other => say!("{stamp} {other:?}"),
         }
@@ -386,15 +393,29 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
             )));
         }
     }
-    if clean {
+    if dropped.is_empty() {
         say!(
             "fleet worker stopped; its shards are handed back and everything it ran is committed."
         );
-    } else {
-        say!(
-            "fleet worker stopped; the shards it dropped (above) are taken over once their \
-             leases lapse."
-        );
+        return Ok(Exit::Ok);
     }
-    Ok(Exit::Ok)
+    say!("fleet worker stopped; the shards it dropped are taken over once their leases lapse.");
+    Err(CliError::failure(dropped_shards(&dropped)))
+}
+
+/// What a fleet worker that dropped shards (shard -> times, last reason)
+/// says on its way out: each shard and why.
+fn dropped_shards(dropped: &BTreeMap<u32, (usize, String)>) -> String {
+    let each: Vec<String> = dropped
+        .iter()
+        .map(|(shard, (times, reason))| match times {
+            1 => format!("shard {shard}: {reason}"),
+            _ => format!("shard {shard} ({times} times; the last: {reason})"),
+        })
+        .collect();
+    format!(
+        "the fleet worker dropped {} shard(s) instead of handing them back: {}",
+        dropped.len(),
+        each.join("; ")
+    )
 }

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 pub enum Exit {
     /// 0: the command did what it was asked.
     Ok,
-    /// 1: the store or the runtime failed (I/O, timeout, a fenced worker).
+    /// 1: the store or the runtime failed (I/O, timeout, a fenced worker, a
+    /// fleet worker's dropped shard).
     Failure,
     /// 2: bad usage: an unknown option, an invalid run id or input.
     Usage,
@@ -32,7 +33,8 @@ pub enum Exit {
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  ok
-  1  runtime error (the store failed or timed out, a worker stopped)
+  1  runtime error (the store failed or timed out, a worker stopped, a fleet worker
+     dropped a shard)
   2  usage error (unknown option, invalid run id or input)
   3  not found (no Waymark store at the location, no such run or schedule)
   4  unfinished (the run has not ended yet; the demo stopped with runs left)
