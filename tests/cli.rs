@@ -469,6 +469,44 @@ fn invalid_ids_are_refused_before_anything_is_opened_and_echoed_safely() {
     assert_eq!(snapshot(tmp.path()), before);
 }
 
+/// An argument clap or a value parser refuses is echoed escaped: a newline
+/// in it cannot forge a line of the error, a terminal escape is shown, not
+/// sent (both were echoed as they were).
+#[test]
+fn bad_arguments_are_echoed_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (args, echoed) in [
+        // clap's own echo of a value its parser refuses.
+        (
+            vec!["runs", "--limit", "1\u{1b}[31m\nforged: line"],
+            "1\\u{1b}[31m\\nforged: line",
+        ),
+        // A value parser of ours: clap's echo and the parser's message.
+        (
+            vec!["runs", "--since", "soon\u{1b}[31m\nforged: line"],
+            "`soon\\u{1b}[31m\\nforged: line` is neither",
+        ),
+        (
+            vec!["worker", "--schedule", "a\nforged: line=manual"],
+            "invalid schedule id `a\\nforged: line`",
+        ),
+        // An unknown option.
+        (
+            vec!["status", "--no\u{1b}[31m\nforged: line"],
+            "--no\\u{1b}[31m\\nforged: line",
+        ),
+    ] {
+        let out = waymark(tmp.path()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(echoed), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains('\u{1b}') && !stderr.lines().any(|l| l.starts_with("forged")),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Findings 5, 6, 7: what the demo says, stopping it, killing it
 // ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use plumbing::exit::{CliError, EXIT_CODES_HELP, Exit};
+use plumbing::exit::{CliError, EXIT_CODES_HELP, Exit, shown_path};
 use plumbing::output::say_err;
 
 /// Waymark: durable workflows on object storage.
@@ -145,8 +145,42 @@ enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// clap's error with the user's text it echoes (a value, an unknown
+/// argument or subcommand, a tip that repeats it) made safe to print:
+/// control characters (a newline, a terminal escape) escaped and a long
+/// value cut, as every other error of the CLI echoes input. Only the usage
+/// is clap's own text throughout, and left as it is.
+fn echoed_safely(mut e: clap::Error) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue};
+    // A tip's styling is dropped with the escaping (its text is kept).
+    let styled = |text: &StyledStr| StyledStr::from(shown_path(&text.to_string()));
+    let escaped: Vec<_> = e
+        .context()
+        .filter(|(kind, _)| *kind != ContextKind::Usage)
+        .filter_map(|(kind, value)| match value {
+            ContextValue::String(text) => Some((kind, ContextValue::String(shown_path(text)))),
+            ContextValue::Strings(all) => Some((
+                kind,
+                ContextValue::Strings(all.iter().map(|text| shown_path(text)).collect()),
+            )),
+            ContextValue::StyledStr(text) => Some((kind, ContextValue::StyledStr(styled(text)))),
+            ContextValue::StyledStrs(all) => Some((
+                kind,
+                ContextValue::StyledStrs(all.iter().map(styled).collect()),
+            )),
+            _ => None,
+        })
+        .collect();
+    for (kind, value) in escaped {
+        e.insert(kind, value);
+    }
+    e
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--help` and `--version` are "errors" too: printed as they are.
+    let cli = Cli::try_parse().unwrap_or_else(|e| echoed_safely(e).exit());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -363,13 +363,14 @@ fn left_out(page: &RunPage) -> CliResult<Exit> {
 /// `2h`, `3d`).
 fn parse_time(text: &str) -> Result<SystemTime, String> {
     if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
-        let ms =
-            u64::try_from(at.timestamp_millis()).map_err(|_| format!("`{text}` is before 1970"))?;
+        let ms = u64::try_from(at.timestamp_millis())
+            .map_err(|_| format!("`{}` is before 1970", shown(text)))?;
         return Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
     }
     let bad = || {
         format!(
-            "`{text}` is neither an RFC 3339 time (2026-11-26T08:00:00Z) nor an age (90s, 15m, 2h, 3d)"
+            "`{}` is neither an RFC 3339 time (2026-11-26T08:00:00Z) nor an age (90s, 15m, 2h, 3d)",
+            shown(text)
         )
     };
     let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
@@ -391,7 +392,7 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
 fn parse_header(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
-        _ => Err(format!("`{text}` is not NAME=VALUE")),
+        _ => Err(format!("`{}` is not NAME=VALUE", shown(text))),
     }
 }
 

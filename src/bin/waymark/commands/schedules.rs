@@ -287,7 +287,13 @@ pub fn parse_schedule(spec: &str) -> Result<Schedule, String> {
     let (id, what) = spec
         .split_once('=')
         .ok_or_else(|| "expected ID=manual, ID=every:30s or ID=cron:EXPR".to_string())?;
-    waymark::validate_name("schedule id", id).map_err(|e| e.to_string())?;
+    // The library's error echoes the id as it is.
+    waymark::validate_name("schedule id", id).map_err(|_| {
+        format!(
+            "invalid schedule id `{}`: only 1-128 ASCII letters, digits and `.` `_` `:` `-`",
+            shown(id)
+        )
+    })?;
     let schedule = if what == "manual" {
         Schedule::manual(id)
     } else if let Some(every) = what.strip_prefix("every:") {
