@@ -324,6 +324,73 @@ fn a_cancel_of_an_unknown_run_is_not_found() {
     rt.block_on(client.close()).unwrap();
 }
 
+/// Files under `dir`, recursively (none if it does not exist).
+fn files_under(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() { files_under(&path) } else { 1 }
+        })
+        .sum()
+}
+
+/// A second Ctrl-C quits `serve` at once (exit 130, saying so), while the
+/// first one's graceful stop waits for a request in flight: here a cancel
+/// that no worker answers, with an hour's timeout (the second Ctrl-C was
+/// ignored, so it waited out the request).
+#[test]
+fn a_second_ctrl_c_quits_serve_at_once() {
+    use std::io::Write;
+    let mut env = Env::start(&[]);
+    // No worker: a request waits for its answer up to the timeout.
+    env.worker.signal("TERM");
+    assert_eq!(env.worker.wait(), Some(0));
+    let data = env.dir.path().join("data");
+    let mut serve = Proc::start(
+        "serve with an hour's timeout",
+        &[
+            "serve",
+            "--dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--timeout",
+            "3600",
+        ],
+        &[("WAYMARK_TOKEN", TOKEN)],
+    );
+    let addr = serve.address("serving");
+    let inbox = data.join("waymark-inbox");
+    let before = files_under(&inbox);
+    // The cancel is in flight once its request is stored in the inbox.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "POST /api/runs/someone/cancel HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer \
+         {TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    eventually("the cancel to be stored", || {
+        (files_under(&inbox) > before).then_some(())
+    });
+    serve.signal("INT");
+    serve.until("Ctrl-C: stopping");
+    serve.signal("INT");
+    assert_eq!(serve.wait(), Some(130), "{}", serve.seen.join("\n"));
+    assert!(
+        serve
+            .stderr()
+            .contains("Ctrl-C again: quitting at once; the requests in flight are cut off"),
+        "{}",
+        serve.stderr()
+    );
+    drop(stream);
+}
+
 /// A metric's value in a Prometheus text body: the line starting with
 /// `name{` whose labels include every one of `labels`.
 fn metric(body: &str, name: &str, labels: &[&str]) -> Option<f64> {

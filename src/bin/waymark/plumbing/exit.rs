@@ -27,6 +27,9 @@ pub enum Exit {
     /// (`--reset` of something that is not a demo store, a second writer),
     /// or misread a fleet as a single store or back.
     Refused,
+    /// 130: quit at once by a second stop request (`serve`), cutting off
+    /// what was in flight.
+    Interrupted,
 }
 
 /// The exit codes, as `waymark --help` shows them.
@@ -40,7 +43,8 @@ Exit codes:
   4  unfinished (the run has not ended yet; the demo stopped with runs left)
   5  refused (would delete data the demo did not create, disturb another process
      writing the store, or take a fleet for a single store or back; a request the
-     worker refused)";
+     worker refused)
+  130  serve quit at once on a second Ctrl-C or SIGTERM (requests in flight cut off)";
 
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> Self {
@@ -51,6 +55,7 @@ impl From<Exit> for ExitCode {
             Exit::NotFound => 3,
             Exit::Unfinished => 4,
             Exit::Refused => 5,
+            Exit::Interrupted => 130,
         })
     }
 }

@@ -182,7 +182,7 @@ async fn count_requests(request: Request, next: Next) -> Response {
     response
 }
 
-/// Serve until Ctrl-C or SIGTERM.
+/// Serve until Ctrl-C or SIGTERM (a second one quits at once, exit 130).
 pub async fn run(args: ServeArgs) -> CliResult<Exit> {
     init_logging();
     let token = args.token.filter(|t| !t.is_empty());
@@ -234,9 +234,19 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
             .into_future(),
     );
     let signal = signals.next().await;
-    say!("{signal}: stopping.");
+    say!("{signal}: stopping once the requests in flight are answered; again to quit at once.");
     stop.cancel();
-    let served = server.await;
+    // A request in flight may wait up to its timeout (a reply no worker
+    // gives): a second stop request does not wait for it.
+    let served = tokio::select! {
+        served = server => served,
+        again = signals.next() => {
+            return Err(CliError::new(
+                Exit::Interrupted,
+                format!("{again} again: quitting at once; the requests in flight are cut off"),
+            ));
+        }
+    };
     let _ = app.source.close().await;
     match served {
         Ok(Ok(())) => Ok(Exit::Ok),
