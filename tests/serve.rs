@@ -5,7 +5,7 @@
 
 mod operator;
 
-use operator::{Env, Proc, TOKEN, eventually, get, good_order, http, id_on, submit};
+use operator::{Env, Proc, TOKEN, eventually, get, good_order, http, http_for, id_on, submit};
 
 /// The run ids of a `/api/runs` answer.
 fn ids(page: &serde_json::Value) -> Vec<String> {
@@ -389,6 +389,58 @@ fn a_second_ctrl_c_quits_serve_at_once() {
         serve.stderr()
     );
     drop(stream);
+}
+
+/// On a loopback address, a request for another host is refused (421,
+/// with a JSON error), so a page of another site rebound to 127.0.0.1 (DNS
+/// rebinding) cannot read the API or the dashboard; loopback names, with
+/// any port, are served (all were, whatever the host).
+#[test]
+fn a_request_for_another_host_is_refused_on_loopback() {
+    let env = Env::start(&[]);
+    let addr = env.addr.as_str();
+    for path in ["/api/runs", "/api/worker", "/", "/metrics"] {
+        let refused = http_for("evil.example", "GET", addr, path, None);
+        assert_eq!(refused.status, 421, "{path}: {}", refused.body);
+        let error = refused.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            error.contains("not for host `evil.example`") && error.contains("DNS rebinding"),
+            "{error}"
+        );
+    }
+    let port = addr.rsplit(':').next().unwrap();
+    assert_eq!(
+        http_for(
+            &format!("evil.example:{port}"),
+            "GET",
+            addr,
+            "/api/runs",
+            None
+        )
+        .status,
+        421
+    );
+    // Even with the token, a change for another host is refused.
+    assert_eq!(
+        http_for(
+            "evil.example",
+            "POST",
+            addr,
+            "/api/runs/x/cancel",
+            Some(TOKEN)
+        )
+        .status,
+        421
+    );
+    for host in [
+        addr.to_string(),
+        format!("localhost:{port}"),
+        "localhost".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let served = http_for(&host, "GET", addr, "/api/runs", None);
+        assert_eq!(served.status, 200, "{host}: {}", served.body);
+    }
 }
 
 /// A metric's value in a Prometheus text body: the line starting with

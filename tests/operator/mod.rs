@@ -334,6 +334,11 @@ impl Answer {
 
 /// One HTTP/1.1 request to `addr` (the connection closes after it).
 pub fn http(method: &str, addr: &str, path: &str, token: Option<&str>) -> Answer {
+    http_for(addr, method, addr, path, token)
+}
+
+/// [`http`] with `host` as its `Host` header.
+pub fn http_for(host: &str, method: &str, addr: &str, path: &str, token: Option<&str>) -> Answer {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(HANG_GUARD)).unwrap();
     let auth = token
@@ -341,7 +346,7 @@ pub fn http(method: &str, addr: &str, path: &str, token: Option<&str>) -> Answer
         .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     // Read to the end, or to the length the headers give (some servers

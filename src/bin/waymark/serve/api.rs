@@ -20,7 +20,9 @@
 //! [`super::source`]).
 //!
 //! Errors are `{error}` with a status: 400 for a malformed id or filter,
-//! 401 for a missing or wrong bearer token, 404 for an unknown run,
+//! 401 for a missing or wrong bearer token, 421 for a request naming
+//! another host than a loopback one on a loopback address (see
+//! [`super`]), 404 for an unknown run,
 //! schedule or dead job, 409 for a refusal of the worker (a tripped workflow, an
 //! overlapping fire), 504 when the store or the worker did not answer in
 //! time, 500 otherwise.

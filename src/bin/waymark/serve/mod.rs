@@ -7,14 +7,17 @@
 //! client's inbox requests, which the worker applies. Mutating endpoints
 //! (`POST`) need `Authorization: Bearer TOKEN` with the token given by
 //! `--token` or `WAYMARK_TOKEN`; without a token they answer 401. Reads are
-//! open on a loopback address; on any other address `serve` refuses to
-//! start without a token, and reads need it too.
+//! open on a loopback address, to requests that name a loopback host
+//! (`localhost`, `127.0.0.1`, `[::1]`, any port; others answer 421, so a
+//! page of another site rebound to 127.0.0.1 cannot read them); on any
+//! other address `serve` refuses to start without a token, and reads need
+//! it too.
 
 pub mod api;
 pub mod json;
 pub mod page;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +72,9 @@ pub struct App {
     token: Option<[u8; 32]>,
     /// Whether reads need the token too (a non-loopback address).
     guard_reads: bool,
+    /// Whether a request must name a loopback host (on a loopback address:
+    /// against DNS rebinding).
+    loopback_hosts_only: bool,
     /// Renders this process's metrics.
     metrics: PrometheusHandle,
 }
@@ -111,6 +117,60 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
         return response;
     }
     next.run(request).await
+}
+
+/// Whether `host`, a `Host` header's value (a name or an address, with an
+/// optional port), names this machine's loopback: `localhost`, or a
+/// loopback address (`127.0.0.1`, `[::1]`).
+fn loopback_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        // An IPv6 address is in brackets.
+        Some(rest) => match rest.split_once(']') {
+            Some(split) => split,
+            None => return false,
+        },
+        None => match host.rfind(':') {
+            Some(at) => host.split_at(at),
+            None => (host, ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok());
+    port_ok
+        && (name.eq_ignore_ascii_case("localhost")
+            || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+}
+
+/// On a loopback address, refuse (421) a request for another host: a page
+/// of another site whose name was rebound to 127.0.0.1 (DNS rebinding)
+/// reaches the server with its own name in `Host`, and must not read it.
+/// A request without a `Host` is not a browser's, and is served.
+async fn host_guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if !app.loopback_hosts_only {
+        return next.run(request).await;
+    }
+    let header = request.headers().get(header::HOST).map(|v| v.to_str());
+    let authority = request.uri().authority().map(|a| a.as_str());
+    let refused = match (header, authority) {
+        (Some(Err(_)), _) => Some("(not text)".to_string()),
+        (Some(Ok(host)), _) if !loopback_host(host) => Some(format!("`{}`", host.escape_debug())),
+        (_, Some(host)) if !loopback_host(host) => Some(format!("`{}`", host.escape_debug())),
+        _ => None,
+    };
+    match refused {
+        None => next.run(request).await,
+        Some(host) => ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this server listens on a loopback address and answers only requests for \
+                 localhost, 127.0.0.1 or [::1], not for host {host} (a page of another site may \
+                 be trying to reach it through DNS rebinding)"
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// `GET /metrics`: this process's metrics and, read at each scrape, every
@@ -165,6 +225,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(middleware::from_fn_with_state(app.clone(), guard));
     api.merge(page::routes())
         .fallback(|| async { ApiError::not_found("no such page").into_response() })
+        .layer(middleware::from_fn_with_state(app.clone(), host_guard))
         .layer(middleware::from_fn(count_requests))
         .with_state(app)
 }
@@ -210,6 +271,7 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
         timeout: store.timeout,
         token: token.as_deref().map(digest),
         guard_reads: !loopback,
+        loopback_hosts_only: loopback,
         metrics: handle,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -252,5 +314,41 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
         Ok(Ok(())) => Ok(Exit::Ok),
         Ok(Err(e)) => Err(CliError::failure(format!("the server failed: {e}"))),
         Err(e) => Err(CliError::failure(format!("the server's task failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_host;
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "LocalHost:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.3.4.5:1",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "::1",
+            "[::1",
+            "127.0.0.1:",
+            "127.0.0.1:99999",
+            "localhost:80:80",
+            "",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
     }
 }
