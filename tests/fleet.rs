@@ -395,6 +395,45 @@ async fn a_panic_in_the_store_options_function_costs_one_shard_one_lease() {
     task.await.unwrap().unwrap();
 }
 
+/// A shard whose store is still in use elsewhere when its runtime stops
+/// (the function that builds the runtime kept a clone of its queue) cannot
+/// be closed. It was handed back all the same, its store left open beside
+/// the next owner's; its lease is now left to lapse, and the others are
+/// handed back.
+#[tokio::test]
+async fn a_shard_whose_store_is_kept_elsewhere_is_not_handed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = StoreLocation::from_url(&format!("file://{}", dir.path().display())).unwrap();
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let w = FleetWorker::new(at.clone(), 4, {
+        let kept = kept.clone();
+        move |shard, queue| {
+            if shard == 1 {
+                kept.lock().unwrap().push(queue.clone());
+            }
+            WorkflowRuntime::builder(queue, TwoSteps, NoopTerminalHook)
+                .poll_interval(Duration::from_millis(20))
+                .build()
+        }
+    })
+    .lease_timing(TIMING)
+    .store_options(|_| StoreOptions::default().flush_interval(Duration::from_millis(2)));
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    until_owners(&at, |o| held_by(o, &id) == 4).await;
+    stop.notify_one();
+    let _ = task.await.unwrap();
+    let after = owners(&at).await;
+    assert_eq!(after[&1], Some(id), "shard 1's lease is left to lapse");
+    for shard in [0, 2, 3] {
+        assert_eq!(after[&shard], None, "shard {shard} was handed back");
+    }
+}
+
 /// A fleet listing merges each shard's page, and with it each shard's
 /// runs whose records do not decode: a page names those in its own range
 /// only, so each is named once as the pages are walked.

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use taquba::Queue;
@@ -329,10 +330,7 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                     // Close the store cleanly, so the next owner's open
                     // starts from a closed database.
                     drop(rt);
-                    match Arc::try_unwrap(queue) {
-                        Ok(queue) => queue.close().await.map_err(Error::from),
-                        Err(_) => Ok(()),
-                    }
+                    close_when_unshared(shard, queue).await
                 };
                 tokio::select! {
                     ran = work => ran,
@@ -348,6 +346,38 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
             stop,
             leaving: false,
             task,
+        }
+    }
+}
+
+/// How long a shard's store may stay shared after its runtime ended (a
+/// task of the user's finishing) before the hand-back gives up on it.
+const UNSHARED_WITHIN: Duration = Duration::from_secs(5);
+
+/// Close a shard's store once this is its last handle. A handle kept
+/// elsewhere (the user's `make` function stored a clone) would keep the
+/// store open after the lease is released, beside the next owner's: the
+/// shard is then not handed back, and its lease is left to lapse.
+async fn close_when_unshared(shard: u32, mut queue: Arc<Queue>) -> Result<(), Error> {
+    let now = Instant::now();
+    let deadline = now.checked_add(UNSHARED_WITHIN).unwrap_or(now);
+    loop {
+        match Arc::try_unwrap(queue) {
+            Ok(queue) => return queue.close().await.map_err(Error::from),
+            Err(shared) if Instant::now() >= deadline => {
+                let others = Arc::strong_count(&shared).saturating_sub(1);
+                tracing::warn!(shard, others, "the shard's store is still in use elsewhere");
+                return Err(Error::WorkerStopped(format!(
+                    "shard {shard}'s store was still in use elsewhere ({others} other handle(s), \
+                     kept by the function that builds its runtime?) {}s after its runtime \
+                     stopped, so it could not be closed; its lease is left to lapse",
+                    UNSHARED_WITHIN.as_secs()
+                )));
+            }
+            Err(shared) => {
+                queue = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 }
