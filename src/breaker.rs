@@ -164,6 +164,11 @@ pub(crate) struct HealthRecord {
     /// the first fold. Folds and health reads start after it.
     #[serde(default, with = "serde_bytes")]
     pub folded_through: Vec<u8>,
+    /// The id of the last batch of results noted behind the record that a
+    /// write applied (0: none), so a batch whose write landed unannounced
+    /// (its writer dropped mid-commit) is not applied again.
+    #[serde(default)]
+    pub notes_applied: u64,
 }
 
 /// The tally entries this process built: the order of their keys, the ones
@@ -323,6 +328,8 @@ impl Noted {
 #[derive(Debug, Clone, Default)]
 struct Behind {
     taken: Noted,
+    /// The id a write of `taken` records in the health record.
+    taken_id: u64,
     open: Noted,
 }
 
@@ -335,17 +342,38 @@ impl Behind {
         self.open.add(failure);
     }
 
-    /// Everything noted, in order, to apply to a record.
-    fn all(&self) -> [Noted; 2] {
-        [self.taken.clone(), self.open.clone()]
+    /// Everything noted, in order, to apply to `rec` (read from the store):
+    /// what it does not already include.
+    fn all_over(&self, rec: Option<&HealthRecord>) -> [Noted; 2] {
+        if self.landed_in(rec) {
+            [Noted::default(), self.open.clone()]
+        } else {
+            [self.taken.clone(), self.open.clone()]
+        }
     }
 
-    /// Take everything noted so far for a write: what it applies. Results
-    /// noted meanwhile stay for the next.
-    fn take(&mut self) -> Noted {
+    /// Whether `rec` already includes the taken results: a write that took
+    /// them landed, but was dropped before it could say so (a fold cut off
+    /// at shutdown), and `rec` was read since.
+    fn landed_in(&self, rec: Option<&HealthRecord>) -> bool {
+        !self.taken.is_empty() && rec.is_some_and(|r| r.notes_applied == self.taken_id)
+    }
+
+    /// Take everything noted so far for a write to `rec` (read from the
+    /// store, under the writer lock): what it applies, and the id the write
+    /// records. Results noted meanwhile stay for the next.
+    fn take(&mut self, rec: Option<&HealthRecord>) -> (Noted, u64) {
+        if self.landed_in(rec) {
+            self.drop_taken();
+        }
+        if self.taken.is_empty() {
+            // Unique across processes, so an id a crashed process left in
+            // the record is never taken for one of this process's.
+            self.taken_id = (ulid::Ulid::generate().random() as u64).max(1);
+        }
         let open = std::mem::take(&mut self.open);
         self.taken.then(open);
-        self.taken.clone()
+        (self.taken.clone(), self.taken_id)
     }
 
     /// The write that took them has landed.
@@ -848,9 +876,6 @@ impl Breakers {
     pub(crate) async fn reset(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
         let state = self.state(workflow);
         let writer = state.lock.clone().write_owned().await;
-        // Results noted behind (no breaker) count; the reset supersedes
-        // them once it has committed.
-        let behind = [lock(&state.behind).take()];
         // A record that does not decode is not applied anywhere (the steps
         // run as if closed, nothing folds into it): the reset is the
         // operator's way to replace it, releasing any parked steps.
@@ -865,7 +890,11 @@ impl Breakers {
             }
             Err(e) => return Err(e),
         };
-        let mut rec = with_behind(cached, &behind);
+        // Results noted behind (no breaker) count; the reset supersedes
+        // them once it has committed.
+        let (noted, id) = lock(&state.behind).take((!replaced).then_some(&cached));
+        let mut rec = with_behind(cached, &[noted]);
+        rec.notes_applied = id;
         if !replaced && rec.streak == 0 && rec.state == Stored::Closed {
             return Ok(false);
         }
@@ -1239,8 +1268,10 @@ impl Breakers {
         // Results of a workflow without a breaker noted since the last fold
         // (taken from the front; only a fold or a reset, under the writer
         // lock, takes them).
-        let behind = [lock(&state.behind).take()];
+        let (noted, id) = lock(&state.behind).take(Some(&rec));
+        let behind = [noted];
         rec = with_behind(rec, &behind);
+        rec.notes_applied = id;
         let prefix = Self::key(&self.tally_prefix, workflow, Some(""));
         let sweep = !lock(&self.swept).contains(workflow);
         let cursor = if sweep {
@@ -1404,7 +1435,7 @@ impl Breakers {
         // without a breaker): their steps' settlements are durable.
         let behind = lock(&self.states)
             .get(workflow)
-            .map(|state| lock(&state.behind).all().to_vec())
+            .map(|state| lock(&state.behind).all_over(rec.as_ref()).to_vec())
             .unwrap_or_default();
         if rec.is_none() && ok == 0 && failed == 0 && behind.iter().all(Noted::is_empty) {
             return Ok(None);
@@ -1500,20 +1531,29 @@ mod tests {
                 let result = (next() % 3 != 0).then(|| format!("error {i}"));
                 note_attempt(&mut one_by_one, result.as_deref());
                 behind.push(result);
-                match next() % 6 {
+                match next() % 7 {
                     // A write lands what it took.
                     0 => {
-                        written = with_behind(written, &[behind.take()]);
+                        let (noted, id) = behind.take(Some(&written));
+                        written = with_behind(written, &[noted]);
+                        written.notes_applied = id;
                         behind.drop_taken();
                     }
                     // A write fails: what it took is taken again.
                     1 => {
-                        behind.take();
+                        behind.take(Some(&written));
+                    }
+                    // A write lands, but is dropped before it says so: the
+                    // next write (or read) finds its results in the record.
+                    2 => {
+                        let (noted, id) = behind.take(Some(&written));
+                        written = with_behind(written, &[noted]);
+                        written.notes_applied = id;
                     }
                     _ => {}
                 }
             }
-            let now = with_behind(written, &behind.all());
+            let now = with_behind(written.clone(), &behind.all_over(Some(&written)));
             assert_eq!(
                 (now.streak, now.last_error),
                 (one_by_one.streak, one_by_one.last_error)
