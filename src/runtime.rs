@@ -1586,6 +1586,28 @@ mod tests {
         }
     }
 
+    /// A runtime (no pool) with run `r` submitted, and the claim of its
+    /// step 0 by a worker of its own (not this runtime's pool).
+    async fn submitted_and_claimed_elsewhere()
+    -> (WorkflowRuntime<Done, NoopTerminalHook>, taquba::Claim) {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let options = taquba::OpenOptions {
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        let queue = Arc::new(Queue::open_with_options(store, "t", options).await.unwrap());
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        rt.submit(spec("r")).await.unwrap();
+        let claim = queue
+            .claim(DEFAULT_QUEUE_NAME, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("step 0 is claimable");
+        (rt, claim)
+    }
+
     /// A cancel whose request lands on a claimed step that a worker had
     /// already decided to move on (it decided before the cancel reached it)
     /// and settles before the cancel looks for it: the flag lands on a
@@ -1594,30 +1616,9 @@ mod tests {
     /// 1795675520399358605). It now follows the run to its next step.
     #[tokio::test]
     async fn a_cancel_that_lands_on_a_step_settled_meanwhile_follows_the_run() {
-        let store = Arc::new(taquba::object_store::memory::InMemory::new());
-        let queue = Arc::new(
-            Queue::open_with_options(
-                store,
-                "t",
-                taquba::OpenOptions {
-                    flush_interval: Some(Duration::from_millis(1)),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap(),
-        );
-        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
-            .build()
-            .unwrap();
-        rt.submit(spec("r")).await.unwrap();
         // A worker of its own claims step 0 (no entry in this process, as a
         // worker that decided before the cancel reached it has none left).
-        let claim = queue
-            .claim(DEFAULT_QUEUE_NAME, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .expect("step 0 is claimable");
+        let (rt, claim) = submitted_and_claimed_elsewhere().await;
         // It settles "next step" while the cancel's request commits: step
         // 1's job, the run record pointing at it.
         let inner = rt.inner.clone();
@@ -1634,10 +1635,7 @@ mod tests {
                 .enqueue(EnqueueRequest {
                     queue: DEFAULT_QUEUE_NAME.to_string(),
                     payload: vec![],
-                    options: EnqueueOptions::default()
-                        .dedup_key(record::dedup_key("r", 1))
-                        .id_override(next)
-                        .headers(headers),
+                    options: EnqueueOptions::default().id_override(next).headers(headers),
                 })
                 .kv_put(run_key.clone(), encode(&run_key, &run).unwrap());
             inner.queue.ack_with(&claim, effects).await.unwrap();
@@ -1656,18 +1654,9 @@ mod tests {
     /// one run now take turns.
     #[tokio::test]
     async fn two_cancels_of_one_run_take_turns() {
-        let store = Arc::new(taquba::object_store::memory::InMemory::new());
-        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
-        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
-            .build()
-            .unwrap();
-        rt.submit(spec("r")).await.unwrap();
         // A worker of its own runs step 0, so the cancel is a request.
-        let claim = queue
-            .claim(DEFAULT_QUEUE_NAME, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .expect("step 0 is claimable");
+        let (rt, claim) = submitted_and_claimed_elsewhere().await;
+        let queue = rt.inner.queue.clone();
         // The second cancel has read the run; the first starts and gets its
         // request stored, if it can, before the second's request.
         let first = Arc::new(Mutex::new(None));
