@@ -22,8 +22,13 @@ const HEADER_TICK_AT: &str = "workflow.tick_at";
 /// Attempts of a tick job: a tick is retried while the store fails, never
 /// given up on for a transient reason.
 const TICK_MAX_ATTEMPTS: u32 = 1_000_000;
-/// The most due times one tick walks through (a long downtime of a
-/// sub-second schedule); older ones are counted as missed.
+/// The most due times one tick walks through before it jumps ahead (a long
+/// downtime of a sub-second schedule): an `every` schedule to its latest
+/// half of that many, counting the ones jumped over as missed; a cron
+/// expression to the times within its misfire grace, which it cannot count
+/// (`missed` then counts fewer than were missed). A walk stops at twice
+/// this many in all (a cron expression with more times than that in its
+/// grace).
 const MAX_DUE_WALK: usize = 100_000;
 /// Schedules armed per commit when the pool starts.
 const ARM_BATCH: usize = 256;
@@ -166,19 +171,28 @@ pub(crate) fn plan(
     let mut due = std::collections::VecDeque::new();
     let mut count: u64 = 0;
     let mut t = Some(next);
+    let mut walked = 0;
     while let Some(at) = t.filter(|at| *at <= now) {
-        count += 1;
+        count = count.saturating_add(1);
+        walked += 1;
         due.push_back(at);
         if due.len() > MAX_DUE_WALK {
             due.pop_front();
         }
         t = def.times.next_after(at, rec.anchor_ms);
-        if count as usize >= MAX_DUE_WALK {
-            // Jump over the rest of a very long downtime.
-            t = def
+        if walked == MAX_DUE_WALK {
+            // Jump over the rest of a very long downtime, once.
+            let keep = (MAX_DUE_WALK / 2) as u64;
+            let jump = def
                 .times
-                .next_after(now.saturating_sub(def.misfire_grace_ms), rec.anchor_ms)
-                .filter(|n| *n > at);
+                .skip_to(at, now, keep, def.misfire_grace_ms, rec.anchor_ms)
+                .filter(|(to, _)| t.is_some_and(|t| *to > t));
+            if let Some((to, skipped)) = jump {
+                count = count.saturating_add(skipped.unwrap_or(0));
+                t = Some(to);
+            }
+        } else if walked >= 2 * MAX_DUE_WALK {
+            break;
         }
     }
     rec.next_fire_ms = def.times.next_after(now, rec.anchor_ms);
@@ -432,4 +446,31 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
         drop(guards);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::schedule::Schedule;
+
+    /// After a downtime of 200,000 due times (a 1 s schedule, 55 hours),
+    /// the walk jumped once, then again at every time it walked: it fired
+    /// times from 28 hours before, dropped the ones within the grace, and
+    /// counted half the missed ones.
+    #[test]
+    fn a_long_downtime_fires_the_latest_times_and_counts_every_missed_one() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 3 })
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let now = 200_000_000;
+        let fires = plan(&def, &mut rec, now, false, Gate::Open);
+        assert_eq!(fires, vec![199_998_000, 199_999_000, 200_000_000]);
+        assert_eq!(rec.missed, 199_997);
+        assert_eq!(rec.next_fire_ms, Some(200_001_000));
+    }
 }

@@ -83,6 +83,38 @@ impl Times {
     }
 }
 
+impl Times {
+    /// Where a very long walk of due times can jump to: a fire time after
+    /// `after_ms` from which the times up to `now_ms` are about `keep` (an
+    /// `every` schedule: the latest `keep`, exactly) or those within
+    /// `grace_ms` of `now_ms` (a cron expression), with how many fire times
+    /// lie strictly between `after_ms` and it when they can be counted
+    /// without walking them (`every` only). `None`: no jump.
+    pub(crate) fn skip_to(
+        &self,
+        after_ms: u64,
+        now_ms: u64,
+        keep: u64,
+        grace_ms: u64,
+        anchor_ms: u64,
+    ) -> Option<(u64, Option<u64>)> {
+        match self {
+            Times::Every { interval_ms } => {
+                let iv = *interval_ms;
+                let last = anchor_ms.checked_add(now_ms.checked_sub(anchor_ms)? / iv * iv)?;
+                let to = last.checked_sub(keep.checked_sub(1)?.checked_mul(iv)?)?;
+                let skipped = (to.checked_sub(after_ms)? / iv).checked_sub(1)?;
+                Some((to, Some(skipped)))
+            }
+            Times::Cron { .. } => {
+                let to = self.next_after(now_ms.saturating_sub(grace_ms), anchor_ms)?;
+                (to > after_ms).then_some((to, None))
+            }
+            Times::Manual => None,
+        }
+    }
+}
+
 fn next_cron<Z: TimeZone>(cron: &Cron, after: &DateTime<Z>) -> Option<u64>
 where
     DateTime<Z>: croner::time::CronDateTime,
