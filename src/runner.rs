@@ -121,8 +121,8 @@ pub enum StepOutcome {
     /// children's outcomes) start empty, so an endless loop stays bounded.
     /// Nothing ends: no outcome, no hook; `status`, `outcome` and `wait`
     /// see the live segment, and a parent waiting on this run as a child
-    /// gets the ending of its last segment. Its headers, workflow, deadline
-    /// and parent link carry over.
+    /// gets the ending of its last segment. Its headers, workflow, deadline,
+    /// parent link and attempts per step carry over.
     ContinueAsNew {
         /// The new segment's step 0 payload.
         input: Vec<u8>,

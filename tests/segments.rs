@@ -201,3 +201,46 @@ async fn each_segment_spawns_children_of_its_own() {
     assert_eq!(kids, ["p.0.0", "p.0s1.0"]);
     env.stop().await;
 }
+
+/// A run submitted with one attempt per step keeps that in its later
+/// segments: a new segment's steps got the workflow's retry policy's
+/// attempts instead, and a transient failure the submit forbade a retry of
+/// was retried.
+#[tokio::test]
+async fn a_new_segment_keeps_the_submits_attempts_per_step() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let runner = FnRunner::new({
+        let calls = calls.clone();
+        move |s: Step| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push(s.payload.clone());
+                if s.payload == b"1" {
+                    Ok(StepOutcome::ContinueAsNew {
+                        input: b"2".to_vec(),
+                    })
+                } else {
+                    Err(StepError::transient("flaky"))
+                }
+            }
+        }
+    });
+    let mut env = Env::new(runner, NoopTerminalHook).await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("once".into()),
+            input: b"1".to_vec(),
+            max_attempts_per_step: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), env.rt.wait("once"))
+        .await
+        .expect("the run ended at its first failure (a hang: it waits for a retry)")
+        .unwrap();
+    assert_eq!(out.status, TerminalStatus::Failed, "{out:?}");
+    assert_eq!(*calls.lock().unwrap(), vec![b"1".to_vec(), b"2".to_vec()]);
+    env.stop().await;
+}

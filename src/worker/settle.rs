@@ -710,7 +710,9 @@ async fn new_segment_effects<R, H>(
     carry_history(inner, job, &mut headers, true);
     let segment = record::segment_of(&headers).saturating_add(1);
     headers.insert(record::HEADER_SEGMENT.to_string(), segment.to_string());
-    let attempts = inner.cfg.retry_policy(&job.workflow).max_attempts;
+    // The attempts each step gets carry over (a submit's own, or the
+    // policy's); the counts start again.
+    let attempts = job.max_attempts();
     let mut effects = step_job_effects(inner, job, 0, input, headers, attempts, None, None)?;
     for key in super::maintenance::scan_all(inner, &inner.keys.data(&job.run_id)).await? {
         effects = effects.kv_delete(key);
