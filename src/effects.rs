@@ -25,8 +25,10 @@
 //! to the step's settlement when it commits the outcome the runner returned
 //! (`Continue`, `ContinueAfter`, `WaitForSignal`, `Succeed`, `Fail`,
 //! `Cancel`). They are discarded when the runner returns a [`StepError`]
-//! (or panics), when the run was cancelled from outside while the step ran,
-//! and when the runtime fails the run instead of committing the outcome (an
+//! (or panics), when the run was cancelled from outside while the step ran
+//! (unless the runner then returned `Cancel` itself: a runner that answers
+//! the cancel token with its own `Cancel` commits what it staged, a
+//! compensation say, with it), and when the runtime fails the run instead of committing the outcome (an
 //! oversize result or payload). [`StagedEffects::get`] reads committed state
 //! only: never what this step staged.
 //!

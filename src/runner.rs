@@ -36,7 +36,9 @@ pub struct Step {
     pub max_attempts: u32,
     /// Fired when the run is cancelled while this step runs. A runner that
     /// watches it can stop early; whatever it returns afterwards is discarded
-    /// and the run ends `Cancelled`.
+    /// and the run ends `Cancelled`, except its own
+    /// [`StepOutcome::Cancel`], which wins with its reason and its staged
+    /// effects.
     pub cancel_token: CancellationToken,
     /// The durable memo of this step of this run: what an earlier attempt
     /// memoized here is found by the next (see [`Memo`]).
@@ -59,8 +61,8 @@ pub struct Step {
 impl Step {
     /// Stage application KV puts and deletes and enqueues to other queues,
     /// committed in the settlement of the outcome this step returns, and
-    /// discarded on a [`StepError`] or an external cancel (see
-    /// [`StagedEffects`]).
+    /// discarded on a [`StepError`] or an external cancel, unless the step
+    /// answers that cancel with its own `Cancel` (see [`StagedEffects`]).
     pub fn effects(&self) -> &StagedEffects {
         &self.effects
     }
