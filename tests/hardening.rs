@@ -293,6 +293,62 @@ async fn a_racing_cancel_answers_only_once_the_first_is_durable() {
     worker.await.unwrap().unwrap();
 }
 
+/// A schedule's state must not be answered from a tick's commit that is
+/// visible but not durable: a crash could still undo the run it names.
+#[tokio::test]
+async fn a_schedule_is_read_only_from_durable_ticks() {
+    let store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+    let faults = store.faults();
+    let clock = MockClock::new(T0);
+    let queue = open_queue(store as Arc<dyn ObjectStore>, &clock).await;
+    let runner = FnRunner::new(|_s: Step| async { Ok(StepOutcome::Succeed { result: vec![] }) });
+    let rt = builder(queue, runner, NoopTerminalHook)
+        .poll_interval(Duration::from_millis(5))
+        .schedule(Schedule::every("s", Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    wait_until(BOUND, "the schedule is armed", || {
+        let rt = rt.clone();
+        async move { rt.schedule("s").await.unwrap().is_some() }
+    })
+    .await;
+    faults.hold(StoreOp::Put, "wal");
+    clock.advance(Duration::from_secs(61));
+    let queue = rt.queue().clone();
+    wait_until(BOUND, "the tick's run is visible, not durable", || {
+        let queue = queue.clone();
+        let held = faults.held();
+        async move {
+            let subs = queue
+                .view()
+                .kv_scan(
+                    b"wm/workflow-steps/sub/",
+                    ..,
+                    taquba::KvOrder::Ascending,
+                    10,
+                )
+                .await
+                .unwrap();
+            held > 0 && !subs.entries.is_empty()
+        }
+    })
+    .await;
+    let mut read = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.schedule("s").await }
+    });
+    if let Ok(answer) = tokio::time::timeout(GRACE, &mut read).await {
+        panic!("the schedule was read from a tick not yet durable: {answer:?}");
+    }
+    faults.release();
+    let info = read.await.unwrap().unwrap().expect("recorded");
+    assert_eq!(info.run_count, 1, "{info:?}");
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
+
 /// A hook that counts its calls and blocks on a gate.
 #[derive(Clone, Default)]
 struct SlowHook {

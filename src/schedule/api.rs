@@ -19,13 +19,21 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     pub async fn schedule(&self, id: &str) -> Result<Option<ScheduleInfo>, Error> {
         validate_name("schedule id", id)?;
         let inner = &self.inner;
-        super::read_schedule(inner.queue.view(), &inner.cfg.queue_name, id).await
+        let info = super::read_schedule(inner.queue.view(), &inner.cfg.queue_name, id).await?;
+        // A tick's commit is visible before it is durable: answer from it
+        // once it is.
+        inner.pending.settled(&state::pending_name(id)).await;
+        Ok(info)
     }
 
     /// Every recorded schedule's state, sorted by id.
     pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
         let inner = &self.inner;
-        super::read_schedules(inner.queue.view(), &inner.cfg.queue_name).await
+        let infos = super::read_schedules(inner.queue.view(), &inner.cfg.queue_name).await?;
+        for info in &infos {
+            inner.pending.settled(&state::pending_name(&info.id)).await;
+        }
+        Ok(infos)
     }
 
     /// Fire a schedule now, by hand, and return the run id it submitted
@@ -95,6 +103,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         );
         let committed = {
             let _pending = inner.pending.begin(&run_id);
+            let _record = inner.pending.begin(state::pending_name(id));
             inner
                 .queue
                 .kv_compare_commit(&[(&key, old.as_deref()), (&sub_key, None)], effects)
@@ -163,10 +172,13 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             }
         }
         effects = merge(effects.kv_put(key.clone(), encode(&key, &rec)?), extra()?);
-        let committed = inner
-            .queue
-            .kv_compare_commit(&[(&key, old.as_deref())], effects)
-            .await?;
+        let committed = {
+            let _record = inner.pending.begin(state::pending_name(id));
+            inner
+                .queue
+                .kv_compare_commit(&[(&key, old.as_deref())], effects)
+                .await?
+        };
         if committed.is_none() {
             return Err(Error::ScheduleConflict(id.to_string()));
         }

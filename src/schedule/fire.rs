@@ -300,6 +300,7 @@ async fn tick_once<R, H>(
         rec.armed_ms = None;
         rec.next_fire_ms = None;
         let effects = SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?);
+        let _record = inner.pending.begin(state::pending_name(id));
         inner.queue.ack_with(claim, effects).await?;
         return Ok(());
     };
@@ -329,6 +330,7 @@ async fn tick_once<R, H>(
     effects = effects.kv_put(key.clone(), encode(&key, &rec)?);
     let results = {
         let _pending: Vec<_> = run_ids.iter().map(|r| inner.pending.begin(r)).collect();
+        let _record = inner.pending.begin(state::pending_name(id));
         inner.queue.ack_with(claim, effects).await?
     };
     inner
@@ -369,6 +371,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
         let mut effects = SettlementEffects::default();
         let mut writes: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         let mut strays = Vec::new();
+        let mut written = Vec::new();
         for id in chunk {
             guards.push(schedules.lock(id).await);
             let old = match state::read_record(inner.queue.view(), qname, id).await {
@@ -425,6 +428,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
             let Some(rec) = current else { continue };
             if changed {
                 writes.insert(key.clone(), encode(&key, &rec)?);
+                written.push(id);
             }
             if let Some(armed) = rec.armed_ms.filter(|_| rec.active && !rec.paused) {
                 effects = effects.enqueue(tick(&schedules.queue, id, armed));
@@ -441,6 +445,10 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
             || !effects.kv_writes.is_empty()
             || !effects.kv_deletes.is_empty()
         {
+            let _records: Vec<_> = written
+                .iter()
+                .map(|id| inner.pending.begin(state::pending_name(id)))
+                .collect();
             inner.queue.commit_effects(effects).await?;
         }
         drop(guards);

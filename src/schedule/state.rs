@@ -184,6 +184,13 @@ pub(crate) async fn read_record(
 
 /// One schedule's state (`None` for an id never recorded) of the runtime
 /// whose step queue is `queue_name`.
+/// The name a commit of schedule `id`'s record holds in the runtime's
+/// pending commits, so a read of it waits for it to be durable (`/` never
+/// appears in a run id).
+pub(crate) fn pending_name(id: &str) -> String {
+    format!("schedule/{id}")
+}
+
 pub(crate) async fn read_schedule(
     view: &QueueView,
     queue_name: &str,
