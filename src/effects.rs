@@ -179,6 +179,12 @@ impl StagedEffects {
 
     /// Read `key` from the application KV namespace as committed: this
     /// step's staged effects are not visible until its settlement commits.
+    ///
+    /// What it reads is what this process sees, which includes another
+    /// run's settlement committed here a moment ago whose WAL flush has not
+    /// returned yet: a crash in between undoes that write (its step runs
+    /// again and writes it again). Treat a value as a hint to act on within
+    /// this step's own effects, not as a fact to report outside the store.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Error> {
         let key = key.as_ref();
         check_key(key)?;
