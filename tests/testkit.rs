@@ -574,3 +574,36 @@ async fn an_outage_window_and_a_slow_store_delay_but_lose_nothing() {
     kit.ran_to_commit_once().unwrap();
     kit.shutdown().await.unwrap();
 }
+
+/// A run that continues as new runs its step 0 once a segment, each its own
+/// step job: the ready check counted them as one step computed twice.
+#[tokio::test]
+async fn the_ready_check_tells_segments_apart() {
+    struct Loops;
+    impl StepRunner for Loops {
+        async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(if step.payload == b"1" {
+                StepOutcome::ContinueAsNew {
+                    input: b"2".to_vec(),
+                }
+            } else {
+                StepOutcome::Succeed { result: vec![] }
+            })
+        }
+    }
+    let mut kit = TestKit::builder(Loops, NoopTerminalHook)
+        .start()
+        .await
+        .unwrap();
+    kit.submit(RunSpec {
+        input: b"1".to_vec(),
+        ..spec("seg")
+    })
+    .await
+    .unwrap();
+    let out = kit.wait("seg").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(kit.runner_calls("seg", 0), 2, "one call a segment");
+    kit.ran_to_commit_once().unwrap();
+    kit.shutdown().await.unwrap();
+}

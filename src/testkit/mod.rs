@@ -606,7 +606,8 @@ impl<R: StepRunner, H: TerminalHook> TestKit<R, H> {
         lock(&self.shared.hooks).get(run_id).copied().unwrap_or(0)
     }
 
-    /// The ready check: every step ran to its commit once. For each step,
+    /// The ready check: every step ran to its commit once. For each step
+    /// job (a step of one segment, or of one re-run: each has its own job),
     /// at most one call returned an outcome that no crash cut, and its
     /// settlement committed; every other call failed (a retried error) or
     /// was cut by a crash. `Err` lists the steps that broke it (a lapsed
@@ -615,17 +616,29 @@ impl<R: StepRunner, H: TerminalHook> TestKit<R, H> {
         let calls = lock(&self.shared.calls);
         let mut broken = Vec::new();
         for ((run, step), list) in calls.iter() {
-            let returned: Vec<&Call> = list.iter().filter(|c| c.end == CallEnd::Returned).collect();
-            let ok = match returned.as_slice() {
-                [] => true,
-                [one] => one.committed,
-                _ => false,
-            };
-            if !ok {
-                broken.push(format!(
-                    "run `{run}` step {step}: {}",
-                    ledger::describe(list)
-                ));
+            let mut jobs: Vec<&str> = Vec::new();
+            for call in list {
+                if !jobs.contains(&call.job_id.as_str()) {
+                    jobs.push(&call.job_id);
+                }
+            }
+            for job in jobs {
+                let calls: Vec<Call> = list.iter().filter(|c| c.job_id == job).cloned().collect();
+                let returned: Vec<&Call> = calls
+                    .iter()
+                    .filter(|c| c.end == CallEnd::Returned)
+                    .collect();
+                let ok = match returned.as_slice() {
+                    [] => true,
+                    [one] => one.committed,
+                    _ => false,
+                };
+                if !ok {
+                    broken.push(format!(
+                        "run `{run}` step {step} (job {job}): {}",
+                        ledger::describe(&calls)
+                    ));
+                }
             }
         }
         if broken.is_empty() {
