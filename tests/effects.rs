@@ -66,6 +66,12 @@ fn staging(gate: Gate) -> FnRunner {
                     gate.wait().await;
                     Ok(StepOutcome::Continue { payload: vec![] })
                 }
+                "answer" => {
+                    s.cancel_token.cancelled().await;
+                    Ok(StepOutcome::Cancel {
+                        reason: "asked to".into(),
+                    })
+                }
                 "oversize" => Ok(StepOutcome::Succeed {
                     result: vec![0; MAX_RESULT_BYTES + 1],
                 }),
@@ -150,6 +156,26 @@ async fn effects_are_discarded_on_an_external_cancel() {
     assert_eq!(out.status, TerminalStatus::Cancelled);
     assert_eq!(kv(&env, &key("external-1")).await, None);
     assert_eq!(mail(&env).await, 0);
+    env.stop().await;
+}
+
+/// A runner that answers an external cancel with its own `Cancel` commits
+/// what it staged with it (a compensation, say), as documented.
+#[tokio::test]
+async fn effects_commit_with_the_runners_own_answer_to_a_cancel() {
+    let mut env = Env::new(staging(Gate::default()), NoopTerminalHook).await;
+    env.start();
+    env.submit("answer-1", b"").await;
+    env.until_status("answer-1", |s| {
+        s.is_some_and(|s| s.state == RunState::Running)
+    })
+    .await;
+    assert!(env.rt.cancel("answer-1").await.unwrap());
+    let out = env.rt.wait("answer-1").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Cancelled);
+    assert_eq!(out.error.as_deref(), Some("asked to"));
+    assert_eq!(kv(&env, &key("answer-1")).await, Some(b"1".to_vec()));
+    assert_eq!(mail(&env).await, 1);
     env.stop().await;
 }
 
