@@ -320,49 +320,69 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
     let mut presses = 0;
     let mut stopping = false;
     let joined = loop {
-        tokio::select! {
+        let press = tokio::select! {
             Some(work) = work_rx.recv() => {
                 for fact in tracker.work(work) {
                     ui.show(&fact, started.elapsed());
                 }
+                None
             }
-            Some(outcome) = end_rx.recv() => ui.show(&tracker.ended(outcome), started.elapsed()),
-            Some(event) = event_rx.recv() => shown(&event),
+            Some(outcome) = end_rx.recv() => {
+                ui.show(&tracker.ended(outcome), started.elapsed());
+                None
+            }
+            Some(event) = event_rx.recv() => {
+                shown(&event);
+                None
+            }
             _ = tick.tick() => {
                 if reads.is_none() && !tracker.awaiting().is_empty() {
                     reads = store.open_fleet_client(&manifest).await.ok();
                 }
-                if let Some(fleet) = &reads {
-                    for fact in confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store).await {
-                        ui.show(&fact, started.elapsed());
+                match &reads {
+                    // A stop request during the reads stops them and
+                    // counts (the runs left are read again later).
+                    Some(fleet) => {
+                        let confirmed = confirm_waiting(
+                            &mut tracker,
+                            Reads::Fleet(fleet),
+                            &store,
+                            signals.next(),
+                        )
+                        .await;
+                        for fact in confirmed.facts {
+                            ui.show(&fact, started.elapsed());
+                        }
+                        confirmed.interrupted.map(|cut| cut.by)
                     }
+                    None => None,
                 }
             }
-            signal = signals.next() => {
-                presses += 1;
-                match presses {
-                    1 => {
-                        stopping = true;
-                        stop.cancel();
-                        say!(
-                            "{signal}: stopping; the steps in flight finish and commit, then \
-                             every shard is handed back."
-                        );
-                    }
-                    2 => {
-                        hurry.cancel();
-                        say!("{signal} again: skipping the rest of the steps' simulated work.");
-                    }
-                    _ => {
-                        say_err!(
-                            "Quitting at once; the steps in flight run again once the shards' \
-                             leases lapse and another worker takes them."
-                        );
-                        std::process::exit(4);
-                    }
-                }
-            }
+            signal = signals.next() => Some(signal),
             joined = &mut running => break joined,
+        };
+        let Some(signal) = press else { continue };
+        presses += 1;
+        match presses {
+            1 => {
+                stopping = true;
+                stop.cancel();
+                say!(
+                    "{signal}: stopping; the steps in flight finish and commit, then every \
+                     shard is handed back."
+                );
+            }
+            2 => {
+                hurry.cancel();
+                say!("{signal} again: skipping the rest of the steps' simulated work.");
+            }
+            _ => {
+                say_err!(
+                    "Quitting at once; the steps in flight run again once the shards' leases \
+                     lapse and another worker takes them."
+                );
+                std::process::exit(4);
+            }
         }
     };
     while let Ok(work) = work_rx.try_recv() {
@@ -377,8 +397,15 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
         shown(&event);
     }
     if let Some(fleet) = &reads {
-        for fact in confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store).await {
+        // The fleet worker has stopped: a stop request now stops these
+        // reads.
+        let confirmed =
+            confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store, signals.next()).await;
+        for fact in confirmed.facts {
             ui.show(&fact, started.elapsed());
+        }
+        if let Some(cut) = confirmed.interrupted {
+            say_err!("{}", cut.message(&store));
         }
     }
     match joined {

@@ -12,7 +12,9 @@
 //! ([`super::fleet`]); without, a fleet's prefix is refused.
 //! Ctrl-C or SIGTERM stops
 //! claiming and lets the steps in flight commit; a second one skips the rest
-//! of their simulated work; a third quits at once.
+//! of their simulated work; a third quits at once. A stop request while it
+//! reads the store to confirm steps stops those reads at once; after the
+//! pool has stopped, the runs it did not confirm are named on stderr.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -121,37 +123,51 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
     let mut presses = 0;
     let mut stopping = false;
     let joined = loop {
-        tokio::select! {
+        let press = tokio::select! {
             Some(work) = work_rx.recv() => {
                 for fact in tracker.work(work) {
                     ui.show(&fact, started.elapsed());
                 }
+                None
             }
-            Some(outcome) = end_rx.recv() => ui.show(&tracker.ended(outcome), started.elapsed()),
+            Some(outcome) = end_rx.recv() => {
+                ui.show(&tracker.ended(outcome), started.elapsed());
+                None
+            }
             _ = tick.tick() => {
-                for fact in confirm_waiting(&mut tracker, Reads::Client(&client), &store).await {
+                // A stop request during the reads stops them and counts
+                // (the runs left are read again later).
+                let confirmed = confirm_waiting(
+                    &mut tracker,
+                    Reads::Client(&client),
+                    &store,
+                    signals.next(),
+                )
+                .await;
+                for fact in confirmed.facts {
                     ui.show(&fact, started.elapsed());
                 }
+                confirmed.interrupted.map(|cut| cut.by)
             }
-            signal = signals.next() => {
-                presses += 1;
-                match presses {
-                    1 => {
-                        stopping = true;
-                        stop.cancel();
-                        say!("{signal}: stopping; the steps in flight finish and commit first.");
-                    }
-                    2 => {
-                        hurry.cancel();
-                        say!("{signal} again: skipping the rest of the steps' simulated work.");
-                    }
-                    _ => {
-                        say_err!("Quitting at once; the steps in flight run again next time.");
-                        std::process::exit(4);
-                    }
-                }
-            }
+            signal = signals.next() => Some(signal),
             joined = &mut worker => break joined,
+        };
+        let Some(signal) = press else { continue };
+        presses += 1;
+        match presses {
+            1 => {
+                stopping = true;
+                stop.cancel();
+                say!("{signal}: stopping; the steps in flight finish and commit first.");
+            }
+            2 => {
+                hurry.cancel();
+                say!("{signal} again: skipping the rest of the steps' simulated work.");
+            }
+            _ => {
+                say_err!("Quitting at once; the steps in flight run again next time.");
+                std::process::exit(4);
+            }
         }
     };
     while let Ok(work) = work_rx.try_recv() {
@@ -173,8 +189,19 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
             "the worker pool's task failed: {e}"
         ))),
     };
-    for fact in confirm_waiting(&mut tracker, Reads::Runtime(&runtime), &store).await {
+    // The pool has stopped: a stop request now stops these reads.
+    let confirmed = confirm_waiting(
+        &mut tracker,
+        Reads::Runtime(&runtime),
+        &store,
+        signals.next(),
+    )
+    .await;
+    for fact in confirmed.facts {
         ui.show(&fact, started.elapsed());
+    }
+    if let Some(cut) = confirmed.interrupted {
+        say_err!("{}", cut.message(&store));
     }
     drop(runtime);
     let closed = close_writer(&store, queue).await;

@@ -11,7 +11,9 @@
 //!   finish and commit; a second one skips the rest of their simulated work
 //!   so they commit at once (no attempt is spent); a third quits at once
 //!   (the steps in flight then run again next time, each spending one of
-//!   its 20 attempts).
+//!   its 20 attempts). Once the steps have committed, the demo reads the
+//!   store to confirm what it showed; a stop request then ends those reads
+//!   at once, naming on stderr the runs it did not check or confirm.
 //! - A second demo (or `--reset`) refuses while another process writes the
 //!   store, unless `--force`.
 //! - `--reset` deletes only a store the demo created (see [`reset`]).
@@ -25,6 +27,7 @@ pub mod reset;
 pub mod ui;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +42,7 @@ use waymark::{
 };
 
 use crate::describe;
-use crate::plumbing::exit::{CliError, CliResult, Exit};
+use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
 use crate::plumbing::output::{say, say_err, suggest};
 use crate::plumbing::signals::Signals;
 use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
@@ -282,8 +285,21 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
                 }
             }
             _ = tick.tick() => {
-                for fact in confirm_waiting(&mut tracker, Reads::Client(&client), &store).await {
+                // A stop request during the reads stops them (the runs left
+                // are read again once the pool has stopped).
+                let confirmed = confirm_waiting(
+                    &mut tracker,
+                    Reads::Client(&client),
+                    &store,
+                    signals.next(),
+                )
+                .await;
+                for fact in confirmed.facts {
                     ui.show(&fact, started.elapsed());
+                }
+                if let Some(cut) = confirmed.interrupted {
+                    stopped_by = Some(cut.by);
+                    break;
                 }
             }
             signal = signals.next() => {
@@ -359,21 +375,70 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
             ui.show(&tracker.ended(outcome), started.elapsed());
         }
     }
+    // The runs whose end was not read because a stop request cut the reads
+    // short: they may have ended.
+    let mut unchecked: Vec<String> = Vec::new();
     if failure.is_none() {
         let mut left: Vec<String> = unfinished.iter().cloned().collect();
         left.sort();
-        for id in left {
-            if let Ok(Some(outcome)) = store
-                .bounded("reading an outcome", runtime.outcome(&id))
-                .await
-            {
-                unfinished.remove(&id);
+        let mut cut_by = None;
+        for (i, id) in left.iter().enumerate() {
+            let read = store.bounded("reading an outcome", runtime.outcome(id));
+            let read = tokio::select! {
+                biased;
+                by = signals.next() => {
+                    cut_by = Some(by);
+                    unchecked = left[i..].to_vec();
+                    break;
+                }
+                read = read => read,
+            };
+            if let Ok(Some(outcome)) = read {
+                unfinished.remove(id);
                 outcomes.insert(id.clone(), outcome.clone());
                 ui.show(&tracker.ended(outcome), started.elapsed());
             }
         }
-        for fact in confirm_waiting(&mut tracker, Reads::Runtime(&runtime), &store).await {
-            ui.show(&fact, started.elapsed());
+        for id in &unchecked {
+            unfinished.remove(id);
+        }
+        let cut = match cut_by {
+            // Stopped already: read nothing more, but say what is left.
+            Some(by) => {
+                let ids: Vec<String> = unchecked.iter().map(|id| shown(id)).collect();
+                let mut outcome = vec!["outcome", "RUN_ID"];
+                let store_args = store.args();
+                outcome.extend(store_args.iter().map(String::as_str));
+                ui.warn(&format!(
+                    "{by}: stopped reading the store; not checked whether {} run(s) ended: {} \
+                     (`{}` shows it)",
+                    ids.len(),
+                    ids.join(", "),
+                    suggest(&outcome)
+                ));
+                Some(Interrupted {
+                    by,
+                    unconfirmed: tracker.awaiting(),
+                })
+            }
+            None => {
+                let confirmed = confirm_waiting(
+                    &mut tracker,
+                    Reads::Runtime(&runtime),
+                    &store,
+                    signals.next(),
+                )
+                .await;
+                for fact in confirmed.facts {
+                    ui.show(&fact, started.elapsed());
+                }
+                confirmed.interrupted
+            }
+        };
+        if let Some(cut) = cut
+            && !cut.unconfirmed.is_empty()
+        {
+            ui.warn(&cut.message(&store));
         }
     }
     ui.stop_remaining();
@@ -386,7 +451,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
     }
     closed?;
     say!();
-    if unfinished.is_empty() {
+    if unfinished.is_empty() && unchecked.is_empty() {
         say!(
             "All {} runs finished in {:.1}s.",
             ORDERS.len(),
@@ -397,10 +462,25 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
     }
     let mut left: Vec<_> = unfinished.into_iter().collect();
     left.sort();
+    let mut parts = vec![];
+    if !left.is_empty() {
+        parts.push(format!(
+            "{} run(s) unfinished ({})",
+            left.len(),
+            left.join(", ")
+        ));
+    }
+    if !unchecked.is_empty() {
+        let ids: Vec<String> = unchecked.iter().map(|id| shown(id)).collect();
+        parts.push(format!(
+            "{} run(s) not checked ({}; they may have ended)",
+            ids.len(),
+            ids.join(", ")
+        ));
+    }
     say!(
-        "Stopped. {} run(s) unfinished ({}); their progress is saved in {}.",
-        left.len(),
-        left.join(", "),
+        "Stopped. {}; their progress is saved in {}.",
+        parts.join(", "),
         store.shown()
     );
     say!(
@@ -433,22 +513,86 @@ pub enum Reads<'a> {
     Fleet(&'a FleetClient),
 }
 
+/// What [`confirm_waiting`] confirmed, and what a stop request cut short.
+#[derive(Debug)]
+pub struct Confirmations {
+    /// The facts the reads proved durable, for the UI.
+    pub facts: Vec<Shown>,
+    /// Set when a stop request arrived before every run was read.
+    pub interrupted: Option<Interrupted>,
+}
+
+/// Reads a stop request cut short.
+#[derive(Debug)]
+pub struct Interrupted {
+    /// The stop request (`Ctrl-C`, `SIGTERM`).
+    pub by: &'static str,
+    /// The runs whose status was not read (the read in flight was dropped):
+    /// their last step is still unconfirmed, and stays unshown.
+    pub unconfirmed: Vec<String>,
+}
+
+impl Interrupted {
+    /// The line for stderr: which runs were not confirmed, and how to look.
+    pub fn message(&self, store: &Store) -> String {
+        let ids: Vec<String> = self.unconfirmed.iter().map(|id| shown(id)).collect();
+        let store_args = store.args();
+        let mut status = vec!["status", "RUN_ID"];
+        status.extend(store_args.iter().map(String::as_str));
+        format!(
+            "{}: stopped reading the store; not confirmed whether the last step of {} run(s) \
+             committed: {} (`{}` shows where each stands)",
+            self.by,
+            ids.len(),
+            ids.join(", "),
+            suggest(&status)
+        )
+    }
+}
+
 /// Confirm the runs whose last step awaits confirmation (a wait before the
-/// next step, a retry's backoff) from durable state, read from `reads`.
-pub async fn confirm_waiting(tracker: &mut Tracker, reads: Reads<'_>, store: &Store) -> Vec<Shown> {
+/// next step, a retry's backoff) from durable state, read from `reads`, one
+/// run at a time (each read bounded by the store's timeout). Once
+/// `interrupt` resolves (a stop request), no further run is read and the
+/// read in flight is dropped: the runs left are named in
+/// [`Confirmations::interrupted`] and stay in `tracker`, unconfirmed.
+pub async fn confirm_waiting(
+    tracker: &mut Tracker,
+    reads: Reads<'_>,
+    store: &Store,
+    interrupt: impl Future<Output = &'static str>,
+) -> Confirmations {
     let mut facts = vec![];
-    for id in tracker.awaiting() {
+    let mut interrupt = std::pin::pin!(interrupt);
+    let waiting = tracker.awaiting();
+    for (i, id) in waiting.iter().enumerate() {
         let what = "reading a run's status";
-        let status = match reads {
-            Reads::Client(client) => store.bounded(what, client.status(&id)).await,
-            Reads::Runtime(runtime) => store.bounded(what, runtime.status(&id)).await,
-            Reads::Fleet(fleet) => store.bounded(what, fleet.status(&id)).await,
+        let read = async {
+            match reads {
+                Reads::Client(client) => store.bounded(what, client.status(id)).await,
+                Reads::Runtime(runtime) => store.bounded(what, runtime.status(id)).await,
+                Reads::Fleet(fleet) => store.bounded(what, fleet.status(id)).await,
+            }
+        };
+        let status = tokio::select! {
+            biased;
+            by = &mut interrupt => {
+                let unconfirmed = waiting[i..].to_vec();
+                return Confirmations {
+                    facts,
+                    interrupted: Some(Interrupted { by, unconfirmed }),
+                };
+            }
+            status = read => status,
         };
         if let Ok(Some(status)) = status {
             facts.extend(tracker.durable(&status));
         }
     }
-    facts
+    Confirmations {
+        facts,
+        interrupted: None,
+    }
 }
 
 /// Classify and (idempotently) submit every order.
@@ -566,5 +710,151 @@ fn print_summary(priors: &[(String, Prior)], outcomes: &HashMap<String, RunOutco
     );
     for r in &rows {
         say!("{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Poll;
+
+    use futures_util::poll;
+    use tokio::sync::oneshot;
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::testkit::{FaultPlan, FaultStore, StoreOp};
+    use waymark::{StoreLocation, StoreOptions, open_worker_store};
+
+    use super::domain::{Verdict, Work};
+    use super::*;
+
+    /// A bound that only turns a hang into a failure.
+    const HANG_GUARD: Duration = Duration::from_secs(30);
+
+    /// Wait, bounded by [`HANG_GUARD`], until `ready` says so.
+    async fn wait_until<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
+        let waited = tokio::time::timeout(HANG_GUARD, async {
+            while !ready().await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "timed out waiting until {what}");
+    }
+
+    /// A stop request while a status read is held stops `confirm_waiting`
+    /// at once (not after the store's timeout for each run), names every run
+    /// it did not confirm, and confirms none of them.
+    #[tokio::test]
+    async fn a_stop_request_cuts_held_status_reads_short() {
+        let object_store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+        let faults = object_store.faults();
+        let location = StoreLocation::new(object_store, "store");
+        // No beat during the test: the only write is the submit below.
+        let options = StoreOptions::default()
+            .queue_name(DEFAULT_STEP_QUEUE)
+            .liveness_heartbeat(Duration::from_secs(3600));
+        let queue = open_worker_store(&location, options).await.unwrap();
+        // A timeout far past the hang guard: a read that waits for it fails
+        // the test.
+        let store = Store {
+            name: "the test store".into(),
+            dir: None,
+            local: None,
+            url: "memory://".into(),
+            timeout: HANG_GUARD * 10,
+        };
+        let (work_tx, _work_rx) = mpsc::unbounded_channel();
+        let (end_tx, _end_rx) = mpsc::unbounded_channel();
+        let runtime = build_runtime(
+            queue,
+            &store,
+            OrderPipeline::new(work_tx, CancellationToken::new()),
+            OutcomeHook::new(end_tx),
+            Vec::new(),
+            None,
+        )
+        .unwrap();
+
+        // demo-order-01's submit commits but never becomes durable (its WAL
+        // write is held), so reading its status waits for that commit: a
+        // store that answers everything else and stalls this read.
+        faults.hold(StoreOp::Put, "wal");
+        let held_id = run_id(0);
+        let submit = tokio::spawn({
+            let runtime = runtime.clone();
+            let spec = RunSpec {
+                run_id: Some(held_id.clone()),
+                input: ORDERS[0].input(),
+                ..Default::default()
+            };
+            async move { runtime.submit(spec).await }
+        });
+        let view_key = format!("wm/{DEFAULT_STEP_QUEUE}/sub/{held_id}").into_bytes();
+        wait_until("the submit is visible and its write held", || {
+            let (queue, key) = (runtime.queue().clone(), view_key.clone());
+            let held = faults.held();
+            async move { held > 0 && matches!(queue.view().kv_get(&key).await, Ok(Some(_))) }
+        })
+        .await;
+
+        // Two runs await confirmation; the first one's read is held.
+        let mut tracker = Tracker::default();
+        for id in [run_id(0), run_id(1)] {
+            tracker.work(Work::Finished {
+                run_id: id,
+                step: 0,
+                attempt: 1,
+                took: Duration::from_millis(5),
+                verdict: Verdict::Continue {
+                    delay: Duration::from_secs(1),
+                },
+            });
+        }
+        assert_eq!(tracker.awaiting(), [run_id(0), run_id(1)]);
+
+        let (press, pressed) = oneshot::channel::<()>();
+        let interrupt = async move {
+            let _ = pressed.await;
+            "Ctrl-C"
+        };
+        let mut confirming = Box::pin(confirm_waiting(
+            &mut tracker,
+            Reads::Runtime(&runtime),
+            &store,
+            interrupt,
+        ));
+        // Its first read is held (the commit it waits for cannot land).
+        assert!(matches!(poll!(confirming.as_mut()), Poll::Pending));
+        press.send(()).unwrap();
+        let confirmed = tokio::time::timeout(HANG_GUARD, confirming)
+            .await
+            .expect("confirm_waiting went on reading after the stop request");
+
+        assert!(confirmed.facts.is_empty(), "{:?}", confirmed.facts);
+        let cut = confirmed
+            .interrupted
+            .expect("an interrupted confirmation says so");
+        assert_eq!(cut.by, "Ctrl-C");
+        assert_eq!(cut.unconfirmed, [run_id(0), run_id(1)]);
+        let message = cut.message(&store);
+        assert!(message.starts_with("Ctrl-C: "), "{message}");
+        assert!(
+            message.contains("not confirmed whether the last step of 2 run(s) committed"),
+            "{message}"
+        );
+        assert!(
+            message.contains("demo-order-01, demo-order-02"),
+            "{message}"
+        );
+        // Nothing was confirmed: both still await confirmation.
+        assert_eq!(tracker.awaiting(), [run_id(0), run_id(1)]);
+
+        faults.release();
+        let submitted = tokio::time::timeout(HANG_GUARD, submit)
+            .await
+            .expect("the submit lands once released")
+            .unwrap()
+            .unwrap();
+        assert!(submitted.newly_submitted);
     }
 }

@@ -14,7 +14,7 @@ use waymark::TerminalStatus;
 use super::domain::{STEPS, step_label, step_name};
 use super::progress::Shown;
 use crate::describe;
-use crate::plumbing::output::{live_output, say};
+use crate::plumbing::output::{live_output, say, say_err};
 
 /// How progress is shown.
 pub enum Ui {
@@ -60,6 +60,14 @@ impl Ui {
         match self {
             Ui::Bars { multi, .. } => multi.suspend(|| say!("{line}")),
             Ui::Lines => say!("{line}"),
+        }
+    }
+
+    /// Print a line on stderr (above the bars, if any).
+    pub fn warn(&self, line: &str) {
+        match self {
+            Ui::Bars { multi, .. } => multi.suspend(|| say_err!("{line}")),
+            Ui::Lines => say_err!("{line}"),
         }
     }
 
