@@ -209,6 +209,70 @@ fn reset_refuses_a_symlink_and_a_directory_without_marker() {
 }
 
 #[test]
+fn a_reset_cut_short_keeps_its_marker_and_the_next_one_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    waymark(tmp.path())
+        .args(["demo", "--dir", "data"])
+        .assert()
+        .success();
+    let data = tmp.path().join("data");
+    let mode = |rel: &str, mode: u32| {
+        std::fs::set_permissions(data.join(rel), std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // Every directory open to all, but one that nobody may delete from:
+    // the reset run as nobody is cut short there.
+    for (path, kind) in snapshot(&data) {
+        if kind == b"<dir>" {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+    }
+    mode("", 0o777);
+    let manifests = |data: &Path| file_count(&data.join("waymark/manifest"));
+    assert!(manifests(&data) > 0);
+
+    // Cut short among the files: the WAL's cannot go. The manifests went
+    // first, so no store is left for a writer to work.
+    mode("waymark/wal", 0o555);
+    let cut = unprivileged(tmp.path())
+        .args(["demo", "--reset", "--dir", "data"])
+        .assert();
+    mode("waymark/wal", 0o777);
+    assert!(
+        data.join(".waymark-demo").is_file(),
+        "a reset cut short keeps the marker beside what is left"
+    );
+    assert_eq!(manifests(&data), 0, "the manifests go first");
+    assert!(file_count(&data.join("waymark/wal")) > 0);
+    cut.code(1)
+        .stderr(predicate::str::contains("--reset stopped: cannot delete"))
+        .stderr(predicate::str::contains("marker are kept"));
+
+    // Cut short among the directories: the store's own cannot go. The next
+    // --reset deletes what the first left, and is cut short in turn.
+    mode("waymark", 0o555);
+    let cut = unprivileged(tmp.path())
+        .args(["demo", "--reset", "--dir", "data"])
+        .assert();
+    mode("waymark", 0o755);
+    assert_eq!(file_count(&data.join("waymark")), 0, "every file went");
+    assert!(
+        data.join(".waymark-demo").is_file(),
+        "a reset cut short keeps the marker beside what is left"
+    );
+    cut.code(1)
+        .stderr(predicate::str::contains("--reset stopped: cannot delete"))
+        .stderr(predicate::str::contains("marker are kept"));
+
+    // The next --reset knows what is left for the demo's and deletes it
+    // (the demo then starts over; it is not needed past that line).
+    let mut demo = Demo::start(tmp.path(), &["--reset", "--dir", "data"]);
+    demo.until("--reset: deleted the demo store in data");
+    demo.signal("KILL");
+    demo.finish();
+}
+
+#[test]
 fn the_demo_refuses_to_create_its_store_among_other_files() {
     let tmp = tempfile::tempdir().unwrap();
     put(tmp.path(), "notes/todo.txt", "mine\n");
@@ -709,6 +773,58 @@ fn a_second_writer_refuses_while_one_runs() {
         .assert()
         .success()
         .stdout(predicate::str::contains("all 8 runs already finished"));
+}
+
+/// A child process killed when dropped (a failed assertion leaves no
+/// process behind).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn reset_refuses_a_store_another_process_writes_even_with_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    waymark(tmp.path()).arg("demo").assert().success();
+    let data = tmp.path().join("waymark-data");
+    let mut worker = KillOnDrop(
+        std::process::Command::new(BIN)
+            .current_dir(tmp.path())
+            .args(["worker", "--dir", "waymark-data"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(worker.0.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("worker on"));
+    let before = snapshot(&data);
+    // --force takes a store over; it never deletes one in use.
+    waymark(tmp.path())
+        .args(["demo", "--reset", "--force"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains(
+            "another process is writing the store at waymark-data",
+        ))
+        .stderr(predicate::str::contains(
+            "`waymark worker` or `waymark demo`",
+        ))
+        .stderr(predicate::str::contains("--force does not override this"))
+        .stderr(predicate::function(|s: &str| s.lines().count() == 1));
+    // Nothing was deleted (the worker's heartbeats add files; none go), and
+    // the worker was not disturbed: it stops cleanly.
+    let after = snapshot(&data);
+    assert!(before.keys().all(|k| after.contains_key(k)));
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.0.wait().unwrap().code(), Some(0));
 }
 
 // ---------------------------------------------------------------------------

@@ -61,7 +61,8 @@ enum Command {
     /// finished runs print their stored outcome and unfinished runs resume
     /// at the step where they stopped. Each step gets 20 attempts, so
     /// repeated kills do not fail a run. Refuses to start while another
-    /// process writes the store (--force takes it over).
+    /// process writes the store (--force takes it over), and --reset refuses
+    /// to delete a store in use even with --force.
     #[command(after_help = EXIT_CODES_HELP)]
     Demo(demo::DemoArgs),
     /// Run a worker pool for a store: the demo's order pipeline, applying

@@ -14,9 +14,10 @@
 //!   its 20 attempts). Once the steps have committed, the demo reads the
 //!   store to confirm what it showed; a stop request then ends those reads
 //!   at once, naming on stderr the runs it did not check or confirm.
-//! - A second demo (or `--reset`) refuses while another process writes the
-//!   store, unless `--force`.
-//! - `--reset` deletes only a store the demo created (see [`reset`]).
+//! - A second demo refuses while another process writes the store, unless
+//!   `--force`.
+//! - `--reset` deletes only a store the demo created (see [`reset`]), and
+//!   never while another process writes it, even with `--force`.
 //!
 //! The domain (orders, pipeline) is in [`domain`], what counts as confirmed
 //! in [`progress`], and the terminal output in [`ui`].
@@ -46,7 +47,7 @@ use crate::plumbing::exit::{CliError, CliResult, Exit, shown};
 use crate::plumbing::output::{say, say_err, suggest};
 use crate::plumbing::signals::Signals;
 use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
-use crate::plumbing::writer::{close_writer, open_writer, refuse_if_live};
+use crate::plumbing::writer::{close_writer, open_writer, refuse_delete_if_live, refuse_if_live};
 use domain::{ORDERS, OrderPipeline, STEPS, run_id, step_label};
 use progress::{Shown, Tracker};
 use ui::Ui;
@@ -58,11 +59,13 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Delete the demo's store first and start over (only a store the demo
-    /// created, holding nothing else).
+    /// created, holding nothing else, and never while another process
+    /// writes it, even with --force: exit 5).
     #[arg(long)]
     pub reset: bool,
     /// Take the store over even if another process is writing it (that
-    /// process is fenced and stops).
+    /// process is fenced and stops). With --reset it overrides nothing: a
+    /// store another process writes is never deleted.
     #[arg(long)]
     pub force: bool,
 }
@@ -173,7 +176,8 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
     let mut checked_live = false;
     if args.reset && std::fs::symlink_metadata(&dir).is_ok() {
         let doomed = reset::check_resettable(&dir)?;
-        refuse_if_live(&store, args.force, "--reset").await?;
+        // Even with --force: a store in use is never deleted.
+        refuse_delete_if_live(&store, "--reset").await?;
         checked_live = true;
         let files = reset::delete(&doomed)?;
         say!(

@@ -15,7 +15,12 @@
 //!   extension): no symbolic link, no `.git`, no `thesis.tex`.
 //!
 //! The data directory itself is kept (it may have existed before the demo);
-//! its contents are deleted.
+//! its contents are deleted, the store's manifests first (oldest first) and
+//! the marker last, so a reset cut short (a kill, a file it cannot delete)
+//! leaves the marker beside a store that is either whole but for old
+//! manifests or has no manifest at all, and the next `--reset` finishes.
+//! `--reset` also refuses, even with `--force`, while another process
+//! writes the store (`plumbing::writer::refuse_delete_if_live`).
 
 use std::path::{Path, PathBuf};
 
@@ -65,8 +70,9 @@ pub fn mark(dir: &Path) -> CliResult<()> {
         .map_err(|e| CliError::failure(format!("cannot write {}: {e}", show(&dir.join(MARKER)))))
 }
 
-/// Check that `dir` is a demo store that `--reset` may delete; the files to
-/// delete, deepest first, then the directories.
+/// Check that `dir` is a demo store that `--reset` may delete; what to
+/// delete in order: the store's manifests (oldest first), its other files,
+/// its directories deepest first, and the marker last.
 pub fn check_resettable(dir: &Path) -> CliResult<Vec<PathBuf>> {
     let refuse = |why: String| CliError::refused(format!("refusing to reset {}: {why}", show(dir)));
     let meta =
@@ -119,15 +125,27 @@ pub fn check_resettable(dir: &Path) -> CliResult<Vec<PathBuf>> {
         }
         collect(&path, &mut doomed, &mut dirs).map_err(refuse)?;
     }
-    doomed.push(dir.join(MARKER));
+    // The store's manifests first, oldest first: wherever a reset is cut
+    // short, either the newest manifest is left with every file it names (a
+    // store the next --reset can open to check for a live writer), or no
+    // manifest is (no store: no writer to check for).
+    let manifests = dir.join(STORE_DIRS[0]).join("manifest");
+    doomed.sort_by(|a, b| {
+        let rank = |p: &Path| (p.parent() != Some(manifests.as_path()), p.to_path_buf());
+        rank(a).cmp(&rank(b))
+    });
     // Deepest directories first.
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     doomed.extend(dirs);
+    // The marker last: a reset cut short leaves it beside what is left, so
+    // the next --reset still knows the store for the demo's and finishes.
+    doomed.push(dir.join(MARKER));
     Ok(doomed)
 }
 
-/// Delete what [`check_resettable`] listed: files, then directories (each
-/// must be empty by then, so nothing unlisted is ever deleted).
+/// Delete what [`check_resettable`] listed, in its order: files, then
+/// directories (each must be empty by then, so nothing unlisted is ever
+/// deleted), then the marker.
 pub fn delete(doomed: &[PathBuf]) -> CliResult<usize> {
     let mut files = 0;
     for path in doomed {
@@ -143,7 +161,8 @@ pub fn delete(doomed: &[PathBuf]) -> CliResult<usize> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(CliError::failure(format!(
-                    "--reset stopped: cannot delete {}: {e}",
+                    "--reset stopped: cannot delete {}: {e}; what is left of the store and its \
+                     {MARKER} marker are kept, so --reset finishes once that is fixed",
                     show(path)
                 )));
             }
@@ -201,7 +220,56 @@ fn show(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::is_object_name;
+    use super::{MARKER, check_resettable, is_object_name};
+
+    #[test]
+    fn the_manifests_go_first_oldest_first_and_the_marker_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        // Created in an order that neither a directory's creation order nor
+        // its reverse (as some file systems list) puts right.
+        for rel in [
+            MARKER,
+            "waymark/wal/00000000000000000001.sst",
+            "waymark/manifest/00000000000000000002.manifest",
+            "waymark/manifest/00000000000000000003.manifest",
+            "waymark/manifest/00000000000000000001.manifest",
+            "waymark/compacted/01J79C21YKR31J2BS1EFXJZ7MR.sst",
+            "waymark-inbox/v1/01J79C21YKR31J2BS1EFXJZ7MR.submit",
+        ] {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        let doomed: Vec<String> = check_resettable(dir)
+            .unwrap()
+            .iter()
+            .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            doomed[..3],
+            [
+                "waymark/manifest/00000000000000000001.manifest",
+                "waymark/manifest/00000000000000000002.manifest",
+                "waymark/manifest/00000000000000000003.manifest",
+            ],
+            "{doomed:?}"
+        );
+        assert_eq!(
+            doomed.last().map(String::as_str),
+            Some(MARKER),
+            "{doomed:?}"
+        );
+        // Every file before every directory (a directory is deleted empty).
+        let first_dir = doomed.iter().position(|p| dir.join(p).is_dir()).unwrap();
+        assert!(
+            doomed[first_dir..doomed.len() - 1]
+                .iter()
+                .all(|p| dir.join(p).is_dir()),
+            "{doomed:?}"
+        );
+        assert_eq!(doomed.len(), 7 + 6, "{doomed:?}");
+    }
 
     #[test]
     fn object_names() {

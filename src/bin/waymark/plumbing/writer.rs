@@ -9,6 +9,7 @@
 //! advancing (a writer without a heartbeat). A beat marked closed means the
 //! last writer shut down cleanly, and nothing has to be waited for.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +30,9 @@ const MAX_LIVENESS_WAIT: Duration = Duration::from_secs(600);
 
 /// Whether another process is writing `store` now: `Some(evidence)` if so.
 /// Waits up to a few heartbeat intervals when the last writer did not close
-/// cleanly (it may have been killed, or may be alive).
-pub async fn live_writer(store: &Store) -> CliResult<Option<String>> {
+/// cleanly (it may have been killed, or may be alive); a long wait is said
+/// on stderr, with `skip` (how to skip it, if the command can) appended.
+pub async fn live_writer(store: &Store, skip: Option<&str>) -> CliResult<Option<String>> {
     if store.local.as_ref().is_some_and(|local| !local.exists()) {
         return Ok(None);
     }
@@ -57,9 +59,10 @@ pub async fn live_writer(store: &Store) -> CliResult<Option<String>> {
         .saturating_add(READER_POLL.saturating_mul(2))
         .clamp(Duration::from_millis(600), MAX_LIVENESS_WAIT);
     if wait > Duration::from_secs(2) {
+        let skip = skip.map(|how| format!(" ({how})")).unwrap_or_default();
         say_err!(
             "the store's last writer did not close cleanly and beats every {:.0?}: watching for \
-             its next beat for {:.0?} to see whether it is alive (--force skips this)",
+             its next beat for {:.0?} to see whether it is alive{skip}",
             interval,
             wait
         );
@@ -110,7 +113,7 @@ pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResu
     if force {
         return Ok(());
     }
-    if let Some(evidence) = live_writer(store).await? {
+    if let Some(evidence) = live_writer(store, Some("--force skips this")).await? {
         let mut args = vec![];
         let store_args = store.args();
         args.extend(store_args.iter().map(String::as_str));
@@ -122,6 +125,52 @@ pub async fn refuse_if_live(store: &Store, force: bool, action: &str) -> CliResu
         )));
     }
     Ok(())
+}
+
+/// Refuse to delete `store` (`action` says how) while another process
+/// writes it, whatever `--force` says: taking a store over fences its
+/// writer, which stops, but deleting the files under a live writer destroys
+/// what it is working on while it goes on writing. A fleet's prefix is
+/// refused too ([`refuse_fleet`]).
+pub async fn refuse_delete_if_live(store: &Store, action: &str) -> CliResult<()> {
+    refuse_fleet(store).await?;
+    if store.local.as_deref().is_some_and(lacks_manifest) {
+        return Ok(());
+    }
+    if let Some(evidence) = live_writer(store, None).await? {
+        let store_args = store.args();
+        let mut runs = vec!["runs"];
+        runs.extend(store_args.iter().map(String::as_str));
+        return Err(CliError::refused(format!(
+            "another process is writing the store at {} ({evidence}): a `waymark worker` or \
+             `waymark demo` on it, or a service using it; {action} would delete its files under \
+             it. Stop that process first, then run this again (--force does not override this: \
+             it takes a store over, it never deletes one in use); `{}` shows the store's runs",
+            store.shown(),
+            suggest(&runs)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the local store at `local` holds no manifest (its `manifest`
+/// directory is missing or holds no file): no writer can be working it (a
+/// writer's store always holds its manifest), and no reader can open it.
+/// This is what a reset cut short after deleting the manifests leaves. An
+/// error reading the directory (other than its absence) is not taken for
+/// an absent manifest.
+fn lacks_manifest(local: &Path) -> bool {
+    let entries = match std::fs::read_dir(local.join("manifest")) {
+        Ok(entries) => entries,
+        Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
+    };
+    for entry in entries {
+        match entry.and_then(|entry| entry.file_type()) {
+            Ok(kind) if kind.is_dir() => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Open `store` as its worker (the library's `open_worker_store`: the
