@@ -1,10 +1,14 @@
 //! Client requests and the worker's replies: their durable form and keys.
 //!
-//! A [`Client`](crate::Client) sends a request as one taquba inbox entry:
-//! an `enqueue` of a job on the control queue `{Q}-control` whose id (and
-//! inbox entry id) is the request id, whose header `workflow.run_id` names
-//! the run (or, for a schedule request, `schedule/{id}`), and whose payload
-//! is a [`Request`]. The worker claims the job, applies it through its
+//! A [`Client`](crate::Client) sends a request as one taquba inbox entry
+//! whose entry id is the request id: an `enqueue` of a job on the control
+//! queue `{Q}-control` whose id is `{order}-{request_id}` ([`control_job_id`]:
+//! `order` is a ULID of the send, so the queue, which orders the jobs of one
+//! moment by id, claims them in send order whatever the request ids), whose
+//! header `workflow.request_id` is the request id, whose header
+//! `workflow.run_id` names the run (or, for a schedule request,
+//! `schedule/{id}`), and whose payload is a [`Request`]. The worker claims
+//! the job, applies it through its
 //! runtime's `submit` / `cancel` / `signal` / `rerun` / `trigger` /
 //! `pause_schedule` / `resume_schedule`, and writes a
 //! [`ReplyRecord`] at `wm/Q/reply/{request_id}` (with an expiry entry at
@@ -17,8 +21,32 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::runtime::{Deadline, RunSpec, SubmitOutcome};
 
-/// Longest request id, in bytes (taquba's inbox id and job id limit).
+/// Longest request id, in bytes (taquba's inbox id limit).
 pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// The header carrying a control job's request id (its job id is
+/// [`control_job_id`]). A control job without it (one a raw inbox sender
+/// enqueued) is the request of its job id.
+pub(crate) const HEADER_REQUEST_ID: &str = "workflow.request_id";
+
+/// The id of the control job of request `request_id`, sent at `order` (a
+/// ULID from [`new_send_order`]): `{order}-{request_id}`, at most 91 bytes of
+/// `[A-Za-z0-9_-]` (taquba takes 128). The control queue orders the jobs
+/// one inbox pass enqueues (one clock reading) by id, so this id has them
+/// claimed in send order; the request id alone would order them by the
+/// caller's ids.
+pub(crate) fn control_job_id(order: &str, request_id: &str) -> String {
+    format!("{order}-{request_id}")
+}
+
+/// The request id of a claimed control job: its `workflow.request_id`
+/// header, or its job id when it has none.
+pub(crate) fn request_id_of(claim: &taquba::Claim) -> &str {
+    claim
+        .headers
+        .get(HEADER_REQUEST_ID)
+        .map_or(claim.id.as_str(), String::as_str)
+}
 
 /// A client's request, as the payload of its control job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,14 +419,26 @@ pub fn validate_request_id(id: &str) -> Result<(), Error> {
     }
 }
 
-/// The request ids of this process, increasing with call order.
+/// The request ids and send orders of this process, increasing with call
+/// order.
 static REQUEST_IDS: std::sync::Mutex<ulid::Generator> =
     std::sync::Mutex::new(ulid::Generator::new());
 
 /// A fresh request id: a ULID, greater than every earlier one of this
-/// process, so the control queue (which orders jobs of one moment by id)
-/// claims one client's requests in the order they were sent.
+/// process.
 pub(crate) fn new_request_id() -> String {
+    new_ulid()
+}
+
+/// The order of a send, the prefix of its control job's id
+/// ([`control_job_id`]): a ULID greater than every earlier one of this
+/// process, so one process's requests, each send awaited before the next,
+/// are claimed in the order they were sent.
+pub(crate) fn new_send_order() -> String {
+    new_ulid()
+}
+
+fn new_ulid() -> String {
     let mut ids = crate::sync::lock(&REQUEST_IDS);
     match ids.generate() {
         Ok(id) => id,

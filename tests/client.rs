@@ -681,6 +681,71 @@ async fn requests_about_one_run_apply_in_send_order() {
     worker.abort();
 }
 
+/// Requests about one run apply in send order even when their ids sort the
+/// other way: the inbox applies a pass's entries at one clock reading (a
+/// `MockClock` that never moves here), and the control queue orders jobs of
+/// one moment by id, so ids alone would claim each `…-cancel` before its
+/// `…-submit`.
+#[tokio::test]
+async fn requests_about_one_run_apply_in_send_order_whatever_their_ids() {
+    let location = StoreLocation::new(Arc::new(InMemory::new()), "wm");
+    let hour = Duration::from_secs(3600);
+    let clock = taquba::MockClock::new(support::T0);
+    let base = OpenOptions {
+        clock: Arc::new(clock.clone()),
+        ..OpenOptions::default()
+    };
+    let options = fast_store()
+        .inbox_touch_poll(hour)
+        .inbox_interval(hour)
+        .taquba_options(base);
+    let queue = open_worker_store(&location, options).await.unwrap();
+    let client = Client::open(&location, fast_client()).await.unwrap();
+    let mut cancels = Vec::new();
+    for i in 0..8 {
+        let id = format!("run-{i}");
+        client
+            .submit_with_id(&format!("{id}-submit"), spec(&id, b"x"))
+            .await
+            .unwrap();
+        cancels.push(
+            client
+                .cancel_with_id(&format!("{id}-cancel"), &id)
+                .await
+                .unwrap(),
+        );
+    }
+    queue.apply_inbox_now().await.unwrap();
+    let sleepy = FnRunner::new(|_| async {
+        Ok(StepOutcome::ContinueAfter {
+            payload: vec![],
+            delay: Duration::from_secs(3600),
+        })
+    });
+    let rt = WorkflowRuntime::builder(queue.clone(), sleepy, NoopTerminalHook)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let worker = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.run(std::future::pending()).await }
+    });
+    for sent in &cancels {
+        let reply = client.wait_reply(&sent.request_id, GUARD).await.unwrap();
+        assert_eq!(
+            reply,
+            Reply::Cancelled {
+                run_id: sent.run_id.clone(),
+                cancelled: true
+            },
+            "the cancel came after its submit"
+        );
+        let out = client.wait(&sent.run_id, GUARD).await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Cancelled);
+    }
+    worker.abort();
+}
+
 #[tokio::test]
 async fn schedules_are_read_and_driven_through_the_client() {
     // `held` runs wait for the gate; `bad` runs fail, and one failure trips

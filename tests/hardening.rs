@@ -872,16 +872,29 @@ async fn a_request_held_by_the_store_keeps_its_lease() {
     faults.hold(StoreOp::Put, "wal");
     let sent = client.cancel("held").await.unwrap();
     let control = control_queue_name(DEFAULT_QUEUE_NAME);
-    let mut request = None;
-    wait_until(BOUND, "the cancel to be claimed", || {
-        let claimed = queue.lease_expiry(&control, &sent.request_id).is_some();
-        if claimed {
-            request = Some(sent.request_id.clone());
+    // The control job's id, from the inbox's record of the request.
+    let job = Arc::new(std::sync::Mutex::new(None));
+    wait_until(BOUND, "the cancel to be enqueued", || {
+        let (queue, control, job) = (queue.clone(), control.clone(), job.clone());
+        let request_id = sent.request_id.clone();
+        async move {
+            let record = queue.view().inbox_record(&control, &request_id).await;
+            match record.unwrap().map(|r| r.outcome) {
+                Some(taquba::InboxOutcome::Enqueue(enqueued)) => {
+                    *job.lock().unwrap() = Some(enqueued.id().to_string());
+                    true
+                }
+                _ => false,
+            }
         }
+    })
+    .await;
+    let request = job.lock().unwrap().clone().unwrap();
+    wait_until(BOUND, "the cancel to be claimed", || {
+        let claimed = queue.lease_expiry(&control, &request).is_some();
         async move { claimed }
     })
     .await;
-    let request = request.unwrap();
     // Far past the lease, in steps shorter than it: renewed each time.
     for round in 0..40 {
         clock.advance(Duration::from_millis(60));

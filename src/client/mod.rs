@@ -25,8 +25,8 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breakers, WorkflowHealth};
 use crate::control::{
-    ControlKeys, Reply, ReplyRecord, Request, new_request_id, schedule_order_key,
-    validate_request_id, workflow_order_key,
+    ControlKeys, HEADER_REQUEST_ID, Reply, ReplyRecord, Request, control_job_id, new_request_id,
+    new_send_order, schedule_order_key, validate_request_id, workflow_order_key,
 };
 use crate::error::Error;
 use crate::history::RunHistory;
@@ -637,15 +637,19 @@ impl Client {
     }
 
     /// Write `request` as the inbox entry `request_id`, retrying transient
-    /// store errors with the same id.
-    /// `run_id` orders the request after the earlier ones about that run.
+    /// store errors with the same entry.
+    /// `run_id` orders the request after the earlier ones about that run:
+    /// the worker applies them in claim order, and the job's id begins with
+    /// the send's order, so the jobs one inbox pass enqueues are claimed in
+    /// send order whatever their request ids.
     async fn send(&self, request_id: &str, run_id: &str, request: &Request) -> Result<Sent, Error> {
         let inner = &self.inner;
         let payload = encode(request_id.as_bytes(), request)?;
         let entry = EnqueueEntry {
             payload,
             options: EnqueueOptions::default()
-                .id_override(request_id.to_string())
+                .id_override(control_job_id(&new_send_order(), request_id))
+                .header(HEADER_REQUEST_ID, request_id)
                 .header(HEADER_RUN_ID, run_id),
         };
         let mut attempt = 1;

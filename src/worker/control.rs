@@ -18,8 +18,18 @@
 //!
 //! A job whose reply exists was applied before a crash and is only acked,
 //! so a request is applied once even when the worker dies between its
-//! effect and its ack. Requests about one run apply in the order they were
-//! claimed (the inbox's send order); others run concurrently.
+//! effect and its ack.
+//!
+//! Requests about one run (header `workflow.run_id`) apply one at a time in
+//! the order they were claimed; others run concurrently. That is send order:
+//! the queue claims by enqueue time, then by job id; the inbox enqueues in
+//! send order, and stamps one time on what one pass enqueues, and a control
+//! job's id begins with the ULID of its send
+//! ([`control_job_id`](crate::control::control_job_id)), whatever the
+//! request id. One process's sends, each awaited before the next, apply in
+//! that order; sends of several processes apply in the order of their
+//! clocks within a pass (as the inbox orders them), and a request retried
+//! after a transient failure applies after those claimed meanwhile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -173,7 +183,10 @@ async fn apply<R: StepRunner, H: TerminalHook>(
             let _ = before.wait_for(|finished| *finished).await;
         }
         if let Err(e) = apply_now(&rt, &control, &claim).await {
-            tracing::warn!(request_id = %claim.id, "settling a client request failed (it is retried): {e}");
+            tracing::warn!(
+                request_id = crate::control::request_id_of(&claim),
+                "settling a client request failed (it is retried): {e}"
+            );
         }
     });
     lease.keep(work).await;
@@ -187,7 +200,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
 ) -> Result<(), Error> {
     let inner = &rt.inner;
     let queue = &inner.queue;
-    let request_id = claim.id.as_str();
+    let request_id = crate::control::request_id_of(claim);
     let reply_key = control.keys.reply(request_id);
     if queue.view().kv_get(&reply_key).await?.is_some() {
         // Applied before a crash that came before the ack.
