@@ -872,8 +872,16 @@ impl Breakers {
     /// steps. Returns whether it was open (in backoff or tripped). A
     /// workflow with nothing to reset (a clean or unknown one) is not
     /// written. A health record that does not decode is replaced by a
-    /// closed one (and counts as open).
-    pub(crate) async fn reset(&self, queue: &Queue, workflow: &str) -> Result<bool, Error> {
+    /// closed one (and counts as open). `extra` is applied to the effects of
+    /// the reset's commit, called with whether the breaker was open (not
+    /// called when nothing is written). Returns whether it was open and
+    /// whether the reset committed.
+    pub(crate) async fn reset(
+        &self,
+        queue: &Queue,
+        workflow: &str,
+        extra: impl FnOnce(SettlementEffects, bool) -> Result<SettlementEffects, Error>,
+    ) -> Result<(bool, bool), Error> {
         let state = self.state(workflow);
         let writer = state.lock.clone().write_owned().await;
         // A record that does not decode is not applied anywhere (the steps
@@ -896,7 +904,7 @@ impl Breakers {
         let mut rec = with_behind(cached, &[noted]);
         rec.notes_applied = id;
         if !replaced && rec.streak == 0 && rec.state == Stored::Closed {
-            return Ok(false);
+            return Ok((false, false));
         }
         let was_open = replaced || rec.state != Stored::Closed;
         let was_tripped = replaced || matches!(rec.state, Stored::Tripped { .. });
@@ -916,7 +924,7 @@ impl Breakers {
             landed: false,
         };
         queue
-            .commit_effects(self.apply(&staged, SettlementEffects::default())?)
+            .commit_effects(self.apply(&staged, extra(SettlementEffects::default(), was_open)?)?)
             .await?;
         // Only a fold or a reset (each under the writer lock, held here)
         // takes from the front: these are the ones read above.
@@ -926,7 +934,7 @@ impl Breakers {
             self.release_parked(queue, workflow, false).await?;
         }
         self.announce(event);
-        Ok(was_open)
+        Ok((was_open, true))
     }
 
     /// Wake the parked steps of `workflow` (all of them, or the first one for
@@ -1731,7 +1739,7 @@ mod tests {
             .unwrap();
         b.committed(failure);
         assert!(
-            !b.reset(&queue, "w").await.unwrap(),
+            !b.reset(&queue, "w", |e, _| Ok(e)).await.unwrap().0,
             "no breaker: it was not open"
         );
         assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 0);

@@ -116,6 +116,12 @@ impl Request {
     }
 }
 
+/// The waiting job a signal request chose, noted before its signal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SignalNote {
+    pub job_id: String,
+}
+
 /// What the worker did with a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ReplyRecord {
@@ -371,6 +377,7 @@ impl ReplyBody {
 #[derive(Debug, Clone)]
 pub(crate) struct ControlKeys {
     reply: Vec<u8>,
+    signalling: Vec<u8>,
     expiry: Vec<u8>,
 }
 
@@ -378,6 +385,7 @@ impl ControlKeys {
     pub(crate) fn new(queue_name: &str) -> Self {
         Self {
             reply: format!("wm/{queue_name}/reply/").into_bytes(),
+            signalling: format!("wm/{queue_name}/rsig/").into_bytes(),
             expiry: format!("wm/{queue_name}/rexp/").into_bytes(),
         }
     }
@@ -385,6 +393,16 @@ impl ControlKeys {
     /// The reply record of `request_id`.
     pub(crate) fn reply(&self, request_id: &str) -> Vec<u8> {
         let mut key = self.reply.clone();
+        key.extend_from_slice(request_id.as_bytes());
+        key
+    }
+
+    /// The job a signal request `request_id` signals, committed before its
+    /// signal (a [`SignalNote`]), so the request applied again after a crash
+    /// signals that job or none (see `WorkflowRuntime::signal_once`). Kept,
+    /// as the reply, for the runtime's `terminal_retention`.
+    pub(crate) fn signalling(&self, request_id: &str) -> Vec<u8> {
+        let mut key = self.signalling.clone();
         key.extend_from_slice(request_id.as_bytes());
         key
     }

@@ -758,9 +758,21 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// decode (corrupt, or a newer Waymark's) is replaced by a closed one,
     /// with an error logged: this is how an operator repairs it.
     pub async fn reset_workflow(&self, workflow: &str) -> Result<bool, Error> {
+        Ok(self.reset_workflow_with(workflow, |e, _| Ok(e)).await?.0)
+    }
+
+    /// [`Self::reset_workflow`], with `extra` applied to the effects of the
+    /// reset's commit (called with whether the breaker was open; not called
+    /// when nothing is written). Returns whether it was open, and whether
+    /// the reset committed (with `extra`).
+    pub(crate) async fn reset_workflow_with(
+        &self,
+        workflow: &str,
+        extra: impl FnOnce(SettlementEffects, bool) -> Result<SettlementEffects, Error>,
+    ) -> Result<(bool, bool), Error> {
         validate_name("workflow name", workflow)?;
         let inner = &self.inner;
-        inner.breakers.reset(&inner.queue, workflow).await
+        inner.breakers.reset(&inner.queue, workflow, extra).await
     }
 
     /// One workflow's health, from durable state (right after a restart, and
@@ -861,6 +873,27 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// exists. [`Error::RunNotFound`] for an unknown run;
     /// [`Error::PayloadTooLarge`] for a payload over [`MAX_SIGNAL_BYTES`].
     pub async fn signal(&self, run_id: &str, payload: Vec<u8>) -> Result<(), Error> {
+        self.signal_once(run_id, payload, None, async |_| Ok(()))
+            .await
+    }
+
+    /// [`Self::signal`] for a request that a crash can have applied before.
+    /// The first time (`earlier` is `None`), `note` is called with the
+    /// waiting job's id once the run is found waiting, and must make it
+    /// durable before it returns: the signal commits after it. Applied
+    /// again, `earlier` is that job, and only it is signalled, never the
+    /// run's later wait: `Ok` when its record already holds this payload
+    /// (the earlier application delivered it), the signal when it still
+    /// waits (the earlier one stopped before its signal), else
+    /// [`Error::NotWaiting`] (its wait ended, or its step has settled and
+    /// its record is gone: a delivered signal is then answered so too).
+    pub(crate) async fn signal_once(
+        &self,
+        run_id: &str,
+        payload: Vec<u8>,
+        earlier: Option<String>,
+        note: impl AsyncFnOnce(&str) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         validate_name("run id", run_id)?;
         if payload.len() > MAX_SIGNAL_BYTES {
             return Err(Error::PayloadTooLarge {
@@ -870,24 +903,41 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             });
         }
         let inner = &self.inner;
-        let Some((run, job)) = inner.current_step(run_id).await? else {
-            return match inner.outcome(run_id).await? {
-                Some(_) => Err(Error::NotWaiting(run_id.to_string())),
-                None => Err(Error::RunNotFound(run_id.to_string())),
-            };
+        let job_id = match earlier {
+            Some(job_id) => {
+                let job = inner
+                    .durable(run_id, async {
+                        Ok(inner.queue.view().job_record(&job_id).await?)
+                    })
+                    .await?;
+                if job.is_some_and(|job| job.signal.as_deref() == Some(payload.as_slice())) {
+                    return Ok(());
+                }
+                job_id
+            }
+            None => {
+                let Some((run, job)) = inner.current_step(run_id).await? else {
+                    return match inner.outcome(run_id).await? {
+                        Some(_) => Err(Error::NotWaiting(run_id.to_string())),
+                        None => Err(Error::RunNotFound(run_id.to_string())),
+                    };
+                };
+                if !job.signal_wait {
+                    return Err(Error::NotWaiting(run_id.to_string()));
+                }
+                note(&run.job_id).await?;
+                run.job_id
+            }
         };
-        if !job.signal_wait {
-            return Err(Error::NotWaiting(run_id.to_string()));
-        }
         // The signal makes the step claimable before its flush returns: it
         // is a commit in flight for the run, which admit waits for.
         let outcome = {
             let _pending = inner.pending.begin(run_id);
-            inner.queue.signal(&run.job_id, payload).await?
+            inner.queue.signal(&job_id, payload).await?
         };
         match outcome {
             SignalOutcome::Delivered => {
-                tracing::info!(run_id, step = run.step, "signal delivered");
+                tracing::info!(run_id, job_id, "signal delivered");
                 Ok(())
             }
             // The wait ended (its timeout, a cancel) since the read.
@@ -916,6 +966,17 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// ([`Error::StepNotReached`]) and a step whose input was not kept
     /// ([`Error::StepInputNotKept`]).
     pub async fn rerun(&self, run_id: &str, from_step: u32) -> Result<u32, Error> {
+        self.rerun_with(run_id, from_step, |e, _| Ok(e)).await
+    }
+
+    /// [`Self::rerun`], with `extra` applied to the effects of the commit
+    /// that starts the re-run (called with its number).
+    pub(crate) async fn rerun_with(
+        &self,
+        run_id: &str,
+        from_step: u32,
+        extra: impl Fn(SettlementEffects, u32) -> Result<SettlementEffects, Error>,
+    ) -> Result<u32, Error> {
         validate_name("run id", run_id)?;
         let inner = &self.inner;
         let out_key = inner.keys.out(run_id);
@@ -964,8 +1025,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             };
             let payload: serde_bytes::ByteBuf = decode(&input_key, &input)?;
             let rerun = record.reruns.saturating_add(1);
-            let effects =
-                inner.rerun_effects(run_id, from_step, &record, rerun, history, payload)?;
+            let effects = extra(
+                inner.rerun_effects(run_id, from_step, &record, rerun, history, payload)?,
+                rerun,
+            )?;
             let committed = {
                 let _pending = inner.pending.begin(run_id);
                 inner

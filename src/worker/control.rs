@@ -10,15 +10,24 @@
 //! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
 //! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
 //! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
-//! | signal                   | `signal`'s commit; then `ack_with` { reply }                   |
+//! | signal                   | a note of the waiting job; `signal`'s commit; then `ack_with` { reply } |
+//! | rerun, requeue of a step job | the reply, **in the re-run's own transaction**; then the job's ack |
+//! | reset                    | the reply, **in the reset's own transaction**; then the job's ack |
 //! | trigger, pause, resume   | the reply, **in the change's own transaction**; then the job's ack |
-//! | trigger, pause, resume refused, or no change | `ack_with` { reply: the typed refusal, or `changed: false` } |
+//! | trigger, pause, resume, rerun, reset refused, or no change | `ack_with` { reply: the typed refusal, or `changed: false` / `was_open: false` } |
+//! | requeue of a hook        | taquba's `requeue_dead_job`; then `ack_with` { reply }         |
 //! | does not decode          | `dead_letter_with` { reply `Refused` with the reason }         |
 //! | transient failure        | `nack_with` (retried; on the last attempt the reply `Refused`) |
 //!
 //! A job whose reply exists was applied before a crash and is only acked,
-//! so a request is applied once even when the worker dies between its
-//! effect and its ack.
+//! so a request whose reply commits with its effect is applied once even
+//! when the worker dies between its effect and its ack. The others, applied
+//! again after a crash between their effect and their reply: a cancel
+//! cancels the ended run again (no effect) and answers `false`; a signal
+//! signals only the job its note names, never a later wait (`Signalled` if
+//! that job's record holds the payload, else `NotWaiting`: a delivered
+//! signal whose step has settled since is answered so too); a hook's
+//! requeue answers `JobNotFound`.
 //!
 //! Requests about one run (header `workflow.run_id`) apply one at a time in
 //! the order they were claimed; others run concurrently. That is send order:
@@ -38,7 +47,7 @@ use taquba::{Claim, ExpiryIndex, SettlementEffects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request, RerunRefusal};
+use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request, RerunRefusal, SignalNote};
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{HEADER_RUN_ID, decode, encode};
@@ -54,6 +63,35 @@ struct Control {
     expiry: ExpiryIndex,
     /// The last request claimed for each run: it closes when it is done.
     last: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Test hook: the next request returns before it settles its claim, as
+    /// a worker that crashed there (its effects committed, its job still
+    /// claimed).
+    #[cfg(test)]
+    crash_before_settle: std::sync::atomic::AtomicBool,
+}
+
+impl Control {
+    fn new(keys: ControlKeys) -> Self {
+        Self {
+            expiry: ExpiryIndex::new(keys.expiry_prefix().to_vec()),
+            keys,
+            last: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            crash_before_settle: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the test hook stops this request before it settles.
+    #[cfg(test)]
+    fn crashed(&self) -> bool {
+        self.crash_before_settle
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[cfg(not(test))]
+    fn crashed(&self) -> bool {
+        false
+    }
 }
 
 /// Claim and apply client requests until `stop` fires, and drop replies past
@@ -75,11 +113,7 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
         return Ok(());
     }
     let keys = ControlKeys::new(&inner.cfg.queue_name);
-    let control = Arc::new(Control {
-        expiry: ExpiryIndex::new(keys.expiry_prefix().to_vec()),
-        keys,
-        last: Mutex::new(HashMap::new()),
-    });
+    let control = Arc::new(Control::new(keys));
     let claims = super::claim_loop(
         inner.queue.clone(),
         queue_name,
@@ -115,7 +149,7 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
                     &control.expiry,
                     control.keys.expiry_prefix(),
                     inner.cfg.terminal_retention,
-                    |id| [control.keys.reply(id)],
+                    |id| [control.keys.reply(id), control.keys.signalling(id)],
                 ) => pass,
             };
             match pass {
@@ -263,7 +297,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 .await
             {
                 // The reply committed with the run.
-                Ok(outcome) if outcome.newly_submitted => return Ok(queue.ack(claim).await?),
+                Ok(outcome) if outcome.newly_submitted => return ack(queue, control, claim).await,
                 Ok(outcome) => Ok(ReplyBody::Submitted {
                     run_id: outcome.run_id,
                     newly_submitted: false,
@@ -272,18 +306,38 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => Err(e),
             }
         }
+        // A crash between the cancel's commits and the reply's re-applies
+        // it: a second cancel of the run, which then answers `false`.
         Request::Cancel { run_id } => rt
             .cancel(&run_id)
             .await
             .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
-        // A crash between the signal's commit and the reply's re-applies
-        // it, which then answers `NotWaiting` (as a cancel answers `false`).
-        Request::Signal { run_id, payload } => match rt.signal(&run_id, payload).await {
-            Ok(()) => Ok(ReplyBody::Signalled { run_id }),
-            Err(Error::NotWaiting(run_id)) => Ok(ReplyBody::NotWaiting { run_id }),
-            Err(Error::RunNotFound(run_id)) => Ok(ReplyBody::RunNotFound { run_id }),
-            Err(e) => Err(e),
-        },
+        // The waiting job is noted (durably) before the signal, so a crash
+        // between the signal's commit and the reply's re-applies it to that
+        // job only, never to a later wait (see `signal_once`).
+        Request::Signal { run_id, payload } => {
+            let note_key = control.keys.signalling(request_id);
+            let earlier = match queue.view().kv_get(&note_key).await? {
+                Some(bytes) => Some(decode::<SignalNote>(&note_key, &bytes)?.job_id),
+                None => None,
+            };
+            let note = async |job_id: &str| {
+                let note = SignalNote {
+                    job_id: job_id.to_string(),
+                };
+                let effects = SettlementEffects::default()
+                    .kv_put(note_key.clone(), encode(&note_key, &note)?)
+                    .expiry_entry(&control.expiry, inner.now_ms(), request_id.as_bytes());
+                queue.commit_effects(effects).await?;
+                Ok(())
+            };
+            match rt.signal_once(&run_id, payload, earlier, note).await {
+                Ok(()) => Ok(ReplyBody::Signalled { run_id }),
+                Err(Error::NotWaiting(run_id)) => Ok(ReplyBody::NotWaiting { run_id }),
+                Err(Error::RunNotFound(run_id)) => Ok(ReplyBody::RunNotFound { run_id }),
+                Err(e) => Err(e),
+            }
+        }
         Request::Trigger { schedule } => {
             let body = |run_id: &str| ReplyBody::Triggered {
                 schedule: schedule.clone(),
@@ -294,7 +348,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 .await
             {
                 // The reply committed with the run.
-                Ok((_, true)) => return Ok(queue.ack(claim).await?),
+                Ok((_, true)) => return ack(queue, control, claim).await,
                 Ok((run_id, false)) => Ok(body(&run_id)),
                 Err(e) => schedule_refusal(e),
             }
@@ -310,23 +364,51 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 .await
             {
                 // The reply committed with the change.
-                Ok(true) => return Ok(queue.ack(claim).await?),
+                Ok(true) => return ack(queue, control, claim).await,
                 Ok(false) => Ok(body(false)),
                 Err(e) => schedule_refusal(e),
             }
         }
-        // A crash between the reset's commit and the reply's re-applies it,
-        // which then answers `false` (as a cancel does).
-        Request::Reset { workflow } => rt
-            .reset_workflow(&workflow)
-            .await
-            .map(|was_open| ReplyBody::Reset { workflow, was_open }),
-        Request::Requeue { job_id } => requeue(rt, job_id).await,
-        Request::Rerun { run_id, from_step } => match rt.rerun(&run_id, from_step).await {
-            Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
-            Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
+        // The reply commits with the reset (a crash before the ack finds
+        // it, so the reset is applied once); nothing to reset is answered
+        // by `ack_with`.
+        Request::Reset { workflow } => {
+            let body = |was_open: bool| ReplyBody::Reset {
+                workflow: workflow.clone(),
+                was_open,
+            };
+            match rt
+                .reset_workflow_with(&workflow, |effects, was_open| {
+                    reply_onto(effects, body(was_open))
+                })
+                .await
+            {
+                Ok((_, true)) => return ack(queue, control, claim).await,
+                Ok((was_open, false)) => Ok(body(was_open)),
+                Err(e) => Err(e),
+            }
+        }
+        // A re-run's reply commits with it; a refusal is answered by
+        // `ack_with`.
+        Request::Requeue { job_id } => match requeue(rt, job_id, &reply_onto).await {
+            Ok(None) => return ack(queue, control, claim).await,
+            Ok(Some(body)) => Ok(body),
+            Err(e) => Err(e),
         },
+        Request::Rerun { run_id, from_step } => {
+            let rerun = rt.rerun_with(&run_id, from_step, |effects, rerun| {
+                let run_id = run_id.clone();
+                reply_onto(effects, ReplyBody::Rerun { run_id, rerun })
+            });
+            match rerun.await {
+                Ok(_) => return ack(queue, control, claim).await,
+                Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
+            }
+        }
     };
+    if control.crashed() {
+        return Ok(());
+    }
     match applied {
         Ok(body) => {
             queue.ack_with(claim, reply(body)?).await?;
@@ -352,45 +434,55 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
     Ok(())
 }
 
+/// Ack a request whose reply committed with its effect.
+async fn ack(queue: &taquba::Queue, control: &Control, claim: &Claim) -> Result<(), Error> {
+    if control.crashed() {
+        return Ok(());
+    }
+    Ok(queue.ack(claim).await?)
+}
+
 /// Requeue dead job `job_id`: a hook notification goes back to pending
 /// (taquba's `requeue_dead_job`); a step job's run is re-run from the
 /// job's step (its run ended with it; a re-run is how a step runs again).
 /// A step job is requeued once (its job stays dead, listed, but a second
-/// requeue finds its run re-run since and answers `JobNotFound`). A crash
-/// between the requeue and the reply re-applies it, which then answers
-/// `JobNotFound`.
+/// requeue finds its run re-run since and answers `JobNotFound`). The
+/// re-run's reply commits with it, through `reply_onto` (`None` returned);
+/// a crash between a hook's requeue and its reply re-applies it, which then
+/// answers `JobNotFound`.
 async fn requeue<R: StepRunner, H: TerminalHook>(
     rt: &WorkflowRuntime<R, H>,
     job_id: String,
-) -> Result<ReplyBody, Error> {
+    reply_onto: &impl Fn(SettlementEffects, ReplyBody) -> Result<SettlementEffects, Error>,
+) -> Result<Option<ReplyBody>, Error> {
     let queue = &rt.inner.queue;
     let job = match queue.view().job_record(&job_id).await? {
         Some(job) if job.status == taquba::JobStatus::Dead => job,
-        _ => return Ok(ReplyBody::JobNotFound { job_id }),
+        _ => return Ok(Some(ReplyBody::JobNotFound { job_id })),
     };
     if job.queue.as_str() == rt.inner.cfg.hook_queue {
         return match queue.requeue_dead_job(&job_id).await {
-            Ok(()) => Ok(ReplyBody::RequeuedHook { job_id }),
+            Ok(()) => Ok(Some(ReplyBody::RequeuedHook { job_id })),
             Err(taquba::Error::JobNotFound(_) | taquba::Error::InvalidState) => {
-                Ok(ReplyBody::JobNotFound { job_id })
+                Ok(Some(ReplyBody::JobNotFound { job_id }))
             }
             Err(e) => Err(e.into()),
         };
     }
     if job.queue.as_str() != rt.inner.cfg.queue_name {
-        return Ok(ReplyBody::Refused {
+        return Ok(Some(ReplyBody::Refused {
             reason: format!(
                 "job `{job_id}` is on queue `{}`, not this worker's step or hook queue",
                 job.queue.as_str()
             ),
-        });
+        }));
     }
     let (run_id, step) = match crate::record::parse_step_headers(&job.headers) {
         Ok((run_id, step)) => (run_id.to_string(), step),
         Err(why) => {
-            return Ok(ReplyBody::Refused {
+            return Ok(Some(ReplyBody::Refused {
                 reason: format!("dead job `{job_id}` is not a run's step: {why}"),
-            });
+            }));
         }
     };
     // A dead step job is requeued once: after its run was re-run (by this
@@ -398,11 +490,17 @@ async fn requeue<R: StepRunner, H: TerminalHook>(
     if let Some(ended) = rt.outcome(&run_id).await?
         && ended.reruns != crate::record::rerun_of(&job.headers)
     {
-        return Ok(ReplyBody::JobNotFound { job_id });
+        return Ok(Some(ReplyBody::JobNotFound { job_id }));
     }
-    match rt.rerun(&run_id, step).await {
-        Ok(rerun) => Ok(ReplyBody::Rerun { run_id, rerun }),
-        Err(e) => RerunRefusal::of(&e).map(ReplyBody::RerunRefused).ok_or(e),
+    let rerun = rt.rerun_with(&run_id, step, |effects, rerun| {
+        let run_id = run_id.clone();
+        reply_onto(effects, ReplyBody::Rerun { run_id, rerun })
+    });
+    match rerun.await {
+        Ok(_) => Ok(None),
+        Err(e) => RerunRefusal::of(&e)
+            .map(|refusal| Some(ReplyBody::RerunRefused(refusal)))
+            .ok_or(e),
     }
 }
 
@@ -426,6 +524,257 @@ fn schedule_refusal(e: Error) -> Result<ReplyBody, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::breaker::BreakerStatus;
+    use crate::hook::NoopTerminalHook;
+    use crate::read::RunState;
+    use crate::runner::{Step, StepError, StepOutcome};
+    use crate::store::DEFAULT_QUEUE_NAME;
+    use std::time::Duration;
+    use taquba::{EnqueueOptions, MockClock, OpenOptions, Queue};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    /// The workflow with a breaker (an hour's backoff after a failure).
+    const GUARDED: &str = "guarded";
+    /// Only a hang guard: every wait here ends in milliseconds.
+    const GUARD: Duration = Duration::from_secs(60);
+
+    /// Run `sig` waits for a signal at steps 1 and 2 (recording what each
+    /// saw), then succeeds; every other run fails at once.
+    #[derive(Clone, Default)]
+    struct Script(Arc<Mutex<Vec<Seen>>>);
+
+    /// A step number and the signal its step saw.
+    type Seen = (u32, Option<Vec<u8>>);
+
+    impl crate::runner::StepRunner for Script {
+        async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+            if step.run_id != "sig" {
+                return Ok(StepOutcome::Fail {
+                    reason: "no".into(),
+                });
+            }
+            if step.step_number > 0 {
+                lock(&self.0).push((step.step_number, step.signal.clone()));
+            }
+            Ok(if step.step_number < 2 {
+                StepOutcome::WaitForSignal {
+                    payload: vec![],
+                    timeout: HOUR,
+                }
+            } else {
+                StepOutcome::Succeed { result: vec![] }
+            })
+        }
+    }
+
+    /// A runtime whose pool runs steps on a store with no inbox (so it
+    /// applies no request itself) and a clock that never moves, and the
+    /// control side the test applies requests through.
+    struct Harness {
+        rt: WorkflowRuntime<Script, NoopTerminalHook>,
+        control: Control,
+        script: Script,
+        worker: tokio::task::JoinHandle<Result<(), Error>>,
+    }
+
+    impl Harness {
+        async fn new() -> Self {
+            let store = Arc::new(taquba::object_store::memory::InMemory::new());
+            let options = OpenOptions {
+                clock: Arc::new(MockClock::new(1_800_000_000_000)),
+                flush_interval: Some(Duration::from_millis(1)),
+                ..Default::default()
+            };
+            let queue = Arc::new(Queue::open_with_options(store, "t", options).await.unwrap());
+            let script = Script::default();
+            let rt = WorkflowRuntime::builder(queue, script.clone(), NoopTerminalHook)
+                .poll_interval(Duration::from_millis(5))
+                .breaker(
+                    GUARDED,
+                    crate::BackoffPolicy {
+                        initial: HOUR,
+                        jitter: 0.0,
+                        streak_limit: None,
+                        ..Default::default()
+                    },
+                )
+                .build()
+                .unwrap();
+            let worker = tokio::spawn({
+                let rt = rt.clone();
+                async move { rt.run(std::future::pending()).await }
+            });
+            Harness {
+                rt,
+                control: Control::new(ControlKeys::new(DEFAULT_QUEUE_NAME)),
+                script,
+                worker,
+            }
+        }
+
+        /// Enqueue `request` as control job `id` and claim it.
+        async fn claim(&self, id: &str, request: &Request) -> Claim {
+            let queue = &self.rt.inner.queue;
+            let control = control_queue_name(DEFAULT_QUEUE_NAME);
+            let options = EnqueueOptions::default().id_override(id.to_string());
+            queue
+                .enqueue_with(&control, encode(id.as_bytes(), request).unwrap(), options)
+                .await
+                .unwrap();
+            queue.claim(&control, HOUR).await.unwrap().unwrap()
+        }
+
+        /// Apply `claim` as a worker that crashes after the request's
+        /// effects, before it settles the claim: its reply, if it is not
+        /// committed with the effects, is lost, and the job is delivered
+        /// again.
+        async fn apply_and_crash(&self, claim: &Claim) {
+            self.control
+                .crash_before_settle
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            apply_now(&self.rt, &self.control, claim).await.unwrap();
+            assert!(!self.control.crashed(), "the request reached its settle");
+        }
+
+        /// Apply `claim` (delivered again) to the end; its reply.
+        async fn apply_again(&self, claim: &Claim) -> ReplyBody {
+            apply_now(&self.rt, &self.control, claim).await.unwrap();
+            let key = self.control.keys.reply(&claim.id);
+            let bytes = self.rt.inner.queue.view().kv_get(&key).await.unwrap();
+            decode::<ReplyRecord>(&key, &bytes.expect("a reply"))
+                .unwrap()
+                .reply
+        }
+
+        async fn until(&self, what: &str, mut check: impl AsyncFnMut() -> bool) {
+            let deadline = tokio::time::Instant::now() + GUARD;
+            while !check().await {
+                assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+
+        async fn waiting_at(&self, step: u32) {
+            self.until("the run waits", async || {
+                self.rt.status("sig").await.unwrap().is_some_and(|s| {
+                    s.state == RunState::WaitingForSignal && s.current_step == step
+                })
+            })
+            .await;
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.worker.abort();
+        }
+    }
+
+    /// A signal request applied again after a crash between its signal and
+    /// its reply (the run took the signal and waits again) is not delivered
+    /// to the new wait: one signal never satisfies two waits.
+    #[tokio::test]
+    async fn a_signal_applied_again_after_a_crash_is_not_delivered_to_a_later_wait() {
+        let h = Harness::new().await;
+        h.rt.submit(RunSpec {
+            run_id: Some("sig".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        h.waiting_at(1).await;
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        h.apply_and_crash(&claim).await;
+        h.waiting_at(2).await;
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::NotWaiting {
+                run_id: "sig".into()
+            }
+        );
+        let status = h.rt.status("sig").await.unwrap().unwrap();
+        assert_eq!(
+            (status.state, status.current_step),
+            (RunState::WaitingForSignal, 2),
+            "the second wait got no signal"
+        );
+        assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A re-run request applied again after a crash between the re-run and
+    /// its reply (the re-run ended since) does not start a second re-run.
+    #[tokio::test]
+    async fn a_rerun_applied_again_after_a_crash_is_not_rerun_twice() {
+        let h = Harness::new().await;
+        h.rt.submit(RunSpec {
+            run_id: Some("r".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        h.rt.wait("r").await.unwrap();
+        let request = Request::Rerun {
+            run_id: "r".into(),
+            from_step: 0,
+        };
+        let claim = h.claim("req-rerun", &request).await;
+        h.apply_and_crash(&claim).await;
+        let out = h.rt.wait("r").await.unwrap();
+        assert_eq!(out.reruns, 1);
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Rerun {
+                run_id: "r".into(),
+                rerun: 1
+            }
+        );
+        let out = h.rt.outcome("r").await.unwrap().expect("still ended");
+        assert_eq!(out.reruns, 1, "no second re-run");
+    }
+
+    /// A reset request applied again after a crash between the reset and
+    /// its reply (the breaker opened again since) does not close it again.
+    #[tokio::test]
+    async fn a_reset_applied_again_after_a_crash_does_not_close_the_breaker_again() {
+        let h = Harness::new().await;
+        let wf = GUARDED;
+        let fail = async |id: &str| {
+            h.rt.submit(RunSpec {
+                run_id: Some(id.into()),
+                workflow: Some(wf.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            h.rt.wait(id).await.unwrap();
+        };
+        fail("a").await;
+        let open = async || {
+            let health = h.rt.workflow_health(wf).await.unwrap().unwrap();
+            matches!(health.status, BreakerStatus::Backoff { .. })
+        };
+        assert!(open().await, "one failure opens the breaker");
+        let request = Request::Reset {
+            workflow: wf.into(),
+        };
+        let claim = h.claim("req-reset", &request).await;
+        h.apply_and_crash(&claim).await;
+        assert!(!open().await, "the reset closed it");
+        fail("b").await;
+        assert!(open().await, "a new failure opens it again");
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Reset {
+                workflow: wf.into(),
+                was_open: true
+            }
+        );
+        assert!(open().await, "the request did not close it a second time");
+    }
 
     /// Each refusal of a schedule request reaches the client as the error
     /// the runtime returned, through the stored reply.
