@@ -831,12 +831,8 @@ mod tests {
         pool.await.unwrap().unwrap();
     }
 
-    /// Soak regression: retention and the tally fold shared one tick, so a
-    /// fold waiting on a busy breaker workflow's lock (15 s in the soak)
-    /// held retention up with it, and outcomes stayed 90 s past their
-    /// expiry. With the fold stuck for good, retention still runs.
-    #[tokio::test]
-    async fn retention_goes_on_while_a_fold_is_held_up() {
+    /// A fresh in-memory queue (1 ms flush) on a mock clock.
+    async fn mock_clock_queue() -> (MockClock, Arc<Queue>) {
         let clock = MockClock::new(1_000_000);
         let opts = OpenOptions {
             clock: Arc::new(clock.clone()),
@@ -845,6 +841,16 @@ mod tests {
         };
         let store = Arc::new(taquba::object_store::memory::InMemory::new());
         let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        (clock, queue)
+    }
+
+    /// Soak regression: retention and the tally fold shared one tick, so a
+    /// fold waiting on a busy breaker workflow's lock (15 s in the soak)
+    /// held retention up with it, and outcomes stayed 90 s past their
+    /// expiry. With the fold stuck for good, retention still runs.
+    #[tokio::test]
+    async fn retention_goes_on_while_a_fold_is_held_up() {
+        let (clock, queue) = mock_clock_queue().await;
         let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
             .poll_interval(Duration::from_millis(5))
             .terminal_retention(Duration::from_secs(60))
@@ -900,14 +906,7 @@ mod tests {
     /// all still there. (The re-run is played by its deletion of the entry.)
     #[tokio::test]
     async fn retention_leaves_a_run_re_run_after_its_scan() {
-        let clock = MockClock::new(1_000_000);
-        let opts = OpenOptions {
-            clock: Arc::new(clock.clone()),
-            flush_interval: Some(Duration::from_millis(1)),
-            ..Default::default()
-        };
-        let store = Arc::new(taquba::object_store::memory::InMemory::new());
-        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let (clock, queue) = mock_clock_queue().await;
         let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
             .terminal_retention(Duration::from_secs(60))
             .build()
