@@ -111,7 +111,7 @@ pub async fn submit(args: SubmitArgs) -> CliResult<Exit> {
         Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
         None => Exit::Unfinished,
     };
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }
 
@@ -180,7 +180,7 @@ pub async fn cancel(args: CancelArgs) -> CliResult<Exit> {
         Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
         None => Exit::Unfinished,
     };
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }
 

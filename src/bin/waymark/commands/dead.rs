@@ -107,7 +107,7 @@ pub async fn dead(args: DeadArgs) -> CliResult<Exit> {
             }
         }
     }
-    let _ = source.close().await;
+    store.close_reader(source.close()).await;
     bar.finish_and_clear();
     // On stderr, so a script reading stdout (the JSON too) is not misled,
     // and a reader of the table is told.
@@ -227,7 +227,7 @@ pub async fn requeue(args: RequeueArgs) -> CliResult<Exit> {
         Ok(sent) => await_requeues(&store, &sent).await,
         Err(e) => Err(e),
     };
-    let _ = source.close().await;
+    store.close_reader(source.close()).await;
     code
 }
 

@@ -407,6 +407,7 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
         if let Some(cut) = confirmed.interrupted {
             say_err!("{}", cut.message(&store));
         }
+        store.close_reader(fleet.close()).await;
     }
     match joined {
         Ok(Ok(())) if stopping => {}

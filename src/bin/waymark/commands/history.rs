@@ -36,7 +36,7 @@ pub async fn history(args: HistoryArgs) -> CliResult<Exit> {
     let read = store
         .bounded("reading the run's history", client.history(run_id))
         .await?;
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     let Some(history) = read else {
         return Err(not_found(run_id, &store));
     };

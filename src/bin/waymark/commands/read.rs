@@ -49,7 +49,7 @@ pub async fn status(args: RunArgs) -> CliResult<Exit> {
                 None => return Err(not_found(run_id, &store)),
             },
         };
-        let _ = client.close().await;
+        store.close_reader(client.close()).await;
         print_json(&value)?;
         return Ok(Exit::Ok);
     }
@@ -71,7 +71,7 @@ pub async fn status(args: RunArgs) -> CliResult<Exit> {
         },
     };
     print_children(&store, &client, run_id).await?;
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }
 
@@ -155,7 +155,7 @@ pub async fn outcome(args: RunArgs) -> CliResult<Exit> {
             },
         },
     };
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }
 
@@ -307,7 +307,7 @@ pub async fn runs(args: RunsArgs) -> CliResult<Exit> {
     // On a fleet, every shard's page, merged.
     let source = store.open_source().await?;
     let page = store.bounded("listing runs", source.runs(&filter)).await;
-    let _ = source.close().await;
+    store.close_reader(source.close()).await;
     let page = page?;
     if args.json {
         print_json(&super::json::runs(&page))?;
@@ -423,7 +423,7 @@ pub async fn workflows(args: WorkflowsArgs) -> CliResult<Exit> {
             .await?;
         all.extend(health.into_iter().map(|h| (shard, h)));
     }
-    let _ = source.close().await;
+    store.close_reader(source.close()).await;
     all.sort_by(|(sa, a), (sb, b)| a.name.cmp(&b.name).then(sa.cmp(sb)));
     if args.json {
         let (shards, health): (Vec<_>, Vec<_>) = all.into_iter().unzip();

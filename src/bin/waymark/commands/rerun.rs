@@ -53,6 +53,6 @@ pub async fn rerun(args: RerunArgs) -> CliResult<Exit> {
         Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
         None => Exit::Unfinished,
     };
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }

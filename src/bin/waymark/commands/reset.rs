@@ -39,7 +39,7 @@ pub async fn reset(args: ResetArgs) -> CliResult<Exit> {
     let store = Store::locate(&args.store)?;
     let source = store.open_source().await?;
     let code = reset_on(&store, &source, workflow, args.no_wait).await;
-    let _ = source.close().await;
+    store.close_reader(source.close()).await;
     code
 }
 

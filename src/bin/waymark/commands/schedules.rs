@@ -72,7 +72,7 @@ pub async fn list(args: SchedulesArgs) -> CliResult<Exit> {
     let all = store
         .bounded("reading the schedules", source.schedules())
         .await;
-    let _ = source.close().await;
+    store.close_reader(source.close()).await;
     let all = all?;
     if args.json {
         super::read::print_json(&super::json::schedules(&all))?;
@@ -276,7 +276,7 @@ async fn request(args: ScheduleArgs, action: Action) -> CliResult<Exit> {
         Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
         None => Exit::Unfinished,
     };
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }
 

@@ -59,6 +59,6 @@ pub async fn signal(args: SignalArgs) -> CliResult<Exit> {
         Some(other) => return Err(CliError::failure(format!("unexpected reply: {other:?}"))),
         None => Exit::Unfinished,
     };
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     Ok(code)
 }

@@ -178,7 +178,7 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
     while let Ok(outcome) = end_rx.try_recv() {
         ui.show(&tracker.ended(outcome), started.elapsed());
     }
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     let result = match joined {
         Ok(Ok(())) if stopping => Ok(Exit::Ok),
         Ok(Ok(())) => Err(CliError::failure("the worker pool stopped unexpectedly")),

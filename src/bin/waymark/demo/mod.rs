@@ -446,7 +446,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
         }
     }
     ui.stop_remaining();
-    let _ = client.close().await;
+    store.close_reader(client.close()).await;
     drop(runtime);
     let closed = close_writer(&store, queue).await;
 

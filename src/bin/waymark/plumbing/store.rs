@@ -215,6 +215,27 @@ impl Store {
         }
     }
 
+    /// Close a reader (a client, a fleet's clients, a bare reader), bounded
+    /// by the timeout. Closing a reader loses nothing (it only reads; every
+    /// request was stored when it was sent), so a close that fails or times
+    /// out is a warning on stderr, not the command's failure: its result
+    /// and exit code stand. Whether it closed cleanly.
+    pub async fn close_reader<E: std::fmt::Display>(
+        &self,
+        closing: impl Future<Output = Result<(), E>>,
+    ) -> bool {
+        match self.bounded("closing the reader", closing).await {
+            Ok(()) => true,
+            Err(e) => {
+                say_err!(
+                    "waymark: warning: {e}; nothing is lost (a reader only reads): the command's \
+                     result stands"
+                );
+                false
+            }
+        }
+    }
+
     /// The error for an operation that outlived the timeout.
     pub fn timed_out(&self, what: &str) -> CliError {
         CliError::failure(format!(
@@ -540,7 +561,45 @@ fn denied(path: &Path, usage: Use, e: std::io::Error) -> CliError {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::future::pending;
+
     use super::*;
+
+    /// A store in memory that gives up on an operation after `timeout`.
+    fn memory_store(timeout: Duration) -> Store {
+        Store {
+            name: "memory://".into(),
+            dir: None,
+            local: None,
+            url: "memory://".into(),
+            timeout,
+        }
+    }
+
+    /// A reader's close that never ends is given up after the store's
+    /// timeout (on a paused clock: nothing is waited for) and reported as
+    /// not clean, instead of holding the command for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_close_that_never_ends_is_given_up_after_the_timeout() {
+        let store = memory_store(Duration::from_secs(10));
+        let closing = store.close_reader(pending::<Result<(), Infallible>>());
+        // Far past the store's timeout: reached only by a close it does
+        // not bound.
+        let closed = tokio::time::timeout(Duration::from_secs(3600), closing)
+            .await
+            .expect("closing a reader was not bounded by the store's timeout");
+        assert!(!closed);
+    }
+
+    /// A close that ends is waited for: clean when it succeeds, not when it
+    /// fails.
+    #[tokio::test]
+    async fn a_close_that_ends_says_whether_it_was_clean() {
+        let store = memory_store(Duration::from_secs(10));
+        assert!(store.close_reader(async { Ok::<(), Infallible>(()) }).await);
+        assert!(!store.close_reader(async { Err::<(), _>("refused") }).await);
+    }
 
     /// A file listed and then removed by a live writer (a staged upload
     /// renamed, an object collected) is skipped, not an error; a dangling

@@ -46,7 +46,7 @@ pub async fn live_writer(store: &Store, skip: Option<&str>) -> CliResult<Option<
         .bounded("reading the writer's heartbeat", reader.writer_heartbeat())
         .await?;
     if first.as_ref().is_some_and(|beat| beat.closed) {
-        let _ = reader.close().await;
+        store.close_reader(reader.close()).await;
         return Ok(None);
     }
     let seq = reader.last_store_activity().durable_seq;
@@ -72,7 +72,7 @@ pub async fn live_writer(store: &Store, skip: Option<&str>) -> CliResult<Option<
         .bounded("reading the writer's heartbeat", reader.writer_heartbeat())
         .await?;
     let seq_after = reader.last_store_activity().durable_seq;
-    let _ = reader.close().await;
+    store.close_reader(reader.close()).await;
     let beat_advanced = match (&first, &second) {
         (Some(a), Some(b)) => b.counter > a.counter && !b.closed,
         (None, Some(b)) => !b.closed,

@@ -309,7 +309,7 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
             ));
         }
     };
-    let _ = app.source.close().await;
+    store.close_reader(app.source.close()).await;
     match served {
         Ok(Ok(())) => Ok(Exit::Ok),
         Ok(Err(e)) => Err(CliError::failure(format!("the server failed: {e}"))),
