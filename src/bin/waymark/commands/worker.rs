@@ -14,7 +14,9 @@
 //! claiming and lets the steps in flight commit; a second one skips the rest
 //! of their simulated work; a third quits at once. A stop request while it
 //! reads the store to confirm steps stops those reads at once; after the
-//! pool has stopped, the runs it did not confirm are named on stderr.
+//! pool has stopped, the runs it did not confirm are named on stderr. Closing
+//! the store comes last, bounded by `--timeout`; a stop request then quits at
+//! once (exit 4), saying the store was not closed cleanly.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -204,7 +206,7 @@ pub async fn run(args: WorkerArgs) -> CliResult<Exit> {
         say_err!("{}", cut.message(&store));
     }
     drop(runtime);
-    let closed = close_writer(&store, queue).await;
+    let closed = close_writer(&store, queue, signals.next()).await;
     let code = result?;
     closed?;
     say!("worker stopped; everything it ran is committed.");

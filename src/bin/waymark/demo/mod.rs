@@ -14,6 +14,8 @@
 //!   its 20 attempts). Once the steps have committed, the demo reads the
 //!   store to confirm what it showed; a stop request then ends those reads
 //!   at once, naming on stderr the runs it did not check or confirm.
+//!   Closing the store comes last, bounded by `--timeout`; a stop request
+//!   then quits at once (exit 4), saying the store was not closed cleanly.
 //! - A second demo refuses while another process writes the store, unless
 //!   `--force`.
 //! - `--reset` deletes only a store the demo created (see [`reset`]), and
@@ -240,7 +242,9 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
     if unfinished.is_empty() {
         print_summary(&priors, &outcomes);
         drop(runtime);
-        close_writer(&store, queue).await?;
+        // No stop request to answer: the process does not listen for one
+        // yet, so Ctrl-C ends it.
+        close_writer(&store, queue, std::future::pending()).await?;
         return Ok(Exit::Ok);
     }
 
@@ -448,7 +452,7 @@ pub async fn run(args: DemoArgs) -> CliResult<Exit> {
     ui.stop_remaining();
     store.close_reader(client.close()).await;
     drop(runtime);
-    let closed = close_writer(&store, queue).await;
+    let closed = close_writer(&store, queue, signals.next()).await;
 
     if let Some(failure) = failure {
         return Err(CliError::failure(failure));

@@ -20,8 +20,9 @@ pub enum Exit {
     /// 3: not found: no Waymark store at the location, no such run, or a
     /// schedule the worker does not define.
     NotFound,
-    /// 4: unfinished: the run has not ended yet, or the demo stopped with
-    /// runs left to resume.
+    /// 4: unfinished: the run has not ended yet, the demo stopped with runs
+    /// left to resume, or the demo or a worker quit at once on a stop
+    /// request (steps in flight cut off, or the store not closed cleanly).
     Unfinished,
     /// 5: refused: the command would destroy data or disturb a live process
     /// (`--reset` of something that is not a demo store, a second writer),
@@ -40,7 +41,8 @@ Exit codes:
      dropped a shard)
   2  usage error (unknown option, invalid run id or input)
   3  not found (no Waymark store at the location, no such run or schedule)
-  4  unfinished (the run has not ended yet; the demo stopped with runs left)
+  4  unfinished (the run has not ended yet; the demo stopped with runs left; the
+     demo or a worker quit at once on a stop request)
   5  refused (would delete data the demo did not create, disturb another process
      writing the store, or take a fleet for a single store or back; a request the
      worker refused)

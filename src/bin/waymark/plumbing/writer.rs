@@ -9,6 +9,7 @@
 //! advancing (a writer without a heartbeat). A beat marked closed means the
 //! last writer shut down cleanly, and nothing has to be waited for.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,9 @@ use std::time::Duration;
 use waymark::taquba::{OpenOptions, Queue};
 use waymark::{StoreOptions, open_worker_store};
 
-use super::exit::{CliError, CliResult};
+use super::exit::{CliError, CliResult, Exit};
 use super::output::suggest;
+use super::signals::unless_stopped;
 use super::store::{DEFAULT_STEP_QUEUE, READER_POLL, Store, Use};
 
 /// How often a writer the CLI opens commits its liveness beat.
@@ -39,7 +41,7 @@ pub async fn live_writer(store: &Store, skip: Option<&str>) -> CliResult<Option<
     let reader = match store.open_reader().await {
         Ok(reader) => reader,
         // No store yet: nobody writes it.
-        Err(e) if e.exit == super::exit::Exit::NotFound => return Ok(None),
+        Err(e) if e.exit == Exit::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let first = store
@@ -202,11 +204,102 @@ pub fn worker_store_options() -> StoreOptions {
 }
 
 /// Close the queue cleanly once nothing else holds it (a clean close commits
-/// a closed heartbeat, so the next writer need not wait). Best effort and
-/// bounded: every step already committed.
-pub async fn close_writer(store: &Store, queue: Arc<Queue>) -> CliResult<()> {
-    match Arc::try_unwrap(queue) {
-        Ok(queue) => store.bounded("closing the store", queue.close()).await,
-        Err(_) => Ok(()),
+/// a closed heartbeat, so the next writer need not wait). Bounded by the
+/// store's timeout, and ended at once by a stop request (`stop`, e.g.
+/// `Signals::next`; `pending()` where the process does not listen for
+/// one): the error then says the store was not closed cleanly, with exit 4
+/// (unfinished), as the demo and the worker exit when they quit at once.
+/// Every step already committed either way.
+pub async fn close_writer(
+    store: &Store,
+    queue: Arc<Queue>,
+    stop: impl Future<Output = &'static str>,
+) -> CliResult<()> {
+    let Ok(queue) = Arc::try_unwrap(queue) else {
+        return Ok(());
+    };
+    match unless_stopped(store.bounded("closing the store", queue.close()), stop).await {
+        Ok(closed) => closed,
+        Err(by) => Err(CliError::new(
+            Exit::Unfinished,
+            format!(
+                "{by}: quitting at once: the store at {} was not closed cleanly. Everything it \
+                 ran is committed; the next worker or demo on it first watches for this one's \
+                 heartbeat for a moment, to see that it is gone",
+                store.shown()
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+
+    use futures_util::poll;
+    use tokio::sync::oneshot;
+    use waymark::StoreLocation;
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::testkit::{FaultPlan, FaultStore, StoreOp};
+
+    use super::*;
+
+    /// A bound that only turns a hang into a failure.
+    const HANG_GUARD: Duration = Duration::from_secs(30);
+
+    /// A stop request while the store's close cannot finish (its writes are
+    /// held) ends `close_writer` at once, not after the store's timeout:
+    /// exit 4, saying the store was not closed cleanly.
+    #[tokio::test]
+    async fn a_stop_request_ends_a_held_close_at_once() {
+        let object_store = FaultStore::new(Arc::new(InMemory::new()), 0, FaultPlan::default());
+        let faults = object_store.faults();
+        let location = StoreLocation::new(object_store, "store");
+        let queue = open_worker_store(&location, worker_store_options())
+            .await
+            .unwrap();
+        // A timeout far past the hang guard: a close that waits for it
+        // fails the test.
+        let store = Store {
+            name: "the test store".into(),
+            dir: None,
+            local: None,
+            url: "memory://".into(),
+            timeout: HANG_GUARD * 10,
+        };
+        // Every write is held: the close (its closed beat, its flush)
+        // cannot land.
+        faults.hold(StoreOp::Put, "");
+        let (press, pressed) = oneshot::channel::<()>();
+        let stop = async move {
+            let _ = pressed.await;
+            "SIGTERM"
+        };
+        let mut closing = Box::pin(close_writer(&store, queue, stop));
+        assert!(matches!(poll!(closing.as_mut()), Poll::Pending));
+        let waited = tokio::time::timeout(HANG_GUARD, async {
+            while faults.held() == 0 {
+                assert!(matches!(poll!(closing.as_mut()), Poll::Pending));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "no write of the close was held");
+        press.send(()).unwrap();
+        let closed = tokio::time::timeout(HANG_GUARD, closing)
+            .await
+            .expect("close_writer went on waiting after the stop request");
+        let e = closed.expect_err("a close cut short is not a clean close");
+        assert_eq!(e.exit, Exit::Unfinished);
+        let message = e.to_string();
+        assert!(
+            message.starts_with("SIGTERM: quitting at once"),
+            "{message}"
+        );
+        assert!(
+            message.contains("the test store was not closed cleanly"),
+            "{message}"
+        );
+        faults.release();
     }
 }
