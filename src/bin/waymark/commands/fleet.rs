@@ -9,7 +9,10 @@
 //! steps in flight commit, its store closes, its lease is released, so
 //! another worker takes it at once); a second one skips the rest of the
 //! steps' simulated work; a third quits at once (the leases then lapse and
-//! are taken over after lease + guard). A worker that dropped a shard
+//! are taken over after lease + guard). A stop request while it opens or
+//! reads the shards to confirm steps stops that at once (and counts); once
+//! the worker has stopped, the runs it did not confirm are named on stderr.
+//! A worker that dropped a shard
 //! instead of handing it back (its runtime failed, its lease was taken or
 //! lapsed) exits 1, naming each such shard and why. A location holding a
 //! single store is refused, and a fleet of another shard count too:
@@ -35,9 +38,9 @@ use crate::demo::domain::OrderPipeline;
 use crate::demo::progress::Tracker;
 use crate::demo::ui::Ui;
 use crate::demo::{OutcomeHook, Reads, confirm_waiting, try_build_runtime};
-use crate::plumbing::exit::{CliError, CliResult, Exit, one_line};
+use crate::plumbing::exit::{CliError, CliResult, Exit, one_line, shown};
 use crate::plumbing::output::{say, say_err, suggest};
-use crate::plumbing::signals::Signals;
+use crate::plumbing::signals::{Signals, unless_stopped};
 use crate::plumbing::store::{DEFAULT_STEP_QUEUE, Store, StoreArgs, Use};
 use crate::plumbing::telemetry::{init_logging, install_prometheus, serve_metrics};
 use crate::plumbing::writer::worker_store_options;
@@ -335,9 +338,15 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
                 shown(&event);
                 None
             }
-            _ = tick.tick() => {
+            _ = tick.tick() => 'tick: {
                 if reads.is_none() && !tracker.awaiting().is_empty() {
-                    reads = store.open_fleet_client(&manifest).await.ok();
+                    // A stop request during the open stops it and counts
+                    // (a failed open is tried again at the next tick).
+                    match unless_stopped(store.open_fleet_client(&manifest), signals.next()).await
+                    {
+                        Ok(opened) => reads = opened.ok(),
+                        Err(by) => break 'tick Some(by),
+                    }
                 }
                 match &reads {
                     // A stop request during the reads stops them and
@@ -357,7 +366,7 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
                     }
                     None => None,
                 }
-            }
+            },
             signal = signals.next() => Some(signal),
             joined = &mut running => break joined,
         };
@@ -396,9 +405,19 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
     while let Ok(event) = event_rx.try_recv() {
         shown(&event);
     }
+    // The fleet worker has stopped: a stop request now stops the open and
+    // the reads, naming the runs left unconfirmed.
+    if reads.is_none() && !tracker.awaiting().is_empty() {
+        match unless_stopped(store.open_fleet_client(&manifest), signals.next()).await {
+            Ok(Ok(fleet)) => reads = Some(fleet),
+            Ok(Err(e)) => say_err!("{}", unconfirmed(&e.to_string(), &tracker.awaiting())),
+            Err(by) => {
+                let what = format!("{by}: stopped opening the fleet's shards for reading");
+                say_err!("{}", unconfirmed(&what, &tracker.awaiting()));
+            }
+        }
+    }
     if let Some(fleet) = &reads {
-        // The fleet worker has stopped: a stop request now stops these
-        // reads.
         let confirmed =
             confirm_waiting(&mut tracker, Reads::Fleet(fleet), &store, signals.next()).await;
         for fact in confirmed.facts {
@@ -429,6 +448,17 @@ pub async fn work(args: WorkerArgs, shards: u32) -> CliResult<Exit> {
     }
     say!("fleet worker stopped; the shards it dropped are taken over once their leases lapse.");
     Err(CliError::failure(dropped_shards(&dropped)))
+}
+
+/// What a fleet worker says of the runs whose last step it could not
+/// confirm (`why`: the open of its readers failed or was stopped).
+fn unconfirmed(why: &str, runs: &[String]) -> String {
+    let ids: Vec<String> = runs.iter().map(|id| shown(id)).collect();
+    format!(
+        "{why}; not confirmed whether the last step of {} run(s) committed: {}",
+        ids.len(),
+        ids.join(", ")
+    )
 }
 
 /// What a fleet worker that dropped shards (shard -> times, last reason)
