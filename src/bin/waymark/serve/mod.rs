@@ -35,7 +35,7 @@ use waymark::BreakerStatus;
 
 use crate::plumbing::exit::{CliError, CliResult, Exit};
 use crate::plumbing::output::say;
-use crate::plumbing::signals::Signals;
+use crate::plumbing::signals::{Signals, unless_stopped};
 use crate::plumbing::source::Source;
 use crate::plumbing::store::{Store, StoreArgs};
 use crate::plumbing::telemetry::{init_logging, install_prometheus};
@@ -309,7 +309,18 @@ pub async fn run(args: ServeArgs) -> CliResult<Exit> {
             ));
         }
     };
-    store.close_reader(app.source.close()).await;
+    // Closing the reader loses nothing: a stop request now quits at once,
+    // as promised.
+    let closing = store.close_reader(app.source.close());
+    if let Err(again) = unless_stopped(closing, signals.next()).await {
+        return Err(CliError::new(
+            Exit::Interrupted,
+            format!(
+                "{again} again: quitting at once before the store's reader was closed (nothing \
+                 is lost: it only reads)"
+            ),
+        ));
+    }
     match served {
         Ok(Ok(())) => Ok(Exit::Ok),
         Ok(Err(e)) => Err(CliError::failure(format!("the server failed: {e}"))),
