@@ -849,8 +849,21 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// discarded and the run ends `Cancelled` when the step returns (or, after
     /// a crash, when the step is next claimed — it is not run again).
     pub async fn cancel(&self, run_id: &str) -> Result<bool, Error> {
+        Ok(self.cancel_with(run_id, Ok).await?.0)
+    }
+
+    /// [`Self::cancel`], with `extra` applied to the effects of the commit
+    /// that ends the run (a waiting or pending step removed; not called
+    /// when the cancel is a request to a running step, or when nothing is
+    /// cancelled). Returns whether the cancel was accepted, and whether the
+    /// run ended by this call's commit (with `extra`).
+    pub(crate) async fn cancel_with(
+        &self,
+        run_id: &str,
+        extra: impl Fn(SettlementEffects) -> Result<SettlementEffects, Error>,
+    ) -> Result<(bool, bool), Error> {
         validate_name("run id", run_id)?;
-        self.inner.end_run(run_id, Ending::Cancel).await
+        self.inner.end_run(run_id, Ending::Cancel, extra).await
     }
 }
 
@@ -1145,10 +1158,16 @@ impl<R, H> Inner<R, H> {
     /// End a live run on a cancel or at its deadline (see [`WorkflowRuntime::cancel`]):
     /// a waiting step is removed and the run ends in that transaction; a
     /// running one is asked to stop, and its settlement ends the run.
-    /// `Ok(false)` when the run is not live, its request was accepted
-    /// before, or (for a deadline) the run's current step does not carry
-    /// that deadline.
-    pub(crate) async fn end_run(&self, run_id: &str, ending: Ending) -> Result<bool, Error> {
+    /// `false` when the run is not live, its request was accepted before,
+    /// or (for a deadline) the run's current step does not carry that
+    /// deadline. `extra` is applied to the effects of the commit that ends
+    /// the run here (a removed step); the second `bool` says it committed.
+    pub(crate) async fn end_run(
+        &self,
+        run_id: &str,
+        ending: Ending,
+        extra: impl Fn(SettlementEffects) -> Result<SettlementEffects, Error>,
+    ) -> Result<(bool, bool), Error> {
         let inner = self;
         // One ending of a run at a time in this process: a second cancel
         // would otherwise find the first's request stored but not yet
@@ -1161,12 +1180,12 @@ impl<R, H> Inner<R, H> {
         let mut accepted = false;
         loop {
             let Some((run, job)) = inner.current_step(run_id).await? else {
-                return Ok(false);
+                return Ok((false, false));
             };
             if job.status == JobStatus::Dead {
                 // The queue gave up on the step: the run has ended `Failed`
                 // (see `outcome`); the pool records it.
-                return Ok(false);
+                return Ok((false, false));
             }
             let (status, error) = match ending {
                 Ending::Cancel => (TerminalStatus::Cancelled, None),
@@ -1174,7 +1193,7 @@ impl<R, H> Inner<R, H> {
                     (TerminalStatus::TimedOut, Some(record::timed_out_reason(at)))
                 }
                 // A stale entry: the run is another segment now.
-                Ending::Deadline(_) => return Ok(false),
+                Ending::Deadline(_) => return Ok((false, false)),
             };
             let outcome = RunOutcome {
                 run_id: run_id.to_string(),
@@ -1195,14 +1214,14 @@ impl<R, H> Inner<R, H> {
             };
             // Its history's last entry, for a waiting step removed (a running
             // step's settlement writes its own).
-            let effects = crate::history::record_ending(
+            let effects = extra(crate::history::record_ending(
                 effects,
                 &inner.keys,
                 inner.cfg.history_entries,
                 &outcome,
                 &job,
                 inner.now_ms(),
-            )?;
+            )?)?;
             #[cfg(test)]
             {
                 let hook = lock(&inner.inflight.before_request).take();
@@ -1222,7 +1241,7 @@ impl<R, H> Inner<R, H> {
                     inner.pending.take_own(&run.job_id);
                     tracing::info!(run_id, step = run.step, status = ?outcome.status, "run ended");
                     inner.notify_terminal(outcome);
-                    return Ok(true);
+                    return Ok((true, true));
                 }
                 // The step settled between our read and the cancel.
                 CancelOutcome::NotFound => continue,
@@ -1263,7 +1282,7 @@ impl<R, H> Inner<R, H> {
                         if newly {
                             tracing::info!(run_id, step = run.step, "cancel requested");
                         }
-                        return Ok(accepted || newly);
+                        return Ok((accepted || newly, false));
                     }
                     if settling.is_empty() {
                         // No entry: the claim is not registered yet (its
@@ -1278,7 +1297,7 @@ impl<R, H> Inner<R, H> {
                         if still.is_some_and(|(now, job)| {
                             now.job_id == run.job_id && job.status == JobStatus::Claimed
                         }) {
-                            return Ok(accepted);
+                            return Ok((accepted, false));
                         }
                         continue;
                     }
@@ -1292,7 +1311,7 @@ impl<R, H> Inner<R, H> {
                         }
                     }
                     if cancelled_by_request {
-                        return Ok(accepted || newly);
+                        return Ok((accepted || newly, false));
                     }
                 }
             }

@@ -9,7 +9,8 @@
 //! |--------------------------|----------------------------------------------------------------|
 //! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
 //! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
-//! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
+//! | cancel, step removed     | the reply, **in the run's ending transaction**; then the job's ack |
+//! | cancel, step running, or nothing to cancel | the request on the step job (or nothing); then `ack_with` { reply } |
 //! | signal                   | a note of the waiting job; `signal`'s commit; then `ack_with` { reply } |
 //! | rerun, requeue of a step job | the reply, **in the re-run's own transaction**; then the job's ack |
 //! | reset                    | the reply, **in the reset's own transaction**; then the job's ack |
@@ -23,8 +24,12 @@
 //! so a request whose reply commits with its effect is applied once even
 //! when the worker dies between its effect and its ack. The others, applied
 //! again after a crash between their effect and their reply: a cancel
-//! cancels the ended run again (no effect) and answers `false`; a signal
-//! signals only the job its note names, never a later wait (`Signalled` if
+//! whose request reached a running step (taquba stores it on the job with
+//! no extra effects, and the step's settlement ends the run) answers by
+//! what it finds then: `true` when it ends the run itself or its request
+//! newly reaches a running attempt, else `false` (the run has ended, or the
+//! stored request reads as an earlier cancel's: nothing on the job says
+//! whose it was); a signal signals only the job its note names, never a later wait (`Signalled` if
 //! that job's record holds the payload, else `NotWaiting`: a delivered
 //! signal whose step has settled since is answered so too); a hook's
 //! requeue answers `JobNotFound`.
@@ -306,12 +311,24 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => Err(e),
             }
         }
-        // A crash between the cancel's commits and the reply's re-applies
-        // it: a second cancel of the run, which then answers `false`.
-        Request::Cancel { run_id } => rt
-            .cancel(&run_id)
-            .await
-            .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
+        // The reply commits with the run's ending when the cancel removes
+        // its step (a crash before the ack finds it, so the cancel answers
+        // `true` once). A request to a running step, or nothing to cancel,
+        // is answered by `ack_with`.
+        Request::Cancel { run_id } => {
+            let ended = ReplyBody::Cancelled {
+                run_id: run_id.clone(),
+                cancelled: true,
+            };
+            match rt
+                .cancel_with(&run_id, |effects| reply_onto(effects, ended.clone()))
+                .await
+            {
+                Ok((_, true)) => return ack(queue, control, claim).await,
+                Ok((cancelled, false)) => Ok(ReplyBody::Cancelled { run_id, cancelled }),
+                Err(e) => Err(e),
+            }
+        }
         // The waiting job is noted (durably) before the signal, so a crash
         // between the signal's commit and the reply's re-applies it to that
         // job only, never to a later wait (see `signal_once`).
@@ -703,6 +720,35 @@ mod tests {
             "the second wait got no signal"
         );
         assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A cancel request applied again after a crash between the cancel
+    /// (which removed the waiting step and ended the run) and its ack
+    /// answers that it cancelled the run.
+    #[tokio::test]
+    async fn a_cancel_applied_again_after_a_crash_answers_that_it_cancelled() {
+        let h = Harness::new().await;
+        h.rt.submit(RunSpec {
+            run_id: Some("sig".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        h.waiting_at(1).await;
+        let request = Request::Cancel {
+            run_id: "sig".into(),
+        };
+        let claim = h.claim("req-cancel", &request).await;
+        h.apply_and_crash(&claim).await;
+        let out = h.rt.outcome("sig").await.unwrap().expect("ended");
+        assert_eq!(out.status, crate::TerminalStatus::Cancelled);
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Cancelled {
+                run_id: "sig".into(),
+                cancelled: true
+            }
+        );
     }
 
     /// A re-run request applied again after a crash between the re-run and
