@@ -411,6 +411,53 @@ impl ControlKeys {
     pub(crate) fn expiry_prefix(&self) -> &[u8] {
         &self.expiry
     }
+
+    /// The replies' expiry index.
+    pub(crate) fn expiry(&self) -> taquba::ExpiryIndex {
+        taquba::ExpiryIndex::new(self.expiry.clone())
+    }
+
+    /// `effects` with the reply of `request_id`, applied at `now_ms`, and
+    /// its entry in `expiry` (the replies' expiry index).
+    pub(crate) fn reply_onto(
+        &self,
+        effects: taquba::SettlementEffects,
+        expiry: &taquba::ExpiryIndex,
+        request_id: &str,
+        reply: ReplyBody,
+        now_ms: u64,
+    ) -> Result<taquba::SettlementEffects, Error> {
+        let key = self.reply(request_id);
+        let record = ReplyRecord {
+            at_ms: now_ms,
+            reply,
+        };
+        let value = crate::record::encode(&key, &record)?;
+        Ok(effects
+            .kv_put(key, value)
+            .expiry_entry(expiry, now_ms, request_id.as_bytes()))
+    }
+
+    /// The reply `Signalled` of request `request_id`, whose signal a job of
+    /// run `run_id` took, with its expiry entry; `None` when a reply of
+    /// that request is stored already.
+    pub(crate) async fn signalled(
+        &self,
+        view: &taquba::QueueView,
+        request_id: &str,
+        run_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<taquba::SettlementEffects>, Error> {
+        if view.kv_get(&self.reply(request_id)).await?.is_some() {
+            return Ok(None);
+        }
+        let reply = ReplyBody::Signalled {
+            run_id: run_id.to_string(),
+        };
+        let effects = taquba::SettlementEffects::default();
+        self.reply_onto(effects, &self.expiry(), request_id, reply, now_ms)
+            .map(Some)
+    }
 }
 
 /// Check a request id: 1–64 bytes of `[A-Za-z0-9_-]`.

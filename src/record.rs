@@ -50,6 +50,12 @@ pub const HEADER_PARKED: &str = "workflow.parked";
 /// with the step. The payload is then a `SignalledPayload` record (the
 /// step's payload and the signal, in MessagePack).
 pub const HEADER_SIGNAL: &str = "workflow.signal";
+/// The header marking a step job that waits for a signal and takes it as a
+/// `SentSignal` record (the payload and who sent it) on its
+/// `JobRecord::signal`, so the signal's own commit says which request
+/// delivered it. A wait without it (from an earlier Waymark) takes the bare
+/// payload.
+pub const HEADER_SIGNAL_SENDER: &str = "workflow.signal_sender";
 /// The header carrying how many times the run was re-run from a step
 /// (absent on the first segment).
 pub const HEADER_RERUN: &str = "workflow.rerun";
@@ -115,6 +121,35 @@ pub(crate) struct SignalledPayload {
     pub payload: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub signal: Vec<u8>,
+}
+
+/// A signal as a wait with [`HEADER_SIGNAL_SENDER`] takes it: the payload
+/// and the client request that sent it (`None`: a direct
+/// `WorkflowRuntime::signal`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SentSignal {
+    pub sender: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl SentSignal {
+    /// The signal on the record of job `job` (with its `headers`): its
+    /// payload and sender (`None` for a bare payload).
+    pub(crate) fn of(
+        job: &str,
+        headers: &HashMap<String, String>,
+        signal: &[u8],
+    ) -> Result<Self, Error> {
+        if headers.contains_key(HEADER_SIGNAL_SENDER) {
+            decode(job.as_bytes(), signal)
+        } else {
+            Ok(Self {
+                sender: None,
+                payload: signal.to_vec(),
+            })
+        }
+    }
 }
 
 /// A parent's wait for the children one of its steps spawned, at

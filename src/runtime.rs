@@ -25,8 +25,8 @@ use crate::policy::{BackoffPolicy, RetryPolicy};
 use crate::read::{self, RunFilter, RunPage};
 use crate::record::{
     self, DEFAULT_WORKFLOW, HEADER_RUN_ID, HEADER_STEP, HEADER_WORKFLOW, Keys, MAX_PAYLOAD_BYTES,
-    MAX_SIGNAL_BYTES, OutcomeRecord, RunRecord, SubmitRecord, decode, encode, user_headers,
-    validate_headers, validate_name,
+    MAX_SIGNAL_BYTES, OutcomeRecord, RunRecord, SentSignal, SubmitRecord, decode, encode,
+    user_headers, validate_headers, validate_name,
 };
 use crate::runner::StepRunner;
 use crate::schedule::{Schedule, Schedules};
@@ -849,8 +849,21 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// discarded and the run ends `Cancelled` when the step returns (or, after
     /// a crash, when the step is next claimed — it is not run again).
     pub async fn cancel(&self, run_id: &str) -> Result<bool, Error> {
+        Ok(self.cancel_with(run_id, Ok).await?.0)
+    }
+
+    /// [`Self::cancel`], with `extra` applied to the effects of the commit
+    /// that ends the run (a waiting or pending step removed; not called
+    /// when the cancel is a request to a running step, or when nothing is
+    /// cancelled). Returns whether the cancel was accepted, and whether the
+    /// run ended by this call's commit (with `extra`).
+    pub(crate) async fn cancel_with(
+        &self,
+        run_id: &str,
+        extra: impl Fn(SettlementEffects) -> Result<SettlementEffects, Error>,
+    ) -> Result<(bool, bool), Error> {
         validate_name("run id", run_id)?;
-        self.inner.end_run(run_id, Ending::Cancel).await
+        self.inner.end_run(run_id, Ending::Cancel, extra).await
     }
 }
 
@@ -873,24 +886,32 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// exists. [`Error::RunNotFound`] for an unknown run;
     /// [`Error::PayloadTooLarge`] for a payload over [`MAX_SIGNAL_BYTES`].
     pub async fn signal(&self, run_id: &str, payload: Vec<u8>) -> Result<(), Error> {
-        self.signal_once(run_id, payload, None, async |_| Ok(()))
+        self.signal_once(run_id, payload, None, None, async |_| Ok(()))
             .await
     }
 
-    /// [`Self::signal`] for a request that a crash can have applied before.
-    /// The first time (`earlier` is `None`), `note` is called with the
-    /// waiting job's id once the run is found waiting, and must make it
-    /// durable before it returns: the signal commits after it. Applied
-    /// again, `earlier` is that job, and only it is signalled, never the
-    /// run's later wait: `Ok` when its record already holds this payload
-    /// (the earlier application delivered it), the signal when it still
-    /// waits (the earlier one stopped before its signal), else
-    /// [`Error::NotWaiting`] (its wait ended, or its step has settled and
-    /// its record is gone: a delivered signal is then answered so too).
+    /// [`Self::signal`] for client request `request` (`None`: a direct
+    /// call), which a crash can have applied before. The signal names its
+    /// sender on the waiting job's record (a `SentSignal`, for a wait with
+    /// header `workflow.signal_sender`), in the signal's own commit. The
+    /// first time (`earlier` is `None`), `note` is called with the waiting
+    /// job's id once the run is found waiting, and must make it durable
+    /// before it returns: the signal commits after it. Applied again,
+    /// `earlier` is that job, and only it is signalled, never the run's
+    /// later wait: `Ok` when its record holds this request's signal (the
+    /// earlier application delivered it), the signal when it still waits
+    /// (the earlier one stopped before its signal), else
+    /// [`Error::NotWaiting`]. A job that took a request's signal leaves the
+    /// queue only by commits that store the request's reply `Signalled`
+    /// (its claim, see `worker::step`, and `end_run`), so a request whose
+    /// job is gone and whose reply is not stored did not deliver it. (A
+    /// wait from an earlier Waymark takes the bare payload: its record's
+    /// signal counts as this request's if the payload is equal.)
     pub(crate) async fn signal_once(
         &self,
         run_id: &str,
         payload: Vec<u8>,
+        request: Option<&str>,
         earlier: Option<String>,
         note: impl AsyncFnOnce(&str) -> Result<(), Error>,
     ) -> Result<(), Error> {
@@ -903,20 +924,32 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             });
         }
         let inner = &self.inner;
-        let job_id = match earlier {
+        let job = match earlier {
             Some(job_id) => {
                 let job = inner
                     .durable(run_id, async {
                         Ok(inner.queue.view().job_record(&job_id).await?)
                     })
                     .await?;
-                if job.is_some_and(|job| job.signal.as_deref() == Some(payload.as_slice())) {
-                    return Ok(());
+                let Some(job) = job else {
+                    return Err(Error::NotWaiting(run_id.to_string()));
+                };
+                if let Some(signal) = &job.signal {
+                    let sent = SentSignal::of(&job.id, &job.headers, signal)?;
+                    let ours = if job.headers.contains_key(record::HEADER_SIGNAL_SENDER) {
+                        sent.sender.as_deref() == request
+                    } else {
+                        sent.payload == payload
+                    };
+                    if ours {
+                        return Ok(());
+                    }
+                    return Err(Error::NotWaiting(run_id.to_string()));
                 }
-                job_id
+                job
             }
             None => {
-                let Some((run, job)) = inner.current_step(run_id).await? else {
+                let Some((_, job)) = inner.current_step(run_id).await? else {
                     return match inner.outcome(run_id).await? {
                         Some(_) => Err(Error::NotWaiting(run_id.to_string())),
                         None => Err(Error::RunNotFound(run_id.to_string())),
@@ -925,19 +958,28 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 if !job.signal_wait {
                     return Err(Error::NotWaiting(run_id.to_string()));
                 }
-                note(&run.job_id).await?;
-                run.job_id
+                note(&job.id).await?;
+                job
             }
+        };
+        let signal = if job.headers.contains_key(record::HEADER_SIGNAL_SENDER) {
+            let sent = SentSignal {
+                sender: request.map(str::to_string),
+                payload,
+            };
+            encode(job.id.as_bytes(), &sent)?
+        } else {
+            payload
         };
         // The signal makes the step claimable before its flush returns: it
         // is a commit in flight for the run, which admit waits for.
         let outcome = {
             let _pending = inner.pending.begin(run_id);
-            inner.queue.signal(&job_id, payload).await?
+            inner.queue.signal(&job.id, signal).await?
         };
         match outcome {
             SignalOutcome::Delivered => {
-                tracing::info!(run_id, job_id, "signal delivered");
+                tracing::info!(run_id, job_id = job.id, "signal delivered");
                 Ok(())
             }
             // The wait ended (its timeout, a cancel) since the read.
@@ -1145,10 +1187,16 @@ impl<R, H> Inner<R, H> {
     /// End a live run on a cancel or at its deadline (see [`WorkflowRuntime::cancel`]):
     /// a waiting step is removed and the run ends in that transaction; a
     /// running one is asked to stop, and its settlement ends the run.
-    /// `Ok(false)` when the run is not live, its request was accepted
-    /// before, or (for a deadline) the run's current step does not carry
-    /// that deadline.
-    pub(crate) async fn end_run(&self, run_id: &str, ending: Ending) -> Result<bool, Error> {
+    /// `false` when the run is not live, its request was accepted before,
+    /// or (for a deadline) the run's current step does not carry that
+    /// deadline. `extra` is applied to the effects of the commit that ends
+    /// the run here (a removed step); the second `bool` says it committed.
+    pub(crate) async fn end_run(
+        &self,
+        run_id: &str,
+        ending: Ending,
+        extra: impl Fn(SettlementEffects) -> Result<SettlementEffects, Error>,
+    ) -> Result<(bool, bool), Error> {
         let inner = self;
         // One ending of a run at a time in this process: a second cancel
         // would otherwise find the first's request stored but not yet
@@ -1161,12 +1209,12 @@ impl<R, H> Inner<R, H> {
         let mut accepted = false;
         loop {
             let Some((run, job)) = inner.current_step(run_id).await? else {
-                return Ok(false);
+                return Ok((false, false));
             };
             if job.status == JobStatus::Dead {
                 // The queue gave up on the step: the run has ended `Failed`
                 // (see `outcome`); the pool records it.
-                return Ok(false);
+                return Ok((false, false));
             }
             let (status, error) = match ending {
                 Ending::Cancel => (TerminalStatus::Cancelled, None),
@@ -1174,7 +1222,7 @@ impl<R, H> Inner<R, H> {
                     (TerminalStatus::TimedOut, Some(record::timed_out_reason(at)))
                 }
                 // A stale entry: the run is another segment now.
-                Ending::Deadline(_) => return Ok(false),
+                Ending::Deadline(_) => return Ok((false, false)),
             };
             let outcome = RunOutcome {
                 run_id: run_id.to_string(),
@@ -1195,14 +1243,37 @@ impl<R, H> Inner<R, H> {
             };
             // Its history's last entry, for a waiting step removed (a running
             // step's settlement writes its own).
-            let effects = crate::history::record_ending(
+            let effects = extra(crate::history::record_ending(
                 effects,
                 &inner.keys,
                 inner.cfg.history_entries,
                 &outcome,
                 &job,
                 inner.now_ms(),
-            )?;
+            )?)?;
+            // A signal the step took and never ran with: its request's reply
+            // commits with the step's removal (see `signal_once`).
+            let sender = match job.signal.as_deref() {
+                Some(signal) => match SentSignal::of(&job.id, &job.headers, signal) {
+                    Ok(sent) => sent.sender,
+                    Err(e) => {
+                        tracing::warn!(
+                            run_id,
+                            job_id = job.id,
+                            "the signal a removed step took does not decode: {e}"
+                        );
+                        None
+                    }
+                },
+                None => None,
+            };
+            let effects = match sender {
+                Some(request) => match inner.signalled_reply(run_id, &request).await? {
+                    Some(reply) => crate::effects::merge(effects, reply),
+                    None => effects,
+                },
+                None => effects,
+            };
             #[cfg(test)]
             {
                 let hook = lock(&inner.inflight.before_request).take();
@@ -1222,7 +1293,7 @@ impl<R, H> Inner<R, H> {
                     inner.pending.take_own(&run.job_id);
                     tracing::info!(run_id, step = run.step, status = ?outcome.status, "run ended");
                     inner.notify_terminal(outcome);
-                    return Ok(true);
+                    return Ok((true, true));
                 }
                 // The step settled between our read and the cancel.
                 CancelOutcome::NotFound => continue,
@@ -1263,7 +1334,7 @@ impl<R, H> Inner<R, H> {
                         if newly {
                             tracing::info!(run_id, step = run.step, "cancel requested");
                         }
-                        return Ok(accepted || newly);
+                        return Ok((accepted || newly, false));
                     }
                     if settling.is_empty() {
                         // No entry: the claim is not registered yet (its
@@ -1278,7 +1349,7 @@ impl<R, H> Inner<R, H> {
                         if still.is_some_and(|(now, job)| {
                             now.job_id == run.job_id && job.status == JobStatus::Claimed
                         }) {
-                            return Ok(accepted);
+                            return Ok((accepted, false));
                         }
                         continue;
                     }
@@ -1292,11 +1363,26 @@ impl<R, H> Inner<R, H> {
                         }
                     }
                     if cancelled_by_request {
-                        return Ok(accepted || newly);
+                        return Ok((accepted || newly, false));
                     }
                 }
             }
         }
+    }
+
+    /// The reply `Signalled` of client request `request`, whose signal a
+    /// step job of run `run_id` took (`None` when its reply is stored): for
+    /// the commits that take such a job off the queue (its claim's
+    /// admission, its removal by `end_run`), after which the request can no
+    /// longer read its delivery on the job's record (see `signal_once`).
+    pub(crate) async fn signalled_reply(
+        &self,
+        run_id: &str,
+        request: &str,
+    ) -> Result<Option<SettlementEffects>, Error> {
+        crate::control::ControlKeys::new(&self.cfg.queue_name)
+            .signalled(self.queue.view(), request, run_id, self.now_ms())
+            .await
     }
 
     pub(crate) fn now_ms(&self) -> u64 {

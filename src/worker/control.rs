@@ -9,8 +9,9 @@
 //! |--------------------------|----------------------------------------------------------------|
 //! | submit, new run          | the reply, **in submit's own transaction**; then the job's ack |
 //! | submit, run exists       | `ack_with` { reply `newly_submitted: false` or `InputMismatch` } |
-//! | cancel                   | `cancel`'s commits; then `ack_with` { reply }                  |
-//! | signal                   | a note of the waiting job; `signal`'s commit; then `ack_with` { reply } |
+//! | cancel, step removed     | the reply, **in the run's ending transaction**; then the job's ack |
+//! | cancel, step running, or nothing to cancel | the request on the step job (or nothing); then `ack_with` { reply } |
+//! | signal                   | a note of the waiting job; `signal`'s commit, naming the request on the job's record; the reply if none is stored (the job's claim or removal stores it); then the job's ack |
 //! | rerun, requeue of a step job | the reply, **in the re-run's own transaction**; then the job's ack |
 //! | reset                    | the reply, **in the reset's own transaction**; then the job's ack |
 //! | trigger, pause, resume   | the reply, **in the change's own transaction**; then the job's ack |
@@ -21,13 +22,39 @@
 //!
 //! A job whose reply exists was applied before a crash and is only acked,
 //! so a request whose reply commits with its effect is applied once even
-//! when the worker dies between its effect and its ack. The others, applied
-//! again after a crash between their effect and their reply: a cancel
-//! cancels the ended run again (no effect) and answers `false`; a signal
-//! signals only the job its note names, never a later wait (`Signalled` if
-//! that job's record holds the payload, else `NotWaiting`: a delivered
-//! signal whose step has settled since is answered so too); a hook's
-//! requeue answers `JobNotFound`.
+//! when the worker dies between its effect and its ack.
+//!
+//! A signal's commit is taquba's and takes no extra effects, so its reply
+//! cannot join it. Instead the signal names its request on the waiting
+//! job's record (a `SentSignal`), and every commit that takes such a job
+//! off the queue first stores the request's reply `Signalled` if none is
+//! stored: its claim's admission, before the step runs, and a cancel that
+//! removes it. Applied again, the request signals only the job its note
+//! names, never a later wait: `Signalled` if that job's record names this
+//! request, the signal if it still waits, else `NotWaiting` (its wait
+//! ended otherwise, or another caller's signal took it). Its own reply
+//! commits only if none is stored. (A wait from an earlier Waymark takes
+//! the bare payload, which names no sender: there an equal payload counts
+//! as this request's, as before.)
+//!
+//! Two others commit effect and reply apart, and a crash between them
+//! leaves an answer that may be wrong:
+//! - a cancel whose request reached a running step (taquba stores it on
+//!   the job as a flag, with no extra effects, and the step's settlement
+//!   ends the run), applied again, answers by what it finds: `true` when it
+//!   ends the run itself or its request newly reaches a running attempt,
+//!   else `false` (the run has ended, or the stored flag reads as an
+//!   earlier cancel's: nothing on the job says whose it was);
+//! - a hook's requeue applied again answers `JobNotFound`. taquba's
+//!   `requeue_dead_job` takes no extra effects and leaves no trace that
+//!   names its caller (the job's state, and a `Requeued` entry in its
+//!   attempt history, both gone once the hook is acked), and a note
+//!   committed before it cannot tell its own requeue from another caller's
+//!   (a second request, an operator), nor, once the hook job is gone, from
+//!   the retention sweep that deleted the dead job before any requeue.
+//!   Answering `RequeuedHook` from a note would report requeues that did
+//!   not happen; it would take a `requeue_dead_job` with effects for the
+//!   reply to join it.
 //!
 //! Requests about one run (header `workflow.run_id`) apply one at a time in
 //! the order they were claimed; others run concurrently. That is send order:
@@ -47,7 +74,7 @@ use taquba::{Claim, ExpiryIndex, SettlementEffects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlKeys, ReplyBody, ReplyRecord, Request, RerunRefusal, SignalNote};
+use crate::control::{ControlKeys, ReplyBody, Request, RerunRefusal, SignalNote};
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{HEADER_RUN_ID, decode, encode};
@@ -243,16 +270,9 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
     }
     // The reply record and its expiry entry, added to `effects`.
     let reply_onto = |effects: SettlementEffects, body: ReplyBody| {
-        let now = inner.now_ms();
-        let record = ReplyRecord {
-            at_ms: now,
-            reply: body,
-        };
-        Ok::<_, Error>(
-            effects
-                .kv_put(reply_key.clone(), encode(&reply_key, &record)?)
-                .expiry_entry(&control.expiry, now, request_id.as_bytes()),
-        )
+        control
+            .keys
+            .reply_onto(effects, &control.expiry, request_id, body, inner.now_ms())
     };
     let reply = |body: ReplyBody| reply_onto(SettlementEffects::default(), body);
     let request: Request = match decode(request_id.as_bytes(), &claim.payload) {
@@ -269,6 +289,9 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
     };
     // Pause and resume share their arm below.
     let paused = matches!(request, Request::Pause { .. });
+    // A signal's reply may be stored by the commit that took its job off
+    // the queue (see the arm below).
+    let signal = matches!(request, Request::Signal { .. });
     let applied = match request {
         Request::Submit {
             run_id,
@@ -306,15 +329,30 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 Err(e) => Err(e),
             }
         }
-        // A crash between the cancel's commits and the reply's re-applies
-        // it: a second cancel of the run, which then answers `false`.
-        Request::Cancel { run_id } => rt
-            .cancel(&run_id)
-            .await
-            .map(|cancelled| ReplyBody::Cancelled { run_id, cancelled }),
+        // The reply commits with the run's ending when the cancel removes
+        // its step (a crash before the ack finds it, so the cancel answers
+        // `true` once). A request to a running step, or nothing to cancel,
+        // is answered by `ack_with`.
+        Request::Cancel { run_id } => {
+            let ended = ReplyBody::Cancelled {
+                run_id: run_id.clone(),
+                cancelled: true,
+            };
+            match rt
+                .cancel_with(&run_id, |effects| reply_onto(effects, ended.clone()))
+                .await
+            {
+                Ok((_, true)) => return ack(queue, control, claim).await,
+                Ok((cancelled, false)) => Ok(ReplyBody::Cancelled { run_id, cancelled }),
+                Err(e) => Err(e),
+            }
+        }
         // The waiting job is noted (durably) before the signal, so a crash
         // between the signal's commit and the reply's re-applies it to that
-        // job only, never to a later wait (see `signal_once`).
+        // job only, never to a later wait; the signal names this request on
+        // the job's record, and the commits that take the job off the queue
+        // store this reply (see `signal_once`). So the reply commits only if
+        // none is stored.
         Request::Signal { run_id, payload } => {
             let note_key = control.keys.signalling(request_id);
             let earlier = match queue.view().kv_get(&note_key).await? {
@@ -331,7 +369,10 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 queue.commit_effects(effects).await?;
                 Ok(())
             };
-            match rt.signal_once(&run_id, payload, earlier, note).await {
+            match rt
+                .signal_once(&run_id, payload, Some(request_id), earlier, note)
+                .await
+            {
                 Ok(()) => Ok(ReplyBody::Signalled { run_id }),
                 Err(Error::NotWaiting(run_id)) => Ok(ReplyBody::NotWaiting { run_id }),
                 Err(Error::RunNotFound(run_id)) => Ok(ReplyBody::RunNotFound { run_id }),
@@ -410,6 +451,12 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
         return Ok(());
     }
     match applied {
+        Ok(body) if signal => {
+            queue
+                .kv_compare_commit(&[(&reply_key, None)], reply(body)?)
+                .await?;
+            queue.ack(claim).await?;
+        }
         Ok(body) => {
             queue.ack_with(claim, reply(body)?).await?;
         }
@@ -449,7 +496,7 @@ async fn ack(queue: &taquba::Queue, control: &Control, claim: &Claim) -> Result<
 /// requeue finds its run re-run since and answers `JobNotFound`). The
 /// re-run's reply commits with it, through `reply_onto` (`None` returned);
 /// a crash between a hook's requeue and its reply re-applies it, which then
-/// answers `JobNotFound`.
+/// answers `JobNotFound` (see the module doc for why no note can fix it).
 async fn requeue<R: StepRunner, H: TerminalHook>(
     rt: &WorkflowRuntime<R, H>,
     job_id: String,
@@ -525,6 +572,7 @@ fn schedule_refusal(e: Error) -> Result<ReplyBody, Error> {
 mod tests {
     use super::*;
     use crate::breaker::BreakerStatus;
+    use crate::control::ReplyRecord;
     use crate::hook::NoopTerminalHook;
     use crate::read::RunState;
     use crate::runner::{Step, StepError, StepOutcome};
@@ -646,6 +694,49 @@ mod tests {
                 .reply
         }
 
+        /// Stop the pool: no step runs until [`Self::start_pool`].
+        async fn stop_pool(&mut self) {
+            self.worker.abort();
+            let _ = (&mut self.worker).await;
+        }
+
+        fn start_pool(&mut self) {
+            self.worker = tokio::spawn({
+                let rt = self.rt.clone();
+                async move { rt.run(std::future::pending()).await }
+            });
+        }
+
+        /// The job run `sig` waits on.
+        async fn waiting_job(&self) -> String {
+            let (run, _) = self.rt.inner.current_step("sig").await.unwrap().unwrap();
+            run.job_id
+        }
+
+        /// The state of a signal request that crashed after its note,
+        /// before its signal: the note of the job `sig` waits on.
+        async fn note_only(&self, request_id: &str) {
+            let key = self.control.keys.signalling(request_id);
+            let note = SignalNote {
+                job_id: self.waiting_job().await,
+            };
+            let effects = SettlementEffects::default()
+                .kv_put(key.clone(), encode(&key, &note).unwrap())
+                .expiry_entry(&self.control.expiry, 1, request_id.as_bytes());
+            self.rt.inner.queue.commit_effects(effects).await.unwrap();
+        }
+
+        async fn submit_sig(&self) {
+            self.rt
+                .submit(RunSpec {
+                    run_id: Some("sig".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            self.waiting_at(1).await;
+        }
+
         async fn until(&self, what: &str, mut check: impl AsyncFnMut() -> bool) {
             let deadline = tokio::time::Instant::now() + GUARD;
             while !check().await {
@@ -671,18 +762,13 @@ mod tests {
     }
 
     /// A signal request applied again after a crash between its signal and
-    /// its reply (the run took the signal and waits again) is not delivered
-    /// to the new wait: one signal never satisfies two waits.
+    /// its reply (the run took the signal and waits again) answers that it
+    /// signalled, and is not delivered to the new wait: one signal never
+    /// satisfies two waits.
     #[tokio::test]
     async fn a_signal_applied_again_after_a_crash_is_not_delivered_to_a_later_wait() {
         let h = Harness::new().await;
-        h.rt.submit(RunSpec {
-            run_id: Some("sig".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        h.waiting_at(1).await;
+        h.submit_sig().await;
         let request = Request::Signal {
             run_id: "sig".into(),
             payload: b"one".to_vec(),
@@ -692,7 +778,7 @@ mod tests {
         h.waiting_at(2).await;
         assert_eq!(
             h.apply_again(&claim).await,
-            ReplyBody::NotWaiting {
+            ReplyBody::Signalled {
                 run_id: "sig".into()
             }
         );
@@ -703,6 +789,126 @@ mod tests {
             "the second wait got no signal"
         );
         assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A signal request applied again after a crash between its signal and
+    /// its reply, before its step ran, answers that it signalled and is
+    /// delivered once.
+    #[tokio::test]
+    async fn a_signal_applied_again_before_its_step_runs_is_delivered_once() {
+        let mut h = Harness::new().await;
+        h.submit_sig().await;
+        h.stop_pool().await;
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        h.apply_and_crash(&claim).await;
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Signalled {
+                run_id: "sig".into()
+            }
+        );
+        h.start_pool();
+        h.waiting_at(2).await;
+        assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A signal request applied again after a crash between its note and
+    /// its signal delivers it once, to the noted wait.
+    #[tokio::test]
+    async fn a_signal_applied_again_after_a_crash_before_its_signal_delivers_it_once() {
+        let h = Harness::new().await;
+        h.submit_sig().await;
+        h.note_only("req-signal").await;
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Signalled {
+                run_id: "sig".into()
+            }
+        );
+        h.waiting_at(2).await;
+        assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A signal request that crashed between its note and its signal, whose
+    /// wait another caller then signalled with the same payload, does not
+    /// claim that delivery when applied again.
+    #[tokio::test]
+    async fn a_signal_applied_again_does_not_answer_for_another_callers_delivery() {
+        let mut h = Harness::new().await;
+        h.submit_sig().await;
+        h.stop_pool().await;
+        h.note_only("req-signal").await;
+        h.rt.signal("sig", b"one".to_vec()).await.unwrap();
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::NotWaiting {
+                run_id: "sig".into()
+            }
+        );
+        h.start_pool();
+        h.waiting_at(2).await;
+        assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A signal request applied again after a crash between its signal and
+    /// its reply, whose step a cancel removed before it ran, answers that
+    /// it signalled.
+    #[tokio::test]
+    async fn a_signal_applied_again_after_its_step_was_cancelled_answers_signalled() {
+        let mut h = Harness::new().await;
+        h.submit_sig().await;
+        h.stop_pool().await;
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        h.apply_and_crash(&claim).await;
+        assert!(h.rt.cancel("sig").await.unwrap());
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Signalled {
+                run_id: "sig".into()
+            }
+        );
+        assert!(lock(&h.script.0).is_empty(), "the step never ran");
+    }
+
+    /// A cancel request applied again after a crash between the cancel
+    /// (which removed the waiting step and ended the run) and its ack
+    /// answers that it cancelled the run.
+    #[tokio::test]
+    async fn a_cancel_applied_again_after_a_crash_answers_that_it_cancelled() {
+        let h = Harness::new().await;
+        h.submit_sig().await;
+        let request = Request::Cancel {
+            run_id: "sig".into(),
+        };
+        let claim = h.claim("req-cancel", &request).await;
+        h.apply_and_crash(&claim).await;
+        let out = h.rt.outcome("sig").await.unwrap().expect("ended");
+        assert_eq!(out.status, crate::TerminalStatus::Cancelled);
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Cancelled {
+                run_id: "sig".into(),
+                cancelled: true
+            }
+        );
     }
 
     /// A re-run request applied again after a crash between the re-run and

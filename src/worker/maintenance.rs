@@ -594,7 +594,7 @@ async fn time_out<R, H>(inner: &Inner<R, H>, run_id: &str, at: u64) -> Result<bo
     if job.status == JobStatus::Claimed && job.cancel_requested {
         return Ok(true);
     }
-    inner.end_run(run_id, Ending::Deadline(at)).await?;
+    inner.end_run(run_id, Ending::Deadline(at), Ok).await?;
     Ok(inner.current_step(run_id).await?.is_some())
 }
 
@@ -629,7 +629,7 @@ async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
         let mut done = true;
         for child in &children {
             let _watch = watched(inner, WATCH);
-            if let Err(e) = inner.end_run(child, Ending::Cancel).await {
+            if let Err(e) = inner.end_run(child, Ending::Cancel, Ok).await {
                 tracing::warn!(child, "cancelling a child of an ended parent failed: {e}");
                 done = false;
             }

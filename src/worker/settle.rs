@@ -570,6 +570,11 @@ pub(super) fn next_step_effects<R, H>(
     headers.remove(HEADER_PARKED);
     headers.remove(HEADER_SIGNAL);
     headers.remove(record::HEADER_JOIN);
+    if signal_wait {
+        headers.insert(record::HEADER_SIGNAL_SENDER.to_string(), "1".to_string());
+    } else {
+        headers.remove(record::HEADER_SIGNAL_SENDER);
+    }
     carry_history(inner, job, &mut headers, false);
     let run_at = delay.map(|d| inner.now_ms().saturating_add(saturating_ms(d)));
     let next = job

@@ -22,8 +22,8 @@ use taquba::SettlementEffects;
 use crate::effects::StagedEffects;
 use crate::hook::ChildOutcome;
 use crate::record::{
-    self, HEADER_SIGNAL, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, SignalledPayload, decode,
-    parse_step_extras, parse_step_headers, user_headers,
+    self, HEADER_SIGNAL, MAX_PAYLOAD_BYTES, MAX_RESULT_BYTES, RunRecord, SentSignal,
+    SignalledPayload, decode, parse_step_extras, parse_step_headers, user_headers,
 };
 use crate::runner::{ChildSpec, Step, StepError, StepOutcome, StepRunner};
 use crate::runtime::{InFlight, Inner, Phase, Settled};
@@ -380,20 +380,37 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
             return None;
         }
     };
-    let (signal, unwrapped) = if claim.headers.contains_key(HEADER_SIGNAL) {
+    let (signal, unwrapped, sender) = if claim.headers.contains_key(HEADER_SIGNAL) {
         match decode::<SignalledPayload>(claim.id.as_bytes(), &claim.payload) {
-            Ok(p) => (Some(p.signal), Some(p.payload)),
+            Ok(p) => (Some(p.signal), Some(p.payload), None),
+            Err(e) => {
+                reject(inner, &claim, &e.to_string()).await;
+                return None;
+            }
+        }
+    } else if let Some(signal) = &claim.signal {
+        match SentSignal::of(&claim.id, &claim.headers, signal) {
+            Ok(sent) => (Some(sent.payload), None, sent.sender),
             Err(e) => {
                 reject(inner, &claim, &e.to_string()).await;
                 return None;
             }
         }
     } else {
-        (claim.signal.clone(), None)
+        (None, None, None)
     };
     // The commit that enqueued this job (or the signal that woke it) may
     // still wait for its flush.
     inner.pending.settled(&run_id).await;
+    // A client request's signal: its reply commits before the step can
+    // settle, which takes the job (the request's evidence of delivery) off
+    // the queue. A failure leaves the claim; its lease expiry retries it.
+    if let Some(request) = sender
+        && let Err(e) = signalled(inner, &run_id, &request).await
+    {
+        tracing::warn!(job_id = %claim.id, request, "storing the reply of the request that signalled the step failed: {e}");
+        return None;
+    }
     if inner.pending.take_own(&claim.id) {
         // This process's own commit enqueued it and pointed the run at it.
         return Some(StepJob {
@@ -453,6 +470,26 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
         started_ms,
         history,
     })
+}
+
+/// Store the reply `Signalled` of client request `request`, whose signal
+/// woke a step of run `run_id`, unless one is stored (see
+/// `WorkflowRuntime::signal_once`).
+async fn signalled<R, H>(
+    inner: &Inner<R, H>,
+    run_id: &str,
+    request: &str,
+) -> Result<(), crate::Error> {
+    let Some(reply) = inner.signalled_reply(run_id, request).await? else {
+        return Ok(());
+    };
+    let key = crate::control::ControlKeys::new(&inner.cfg.queue_name).reply(request);
+    // A reply the request stored meanwhile stands: it says the same.
+    inner
+        .queue
+        .kv_compare_commit(&[(&key, None)], reply)
+        .await?;
+    Ok(())
 }
 
 /// Dead-letter a job that is not a valid step, with the reason as its error.
