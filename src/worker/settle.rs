@@ -31,7 +31,7 @@ use crate::history::{self, AttemptOutcome, HEADER_HISTORY, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::policy::saturating_ms;
 use crate::record::{
-    self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_SIGNAL, HEADER_STEP, RunRecord,
+    self, HEADER_ATTEMPTS_BEFORE, HEADER_JOIN, HEADER_PARKED, HEADER_SIGNAL, HEADER_STEP, RunRecord,
     SignalledPayload, encode,
 };
 use crate::runner::StepRunner;
@@ -442,11 +442,13 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         effects.kv_deletes.retain(|key| !writes.contains_key(key));
     }
     let queue = &inner.queue;
-    // Which enqueues are step jobs (the runner's staged ones go elsewhere).
+    // Which enqueues are step jobs to remember (the runner's staged ones
+    // go elsewhere; a join's placeholder is never claimed, so it is not
+    // remembered: it would stay in the set for good).
     let steps: Vec<bool> = effects
         .enqueues
         .iter()
-        .map(|e| e.queue == inner.cfg.queue_name)
+        .map(|e| e.queue == inner.cfg.queue_name && !e.options.headers.contains_key(HEADER_JOIN))
         .collect();
     {
         let _pending = inner.pending.begin(&job.run_id);
