@@ -38,6 +38,16 @@ pub enum Error {
     )]
     InputMismatch(String),
 
+    /// A step spawned a child whose run id names a run that exists already
+    /// (submitted by hand, or a child of an earlier run with the parent's
+    /// id, live or ended within its retention window). The parent fails;
+    /// spawning would overwrite that run. Give the child another
+    /// `ChildSpec::id_suffix`.
+    #[error(
+        "child run id `{0}` is taken by another run (live, or ended within the retention window); give the child another id_suffix"
+    )]
+    ChildIdTaken(String),
+
     /// A payload, result or header set is larger than the runtime accepts.
     #[error(
         "{what} is {size} bytes, over the limit of {max} bytes; store large data elsewhere and pass a reference"

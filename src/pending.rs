@@ -145,6 +145,12 @@ impl PendingCommits {
         }
     }
 
+    /// How many enqueued jobs are remembered.
+    #[cfg(test)]
+    pub(crate) fn own_len(&self) -> usize {
+        lock(&self.own_jobs).len()
+    }
+
     /// Whether this process enqueued the job (forgetting it: a job is
     /// claimed, or removed, once).
     pub(crate) fn take_own(&self, job_id: &str) -> bool {

@@ -159,7 +159,11 @@ pub struct ChildSpec {
     /// spawn). The id is `{parent}.{step}.{suffix}`, with `s{k}` after the
     /// step in the run's segment `k` (after `k` continue-as-new) and `r{n}`
     /// in re-run `n` (`{parent}.{step}s{k}r{n}.{suffix}`), so the same step
-    /// never starts a second set.
+    /// never starts a second set. An id that names a run already (one
+    /// submitted by hand under that id, or a child of an earlier run with
+    /// the parent's id, within its retention) fails the parent with
+    /// [`Error::ChildIdTaken`](crate::Error::ChildIdTaken): nothing is
+    /// spawned, and that run is left alone.
     pub id_suffix: Option<String>,
     /// The child's headers (no `workflow.` keys).
     pub headers: HashMap<String, String>,

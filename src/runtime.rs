@@ -364,6 +364,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
                 endings: Default::default(),
+                creating: Default::default(),
                 #[cfg(feature = "testkit")]
                 probe: self.probe,
             }),
@@ -436,6 +437,10 @@ pub(crate) struct Inner<R, H> {
     pub pending: PendingCommits,
     /// One `end_run` at a time per run.
     pub endings: crate::sync::KeyedLocks,
+    /// Run ids being created: every commit that creates a run holds its
+    /// id's lock from its check that the id is free to its commit's return
+    /// (see [`Inner::lock_new_runs`]).
+    pub creating: crate::sync::KeyedLocks,
     /// The test kit's probe (see [`crate::probe`]).
     #[cfg(feature = "testkit")]
     pub probe: Option<Arc<dyn crate::probe::Probe>>,
@@ -674,6 +679,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         loop {
             let effects = extra(inner.submit_effects(&prepared)?)?;
             let committed = {
+                let _creating = inner.creating.lock(&run_id).await;
                 let _pending = inner.pending.begin(&run_id);
                 inner
                     .queue
@@ -1447,6 +1453,42 @@ impl<R, H> Inner<R, H> {
             max_attempts,
             deadline,
         })
+    }
+
+    /// Lock run ids for a commit that creates those runs without comparing
+    /// (a spawn's children, a schedule's fires), and name those a run
+    /// holds already (in `ids`' order): their submit record exists, live or
+    /// kept for `terminal_retention`. A commit that created them would
+    /// overwrite that run's records, so its caller must leave them out.
+    ///
+    /// The guards are held until the creating commit has returned: every
+    /// creation of a run (a submit too) holds its id's lock across its
+    /// commit, so no other creation of these ids commits between this
+    /// check and that commit. Ids are locked in order, so two callers never
+    /// wait on each other in a cycle.
+    pub(crate) async fn lock_new_runs<'a>(
+        &'a self,
+        ids: &[String],
+    ) -> Result<(Vec<crate::sync::KeyedGuard<'a>>, Vec<String>), Error> {
+        let mut sorted: Vec<&String> = ids.iter().collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut guards = Vec::with_capacity(sorted.len());
+        for id in sorted {
+            guards.push(self.creating.lock(id).await);
+        }
+        let view = self.queue.view();
+        let reads = ids.iter().map(|id| {
+            let key = self.keys.sub(id);
+            let view = &view;
+            async move { view.kv_get(&key).await.map(|found| (id, found)) }
+        });
+        let found = futures_util::future::try_join_all(reads).await?;
+        let taken = found
+            .into_iter()
+            .filter_map(|(id, found)| found.is_some().then(|| id.clone()))
+            .collect();
+        Ok((guards, taken))
     }
 
     /// The effects that create a prepared run: step 0's job (under a fresh

@@ -613,3 +613,51 @@ async fn a_join_whose_child_outcome_does_not_decode_fails_its_run_with_the_reaso
     );
     env.stop().await;
 }
+
+/// A child's run id (`{parent}.{step}.{index}`) that names a run submitted
+/// by hand: the spawn used to overwrite that run's records. Now the parent
+/// fails, saying which id is taken, and the other run keeps its input,
+/// outcome and records; no child of the spawn is created.
+#[tokio::test]
+async fn a_child_id_taken_by_another_run_fails_the_parent_and_leaves_that_run_alone() {
+    let plan = Plan {
+        n: 2,
+        ..Plan::default()
+    };
+    let runner = family(plan, Gate::default(), Seen::default());
+    let mut env = env_for(runner.clone()).await;
+    env.start();
+    env.rt
+        .submit(RunSpec {
+            run_id: Some("p.0.1".into()),
+            workflow: Some("child".into()),
+            input: b"mine".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mine = env.rt.wait("p.0.1").await.unwrap();
+    assert_eq!(mine.result.as_deref(), Some(&b"mine"[..]));
+    submit_parent(&env, "p").await;
+    let out = env.rt.wait("p").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Failed, "{out:?}");
+    let error = out.error.unwrap_or_default();
+    assert!(error.contains("child run id `p.0.1` is taken"), "{error}");
+    assert_eq!(runner.calls("p.0.1", 0), 1, "that run did not run again");
+    let after = env.rt.outcome("p.0.1").await.unwrap().unwrap();
+    assert_eq!(after.result.as_deref(), Some(&b"mine"[..]));
+    assert_eq!(runs_under(&env, "p.0.0").await, Vec::<String>::new());
+    // A resubmit of the other run still attaches to it.
+    let again = env
+        .rt
+        .submit(RunSpec {
+            run_id: Some("p.0.1".into()),
+            workflow: Some("child".into()),
+            input: b"mine".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!again.newly_submitted);
+    env.stop().await;
+}

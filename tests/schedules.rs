@@ -833,3 +833,33 @@ async fn an_unreadable_breaker_or_last_run_record_does_not_stop_a_schedule() {
     advance(&env, Duration::from_secs(10)).await;
     until(&env, "s", |i| i.run_count == 2).await;
 }
+
+/// A run submitted by hand under the id a fire would give its run: the
+/// fire used to overwrite that run's records. Now the fire is skipped,
+/// counted as missed and named in `last_error`; the run keeps its input,
+/// and the next fire fires.
+#[tokio::test]
+async fn a_fire_whose_run_id_is_taken_is_skipped_and_says_why() {
+    let env = env_of(vec![Schedule::every_seconds("hand", 10)]).await;
+    until(&env, "hand", |i| i.next_fire.is_some()).await;
+    let taken = format!("hand:{}", T0 + 10_000);
+    let mine = RunSpec {
+        run_id: Some(taken.clone()),
+        input: b"mine".to_vec(),
+        ..Default::default()
+    };
+    env.rt.submit(mine.clone()).await.unwrap();
+    env.rt.wait(&taken).await.unwrap();
+    advance(&env, Duration::from_secs(10)).await;
+    until(&env, "hand", |i| i.next_fire == Some(at(T0 + 20_000))).await;
+    let i = info(&env, "hand").await;
+    assert_eq!((i.run_count, i.missed), (0, 1), "{i:?}");
+    let why = i.last_error.unwrap_or_default();
+    assert!(why.contains(&format!("`{taken}` is taken")), "{why}");
+    let again = env.rt.submit(mine).await.unwrap();
+    assert!(!again.newly_submitted, "the run kept its input");
+    advance(&env, Duration::from_secs(10)).await;
+    until(&env, "hand", |i| i.run_count == 1).await;
+    let next = format!("hand:{}", T0 + 20_000);
+    assert_eq!(info(&env, "hand").await.last_run_id, Some(next));
+}

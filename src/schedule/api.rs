@@ -102,6 +102,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             extra(&run_id)?,
         );
         let committed = {
+            let _creating = inner.creating.lock(&run_id).await;
             let _pending = inner.pending.begin(&run_id);
             let _record = inner.pending.begin(state::pending_name(id));
             inner

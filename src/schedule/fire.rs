@@ -307,10 +307,27 @@ async fn tick_once<R, H>(
     let live = last_live(inner, &rec).await?;
     let gate = gate(inner, &def.workflow).await?;
     let times = plan(def, &mut rec, now, live, gate);
+    // A fire's run is created without a compare: a run that holds its id
+    // already (submitted by hand under that id) is not overwritten, and
+    // the fire is skipped.
+    let planned: Vec<String> = times
+        .iter()
+        .map(|t| inner.schedules.run_id(id, *t, false))
+        .collect();
+    let (_creating, taken) = inner.lock_new_runs(&planned).await?;
     let mut effects = SettlementEffects::default();
     let mut run_ids = Vec::new();
     let mut step_zero = Vec::new();
-    for t in times {
+    for (t, run_id) in times.into_iter().zip(&planned) {
+        if taken.contains(run_id) {
+            let why = format!(
+                "the fire at {t} was skipped: its run id `{run_id}` is taken by another run"
+            );
+            tracing::error!(schedule = id, "{why}");
+            rec.missed = rec.missed.saturating_add(1);
+            rec.last_error = Some(why);
+            continue;
+        }
         if let Some((run_id, submit)) = fire(inner, id, def, &mut rec, t, false)? {
             step_zero.push(effects.enqueues.len());
             effects = merge(effects, submit);

@@ -11,7 +11,10 @@
 //!
 //! - the submit of each run it fires (step 0's job, the run record, the
 //!   submit record), under the run id `{schedule id}:{fire time in ms}`
-//!   (on a fleet, perhaps with a suffix `-{k}`: see below);
+//!   (on a fleet, perhaps with a suffix `-{k}`: see below). A fire whose
+//!   run id names a run already (one submitted by hand under that id) is
+//!   skipped, counted as missed and named in `last_error`: the tick holds
+//!   the ids' creation locks from that check to its commit;
 //! - the schedule's durable record (`wm/{queue}/sched/{id}`): last fire time
 //!   and run id, run count, counters, next fire time;
 //! - the next tick job.

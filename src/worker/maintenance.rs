@@ -751,6 +751,43 @@ mod tests {
         }
     }
 
+    /// A parent spawns two children, which succeed; it then succeeds.
+    struct TwoChildren;
+
+    impl StepRunner for TwoChildren {
+        async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(match (step.run_id.as_str(), step.step_number) {
+                ("p", 0) => StepOutcome::SpawnChildren {
+                    children: vec![ChildSpec::default(), ChildSpec::default()],
+                    payload: vec![],
+                    fail_fast: false,
+                },
+                _ => StepOutcome::Succeed { result: vec![] },
+            })
+        }
+    }
+
+    /// The step jobs this process enqueued are remembered until claimed (a
+    /// claim of one needs no read of its run record). A join's placeholder
+    /// is never claimed: remembered, it stayed in the set for good, one
+    /// entry a spawn, until the set was full and nothing more was
+    /// remembered.
+    #[tokio::test]
+    async fn a_joined_family_leaves_no_job_remembered() {
+        let (rt, stop, pool) = running(TwoChildren, Duration::from_millis(5)).await;
+        rt.submit(RunSpec {
+            run_id: Some("p".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let out = rt.wait("p").await.unwrap();
+        assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+        assert_eq!(rt.inner.pending.own_len(), 0);
+        stop.cancel();
+        pool.await.unwrap().unwrap();
+    }
+
     /// A kill between a join's commit and the removal of the parent's
     /// placeholder job left that job in the queue for good (scheduled 100
     /// years ahead). The join's commit now lists it for removal, and the

@@ -31,8 +31,8 @@ use crate::history::{self, AttemptOutcome, HEADER_HISTORY, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook};
 use crate::policy::saturating_ms;
 use crate::record::{
-    self, HEADER_ATTEMPTS_BEFORE, HEADER_PARKED, HEADER_SIGNAL, HEADER_STEP, RunRecord,
-    SignalledPayload, encode,
+    self, HEADER_ATTEMPTS_BEFORE, HEADER_JOIN, HEADER_PARKED, HEADER_SIGNAL, HEADER_STEP,
+    RunRecord, SignalledPayload, encode,
 };
 use crate::runner::StepRunner;
 use crate::runtime::{Inner, KvEntry, Terminal, TerminalHold};
@@ -71,6 +71,9 @@ struct Aftermath<'a> {
     /// The run's tally (folds wait for it), its join locks and its
     /// parent's pending commit, held until the commit has returned.
     terminal: Option<TerminalHold<'a>>,
+    /// The ids of the runs the commit creates (children), locked against
+    /// any other creation until the commit has returned.
+    creating: Vec<crate::sync::KeyedGuard<'a>>,
 }
 
 impl<'a> Settlement<'a> {
@@ -235,8 +238,15 @@ async fn from_verdict<'a, R, H>(
         } => {
             let (effects, runs) =
                 super::children::spawn_effects(inner, job, children, payload, fail_fast)?;
+            // Children are created without a compare: no run may hold
+            // their ids, now or until the commit has returned.
+            let (creating, taken) = inner.lock_new_runs(&runs).await?;
+            if let Some(id) = taken.into_iter().next() {
+                return Err(Error::ChildIdTaken(id));
+            }
             let mut settlement = Settlement::moving(effects);
             settlement.runs = runs;
+            settlement.after.creating = creating;
             Ok(settlement)
         }
         Verdict::NewSegment { input } => Ok(Settlement::moving(
@@ -442,11 +452,13 @@ async fn commit<R: StepRunner, H: TerminalHook>(
         effects.kv_deletes.retain(|key| !writes.contains_key(key));
     }
     let queue = &inner.queue;
-    // Which enqueues are step jobs (the runner's staged ones go elsewhere).
+    // Which enqueues are step jobs to remember (the runner's staged ones
+    // go elsewhere; a join's placeholder is never claimed, so it is not
+    // remembered: it would stay in the set for good).
     let steps: Vec<bool> = effects
         .enqueues
         .iter()
-        .map(|e| e.queue == inner.cfg.queue_name)
+        .map(|e| e.queue == inner.cfg.queue_name && !e.options.headers.contains_key(HEADER_JOIN))
         .collect();
     {
         let _pending = inner.pending.begin(&job.run_id);
@@ -467,6 +479,7 @@ async fn commit<R: StepRunner, H: TerminalHook>(
                 }));
         }
     }
+    drop(after.creating);
     #[cfg(feature = "testkit")]
     if let Some(probe) = &inner.probe {
         let attempt = job.attempts();
