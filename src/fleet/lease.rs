@@ -144,7 +144,33 @@ impl HeldLease {
 /// What a taker remembers of a shard held by another worker.
 #[derive(Debug, Clone, Default)]
 pub struct Watch {
+    /// The highest epoch seen, and when this worker first saw it.
     seen: Option<(u64, Instant)>,
+    /// Whether a read of that epoch found it held (not released): it is
+    /// then worth another read only once it may have lapsed.
+    held: bool,
+}
+
+impl Watch {
+    /// Whether a [`Leases::try_take`] of the shard could take it now, as
+    /// far as [`Leases::observe`]'s listings show (they cost nothing per
+    /// shard; a take reads the shard's lease, a LIST and a GET): the shard
+    /// has no lease object, or its highest epoch has stood still for a
+    /// renewal period and the guard (its owner released it, or is late or
+    /// gone). Once a take found that epoch held, not released, it is worth
+    /// another try only after `duration + guard`, when it may have lapsed.
+    /// A shard whose owner renews is never worth a try.
+    pub fn worth_a_try(&self, timing: LeaseTiming) -> bool {
+        let Some((_, since)) = self.seen else {
+            return true;
+        };
+        let stood = if self.held {
+            timing.duration
+        } else {
+            timing.renew_every()
+        };
+        since.elapsed() >= stood.saturating_add(timing.guard)
+    }
 }
 
 /// The leases of one fleet, as one worker (`owner`) takes and keeps them.
@@ -254,12 +280,14 @@ impl Leases {
     }
 
     /// Note in `watches`, for every shard, the highest epoch one listing of
-    /// all the leases shows (one LIST). Called every tick, it starts a
-    /// taker's wait when the owner stops renewing, not when the taker first
-    /// wants the shard (e.g. once the owner's membership lapsed): a
-    /// takeover then takes `duration + guard` plus a tick or two, not
-    /// twice that. Safe for the same reason as a first sighting in
-    /// [`Self::try_take`]: it is after the epoch's object was created.
+    /// all the leases shows (one LIST); a shard it does not show has no
+    /// lease object (its watch forgets what it saw). Called every tick, it
+    /// starts a taker's wait when the owner stops renewing, not when the
+    /// taker first wants the shard (e.g. once the owner's membership
+    /// lapsed): a takeover then takes `duration + guard` plus a tick or
+    /// two, not twice that. Safe for the same reason as a first sighting in
+    /// [`Self::try_take`]: it is after the epoch's object was created. It
+    /// also tells which shards are [worth a take](Watch::worth_a_try).
     pub async fn observe(&self, watches: &mut HashMap<u32, Watch>) -> Result<(), Error> {
         let dir = Path::from(format!(
             "{}/leases",
@@ -282,10 +310,18 @@ impl Leases {
             }
         }
         let now = Instant::now();
+        for (shard, watch) in watches.iter_mut() {
+            if !top.contains_key(shard) {
+                *watch = Watch::default();
+            }
+        }
         for (shard, epoch) in top {
             let watch = watches.entry(shard).or_default();
             if watch.seen.map(|(seen, _)| seen) != Some(epoch) {
-                watch.seen = Some((epoch, now));
+                *watch = Watch {
+                    seen: Some((epoch, now)),
+                    held: false,
+                };
             }
         }
         Ok(())
@@ -331,9 +367,15 @@ impl Leases {
                 {
                     v.epoch.saturating_add(1)
                 }
-                Some((epoch, _)) if epoch == v.epoch => return Ok(None),
+                Some((epoch, _)) if epoch == v.epoch => {
+                    watch.held = true;
+                    return Ok(None);
+                }
                 _ => {
-                    watch.seen = Some((v.epoch, Instant::now()));
+                    *watch = Watch {
+                        seen: Some((v.epoch, Instant::now())),
+                        held: true,
+                    };
                     return Ok(None);
                 }
             },
@@ -341,10 +383,10 @@ impl Leases {
         let sent = Instant::now();
         if !self.create(shard, next, false).await? || !self.is_top(shard, next).await? {
             // Renewed, or another taker won: watch afresh.
-            watch.seen = None;
+            *watch = Watch::default();
             return Ok(None);
         }
-        watch.seen = None;
+        *watch = Watch::default();
         if let Some(old) = next.checked_sub(2) {
             self.forget(shard, old).await;
         }
@@ -356,7 +398,10 @@ impl Leases {
     }
 
     fn valid_from(&self, sent: Instant) -> Instant {
-        sent + self.timing.duration.saturating_sub(self.timing.guard)
+        // An instant beyond the clock's range (never, for a validated
+        // timing) leaves no validity rather than panicking.
+        sent.checked_add(self.timing.duration.saturating_sub(self.timing.guard))
+            .unwrap_or(sent)
     }
 
     /// Renew `lease`. [`Error::LeaseLost`] when another worker took the
@@ -572,6 +617,54 @@ mod tests {
         let view = b.view(0).await.unwrap().unwrap();
         assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
         b.renew(&mut taken).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_shards_free_released_or_standing_still_are_worth_a_take() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut renewed = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let released = a.try_take(1, &mut Watch::default()).await.unwrap().unwrap();
+        let mut stopped = a.try_take(2, &mut Watch::default()).await.unwrap().unwrap();
+        let mut watches = HashMap::new();
+        b.observe(&mut watches).await.unwrap();
+        let worth = |watches: &HashMap<u32, Watch>, shard| {
+            watches
+                .get(&shard)
+                .cloned()
+                .unwrap_or_default()
+                .worth_a_try(TIMING)
+        };
+        // Never taken: worth a try at once.
+        assert!(worth(&watches, 3));
+        a.release(released).await.unwrap();
+        for _ in 0..10 {
+            assert!(!worth(&watches, 0));
+            assert!(!worth(&watches, 2));
+            tokio::time::advance(TIMING.renew_every()).await;
+            a.renew(&mut renewed).await.unwrap();
+            a.renew(&mut stopped).await.unwrap();
+            b.observe(&mut watches).await.unwrap();
+        }
+        // Shard 2's owner stops renewing.
+        tokio::time::advance(TIMING.renew_every() + TIMING.guard).await;
+        a.renew(&mut renewed).await.unwrap();
+        b.observe(&mut watches).await.unwrap();
+        // Renewed all along: never worth a try. Released, or not renewed
+        // (2): worth one once a renewal and the guard are overdue.
+        assert!(!worth(&watches, 0));
+        assert!(worth(&watches, 1));
+        assert!(worth(&watches, 2));
+        let w1 = watches.entry(1).or_default();
+        assert_eq!(b.try_take(1, w1).await.unwrap().map(|l| l.epoch), Some(3));
+        // Shard 2 was read and found held: no more reads until it may have
+        // lapsed, then it is taken.
+        let w2 = watches.entry(2).or_default();
+        assert_eq!(b.try_take(2, w2).await.unwrap(), None);
+        assert!(!worth(&watches, 2));
+        tokio::time::advance(TIMING.duration - TIMING.renew_every()).await;
+        assert!(worth(&watches, 2));
+        let w2 = watches.entry(2).or_default();
+        assert!(b.try_take(2, w2).await.unwrap().is_some());
     }
 
     #[tokio::test(start_paused = true)]
