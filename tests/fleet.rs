@@ -720,3 +720,137 @@ async fn a_worker_short_of_its_share_reads_no_lease_another_renews() {
     stop.notify_one();
     task.await.unwrap().unwrap();
 }
+
+/// A store whose first conditional create of a renewal of shard 0's lease
+/// writes the object and then fails, as a connection reset after the send
+/// does (or a server error that object_store retries into "already
+/// exists").
+#[derive(Debug)]
+struct LostReply {
+    inner: Arc<dyn waymark::taquba::object_store::ObjectStore>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for LostReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LostReply({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl waymark::taquba::object_store::ObjectStore for LostReply {
+    async fn put_opts(
+        &self,
+        location: &waymark::taquba::object_store::path::Path,
+        payload: waymark::taquba::object_store::PutPayload,
+        opts: waymark::taquba::object_store::PutOptions,
+    ) -> waymark::taquba::object_store::Result<waymark::taquba::object_store::PutResult> {
+        let create = matches!(opts.mode, waymark::taquba::object_store::PutMode::Create);
+        let put = self.inner.put_opts(location, payload, opts).await?;
+        if create
+            && location.as_ref().contains("leases/shard-0000/")
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(waymark::taquba::object_store::Error::Generic {
+                store: "LostReply",
+                source: "connection reset by peer after the request was sent".into(),
+            });
+        }
+        Ok(put)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &waymark::taquba::object_store::path::Path,
+        opts: waymark::taquba::object_store::PutMultipartOptions,
+    ) -> waymark::taquba::object_store::Result<
+        Box<dyn waymark::taquba::object_store::MultipartUpload>,
+    > {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &waymark::taquba::object_store::path::Path,
+        options: waymark::taquba::object_store::GetOptions,
+    ) -> waymark::taquba::object_store::Result<waymark::taquba::object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures_util::stream::BoxStream<
+            'static,
+            waymark::taquba::object_store::Result<waymark::taquba::object_store::path::Path>,
+        >,
+    ) -> futures_util::stream::BoxStream<
+        'static,
+        waymark::taquba::object_store::Result<waymark::taquba::object_store::path::Path>,
+    > {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&waymark::taquba::object_store::path::Path>,
+    ) -> futures_util::stream::BoxStream<
+        'static,
+        waymark::taquba::object_store::Result<waymark::taquba::object_store::ObjectMeta>,
+    > {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&waymark::taquba::object_store::path::Path>,
+    ) -> waymark::taquba::object_store::Result<waymark::taquba::object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &waymark::taquba::object_store::path::Path,
+        to: &waymark::taquba::object_store::path::Path,
+        options: waymark::taquba::object_store::CopyOptions,
+    ) -> waymark::taquba::object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A renewal whose create reached the store though its reply was lost is
+/// adopted at the next renewal: the object it wrote names this worker. The
+/// worker keeps the shard and reports nothing; it used to take the
+/// existing object for another worker's, stop the shard and report it
+/// "taken by another worker".
+#[tokio::test(start_paused = true)]
+async fn a_renewal_written_though_its_reply_was_lost_keeps_the_shard() {
+    use waymark::taquba::object_store::memory::InMemory;
+    let store = Arc::new(LostReply {
+        inner: Arc::new(InMemory::new()),
+        armed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let at = StoreLocation::new(store.clone(), "fleet");
+    let (w, mut rx) = paused_worker(&at, 4);
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    took(&mut rx, 4).await;
+    let before = top(&at, 0).await;
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(PAUSED.duration * 10).await;
+    assert!(
+        !store.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "no renewal's reply was lost"
+    );
+    if let Ok(event) = rx.try_recv() {
+        panic!("the worker reported {event:?}");
+    }
+    let after = top(&at, 0).await;
+    assert_eq!(after.1, id);
+    assert!(after.0 >= before.0 + 20, "{before:?} then {after:?}");
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+}

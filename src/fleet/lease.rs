@@ -15,8 +15,10 @@
 //! - **Renew**: the owner creates the next epoch, every `duration / 3`. It
 //!   may write to the shard until `sent + duration - guard`, where `sent` is
 //!   when it *sent* its last successful renewal (on its own monotonic
-//!   clock). A renewal that finds the next epoch taken means the lease was
-//!   lost: stop at once.
+//!   clock). A renewal that finds the next epoch taken by another worker
+//!   means the lease was lost: stop at once. One that finds it its own (an
+//!   earlier renewal's create reached the store, its reply did not) adopts
+//!   it without extending the validity, and renews onward.
 //! - **Take over** a held shard: a taker watches the highest epoch; only
 //!   when the same epoch has stayed the highest for `duration + guard` since
 //!   the taker *first saw it* (its own monotonic clock) does it create the
@@ -270,6 +272,21 @@ impl Leases {
             .is_none_or(|top| *top <= epoch))
     }
 
+    /// Whether `shard`'s lease object `epoch` is this worker's, not
+    /// released, and the highest: a renewal of this worker's wrote it.
+    async fn is_mine(&self, shard: u32, epoch: u64) -> Result<bool, Error> {
+        let mine = match read_lease(&self.location, shard, epoch).await {
+            Ok(Some(view)) => view.owner == self.owner && !view.released,
+            // Deleted since: higher epochs exist, none of them this
+            // worker's renewals.
+            Ok(None) => false,
+            // Not this build's format: not written by this worker.
+            Err(e) if e.is_unreadable_record() => false,
+            Err(e) => return Err(e),
+        };
+        Ok(mine && self.is_top(shard, epoch).await?)
+    }
+
     /// Delete an old lease object (best effort: a later view retries).
     async fn forget(&self, shard: u32, epoch: u64) {
         let path = self.object(shard, epoch);
@@ -407,24 +424,42 @@ impl Leases {
     /// Renew `lease`. [`Error::LeaseLost`] when another worker took the
     /// shard: stop writing to it at once. Another error leaves the lease
     /// valid until [`HeldLease::valid_until`]; retry before then.
+    ///
+    /// A next epoch that already exists and is this worker's own (not
+    /// released, and still the highest) was written by an earlier renewal
+    /// whose create reached the store though the reply did not (a
+    /// connection reset after the send, or a server error retried into
+    /// "already exists"). It is adopted, its validity left as it was (the
+    /// send that wrote it is not known, so no validity may run from it),
+    /// and the lease is renewed onward from it.
     pub async fn renew(&self, lease: &mut HeldLease) -> Result<(), Error> {
-        let next = lease.epoch.saturating_add(1);
-        let sent = Instant::now();
-        let lost = |lease: &mut HeldLease| {
-            lease.valid_until = sent;
+        let mut next = lease.epoch.saturating_add(1);
+        let mut sent = Instant::now();
+        let lost = |lease: &mut HeldLease, sent: Instant| {
+            lease.valid_until = lease.valid_until.min(sent);
             Err(Error::LeaseLost {
                 shard: lease.shard,
                 epoch: lease.epoch,
             })
         };
-        if !self.create(lease.shard, next, false).await? {
-            return lost(lease);
+        while !self.create(lease.shard, next, false).await? {
+            if !self.is_mine(lease.shard, next).await? {
+                return lost(lease, sent);
+            }
+            tracing::info!(
+                shard = lease.shard,
+                epoch = next,
+                "an earlier renewal wrote the shard's lease though it failed: adopted"
+            );
+            lease.epoch = next;
+            next = next.saturating_add(1);
+            sent = Instant::now();
         }
         // The object is this worker's now, whatever follows; an error in
         // the check leaves the validity as it was (the fence stands).
         lease.epoch = next;
         if !self.is_top(lease.shard, next).await? {
-            return lost(lease);
+            return lost(lease, sent);
         }
         lease.valid_until = self.valid_from(sent);
         if let Some(old) = next.checked_sub(2) {
@@ -617,6 +652,30 @@ mod tests {
         let view = b.view(0).await.unwrap().unwrap();
         assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
         b.renew(&mut taken).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_written_though_its_reply_was_lost_is_adopted() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut lease = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let valid_until = lease.valid_until;
+        // a's renewal to epoch 2 reached the store, its reply did not.
+        assert!(a.create(0, 2, false).await.unwrap());
+        tokio::time::advance(TIMING.renew_every()).await;
+        // The next renewal adopts epoch 2 and renews onward; its validity
+        // runs from its own send, never from before it.
+        let sent = Instant::now();
+        a.renew(&mut lease).await.unwrap();
+        assert_eq!(lease.epoch, 3);
+        assert_eq!(lease.valid_until, sent + TIMING.duration - TIMING.guard);
+        assert!(lease.valid_until > valid_until);
+        let view = b.view(0).await.unwrap().unwrap();
+        assert_eq!((view.owner.as_str(), view.epoch), ("a", 3));
+        // An epoch of another worker's is never adopted.
+        assert!(b.create(0, 4, false).await.unwrap());
+        let e = a.renew(&mut lease).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { shard: 0, epoch: 3 }), "{e}");
+        assert!(!lease.is_valid());
     }
 
     #[tokio::test(start_paused = true)]
