@@ -526,3 +526,331 @@ async fn a_store_that_ignores_conditional_writes_is_refused_at_fleet_start() {
     use waymark::taquba::object_store::ObjectStore;
     assert_eq!(inner.list(None).count().await, 0, "it wrote something");
 }
+
+/// Lease timing for the tests on paused time: a lease of 900 ms renewed
+/// every 300 ms, valid 750 ms after each renewal's send.
+const PAUSED: LeaseTiming = TIMING;
+
+/// A worker of `shards` shards at `at` on paused time, reporting its events
+/// on the returned receiver.
+fn paused_worker(
+    at: &StoreLocation,
+    shards: u32,
+) -> (
+    FleetWorker<TwoSteps, NoopTerminalHook>,
+    tokio::sync::mpsc::UnboundedReceiver<waymark::fleet::ShardEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let w = FleetWorker::new(at.clone(), shards, |_, queue| {
+        WorkflowRuntime::builder(queue, TwoSteps, NoopTerminalHook)
+            .poll_interval(Duration::from_millis(20))
+            .build()
+    })
+    .lease_timing(PAUSED)
+    .store_options(|_| StoreOptions::default().flush_interval(Duration::from_millis(2)))
+    .events(tx);
+    (w, rx)
+}
+
+/// The epoch of `shard`'s newest lease object, and its owner.
+async fn top(at: &StoreLocation, shard: u32) -> (u64, String) {
+    let view = waymark::fleet::peek_lease(at, shard)
+        .await
+        .unwrap()
+        .expect("a lease");
+    (view.epoch, view.owner)
+}
+
+/// Receive events until `n` shards were taken (bounded in paused time: a
+/// worker that never takes them fails).
+async fn took(rx: &mut tokio::sync::mpsc::UnboundedReceiver<waymark::fleet::ShardEvent>, n: usize) {
+    use waymark::fleet::ShardEvent;
+    let mut taken = 0;
+    while taken < n {
+        let event = tokio::time::timeout(PAUSED.duration * 20, rx.recv())
+            .await
+            .expect("the shards were taken in time")
+            .expect("an event");
+        match event {
+            ShardEvent::Took { .. } => taken += 1,
+            other => panic!("before taking its shards, the worker reported {other:?}"),
+        }
+    }
+}
+
+/// A worker's tick stuck in a listing that never answers (here its
+/// membership listing; a stalled LIST on S3 does the same) does not stop
+/// its renewals: every shard's lease is renewed all along, no fence fires
+/// and no shard is dropped. Renewals used to run in the tick, before the
+/// listings of the same tick, so the next renewal waited for them: every
+/// shard's fence fired and the worker dropped them all.
+#[tokio::test(start_paused = true)]
+async fn renewals_go_on_while_the_tick_is_stuck_in_a_listing() {
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::testkit::{FaultPlan, FaultStore, StoreOp};
+    let store = FaultStore::new(Arc::new(InMemory::new()), 1, FaultPlan::default());
+    let faults = store.faults();
+    let at = StoreLocation::new(store, "fleet");
+    let (w, mut rx) = paused_worker(&at, 4);
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    took(&mut rx, 4).await;
+    faults.hold(StoreOp::List, "members");
+    for _ in 0..100 {
+        if faults.held() > 0 {
+            break;
+        }
+        tokio::time::sleep(PAUSED.renew_every() / 10).await;
+    }
+    assert!(faults.held() > 0, "the tick's listing was never held");
+    let mut before = Vec::new();
+    for shard in 0..4 {
+        before.push(top(&at, shard).await.0);
+    }
+    // Ten leases long: about thirty renewals of each shard are due.
+    tokio::time::sleep(PAUSED.duration * 10).await;
+    assert!(faults.held() > 0, "the tick went on");
+    for shard in 0..4u32 {
+        let (epoch, owner) = top(&at, shard).await;
+        assert_eq!(owner, id);
+        let renewed = epoch.saturating_sub(before[shard as usize]);
+        assert!(renewed >= 20, "shard {shard} was renewed {renewed} times");
+    }
+    if let Ok(event) = rx.try_recv() {
+        panic!("the worker reported {event:?}");
+    }
+    faults.release();
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+    let mut handed = 0;
+    while let Ok(event) = rx.try_recv() {
+        assert!(
+            matches!(event, waymark::fleet::ShardEvent::HandedBack { .. }),
+            "{event:?}"
+        );
+        handed += 1;
+    }
+    assert_eq!(handed, 4);
+}
+
+/// A worker one shard short of its share reads no lease of a shard
+/// another worker renews: the listing of all the leases shows each such
+/// lease's epoch advancing, so taking it is not worth a try. (Every tick
+/// used to read every such lease, one LIST and one GET each, in the tick
+/// that renewed: here a read of one of them never answers, so the worker
+/// used to stop renewing and drop its own shard.) Once the other worker
+/// stops renewing and its membership lapses, its shards are taken.
+#[tokio::test(start_paused = true)]
+async fn a_worker_short_of_its_share_reads_no_lease_another_renews() {
+    use waymark::fleet::{FleetManifest, Watch};
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::taquba::object_store::path::Path;
+    use waymark::taquba::object_store::{ObjectStoreExt, PutPayload};
+    use waymark::testkit::{FaultPlan, FaultStore, StoreOp};
+    let store = FaultStore::new(Arc::new(InMemory::new()), 1, FaultPlan::default());
+    let faults = store.faults();
+    let at = StoreLocation::new(store, "fleet");
+    FleetManifest::open_or_create(&at, 3).await.unwrap();
+    // Another worker, b, holds shards 1 and 2 and beats its membership:
+    // two workers are live, each's share is two.
+    let b = Leases::new(at.clone(), "b".into(), PAUSED).unwrap();
+    let mut held = Vec::new();
+    for shard in [1, 2] {
+        held.push(
+            b.try_take(shard, &mut Watch::default())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let b_member = Path::from("fleet/members/b");
+    let b_alive = Arc::new(tokio::sync::Notify::new());
+    let b_task = tokio::spawn({
+        let (at, b_alive) = (at.clone(), b_alive.clone());
+        async move {
+            let mut beats = 0u64;
+            loop {
+                for lease in &mut held {
+                    b.renew(lease).await.unwrap();
+                }
+                beats += 1;
+                at.object_store()
+                    .put(&b_member, PutPayload::from(beats.to_string().into_bytes()))
+                    .await
+                    .unwrap();
+                tokio::select! {
+                    () = b_alive.notified() => return,
+                    () = tokio::time::sleep(PAUSED.renew_every()) => {}
+                }
+            }
+        }
+    });
+    faults.hold(StoreOp::Get, "leases/shard-0001");
+    let (w, mut rx) = paused_worker(&at, 3);
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    took(&mut rx, 1).await;
+    let before = top(&at, 0).await;
+    assert_eq!(before.1, id);
+    tokio::time::sleep(PAUSED.duration * 10).await;
+    assert_eq!(faults.held(), 0, "the worker read a lease b renews");
+    let after = top(&at, 0).await;
+    assert_eq!(after.1, id);
+    assert!(after.0 >= before.0 + 20, "{before:?} then {after:?}");
+    if let Ok(event) = rx.try_recv() {
+        panic!("the worker reported {event:?}");
+    }
+
+    // b dies: its leases lapse, and the worker takes both.
+    faults.release();
+    b_alive.notify_one();
+    b_task.await.unwrap();
+    took(&mut rx, 2).await;
+    for shard in 0..3 {
+        assert_eq!(top(&at, shard).await.1, id);
+    }
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+}
+
+/// A store whose first conditional create of a renewal of shard 0's lease
+/// writes the object and then fails, as a connection reset after the send
+/// does (or a server error that object_store retries into "already
+/// exists").
+#[derive(Debug)]
+struct LostReply {
+    inner: Arc<dyn waymark::taquba::object_store::ObjectStore>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for LostReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LostReply({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl waymark::taquba::object_store::ObjectStore for LostReply {
+    async fn put_opts(
+        &self,
+        location: &waymark::taquba::object_store::path::Path,
+        payload: waymark::taquba::object_store::PutPayload,
+        opts: waymark::taquba::object_store::PutOptions,
+    ) -> waymark::taquba::object_store::Result<waymark::taquba::object_store::PutResult> {
+        let create = matches!(opts.mode, waymark::taquba::object_store::PutMode::Create);
+        let put = self.inner.put_opts(location, payload, opts).await?;
+        if create
+            && location.as_ref().contains("leases/shard-0000/")
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(waymark::taquba::object_store::Error::Generic {
+                store: "LostReply",
+                source: "connection reset by peer after the request was sent".into(),
+            });
+        }
+        Ok(put)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &waymark::taquba::object_store::path::Path,
+        opts: waymark::taquba::object_store::PutMultipartOptions,
+    ) -> waymark::taquba::object_store::Result<
+        Box<dyn waymark::taquba::object_store::MultipartUpload>,
+    > {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &waymark::taquba::object_store::path::Path,
+        options: waymark::taquba::object_store::GetOptions,
+    ) -> waymark::taquba::object_store::Result<waymark::taquba::object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures_util::stream::BoxStream<
+            'static,
+            waymark::taquba::object_store::Result<waymark::taquba::object_store::path::Path>,
+        >,
+    ) -> futures_util::stream::BoxStream<
+        'static,
+        waymark::taquba::object_store::Result<waymark::taquba::object_store::path::Path>,
+    > {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&waymark::taquba::object_store::path::Path>,
+    ) -> futures_util::stream::BoxStream<
+        'static,
+        waymark::taquba::object_store::Result<waymark::taquba::object_store::ObjectMeta>,
+    > {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&waymark::taquba::object_store::path::Path>,
+    ) -> waymark::taquba::object_store::Result<waymark::taquba::object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &waymark::taquba::object_store::path::Path,
+        to: &waymark::taquba::object_store::path::Path,
+        options: waymark::taquba::object_store::CopyOptions,
+    ) -> waymark::taquba::object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A renewal whose create reached the store though its reply was lost is
+/// adopted at the next renewal: the object it wrote names this worker. The
+/// worker keeps the shard and reports nothing; it used to take the
+/// existing object for another worker's, stop the shard and report it
+/// "taken by another worker".
+#[tokio::test(start_paused = true)]
+async fn a_renewal_written_though_its_reply_was_lost_keeps_the_shard() {
+    use waymark::taquba::object_store::memory::InMemory;
+    let store = Arc::new(LostReply {
+        inner: Arc::new(InMemory::new()),
+        armed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let at = StoreLocation::new(store.clone(), "fleet");
+    let (w, mut rx) = paused_worker(&at, 4);
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    took(&mut rx, 4).await;
+    let before = top(&at, 0).await;
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(PAUSED.duration * 10).await;
+    assert!(
+        !store.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "no renewal's reply was lost"
+    );
+    if let Ok(event) = rx.try_recv() {
+        panic!("the worker reported {event:?}");
+    }
+    let after = top(&at, 0).await;
+    assert_eq!(after.1, id);
+    assert!(after.0 >= before.0 + 20, "{before:?} then {after:?}");
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+}

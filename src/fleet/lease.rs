@@ -15,8 +15,10 @@
 //! - **Renew**: the owner creates the next epoch, every `duration / 3`. It
 //!   may write to the shard until `sent + duration - guard`, where `sent` is
 //!   when it *sent* its last successful renewal (on its own monotonic
-//!   clock). A renewal that finds the next epoch taken means the lease was
-//!   lost: stop at once.
+//!   clock). A renewal that finds the next epoch taken by another worker
+//!   means the lease was lost: stop at once. One that finds it its own (an
+//!   earlier renewal's create reached the store, its reply did not) adopts
+//!   it without extending the validity, and renews onward.
 //! - **Take over** a held shard: a taker watches the highest epoch; only
 //!   when the same epoch has stayed the highest for `duration + guard` since
 //!   the taker *first saw it* (its own monotonic clock) does it create the
@@ -144,7 +146,33 @@ impl HeldLease {
 /// What a taker remembers of a shard held by another worker.
 #[derive(Debug, Clone, Default)]
 pub struct Watch {
+    /// The highest epoch seen, and when this worker first saw it.
     seen: Option<(u64, Instant)>,
+    /// Whether a read of that epoch found it held (not released): it is
+    /// then worth another read only once it may have lapsed.
+    held: bool,
+}
+
+impl Watch {
+    /// Whether a [`Leases::try_take`] of the shard could take it now, as
+    /// far as [`Leases::observe`]'s listings show (they cost nothing per
+    /// shard; a take reads the shard's lease, a LIST and a GET): the shard
+    /// has no lease object, or its highest epoch has stood still for a
+    /// renewal period and the guard (its owner released it, or is late or
+    /// gone). Once a take found that epoch held, not released, it is worth
+    /// another try only after `duration + guard`, when it may have lapsed.
+    /// A shard whose owner renews is never worth a try.
+    pub fn worth_a_try(&self, timing: LeaseTiming) -> bool {
+        let Some((_, since)) = self.seen else {
+            return true;
+        };
+        let stood = if self.held {
+            timing.duration
+        } else {
+            timing.renew_every()
+        };
+        since.elapsed() >= stood.saturating_add(timing.guard)
+    }
 }
 
 /// The leases of one fleet, as one worker (`owner`) takes and keeps them.
@@ -244,6 +272,21 @@ impl Leases {
             .is_none_or(|top| *top <= epoch))
     }
 
+    /// Whether `shard`'s lease object `epoch` is this worker's, not
+    /// released, and the highest: a renewal of this worker's wrote it.
+    async fn is_mine(&self, shard: u32, epoch: u64) -> Result<bool, Error> {
+        let mine = match read_lease(&self.location, shard, epoch).await {
+            Ok(Some(view)) => view.owner == self.owner && !view.released,
+            // Deleted since: higher epochs exist, none of them this
+            // worker's renewals.
+            Ok(None) => false,
+            // Not this build's format: not written by this worker.
+            Err(e) if e.is_unreadable_record() => false,
+            Err(e) => return Err(e),
+        };
+        Ok(mine && self.is_top(shard, epoch).await?)
+    }
+
     /// Delete an old lease object (best effort: a later view retries).
     async fn forget(&self, shard: u32, epoch: u64) {
         let path = self.object(shard, epoch);
@@ -254,12 +297,14 @@ impl Leases {
     }
 
     /// Note in `watches`, for every shard, the highest epoch one listing of
-    /// all the leases shows (one LIST). Called every tick, it starts a
-    /// taker's wait when the owner stops renewing, not when the taker first
-    /// wants the shard (e.g. once the owner's membership lapsed): a
-    /// takeover then takes `duration + guard` plus a tick or two, not
-    /// twice that. Safe for the same reason as a first sighting in
-    /// [`Self::try_take`]: it is after the epoch's object was created.
+    /// all the leases shows (one LIST); a shard it does not show has no
+    /// lease object (its watch forgets what it saw). Called every tick, it
+    /// starts a taker's wait when the owner stops renewing, not when the
+    /// taker first wants the shard (e.g. once the owner's membership
+    /// lapsed): a takeover then takes `duration + guard` plus a tick or
+    /// two, not twice that. Safe for the same reason as a first sighting in
+    /// [`Self::try_take`]: it is after the epoch's object was created. It
+    /// also tells which shards are [worth a take](Watch::worth_a_try).
     pub async fn observe(&self, watches: &mut HashMap<u32, Watch>) -> Result<(), Error> {
         let dir = Path::from(format!(
             "{}/leases",
@@ -282,10 +327,18 @@ impl Leases {
             }
         }
         let now = Instant::now();
+        for (shard, watch) in watches.iter_mut() {
+            if !top.contains_key(shard) {
+                *watch = Watch::default();
+            }
+        }
         for (shard, epoch) in top {
             let watch = watches.entry(shard).or_default();
             if watch.seen.map(|(seen, _)| seen) != Some(epoch) {
-                watch.seen = Some((epoch, now));
+                *watch = Watch {
+                    seen: Some((epoch, now)),
+                    held: false,
+                };
             }
         }
         Ok(())
@@ -331,9 +384,15 @@ impl Leases {
                 {
                     v.epoch.saturating_add(1)
                 }
-                Some((epoch, _)) if epoch == v.epoch => return Ok(None),
+                Some((epoch, _)) if epoch == v.epoch => {
+                    watch.held = true;
+                    return Ok(None);
+                }
                 _ => {
-                    watch.seen = Some((v.epoch, Instant::now()));
+                    *watch = Watch {
+                        seen: Some((v.epoch, Instant::now())),
+                        held: true,
+                    };
                     return Ok(None);
                 }
             },
@@ -341,10 +400,10 @@ impl Leases {
         let sent = Instant::now();
         if !self.create(shard, next, false).await? || !self.is_top(shard, next).await? {
             // Renewed, or another taker won: watch afresh.
-            watch.seen = None;
+            *watch = Watch::default();
             return Ok(None);
         }
-        watch.seen = None;
+        *watch = Watch::default();
         if let Some(old) = next.checked_sub(2) {
             self.forget(shard, old).await;
         }
@@ -356,30 +415,51 @@ impl Leases {
     }
 
     fn valid_from(&self, sent: Instant) -> Instant {
-        sent + self.timing.duration.saturating_sub(self.timing.guard)
+        // An instant beyond the clock's range (never, for a validated
+        // timing) leaves no validity rather than panicking.
+        sent.checked_add(self.timing.duration.saturating_sub(self.timing.guard))
+            .unwrap_or(sent)
     }
 
     /// Renew `lease`. [`Error::LeaseLost`] when another worker took the
     /// shard: stop writing to it at once. Another error leaves the lease
     /// valid until [`HeldLease::valid_until`]; retry before then.
+    ///
+    /// A next epoch that already exists and is this worker's own (not
+    /// released, and still the highest) was written by an earlier renewal
+    /// whose create reached the store though the reply did not (a
+    /// connection reset after the send, or a server error retried into
+    /// "already exists"). It is adopted, its validity left as it was (the
+    /// send that wrote it is not known, so no validity may run from it),
+    /// and the lease is renewed onward from it.
     pub async fn renew(&self, lease: &mut HeldLease) -> Result<(), Error> {
-        let next = lease.epoch.saturating_add(1);
-        let sent = Instant::now();
-        let lost = |lease: &mut HeldLease| {
-            lease.valid_until = sent;
+        let mut next = lease.epoch.saturating_add(1);
+        let mut sent = Instant::now();
+        let lost = |lease: &mut HeldLease, sent: Instant| {
+            lease.valid_until = lease.valid_until.min(sent);
             Err(Error::LeaseLost {
                 shard: lease.shard,
                 epoch: lease.epoch,
             })
         };
-        if !self.create(lease.shard, next, false).await? {
-            return lost(lease);
+        while !self.create(lease.shard, next, false).await? {
+            if !self.is_mine(lease.shard, next).await? {
+                return lost(lease, sent);
+            }
+            tracing::info!(
+                shard = lease.shard,
+                epoch = next,
+                "an earlier renewal wrote the shard's lease though it failed: adopted"
+            );
+            lease.epoch = next;
+            next = next.saturating_add(1);
+            sent = Instant::now();
         }
         // The object is this worker's now, whatever follows; an error in
         // the check leaves the validity as it was (the fence stands).
         lease.epoch = next;
         if !self.is_top(lease.shard, next).await? {
-            return lost(lease);
+            return lost(lease, sent);
         }
         lease.valid_until = self.valid_from(sent);
         if let Some(old) = next.checked_sub(2) {
@@ -572,6 +652,78 @@ mod tests {
         let view = b.view(0).await.unwrap().unwrap();
         assert_eq!((view.owner.as_str(), view.epoch), ("b", taken.epoch));
         b.renew(&mut taken).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_written_though_its_reply_was_lost_is_adopted() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut lease = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let valid_until = lease.valid_until;
+        // a's renewal to epoch 2 reached the store, its reply did not.
+        assert!(a.create(0, 2, false).await.unwrap());
+        tokio::time::advance(TIMING.renew_every()).await;
+        // The next renewal adopts epoch 2 and renews onward; its validity
+        // runs from its own send, never from before it.
+        let sent = Instant::now();
+        a.renew(&mut lease).await.unwrap();
+        assert_eq!(lease.epoch, 3);
+        assert_eq!(lease.valid_until, sent + TIMING.duration - TIMING.guard);
+        assert!(lease.valid_until > valid_until);
+        let view = b.view(0).await.unwrap().unwrap();
+        assert_eq!((view.owner.as_str(), view.epoch), ("a", 3));
+        // An epoch of another worker's is never adopted.
+        assert!(b.create(0, 4, false).await.unwrap());
+        let e = a.renew(&mut lease).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { shard: 0, epoch: 3 }), "{e}");
+        assert!(!lease.is_valid());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_shards_free_released_or_standing_still_are_worth_a_take() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let mut renewed = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        let released = a.try_take(1, &mut Watch::default()).await.unwrap().unwrap();
+        let mut stopped = a.try_take(2, &mut Watch::default()).await.unwrap().unwrap();
+        let mut watches = HashMap::new();
+        b.observe(&mut watches).await.unwrap();
+        let worth = |watches: &HashMap<u32, Watch>, shard| {
+            watches
+                .get(&shard)
+                .cloned()
+                .unwrap_or_default()
+                .worth_a_try(TIMING)
+        };
+        // Never taken: worth a try at once.
+        assert!(worth(&watches, 3));
+        a.release(released).await.unwrap();
+        for _ in 0..10 {
+            assert!(!worth(&watches, 0));
+            assert!(!worth(&watches, 2));
+            tokio::time::advance(TIMING.renew_every()).await;
+            a.renew(&mut renewed).await.unwrap();
+            a.renew(&mut stopped).await.unwrap();
+            b.observe(&mut watches).await.unwrap();
+        }
+        // Shard 2's owner stops renewing.
+        tokio::time::advance(TIMING.renew_every() + TIMING.guard).await;
+        a.renew(&mut renewed).await.unwrap();
+        b.observe(&mut watches).await.unwrap();
+        // Renewed all along: never worth a try. Released, or not renewed
+        // (2): worth one once a renewal and the guard are overdue.
+        assert!(!worth(&watches, 0));
+        assert!(worth(&watches, 1));
+        assert!(worth(&watches, 2));
+        let w1 = watches.entry(1).or_default();
+        assert_eq!(b.try_take(1, w1).await.unwrap().map(|l| l.epoch), Some(3));
+        // Shard 2 was read and found held: no more reads until it may have
+        // lapsed, then it is taken.
+        let w2 = watches.entry(2).or_default();
+        assert_eq!(b.try_take(2, w2).await.unwrap(), None);
+        assert!(!worth(&watches, 2));
+        tokio::time::advance(TIMING.duration - TIMING.renew_every()).await;
+        assert!(worth(&watches, 2));
+        let w2 = watches.entry(2).or_default();
+        assert!(b.try_take(2, w2).await.unwrap().is_some());
     }
 
     #[tokio::test(start_paused = true)]

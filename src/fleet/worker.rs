@@ -3,16 +3,23 @@
 //! shard it holds, renews the leases, and stops writing to a shard before
 //! its lease can lapse (see [`super::lease`] for the protocol).
 //!
+//! Each shard held has a keeper task of its own: it renews the lease every
+//! third of the lease on its own timer, so nothing else the worker does
+//! (listings, takes, other shards' opens and releases) ever delays a
+//! renewal, and when the shard's runtime ends it releases the lease (after
+//! a hand-back) or leaves it to lapse. A shard's runtime runs under a
+//! fence: when its lease's validity ends without a renewal, the runtime is
+//! dropped at once, commits in flight included; SlateDB's fencing (the
+//! taker's open) is the last line.
+//!
 //! Each tick (a third of the lease): beat this worker's membership object,
-//! count the live workers, renew every held lease, note every shard's
-//! highest lease epoch (one listing), take free or lapsed
-//! shards up to `ceil(N / live)`, and hand one shard back when holding more
-//! than that (a worker joined). A shard's runtime runs under a fence: when
-//! its lease's validity ends without a renewal, the runtime is dropped at
-//! once, commits in flight included; SlateDB's fencing (the taker's open)
-//! is the last line. A graceful hand-off stops claiming, lets in-flight
-//! steps settle, closes the store, then releases the lease. Each shard's
-//! runtime is told its shard before it runs, so it fires only the
+//! count the live workers, note every shard's highest lease epoch (one
+//! listing), take shards up to `ceil(N / live)` (only those the listings
+//! show free or standing still, [`Watch::worth_a_try`], and starting no
+//! take after a tick's time), and hand one shard back when holding more
+//! than that (a worker joined). A graceful hand-off stops claiming, lets
+//! in-flight steps settle, closes the store, then releases the lease. Each
+//! shard's runtime is told its shard before it runs, so it fires only the
 //! schedules homed there.
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +31,7 @@ use futures_util::StreamExt;
 use taquba::Queue;
 use taquba::object_store::path::Path;
 use taquba::object_store::{ObjectStoreExt, PutPayload};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -94,16 +101,84 @@ pub struct FleetWorker<R, H> {
     events: Events,
 }
 
-/// A shard this worker runs.
+/// A shard this worker runs. Its keeper (a task of the worker's
+/// [`JoinSet`], see [`keep`]) holds the lease and renews it.
 struct Running {
-    lease: HeldLease,
-    /// Moves the fence when the lease is renewed.
-    valid_until: tokio::sync::watch::Sender<Instant>,
-    /// Asks the runtime to stop gracefully.
+    /// Asks the runtime to stop gracefully: a hand-back.
     stop: CancellationToken,
-    /// Being handed back: stopping, its lease still renewed.
-    leaving: bool,
-    task: JoinHandle<Result<(), Error>>,
+    /// The keeper's task.
+    keeper: tokio::task::Id,
+}
+
+impl Running {
+    /// Stop claiming; the steps in flight settle, then the store closes
+    /// and the keeper releases the lease. Renewals go on meanwhile.
+    fn hand_back(&self) {
+        self.stop.cancel();
+    }
+
+    /// Whether the shard is being handed back.
+    fn leaving(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+}
+
+/// A keeper's end: its shard, or why the task failed.
+type KeeperEnd = Result<(tokio::task::Id, u32), tokio::task::JoinError>;
+
+/// What the worker's ticks work with.
+struct Tending {
+    manifest: FleetManifest,
+    leases: Leases,
+    members: Members,
+    /// The shards this worker runs (handed-back ones until their keeper
+    /// ends).
+    running: BTreeMap<u32, Running>,
+    /// The keepers of the running shards; each ends with its shard.
+    keepers: JoinSet<u32>,
+    /// What the listings showed of every shard's lease.
+    watches: HashMap<u32, Watch>,
+    last_live: Option<u32>,
+    /// Where takes start: a point of this worker's own, so workers
+    /// starting together do not all race for shard 0.
+    start: u32,
+}
+
+impl Tending {
+    /// Forget the shards whose keeper ended (it reported how).
+    fn reap(&mut self, events: &Events) {
+        while let Some(done) = self.keepers.try_join_next_with_id() {
+            self.reaped(done, events);
+        }
+    }
+
+    fn reaped(&mut self, done: KeeperEnd, events: &Events) {
+        match done {
+            Ok((_, shard)) => {
+                self.running.remove(&shard);
+            }
+            Err(e) => {
+                let id = e.id();
+                let shard = self
+                    .running
+                    .iter()
+                    .find(|(_, r)| r.keeper == id)
+                    .map(|(shard, _)| *shard);
+                if let Some(shard) = shard {
+                    self.running.remove(&shard);
+                    let reason =
+                        format!("its lease's keeper failed; the lease is left to lapse: {e}");
+                    tracing::error!(shard, "{reason}");
+                    report(events, ShardEvent::Dropped { shard, reason });
+                }
+            }
+        }
+    }
+
+    /// How many shards stay (are not being handed back).
+    fn staying(&self) -> usize {
+        self.running.values().filter(|r| !r.leaving()).count()
+    }
 }
 
 impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
@@ -164,141 +239,103 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
         // even the manifest is written.
         check_conditional_writes(&self.location).await?;
         let manifest = FleetManifest::open_or_create(&self.location, self.shards).await?;
-        let leases = Leases::new(self.location.clone(), self.id.clone(), self.timing)?;
-        let members = Members::new(&self.location, &self.id);
-        let mut running: BTreeMap<u32, Running> = BTreeMap::new();
-        let mut watches: HashMap<u32, Watch> = HashMap::new();
+        let start =
+            u32::try_from(fnv1a64(self.id.as_bytes()) % u64::from(manifest.shards)).unwrap_or(0);
+        let mut t = Tending {
+            leases: Leases::new(self.location.clone(), self.id.clone(), self.timing)?,
+            members: Members::new(&self.location, &self.id),
+            manifest,
+            running: BTreeMap::new(),
+            keepers: JoinSet::new(),
+            watches: HashMap::new(),
+            last_live: None,
+            start,
+        };
         let mut tick = tokio::time::interval(self.timing.renew_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut leaving = false;
-        let mut last_live = None;
-        // Shards are tried from a point of this worker's own, so workers
-        // starting together do not all race for shard 0.
-        let start =
-            u32::try_from(fnv1a64(self.id.as_bytes()) % u64::from(manifest.shards)).unwrap_or(0);
+        // Renewals are not the tick's: each shard's keeper renews on a
+        // timer of its own, so nothing a tick waits on (a listing, a take)
+        // ever delays one.
         loop {
-            if leaving {
-                if running.is_empty() {
-                    break;
-                }
-                tick.tick().await;
-            } else {
-                tokio::select! {
-                    () = &mut shutdown => {
-                        leaving = true;
-                        for r in running.values_mut() {
-                            r.hand_back();
-                        }
-                    }
-                    _ = tick.tick() => {}
-                }
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = tick.tick() => {}
             }
-            // Renew first (handing-back shards too: their steps are still
-            // settling). Nothing in this loop waits on a shard's runtime,
-            // so an open or a hand-back never delays a renewal.
-            // All at once: on a slow store, one renewal's latency must not
-            // add to the next's.
-            let renewals = running.iter_mut().map(|(shard, r)| {
-                let leases = &leases;
-                async move {
-                    let renewed = leases.renew(&mut r.lease).await;
-                    if renewed.is_ok() {
-                        let _ = r.valid_until.send(r.lease.valid_until);
-                    }
-                    (*shard, renewed)
-                }
-            });
-            let mut lost = Vec::new();
-            for (shard, renewed) in futures_util::future::join_all(renewals).await {
-                match renewed {
-                    Ok(()) => {}
-                    Err(Error::LeaseLost { .. }) => lost.push(shard),
-                    Err(e) => tracing::warn!(
-                        shard,
-                        "renewing a shard's lease failed (its fence stands): {e}"
-                    ),
-                }
-            }
-            for shard in lost {
-                if let Some(r) = running.remove(&shard) {
-                    tracing::error!(shard, "the shard's lease was taken: stopping it now");
-                    r.task.abort();
-                    report(
-                        &self.events,
-                        ShardEvent::Dropped {
-                            shard,
-                            reason: "its lease was taken by another worker".into(),
-                        },
-                    );
-                }
-            }
-            // Shards whose runtime ended: handed back (release the lease),
-            // or stopped by themselves (fenced, store gone: left to lapse).
-            let ended: Vec<u32> = running
-                .iter()
-                .filter(|(_, r)| r.task.is_finished())
-                .map(|(s, _)| *s)
-                .collect();
-            for shard in ended {
-                if let Some(r) = running.remove(&shard) {
-                    report(&self.events, r.ended(&leases, shard).await);
-                }
-            }
-            if leaving {
-                continue;
-            }
-            if let Err(e) = members.beat().await {
-                tracing::warn!("beating this worker's membership failed: {e}");
-            }
-            let live = members.live(self.timing).await.unwrap_or(1).max(1);
-            let share = manifest.shards.div_ceil(live) as usize;
-            if last_live.replace(live) != Some(live) {
-                tracing::info!(live, share, "the fleet's live workers changed");
-            }
-            let staying =
-                |running: &BTreeMap<u32, Running>| running.values().filter(|r| !r.leaving).count();
-            // Watch every shard's lease, so a dead owner's wait runs from
-            // its last renewal.
-            if let Err(e) = leases.observe(&mut watches).await {
-                tracing::warn!("listing the leases failed: {e}");
-            }
-            // Take up to the fair share.
-            for offset in 0..manifest.shards {
-                if staying(&running) >= share {
-                    break;
-                }
-                let shard = (start + offset) % manifest.shards;
-                if running.contains_key(&shard) {
-                    continue;
-                }
-                let watch = watches.entry(shard).or_default();
-                match leases.try_take(shard, watch).await {
-                    Ok(Some(lease)) => {
-                        tracing::info!(shard, "leased the shard; opening it");
-                        running.insert(shard, self.start(&manifest, lease));
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(shard, "taking a shard failed: {e}"),
-                }
-            }
-            // Hand one back above the fair share.
-            if staying(&running) > share
-                && let Some(r) = running.values_mut().rev().find(|r| !r.leaving)
-            {
-                r.hand_back();
+            t.reap(&self.events);
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.tend(&mut t) => {}
             }
         }
-        members.leave().await;
+        for r in t.running.values() {
+            r.hand_back();
+        }
+        while let Some(done) = t.keepers.join_next_with_id().await {
+            t.reaped(done, &self.events);
+        }
+        t.members.leave().await;
         Ok(())
     }
 
+    /// One tick: beat this worker's membership, count the live workers,
+    /// list the leases, take the shards worth a try up to the fair share
+    /// (starting no take after a tick's time), and hand one shard back
+    /// above it.
+    async fn tend(&self, t: &mut Tending) {
+        let now = Instant::now();
+        let takes_until = now.checked_add(self.timing.renew_every()).unwrap_or(now);
+        if let Err(e) = t.members.beat().await {
+            tracing::warn!("beating this worker's membership failed: {e}");
+        }
+        let live = t.members.live(self.timing).await.unwrap_or(1).max(1);
+        let share = t.manifest.shards.div_ceil(live) as usize;
+        if t.last_live.replace(live) != Some(live) {
+            tracing::info!(live, share, "the fleet's live workers changed");
+        }
+        // Watch every shard's lease, so a dead owner's wait runs from its
+        // last renewal, and a take reads only the shards worth it.
+        match t.leases.observe(&mut t.watches).await {
+            Ok(()) => {
+                for offset in 0..t.manifest.shards {
+                    if t.staying() >= share || Instant::now() >= takes_until {
+                        break;
+                    }
+                    let shard = (t.start + offset) % t.manifest.shards;
+                    if t.running.contains_key(&shard) {
+                        continue;
+                    }
+                    let watch = t.watches.entry(shard).or_default();
+                    if !watch.worth_a_try(self.timing) {
+                        continue;
+                    }
+                    match t.leases.try_take(shard, watch).await {
+                        Ok(Some(lease)) => {
+                            tracing::info!(shard, "leased the shard; opening it");
+                            self.start(t, lease);
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(shard, "taking a shard failed: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("listing the leases failed (no take this tick): {e}"),
+        }
+        // Hand one back above the fair share.
+        if t.staying() > share
+            && let Some(r) = t.running.values().rev().find(|r| !r.leaving())
+        {
+            r.hand_back();
+        }
+    }
+
     /// Start a taken shard: open its store and run its runtime, all under
-    /// its fence (a lease that lapses stops it, open included).
-    fn start(&self, manifest: &FleetManifest, lease: HeldLease) -> Running {
+    /// its fence (a lease that lapses stops it, open included), with a
+    /// keeper that renews the lease.
+    fn start(&self, t: &mut Tending, lease: HeldLease) {
         let shard = lease.shard;
-        let shards = manifest.shards;
-        let at = manifest.shard_location(&self.location, shard);
+        let shards = t.manifest.shards;
+        let at = t.manifest.shard_location(&self.location, shard);
         // The user's functions are called in the shard's task: a panic in
         // one ends that task (its lease lapses), not the fleet worker.
         let store_options = self.store_options.clone();
@@ -314,6 +351,9 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                     loop {
                         let until = *fence.borrow_and_update();
                         tokio::select! {
+                            // A renewal that lands after the validity
+                            // ended comes too late.
+                            biased;
                             () = tokio::time::sleep_until(until) => return,
                             changed = fence.changed() => if changed.is_err() { return },
                         }
@@ -340,14 +380,97 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                 }
             }
         });
-        Running {
+        let keeper = t.keepers.spawn(keep(
+            t.leases.clone(),
             lease,
             valid_until,
-            stop,
-            leaving: false,
-            task,
-        }
+            AbortOnDrop(task),
+            stop.clone(),
+            self.events.clone(),
+        ));
+        t.running.insert(
+            shard,
+            Running {
+                stop,
+                keeper: keeper.id(),
+            },
+        );
     }
+}
+
+/// A task aborted when its handle is dropped: a shard's runtime never
+/// outlives its keeper (a worker dropped mid-run included), so it never
+/// runs on without renewals.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep a taken shard until its runtime ends: renew its lease every third
+/// of the lease on a timer of its own, so nothing else the worker does
+/// (listings, takes, other shards' opens and releases) ever delays a
+/// renewal; move the runtime's fence with each renewal; stop the runtime
+/// at once when the lease was taken. When the runtime ends, release the
+/// lease after a hand-back that went well, else leave it to lapse.
+/// Reports what became of the shard, and returns it.
+async fn keep(
+    leases: Leases,
+    mut lease: HeldLease,
+    fence: tokio::sync::watch::Sender<Instant>,
+    mut runtime: AbortOnDrop<Result<(), Error>>,
+    stop: CancellationToken,
+    events: Events,
+) -> u32 {
+    let shard = lease.shard;
+    let every = leases.timing().renew_every();
+    let now = Instant::now();
+    let mut renewals = tokio::time::interval_at(now.checked_add(every).unwrap_or(now), every);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ran = loop {
+        tokio::select! {
+            ran = &mut runtime.0 => break ran,
+            _ = renewals.tick() => {}
+        }
+        // Past its validity the fence stops the runtime: a renewal sent
+        // then (or still in flight then) comes too late.
+        if !lease.is_valid() {
+            continue;
+        }
+        match tokio::time::timeout_at(lease.valid_until, leases.renew(&mut lease)).await {
+            Ok(Ok(())) => {
+                let _ = fence.send(lease.valid_until);
+            }
+            Ok(Err(Error::LeaseLost { .. })) => {
+                tracing::error!(shard, "the shard's lease was taken: stopping it now");
+                runtime.0.abort();
+                let _ = (&mut runtime.0).await;
+                report(
+                    &events,
+                    ShardEvent::Dropped {
+                        shard,
+                        reason: "its lease was taken by another worker".into(),
+                    },
+                );
+                return shard;
+            }
+            Ok(Err(e)) => tracing::warn!(
+                shard,
+                "renewing a shard's lease failed (its fence stands): {e}"
+            ),
+            Err(_) => tracing::warn!(
+                shard,
+                "a renewal of a shard's lease outlasted its validity: the fence stops the shard"
+            ),
+        }
+    };
+    report(
+        &events,
+        ended(ran, stop.is_cancelled(), &leases, lease).await,
+    );
+    shard
 }
 
 /// How long a shard's store may stay shared after its runtime ended (a
@@ -382,37 +505,33 @@ async fn close_when_unshared(shard: u32, mut queue: Arc<Queue>) -> Result<(), Er
     }
 }
 
-impl Running {
-    /// Stop claiming; the steps in flight settle, then the store closes
-    /// (the lease is released once the task ends).
-    fn hand_back(&mut self) {
-        self.leaving = true;
-        self.stop.cancel();
-    }
-
-    /// The shard's runtime ended: release the lease after a hand-back that
-    /// went well; otherwise leave it to lapse. What became of the shard.
-    async fn ended(self, leases: &Leases, shard: u32) -> ShardEvent {
-        let dropped = |reason: String| {
-            tracing::warn!(shard, "a shard's runtime stopped: {reason}");
-            ShardEvent::Dropped { shard, reason }
-        };
-        match self.task.await {
-            Err(e) => dropped(format!(
-                "its runtime panicked; its lease is left to lapse: {e}"
-            )),
-            Ok(Err(e)) => dropped(format!("{e}")),
-            Ok(Ok(())) if !self.leaving => {
-                dropped("its runtime stopped; its lease is left to lapse".into())
+/// A shard's runtime ended (`leaving`: after a hand-back): release the
+/// lease after a hand-back that went well, otherwise leave it to lapse.
+/// What became of the shard.
+async fn ended(
+    ran: Result<Result<(), Error>, tokio::task::JoinError>,
+    leaving: bool,
+    leases: &Leases,
+    lease: HeldLease,
+) -> ShardEvent {
+    let shard = lease.shard;
+    let dropped = |reason: String| {
+        tracing::warn!(shard, "a shard's runtime stopped: {reason}");
+        ShardEvent::Dropped { shard, reason }
+    };
+    match ran {
+        Err(e) => dropped(format!(
+            "its runtime panicked; its lease is left to lapse: {e}"
+        )),
+        Ok(Err(e)) => dropped(format!("{e}")),
+        Ok(Ok(())) if !leaving => dropped("its runtime stopped; its lease is left to lapse".into()),
+        Ok(Ok(())) => match leases.release(lease).await {
+            Ok(()) => {
+                tracing::info!(shard, "handed the shard back");
+                ShardEvent::HandedBack { shard }
             }
-            Ok(Ok(())) => match leases.release(self.lease).await {
-                Ok(()) => {
-                    tracing::info!(shard, "handed the shard back");
-                    ShardEvent::HandedBack { shard }
-                }
-                Err(e) => dropped(format!("releasing its lease failed (it lapses): {e}")),
-            },
-        }
+            Err(e) => dropped(format!("releasing its lease failed (it lapses): {e}")),
+        },
     }
 }
 
