@@ -391,6 +391,38 @@ fn a_second_ctrl_c_quits_serve_at_once() {
     drop(stream);
 }
 
+/// No answer may be framed by another site's page (clickjacking: a
+/// framed dashboard takes the operator's clicks, with the token it keeps):
+/// pages, assets, the API, errors and refusals all say so.
+#[test]
+fn no_answer_may_be_framed() {
+    let env = Env::start(&[]);
+    let addr = env.addr.as_str();
+    let answers = [
+        http("GET", addr, "/", None),
+        http("GET", addr, "/app.js", None),
+        http("GET", addr, "/api/runs", None),
+        http("GET", addr, "/no-such-page", None),
+        http("POST", addr, "/api/runs/x/cancel", None),
+        http_for("evil.example", "GET", addr, "/", None),
+    ];
+    for answer in &answers {
+        assert_eq!(
+            answer.header("x-frame-options"),
+            Some("DENY"),
+            "{}",
+            answer.head
+        );
+        assert_eq!(
+            answer.header("content-security-policy"),
+            Some("frame-ancestors 'none'"),
+            "{}",
+            answer.head
+        );
+        assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
+    }
+}
+
 /// On a loopback address, a request for another host is refused (421,
 /// with a JSON error), so a page of another site rebound to 127.0.0.1 (DNS
 /// rebinding) cannot read the API or the dashboard; loopback names, with

@@ -30,7 +30,8 @@
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   end their runs `Failed` (`TimedOut` or `Cancelled` when a stop was
 //!   asked), one page of dead jobs per tick, cycling through the
-//!   dead-letter listing; every 10 s (`BACKLOG_SAMPLE`) it also samples the step
+//!   dead-letter listing; a dead job a cycle found settled (reconciled, or
+//!   not its run's current step) is not read again by the next; every 10 s (`BACKLOG_SAMPLE`) it also samples the step
 //!   queue's job counts for the `waymark_backlog` gauges. Nothing of it
 //!   holds up the first claim; a record that cannot be read is logged and
 //!   skipped.
@@ -73,6 +74,9 @@ const RECONCILE_CYCLE: Duration = Duration::from_secs(1);
 const BACKLOG_SAMPLE: Duration = Duration::from_secs(10);
 /// Unreadable dead jobs warned about once per process, at most this many.
 const MAX_SKIPPED: usize = 4096;
+/// At most this many dead jobs found settled are remembered, so a cycle
+/// skips their run-record reads (~5 MiB of ids at most).
+const MAX_SETTLED: usize = 1 << 16;
 
 /// The most cascade markers one tick works on.
 const CASCADES_PER_TICK: usize = 64;
@@ -446,6 +450,14 @@ struct Upkeep {
     backlog_sampled: Option<Instant>,
     /// Dead jobs already reported as unreadable.
     skipped: HashSet<String>,
+    /// Dead jobs the last full cycle found settled: reconciled, or not
+    /// their run's current step (for good: only the commit that creates a
+    /// job points a run record at it). The next cycle skips their read.
+    settled: HashSet<String>,
+    /// Those the current cycle found settled (listed again, or new); they
+    /// replace `settled` when it ends, so the jobs the queue's retention
+    /// removed are forgotten.
+    settled_now: HashSet<String>,
 }
 
 impl Pass for Upkeep {
@@ -495,6 +507,8 @@ impl Upkeep {
             cycle_started: None,
             backlog_sampled: None,
             skipped: HashSet::new(),
+            settled: HashSet::new(),
+            settled_now: HashSet::new(),
         }
     }
 
@@ -532,12 +546,16 @@ impl Upkeep {
                 .await?
         };
         for job in &page {
+            if self.settled.contains(&job.id) {
+                self.note_settled(&job.id);
+                continue;
+            }
             let reconciled = {
                 let _watch = watched(inner, WATCH);
                 inner.reconcile_dead(job).await
             };
             match reconciled {
-                Ok(_) => {}
+                Ok(_) => self.note_settled(&job.id),
                 // The store failed: this page is read again next tick.
                 Err(e) if !e.is_permanent() => return Err(e),
                 Err(e) => {
@@ -551,7 +569,18 @@ impl Upkeep {
             Some(last) if page.len() == DEAD_PAGE => Some(last.id.clone()),
             _ => None,
         };
+        if self.dead_after.is_none() {
+            self.settled = std::mem::take(&mut self.settled_now);
+        }
         Ok(())
+    }
+
+    /// Remember a dead job found settled, up to [`MAX_SETTLED`] a cycle
+    /// (past that, the rest are read again each cycle).
+    fn note_settled(&mut self, job_id: &str) {
+        if self.settled_now.len() < MAX_SETTLED {
+            self.settled_now.insert(job_id.to_string());
+        }
     }
 }
 
@@ -866,6 +895,52 @@ mod tests {
         assert!(markers.entries.is_empty(), "its marker went with it");
         stop.cancel();
         pool.await.unwrap().unwrap();
+    }
+
+    /// A reconcile cycle reads the run record of every dead step job, and
+    /// the dead jobs stay listed for the queue's retention (7 days by
+    /// default): with many of them, each cycle repeated every read of the
+    /// last. A dead job found settled is now skipped by the next cycle.
+    /// Shown by a state no commit makes: after the first cycle, the run
+    /// record is pointed at the dead job, which a read would reconcile.
+    #[tokio::test]
+    async fn a_dead_job_found_settled_is_not_read_again() {
+        let (_clock, queue) = mock_clock_queue().await;
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        rt.submit(RunSpec {
+            run_id: Some("r".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let claim = queue
+            .claim(&inner.cfg.queue_name, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        queue.dead_letter(&claim, "lease expired").await.unwrap();
+        let run_key = inner.keys.run("r");
+        let original = queue.view().kv_get(&run_key).await.unwrap().unwrap();
+        let elsewhere = crate::record::RunRecord {
+            step: 0,
+            job_id: "another-job".into(),
+        };
+        let value = crate::record::encode(&run_key, &elsewhere).unwrap();
+        queue.kv_put(&run_key, &value).await.unwrap();
+        let mut upkeep = super::Upkeep::new();
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(upkeep.dead_after.is_none(), "one page: the cycle ended");
+        queue.kv_put(&run_key, &original).await.unwrap();
+        upkeep.cycle_started = None;
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(
+            queue.view().kv_get(&run_key).await.unwrap().is_some(),
+            "the second cycle read the run record again and ended the run"
+        );
+        assert!(upkeep.settled.contains(&claim.id), "still listed: kept");
     }
 
     /// A fresh in-memory queue (1 ms flush) on a mock clock.

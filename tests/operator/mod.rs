@@ -318,14 +318,24 @@ pub async fn submit(client: &Client, id: &str, workflow: &str, input: Vec<u8>) {
         .unwrap();
 }
 
-/// An HTTP answer: its status and body.
+/// An HTTP answer: its status, head (status line and headers) and body.
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
+    pub head: String,
     pub body: String,
 }
 
 impl Answer {
+    /// The value of header `name` (the first, trimmed), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    }
+
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
@@ -378,7 +388,11 @@ pub fn http_for(host: &str, method: &str, addr: &str, path: &str, token: Option<
     } else {
         body.to_string()
     };
-    Answer { status, body }
+    Answer {
+        status,
+        head: head.to_string(),
+        body,
+    }
 }
 
 /// Whether `raw` holds a whole response with a `Content-Length`.

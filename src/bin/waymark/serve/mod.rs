@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -110,10 +110,9 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
             "missing or wrong bearer token (Authorization: Bearer TOKEN)"
         };
         let mut response = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
     next.run(request).await
@@ -226,8 +225,30 @@ pub fn router(app: Arc<App>) -> Router {
     api.merge(page::routes())
         .fallback(|| async { ApiError::not_found("no such page").into_response() })
         .layer(middleware::from_fn_with_state(app.clone(), host_guard))
+        .layer(middleware::from_fn(not_framed))
         .layer(middleware::from_fn(count_requests))
         .with_state(app)
+}
+
+/// Forbid every page of another site to frame an answer of this server
+/// (`X-Frame-Options` for older browsers, CSP `frame-ancestors` for the
+/// rest), and to sniff an answer's type. A framed dashboard would take the
+/// operator's clicks, with the token the page keeps, for a page that
+/// disguised it (clickjacking): cancel a run, reset a breaker, requeue a
+/// job, fire a schedule.
+async fn not_framed(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// Count each request by method and status.
