@@ -854,3 +854,42 @@ async fn a_renewal_written_though_its_reply_was_lost_keeps_the_shard() {
     stop.notify_one();
     task.await.unwrap().unwrap();
 }
+
+/// A renewal moves the lease's validity before its last step, the delete
+/// of an old epoch's object. A delete that hangs until the renewal is cut
+/// off at the old validity still leaves the lease renewed: the shard's
+/// fence moves with it, and the shard is kept. (The fence used to move
+/// only when the whole renewal returned `Ok`, so the runtime was stopped
+/// at the old validity and the shard dropped, its lease valid.)
+#[tokio::test(start_paused = true)]
+async fn a_renewal_whose_old_object_delete_hangs_keeps_the_shard() {
+    use waymark::taquba::object_store::memory::InMemory;
+    use waymark::testkit::{FaultPlan, FaultStore, StoreOp};
+    let store = FaultStore::new(Arc::new(InMemory::new()), 1, FaultPlan::default());
+    let faults = store.faults();
+    let at = StoreLocation::new(store, "fleet");
+    let (w, mut rx) = paused_worker(&at, 2);
+    let id = w.id().to_string();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        w.run(async move { stop.notified().await })
+    });
+    took(&mut rx, 2).await;
+    let before = top(&at, 0).await.0;
+    faults.hold(StoreOp::Delete, "leases/shard-0000/");
+    tokio::time::sleep(PAUSED.duration * 10).await;
+    assert!(
+        faults.held() > 0,
+        "no delete of an old lease object was held"
+    );
+    if let Ok(event) = rx.try_recv() {
+        panic!("the worker reported {event:?}");
+    }
+    let (epoch, owner) = top(&at, 0).await;
+    assert_eq!(owner, id);
+    assert!(epoch >= before + 5, "renewed from {before} to {epoch} only");
+    faults.release();
+    stop.notify_one();
+    task.await.unwrap().unwrap();
+}

@@ -373,10 +373,13 @@ impl<R: StepRunner + 'static, H: TerminalHook + 'static> FleetWorker<R, H> {
                     close_when_unshared(shard, queue).await
                 };
                 tokio::select! {
-                    ran = work => ran,
+                    // The fence first: once the validity has ended the
+                    // work is not polled again.
+                    biased;
                     () = fenced => Err(Error::WorkerStopped(
                         "the shard's lease lapsed before a renewal: stopped writing to it".into(),
                     )),
+                    ran = work => ran,
                 }
             }
         });
@@ -442,6 +445,14 @@ async fn keep(
         match tokio::time::timeout_at(lease.valid_until, leases.renew(&mut lease)).await {
             Ok(Ok(())) => {
                 let _ = fence.send(lease.valid_until);
+                // The old epoch's object goes on a task of its own, bounded
+                // by a renewal's interval: a delete that hangs holds up
+                // neither the fence's move nor the next renewal.
+                let (leases, renewed) = (leases.clone(), lease.clone());
+                tokio::spawn(async move {
+                    let every = leases.timing().renew_every();
+                    let _ = tokio::time::timeout(every, leases.forget_behind(&renewed)).await;
+                });
             }
             Ok(Err(Error::LeaseLost { .. })) => {
                 tracing::error!(shard, "the shard's lease was taken: stopping it now");
