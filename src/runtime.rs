@@ -978,8 +978,12 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             payload
         };
         // The signal makes the step claimable before its flush returns: it
-        // is a commit in flight for the run, which admit waits for.
+        // is a commit in flight for the run, which admit waits for. It
+        // takes its turn with the run's endings: a cancel that removes the
+        // job reads the signal it took (and stores its request's reply)
+        // before its commit, never in between.
         let outcome = {
+            let _ending = inner.endings.lock(run_id).await;
             let _pending = inner.pending.begin(run_id);
             inner.queue.signal(&job.id, signal).await?
         };

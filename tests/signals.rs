@@ -303,3 +303,35 @@ async fn a_client_signals_through_the_inbox() {
     assert!(matches!(big, Err(Error::PayloadTooLarge { .. })), "{big:?}");
     worker.abort();
 }
+
+/// A signal an older Waymark delivered (a rolling deploy, a rollback) is
+/// the bare payload, also on a wait this build created, which takes a
+/// signal naming its sender: the step runs with that payload. (It used to
+/// be dead-lettered as a record that does not decode, failing the run.)
+#[tokio::test]
+async fn a_bare_signal_from_an_older_build_is_taken_as_its_payload() {
+    let seen = Seen::default();
+    let mut env = Env::new(approval(open_gate(), seen.clone()), NoopTerminalHook).await;
+    env.start();
+    env.submit("old", b"").await;
+    waiting(&env, "old").await;
+    let page = env
+        .queue()
+        .view()
+        .list_jobs("workflow-steps", taquba::JobStatus::Scheduled, None, 10)
+        .await
+        .unwrap();
+    let [job] = page.jobs.as_slice() else {
+        panic!("one waiting job: {:?}", page.jobs);
+    };
+    assert!(job.headers.contains_key("workflow.signal_sender"));
+    env.queue()
+        .signal(&job.id, b"approved".to_vec())
+        .await
+        .unwrap();
+    let out = env.rt.wait("old").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded, "{out:?}");
+    assert_eq!(out.result.as_deref(), Some(&b"approved"[..]));
+    assert_eq!(*seen.lock().unwrap(), vec![Some(b"approved".to_vec())]);
+    env.stop().await;
+}

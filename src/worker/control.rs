@@ -450,6 +450,13 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
     if control.crashed() {
         return Ok(());
     }
+    // A signal that failed here may still have been delivered (its commit
+    // landed, its answer was lost): the step that took it stored the
+    // reply `Signalled`, which a refusal must not overwrite.
+    if signal && applied.is_err() && queue.view().kv_get(&reply_key).await?.is_some() {
+        queue.ack(claim).await?;
+        return Ok(());
+    }
     match applied {
         Ok(body) if signal => {
             queue

@@ -391,10 +391,10 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
     } else if let Some(signal) = &claim.signal {
         match SentSignal::of(&claim.id, &claim.headers, signal) {
             Ok(sent) => (Some(sent.payload), None, sent.sender),
-            Err(e) => {
-                reject(inner, &claim, &e.to_string()).await;
-                return None;
-            }
+            // A bare payload on a wait that takes a `SentSignal`: an older
+            // Waymark's signal (a rolling deploy, a rollback), taken as the
+            // payload it is.
+            Err(_) => (Some(signal.clone()), None, None),
         }
     } else {
         (None, None, None)
@@ -404,12 +404,13 @@ async fn admit<R, H>(inner: &Inner<R, H>, claim: Claim) -> Option<StepJob> {
     inner.pending.settled(&run_id).await;
     // A client request's signal: its reply commits before the step can
     // settle, which takes the job (the request's evidence of delivery) off
-    // the queue. A failure leaves the claim; its lease expiry retries it.
+    // the queue. A failure does not hold the step up (nor spend one of its
+    // attempts): only the answer to that request applied again after a
+    // crash can then be wrong (`NotWaiting`).
     if let Some(request) = sender
         && let Err(e) = signalled(inner, &run_id, &request).await
     {
-        tracing::warn!(job_id = %claim.id, request, "storing the reply of the request that signalled the step failed: {e}");
-        return None;
+        tracing::warn!(job_id = %claim.id, request, "storing the reply of the request that signalled the step failed; the step runs: {e}");
     }
     if inner.pending.take_own(&claim.id) {
         // This process's own commit enqueued it and pointed the run at it.
