@@ -478,17 +478,20 @@ impl Leases {
     /// Give `lease` up, once this worker has stopped writing to the shard:
     /// another worker may take it at once.
     pub async fn release(&self, lease: HeldLease) -> Result<(), Error> {
-        if self
-            .create(lease.shard, lease.epoch.saturating_add(1), true)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(Error::LeaseLost {
-                shard: lease.shard,
-                epoch: lease.epoch,
-            })
+        let mut next = lease.epoch.saturating_add(1);
+        while !self.create(lease.shard, next, true).await? {
+            // A renewal's create that reached the store though its reply
+            // did not: this worker's own epoch, released past (as a
+            // renewal adopts it, see `renew`).
+            if !self.is_mine(lease.shard, next).await? {
+                return Err(Error::LeaseLost {
+                    shard: lease.shard,
+                    epoch: lease.epoch,
+                });
+            }
+            next = next.saturating_add(1);
         }
+        Ok(())
     }
 }
 
@@ -683,6 +686,32 @@ mod tests {
         let e = a.renew(&mut lease).await.unwrap_err();
         assert!(matches!(e, Error::LeaseLost { shard: 0, epoch: 3 }), "{e}");
         assert!(!lease.is_valid());
+    }
+
+    /// A release after a renewal whose create landed though its reply was
+    /// lost releases past that epoch: it used to find the next epoch taken,
+    /// answer `LeaseLost`, and leave the shard to lapse (no taker for
+    /// `duration + guard`). Another worker's epoch is still never adopted.
+    #[tokio::test(start_paused = true)]
+    async fn a_release_after_a_lost_renewal_reply_releases_past_it() {
+        let (a, b) = fleet(Arc::new(InMemory::new()));
+        let lease = a.try_take(0, &mut Watch::default()).await.unwrap().unwrap();
+        assert!(a.create(0, 2, false).await.unwrap());
+        a.release(lease).await.unwrap();
+        let view = b.view(0).await.unwrap().unwrap();
+        assert_eq!(
+            (view.owner.as_str(), view.epoch, view.released),
+            ("a", 3, true)
+        );
+        let mut watch = Watch::default();
+        assert!(
+            b.try_take(0, &mut watch).await.unwrap().is_some(),
+            "free at once"
+        );
+        let lease = a.try_take(1, &mut Watch::default()).await.unwrap().unwrap();
+        assert!(b.create(1, 2, false).await.unwrap());
+        let e = a.release(lease).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { shard: 1, epoch: 1 }), "{e}");
     }
 
     #[tokio::test(start_paused = true)]
