@@ -28,8 +28,10 @@
 //! cannot join it. Instead the signal names its request on the waiting
 //! job's record (a `SentSignal`), and every commit that takes such a job
 //! off the queue first stores the request's reply `Signalled` if none is
-//! stored: its claim's admission, before the step runs, and a cancel that
-//! removes it. Applied again, the request signals only the job its note
+//! stored: its claim's admission, before the step runs (a failure to store
+//! it is logged and the step runs anyway), and a cancel that removes it.
+//! A signal request that failed but whose reply is stored (its signal
+//! landed, its answer was lost) is acked. Applied again, the request signals only the job its note
 //! names, never a later wait: `Signalled` if that job's record names this
 //! request, the signal if it still waits, else `NotWaiting` (its wait
 //! ended otherwise, or another caller's signal took it). Its own reply
