@@ -212,6 +212,7 @@
 
 #![deny(missing_docs)]
 
+mod backpressure;
 mod breaker;
 mod children;
 mod client;

@@ -173,6 +173,7 @@ pub struct WorkflowRuntimeBuilder<R, H> {
     observer: Option<Observer>,
     schedules: Vec<Schedule>,
     keep_step_inputs: bool,
+    retention_backpressure: bool,
     #[cfg(feature = "testkit")]
     probe: Option<Arc<dyn crate::probe::Probe>>,
     history_entries: u32,
@@ -203,6 +204,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
 
     /// How long a terminated run's outcome (and its submit record, which
     /// keeps submit idempotent) is kept (default 7 days).
+    ///
+    /// Retention runs in the pool beside the steps. When it is behind by
+    /// over a tenth of this retention (and over a minute), and more runs
+    /// end than it deletes (the process short of CPU), the pool runs fewer
+    /// steps at once: half as many every 10 s while that goes on (at least
+    /// one step), more again once retention deletes more than end.
+    /// A backlog that retention is working off (a store reopened after a
+    /// long stop, a shorter retention) slows nothing. The gauge
+    /// `waymark_retention_lag_seconds` shows the lag;
+    /// [`Self::retention_backpressure`] turns the slowing off.
     pub fn terminal_retention(mut self, d: Duration) -> Self {
         self.terminal_retention = d;
         self
@@ -272,6 +283,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
     /// [`MAX_KEPT_INPUT_BYTES`](crate::MAX_KEPT_INPUT_BYTES) are never kept.
     pub fn keep_step_inputs(mut self, keep: bool) -> Self {
         self.keep_step_inputs = keep;
+        self
+    }
+
+    /// Whether the pool runs fewer steps at once while retention falls
+    /// behind (default `true`; see [`Self::terminal_retention`]). Turned
+    /// off, a process short of CPU keeps its step rate and lets the
+    /// outcomes past their retention, and the store, grow until it has
+    /// CPU to spare.
+    pub fn retention_backpressure(mut self, on: bool) -> Self {
+        self.retention_backpressure = on;
         self
     }
 
@@ -363,6 +384,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
+                backpressure: crate::backpressure::Backpressure::new(
+                    self.max_concurrent_steps,
+                    self.terminal_retention,
+                    self.retention_backpressure,
+                ),
                 endings: Default::default(),
                 creating: Default::default(),
                 #[cfg(feature = "testkit")]
@@ -435,6 +461,9 @@ pub(crate) struct Inner<R, H> {
     pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).
     pub pending: PendingCommits,
+    /// Retention's lag, which holds step claims back (see
+    /// [`crate::backpressure`]).
+    pub backpressure: crate::backpressure::Backpressure,
     /// One `end_run` at a time per run.
     pub endings: crate::sync::KeyedLocks,
     /// Run ids being created: every commit that creates a run holds its
@@ -638,6 +667,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             observer: None,
             schedules: Vec::new(),
             keep_step_inputs: true,
+            retention_backpressure: true,
             #[cfg(feature = "testkit")]
             probe: None,
             history_entries: crate::history::DEFAULT_HISTORY_ENTRIES,
@@ -1714,8 +1744,10 @@ impl<R, H> Inner<R, H> {
         Ok(Some(Terminal { effects, hold }))
     }
 
-    /// Wake the callers of `wait` on this run.
+    /// Wake the callers of `wait` on this run, and count its ending for the
+    /// back-pressure.
     pub(crate) fn notify_terminal(&self, outcome: RunOutcome) {
+        self.backpressure.run_ended();
         for tx in self.waiters.take(&outcome.run_id) {
             let _ = tx.send(outcome.clone());
         }

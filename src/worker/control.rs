@@ -147,6 +147,7 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
         inner.queue.clone(),
         queue_name,
         inner.cfg.max_concurrent_steps,
+        None,
         inner.cfg.poll_interval,
         inner.cfg.store_timeout,
         stop.clone(),

@@ -157,6 +157,12 @@ pub(super) struct Expiring {
     cursor: u64,
     /// When the scan last started from the front of the index.
     rescanned_at: u64,
+    /// How far (ms) retention is behind after the last pass: the newest
+    /// entry it deleted, past its retention, when it left a backlog (the
+    /// oldest entry left is at most that far), and 0 when it left none due.
+    pub(super) lag_ms: u64,
+    /// Entries deleted by this pass so far.
+    pub(super) deleted: u64,
     /// Test hook: awaited once by a batch between its scan and its commit.
     #[cfg(test)]
     before_commit: Option<futures_util::future::BoxFuture<'static, ()>>,
@@ -167,6 +173,8 @@ impl Expiring {
         Self {
             cursor: 0,
             rescanned_at: now,
+            lag_ms: 0,
+            deleted: 0,
             #[cfg(test)]
             before_commit: None,
         }
@@ -211,8 +219,16 @@ impl Expiring {
                 .batch(inner, index, prefix, now, retention, &records, &scanned)
                 .await?
             {
+                self.lag_ms = 0;
                 return Ok(false);
             }
+        }
+        // The oldest entry left is at or after the cursor (unknown while
+        // the cursor is at the front: the lag stays as it was).
+        if self.cursor > 0 {
+            self.lag_ms = inner
+                .now_ms()
+                .saturating_sub(self.cursor.saturating_add(retention));
         }
         Ok(true)
     }
@@ -288,6 +304,7 @@ impl Expiring {
         if let Some(at) = last {
             self.cursor = at;
         }
+        self.deleted = self.deleted.saturating_add(taken.len() as u64);
         Ok(all_due && page.more)
     }
 }
@@ -405,6 +422,13 @@ impl Pass for Retention {
                 ?took,
                 "a retention pass was slow (the store is slow, or a backlog is being worked off)"
             );
+        }
+        // A failed pass leaves the lag as the last pass found it.
+        if expired.is_ok() {
+            super::metrics::retention_lag(self.outcomes.lag_ms);
+            inner
+                .backpressure
+                .report(self.outcomes.lag_ms, self.outcomes.deleted, inner.now_ms());
         }
         expired.unwrap_or_else(|e| {
             tracing::warn!("retention pass failed (retried next tick): {e}");
@@ -1011,6 +1035,102 @@ mod tests {
         pool.abort();
     }
 
+    /// `n` retention entries from now on, a millisecond apart, for runs
+    /// `r0`, `r1`, ….
+    async fn seed_expiry(
+        inner: &crate::runtime::Inner<Done, NoopTerminalHook>,
+        queue: &Queue,
+        n: u64,
+    ) {
+        let t0 = inner.now_ms();
+        let mut entries = taquba::SettlementEffects::default();
+        for i in 0..n {
+            let key = inner.expiry.entry_key(t0 + i, format!("r{i}").as_bytes());
+            entries = entries.kv_put(key, Vec::new());
+        }
+        queue.commit_effects(entries).await.unwrap();
+    }
+
+    /// One retention pass over run outcomes kept 60 s, as the pool runs it.
+    async fn outcome_pass(
+        inner: &crate::runtime::Inner<Done, NoopTerminalHook>,
+        pass: &mut super::Expiring,
+    ) -> bool {
+        let keys = &inner.keys;
+        pass.pass_scanning(
+            inner,
+            &inner.expiry,
+            keys.expiry_prefix(),
+            Duration::from_secs(60),
+            |id| [keys.sub(id), keys.out(id)],
+            |id| Some(keys.data(id)),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Outcome entries one retention pass deletes at most.
+    const PER_PASS: u64 = (super::EXPIRE_BATCH * super::EXPIRE_BATCHES_PER_TICK) as u64;
+
+    /// Retention reports its lag to the back-pressure: a pass that leaves
+    /// due entries behind says how far the oldest of them is past its
+    /// expiry, and one that leaves none says 0.
+    #[tokio::test]
+    async fn a_pass_that_leaves_due_entries_reports_how_far_behind_it_is() {
+        let (clock, queue) = mock_clock_queue().await;
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .terminal_retention(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        // More due entries than one pass deletes.
+        seed_expiry(inner, &queue, PER_PASS + 100).await;
+        clock.advance(Duration::from_secs(180));
+        let mut pass = super::Expiring::new(inner.now_ms());
+        assert!(outcome_pass(inner, &mut pass).await, "a backlog is left");
+        assert_eq!(pass.deleted, PER_PASS);
+        // The last entry deleted was PER_PASS - 1 ms after the first; now
+        // is 180 s after it.
+        assert_eq!(pass.lag_ms, 180_000 - 60_000 - (PER_PASS - 1));
+        assert!(!outcome_pass(inner, &mut pass).await, "the rest went");
+        assert_eq!(pass.lag_ms, 0);
+    }
+
+    /// The retention loop's passes drive the back-pressure: a pass past the
+    /// bound, after a window in which more runs ended than it deleted,
+    /// halves the pool's claim limit, and a pass that leaves nothing due
+    /// restores it.
+    #[tokio::test]
+    async fn retention_passes_that_fall_behind_lower_the_claim_limit() {
+        use super::Pass;
+        let (clock, queue) = mock_clock_queue().await;
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .terminal_retention(Duration::from_secs(60))
+            .max_concurrent_steps(16)
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        inner.backpressure.note_in_flight(16);
+        seed_expiry(inner, &queue, 2 * PER_PASS + 100).await;
+        let mut retention = super::Retention::new(inner.now_ms());
+        clock.advance(Duration::from_secs(180));
+        assert!(retention.tick(inner).await, "a backlog: ~116 s behind");
+        assert_eq!(inner.backpressure.claim_limit(), 16, "a window starts");
+        // Twenty seconds on, more runs have ended than it deleted.
+        for _ in 0..PER_PASS + 1 {
+            inner.backpressure.run_ended();
+        }
+        clock.advance(Duration::from_secs(20));
+        assert!(
+            retention.tick(inner).await,
+            "still a backlog: ~132 s behind"
+        );
+        assert_eq!(inner.backpressure.claim_limit(), 8);
+        clock.advance(Duration::from_secs(10));
+        assert!(!retention.tick(inner).await, "caught up");
+        assert_eq!(inner.backpressure.claim_limit(), 16);
+    }
+
     /// A re-run that commits between a retention batch's scan and its
     /// commit (it read the clock just before the outcome fell due) takes its
     /// run's entry out of the index. The batch deleted the live run's submit
@@ -1048,16 +1168,7 @@ mod tests {
                 queue.commit_effects(rerun).await.unwrap();
             }
         }));
-        pass.pass_scanning(
-            inner,
-            &inner.expiry,
-            keys.expiry_prefix(),
-            Duration::from_secs(60),
-            |id| [keys.sub(id), keys.out(id)],
-            |id| Some(keys.data(id)),
-        )
-        .await
-        .unwrap();
+        outcome_pass(inner, &mut pass).await;
         let view = queue.view();
         assert!(
             view.kv_get(&keys.sub("r")).await.unwrap().is_some(),

@@ -15,6 +15,7 @@
 //! | `waymark_step_to_step_seconds` | histogram | `workflow` | from the time a step job could run (enqueued, or its `run_at`) to its claim |
 //! | `waymark_steps_in_flight` | gauge | | step jobs claimed by this pool and not yet settled |
 //! | `waymark_backlog` | gauge | `state` | step jobs on the queue: `pending`, `scheduled`, `claimed`, `dead` (sampled by the maintenance loop every 10 s) |
+//! | `waymark_retention_lag_seconds` | gauge | | how far the oldest outcome retention has not yet deleted is past its expiry, after each retention pass (0 when none is due); past a tenth of `terminal_retention` (at least 60 s), while more runs end than retention deletes, it holds step claims back (`backpressure.rs`). On a fleet worker, the shards' passes share the one gauge |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,4 +112,9 @@ pub(super) fn backlog(stats: &QueueStats) {
     ] {
         gauge!("waymark_backlog", "state" => state).set(count as f64);
     }
+}
+
+/// Retention's lag after a pass.
+pub(super) fn retention_lag(lag_ms: u64) {
+    gauge!("waymark_retention_lag_seconds").set(lag_ms as f64 / 1000.0);
 }

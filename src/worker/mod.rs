@@ -56,6 +56,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             inner.queue.clone(),
             inner.cfg.queue_name.clone(),
             inner.cfg.max_concurrent_steps,
+            Some(&inner.backpressure),
             inner.cfg.poll_interval,
             inner.cfg.store_timeout,
             stop.clone(),
@@ -73,6 +74,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 inner.queue.clone(),
                 inner.cfg.hook_queue.clone(),
                 inner.cfg.max_concurrent_steps,
+                None,
                 inner.cfg.poll_interval,
                 inner.cfg.store_timeout,
                 stop.clone(),
@@ -92,6 +94,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 inner.queue.clone(),
                 inner.schedules.queue.clone(),
                 crate::schedule::TICK_CONCURRENCY,
+                None,
                 inner.cfg.poll_interval,
                 inner.cfg.store_timeout,
                 stop.clone(),
@@ -176,6 +179,9 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
 /// error when claiming fails for good (the store closed, or kept failing for
 /// `store_timeout`).
 ///
+/// With `backpressure`, the slots are fewer while retention is behind (see
+/// [`crate::backpressure`]); a change of that limit wakes the loop.
+///
 /// A job whose offloaded payload object is gone (deleted from the bucket
 /// by something else) fails the claim of its whole batch: the batch is
 /// claimed, and each of its jobs runs again only when its lease lapses,
@@ -183,10 +189,12 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
 /// stop the pool: it is logged, and from then on jobs are claimed one at
 /// a time until the queue dead-letters it (its attempts run out, a lease
 /// each), so it takes no other job down with it again.
+#[allow(clippy::too_many_arguments)]
 async fn claim_loop<F, Fut>(
     queue: Arc<Queue>,
     queue_name: String,
     concurrency: usize,
+    backpressure: Option<&crate::backpressure::Backpressure>,
     poll: Duration,
     store_timeout: Duration,
     stop: CancellationToken,
@@ -208,14 +216,27 @@ where
         if stop.is_cancelled() {
             break Ok(());
         }
-        if set.len() >= concurrency {
+        // Taken before the limit is read: a change in between wakes the wait.
+        let limit_changed = backpressure.map(|b| {
+            b.note_in_flight(set.len());
+            b.changed()
+        });
+        let slots = backpressure.map_or(concurrency, |b| b.claim_limit().min(concurrency));
+        if set.len() >= slots {
+            let limit_changed = async {
+                match limit_changed {
+                    Some(changed) => changed.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
                 Some(done) = set.join_next() => note_panic(&queue_name, done),
+                _ = limit_changed => {}
             }
             continue;
         }
-        let mut want = concurrency - set.len();
+        let mut want = slots - set.len();
         if let Some(id) = &unrunnable {
             match queue.view().job_record(id).await {
                 Ok(Some(job)) if !matches!(job.status, JobStatus::Dead | JobStatus::Done) => {
@@ -285,5 +306,94 @@ where
 fn note_panic(queue: &str, done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
         tracing::error!(queue, "worker task failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use taquba::{OpenOptions, Queue};
+    use tokio::sync::{Semaphore, mpsc};
+
+    use crate::hook::NoopTerminalHook;
+    use crate::runner::{Step, StepError, StepOutcome, StepRunner};
+    use crate::runtime::{RunSpec, WorkflowRuntime};
+
+    /// Says it started, then waits for a permit.
+    struct Gated {
+        started: mpsc::UnboundedSender<String>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl StepRunner for Gated {
+        async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+            let _ = self.started.send(step.run_id.clone());
+            if let Ok(permit) = self.gate.acquire().await {
+                permit.forget();
+            }
+            Ok(StepOutcome::Succeed { result: vec![] })
+        }
+    }
+
+    /// The pool claims only as many steps as the back-pressure allows
+    /// (here one of four); when the limit rises, the pool, waiting at the
+    /// old one, claims the rest at once.
+    #[tokio::test]
+    async fn the_pool_claims_fewer_steps_while_retention_is_behind() {
+        let opts = OpenOptions {
+            flush_interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let (started, mut starts) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let runner = Gated {
+            started,
+            gate: gate.clone(),
+        };
+        let rt = WorkflowRuntime::builder(queue.clone(), runner, NoopTerminalHook)
+            .max_concurrent_steps(4)
+            .build()
+            .unwrap();
+        for id in ["a", "b", "c", "d"] {
+            rt.submit(RunSpec {
+                run_id: Some(id.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        // Held to one step (the pool's own retention, which would report
+        // no lag here, is kept out of it; `maintenance` tests the reports).
+        rt.inner.backpressure.pin(1);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pool = tokio::spawn({
+            let rt = rt.clone();
+            let stop = stop.clone();
+            async move { rt.run(stop.cancelled_owned()).await }
+        });
+        starts.recv().await.expect("one step started");
+        // The pool claims a batch before it starts any of it: without the
+        // limit, all four were claimed by now.
+        let stats = queue.view().stats(&rt.inner.cfg.queue_name).await.unwrap();
+        assert_eq!((stats.claimed, stats.pending), (1, 3));
+        rt.inner.backpressure.pin(4);
+        let rest = async {
+            for _ in 0..3 {
+                starts.recv().await.expect("a step started");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), rest)
+            .await
+            .expect("the other three started while the first still ran");
+        gate.add_permits(4);
+        for id in ["a", "b", "c", "d"] {
+            rt.wait(id).await.unwrap();
+        }
+        stop.cancel();
+        pool.await.unwrap().unwrap();
     }
 }
