@@ -461,7 +461,7 @@ pub(crate) struct Inner<R, H> {
     pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).
     pub pending: PendingCommits,
-    /// Retention's lag, which holds step claims back (see
+    /// What retention's progress allows the step claims (see
     /// [`crate::backpressure`]).
     pub backpressure: crate::backpressure::Backpressure,
     /// One `end_run` at a time per run.

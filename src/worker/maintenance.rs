@@ -161,7 +161,7 @@ pub(super) struct Expiring {
     /// entry it deleted, past its retention, when it left a backlog (the
     /// oldest entry left is at most that far), and 0 when it left none due.
     pub(super) lag_ms: u64,
-    /// Entries deleted by this pass so far.
+    /// Entries deleted by this `Expiring`, all its passes together.
     pub(super) deleted: u64,
     /// Test hook: awaited once by a batch between its scan and its commit.
     #[cfg(test)]
