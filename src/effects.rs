@@ -30,7 +30,8 @@
 //! the cancel token with its own `Cancel` commits what it staged, a
 //! compensation say, with it), and when the runtime fails the run instead of committing the outcome (an
 //! oversize result or payload). [`StagedEffects::get`] reads committed state
-//! only: never what this step staged.
+//! only: never what this step staged, and never another step's write before
+//! it is durable.
 //!
 //! [`StepError`]: crate::StepError
 
@@ -41,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use taquba::{EnqueueOptions, EnqueueRequest, Queue, QueueName, SettlementEffects};
 
 use crate::error::Error;
+use crate::pending::{PendingCommits, app_key};
 use crate::record::MAX_PAYLOAD_BYTES;
 use crate::sync::lock;
 
@@ -58,6 +60,8 @@ pub struct StagedEffects {
 
 struct Shared {
     queue: Arc<Queue>,
+    /// The runtime's commits in flight, which `get` waits for.
+    pending: Arc<PendingCommits>,
     /// The runtime's step queue `Q`: `Q` and `Q-…` are reserved.
     step_queue: String,
     staged: Mutex<Option<Staged>>,
@@ -89,10 +93,11 @@ impl fmt::Debug for StagedEffects {
 impl StagedEffects {
     /// An empty, open handle for a step of the runtime whose step queue is
     /// `step_queue`.
-    pub(crate) fn new(queue: Arc<Queue>, step_queue: &str) -> Self {
+    pub(crate) fn new(queue: Arc<Queue>, pending: Arc<PendingCommits>, step_queue: &str) -> Self {
         Self {
             inner: Arc::new(Shared {
                 queue,
+                pending,
                 step_queue: step_queue.to_string(),
                 staged: Mutex::new(Some(Staged::default())),
             }),
@@ -177,24 +182,21 @@ impl StagedEffects {
         })
     }
 
-    /// Read `key` from the application KV namespace as committed: this
-    /// step's staged effects are not visible until its settlement commits.
+    /// Read `key` from the application KV namespace as committed and
+    /// durable: this step's staged effects are not visible until its
+    /// settlement commits.
     ///
-    /// What it reads is what this process sees, which includes another
-    /// run's settlement committed here a moment ago whose WAL flush has not
-    /// returned yet: a crash in between undoes that write (its step runs
-    /// again and writes it again). Treat a value as a hint to act on within
-    /// this step's own effects, not as a fact to report outside the store.
+    /// Another step's settlement that wrote the key in this process may be
+    /// visible before its WAL flush returns, and a crash then would undo
+    /// it. So after reading, `get` waits for the settlements writing `key`
+    /// that are in flight (at most one flush interval, unless the store is
+    /// slow): the value it returns is one no crash can take back.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Error> {
         let key = key.as_ref();
         check_key(key)?;
-        Ok(self
-            .inner
-            .queue
-            .view()
-            .kv_get(key)
-            .await?
-            .map(|v| v.to_vec()))
+        let value = self.inner.queue.view().kv_get(key).await?;
+        self.inner.pending.settled(&app_key(key)).await;
+        Ok(value.map(|v| v.to_vec()))
     }
 
     /// Close the handle and take what was staged: the worker's, when the
@@ -262,7 +264,7 @@ mod tests {
     async fn handle() -> StagedEffects {
         let store = Arc::new(taquba::object_store::memory::InMemory::new());
         let queue = Arc::new(Queue::open(store, "t").await.unwrap());
-        StagedEffects::new(queue, "steps")
+        StagedEffects::new(queue, Default::default(), "steps")
     }
 
     #[tokio::test]

@@ -24,6 +24,12 @@
 //! at, so admitting it needs no read of the record. Jobs from before a
 //! restart, or from other writers, are checked against the record.
 //!
+//! Application KV keys (what a step stages, see [`crate::effects`]) are
+//! tracked the same way, each under the name [`app_key`] gives it: a
+//! settlement that writes or deletes one holds a guard for it, and
+//! [`StagedEffects::get`](crate::StagedEffects::get) waits, after reading,
+//! for the key's commits in flight.
+//!
 //! The same map is the worker's store watchdog: SlateDB retries a failing
 //! store without end, so a commit that has waited longer than the runtime's
 //! `store_timeout` means the store is down, and the pool stops with
@@ -38,6 +44,17 @@ use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 
 use crate::sync::lock;
+
+/// The name commits that write or delete the application KV key `key` are
+/// tracked under. It begins with a NUL, which no run id and no watched name
+/// holds; a key that is not UTF-8 is named lossily, so two such keys may
+/// share a name, which only makes a read wait for the other's commit too.
+pub(crate) fn app_key(key: &[u8]) -> String {
+    let mut name = String::with_capacity(key.len() + 1);
+    name.push('\0');
+    name.push_str(&String::from_utf8_lossy(key));
+    name
+}
 
 /// The runs with commits in flight.
 #[derive(Default)]

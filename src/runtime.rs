@@ -383,7 +383,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 joins: Default::default(),
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
-                pending: PendingCommits::default(),
+                pending: Arc::new(PendingCommits::default()),
                 backpressure: crate::backpressure::Backpressure::new(
                     self.max_concurrent_steps,
                     self.terminal_retention,
@@ -459,8 +459,10 @@ pub(crate) struct Inner<R, H> {
     pub inflight: InFlightSteps,
     /// Callers of `wait`, by run id.
     pub waiters: Waiters,
-    /// Commits in flight per run, which claims wait for (see `pending`).
-    pub pending: PendingCommits,
+    /// Commits in flight per run (and per application KV key), which claims
+    /// and reads wait for (see `pending`); shared with each step's
+    /// [`StagedEffects`](crate::StagedEffects).
+    pub pending: Arc<PendingCommits>,
     /// What retention's progress allows the step claims (see
     /// [`crate::backpressure`]).
     pub backpressure: crate::backpressure::Backpressure,

@@ -225,6 +225,71 @@ async fn reads_answer_only_from_durable_commits() {
     worker.await.unwrap().unwrap();
 }
 
+/// A step's `effects().get` must not return another step's staged write
+/// while the settlement that wrote it is visible but not durable: a crash
+/// then would undo the write the reader acted on.
+#[tokio::test]
+async fn a_staged_write_is_read_only_once_durable() {
+    let (reader_started, reader_gate) = (Arc::new(Notify::new()), Gate::default());
+    let writer_gate = Gate::default();
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel();
+    let read_tx = Arc::new(std::sync::Mutex::new(Some(read_tx)));
+    let runner = {
+        let (reader_started, reader_gate) = (reader_started.clone(), reader_gate.clone());
+        let writer_gate = writer_gate.clone();
+        FnRunner::new(move |s: Step| {
+            let (reader_started, reader_gate) = (reader_started.clone(), reader_gate.clone());
+            let (writer_gate, read_tx) = (writer_gate.clone(), read_tx.clone());
+            async move {
+                if s.run_id == "writer" {
+                    writer_gate.wait().await;
+                    s.effects().put(b"app/k".to_vec(), b"v".to_vec()).unwrap();
+                } else {
+                    reader_started.notify_one();
+                    reader_gate.wait().await;
+                    let read = s.effects().get(b"app/k").await;
+                    if let Some(tx) = read_tx.lock().unwrap().take() {
+                        let _ = tx.send(read);
+                    }
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        })
+    };
+    let (rt, faults) = held_runtime(runner).await;
+    let stop = Arc::new(Notify::new());
+    let worker = start(&rt, &stop);
+    rt.submit(spec("reader", b"")).await.unwrap();
+    reader_started.notified().await;
+    rt.submit(spec("writer", b"")).await.unwrap();
+    faults.hold(StoreOp::Put, "wal");
+    writer_gate.open();
+    let queue = rt.queue().clone();
+    wait_until(BOUND, "the staged write is visible, not durable", || {
+        let queue = queue.clone();
+        let held = faults.held();
+        async move { held > 0 && queue.view().kv_get(b"app/k").await.unwrap().is_some() }
+    })
+    .await;
+    reader_gate.open();
+    let mut read = read_rx;
+    if let Ok(answer) = tokio::time::timeout(GRACE, &mut read).await {
+        panic!(
+            "get answered {answer:?} while the write was not durable ({} writes held)",
+            faults.held()
+        );
+    }
+    faults.release();
+    let value = read.await.unwrap().unwrap();
+    assert_eq!(value.as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        rt.wait("writer").await.unwrap().status,
+        TerminalStatus::Succeeded
+    );
+    stop.notify_one();
+    worker.await.unwrap().unwrap();
+}
+
 /// A second cancel of a running step, racing the first, finds the request
 /// already stored on the job (the first's commit, visible but not durable):
 /// it must not answer before that commit is durable, nor say that it was the

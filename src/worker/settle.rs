@@ -25,10 +25,11 @@ use tracing::Instrument;
 use super::metrics;
 use super::step::{Health, StepJob, Verdict};
 use crate::breaker::{Parking, Staged, ms_to_time};
-use crate::effects;
+use crate::effects::{self, RESERVED_KEY_PREFIX};
 use crate::error::Error;
 use crate::history::{self, AttemptOutcome, HEADER_HISTORY, StepAttempt};
 use crate::hook::{RunOutcome, TerminalHook};
+use crate::pending::app_key;
 use crate::policy::saturating_ms;
 use crate::record::{
     self, HEADER_ATTEMPTS_BEFORE, HEADER_JOIN, HEADER_PARKED, HEADER_SIGNAL, HEADER_STEP,
@@ -463,6 +464,15 @@ async fn commit<R: StepRunner, H: TerminalHook>(
     {
         let _pending = inner.pending.begin(&job.run_id);
         let _others: Vec<_> = runs.iter().map(|r| inner.pending.begin(r)).collect();
+        // The application keys the runner staged (every key outside
+        // Waymark's own `wm/`), which `StagedEffects::get` waits for.
+        let _app_keys: Vec<_> = effects
+            .kv_writes
+            .keys()
+            .chain(&effects.kv_deletes)
+            .filter(|key| !key.starts_with(RESERVED_KEY_PREFIX))
+            .map(|key| inner.pending.begin(app_key(key)))
+            .collect();
         let enqueued = match &end {
             JobEnd::Ack => queue.ack_with(&job.claim, effects).await?,
             JobEnd::DeadLetter(why) => queue.dead_letter_with(&job.claim, why, effects).await?,

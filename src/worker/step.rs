@@ -532,7 +532,11 @@ async fn run_runner<R: StepRunner, H>(
         run_memo,
         signal: job.signal.clone(),
         children: job.children.clone(),
-        effects: StagedEffects::new(inner.queue.clone(), &inner.cfg.queue_name),
+        effects: StagedEffects::new(
+            inner.queue.clone(),
+            inner.pending.clone(),
+            &inner.cfg.queue_name,
+        ),
     };
     let started = std::time::Instant::now();
     // The call itself inside the guard too: a runner may panic before
