@@ -60,8 +60,9 @@ pub struct StagedEffects {
 
 struct Shared {
     queue: Arc<Queue>,
-    /// The runtime's commits in flight, which `get` waits for.
-    pending: Arc<PendingCommits>,
+    /// The store's application-key commits in flight, which `get` waits
+    /// for.
+    app_keys: Arc<PendingCommits>,
     /// The runtime's step queue `Q`: `Q` and `Q-…` are reserved.
     step_queue: String,
     staged: Mutex<Option<Staged>>,
@@ -93,11 +94,11 @@ impl fmt::Debug for StagedEffects {
 impl StagedEffects {
     /// An empty, open handle for a step of the runtime whose step queue is
     /// `step_queue`.
-    pub(crate) fn new(queue: Arc<Queue>, pending: Arc<PendingCommits>, step_queue: &str) -> Self {
+    pub(crate) fn new(queue: Arc<Queue>, app_keys: Arc<PendingCommits>, step_queue: &str) -> Self {
         Self {
             inner: Arc::new(Shared {
                 queue,
-                pending,
+                app_keys,
                 step_queue: step_queue.to_string(),
                 staged: Mutex::new(Some(Staged::default())),
             }),
@@ -186,16 +187,18 @@ impl StagedEffects {
     /// durable: this step's staged effects are not visible until its
     /// settlement commits.
     ///
-    /// Another step's settlement that wrote the key in this process may be
-    /// visible before its WAL flush returns, and a crash then would undo
-    /// it. So after reading, `get` waits for the settlements writing `key`
-    /// that are in flight (at most one flush interval, unless the store is
-    /// slow): the value it returns is one no crash can take back.
+    /// Another step's settlement that wrote the key (in any runtime of this
+    /// process on the same store) may be visible before its WAL flush
+    /// returns, and a crash then would undo it. So after reading, `get`
+    /// waits for the settlements writing `key` that are in flight (at most
+    /// one flush interval, unless the store is slow): the value it returns
+    /// is one no crash can take back. Writes the application makes through
+    /// the queue itself (`Queue::kv_put` and the like) are not tracked.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Error> {
         let key = key.as_ref();
         check_key(key)?;
         let value = self.inner.queue.view().kv_get(key).await?;
-        self.inner.pending.settled(&app_key(key)).await;
+        self.inner.app_keys.settled(&app_key(key)).await;
         Ok(value.map(|v| v.to_vec()))
     }
 

@@ -25,10 +25,12 @@
 //! restart, or from other writers, are checked against the record.
 //!
 //! Application KV keys (what a step stages, see [`crate::effects`]) are
-//! tracked the same way, each under the name [`app_key`] gives it: a
+//! tracked the same way, in a map of their own keyed by [`app_key`]: a
 //! settlement that writes or deletes one holds a guard for it, and
 //! [`StagedEffects::get`](crate::StagedEffects::get) waits, after reading,
-//! for the key's commits in flight.
+//! for the key's commits in flight. That namespace is the store's, not one
+//! runtime's: runtimes on one [`Queue`] (a second `queue_name` for priority
+//! runs) share the map ([`app_keys_of`]).
 //!
 //! The same map is the worker's store watchdog: SlateDB retries a failing
 //! store without end, so a commit that has waited longer than the runtime's
@@ -38,25 +40,46 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
+use taquba::Queue;
 use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 
 use crate::sync::lock;
 
 /// The name commits that write or delete the application KV key `key` are
-/// tracked under. It begins with a NUL, which no run id and no watched name
-/// holds; a key that is not UTF-8 is named lossily, so two such keys may
-/// share a name, which only makes a read wait for the other's commit too.
+/// tracked under in the store's app-key map. A key that is not UTF-8 is
+/// named lossily, so two such keys may share a name, which only makes a
+/// read wait for the other's commit too.
 pub(crate) fn app_key(key: &[u8]) -> String {
-    let mut name = String::with_capacity(key.len() + 1);
-    name.push('\0');
-    name.push_str(&String::from_utf8_lossy(key));
-    name
+    String::from_utf8_lossy(key).into_owned()
 }
 
-/// The runs with commits in flight.
+/// The app-key map of every store open in this process, by its queue.
+static APP_KEYS: Mutex<Vec<(Weak<Queue>, Arc<PendingCommits>)>> = Mutex::new(Vec::new());
+
+/// The map of application-key commits in flight on `queue`'s store, shared
+/// by every runtime built on that queue (maps of dropped queues are
+/// forgotten here).
+pub(crate) fn app_keys_of(queue: &Arc<Queue>) -> Arc<PendingCommits> {
+    let mut stores = lock(&APP_KEYS);
+    stores.retain(|(q, _)| q.strong_count() > 0);
+    let found = stores
+        .iter()
+        .find(|(q, _)| std::ptr::eq(q.as_ptr(), Arc::as_ptr(queue)));
+    match found {
+        Some((_, keys)) => keys.clone(),
+        None => {
+            let keys = Arc::new(PendingCommits::default());
+            stores.push((Arc::downgrade(queue), keys.clone()));
+            keys
+        }
+    }
+}
+
+/// The runs (or, in a store's app-key map, the application keys) with
+/// commits in flight.
 #[derive(Default)]
 pub(crate) struct PendingCommits {
     runs: Mutex<Runs>,
@@ -237,6 +260,34 @@ mod tests {
             .expect("all of r's commits returned");
         drop(other);
         assert!(lock(&commits.runs).by_run.is_empty());
+    }
+
+    /// Runtimes on one queue share the app-key map (a read through one
+    /// waits for a commit in flight through the other); another store's is
+    /// another map.
+    #[tokio::test]
+    async fn runtimes_on_one_store_share_its_app_key_map() {
+        let open = || async {
+            let store = Arc::new(taquba::object_store::memory::InMemory::new());
+            Arc::new(Queue::open(store, "s").await.expect("open"))
+        };
+        let (a, b) = (open().await, open().await);
+        let (writer, reader, other) = (app_keys_of(&a), app_keys_of(&a.clone()), app_keys_of(&b));
+        assert!(Arc::ptr_eq(&writer, &reader));
+        assert!(!Arc::ptr_eq(&writer, &other));
+        let in_flight = writer.begin(app_key(b"app/k"));
+        let name = app_key(b"app/k");
+        let read = reader.settled(&name);
+        tokio::pin!(read);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut read)
+                .await
+                .is_err(),
+            "a commit of the key is in flight on the store"
+        );
+        other.settled(&name).await;
+        drop(in_flight);
+        read.await;
     }
 
     #[test]

@@ -356,6 +356,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         let breakers = Breakers::new(&self.queue_name, self.breakers, self.observer);
         let expiry = ExpiryIndex::new(keys.expiry_prefix().to_vec());
         let deadlines = ExpiryIndex::new(keys.deadline_prefix().to_vec());
+        let app_keys = crate::pending::app_keys_of(&self.queue);
         Ok(WorkflowRuntime {
             inner: Arc::new(Inner {
                 queue: self.queue,
@@ -383,7 +384,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 joins: Default::default(),
                 inflight: InFlightSteps::default(),
                 waiters: Waiters::default(),
-                pending: Arc::new(PendingCommits::default()),
+                pending: PendingCommits::default(),
+                app_keys,
                 backpressure: crate::backpressure::Backpressure::new(
                     self.max_concurrent_steps,
                     self.terminal_retention,
@@ -459,10 +461,12 @@ pub(crate) struct Inner<R, H> {
     pub inflight: InFlightSteps,
     /// Callers of `wait`, by run id.
     pub waiters: Waiters,
-    /// Commits in flight per run (and per application KV key), which claims
-    /// and reads wait for (see `pending`); shared with each step's
-    /// [`StagedEffects`](crate::StagedEffects).
-    pub pending: Arc<PendingCommits>,
+    /// Commits in flight per run, which claims wait for (see `pending`).
+    pub pending: PendingCommits,
+    /// Commits in flight per application KV key, which
+    /// [`StagedEffects::get`](crate::StagedEffects::get) waits for: shared
+    /// by the runtimes on this store (see `pending`).
+    pub app_keys: Arc<PendingCommits>,
     /// What retention's progress allows the step claims (see
     /// [`crate::backpressure`]).
     pub backpressure: crate::backpressure::Backpressure,

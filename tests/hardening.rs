@@ -227,19 +227,31 @@ async fn reads_answer_only_from_durable_commits() {
 
 /// A step's `effects().get` must not return another step's staged write
 /// while the settlement that wrote it is visible but not durable: a crash
-/// then would undo the write the reader acted on.
+/// then would undo the write the reader acted on. Checked with the writer
+/// and the reader in one runtime, and in two runtimes on one store (the
+/// application namespace is the store's).
 #[tokio::test]
 async fn a_staged_write_is_read_only_once_durable() {
+    staged_write_read_once_durable(false).await;
+}
+
+#[tokio::test]
+async fn a_staged_write_of_another_runtime_on_the_store_is_read_only_once_durable() {
+    staged_write_read_once_durable(true).await;
+}
+
+async fn staged_write_read_once_durable(two_runtimes: bool) {
     let (reader_started, reader_gate) = (Arc::new(Notify::new()), Gate::default());
-    let writer_gate = Gate::default();
+    let (reading, writer_gate) = (Arc::new(Notify::new()), Gate::default());
     let (read_tx, read_rx) = tokio::sync::oneshot::channel();
     let read_tx = Arc::new(std::sync::Mutex::new(Some(read_tx)));
     let runner = {
         let (reader_started, reader_gate) = (reader_started.clone(), reader_gate.clone());
-        let writer_gate = writer_gate.clone();
+        let (reading, writer_gate) = (reading.clone(), writer_gate.clone());
         FnRunner::new(move |s: Step| {
             let (reader_started, reader_gate) = (reader_started.clone(), reader_gate.clone());
-            let (writer_gate, read_tx) = (writer_gate.clone(), read_tx.clone());
+            let (reading, writer_gate) = (reading.clone(), writer_gate.clone());
+            let read_tx = read_tx.clone();
             async move {
                 if s.run_id == "writer" {
                     writer_gate.wait().await;
@@ -247,6 +259,7 @@ async fn a_staged_write_is_read_only_once_durable() {
                 } else {
                     reader_started.notify_one();
                     reader_gate.wait().await;
+                    reading.notify_one();
                     let read = s.effects().get(b"app/k").await;
                     if let Some(tx) = read_tx.lock().unwrap().take() {
                         let _ = tx.send(read);
@@ -256,10 +269,20 @@ async fn a_staged_write_is_read_only_once_durable() {
             }
         })
     };
-    let (rt, faults) = held_runtime(runner).await;
+    let (rt, faults) = held_runtime(runner.clone()).await;
     let stop = Arc::new(Notify::new());
     let worker = start(&rt, &stop);
-    rt.submit(spec("reader", b"")).await.unwrap();
+    // The reader runs in a second runtime on the same store, or in `rt`.
+    let reader_rt = if two_runtimes {
+        builder(rt.queue().clone(), runner, NoopTerminalHook)
+            .queue_name("other-steps")
+            .build()
+            .unwrap()
+    } else {
+        rt.clone()
+    };
+    let reader_worker = two_runtimes.then(|| start(&reader_rt, &stop));
+    reader_rt.submit(spec("reader", b"")).await.unwrap();
     reader_started.notified().await;
     rt.submit(spec("writer", b"")).await.unwrap();
     faults.hold(StoreOp::Put, "wal");
@@ -272,6 +295,7 @@ async fn a_staged_write_is_read_only_once_durable() {
     })
     .await;
     reader_gate.open();
+    reading.notified().await;
     let mut read = read_rx;
     if let Ok(answer) = tokio::time::timeout(GRACE, &mut read).await {
         panic!(
@@ -286,8 +310,11 @@ async fn a_staged_write_is_read_only_once_durable() {
         rt.wait("writer").await.unwrap().status,
         TerminalStatus::Succeeded
     );
-    stop.notify_one();
+    stop.notify_waiters();
     worker.await.unwrap().unwrap();
+    if let Some(reader_worker) = reader_worker {
+        reader_worker.await.unwrap().unwrap();
+    }
 }
 
 /// A second cancel of a running step, racing the first, finds the request

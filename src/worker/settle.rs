@@ -471,7 +471,7 @@ async fn commit<R: StepRunner, H: TerminalHook>(
             .keys()
             .chain(&effects.kv_deletes)
             .filter(|key| !key.starts_with(RESERVED_KEY_PREFIX))
-            .map(|key| inner.pending.begin(app_key(key)))
+            .map(|key| inner.app_keys.begin(app_key(key)))
             .collect();
         let enqueued = match &end {
             JobEnd::Ack => queue.ack_with(&job.claim, effects).await?,

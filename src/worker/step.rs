@@ -534,7 +534,7 @@ async fn run_runner<R: StepRunner, H>(
         children: job.children.clone(),
         effects: StagedEffects::new(
             inner.queue.clone(),
-            inner.pending.clone(),
+            inner.app_keys.clone(),
             &inner.cfg.queue_name,
         ),
     };
