@@ -23,7 +23,10 @@
 //!   least a tenth more deleted than ended: it is catching up, and the
 //!   limit rises by a quarter of the pool's concurrency (up to all of it).
 //!   In between, the limit holds;
-//! - back under the bound, the whole concurrency is restored.
+//! - back under half the bound, the whole concurrency is restored. Between
+//!   half the bound and the bound, a limit already cut keeps following the
+//!   windows (restoring it at the bound itself would let the steps surge
+//!   and push the lag straight back over it), and a full one stays full.
 //!
 //! Both counts are of the same window, so a change of the limit shows in
 //! the next one. (The lag itself would answer late: it says when the runs
@@ -60,19 +63,25 @@ pub(crate) struct Backpressure {
     concurrency: usize,
     /// The lag (ms) up to which nothing changes.
     bound: u64,
+    /// The claim limit, read by the claim loop on every turn; written under
+    /// `state`'s lock (and by the test hook `pin`).
+    limit: AtomicUsize,
     state: std::sync::Mutex<State>,
     changed: Notify,
     /// Runs ended in this process.
     ended: AtomicU64,
     /// The steps the claim loop last saw in flight.
     in_flight: AtomicUsize,
+    /// The most steps it saw in flight since the last window ended: a
+    /// falling-behind window halves from this, not from a snapshot taken
+    /// at a pause between bursts.
+    peak_in_flight: AtomicUsize,
     /// Test hook: the limit stays where a test set it.
     #[cfg(test)]
     pinned: std::sync::atomic::AtomicBool,
 }
 
 struct State {
-    limit: usize,
     /// Where the current window started.
     window: Option<Mark>,
 }
@@ -106,13 +115,12 @@ impl Backpressure {
         Self {
             concurrency,
             bound: u64::try_from(bound.as_millis()).unwrap_or(u64::MAX),
-            state: std::sync::Mutex::new(State {
-                limit: concurrency,
-                window: None,
-            }),
+            limit: AtomicUsize::new(concurrency),
+            state: std::sync::Mutex::new(State { window: None }),
             changed: Notify::new(),
             ended: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            peak_in_flight: AtomicUsize::new(0),
             #[cfg(test)]
             pinned: std::sync::atomic::AtomicBool::new(false),
         }
@@ -138,10 +146,13 @@ impl Backpressure {
         };
         let (before, after) = {
             let mut state = lock(&self.state);
-            let before = state.limit;
+            let before = self.limit.load(Ordering::Relaxed);
+            let mut limit = before;
+            let restore =
+                lag_ms <= self.bound / 2 || (lag_ms <= self.bound && before >= self.concurrency);
             match state.window {
-                _ if lag_ms <= self.bound => {
-                    state.limit = self.concurrency;
+                _ if restore => {
+                    limit = self.concurrency;
                     state.window = None;
                 }
                 None => state.window = Some(mark),
@@ -149,23 +160,28 @@ impl Backpressure {
                 Some(start) => {
                     let ended = mark.ended.saturating_sub(start.ended);
                     let deleted = mark.deleted.saturating_sub(start.deleted);
-                    state.limit = match progress(ended, deleted) {
+                    limit = match progress(ended, deleted) {
                         Progress::FallingBehind => {
                             // Halving a limit the pool does not reach would
                             // hold nothing back.
-                            let running = self.in_flight.load(Ordering::Relaxed).max(1);
-                            (state.limit.min(running) / 2).max(1)
+                            let running = self
+                                .peak_in_flight
+                                .load(Ordering::Relaxed)
+                                .max(self.in_flight.load(Ordering::Relaxed))
+                                .max(1);
+                            (limit.min(running) / 2).max(1)
                         }
-                        Progress::Holding => state.limit,
-                        Progress::CatchingUp => state
-                            .limit
+                        Progress::Holding => limit,
+                        Progress::CatchingUp => limit
                             .saturating_add(self.concurrency.div_ceil(4))
                             .min(self.concurrency),
                     };
                     state.window = Some(mark);
+                    self.peak_in_flight.store(0, Ordering::Relaxed);
                 }
             }
-            (before, state.limit)
+            self.limit.store(limit, Ordering::Release);
+            (before, limit)
         };
         if before == after {
             return;
@@ -188,7 +204,7 @@ impl Backpressure {
 
     /// How many steps the pool may run at once now.
     pub(crate) fn claim_limit(&self) -> usize {
-        lock(&self.state).limit
+        self.limit.load(Ordering::Acquire)
     }
 
     /// Resolves at the next change of the limit after this call (taken
@@ -200,13 +216,14 @@ impl Backpressure {
     /// The claim loop's count of the steps in flight.
     pub(crate) fn note_in_flight(&self, steps: usize) {
         self.in_flight.store(steps, Ordering::Relaxed);
+        self.peak_in_flight.fetch_max(steps, Ordering::Relaxed);
     }
 
     /// Test hook: set the limit and ignore retention's reports.
     #[cfg(test)]
     pub(crate) fn pin(&self, limit: usize) {
         self.pinned.store(true, Ordering::Relaxed);
-        lock(&self.state).limit = limit;
+        self.limit.store(limit, Ordering::Release);
         self.changed.notify_waiters();
     }
 }
@@ -309,6 +326,44 @@ mod tests {
         );
         bp.report(30 * S, 400, t0 + 51 * S);
         assert_eq!(bp.claim_limit(), 8, "under the bound: all of it at once");
+    }
+
+    #[test]
+    fn a_cut_limit_comes_back_whole_only_under_half_the_bound() {
+        let bp = pool(8);
+        bp.report(90 * S, 0, 0);
+        end(&bp, 100);
+        bp.report(100 * S, 0, 10 * S);
+        assert_eq!(bp.claim_limit(), 4);
+        end(&bp, 100);
+        bp.report(45 * S, 100, 20 * S);
+        assert_eq!(bp.claim_limit(), 4, "under the bound, over half: holds");
+        end(&bp, 100);
+        bp.report(40 * S, 300, 30 * S);
+        assert_eq!(bp.claim_limit(), 6, "catching up: up a quarter");
+        bp.report(30 * S, 300, 31 * S);
+        assert_eq!(bp.claim_limit(), 8, "half the bound: all of it");
+        // A full limit between half the bound and the bound stays full.
+        end(&bp, 100);
+        bp.report(50 * S, 300, 41 * S);
+        end(&bp, 100);
+        bp.report(55 * S, 300, 51 * S);
+        assert_eq!(bp.claim_limit(), 8);
+    }
+
+    #[test]
+    fn halving_starts_from_the_most_steps_in_flight_in_the_window() {
+        let bp = Backpressure::new(100, MINUTE, true);
+        bp.note_in_flight(40);
+        bp.note_in_flight(0);
+        bp.report(90 * S, 0, 0);
+        end(&bp, 100);
+        bp.report(100 * S, 0, 10 * S);
+        assert_eq!(bp.claim_limit(), 20, "40 at the peak, none at the end");
+        bp.note_in_flight(6);
+        end(&bp, 100);
+        bp.report(110 * S, 0, 20 * S);
+        assert_eq!(bp.claim_limit(), 3, "the peak is the window's own");
     }
 
     #[test]

@@ -208,8 +208,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
     /// Retention runs in the pool beside the steps. When it is behind by
     /// over a tenth of this retention (and over a minute), and more runs
     /// end than it deletes (the process short of CPU), the pool runs fewer
-    /// steps at once: half as many every 10 s while that goes on (at least
-    /// one step), more again once retention deletes more than end.
+    /// steps at once: every 10 s while that goes on, half as many as it
+    /// ran at most in those 10 s (at least one step); a quarter of
+    /// `max_concurrent_steps` more every 10 s in which retention deletes a
+    /// tenth more than end; all of them once it is back within half that
+    /// bound.
     /// A backlog that retention is working off (a store reopened after a
     /// long stop, a shorter retention) slows nothing. The gauge
     /// `waymark_retention_lag_seconds` shows the lag;

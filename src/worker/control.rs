@@ -144,12 +144,7 @@ pub(super) async fn serve<R: StepRunner, H: TerminalHook>(
     let keys = ControlKeys::new(&inner.cfg.queue_name);
     let control = Arc::new(Control::new(keys));
     let claims = super::claim_loop(
-        inner.queue.clone(),
-        queue_name,
-        inner.cfg.max_concurrent_steps,
-        None,
-        inner.cfg.poll_interval,
-        inner.cfg.store_timeout,
+        super::Claiming::of(inner, &queue_name, inner.cfg.max_concurrent_steps),
         stop.clone(),
         {
             let rt = rt.clone();

@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backpressure::Backpressure;
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::pending::PendingCommit;
@@ -53,12 +54,8 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         crate::schedule::arm_all(inner).await?;
         let stop = CancellationToken::new();
         let steps = claim_loop(
-            inner.queue.clone(),
-            inner.cfg.queue_name.clone(),
-            inner.cfg.max_concurrent_steps,
-            Some(&inner.backpressure),
-            inner.cfg.poll_interval,
-            inner.cfg.store_timeout,
+            Claiming::of(inner, &inner.cfg.queue_name, inner.cfg.max_concurrent_steps)
+                .throttled_by(&inner.backpressure),
             stop.clone(),
             {
                 let inner = inner.clone();
@@ -71,12 +68,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 return Ok(());
             }
             claim_loop(
-                inner.queue.clone(),
-                inner.cfg.hook_queue.clone(),
-                inner.cfg.max_concurrent_steps,
-                None,
-                inner.cfg.poll_interval,
-                inner.cfg.store_timeout,
+                Claiming::of(inner, &inner.cfg.hook_queue, inner.cfg.max_concurrent_steps),
                 stop.clone(),
                 {
                     let inner = inner.clone();
@@ -91,12 +83,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 return Ok(());
             }
             claim_loop(
-                inner.queue.clone(),
-                inner.schedules.queue.clone(),
-                crate::schedule::TICK_CONCURRENCY,
-                None,
-                inner.cfg.poll_interval,
-                inner.cfg.store_timeout,
+                Claiming::of(
+                    inner,
+                    &inner.schedules.queue,
+                    crate::schedule::TICK_CONCURRENCY,
+                ),
                 stop.clone(),
                 {
                     let inner = inner.clone();
@@ -174,13 +165,47 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
     }
 }
 
-/// Claim jobs from `queue_name` in batches sized to the free slots, run each
-/// on its own task, and drain in-flight work once `stop` fires. Ends with an
-/// error when claiming fails for good (the store closed, or kept failing for
+/// What a claim loop claims from, and how: a queue of the runtime's store,
+/// its slots, and the runtime's poll interval and store timeout.
+struct Claiming<'a> {
+    queue: Arc<Queue>,
+    queue_name: String,
+    /// The most jobs in flight at once.
+    concurrency: usize,
+    /// The step claims' limit while retention is behind.
+    backpressure: Option<&'a Backpressure>,
+    poll: Duration,
+    store_timeout: Duration,
+}
+
+impl<'a> Claiming<'a> {
+    /// Up to `concurrency` jobs of `queue_name` at once, on `inner`'s store.
+    fn of<R, H>(inner: &Inner<R, H>, queue_name: &str, concurrency: usize) -> Self {
+        Self {
+            queue: inner.queue.clone(),
+            queue_name: queue_name.to_string(),
+            concurrency,
+            backpressure: None,
+            poll: inner.cfg.poll_interval,
+            store_timeout: inner.cfg.store_timeout,
+        }
+    }
+
+    /// Fewer slots while `backpressure` says retention is behind.
+    fn throttled_by(mut self, backpressure: &'a Backpressure) -> Self {
+        self.backpressure = Some(backpressure);
+        self
+    }
+}
+
+/// Claim jobs in batches sized to the free slots, run each on its own task,
+/// and drain in-flight work once `stop` fires. Ends with an error when
+/// claiming fails for good (the store closed, or kept failing for
 /// `store_timeout`).
 ///
-/// With `backpressure`, the slots are fewer while retention is behind (see
-/// [`crate::backpressure`]); a change of that limit wakes the loop.
+/// Throttled by back-pressure, the slots are fewer while retention is
+/// behind (see [`crate::backpressure`]); a change of that limit wakes the
+/// loop.
 ///
 /// A job whose offloaded payload object is gone (deleted from the bucket
 /// by something else) fails the claim of its whole batch: the batch is
@@ -189,14 +214,8 @@ async fn store_watchdog<R, H>(inner: &Inner<R, H>) -> Error {
 /// stop the pool: it is logged, and from then on jobs are claimed one at
 /// a time until the queue dead-letters it (its attempts run out, a lease
 /// each), so it takes no other job down with it again.
-#[allow(clippy::too_many_arguments)]
 async fn claim_loop<F, Fut>(
-    queue: Arc<Queue>,
-    queue_name: String,
-    concurrency: usize,
-    backpressure: Option<&crate::backpressure::Backpressure>,
-    poll: Duration,
-    store_timeout: Duration,
+    claiming: Claiming<'_>,
     stop: CancellationToken,
     handle: F,
 ) -> Result<(), Error>
@@ -204,6 +223,14 @@ where
     F: Fn(Claim) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let Claiming {
+        queue,
+        queue_name,
+        concurrency,
+        backpressure,
+        poll,
+        store_timeout,
+    } = claiming;
     let lease = queue.queue_config(&queue_name).lease_duration;
     let mut set = JoinSet::new();
     let mut failing_since: Option<Instant> = None;
@@ -295,6 +322,9 @@ where
         }
         for claim in claims {
             set.spawn(handle(claim));
+        }
+        if let Some(b) = backpressure {
+            b.note_in_flight(set.len());
         }
     };
     while let Some(done) = set.join_next().await {
