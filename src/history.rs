@@ -145,20 +145,6 @@ pub(crate) fn seq_of(headers: &HashMap<String, String>) -> u64 {
         .unwrap_or(0)
 }
 
-/// The prefix of a run's history entries.
-fn prefix(keys: &Keys, run_id: &str) -> Vec<u8> {
-    let mut key = keys.data(run_id);
-    key.extend_from_slice(b"hist/");
-    key
-}
-
-/// The key of entry `seq` of a run's history.
-fn entry_key(keys: &Keys, run_id: &str, seq: u64) -> Vec<u8> {
-    let mut key = prefix(keys, run_id);
-    key.extend_from_slice(format!("{seq:020}").as_bytes());
-    key
-}
-
 /// Add entry `seq` of the run's history to `effects`, and drop the entry
 /// that falls out of a history of `limit` entries.
 pub(crate) fn record(
@@ -170,11 +156,11 @@ pub(crate) fn record(
     mut entry: StepAttempt,
 ) -> Result<SettlementEffects, Error> {
     entry.error = entry.error.map(|e| bounded(e, MAX_HISTORY_ERROR_BYTES));
-    let key = entry_key(keys, run_id, seq);
+    let key = keys.history_entry(run_id, seq);
     let value = encode(&key, &entry)?;
     let mut effects = effects.kv_put(key, value);
     if let Some(old) = seq.checked_sub(u64::from(limit)) {
-        effects = effects.kv_delete(entry_key(keys, run_id, old));
+        effects = effects.kv_delete(keys.history_entry(run_id, old));
     }
     Ok(effects)
 }
@@ -215,7 +201,7 @@ pub(crate) fn record_ending(
 
 /// The number after the run's last history entry (0 for none).
 pub(crate) async fn next_seq(view: &QueueView, keys: &Keys, run_id: &str) -> Result<u64, Error> {
-    let prefix = prefix(keys, run_id);
+    let prefix = keys.history_prefix(run_id);
     let page = view.kv_scan(&prefix, .., KvOrder::Descending, 1).await?;
     Ok(page
         .entries
@@ -242,7 +228,7 @@ pub(crate) async fn entries(
     run_id: &str,
 ) -> Result<(Vec<StepAttempt>, u64), Error> {
     validate_name("run id", run_id)?;
-    let prefix = prefix(keys, run_id);
+    let prefix = keys.history_prefix(run_id);
     let mut out = Vec::new();
     let mut next = 0;
     let mut after: Option<Vec<u8>> = None;
@@ -333,10 +319,10 @@ mod tests {
         entry.error = Some("x".repeat(MAX_HISTORY_ERROR_BYTES * 2));
         let effects = record(SettlementEffects::default(), &keys, "r", 10, 4, entry).unwrap();
         let (key, value) = effects.kv_writes.iter().next().unwrap();
-        assert_eq!(key.as_slice(), entry_key(&keys, "r", 10).as_slice());
+        assert_eq!(key.as_slice(), keys.history_entry("r", 10).as_slice());
         let stored: StepAttempt = decode(key, value).unwrap();
         assert!(stored.error.unwrap().len() < MAX_HISTORY_ERROR_BYTES + 32);
-        assert_eq!(effects.kv_deletes, vec![entry_key(&keys, "r", 6)]);
+        assert_eq!(effects.kv_deletes, vec![keys.history_entry("r", 6)]);
         let entry = attempt(0, 1, AttemptOutcome::Continued);
         let effects = record(SettlementEffects::default(), &keys, "r", 3, 4, entry).unwrap();
         assert!(effects.kv_deletes.is_empty());

@@ -45,7 +45,7 @@ use serde::de::DeserializeOwned;
 use taquba::{LeaseHandle, Queue, SettlementEffects};
 
 use crate::error::Error;
-use crate::record::{RunRecord, decode, encode};
+use crate::record::{EXTENT_SCAN, RunRecord, data_extent, decode, encode};
 
 /// The longest memo key, in bytes.
 pub const MAX_MEMO_KEY_LEN: usize = 256;
@@ -233,7 +233,10 @@ impl Memo {
             if if_absent {
                 compares.push((full, None));
             }
-            let effects = SettlementEffects::default().kv_put(full.to_vec(), bytes.clone());
+            // Retention finds memo entries by a scan of the run's data.
+            let effects = SettlementEffects::default()
+                .kv_put(full.to_vec(), bytes.clone())
+                .kv_put(data_extent(&scope.data), EXTENT_SCAN);
             if scope
                 .queue
                 .kv_compare_commit(&compares, effects)

@@ -9,11 +9,11 @@
 //! | `wm/Q/run/{run_id}`    | [`RunRecord`]      | submit → termination; rewritten every step   |
 //! | `wm/Q/sub/{run_id}`    | [`SubmitRecord`]   | submit → end of the retention window         |
 //! | `wm/Q/out/{run_id}`    | [`OutcomeRecord`]  | termination → end of the retention window    |
-//! | `wm/Q/exp/{t}{run_id}` | expiry index entry | termination → end of the retention window    |
+//! | `wm/Q/exp/{t}{run_id}` | expiry index entry, its value a [`DataSummary`] (empty for a long run, or one written before summaries) | termination → end of the retention window    |
 //! | `wm/Q/data/{run_id}/join/{step}`, `…/child/{step}/{i}` | [`JoinRecord`], each child's [`ChildOutcome`](crate::ChildOutcome) | a spawn → end of the retention window |
 //! | `wm/Q/cascade/{run_id}` | the children an ended parent must cancel | the parent's terminal transaction → the cascade's pass |
 //! | `wm/Q/dl/{t}{run_id}`  | deadline index entry (`t`: the deadline) | submit → termination, or the deadline's pass |
-//! | `wm/Q/data/{run_id}/…` | the run's data: memo entries (`memo/{step}/{key}`, `memo/run/{key}`, see [`crate::memo`]) and each step's input payload (`input/{step}`, for a re-run) | first write → end of the retention window |
+//! | `wm/Q/data/{run_id}/…` | the run's data: memo entries (`memo/{step}/{key}`, `memo/run/{key}`, see [`crate::memo`]), each step's input payload (`input/{step}`, for a re-run), history entries (`hist/{seq}`), and `extent`, which says whether the run's expiry entry names all of it ([`data_extent`]) | first write → end of the retention window |
 //!
 //! Elsewhere: workflow health under `wm/Q/wf/`, `wm/Q/tally/`, `wm/Q/park/`
 //! (`breaker`); client replies under `wm/Q/reply/` and `wm/Q/rexp/`
@@ -332,6 +332,26 @@ impl Keys {
         key
     }
 
+    /// The prefix of a run's history entries.
+    pub(crate) fn history_prefix(&self, run_id: &str) -> Vec<u8> {
+        let mut key = self.data(run_id);
+        key.extend_from_slice(b"hist/");
+        key
+    }
+
+    /// The key of entry `seq` of a run's history.
+    pub(crate) fn history_entry(&self, run_id: &str, seq: u64) -> Vec<u8> {
+        let mut key = self.history_prefix(run_id);
+        key.extend_from_slice(format!("{seq:020}").as_bytes());
+        key
+    }
+
+    /// The key that says how retention finds the run's data (see
+    /// [`data_extent`]).
+    pub(crate) fn data_extent(&self, run_id: &str) -> Vec<u8> {
+        data_extent(&self.data(run_id))
+    }
+
     /// The join record of the parent's waiting step `step`.
     pub(crate) fn join_record(&self, run_id: &str, step: u32) -> Vec<u8> {
         let mut key = self.data(run_id);
@@ -396,6 +416,81 @@ impl Keys {
     /// The prefix of the deadline index: `{prefix}{deadline ms}{run_id}`.
     pub(crate) fn deadline_prefix(&self) -> &[u8] {
         &self.deadline
+    }
+}
+
+/// The key under a run's data prefix `data` that says how retention finds
+/// the run's data: [`EXTENT_NAMED`] when its [`DataSummary`] names all of
+/// it, [`EXTENT_SCAN`] when a commit wrote keys no summary names (a memo
+/// entry, a join's records, a re-run over the run's earlier steps). Submit
+/// and a new segment write it `named`; every commit that writes such a key
+/// writes it `scan` in the same transaction. A run without it (created
+/// before this key existed) is scanned.
+pub(crate) fn data_extent(data: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(data.len() + 6);
+    key.extend_from_slice(data);
+    key.extend_from_slice(b"extent");
+    key
+}
+
+/// [`data_extent`]: the summary names all of the run's data.
+pub(crate) const EXTENT_NAMED: &[u8] = b"named";
+/// [`data_extent`]: the run's data holds keys no summary names.
+pub(crate) const EXTENT_SCAN: &[u8] = b"scan";
+
+/// What an ended run's data holds when its [`data_extent`] is
+/// [`EXTENT_NAMED`]: its kept step inputs (`input/0` to `input/{inputs_to}`),
+/// its history entries (`hist/0` up to `history_to`, excluded) and the
+/// extent key itself. It is the value of the
+/// run's expiry entry, so retention deletes those keys by name, without a
+/// scan of the run's prefix. A scan opens every recent table of the store;
+/// a delete by name reads nothing.
+///
+/// The ranges start at 0, not at the bounded history's window: a run whose
+/// history limit was lowered while it ran keeps entries below the window
+/// for good, and they are deleted all the same. A name that holds nothing
+/// costs one tombstone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DataSummary {
+    /// The last step whose input may be kept: the run's final step.
+    pub inputs_to: u32,
+    /// One past the last history entry the run may have.
+    pub history_to: u64,
+}
+
+/// The most keys a [`DataSummary`] names; the data of a run with more
+/// steps is found by a scan, as its steps were many.
+pub(crate) const MAX_SUMMARY_KEYS: u64 = 512;
+
+impl DataSummary {
+    /// The summary of a run ending at step `final_step` whose next history
+    /// entry would be `next_history` (one more is counted: the ending's own
+    /// entry). `None` when it names more than [`MAX_SUMMARY_KEYS`] keys.
+    pub(crate) fn of(final_step: u32, next_history: u64) -> Option<Self> {
+        let summary = Self {
+            inputs_to: final_step,
+            history_to: next_history.saturating_add(1),
+        };
+        let named = u64::from(final_step)
+            .saturating_add(1)
+            .saturating_add(summary.history_to);
+        (named <= MAX_SUMMARY_KEYS).then_some(summary)
+    }
+
+    /// Every key the summary names for run `run_id` (the extent key last),
+    /// or `None` when it
+    /// names more than [`MAX_SUMMARY_KEYS`] (a summary that does not come
+    /// from [`Self::of`]: read from the store).
+    pub(crate) fn keys(&self, keys: &Keys, run_id: &str) -> Option<Vec<Vec<u8>>> {
+        let inputs = u64::from(self.inputs_to).saturating_add(1);
+        if inputs.saturating_add(self.history_to) > MAX_SUMMARY_KEYS {
+            return None;
+        }
+        let mut named = Vec::with_capacity(usize::try_from(inputs + self.history_to + 1).ok()?);
+        named.extend((0..=self.inputs_to).map(|step| keys.input(run_id, step)));
+        named.extend((0..self.history_to).map(|seq| keys.history_entry(run_id, seq)));
+        named.push(keys.data_extent(run_id));
+        Some(named)
     }
 }
 
@@ -552,6 +647,51 @@ pub(crate) fn bounded(text: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A summary names every input up to the final step and every history
+    /// entry from 0 (entries below a lowered history window included), and
+    /// its run's extent key; past [`MAX_SUMMARY_KEYS`] there is none.
+    #[test]
+    fn a_summary_names_inputs_and_history_from_zero_up_to_a_bound() {
+        let keys = Keys::new("Q");
+        let summary = DataSummary::of(2, 3).unwrap();
+        assert_eq!(
+            summary,
+            DataSummary {
+                inputs_to: 2,
+                history_to: 4
+            }
+        );
+        let named: Vec<String> = summary
+            .keys(&keys, "r")
+            .unwrap()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        let hist = |n: u32| format!("wm/Q/data/r/hist/{n:020}");
+        assert_eq!(
+            named,
+            [
+                "wm/Q/data/r/input/0".to_string(),
+                "wm/Q/data/r/input/1".into(),
+                "wm/Q/data/r/input/2".into(),
+                hist(0),
+                hist(1),
+                hist(2),
+                hist(3),
+                "wm/Q/data/r/extent".into(),
+            ]
+        );
+        // 200 inputs and 312 entries are the most; one more is a scan.
+        assert!(DataSummary::of(199, 311).is_some());
+        assert!(DataSummary::of(199, 312).is_none());
+        assert!(DataSummary::of(u32::MAX, u64::MAX).is_none());
+        let read = DataSummary {
+            inputs_to: 0,
+            history_to: u64::MAX,
+        };
+        assert_eq!(read.keys(&keys, "r"), None, "a summary read from the store");
+    }
 
     #[test]
     fn names_are_validated() {

@@ -1555,7 +1555,8 @@ impl<R, H> Inner<R, H> {
                 options,
             })
             .kv_put(p.run_key.clone(), encode(&p.run_key, &run)?)
-            .kv_put(p.sub_key.clone(), p.sub_value.clone());
+            .kv_put(p.sub_key.clone(), p.sub_value.clone())
+            .kv_put(self.keys.data_extent(&p.run_id), record::EXTENT_NAMED);
         if let Some((key, value)) = self.kept_input(&p.run_id, 0, &p.input)? {
             effects = effects.kv_put(key, value);
         }
@@ -1617,6 +1618,9 @@ impl<R, H> Inner<R, H> {
                 options,
             })
             .kv_put(run_key.clone(), encode(&run_key, &run)?)
+            // The run's inputs past the re-run's final step, if it ends
+            // sooner, are named by no summary.
+            .kv_put(self.keys.data_extent(run_id), record::EXTENT_SCAN)
             .kv_delete(self.keys.out(run_id))
             .kv_delete(
                 self.expiry
@@ -1706,6 +1710,14 @@ impl<R, H> Inner<R, H> {
             .kv_delete(self.keys.run(run_id))
             .kv_put(out_key.clone(), encode(&out_key, &record)?)
             .expiry_entry(&self.expiry, now, run_id.as_bytes());
+        // The entry names the run's inputs and history for retention (an
+        // empty entry, for a long run, sends it to a scan).
+        let history = crate::history::seq_of(headers);
+        if let Some(summary) = record::DataSummary::of(outcome.final_step, history) {
+            let entry = self.expiry.entry_key(now, run_id.as_bytes());
+            let value = encode(&entry, &summary)?;
+            effects = effects.kv_put(entry, value);
+        }
         if let Some(at) = record::deadline_of(headers) {
             effects = effects.kv_delete(self.deadlines.entry_key(at, run_id.as_bytes()));
         }

@@ -140,8 +140,10 @@ async fn memo_entries_go_with_the_outcome_at_retention() {
     assert_eq!(
         data_keys(&env).await,
         [
-            // The step history (one entry a settlement), the kept inputs of
+            // How retention finds the run's data (a memo entry: by a scan),
+            // the step history (one entry a settlement), the kept inputs of
             // steps 0 and 1 (for a re-run), then the memo.
+            "wm/workflow-steps/data/kept/extent",
             "wm/workflow-steps/data/kept/hist/00000000000000000000",
             "wm/workflow-steps/data/kept/hist/00000000000000000001",
             "wm/workflow-steps/data/kept/hist/00000000000000000002",

@@ -71,7 +71,9 @@ pub(super) fn spawn_effects<R, H>(
             max: MAX_RESULT_BYTES,
         });
     }
-    effects = effects.kv_put(join_key, value);
+    effects = effects
+        .kv_put(join_key, value)
+        .kv_put(inner.keys.data_extent(&job.run_id), record::EXTENT_SCAN);
     for (index, (spec, id)) in children.into_iter().zip(&ids).enumerate() {
         let mut prepared = inner.prepare_submit(RunSpec {
             run_id: Some(id.clone()),

@@ -5,9 +5,11 @@
 //!
 //! - **retention**: outcome and submit records past `terminal_retention`
 //!   are deleted in batches, many runs' records in one commit, scanning the
-//!   expiry index from an in-memory cursor; each run's data (its memo
-//!   entries, under `wm/Q/data/{run_id}/`) is found by a scan of its prefix
-//!   and deleted in the same commit;
+//!   expiry index from an in-memory cursor; each run's data (under
+//!   `wm/Q/data/{run_id}/`) is deleted in the same commit: by name when the
+//!   run's expiry entry names it (its kept inputs and history, a
+//!   [`DataSummary`]) and its extent key says that is all of it, else found
+//!   by a scan of its prefix (see [`RunData`]);
 //! - **tallies** are folded into the workflow health records in bounded
 //!   batches, and the breakers are tended (parked steps of workflows that
 //!   are not tripped released, due probes woken, idle state dropped);
@@ -51,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 use super::watched;
 use crate::error::Error;
 use crate::policy::saturating_ms;
+use crate::record::{DataSummary, EXTENT_NAMED, Keys, data_extent, decode};
 use crate::runtime::{Ending, Inner};
 
 /// The name maintenance store calls are watched under.
@@ -163,6 +166,9 @@ pub(super) struct Expiring {
     pub(super) lag_ms: u64,
     /// Entries deleted by this `Expiring`, all its passes together.
     pub(super) deleted: u64,
+    /// Runs whose data it found by a scan of their prefix, all its passes
+    /// together (the rest were named by their entries).
+    pub(super) data_scans: u64,
     /// Test hook: awaited once by a batch between its scan and its commit.
     #[cfg(test)]
     before_commit: Option<futures_util::future::BoxFuture<'static, ()>>,
@@ -175,6 +181,7 @@ impl Expiring {
             rescanned_at: now,
             lag_ms: 0,
             deleted: 0,
+            data_scans: 0,
             #[cfg(test)]
             before_commit: None,
         }
@@ -190,20 +197,20 @@ impl Expiring {
         retention: Duration,
         records: impl Fn(&str) -> K,
     ) -> Result<bool, Error> {
-        self.pass_scanning(inner, index, prefix, retention, records, |_| None)
+        self.pass_with_data(inner, index, prefix, retention, records, |_, _| None)
             .await
     }
 
-    /// [`Self::pass`], also deleting every key under the prefix `scanned`
-    /// names for an entry (a run's data), found by a scan.
-    pub(super) async fn pass_scanning<R, H, K: IntoIterator<Item = Vec<u8>>>(
+    /// [`Self::pass`], also deleting the data `data` finds for an entry
+    /// (its suffix and its value): a run's data.
+    pub(super) async fn pass_with_data<R, H, K: IntoIterator<Item = Vec<u8>>>(
         &mut self,
         inner: &Inner<R, H>,
         index: &ExpiryIndex,
         prefix: &[u8],
         retention: Duration,
         records: impl Fn(&str) -> K,
-        scanned: impl Fn(&str) -> Option<Vec<u8>>,
+        data: impl Fn(&str, &[u8]) -> Option<RunData>,
     ) -> Result<bool, Error> {
         let now = inner.now_ms();
         let retention = saturating_ms(retention);
@@ -216,7 +223,7 @@ impl Expiring {
         }
         for _ in 0..EXPIRE_BATCHES_PER_TICK {
             if !self
-                .batch(inner, index, prefix, now, retention, &records, &scanned)
+                .batch(inner, index, prefix, now, retention, &records, &data)
                 .await?
             {
                 self.lag_ms = 0;
@@ -244,7 +251,7 @@ impl Expiring {
         now: u64,
         retention: u64,
         records: &impl Fn(&str) -> K,
-        scanned: &impl Fn(&str) -> Option<Vec<u8>>,
+        data_of: &impl Fn(&str, &[u8]) -> Option<RunData>,
     ) -> Result<bool, Error> {
         let start = index.entry_key(self.cursor, &[]);
         let _watch = watched(inner, WATCH);
@@ -275,15 +282,18 @@ impl Expiring {
                 for record in records(id) {
                     effects = effects.kv_delete(record);
                 }
-                data.extend(scanned(id));
+                data.extend(data_of(id, value));
             }
             effects = effects.kv_delete(key.clone());
             taken.push((key.as_slice(), Some(value.as_ref())));
             last = Some(at);
         }
-        let found = scan_each(data, |prefix| async move { scan_all(inner, &prefix).await }).await?;
-        for key in found {
-            effects = effects.kv_delete(key);
+        let found = scan_each(data, |data| data.keys(inner)).await?;
+        for (keys, scanned) in found {
+            self.data_scans = self.data_scans.saturating_add(u64::from(scanned));
+            for key in keys {
+                effects = effects.kv_delete(key);
+            }
         }
         if effects.kv_deletes.is_empty() {
             return Ok(false);
@@ -309,23 +319,79 @@ impl Expiring {
     }
 }
 
-/// Every key `scan` finds under each of `prefixes`, up to
-/// [`DATA_SCANS_AT_ONCE`] scans at a time.
+/// Where retention finds an expired run's data (see [`DataSummary`]).
+pub(super) enum RunData {
+    /// Every key under this prefix, found by a scan: the run's entry names
+    /// nothing (it was written before entries named the data, or the run
+    /// was long).
+    Scan(Vec<u8>),
+    /// The keys the run's entry names, if the run's extent key says they
+    /// are all of its data; else every key under the prefix, found by a
+    /// scan.
+    Named {
+        prefix: Vec<u8>,
+        extent: Vec<u8>,
+        keys: Vec<Vec<u8>>,
+    },
+}
+
+impl RunData {
+    /// Run `run_id`'s data, as the value of its expiry entry describes it.
+    /// A value this build cannot read sends retention to a scan.
+    pub(super) fn of_run(keys: &Keys, run_id: &str, entry: &[u8]) -> Self {
+        let prefix = keys.data(run_id);
+        if entry.is_empty() {
+            return Self::Scan(prefix);
+        }
+        let named = decode::<DataSummary>(keys.expiry_prefix(), entry)
+            .ok()
+            .and_then(|summary| summary.keys(keys, run_id));
+        match named {
+            Some(keys) => Self::Named {
+                extent: data_extent(&prefix),
+                prefix,
+                keys,
+            },
+            None => Self::Scan(prefix),
+        }
+    }
+
+    /// The keys to delete, and whether a scan found them.
+    async fn keys<R, H>(self, inner: &Inner<R, H>) -> Result<(Vec<Vec<u8>>, bool), Error> {
+        let prefix = match self {
+            Self::Scan(prefix) => prefix,
+            Self::Named {
+                prefix,
+                extent,
+                keys,
+            } => {
+                let found = inner.queue.view().kv_get(&extent).await?;
+                if found.as_deref() == Some(EXTENT_NAMED) {
+                    return Ok((keys, false));
+                }
+                prefix
+            }
+        };
+        Ok((scan_all(inner, &prefix).await?, true))
+    }
+}
+
+/// What `find` returns for each of `data`, up to [`DATA_SCANS_AT_ONCE`]
+/// at a time.
 ///
 /// One after the other, each scan waited for its turn on a runtime busy
 /// with steps, and a retention batch took seconds while runs kept ending (a
 /// soak's retention fell behind with the process's CPU not all used).
-async fn scan_each<F, Fut>(prefixes: Vec<Vec<u8>>, scan: F) -> Result<Vec<Vec<u8>>, Error>
+async fn scan_each<D, F, Fut, T>(data: Vec<D>, find: F) -> Result<Vec<T>, Error>
 where
-    F: Fn(Vec<u8>) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<Vec<u8>>, Error>>,
+    F: Fn(D) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
 {
-    let found: Vec<Vec<Vec<u8>>> = futures_util::stream::iter(prefixes)
-        .map(scan)
+    futures_util::stream::iter(data)
+        .map(find)
         .buffered(DATA_SCANS_AT_ONCE)
         .try_collect()
-        .await?;
-    Ok(found.into_iter().flatten().collect())
+        .await
 }
 
 /// Every key under `prefix`, in pages of [`EXPIRE_BATCH`].
@@ -405,17 +471,19 @@ impl Pass for Retention {
     async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
         let started = Instant::now();
         let keys = &inner.keys;
+        let scans_before = self.outcomes.data_scans;
         let expired = self
             .outcomes
-            .pass_scanning(
+            .pass_with_data(
                 inner,
                 &inner.expiry,
                 keys.expiry_prefix(),
                 inner.cfg.terminal_retention,
                 |run_id| [keys.sub(run_id), keys.out(run_id)],
-                |run_id| Some(keys.data(run_id)),
+                |run_id, entry| Some(RunData::of_run(keys, run_id, entry)),
             )
             .await;
+        super::metrics::retention_data_scans(self.outcomes.data_scans.saturating_sub(scans_before));
         let took = started.elapsed();
         if took >= SLOW_TICK {
             tracing::warn!(
@@ -739,10 +807,10 @@ mod tests {
             let group = Arc::clone(&group);
             async move {
                 group.wait().await;
-                Ok(vec![[prefix.as_slice(), b"memo"].concat()])
+                Ok([prefix.as_slice(), b"memo"].concat())
             }
         });
-        let found = tokio::time::timeout(Duration::from_secs(60), scans)
+        let found: Vec<Vec<u8>> = tokio::time::timeout(Duration::from_secs(60), scans)
             .await
             .expect("the scans ran one after the other")
             .unwrap();
@@ -1057,13 +1125,13 @@ mod tests {
         pass: &mut super::Expiring,
     ) -> bool {
         let keys = &inner.keys;
-        pass.pass_scanning(
+        pass.pass_with_data(
             inner,
             &inner.expiry,
             keys.expiry_prefix(),
             Duration::from_secs(60),
             |id| [keys.sub(id), keys.out(id)],
-            |id| Some(keys.data(id)),
+            |id, entry| Some(super::RunData::of_run(keys, id, entry)),
         )
         .await
         .unwrap()
@@ -1129,6 +1197,74 @@ mod tests {
         clock.advance(Duration::from_secs(10));
         assert!(!retention.tick(inner).await, "caught up");
         assert_eq!(inner.backpressure.claim_limit(), 16);
+    }
+
+    /// Retention deletes a run's data by the names its expiry entry gives
+    /// when the run's extent key says they are all of it, and scans the
+    /// run's prefix otherwise: the extent says there is more, it is absent
+    /// (a run from before), or the entry is empty or unreadable. A key the
+    /// named run's summary does not name is left: proof that it was not
+    /// scanned.
+    #[tokio::test]
+    async fn retention_scans_only_the_runs_whose_data_it_cannot_name() {
+        use crate::record::{DataSummary, EXTENT_NAMED, EXTENT_SCAN, encode};
+        let (clock, queue) = mock_clock_queue().await;
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .terminal_retention(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let (inner, keys) = (&rt.inner, &rt.inner.keys);
+        let at = inner.now_ms();
+        let summary = DataSummary::of(1, 1).unwrap();
+        let named = |id: &str| {
+            let entry = inner.expiry.entry_key(at, id.as_bytes());
+            let value = encode(&entry, &summary).unwrap();
+            (entry, value)
+        };
+        let mut seed = taquba::SettlementEffects::default();
+        let mut put = |key: Vec<u8>, value: &[u8]| {
+            seed = std::mem::take(&mut seed).kv_put(key, value.to_vec());
+        };
+        // "named": its summary names inputs 0–1 and history 0–1.
+        let (entry, value) = named("named");
+        put(entry, &value);
+        put(keys.data_extent("named"), EXTENT_NAMED);
+        for step in 0..2 {
+            put(keys.input("named", step), b"in");
+            put(keys.history_entry("named", u64::from(step)), b"h");
+        }
+        put([keys.data("named"), b"stray".to_vec()].concat(), b"x");
+        // The rest have a memo entry, which only a scan finds.
+        for (id, extent, value) in [
+            ("more", Some(EXTENT_SCAN), Some(value.clone())),
+            ("before", None, Some(value.clone())),
+            ("empty", None, Some(Vec::new())),
+            ("garbled", Some(EXTENT_NAMED), Some(b"zz".to_vec())),
+        ] {
+            put(inner.expiry.entry_key(at, id.as_bytes()), &value.unwrap());
+            if let Some(extent) = extent {
+                put(keys.data_extent(id), extent);
+            }
+            put(keys.input(id, 0), b"in");
+            put([keys.data(id), b"memo/0/k".to_vec()].concat(), b"m");
+        }
+        queue.commit_effects(seed).await.unwrap();
+        clock.advance(Duration::from_secs(61));
+        let mut pass = super::Expiring::new(inner.now_ms());
+        assert!(!outcome_pass(inner, &mut pass).await, "nothing left due");
+        assert_eq!((pass.deleted, pass.data_scans), (5, 4));
+        let left = queue
+            .view()
+            .kv_scan(b"wm/", .., KvOrder::Ascending, 100)
+            .await
+            .unwrap();
+        let left: Vec<String> = left
+            .entries
+            .iter()
+            .map(|(key, _)| String::from_utf8_lossy(key).into_owned())
+            .filter(|key| key.contains("/data/") || key.contains("/exp/"))
+            .collect();
+        assert_eq!(left, ["wm/workflow-steps/data/named/stray"]);
     }
 
     /// A re-run that commits between a retention batch's scan and its

@@ -745,5 +745,6 @@ async fn new_segment_effects<R, H>(
     for key in super::maintenance::scan_all(inner, &inner.keys.data(&job.run_id)).await? {
         effects = effects.kv_delete(key);
     }
-    Ok(effects)
+    // The new segment's data starts empty: its summary will name it.
+    Ok(effects.kv_put(inner.keys.data_extent(&job.run_id), record::EXTENT_NAMED))
 }
