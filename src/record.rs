@@ -423,9 +423,11 @@ impl Keys {
 /// the run's data: [`EXTENT_NAMED`] when its [`DataSummary`] names all of
 /// it, [`EXTENT_SCAN`] when a commit wrote keys no summary names (a memo
 /// entry, a join's records, a re-run over the run's earlier steps). Submit
-/// and a new segment write it `named`; every commit that writes such a key
-/// writes it `scan` in the same transaction. A run without it (created
-/// before this key existed) is scanned.
+/// writes it `named`, and only submit: the run has no data yet. A memo
+/// put, a spawn and a re-run write it `scan` in their own transactions; a
+/// child's arrival writes under a join whose spawn did. A new segment
+/// deletes it with the rest of the run's data. A run without it (a new
+/// segment, or a run created before this key existed) is scanned.
 pub(crate) fn data_extent(data: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(data.len() + 6);
     key.extend_from_slice(data);
@@ -458,8 +460,9 @@ pub(crate) struct DataSummary {
     pub history_to: u64,
 }
 
-/// The most keys a [`DataSummary`] names; the data of a run with more
-/// steps is found by a scan, as its steps were many.
+/// The most inputs and history entries a [`DataSummary`] names (with the
+/// extent key, one more key); the data of a run with more is found by a
+/// scan.
 pub(crate) const MAX_SUMMARY_KEYS: u64 = 512;
 
 impl DataSummary {

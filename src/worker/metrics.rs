@@ -16,7 +16,7 @@
 //! | `waymark_steps_in_flight` | gauge | | step jobs claimed by this pool and not yet settled |
 //! | `waymark_backlog` | gauge | `state` | step jobs on the queue: `pending`, `scheduled`, `claimed`, `dead` (sampled by the maintenance loop every 10 s) |
 //! | `waymark_retention_lag_seconds` | gauge | | how far the oldest outcome retention has not yet deleted is past its expiry, after each retention pass (0 when none is due); past a tenth of `terminal_retention` (at least 60 s), while more runs end than retention deletes, it holds step claims back (`backpressure.rs`). On a fleet worker, the shards' passes share the one gauge |
-//! | `waymark_retention_data_scans_total` | counter | | expired runs whose data retention found by a scan of the run's prefix (memo entries, children, a re-run, over 500 inputs and history entries, or an outcome written before Waymark named its run's data); the others' data is deleted by name |
+//! | `waymark_retention_data_scans_total` | counter | | expired runs whose data retention found by a scan of the run's prefix (memo entries, children, a re-run, a new segment, more than 512 kept inputs and history entries, or an outcome written before Waymark named its run's data); the others' data is deleted by name |
 
 use std::sync::Arc;
 use std::time::Duration;

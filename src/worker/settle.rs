@@ -745,6 +745,10 @@ async fn new_segment_effects<R, H>(
     for key in super::maintenance::scan_all(inner, &inner.keys.data(&job.run_id)).await? {
         effects = effects.kv_delete(key);
     }
-    // The new segment's data starts empty: its summary will name it.
-    Ok(effects.kv_put(inner.keys.data_extent(&job.run_id), record::EXTENT_NAMED))
+    // The scan took the run's extent key with the rest: the new segment's
+    // data is found by a scan at retention. (Writing `named` here would
+    // overwrite the `scan` of a memo put that lands between the scan and
+    // this commit, from a `Memo` the step's runner left behind, and leak
+    // its entry.)
+    Ok(effects)
 }
