@@ -123,6 +123,12 @@ impl<R, H> Inner<R, H> {
             return Ok(None);
         };
         let mut join: JoinRecord = decode(&join_key, &bytes)?;
+        // A child of an earlier spawn at this step (the parent re-run from
+        // it, or a new segment spawning at the same step, while that child
+        // lived) is not one of this join's: its slot holds another id.
+        if join.children.get(index) != Some(&outcome.run_id) {
+            return Ok(None);
+        }
         let run_key = self.keys.run(parent);
         let waiting = match view.kv_get(&run_key).await? {
             Some(bytes) => {
@@ -343,5 +349,72 @@ mod tests {
         assert_eq!(failed, None);
         assert_eq!(outcomes.len(), 1, "only this child's outcome is recorded");
         assert_eq!(outcomes[0].run_id, "p.0.1");
+    }
+
+    /// A child of an earlier spawn at the same step, ending after the
+    /// parent re-ran from that step and spawned again, is not recorded in
+    /// the new join under its index: the slot belongs to the new child.
+    #[tokio::test]
+    async fn a_child_of_an_earlier_spawn_is_not_recorded_in_the_new_join() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        let run_key = inner.keys.run("p");
+        let waiting = RunRecord {
+            step: 1,
+            job_id: "placeholder".into(),
+        };
+        queue
+            .kv_put(&run_key, &encode(&run_key, &waiting).unwrap())
+            .await
+            .unwrap();
+        // Re-run 1's spawn at step 0 waits at step 1 on two new children.
+        let join = JoinRecord {
+            placeholder: "placeholder".into(),
+            children: vec!["p.0r1.0".into(), "p.0r1.1".into()],
+            arrived: vec![false, false],
+            fail_fast: true,
+            failed: false,
+            payload: b"next".to_vec(),
+            headers: HashMap::new(),
+            priority: 0,
+            max_attempts: 3,
+        };
+        let join_key = inner.keys.join_record("p", 1);
+        queue
+            .kv_put(&join_key, &encode(&join_key, &join).unwrap())
+            .await
+            .unwrap();
+        // The first spawn's child 0 fails now.
+        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/0".to_string())]);
+        let mut old = ended("p.0.0");
+        old.status = TerminalStatus::Failed;
+        let terminal = inner
+            .terminal_effects(&old, &headers, None)
+            .await
+            .unwrap()
+            .unwrap();
+        queue.commit_effects(terminal.effects).await.unwrap();
+        terminal.hold.done(&queue, true).await;
+        let bytes = queue.view().kv_get(&join_key).await.unwrap().unwrap();
+        let after: JoinRecord = decode(&join_key, &bytes).unwrap();
+        assert_eq!(after.arrived, [false, false], "the slot is still open");
+        assert!(!after.failed, "the old child did not fail the new join");
+        let (outcomes, _) = inner.joined("p", 1).await.unwrap();
+        assert!(outcomes.is_empty(), "nothing recorded: {outcomes:?}");
+        // The new child 0 is recorded.
+        let terminal = inner
+            .terminal_effects(&ended("p.0r1.0"), &headers, None)
+            .await
+            .unwrap()
+            .unwrap();
+        queue.commit_effects(terminal.effects).await.unwrap();
+        terminal.hold.done(&queue, true).await;
+        let (outcomes, _) = inner.joined("p", 1).await.unwrap();
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].run_id, "p.0r1.0");
     }
 }
