@@ -290,19 +290,20 @@ mod tests {
         }
     }
 
-    /// A child's terminal effects applied twice (a retried commit) record
-    /// it once: the second finds the parent no longer waiting, and neither
-    /// writes the outcome again nor moves the parent's run record to a job
-    /// its enqueue did not create.
-    #[tokio::test]
-    async fn a_child_ending_applied_twice_is_recorded_once() {
+    /// A runtime on a fresh in-memory queue whose run `p` waits at step 1
+    /// (job `placeholder`) on `children`, of which `arrived` have arrived;
+    /// and the join record's key.
+    async fn waiting_parent(
+        children: [&str; 2],
+        arrived: [bool; 2],
+        fail_fast: bool,
+    ) -> (Arc<Queue>, WorkflowRuntime<Done, NoopTerminalHook>, Vec<u8>) {
         let store = Arc::new(taquba::object_store::memory::InMemory::new());
         let queue = Arc::new(Queue::open(store, "t").await.unwrap());
         let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
             .build()
             .unwrap();
-        let inner = &rt.inner;
-        let run_key = inner.keys.run("p");
+        let run_key = rt.inner.keys.run("p");
         let waiting = RunRecord {
             step: 1,
             job_id: "placeholder".into(),
@@ -313,20 +314,32 @@ mod tests {
             .unwrap();
         let join = JoinRecord {
             placeholder: "placeholder".into(),
-            children: vec!["p.0.0".into(), "p.0.1".into()],
-            arrived: vec![true, false],
-            fail_fast: false,
+            children: children.map(String::from).to_vec(),
+            arrived: arrived.to_vec(),
+            fail_fast,
             failed: false,
             payload: b"next".to_vec(),
             headers: HashMap::new(),
             priority: 0,
             max_attempts: 3,
         };
-        let join_key = inner.keys.join_record("p", 1);
+        let join_key = rt.inner.keys.join_record("p", 1);
         queue
             .kv_put(&join_key, &encode(&join_key, &join).unwrap())
             .await
             .unwrap();
+        (queue, rt, join_key)
+    }
+
+    /// A child's terminal effects applied twice (a retried commit) record
+    /// it once: the second finds the parent no longer waiting, and neither
+    /// writes the outcome again nor moves the parent's run record to a job
+    /// its enqueue did not create.
+    #[tokio::test]
+    async fn a_child_ending_applied_twice_is_recorded_once() {
+        let (queue, rt, _) = waiting_parent(["p.0.0", "p.0.1"], [true, false], false).await;
+        let inner = &rt.inner;
+        let run_key = inner.keys.run("p");
         let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/1".to_string())]);
         for _ in 0..2 {
             let terminal = inner
@@ -356,38 +369,10 @@ mod tests {
     /// the new join under its index: the slot belongs to the new child.
     #[tokio::test]
     async fn a_child_of_an_earlier_spawn_is_not_recorded_in_the_new_join() {
-        let store = Arc::new(taquba::object_store::memory::InMemory::new());
-        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
-        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
-            .build()
-            .unwrap();
-        let inner = &rt.inner;
-        let run_key = inner.keys.run("p");
-        let waiting = RunRecord {
-            step: 1,
-            job_id: "placeholder".into(),
-        };
-        queue
-            .kv_put(&run_key, &encode(&run_key, &waiting).unwrap())
-            .await
-            .unwrap();
         // Re-run 1's spawn at step 0 waits at step 1 on two new children.
-        let join = JoinRecord {
-            placeholder: "placeholder".into(),
-            children: vec!["p.0r1.0".into(), "p.0r1.1".into()],
-            arrived: vec![false, false],
-            fail_fast: true,
-            failed: false,
-            payload: b"next".to_vec(),
-            headers: HashMap::new(),
-            priority: 0,
-            max_attempts: 3,
-        };
-        let join_key = inner.keys.join_record("p", 1);
-        queue
-            .kv_put(&join_key, &encode(&join_key, &join).unwrap())
-            .await
-            .unwrap();
+        let (queue, rt, join_key) =
+            waiting_parent(["p.0r1.0", "p.0r1.1"], [false, false], true).await;
+        let inner = &rt.inner;
         // The first spawn's child 0 fails now.
         let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/0".to_string())]);
         let mut old = ended("p.0.0");
