@@ -223,6 +223,7 @@ pub mod fleet;
 pub mod gc;
 mod history;
 mod hook;
+mod lapsed;
 pub mod memo;
 mod pending;
 mod policy;

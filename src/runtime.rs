@@ -386,6 +386,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
                 deadlines,
                 joins: Default::default(),
                 inflight: InFlightSteps::default(),
+                lapsed: Default::default(),
                 waiters: Waiters::default(),
                 pending: PendingCommits::default(),
                 app_keys,
@@ -462,6 +463,9 @@ pub(crate) struct Inner<R, H> {
     pub joins: crate::children::JoinLocks,
     /// Steps this process is running, per claim.
     pub inflight: InFlightSteps,
+    /// Step claims let go of without a settlement, which the reconcile
+    /// reads (see [`crate::lapsed`]).
+    pub lapsed: crate::lapsed::LapsedClaims,
     /// Callers of `wait`, by run id.
     pub waiters: Waiters,
     /// Commits in flight per run, which claims wait for (see `pending`).

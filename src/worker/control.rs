@@ -248,7 +248,7 @@ async fn apply<R: StepRunner, H: TerminalHook>(
             );
         }
     });
-    lease.keep(work).await;
+    lease.keep(work, |_| {}).await;
     done.finish(&control);
 }
 

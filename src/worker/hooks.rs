@@ -19,7 +19,7 @@ use crate::runtime::Inner;
 pub(super) async fn deliver_hook<R, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim) {
     let lease = Lease::of(&inner.queue, &claim);
     let work = std::pin::pin!(deliver(&inner, claim));
-    lease.keep(work).await
+    lease.keep(work, |_| {}).await
 }
 
 async fn deliver<R, H: TerminalHook>(inner: &Inner<R, H>, claim: Claim) {

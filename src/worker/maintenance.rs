@@ -31,12 +31,15 @@
 //! - **reconcile**: step jobs the queue dead-lettered by itself (a crash or
 //!   an expired lease during a last attempt, at open or while the pool runs)
 //!   end their runs `Failed` (`TimedOut` or `Cancelled` when a stop was
-//!   asked), one page of dead jobs per tick, cycling through the
-//!   dead-letter listing; a dead job a cycle found settled (reconciled, or
-//!   not its run's current step) is not read again by the next; every 10 s (`BACKLOG_SAMPLE`) it also samples the step
-//!   queue's job counts for the `waymark_backlog` gauges. Nothing of it
-//!   holds up the first claim; a record that cannot be read is logged and
-//!   skipped.
+//!   asked). The claims this process let go of are watched and read once
+//!   their lease can have run out (see [`crate::lapsed`]); the dead-letter
+//!   listing is read in full, a page a tick, when the pool starts (what a
+//!   dead process left) and otherwise rarely ([`RECONCILE_CYCLE`]); a dead
+//!   job a cycle found settled (reconciled, or not its run's current step)
+//!   is not read again by the next. Every 10 s (`BACKLOG_SAMPLE`) it also
+//!   samples the step queue's job counts for the `waymark_backlog` gauges.
+//!   Nothing of it holds up the first claim; a record that cannot be read
+//!   is logged and skipped.
 //!
 //! Every store call here counts for the store watchdog (see
 //! [`watched`](super::watched)), and a tick is abandoned as soon as the pool
@@ -67,8 +70,15 @@ const EXPIRE_BATCH: usize = 512;
 const EXPIRE_BATCHES_PER_TICK: usize = 8;
 /// How many expired runs' data a retention batch reads at once.
 const DATA_SCANS_AT_ONCE: usize = 32;
-/// The shortest time between two reconcile cycles over the dead jobs.
-const RECONCILE_CYCLE: Duration = Duration::from_secs(1);
+/// The shortest time between two full reconcile cycles over the dead jobs,
+/// after the first (see [`Upkeep::reconcile_page`]).
+const RECONCILE_CYCLE: Duration = Duration::from_secs(300);
+/// A full reconcile cycle is followed by a rest of this many times its own
+/// length, at least: the listing reads every dead job, and they stay listed
+/// for the queue's dead retention.
+const CYCLE_SHARE: u32 = 100;
+/// Watched step claims read per tick (see [`crate::lapsed`]).
+const LAPSED_PER_TICK: usize = 256;
 /// The shortest time between two samples of the step queue's job counts
 /// (the `waymark_backlog` gauges). A sample reads taquba's five count keys,
 /// whose reads merge every count change written since the last compaction:
@@ -533,11 +543,16 @@ impl Pass for Endings {
 /// The breakers' upkeep and the reconcile of dead steps: what their ticks
 /// remember.
 struct Upkeep {
-    /// The reconcile cycle's position: the last dead job id read, `None` at
-    /// the start of a cycle.
+    /// The reconcile cycle's position: the last dead job id read, `None`
+    /// between cycles.
     dead_after: Option<String>,
     /// When the current (or last) reconcile cycle started.
     cycle_started: Option<Instant>,
+    /// How long the last full cycle took.
+    cycle_took: Duration,
+    /// A full cycle starts at the next tick whatever the time: at start, and
+    /// once watched claims overflowed (see [`crate::lapsed`]).
+    cycle_due: bool,
     /// When the backlog gauges were last sampled.
     backlog_sampled: Option<Instant>,
     /// Dead jobs already reported as unreadable.
@@ -553,8 +568,8 @@ struct Upkeep {
 }
 
 impl Pass for Upkeep {
-    /// Fold tallies, tend the breakers, reconcile one page of dead jobs.
-    /// Returns whether the fold has a backlog left.
+    /// Fold tallies, tend the breakers, reconcile the watched claims and a
+    /// page of dead jobs. Returns whether the fold has a backlog left.
     async fn tick<R, H>(&mut self, inner: &Inner<R, H>) -> bool {
         let mut took = Took::default();
         let mut part = Instant::now();
@@ -583,6 +598,12 @@ impl Pass for Upkeep {
             tracing::warn!("breaker upkeep failed (retried next tick): {e}");
         }
         lap(&mut took.tend);
+        if let Err(e) = self.sample_backlog(inner).await {
+            tracing::warn!("sampling the step queue's backlog failed (retried next tick): {e}");
+        }
+        if let Err(e) = self.reconcile_lapsed(inner).await {
+            tracing::warn!("reconciling lapsed step claims failed (retried next tick): {e}");
+        }
         if let Err(e) = self.reconcile_page(inner).await {
             tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
         }
@@ -597,6 +618,8 @@ impl Upkeep {
         Self {
             dead_after: None,
             cycle_started: None,
+            cycle_took: Duration::ZERO,
+            cycle_due: true,
             backlog_sampled: None,
             skipped: HashSet::new(),
             settled: HashSet::new(),
@@ -604,30 +627,105 @@ impl Upkeep {
         }
     }
 
-    /// Reconcile one page of the step queue's dead jobs, starting a new
-    /// cycle through the listing at most every [`RECONCILE_CYCLE`].
-    async fn reconcile_page<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
-        if self.dead_after.is_none()
-            && self
-                .cycle_started
-                .is_some_and(|at| at.elapsed() < RECONCILE_CYCLE.max(inner.cfg.poll_interval))
+    /// Sample the step queue's job counts for the `waymark_backlog` gauges,
+    /// at most every [`BACKLOG_SAMPLE`].
+    async fn sample_backlog<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
+        if self
+            .backlog_sampled
+            .is_some_and(|at| at.elapsed() < BACKLOG_SAMPLE)
         {
             return Ok(());
         }
-        if self.dead_after.is_none() {
-            self.cycle_started = Some(Instant::now());
-        }
-        if self
-            .backlog_sampled
-            .is_none_or(|at| at.elapsed() >= BACKLOG_SAMPLE)
-        {
-            self.backlog_sampled = Some(Instant::now());
-            // The backlog gauges (five reads).
-            let stats = {
+        self.backlog_sampled = Some(Instant::now());
+        // Five reads.
+        let stats = {
+            let _watch = watched(inner, WATCH);
+            inner.queue.view().stats(&inner.cfg.queue_name).await?
+        };
+        super::metrics::backlog(&stats);
+        Ok(())
+    }
+
+    /// Read the watched step claims that are due (see [`crate::lapsed`]):
+    /// a job the queue dead-lettered has its run reconciled; a job still
+    /// under the same claim (its lease has not run out, or the reaper has
+    /// not come to it) is read again a third of a lease later; any other
+    /// state means the claim ended otherwise, and it is forgotten.
+    async fn reconcile_lapsed<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
+        let lease = inner
+            .queue
+            .queue_config(&inner.cfg.queue_name)
+            .lease_duration;
+        let mut due = inner
+            .lapsed
+            .take_due(inner.now_ms(), LAPSED_PER_TICK)
+            .into_iter();
+        while let Some((job_id, watch)) = due.next() {
+            let read = {
                 let _watch = watched(inner, WATCH);
-                inner.queue.view().stats(&inner.cfg.queue_name).await?
+                inner.queue.view().job_record(&job_id).await
             };
-            super::metrics::backlog(&stats);
+            let job = match read {
+                Ok(Some(job)) => job,
+                Ok(None) => continue,
+                Err(e) => {
+                    // The store failed: this and the rest are read again.
+                    inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
+                    for (job_id, watch) in due {
+                        inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
+                    }
+                    return Err(e.into());
+                }
+            };
+            match job.status {
+                JobStatus::Dead => {
+                    let reconciled = {
+                        let _watch = watched(inner, WATCH);
+                        inner.reconcile_dead(&job).await
+                    };
+                    match reconciled {
+                        Ok(_) => {}
+                        Err(e) if !e.is_permanent() => {
+                            inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
+                            for (job_id, watch) in due {
+                                inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
+                            }
+                            return Err(e);
+                        }
+                        Err(e) => self.skip(&job_id, &e),
+                    }
+                }
+                JobStatus::Claimed if job.attempts <= watch.attempts => {
+                    let again = inner.now_ms().saturating_add(saturating_ms(lease / 3));
+                    inner.lapsed.watch(&job_id, watch.attempts, again);
+                }
+                _ => {}
+            }
+        }
+        if inner.lapsed.take_overflow() {
+            // Claims went unwatched: a full cycle finds what they left.
+            self.cycle_due = true;
+        }
+        Ok(())
+    }
+
+    /// Reconcile one page of the step queue's dead jobs. A full cycle
+    /// through the listing runs when the pool starts (the claims of a
+    /// process that died are dead-lettered when the store opens) and after
+    /// watched claims overflowed; otherwise at most every
+    /// [`RECONCILE_CYCLE`], resting at least [`CYCLE_SHARE`] times the last
+    /// cycle's length, to find what no watch saw (a step whose thread never
+    /// returns).
+    async fn reconcile_page<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
+        if self.dead_after.is_none() {
+            let rest = RECONCILE_CYCLE
+                .max(inner.cfg.poll_interval)
+                .max(self.cycle_took.saturating_mul(CYCLE_SHARE));
+            if !self.cycle_due && self.cycle_started.is_some_and(|at| at.elapsed() < rest) {
+                return Ok(());
+            }
+            self.cycle_due = false;
+            self.cycle_started = Some(Instant::now());
         }
         let page = {
             let _watch = watched(inner, WATCH);
@@ -650,11 +748,7 @@ impl Upkeep {
                 Ok(_) => self.note_settled(&job.id),
                 // The store failed: this page is read again next tick.
                 Err(e) if !e.is_permanent() => return Err(e),
-                Err(e) => {
-                    if self.skipped.len() < MAX_SKIPPED && self.skipped.insert(job.id.clone()) {
-                        tracing::warn!(job_id = %job.id, "skipping a dead-lettered step whose run cannot be read: {e}");
-                    }
-                }
+                Err(e) => self.skip(&job.id, &e),
             }
         }
         self.dead_after = match page.last() {
@@ -663,8 +757,19 @@ impl Upkeep {
         };
         if self.dead_after.is_none() {
             self.settled = std::mem::take(&mut self.settled_now);
+            self.cycle_took = self.cycle_started.map_or(Duration::ZERO, |at| at.elapsed());
         }
         Ok(())
+    }
+
+    /// Warn once of a dead job whose run cannot be read.
+    fn skip(&mut self, job_id: &str, e: &Error) {
+        if self.skipped.len() < MAX_SKIPPED && self.skipped.insert(job_id.to_string()) {
+            tracing::warn!(
+                job_id,
+                "skipping a dead-lettered step whose run cannot be read: {e}"
+            );
+        }
     }
 
     /// Remember a dead job found settled, up to [`MAX_SETTLED`] a cycle
@@ -789,7 +894,7 @@ mod tests {
 
     use crate::hook::{NoopTerminalHook, RunOutcome, TerminalStatus};
     use crate::runner::{ChildSpec, Done, Step, StepError, StepOutcome, StepRunner};
-    use crate::runtime::{RunSpec, Terminal, WorkflowRuntime};
+    use crate::runtime::{Inner, RunSpec, Terminal, WorkflowRuntime};
 
     /// A retention batch's data scans run [`super::DATA_SCANS_AT_ONCE`] at
     /// a time, and their keys come back in the order of the prefixes. Each
@@ -1026,13 +1131,136 @@ mod tests {
         upkeep.reconcile_page(inner).await.unwrap();
         assert!(upkeep.dead_after.is_none(), "one page: the cycle ended");
         queue.kv_put(&run_key, &original).await.unwrap();
-        upkeep.cycle_started = None;
+        upkeep.cycle_due = true;
         upkeep.reconcile_page(inner).await.unwrap();
         assert!(
             queue.view().kv_get(&run_key).await.unwrap().is_some(),
             "the second cycle read the run record again and ended the run"
         );
         assert!(upkeep.settled.contains(&claim.id), "still listed: kept");
+    }
+
+    /// Runs `ids` submitted on a runtime without a pool, and each run's
+    /// step 0 claimed (by hand, as the pool would), in `ids` order.
+    async fn claimed(
+        queue: &Arc<Queue>,
+        ids: &[&str],
+    ) -> (WorkflowRuntime<Done, NoopTerminalHook>, Vec<taquba::Claim>) {
+        let rt = WorkflowRuntime::builder(queue.clone(), Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        let mut claims = Vec::new();
+        for id in ids {
+            rt.submit(RunSpec {
+                run_id: Some(id.to_string()),
+                max_attempts_per_step: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let claim = queue
+                .claim(&rt.inner.cfg.queue_name, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .unwrap();
+            claims.push(claim);
+        }
+        (rt, claims)
+    }
+
+    /// Whether run `id` still has its live record (the reconcile deletes
+    /// it; the reads report a dead step's outcome without it).
+    async fn live<R, H>(inner: &Inner<R, H>, id: &str) -> bool {
+        let key = inner.keys.run(id);
+        inner.queue.view().kv_get(&key).await.unwrap().is_some()
+    }
+
+    /// An upkeep past its first full cycle, with the next one not due.
+    async fn upkeep_past_its_first_cycle<R, H>(inner: &Inner<R, H>) -> super::Upkeep {
+        let mut upkeep = super::Upkeep::new();
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(upkeep.dead_after.is_none() && !upkeep.cycle_due);
+        upkeep
+    }
+
+    /// The reconcile no longer lists the dead letters every second: a claim
+    /// this process let go of is watched, and read once it is due. A job the
+    /// queue dead-lettered ends its run; a job still under the same claim is
+    /// read again later; a job claimed again is forgotten (its new claim is
+    /// watched on its own).
+    #[tokio::test]
+    async fn a_watched_claim_the_queue_dead_lettered_ends_its_run_without_a_listing() {
+        let (clock, queue) = mock_clock_queue().await;
+        let (rt, claims) = claimed(&queue, &["dead", "held"]).await;
+        let inner = &rt.inner;
+        let mut upkeep = upkeep_past_its_first_cycle(inner).await;
+        let (dead, held) = (&claims[0], &claims[1]);
+        // The reaper's doing, which nothing in this process sees.
+        queue.dead_letter(dead, "lease expired").await.unwrap();
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(live(inner, "dead").await, "no listing");
+
+        let now = inner.now_ms();
+        inner.lapsed.watch(&dead.id, dead.attempts, now);
+        inner.lapsed.watch(&held.id, held.attempts, now);
+        upkeep.reconcile_lapsed(inner).await.unwrap();
+        assert!(!live(inner, "dead").await, "reconciled");
+        let out = rt.outcome("dead").await.unwrap().unwrap();
+        assert_eq!(out.status, TerminalStatus::Failed);
+        assert!(live(inner, "held").await);
+        assert_eq!(inner.lapsed.len(), 1, "the held claim is watched again");
+        assert!(inner.lapsed.take_due(now, 10).is_empty(), "later");
+        clock.advance(Duration::from_secs(10));
+        let again = inner.lapsed.take_due(inner.now_ms(), 10);
+        assert_eq!(again.len(), 1, "a third of the lease later");
+
+        inner
+            .lapsed
+            .watch(&held.id, held.attempts - 1, inner.now_ms());
+        upkeep.reconcile_lapsed(inner).await.unwrap();
+        assert_eq!(inner.lapsed.len(), 0, "claimed again since: forgotten");
+        assert!(live(inner, "held").await);
+    }
+
+    /// After its first cycle the listing rests [`super::RECONCILE_CYCLE`];
+    /// watched claims that overflowed bring a full cycle at once, since a
+    /// claim that went unwatched can only be found by the listing.
+    #[tokio::test(start_paused = true)]
+    async fn the_dead_letters_are_listed_at_start_after_an_overflow_and_rarely_else() {
+        let (_clock, queue) = mock_clock_queue().await;
+        let (rt, claims) = claimed(&queue, &["first", "overflowed", "late"]).await;
+        let inner = &rt.inner;
+        queue
+            .dead_letter(&claims[0], "lease expired")
+            .await
+            .unwrap();
+        let mut upkeep = upkeep_past_its_first_cycle(inner).await;
+        assert!(!live(inner, "first").await, "at start");
+
+        queue
+            .dead_letter(&claims[1], "lease expired")
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(live(inner, "overflowed").await);
+        for i in 0..=crate::lapsed::MAX_WATCHED {
+            inner.lapsed.watch(&format!("j{i}"), 1, u64::MAX);
+        }
+        upkeep.reconcile_lapsed(inner).await.unwrap();
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(!live(inner, "overflowed").await);
+
+        queue
+            .dead_letter(&claims[2], "lease expired")
+            .await
+            .unwrap();
+        tokio::time::advance(super::RECONCILE_CYCLE - Duration::from_secs(1)).await;
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(live(inner, "late").await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        upkeep.reconcile_page(inner).await.unwrap();
+        assert!(!live(inner, "late").await, "the rest is over");
     }
 
     /// A fresh in-memory queue (1 ms flush) on a mock clock.

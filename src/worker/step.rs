@@ -169,18 +169,44 @@ impl StepJob {
 
 /// Run one claimed step job to its settlement, its lease renewed from the
 /// claim to the end of the settlement.
+///
+/// A claim this task lets go of without a settlement that committed, or
+/// whose lease it could not renew, is watched (see [`crate::lapsed`]): the
+/// queue may dead-letter its job by itself, and the run is then reconciled.
 pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
     inner: Arc<Inner<R, H>>,
     claim: Claim,
 ) {
     let lease = Lease::of(&inner.queue, &claim);
+    let (job_id, attempts) = (claim.id.clone(), claim.attempts);
+    let lease_ms = saturating_ms(lease.duration);
+    let watch = |after_ms: u64| {
+        let due = inner.now_ms().saturating_add(after_ms);
+        inner.lapsed.watch(&job_id, attempts, due);
+    };
     let work = std::pin::pin!(step_job(&inner, claim));
-    lease.keep(work).await
+    let settled = lease
+        .keep(work, |e| {
+            // A claim lost may be dead-lettered already; a cancel stops the
+            // renewals, and the lease then runs out.
+            watch(if matches!(e, taquba::Error::ClaimLost) {
+                0
+            } else {
+                lease_ms
+            })
+        })
+        .await;
+    if !settled {
+        // Its lease runs out within its duration of the last renewal.
+        watch(lease_ms);
+    }
 }
 
-async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, claim: Claim) {
+/// Run one claimed step; returns whether a settlement of its claim
+/// committed.
+async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, claim: Claim) -> bool {
     let Some(mut job) = admit(inner, claim).await else {
-        return;
+        return false;
     };
     // A step that joins children sees their outcomes; under `fail_fast` a
     // failed child ends the run instead.
@@ -196,12 +222,12 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
             Err(e) if e.is_permanent() => {
                 let why = format!("its children's outcomes cannot be read: {e}");
                 reject(inner, &job.claim, &why).await;
-                return;
+                return false;
             }
             Err(e) => {
                 // Left claimed: its lease runs out and it is claimed again.
                 tracing::warn!(run_id = %job.run_id, "reading the children's outcomes failed: {e}");
-                return;
+                return false;
             }
         }
     }
@@ -315,6 +341,7 @@ async fn step_job<R: StepRunner, H: TerminalHook>(inner: &Arc<Inner<R, H>>, clai
         } else {
             Settled::NotCommitted
         }));
+        committed
     }
     .instrument(span)
     .await
@@ -347,16 +374,24 @@ impl Lease {
     /// The caller pins the work where it stands (`std::pin::pin!`): taken by
     /// value, the work would be held twice in this future's state, as the
     /// argument and as the pinned local, and a step's future is kilobytes.
-    pub(super) async fn keep<F: Future>(&self, mut work: Pin<&mut F>) -> F::Output {
+    ///
+    /// A renewal is in memory; it fails once the claim is gone or a cancel
+    /// was requested, and then the lease runs out. `failed` is told each
+    /// failure.
+    pub(super) async fn keep<F: Future>(
+        &self,
+        mut work: Pin<&mut F>,
+        failed: impl Fn(&taquba::Error),
+    ) -> F::Output {
         let mut renew = crate::sync::ticks_after(self.duration / 3);
         loop {
             tokio::select! {
                 biased;
                 done = &mut work => return done,
                 _ = renew.tick() => {
-                    // Renewal is in memory; it fails once the claim is gone or
-                    // a cancel was requested, and then the lease runs out.
-                    let _ = self.handle.ensure_at_least(self.duration);
+                    if let Err(e) = self.handle.ensure_at_least(self.duration) {
+                        failed(&e);
+                    }
                 }
             }
         }
@@ -494,10 +529,15 @@ async fn signalled<R, H>(
 }
 
 /// Dead-letter a job that is not a valid step, with the reason as its error.
+/// A run whose record still points at the job is then reconciled (ended
+/// `Failed` with the reason), at once: the job is watched as due now.
 async fn reject<R, H>(inner: &Inner<R, H>, claim: &Claim, why: &str) {
     tracing::warn!(job_id = %claim.id, queue = %inner.cfg.queue_name, "dead-lettering invalid step job: {why}");
-    if let Err(e) = inner.queue.dead_letter(claim, why).await {
-        tracing::warn!(job_id = %claim.id, "dead-lettering failed: {e}");
+    match inner.queue.dead_letter(claim, why).await {
+        Ok(_) => inner
+            .lapsed
+            .watch(&claim.id, claim.attempts, inner.now_ms()),
+        Err(e) => tracing::warn!(job_id = %claim.id, "dead-lettering failed: {e}"),
     }
 }
 
@@ -696,7 +736,7 @@ mod tests {
             .expect("a job");
         let lease = Lease::of(&queue, &claim);
         let work = std::pin::pin!(async { 7 });
-        let keep = std::pin::pin!(lease.keep(work));
+        let keep = std::pin::pin!(lease.keep(work, |_| {}));
         assert_eq!(
             futures_util::poll!(keep),
             Poll::Ready(7),
