@@ -22,19 +22,35 @@
 //!   purpose).
 //!
 //! Each watched claim costs one read of its job once its lease can have run
-//! out. The set is bounded: past [`MAX_WATCHED`] claims a new one is not
-//! kept and the set reports an overflow, on which the pool lists the dead
-//! letters in full again, so nothing is missed.
+//! out ([`SLACK`] past its duration), and one more every [`RECHECK`] while
+//! the same claim still holds it. The set is bounded: past [`MAX_WATCHED`]
+//! claims a new one is not kept and the set reports an overflow, on which
+//! the pool lists the dead letters in full again, at once and once more
+//! when the claim left out can have been dead-lettered.
+//!
+//! An entry leaves the set only once its read is done ([`LapsedClaims::due`]
+//! then [`LapsedClaims::looked`]): a read abandoned at shutdown leaves it.
 //!
 //! This module imports no other module of the crate.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::sync::lock;
 
 /// The most claims watched at once.
 pub(crate) const MAX_WATCHED: usize = 4096;
+
+/// How long after its lease's duration a claim let go of is first read:
+/// taquba renews a lease to its duration plus a settlement margin (5 s), and
+/// its reaper looks for lapsed leases every `reaper_interval` (5 s by
+/// default). A reaper set slower only costs a [`RECHECK`] or more.
+pub(crate) const SLACK: Duration = Duration::from_secs(10);
+
+/// How soon a claim found still held (its lease not yet reaped) is read
+/// again.
+pub(crate) const RECHECK: Duration = Duration::from_secs(5);
 
 /// The claims watched, by job id.
 #[derive(Default)]
@@ -79,9 +95,10 @@ impl LapsedClaims {
             .insert(job_id.to_string(), Watch { attempts, due_ms });
     }
 
-    /// Take up to `max` claims due at `now_ms`, earliest first.
-    pub(crate) fn take_due(&self, now_ms: u64, max: usize) -> Vec<(String, Watch)> {
-        let mut watched = lock(&self.watched);
+    /// Up to `max` claims due at `now_ms`, earliest first. They stay
+    /// watched until [`Self::looked`] says what their read found.
+    pub(crate) fn due(&self, now_ms: u64, max: usize) -> Vec<(String, Watch)> {
+        let watched = lock(&self.watched);
         let mut due: Vec<(String, Watch)> = watched
             .claims
             .iter()
@@ -90,10 +107,27 @@ impl LapsedClaims {
             .collect();
         due.sort_by_key(|(_, w)| w.due_ms);
         due.truncate(max);
-        for (id, _) in &due {
-            watched.claims.remove(id);
-        }
         due
+    }
+
+    /// The read of `job_id`, watched as `seen`, is done: forget it (`None`),
+    /// or read it again at `again` (ms). A watch that changed since `seen`
+    /// (the claim was watched again meanwhile) is left as it is.
+    pub(crate) fn looked(&self, job_id: &str, seen: Watch, again: Option<u64>) {
+        let mut watched = lock(&self.watched);
+        if watched.claims.get(job_id) != Some(&seen) {
+            return;
+        }
+        match again {
+            None => {
+                watched.claims.remove(job_id);
+            }
+            Some(due_ms) => {
+                if let Some(w) = watched.claims.get_mut(job_id) {
+                    w.due_ms = due_ms;
+                }
+            }
+        }
     }
 
     /// Whether a claim went unwatched since the last call (the set was
@@ -114,18 +148,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_claim_is_taken_once_it_is_due_earliest_first() {
+    fn a_claim_is_due_earliest_first_and_stays_until_it_was_looked_at() {
         let lapsed = LapsedClaims::default();
         lapsed.watch("b", 1, 20);
         lapsed.watch("a", 1, 10);
         lapsed.watch("c", 1, 30);
-        assert!(lapsed.take_due(5, 10).is_empty());
-        let due = lapsed.take_due(25, 10);
+        assert!(lapsed.due(5, 10).is_empty());
+        let due = lapsed.due(25, 10);
         let ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
-        assert_eq!(lapsed.len(), 1, "c is not due yet");
-        assert_eq!(lapsed.take_due(u64::MAX, 1).len(), 1);
-        assert_eq!(lapsed.len(), 0);
+        assert_eq!(lapsed.due(25, 1).len(), 1, "at most `max`");
+        assert_eq!(lapsed.len(), 3, "a read not done keeps its claim");
+        lapsed.looked("a", due[0].1, None);
+        lapsed.looked("b", due[1].1, Some(40));
+        assert_eq!(lapsed.len(), 2);
+        assert!(lapsed.due(39, 10).iter().all(|(id, _)| id == "c"));
+        assert_eq!(lapsed.due(40, 10).len(), 2, "b again, with c");
+    }
+
+    #[test]
+    fn a_claim_watched_again_during_its_read_is_kept() {
+        let lapsed = LapsedClaims::default();
+        lapsed.watch("a", 1, 10);
+        let due = lapsed.due(10, 10);
+        lapsed.watch("a", 2, 50);
+        lapsed.looked("a", due[0].1, None);
+        assert_eq!(lapsed.len(), 1, "its new claim is watched");
     }
 
     #[test]
@@ -134,7 +182,7 @@ mod tests {
         lapsed.watch("a", 1, 50);
         lapsed.watch("a", 2, 70);
         lapsed.watch("a", 1, 40);
-        let due = lapsed.take_due(40, 10);
+        let due = lapsed.due(40, 10);
         assert_eq!(
             due,
             [(

@@ -73,9 +73,9 @@ const DATA_SCANS_AT_ONCE: usize = 32;
 /// The shortest time between two full reconcile cycles over the dead jobs,
 /// after the first (see [`Upkeep::reconcile_page`]).
 const RECONCILE_CYCLE: Duration = Duration::from_secs(300);
-/// A full reconcile cycle is followed by a rest of this many times its own
-/// length, at least: the listing reads every dead job, and they stay listed
-/// for the queue's dead retention.
+/// A full reconcile cycle is followed by a rest of this many times the time
+/// it spent reading, at least: the listing reads every dead job, and they
+/// stay listed for the queue's dead retention.
 const CYCLE_SHARE: u32 = 100;
 /// Watched step claims read per tick (see [`crate::lapsed`]).
 const LAPSED_PER_TICK: usize = 256;
@@ -548,11 +548,18 @@ struct Upkeep {
     dead_after: Option<String>,
     /// When the current (or last) reconcile cycle started.
     cycle_started: Option<Instant>,
-    /// How long the last full cycle took.
-    cycle_took: Duration,
-    /// A full cycle starts at the next tick whatever the time: at start, and
-    /// once watched claims overflowed (see [`crate::lapsed`]).
+    /// How long the current (or last) cycle spent reading: the rest after
+    /// it is a multiple of this.
+    cycle_busy: Duration,
+    /// A full cycle starts at the next tick whatever the time.
     cycle_due: bool,
+    /// Whether the next tick is this pass's first.
+    starting: bool,
+    /// When (ms, the queue's clock) another full cycle is due: a lease and
+    /// the reaper's slack after the pool started or watched claims
+    /// overflowed, when every claim let go of before then can have been
+    /// dead-lettered.
+    again_at_ms: Option<u64>,
     /// When the backlog gauges were last sampled.
     backlog_sampled: Option<Instant>,
     /// Dead jobs already reported as unreadable.
@@ -601,12 +608,7 @@ impl Pass for Upkeep {
         if let Err(e) = self.sample_backlog(inner).await {
             tracing::warn!("sampling the step queue's backlog failed (retried next tick): {e}");
         }
-        if let Err(e) = self.reconcile_lapsed(inner).await {
-            tracing::warn!("reconciling lapsed step claims failed (retried next tick): {e}");
-        }
-        if let Err(e) = self.reconcile_page(inner).await {
-            tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
-        }
+        self.reconcile(inner).await;
         lap(&mut took.reconcile);
         took.report();
         backlog
@@ -618,8 +620,10 @@ impl Upkeep {
         Self {
             dead_after: None,
             cycle_started: None,
-            cycle_took: Duration::ZERO,
-            cycle_due: true,
+            cycle_busy: Duration::ZERO,
+            cycle_due: false,
+            starting: true,
+            again_at_ms: None,
             backlog_sampled: None,
             skipped: HashSet::new(),
             settled: HashSet::new(),
@@ -646,65 +650,68 @@ impl Upkeep {
         Ok(())
     }
 
+    /// The reconcile's part of a tick: the watched claims, then a page of
+    /// the dead-letter listing when a full cycle is on.
+    async fn reconcile<R, H>(&mut self, inner: &Inner<R, H>) {
+        let now = inner.now_ms();
+        if std::mem::take(&mut self.starting) || inner.lapsed.take_overflow() {
+            // At start, a dead process's claims are dead already (at open);
+            // a claim not watched (an overflow), or let go of by an earlier
+            // pool on this runtime, is dead once its lease is reaped.
+            self.cycle_due = true;
+            let lease = inner
+                .queue
+                .queue_config(&inner.cfg.queue_name)
+                .lease_duration;
+            let after = lease.saturating_add(crate::lapsed::SLACK);
+            self.again_at_ms = Some(now.saturating_add(saturating_ms(after)));
+        }
+        if self.again_at_ms.is_some_and(|at| at <= now) {
+            self.cycle_due = true;
+            self.again_at_ms = None;
+        }
+        if let Err(e) = self.reconcile_lapsed(inner).await {
+            tracing::warn!("reconciling lapsed step claims failed (retried next tick): {e}");
+        }
+        if let Err(e) = self.reconcile_page(inner).await {
+            tracing::warn!("reconciling dead-lettered steps failed (retried next tick): {e}");
+        }
+    }
+
     /// Read the watched step claims that are due (see [`crate::lapsed`]):
     /// a job the queue dead-lettered has its run reconciled; a job still
     /// under the same claim (its lease has not run out, or the reaper has
-    /// not come to it) is read again a third of a lease later; any other
-    /// state means the claim ended otherwise, and it is forgotten.
+    /// not come to it) is read again a [`RECHECK`](crate::lapsed::RECHECK)
+    /// later; any other state means the claim ended otherwise, and it is
+    /// forgotten. A claim whose read fails stays due.
     async fn reconcile_lapsed<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
-        let lease = inner
-            .queue
-            .queue_config(&inner.cfg.queue_name)
-            .lease_duration;
-        let mut due = inner
-            .lapsed
-            .take_due(inner.now_ms(), LAPSED_PER_TICK)
-            .into_iter();
-        while let Some((job_id, watch)) = due.next() {
-            let read = {
+        for (job_id, seen) in inner.lapsed.due(inner.now_ms(), LAPSED_PER_TICK) {
+            let job = {
                 let _watch = watched(inner, WATCH);
-                inner.queue.view().job_record(&job_id).await
+                inner.queue.view().job_record(&job_id).await?
             };
-            let job = match read {
-                Ok(Some(job)) => job,
-                Ok(None) => continue,
-                Err(e) => {
-                    // The store failed: this and the rest are read again.
-                    inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
-                    for (job_id, watch) in due {
-                        inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
-                    }
-                    return Err(e.into());
-                }
-            };
-            match job.status {
-                JobStatus::Dead => {
+            let again = match job {
+                Some(job) if job.status == JobStatus::Dead => {
                     let reconciled = {
                         let _watch = watched(inner, WATCH);
                         inner.reconcile_dead(&job).await
                     };
                     match reconciled {
-                        Ok(_) => {}
-                        Err(e) if !e.is_permanent() => {
-                            inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
-                            for (job_id, watch) in due {
-                                inner.lapsed.watch(&job_id, watch.attempts, watch.due_ms);
-                            }
-                            return Err(e);
+                        Ok(_) => None,
+                        Err(e) if !e.is_permanent() => return Err(e),
+                        Err(e) => {
+                            self.skip(&job_id, &e);
+                            None
                         }
-                        Err(e) => self.skip(&job_id, &e),
                     }
                 }
-                JobStatus::Claimed if job.attempts <= watch.attempts => {
-                    let again = inner.now_ms().saturating_add(saturating_ms(lease / 3));
-                    inner.lapsed.watch(&job_id, watch.attempts, again);
+                Some(job) if job.status == JobStatus::Claimed && job.attempts <= seen.attempts => {
+                    let recheck = saturating_ms(crate::lapsed::RECHECK);
+                    Some(inner.now_ms().saturating_add(recheck))
                 }
-                _ => {}
-            }
-        }
-        if inner.lapsed.take_overflow() {
-            // Claims went unwatched: a full cycle finds what they left.
-            self.cycle_due = true;
+                _ => None,
+            };
+            inner.lapsed.looked(&job_id, seen, again);
         }
         Ok(())
     }
@@ -712,21 +719,30 @@ impl Upkeep {
     /// Reconcile one page of the step queue's dead jobs. A full cycle
     /// through the listing runs when the pool starts (the claims of a
     /// process that died are dead-lettered when the store opens) and after
-    /// watched claims overflowed; otherwise at most every
-    /// [`RECONCILE_CYCLE`], resting at least [`CYCLE_SHARE`] times the last
-    /// cycle's length, to find what no watch saw (a step whose thread never
-    /// returns).
+    /// watched claims overflowed, each time twice (see [`Self::reconcile`]);
+    /// otherwise at most every [`RECONCILE_CYCLE`], resting at least
+    /// [`CYCLE_SHARE`] times what the last cycle spent reading, to find
+    /// what no watch saw (a step whose thread never returns).
     async fn reconcile_page<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
         if self.dead_after.is_none() {
             let rest = RECONCILE_CYCLE
                 .max(inner.cfg.poll_interval)
-                .max(self.cycle_took.saturating_mul(CYCLE_SHARE));
+                .max(self.cycle_busy.saturating_mul(CYCLE_SHARE));
             if !self.cycle_due && self.cycle_started.is_some_and(|at| at.elapsed() < rest) {
                 return Ok(());
             }
             self.cycle_due = false;
             self.cycle_started = Some(Instant::now());
+            self.cycle_busy = Duration::ZERO;
         }
+        let reading = Instant::now();
+        let read = self.reconcile_listed(inner).await;
+        self.cycle_busy = self.cycle_busy.saturating_add(reading.elapsed());
+        read
+    }
+
+    /// Read and reconcile the next page of the listing.
+    async fn reconcile_listed<R, H>(&mut self, inner: &Inner<R, H>) -> Result<(), Error> {
         let page = {
             let _watch = watched(inner, WATCH);
             inner
@@ -757,7 +773,6 @@ impl Upkeep {
         };
         if self.dead_after.is_none() {
             self.settled = std::mem::take(&mut self.settled_now);
-            self.cycle_took = self.cycle_started.map_or(Duration::ZERO, |at| at.elapsed());
         }
         Ok(())
     }
@@ -1175,10 +1190,10 @@ mod tests {
         inner.queue.view().kv_get(&key).await.unwrap().is_some()
     }
 
-    /// An upkeep past its first full cycle, with the next one not due.
+    /// An upkeep past its first tick's full cycle, the next one not due.
     async fn upkeep_past_its_first_cycle<R, H>(inner: &Inner<R, H>) -> super::Upkeep {
         let mut upkeep = super::Upkeep::new();
-        upkeep.reconcile_page(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(upkeep.dead_after.is_none() && !upkeep.cycle_due);
         upkeep
     }
@@ -1197,27 +1212,28 @@ mod tests {
         let (dead, held) = (&claims[0], &claims[1]);
         // The reaper's doing, which nothing in this process sees.
         queue.dead_letter(dead, "lease expired").await.unwrap();
-        upkeep.reconcile_page(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(live(inner, "dead").await, "no listing");
 
         let now = inner.now_ms();
         inner.lapsed.watch(&dead.id, dead.attempts, now);
         inner.lapsed.watch(&held.id, held.attempts, now);
-        upkeep.reconcile_lapsed(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(!live(inner, "dead").await, "reconciled");
         let out = rt.outcome("dead").await.unwrap().unwrap();
         assert_eq!(out.status, TerminalStatus::Failed);
         assert!(live(inner, "held").await);
         assert_eq!(inner.lapsed.len(), 1, "the held claim is watched again");
-        assert!(inner.lapsed.take_due(now, 10).is_empty(), "later");
-        clock.advance(Duration::from_secs(10));
-        let again = inner.lapsed.take_due(inner.now_ms(), 10);
-        assert_eq!(again.len(), 1, "a third of the lease later");
+        assert!(inner.lapsed.due(now, 10).is_empty(), "later");
+        clock.advance(crate::lapsed::RECHECK);
+        let again = inner.lapsed.due(inner.now_ms(), 10);
+        assert_eq!(again.len(), 1, "a recheck later");
 
+        inner.lapsed.looked(&held.id, again[0].1, None);
         inner
             .lapsed
             .watch(&held.id, held.attempts - 1, inner.now_ms());
-        upkeep.reconcile_lapsed(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert_eq!(inner.lapsed.len(), 0, "claimed again since: forgotten");
         assert!(live(inner, "held").await);
     }
@@ -1242,13 +1258,12 @@ mod tests {
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(60)).await;
-        upkeep.reconcile_page(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(live(inner, "overflowed").await);
         for i in 0..=crate::lapsed::MAX_WATCHED {
             inner.lapsed.watch(&format!("j{i}"), 1, u64::MAX);
         }
-        upkeep.reconcile_lapsed(inner).await.unwrap();
-        upkeep.reconcile_page(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(!live(inner, "overflowed").await);
 
         queue
@@ -1256,11 +1271,36 @@ mod tests {
             .await
             .unwrap();
         tokio::time::advance(super::RECONCILE_CYCLE - Duration::from_secs(1)).await;
-        upkeep.reconcile_page(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(live(inner, "late").await);
         tokio::time::advance(Duration::from_secs(1)).await;
-        upkeep.reconcile_page(inner).await.unwrap();
+        upkeep.reconcile(inner).await;
         assert!(!live(inner, "late").await, "the rest is over");
+    }
+
+    /// A claim still held when the pool starts (let go of by an earlier pool
+    /// of this runtime, aborted with it) is dead-lettered by the reaper only
+    /// once its lease runs out, after the first listing: a second listing
+    /// then finds it.
+    #[tokio::test]
+    async fn a_claim_reaped_after_the_first_listing_is_found_by_the_second() {
+        let (clock, queue) = mock_clock_queue().await;
+        let (rt, claims) = claimed(&queue, &["early"]).await;
+        let inner = &rt.inner;
+        let mut upkeep = upkeep_past_its_first_cycle(inner).await;
+        assert!(live(inner, "early").await, "claimed, not dead yet");
+        queue
+            .dead_letter(&claims[0], "lease expired")
+            .await
+            .unwrap();
+        let lease = queue.queue_config(&inner.cfg.queue_name).lease_duration;
+        let wait = lease + crate::lapsed::SLACK;
+        clock.advance(wait - Duration::from_millis(1));
+        upkeep.reconcile(inner).await;
+        assert!(live(inner, "early").await);
+        clock.advance(Duration::from_millis(1));
+        upkeep.reconcile(inner).await;
+        assert!(!live(inner, "early").await, "the second listing");
     }
 
     /// A fresh in-memory queue (1 ms flush) on a mock clock.

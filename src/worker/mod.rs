@@ -426,4 +426,55 @@ mod tests {
         stop.cancel();
         pool.await.unwrap().unwrap();
     }
+
+    /// A pool that stops early (its store failed) aborts its step tasks. A
+    /// step aborted on its last attempt leaves its claim to run out, and
+    /// the queue then dead-letters the job: the aborted task leaves the
+    /// claim watched, to be read once its lease can have run out.
+    #[tokio::test]
+    async fn a_step_aborted_with_its_pool_leaves_its_claim_watched() {
+        let queue = Arc::new(
+            Queue::open(Arc::new(taquba::object_store::memory::InMemory::new()), "t")
+                .await
+                .unwrap(),
+        );
+        let (started, mut starts) = mpsc::unbounded_channel();
+        let runner = Gated {
+            started,
+            gate: Arc::new(Semaphore::new(0)),
+        };
+        let rt = WorkflowRuntime::builder(queue.clone(), runner, NoopTerminalHook)
+            .build()
+            .unwrap();
+        rt.submit(RunSpec {
+            run_id: Some("a".into()),
+            max_attempts_per_step: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let key = rt.inner.keys.run("a");
+        let bytes = queue.view().kv_get(&key).await.unwrap().unwrap();
+        let run: crate::record::RunRecord = crate::record::decode(&key, &bytes).unwrap();
+        let pool = tokio::spawn({
+            let rt = rt.clone();
+            async move { rt.run(std::future::pending()).await }
+        });
+        starts.recv().await.expect("the step started");
+        assert_eq!(rt.inner.lapsed.len(), 0, "a running step is not watched");
+        let aborted = rt.inner.now_ms();
+        pool.abort();
+        assert!(pool.await.unwrap_err().is_cancelled());
+        let watched = rt.inner.lapsed.due(u64::MAX, 10);
+        assert_eq!(watched.len(), 1);
+        let (job_id, watch) = &watched[0];
+        assert_eq!(job_id, &run.job_id);
+        assert_eq!(watch.attempts, 1);
+        let lease = queue.queue_config(&rt.inner.cfg.queue_name).lease_duration;
+        let reaped = crate::policy::saturating_ms(lease + crate::lapsed::SLACK);
+        assert!(
+            watch.due_ms >= aborted + reaped,
+            "read once it can be reaped"
+        );
+    }
 }

@@ -170,35 +170,64 @@ impl StepJob {
 /// Run one claimed step job to its settlement, its lease renewed from the
 /// claim to the end of the settlement.
 ///
-/// A claim this task lets go of without a settlement that committed, or
-/// whose lease it could not renew, is watched (see [`crate::lapsed`]): the
-/// queue may dead-letter its job by itself, and the run is then reconciled.
+/// A claim this task lets go of without a settlement that committed (or
+/// whose lease it could not renew, or whose task was aborted with its pool)
+/// is watched (see [`crate::lapsed`]): the queue may dead-letter its job by
+/// itself, and the run is then reconciled.
 pub(super) async fn run_step_job<R: StepRunner, H: TerminalHook>(
     inner: Arc<Inner<R, H>>,
     claim: Claim,
 ) {
     let lease = Lease::of(&inner.queue, &claim);
-    let (job_id, attempts) = (claim.id.clone(), claim.attempts);
-    let lease_ms = saturating_ms(lease.duration);
-    let watch = |after_ms: u64| {
-        let due = inner.now_ms().saturating_add(after_ms);
-        inner.lapsed.watch(&job_id, attempts, due);
+    let mut unsettled = Unsettled {
+        inner: &inner,
+        job_id: claim.id.clone(),
+        attempts: claim.attempts,
+        lease_ms: saturating_ms(lease.duration),
+        settled: false,
     };
     let work = std::pin::pin!(step_job(&inner, claim));
-    let settled = lease
-        .keep(work, |e| {
-            // A claim lost may be dead-lettered already; a cancel stops the
-            // renewals, and the lease then runs out.
-            watch(if matches!(e, taquba::Error::ClaimLost) {
-                0
-            } else {
-                lease_ms
-            })
-        })
-        .await;
-    if !settled {
-        // Its lease runs out within its duration of the last renewal.
-        watch(lease_ms);
+    let settled = lease.keep(work, |e| unsettled.renewal_failed(e)).await;
+    unsettled.settled = settled;
+}
+
+/// A step claim that is watched when it is dropped unsettled: the task
+/// ended without a settlement that committed, or was aborted.
+struct Unsettled<'a, R, H> {
+    inner: &'a Inner<R, H>,
+    job_id: String,
+    attempts: u32,
+    lease_ms: u64,
+    settled: bool,
+}
+
+impl<R, H> Unsettled<'_, R, H> {
+    fn watch(&self, after_ms: u64) {
+        let due = self.inner.now_ms().saturating_add(after_ms);
+        self.inner.lapsed.watch(&self.job_id, self.attempts, due);
+    }
+
+    /// A lost claim may be dead-lettered already; after a cancel the
+    /// renewals stop, and the lease runs out.
+    fn renewal_failed(&self, e: &taquba::Error) {
+        self.watch(match e {
+            taquba::Error::ClaimLost => 0,
+            _ => self.until_reaped(),
+        });
+    }
+
+    /// From the last renewal until the reaper can have taken the lease.
+    fn until_reaped(&self) -> u64 {
+        self.lease_ms
+            .saturating_add(saturating_ms(crate::lapsed::SLACK))
+    }
+}
+
+impl<R, H> Drop for Unsettled<'_, R, H> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.watch(self.until_reaped());
+        }
     }
 }
 
