@@ -214,6 +214,19 @@ pub enum Error {
     #[error("schedule `{0}` was changed by another process during the call; call again")]
     ScheduleConflict(String),
 
+    /// A manual trigger's run id (`{schedule}:t{ms}`) was taken: another
+    /// trigger of the same millisecond, or a run submitted under that id.
+    /// Nothing was fired. Trigger again.
+    #[error(
+        "schedule `{schedule}`: the trigger's run id `{run_id}` is taken (another trigger in the same millisecond, or a run submitted under that id); nothing was fired: trigger again"
+    )]
+    TriggerRunIdTaken {
+        /// The schedule.
+        schedule: String,
+        /// The run id the trigger would have used.
+        run_id: String,
+    },
+
     /// A signal was sent to a run that is not waiting for one: unknown to
     /// the wait (its step has not committed a `WaitForSignal` yet, or the
     /// wait already ended by an earlier signal, its timeout or a cancel), or
@@ -411,7 +424,8 @@ impl Error {
             | Error::TimedOut { .. }
             | Error::WorkflowTripped { .. }
             | Error::ScheduleOverlap { .. }
-            | Error::ScheduleConflict(_) => false,
+            | Error::ScheduleConflict(_)
+            | Error::TriggerRunIdTaken { .. } => false,
             _ => true,
         }
     }

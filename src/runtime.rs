@@ -196,7 +196,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
 
     /// The longest an idle worker waits before looking again for work that
     /// arrived without a wake-up, such as a delayed step falling due (default
-    /// 250 ms). New work wakes workers at once.
+    /// 250 ms, at least 1 ms). New work wakes workers at once.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
         self
@@ -323,8 +323,14 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntimeBuilder<R, H> {
         if self.max_concurrent_steps == 0 {
             return invalid("max_concurrent_steps must be at least 1".into());
         }
-        if self.poll_interval.is_zero() {
-            return invalid("poll_interval must be above zero".into());
+        // Times are kept in whole milliseconds: a shorter interval rounds
+        // to zero, and a schedule waiting on a live run would re-arm at
+        // the time it was armed at, again and again.
+        if self.poll_interval < Duration::from_millis(1) {
+            return invalid(format!(
+                "poll_interval must be at least 1 ms, not {:?}",
+                self.poll_interval
+            ));
         }
         if self.store_timeout.is_zero() {
             return invalid("store_timeout must be above zero".into());

@@ -517,6 +517,9 @@ async fn invalid_policies_are_rejected_at_build() {
         ),
         WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook)
             .breaker("bad name", BackoffPolicy::default()),
+        // Under a millisecond rounds to zero in the records' times.
+        WorkflowRuntime::builder(queue.clone(), runner(), NoopTerminalHook)
+            .poll_interval(std::time::Duration::from_micros(500)),
     ];
     for builder in cases {
         assert!(builder.build().is_err());

@@ -420,8 +420,9 @@ async fn overlap_buffer_one_fires_after_the_live_run() {
     until(&env, "slow", |i| i.skipped_overlap == 1).await;
     hold.open();
     until(&env, "slow", |i| ended(i, TerminalStatus::Succeeded)).await;
-    // The buffered fire is checked for every poll interval.
-    advance(&env, Duration::from_millis(300)).await;
+    // The buffered fire is checked again a tenth of its wait later (it
+    // waited 10 s at the last check).
+    advance(&env, Duration::from_millis(1_100)).await;
     until(&env, "slow", |i| i.run_count == 2 && !i.buffered).await;
     assert_eq!(
         info(&env, "slow").await.last_run_id,
@@ -582,7 +583,14 @@ async fn trigger_errors_and_backoff_override() {
     ));
     advance(&env, Duration::from_millis(1)).await;
     let second = env.rt.trigger("flaky").await.unwrap();
-    assert_eq!(info(&env, "flaky").await.last_run_id, Some(second));
+    assert_eq!(info(&env, "flaky").await.last_run_id, Some(second.clone()));
+    assert_eq!(info(&env, "flaky").await.run_count, 2);
+    // A trigger in the same millisecond would name the same run: it fires
+    // nothing and says so (it answered with the other trigger's run).
+    assert!(matches!(
+        env.rt.trigger("flaky").await,
+        Err(Error::TriggerRunIdTaken { run_id, .. }) if run_id == second
+    ));
     assert_eq!(info(&env, "flaky").await.run_count, 2);
 
     // Overlap under Skip while a run is live.

@@ -20,9 +20,9 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         validate_name("schedule id", id)?;
         let inner = &self.inner;
         let info = super::read_schedule(inner.queue.view(), &inner.cfg.queue_name, id).await?;
-        // A tick's commit is visible before it is durable: answer from it
-        // once it is.
-        inner.pending.settled(&state::pending_name(id)).await;
+        if let Some(info) = &info {
+            durable(inner, info).await;
+        }
         Ok(info)
     }
 
@@ -31,7 +31,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let inner = &self.inner;
         let infos = super::read_schedules(inner.queue.view(), &inner.cfg.queue_name).await?;
         for info in &infos {
-            inner.pending.settled(&state::pending_name(&info.id)).await;
+            durable(inner, info).await;
         }
         Ok(infos)
     }
@@ -46,21 +46,20 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// schedule's overlap policy is `Skip` and its last run is live;
     /// [`Error::ShuttingDown`] once the worker pool is stopping.
     pub async fn trigger(&self, id: &str) -> Result<String, Error> {
-        let (run_id, _) = self
-            .trigger_with(id, |_| Ok(SettlementEffects::default()))
-            .await?;
-        Ok(run_id)
+        self.trigger_with(id, |_| Ok(SettlementEffects::default()))
+            .await
     }
 
     /// [`Self::trigger`], with the effects `extra` makes of the run id
-    /// committed in the trigger's own transaction. Returns the run id and
-    /// whether `extra`'s effects committed (not when a trigger of the same
-    /// millisecond committed the run first).
+    /// committed in the trigger's own transaction. Returns the run id.
+    ///
+    /// A run id taken already (a trigger of the same millisecond committed
+    /// first) is [`Error::TriggerRunIdTaken`]: that run is not this call's.
     pub(crate) async fn trigger_with(
         &self,
         id: &str,
         extra: impl FnOnce(&str) -> Result<SettlementEffects, Error>,
-    ) -> Result<(String, bool), Error> {
+    ) -> Result<String, Error> {
         validate_name("schedule id", id)?;
         let inner = &self.inner;
         if inner.schedules.shutting_down() {
@@ -116,10 +115,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                     inner.pending.enqueued([job.as_str()]);
                 }
                 tracing::info!(schedule = id, run_id, "schedule triggered");
-                Ok((run_id, true))
+                Ok(run_id)
             }
-            // A trigger of the same millisecond committed first: its run.
-            None if inner.queue.view().kv_get(&sub_key).await?.is_some() => Ok((run_id, false)),
+            // A trigger of the same millisecond committed first: its run,
+            // not this call's.
+            None if inner.queue.view().kv_get(&sub_key).await?.is_some() => {
+                Err(Error::TriggerRunIdTaken {
+                    schedule: id.to_string(),
+                    run_id,
+                })
+            }
             None => Err(Error::ScheduleConflict(id.to_string())),
         }
     }
@@ -188,6 +193,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     }
 }
 
+/// Wait until what `info` was read from is durable: a commit is visible
+/// before it is, both a tick's (the schedule's record) and the last run's
+/// (its ending, which `last_outcome` reports).
+async fn durable<R, H>(inner: &Inner<R, H>, info: &ScheduleInfo) {
+    inner.pending.settled(&state::pending_name(&info.id)).await;
+    if let Some(run_id) = &info.last_run_id {
+        inner.pending.settled(run_id).await;
+    }
+}
+
 /// A defined schedule's record and its stored bytes (`None` when it was
 /// never recorded: a fresh record, not armed until the pool starts).
 async fn current<R, H>(
@@ -204,5 +219,48 @@ async fn current<R, H>(
             let rec = ScheduleRecord::new(def.kind.clone(), def.workflow.clone(), inner.now_ms());
             Ok((rec, None))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use taquba::Queue;
+
+    use crate::hook::NoopTerminalHook;
+    use crate::runner::Done;
+    use crate::runtime::WorkflowRuntime;
+    use crate::schedule::Schedule;
+
+    /// `schedule` reports the last run's outcome, which a commit makes
+    /// visible before it is durable: it answered from the run's ending
+    /// while the ending still waited for its flush. It now waits for the
+    /// run's commits in flight, as `status` and `outcome` do.
+    #[tokio::test]
+    async fn a_schedules_state_waits_for_its_last_runs_commits_in_flight() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
+            .schedule(Schedule::manual("m"))
+            .build()
+            .unwrap();
+        let run_id = rt.trigger("m").await.unwrap();
+        let in_flight = rt.inner.pending.begin(&run_id);
+        let early = tokio::time::timeout(Duration::from_millis(100), rt.schedule("m")).await;
+        assert!(
+            early.is_err(),
+            "answered while the run's commit was in flight"
+        );
+        let early = tokio::time::timeout(Duration::from_millis(100), rt.schedules()).await;
+        assert!(
+            early.is_err(),
+            "listed while the run's commit was in flight"
+        );
+        drop(in_flight);
+        let info = rt.schedule("m").await.unwrap().unwrap();
+        assert_eq!(info.last_run_id, Some(run_id));
+        assert_eq!(rt.schedules().await.unwrap().len(), 1);
     }
 }

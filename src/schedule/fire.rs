@@ -335,8 +335,8 @@ async fn tick_once<R, H>(
         }
     }
     rec.armed_ms = match (rec.next_fire_ms, rec.buffered_ms) {
-        (next, Some(_)) => {
-            let check = now.saturating_add(saturating_ms(inner.cfg.poll_interval));
+        (next, Some(buffered)) => {
+            let check = buffered_check(now, buffered, saturating_ms(inner.cfg.poll_interval));
             Some(next.map_or(check, |n| n.min(check)))
         }
         (next, None) => next,
@@ -360,6 +360,22 @@ async fn tick_once<R, H>(
         tracing::info!(schedule = id, run_id, "schedule fired");
     }
     Ok(())
+}
+
+/// The longest time between two checks of a buffered fire.
+const BUFFERED_CHECK_MAX_MS: u64 = 60_000;
+
+/// When to look again whether a fire buffered at `buffered` can go (its
+/// schedule's last run has ended): a poll interval after it was buffered,
+/// then a tenth of its wait so far, at most a minute. Each look commits the
+/// schedule's record and its next tick, so a run that holds the fire for
+/// days costs a commit a minute, not one every poll; the fire goes at most
+/// a tenth of its wait (and a minute) after the run ends.
+fn buffered_check(now: u64, buffered: u64, poll_ms: u64) -> u64 {
+    let every = (now.saturating_sub(buffered) / 10)
+        .min(BUFFERED_CHECK_MAX_MS)
+        .max(poll_ms);
+    now.saturating_add(every)
 }
 
 /// When the pool starts: record every definition (new ones armed for their
@@ -497,5 +513,36 @@ mod tests {
         assert_eq!(fires, vec![199_998_000, 199_999_000, 200_000_000]);
         assert_eq!(rec.missed, 199_997);
         assert_eq!(rec.next_fire_ms, Some(200_001_000));
+    }
+
+    /// A fire buffered behind a live run was checked every poll interval,
+    /// each check a commit, for as long as the run lived (days, for a run
+    /// waiting on a signal). The checks now space out with the wait.
+    #[test]
+    fn a_buffered_fire_is_checked_less_often_the_longer_it_waits() {
+        let poll = 250;
+        assert_eq!(
+            buffered_check(1_000, 1_000, poll),
+            1_250,
+            "one poll at first"
+        );
+        assert_eq!(
+            buffered_check(21_000, 1_000, poll),
+            23_000,
+            "a tenth of the wait"
+        );
+        let day = 86_400_000;
+        assert_eq!(
+            buffered_check(day, 0, poll),
+            day + 60_000,
+            "at most a minute"
+        );
+        assert_eq!(
+            buffered_check(day, 0, 120_000),
+            day + 120_000,
+            "never under a poll"
+        );
+        assert_eq!(buffered_check(0, 5_000, poll), 250, "a clock stepped back");
+        assert_eq!(buffered_check(u64::MAX, 0, poll), u64::MAX);
     }
 }

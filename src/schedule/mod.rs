@@ -31,7 +31,8 @@
 //!
 //! - [`Overlap`]: what a due fire does while the schedule's previous run is
 //!   still live (`Skip`, counted; `Allow`; `BufferOne`: fire once more when
-//!   the live run has ended, checked every `poll_interval`).
+//!   the live run has ended, checked a `poll_interval` after it was held,
+//!   then every tenth of its wait, at most every minute).
 //! - [`Downtime`]: what happens to fire times missed while no worker ran. A
 //!   time is *missed* when it is more than the schedule's `misfire_grace`
 //!   (default 60 s) behind the clock when its tick is handled.

@@ -387,8 +387,7 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 .await
             {
                 // The reply committed with the run.
-                Ok((_, true)) => return ack(queue, control, claim).await,
-                Ok((run_id, false)) => Ok(body(&run_id)),
+                Ok(_) => return ack(queue, control, claim).await,
                 Err(e) => schedule_refusal(e),
             }
         }

@@ -91,7 +91,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 stop.clone(),
                 {
                     let inner = inner.clone();
-                    move |claim| crate::schedule::handle_tick(inner.clone(), claim)
+                    move |claim| tick(inner.clone(), claim)
                 },
             )
             .await
@@ -331,6 +331,15 @@ where
         note_panic(&queue_name, done);
     }
     result
+}
+
+/// Handle one schedule tick, its lease renewed (as a step's is) until its
+/// commit: a tick that catches up many fires builds a large transaction,
+/// and a lease that ran out under it would have it rebuilt forever.
+async fn tick<R: StepRunner, H: TerminalHook>(inner: Arc<Inner<R, H>>, claim: Claim) {
+    let lease = step::Lease::of(&inner.queue, &claim);
+    let work = std::pin::pin!(crate::schedule::handle_tick(inner.clone(), claim));
+    lease.keep(work, |_| {}).await
 }
 
 fn note_panic(queue: &str, done: Result<(), tokio::task::JoinError>) {
