@@ -801,7 +801,6 @@ impl Upkeep {
 /// settlement ends the run; every other live run ends `TimedOut` in the
 /// transaction that removes its waiting step.
 async fn deadlines<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
-    let _watch = watched(inner, WATCH);
     let now = inner.now_ms();
     inner
         .deadlines
@@ -809,7 +808,13 @@ async fn deadlines<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
             let Ok(run_id) = String::from_utf8(suffix) else {
                 return Expired::Delete(SettlementEffects::default());
             };
-            match time_out(inner, &run_id, at).await {
+            // Watched one run at a time (each ending is a durable commit):
+            // a backlog of thousands is not a stuck store.
+            let timed_out = {
+                let _watch = watched(inner, WATCH);
+                time_out(inner, &run_id, at).await
+            };
+            match timed_out {
                 Ok(true) => Expired::Keep,
                 Ok(false) => Expired::Delete(SettlementEffects::default()),
                 Err(e) => {
@@ -1301,6 +1306,74 @@ mod tests {
         clock.advance(Duration::from_millis(1));
         upkeep.reconcile(inner).await;
         assert!(!live(inner, "early").await, "the second listing");
+    }
+
+    /// Step 0 waits an hour; then the run succeeds.
+    struct Later;
+
+    impl StepRunner for Later {
+        async fn run_step(&self, step: &Step) -> Result<StepOutcome, StepError> {
+            Ok(match step.step_number {
+                0 => StepOutcome::ContinueAfter {
+                    payload: vec![],
+                    delay: Duration::from_secs(3600),
+                },
+                _ => StepOutcome::Succeed { result: vec![] },
+            })
+        }
+    }
+
+    /// The deadline pass held one store-watchdog guard for all its endings,
+    /// each a durable commit: 20 due deadlines at a 100 ms flush kept it
+    /// over a 1 s `store_timeout`, and the pool stopped, reporting a stuck
+    /// store (and after a restart did it again). Each ending is now
+    /// watched on its own.
+    #[tokio::test]
+    async fn a_backlog_of_deadlines_is_not_a_stuck_store() {
+        let clock = MockClock::new(1_000_000);
+        let opts = OpenOptions {
+            clock: Arc::new(clock.clone()),
+            flush_interval: Some(Duration::from_millis(100)),
+            ..Default::default()
+        };
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open_with_options(store, "t", opts).await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, Later, NoopTerminalHook)
+            .store_timeout(Duration::from_secs(1))
+            .poll_interval(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        let ids: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+        for id in &ids {
+            rt.submit(RunSpec {
+                run_id: Some(id.clone()),
+                deadline: Some(crate::runtime::Deadline::After(Duration::from_secs(60))),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut pool = tokio::spawn({
+            let rt = rt.clone();
+            let stop = stop.clone();
+            async move { rt.run(stop.cancelled_owned()).await }
+        });
+        for id in &ids {
+            while rt.status(id).await.unwrap().unwrap().current_step == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        clock.advance(Duration::from_secs(120));
+        for id in &ids {
+            let out = tokio::select! {
+                out = rt.wait(id) => out.unwrap(),
+                stopped = &mut pool => panic!("the pool stopped: {stopped:?}"),
+            };
+            assert_eq!(out.status, TerminalStatus::TimedOut);
+        }
+        stop.cancel();
+        pool.await.unwrap().unwrap();
     }
 
     /// A fresh in-memory queue (1 ms flush) on a mock clock.
