@@ -214,11 +214,11 @@ pub enum Error {
     #[error("schedule `{0}` was changed by another process during the call; call again")]
     ScheduleConflict(String),
 
-    /// A manual trigger's run id (`{schedule}:t{ms}`) was taken: another
-    /// trigger of the same millisecond, or a run submitted under that id.
-    /// Nothing was fired. Trigger again.
+    /// A manual trigger's run id (`{schedule}:t{ms}`) was taken by a run
+    /// submitted under that id. Nothing was fired. Trigger again (the next
+    /// millisecond's id is another).
     #[error(
-        "schedule `{schedule}`: the trigger's run id `{run_id}` is taken (another trigger in the same millisecond, or a run submitted under that id); nothing was fired: trigger again"
+        "schedule `{schedule}`: the trigger's run id `{run_id}` is taken by another run; nothing was fired: trigger again"
     )]
     TriggerRunIdTaken {
         /// The schedule.

@@ -585,13 +585,26 @@ async fn trigger_errors_and_backoff_override() {
     let second = env.rt.trigger("flaky").await.unwrap();
     assert_eq!(info(&env, "flaky").await.last_run_id, Some(second.clone()));
     assert_eq!(info(&env, "flaky").await.run_count, 2);
-    // A trigger in the same millisecond would name the same run: it fires
-    // nothing and says so (it answered with the other trigger's run).
+    // A trigger in the same millisecond names a run of its own, a
+    // millisecond after the last fire.
+    let third = env.rt.trigger("flaky").await.unwrap();
+    assert_eq!(third, format!("flaky:t{}", env.clock_now() + 1));
+    assert_eq!(info(&env, "flaky").await.run_count, 3);
+    // A run submitted by hand under the next trigger's id: that trigger
+    // fires nothing and says so, rather than answer with that run.
+    let taken = format!("flaky:t{}", env.clock_now() + 2);
+    env.rt
+        .submit(RunSpec {
+            run_id: Some(taken.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert!(matches!(
         env.rt.trigger("flaky").await,
-        Err(Error::TriggerRunIdTaken { run_id, .. }) if run_id == second
+        Err(Error::TriggerRunIdTaken { run_id, .. }) if run_id == taken
     ));
-    assert_eq!(info(&env, "flaky").await.run_count, 2);
+    assert_eq!(info(&env, "flaky").await.run_count, 3);
 
     // Overlap under Skip while a run is live.
     env.crash_and_reopen(

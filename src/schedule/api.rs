@@ -53,8 +53,10 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     /// [`Self::trigger`], with the effects `extra` makes of the run id
     /// committed in the trigger's own transaction. Returns the run id.
     ///
-    /// A run id taken already (a trigger of the same millisecond committed
-    /// first) is [`Error::TriggerRunIdTaken`]: that run is not this call's.
+    /// The fire's time is now, or a millisecond after the schedule's last
+    /// fire if that is later, so each trigger names a run of its own. A run
+    /// id taken already (a run submitted under it by hand) is
+    /// [`Error::TriggerRunIdTaken`]: that run is not this call's.
     pub(crate) async fn trigger_with(
         &self,
         id: &str,
@@ -82,8 +84,12 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 run_id: rec.last_run_id.clone().unwrap_or_default(),
             });
         }
-        let now = inner.now_ms();
-        let Some((run_id, effects)) = fire(inner, id, def, &mut rec, now, true)? else {
+        // After the last fire: a second trigger within a millisecond gets
+        // a run id of its own (`{id}:t{ms}` names the fire's time).
+        let at = inner
+            .now_ms()
+            .max(rec.last_fire_ms.map_or(0, |last| last.saturating_add(1)));
+        let Some((run_id, effects)) = fire(inner, id, def, &mut rec, at, true)? else {
             return Err(Error::InvalidConfig(format!(
                 "schedule `{id}`: {}",
                 rec.last_error
@@ -117,8 +123,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 tracing::info!(schedule = id, run_id, "schedule triggered");
                 Ok(run_id)
             }
-            // A trigger of the same millisecond committed first: its run,
-            // not this call's.
+            // A run submitted by hand under the id: not this call's.
             None if inner.queue.view().kv_get(&sub_key).await?.is_some() => {
                 Err(Error::TriggerRunIdTaken {
                     schedule: id.to_string(),
