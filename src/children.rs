@@ -211,6 +211,11 @@ impl<R, H> Inner<R, H> {
 
     /// The outcomes recorded for the join at `step` of `run_id`, in spawn
     /// order, and whether a child failed under `fail_fast`.
+    ///
+    /// Only the join's own children count: a run re-run from before the
+    /// join keeps the outcomes of its earlier spawn's children at the same
+    /// step (its data is kept), at indices the new spawn may not reach or
+    /// (under `fail_fast`) may not have filled yet.
     pub(crate) async fn joined(
         &self,
         run_id: &str,
@@ -218,10 +223,11 @@ impl<R, H> Inner<R, H> {
     ) -> Result<(Vec<ChildOutcome>, Option<String>), Error> {
         let view = self.queue.view();
         let join_key = self.keys.join_record(run_id, step);
-        let failed = match view.kv_get(&join_key).await? {
-            Some(bytes) => decode::<JoinRecord>(&join_key, &bytes)?.failed,
-            None => false,
+        let join = match view.kv_get(&join_key).await? {
+            Some(bytes) => Some(decode::<JoinRecord>(&join_key, &bytes)?),
+            None => None,
         };
+        let failed = join.as_ref().is_some_and(|j| j.failed);
         let prefix = self.keys.child_outcomes(run_id, step);
         let mut outcomes = Vec::new();
         let mut after: Option<Vec<u8>> = None;
@@ -241,7 +247,13 @@ impl<R, H> Inner<R, H> {
                 }
             };
             for (key, value) in &page.entries {
-                outcomes.push(decode::<ChildOutcome>(key, value)?);
+                let outcome = decode::<ChildOutcome>(key, value)?;
+                if join
+                    .as_ref()
+                    .is_none_or(|j| j.children.contains(&outcome.run_id))
+                {
+                    outcomes.push(outcome);
+                }
             }
             after = page.entries.last().map(|(k, _)| k.to_vec());
             if !page.more {
@@ -401,5 +413,45 @@ mod tests {
         let (outcomes, _) = inner.joined("p", 1).await.unwrap();
         assert_eq!(outcomes.len(), 1);
         assert_eq!(outcomes[0].run_id, "p.0r1.0");
+    }
+
+    /// A run re-run from before its join keeps its earlier spawn's child
+    /// outcomes (its data is kept). The join step saw them: outcomes at
+    /// indices the new spawn did not reach, and, when a new child failed
+    /// under `fail_fast`, an old child's failure named as the cause.
+    #[tokio::test]
+    async fn a_join_sees_only_its_own_childrens_outcomes() {
+        let (queue, rt, join_key) =
+            waiting_parent(["p.0r1.0", "p.0r1.1"], [false, false], true).await;
+        let inner = &rt.inner;
+        // The earlier spawn's three children, all failed, under indices
+        // 0, 1 and 2 (as they arrived before the re-run).
+        for i in 0..3 {
+            let key = inner.keys.child_outcome("p", 1, i);
+            let mut old = ChildOutcome::of(&ended(&format!("p.0.{i}")), None);
+            old.status = TerminalStatus::Failed;
+            queue
+                .kv_put(&key, &encode(&key, &old).unwrap())
+                .await
+                .unwrap();
+        }
+        // The new child 1 fails: the join fails fast.
+        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/1".to_string())]);
+        let mut new = ended("p.0r1.1");
+        new.status = TerminalStatus::Failed;
+        new.error = Some("new".into());
+        let terminal = inner
+            .terminal_effects(&new, &headers, None)
+            .await
+            .unwrap()
+            .unwrap();
+        queue.commit_effects(terminal.effects).await.unwrap();
+        terminal.hold.done(&queue, true).await;
+        let bytes = queue.view().kv_get(&join_key).await.unwrap().unwrap();
+        assert!(decode::<JoinRecord>(&join_key, &bytes).unwrap().failed);
+        let (outcomes, failed) = inner.joined("p", 1).await.unwrap();
+        let ids: Vec<&str> = outcomes.iter().map(|o| o.run_id.as_str()).collect();
+        assert_eq!(ids, ["p.0r1.1"]);
+        assert_eq!(failed.as_deref(), Some("child `p.0r1.1` failed: new"));
     }
 }
