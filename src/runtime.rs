@@ -1061,7 +1061,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
     ///
     /// The new segment's steps get the workflow's retry policy's attempts
     /// and the queue's default priority (a submit's own settings are not
-    /// kept). Refused, with nothing written, for an unknown run
+    /// kept). A step that joins children is handed their outcomes again
+    /// (they are not spawned again: re-run from the step that spawned them
+    /// for that); a run that ended while such a step waited for its
+    /// children never ran it, and a re-run from it is refused as
+    /// [`Error::StepNotReached`]. Refused, with nothing written, for an unknown run
     /// ([`Error::RunNotFound`]), a live one ([`Error::RunLive`]), a
     /// succeeded one ([`Error::RunSucceeded`]), a step the run never reached
     /// ([`Error::StepNotReached`]) and a step whose input was not kept
@@ -1082,13 +1086,15 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let inner = &self.inner;
         let out_key = inner.keys.out(run_id);
         let input_key = inner.keys.input(run_id, from_step);
+        let join_key = inner.keys.join_record(run_id, from_step);
         loop {
-            let (ended, input, history) = inner
+            let (ended, input, join, history) = inner
                 .durable(run_id, async {
                     let view = inner.queue.view();
                     Ok((
                         view.kv_get(&out_key).await?,
                         view.kv_get(&input_key).await?,
+                        view.kv_get(&join_key).await?,
                         crate::history::next_seq(view, &inner.keys, run_id).await?,
                     ))
                 })
@@ -1125,11 +1131,40 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 });
             };
             let payload: serde_bytes::ByteBuf = decode(&input_key, &input)?;
+            // A join step: its children spawned as the step before it
+            // settled, with the payload it was handed (a join record left
+            // by an earlier pass through the step, which did not spawn,
+            // holds another).
+            let join = match join {
+                Some(bytes) => {
+                    let join: record::JoinRecord = decode(&join_key, &bytes)?;
+                    (join.payload == payload.as_slice()).then_some(join)
+                }
+                None => None,
+            };
+            if join.as_ref().is_some_and(|j| j.live() > 0 && !j.failed) {
+                // The run ended while the step waited for its children: the
+                // step never ran. Re-running the step before spawns them
+                // again.
+                return Err(Error::StepNotReached {
+                    run_id: run_id.to_string(),
+                    step: from_step,
+                    final_step: from_step.saturating_sub(1),
+                });
+            }
             let rerun = record.reruns.saturating_add(1);
-            let effects = extra(
-                inner.rerun_effects(run_id, from_step, &record, rerun, history, payload)?,
-                rerun,
+            let rerun_job = inner.rerun_effects(
+                run_id,
+                from_step,
+                &record,
+                RerunOf {
+                    rerun,
+                    history,
+                    joins: join.is_some(),
+                },
+                payload,
             )?;
+            let effects = extra(rerun_job, rerun)?;
             let committed = {
                 let _pending = inner.pending.begin(run_id);
                 inner
@@ -1149,6 +1184,16 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
 }
 
 pub(crate) use crate::read::job_workflow;
+
+/// What a re-run's first job carries besides its step and input.
+struct RerunOf {
+    /// The re-run's number.
+    rerun: u32,
+    /// The run's next history entry.
+    history: u64,
+    /// Whether the step joins children (their outcomes are read again).
+    joins: bool,
+}
 
 /// Why [`WorkflowRuntime::end_run`] ends a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1600,14 +1645,22 @@ impl<R, H> Inner<R, H> {
         run_id: &str,
         step: u32,
         ended: &OutcomeRecord,
-        rerun: u32,
-        history: u64,
+        of: RerunOf,
         payload: serde_bytes::ByteBuf,
     ) -> Result<SettlementEffects, Error> {
+        let RerunOf {
+            rerun,
+            history,
+            joins,
+        } = of;
         let job_id = self.queue.next_job_id();
         let mut headers = step_headers(&ended.headers, run_id, step);
         headers.insert(HEADER_WORKFLOW.to_string(), ended.workflow.clone());
         headers.insert(record::HEADER_RERUN.to_string(), rerun.to_string());
+        if joins {
+            // The step is handed its children's outcomes again.
+            headers.insert(record::HEADER_JOIN.to_string(), "1".to_string());
+        }
         // The re-run's entries follow the run's history.
         if history > 0 {
             headers.insert(

@@ -368,3 +368,83 @@ async fn a_signal_woken_step_reruns_with_its_own_input_not_the_carried_signal() 
     assert_eq!(charges.load(Ordering::SeqCst), 1, "the charge was memoized");
     env.stop().await;
 }
+
+/// A parent that failed at its join step re-runs from it with its
+/// children's outcomes, as its first run had them (the children are not
+/// spawned again): the re-run's job used to carry no join, and the step
+/// saw no children. A parent that ended while it waited for its children
+/// never ran the join step: a re-run from it is refused, pointing at the
+/// spawning step.
+#[tokio::test]
+async fn a_join_step_reruns_with_its_childrens_outcomes() {
+    let broken = Arc::new(AtomicBool::new(true));
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let hold = Gate::default();
+    let runner = FnRunner::new({
+        let (broken, seen, hold) = (broken.clone(), seen.clone(), hold.clone());
+        move |s: Step| {
+            let (broken, seen, hold) = (broken.clone(), seen.clone(), hold.clone());
+            async move {
+                if s.run_id.contains('.') {
+                    if s.run_id.starts_with("waits.") {
+                        hold.wait().await;
+                    }
+                    return Ok(StepOutcome::Succeed { result: vec![] });
+                }
+                if s.step_number == 0 {
+                    return Ok(StepOutcome::SpawnChildren {
+                        children: vec![ChildSpec::default(), ChildSpec::default()],
+                        payload: b"join".to_vec(),
+                        fail_fast: false,
+                    });
+                }
+                seen.lock().unwrap().push(s.children.len());
+                if broken.load(Ordering::SeqCst) {
+                    return Ok(StepOutcome::Fail {
+                        reason: "not yet".into(),
+                    });
+                }
+                Ok(StepOutcome::Succeed { result: vec![] })
+            }
+        }
+    });
+    let hook = RecordingHook::default();
+    let mut env = Env::new(runner.clone(), hook.clone()).await;
+    env.start();
+    env.submit("fails", b"").await;
+    let first = hook.wait_for("fails").await;
+    assert_eq!(
+        (first.status, first.final_step),
+        (TerminalStatus::Failed, 1)
+    );
+    broken.store(false, Ordering::SeqCst);
+    env.rt.rerun("fails", 1).await.unwrap();
+    let out = env.rt.wait("fails").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    assert_eq!(*seen.lock().unwrap(), [2, 2], "both runs saw both children");
+    for child in ["fails.0.0", "fails.0.1"] {
+        assert_eq!(runner.calls(child, 0), 1, "{child} was not spawned again");
+    }
+
+    env.submit("waits", b"").await;
+    env.until_status("waits", |s| {
+        s.is_some_and(|s| s.state == RunState::WaitingForChildren)
+    })
+    .await;
+    assert!(env.rt.cancel("waits").await.unwrap());
+    let out = env.rt.wait("waits").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Cancelled);
+    assert!(matches!(
+        env.rt.rerun("waits", 1).await,
+        Err(Error::StepNotReached {
+            step: 1,
+            final_step: 0,
+            ..
+        })
+    ));
+    assert_eq!(env.rt.rerun("waits", 0).await.unwrap(), 1, "from the spawn");
+    hold.open();
+    let out = env.rt.wait("waits").await.unwrap();
+    assert_eq!(out.status, TerminalStatus::Succeeded);
+    env.stop().await;
+}
