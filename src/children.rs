@@ -183,7 +183,9 @@ impl<R, H> Inner<R, H> {
 
     /// The cascade marker an ending run leaves when it still has live
     /// children at `step` (its final step): they are cancelled by the
-    /// cascade pass, durably.
+    /// cascade pass, durably. A marker an earlier ending left (a re-run
+    /// that ended again before the pass came to it) keeps its children:
+    /// the new one lists them too.
     pub(crate) async fn cascade_entry(
         &self,
         run_id: &str,
@@ -194,7 +196,7 @@ impl<R, H> Inner<R, H> {
             return Ok(None);
         };
         let join: JoinRecord = decode(&join_key, &bytes)?;
-        let live: Vec<String> = join
+        let mut live: Vec<String> = join
             .children
             .iter()
             .zip(&join.arrived)
@@ -205,6 +207,15 @@ impl<R, H> Inner<R, H> {
             return Ok(None);
         }
         let key = self.keys.cascade(run_id);
+        if let Some(earlier) = self.queue.view().kv_get(&key).await? {
+            // One that does not decode is dropped by the pass anyway.
+            if let Ok(earlier) = decode::<Vec<String>>(&key, &earlier) {
+                let mut listed = earlier;
+                listed.retain(|child| !live.contains(child));
+                listed.append(&mut live);
+                live = listed;
+            }
+        }
         let value = encode(&key, &live)?;
         Ok(Some((key, value)))
     }
@@ -413,6 +424,26 @@ mod tests {
         let (outcomes, _) = inner.joined("p", 1).await.unwrap();
         assert_eq!(outcomes.len(), 1);
         assert_eq!(outcomes[0].run_id, "p.0r1.0");
+    }
+
+    /// A re-run parent that ends again with live children before the
+    /// cascade pass came to its earlier marker wrote its new marker over
+    /// it: the earlier ending's children were never cancelled. The new
+    /// marker now lists them too.
+    #[tokio::test]
+    async fn a_second_ending_keeps_the_children_of_the_first_in_its_marker() {
+        let (queue, rt, _) = waiting_parent(["p.0r1.0", "p.0r1.1"], [true, false], false).await;
+        let inner = &rt.inner;
+        let key = inner.keys.cascade("p");
+        let earlier = vec!["p.0.0".to_string(), "p.0r1.1".to_string()];
+        queue
+            .kv_put(&key, &encode(&key, &earlier).unwrap())
+            .await
+            .unwrap();
+        let (at, value) = inner.cascade_entry("p", 1).await.unwrap().unwrap();
+        assert_eq!(at, key);
+        let listed: Vec<String> = decode(&key, &value).unwrap();
+        assert_eq!(listed, ["p.0.0", "p.0r1.1"], "each child once");
     }
 
     /// A run re-run from before its join keeps its earlier spawn's child

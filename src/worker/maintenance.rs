@@ -881,8 +881,14 @@ async fn cascades<R, H>(inner: &Inner<R, H>) -> Result<bool, Error> {
             }
         }
         if done {
+            // Only the marker as read: one an ending rewrote meanwhile (a
+            // re-run parent that ended again) lists more, for the next tick.
             let _watch = watched(inner, WATCH);
-            inner.queue.kv_delete(key).await?;
+            let gone = SettlementEffects::default().kv_delete(key.clone());
+            inner
+                .queue
+                .kv_compare_commit(&[(&key[..], Some(&value[..]))], gone)
+                .await?;
         }
     }
     Ok(page.more)
