@@ -354,6 +354,25 @@ mod tests {
         (queue, rt, join_key)
     }
 
+    /// Commit the terminal effects of child `outcome`, whose link to its
+    /// parent is `parent` (`{parent}/{step}/{index}`).
+    async fn child_ends(
+        queue: &Queue,
+        rt: &WorkflowRuntime<Done, NoopTerminalHook>,
+        outcome: &RunOutcome,
+        parent: &str,
+    ) {
+        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), parent.to_string())]);
+        let terminal = rt
+            .inner
+            .terminal_effects(outcome, &headers, None)
+            .await
+            .unwrap()
+            .unwrap();
+        queue.commit_effects(terminal.effects).await.unwrap();
+        terminal.hold.done(queue, true).await;
+    }
+
     /// A child's terminal effects applied twice (a retried commit) record
     /// it once: the second finds the parent no longer waiting, and neither
     /// writes the outcome again nor moves the parent's run record to a job
@@ -363,15 +382,8 @@ mod tests {
         let (queue, rt, _) = waiting_parent(["p.0.0", "p.0.1"], [true, false], false).await;
         let inner = &rt.inner;
         let run_key = inner.keys.run("p");
-        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/1".to_string())]);
         for _ in 0..2 {
-            let terminal = inner
-                .terminal_effects(&ended("p.0.1"), &headers, None)
-                .await
-                .unwrap()
-                .unwrap();
-            queue.commit_effects(terminal.effects).await.unwrap();
-            terminal.hold.done(&queue, true).await;
+            child_ends(&queue, &rt, &ended("p.0.1"), "p/1/1").await;
         }
         let bytes = queue.view().kv_get(&run_key).await.unwrap().unwrap();
         let run: RunRecord = decode(&run_key, &bytes).unwrap();
@@ -397,16 +409,9 @@ mod tests {
             waiting_parent(["p.0r1.0", "p.0r1.1"], [false, false], true).await;
         let inner = &rt.inner;
         // The first spawn's child 0 fails now.
-        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/0".to_string())]);
         let mut old = ended("p.0.0");
         old.status = TerminalStatus::Failed;
-        let terminal = inner
-            .terminal_effects(&old, &headers, None)
-            .await
-            .unwrap()
-            .unwrap();
-        queue.commit_effects(terminal.effects).await.unwrap();
-        terminal.hold.done(&queue, true).await;
+        child_ends(&queue, &rt, &old, "p/1/0").await;
         let bytes = queue.view().kv_get(&join_key).await.unwrap().unwrap();
         let after: JoinRecord = decode(&join_key, &bytes).unwrap();
         assert_eq!(after.arrived, [false, false], "the slot is still open");
@@ -414,13 +419,7 @@ mod tests {
         let (outcomes, _) = inner.joined("p", 1).await.unwrap();
         assert!(outcomes.is_empty(), "nothing recorded: {outcomes:?}");
         // The new child 0 is recorded.
-        let terminal = inner
-            .terminal_effects(&ended("p.0r1.0"), &headers, None)
-            .await
-            .unwrap()
-            .unwrap();
-        queue.commit_effects(terminal.effects).await.unwrap();
-        terminal.hold.done(&queue, true).await;
+        child_ends(&queue, &rt, &ended("p.0r1.0"), "p/1/0").await;
         let (outcomes, _) = inner.joined("p", 1).await.unwrap();
         assert_eq!(outcomes.len(), 1);
         assert_eq!(outcomes[0].run_id, "p.0r1.0");
@@ -467,17 +466,10 @@ mod tests {
                 .unwrap();
         }
         // The new child 1 fails: the join fails fast.
-        let headers = HashMap::from([(record::HEADER_PARENT.to_string(), "p/1/1".to_string())]);
         let mut new = ended("p.0r1.1");
         new.status = TerminalStatus::Failed;
         new.error = Some("new".into());
-        let terminal = inner
-            .terminal_effects(&new, &headers, None)
-            .await
-            .unwrap()
-            .unwrap();
-        queue.commit_effects(terminal.effects).await.unwrap();
-        terminal.hold.done(&queue, true).await;
+        child_ends(&queue, &rt, &new, "p/1/1").await;
         let bytes = queue.view().kv_get(&join_key).await.unwrap().unwrap();
         assert!(decode::<JoinRecord>(&join_key, &bytes).unwrap().failed);
         let (outcomes, failed) = inner.joined("p", 1).await.unwrap();
