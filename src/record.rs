@@ -497,12 +497,6 @@ impl DataSummary {
     }
 }
 
-/// The stem of the dedup key of a wait for step `step`'s children (its
-/// placeholder job's key adds `:join`).
-pub(crate) fn dedup_key(run_id: &str, step: u32) -> String {
-    format!("run:{run_id}:{step}")
-}
-
 /// Check a run id or workflow name: 1–128 bytes of `[A-Za-z0-9._:-]`.
 pub fn validate_name(what: &'static str, value: &str) -> Result<(), Error> {
     let reason = if value.is_empty() {

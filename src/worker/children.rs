@@ -2,8 +2,10 @@
 //! (see [`crate::children`] for the path of a child's outcome back).
 //!
 //! In the parent's settlement, in one transaction: the parent's next step
-//! as a placeholder job scheduled far ahead (dedup key
-//! `run:{id}:{step}:join`, header `workflow.join`), its run record pointing
+//! as a placeholder job scheduled far ahead (header `workflow.join`, no
+//! dedup key, as no step job has one: see `step_job_effects`; a key without
+//! the run's segment once hid a placeholder behind one a crash left from an
+//! earlier segment), its run record pointing
 //! at it, the join record, and per child everything a submit commits (step
 //! 0 with header `workflow.parent`, the run and submit records, the kept
 //! input, the deadline entry).
@@ -46,7 +48,6 @@ pub(super) fn spawn_effects<R, H>(
     let Some(placeholder) = effects.enqueues.first_mut() else {
         return Err(Error::InvalidConfig("no placeholder job was built".into()));
     };
-    placeholder.options.dedup_key = Some(format!("{}:join", record::dedup_key(&job.run_id, wait)));
     placeholder
         .options
         .headers

@@ -916,9 +916,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use taquba::{JobStatus, KvOrder, MockClock, OpenOptions, Queue};
+    use taquba::{EnqueueOptions, JobStatus, KvOrder, MockClock, OpenOptions, Queue};
 
     use crate::hook::{NoopTerminalHook, RunOutcome, TerminalStatus};
+    use crate::record::HEADER_JOIN;
     use crate::runner::{ChildSpec, Done, Step, StepError, StepOutcome, StepRunner};
     use crate::runtime::{Inner, RunSpec, Terminal, WorkflowRuntime};
 
@@ -1116,6 +1117,51 @@ mod tests {
             .await
             .unwrap();
         assert!(markers.entries.is_empty(), "its marker went with it");
+        stop.cancel();
+        pool.await.unwrap().unwrap();
+    }
+
+    /// A placeholder a crash left behind (above) can outlive its segment: a
+    /// run that continued as new and spawned at the same step before the
+    /// pass removed it gave its new placeholder the old one's dedup key
+    /// (`run:{id}:{n}:join`, no segment), so the new one was a dedup hit,
+    /// never written, and the run record named a job that did not exist
+    /// until the children ended. Placeholders now carry no dedup key, as
+    /// no step job does. Shown by the old placeholder written first.
+    #[tokio::test]
+    async fn a_placeholder_left_from_an_earlier_segment_does_not_hide_the_next() {
+        let (rt, stop, pool) = running(OneChild, Duration::from_millis(5)).await;
+        let inner = &rt.inner;
+        inner
+            .queue
+            .enqueue_with(
+                &inner.cfg.queue_name,
+                Vec::new(),
+                EnqueueOptions::default()
+                    .dedup_key("run:p:1:join".to_string())
+                    .run_at(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            )
+            .await
+            .unwrap();
+        rt.submit(RunSpec {
+            run_id: Some("p".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let waiting = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Some((run, job)) = inner.current_step("p").await.unwrap()
+                    && run.step == 1
+                {
+                    return job;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the parent waits on a placeholder job that exists");
+        assert!(waiting.headers.contains_key(HEADER_JOIN), "{waiting:?}");
         stop.cancel();
         pool.await.unwrap().unwrap();
     }
