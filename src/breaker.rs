@@ -600,6 +600,26 @@ impl Breakers {
         )
     }
 
+    /// Wait until the commits of `workflow`'s health record in flight now
+    /// have returned (durable, or failed). Each holds the workflow's lock
+    /// exclusively across its commit, so taking it shared after a read of
+    /// the record means the read rests on nothing a crash could undo. A
+    /// workflow this process never touched has nothing in flight here (its
+    /// entry is not created).
+    pub(crate) async fn settled(&self, workflow: &str) {
+        let state = lock(&self.states).get(workflow).cloned();
+        if let Some(state) = state {
+            drop(state.lock.read().await);
+        }
+    }
+
+    /// Hold `workflow`'s lock as a health commit does, in tests of readers
+    /// that must wait for one.
+    #[cfg(test)]
+    pub(crate) async fn hold(&self, workflow: &str) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.state(workflow).lock.clone().write_owned().await
+    }
+
     fn state(&self, workflow: &str) -> Arc<WorkflowState> {
         lock(&self.states)
             .entry(workflow.to_string())
@@ -1369,9 +1389,12 @@ impl Breakers {
     }
 
     /// Whether `workflow`'s breaker is tripped, from its durable record (an
-    /// unreadable record is not applied, so it is not).
+    /// unreadable record is not applied, so it is not): waits for the
+    /// record's commits in flight after reading.
     pub(crate) async fn is_tripped(&self, view: &QueueView, workflow: &str) -> Result<bool, Error> {
-        match self.read_record(view, workflow).await {
+        let read = self.read_record(view, workflow).await;
+        self.settled(workflow).await;
+        match read {
             Ok(rec) => Ok(rec.is_some_and(|r| matches!(r.state, Stored::Tripped { .. }))),
             Err(e) if e.is_unreadable_record() => Ok(false),
             Err(e) => Err(e),
@@ -1401,7 +1424,8 @@ impl Breakers {
     }
 
     /// One workflow's health, from durable state: `None` when it has no
-    /// record and no unfolded tally. Costs what the workflow has (its record
+    /// record and no unfolded tally. Waits, after reading, for the record's
+    /// commits in flight in this process ([`Self::settled`]). Costs what the workflow has (its record
     /// and its own unfolded tallies). A fold that commits between the two
     /// reads is detected (the folded counts moved) and the read is repeated
     /// under the workflow's lock, which a fold holds exclusively: counts
@@ -1439,6 +1463,7 @@ impl Breakers {
             rec = first;
         }
         let (ok, failed) = tallies;
+        self.settled(workflow).await;
         // Results this process noted but has not written yet (a workflow
         // without a breaker): their steps' settlements are durable.
         let behind = lock(&self.states)
@@ -1718,11 +1743,13 @@ mod tests {
             .unwrap()
             .unwrap();
         b.committed(failure);
+        // A health read waits for the writer's commit (it answers from
+        // durable state), then shows what is noted.
+        drop(held);
         let health = b.health_of(queue.view(), "w").await.unwrap().unwrap();
         assert_eq!(health.failure_streak, 1, "health reads show what is noted");
         assert_eq!(health.last_error.as_deref(), Some("again"));
         assert!(b.read_record(queue.view(), "w").await.unwrap().is_none());
-        drop(held);
         assert_eq!(b.fold_tallies(&queue, usize::MAX).await.unwrap(), 0);
         let rec = b.read_record(queue.view(), "w").await.unwrap().unwrap();
         assert_eq!((rec.streak, rec.last_error.as_deref()), (1, Some("again")));

@@ -234,7 +234,10 @@ mod tests {
 
     use taquba::Queue;
 
+    use crate::breaker::{HealthRecord, Stored};
+    use crate::error::Error;
     use crate::hook::NoopTerminalHook;
+    use crate::record::encode;
     use crate::runner::Done;
     use crate::runtime::WorkflowRuntime;
     use crate::schedule::Schedule;
@@ -267,5 +270,49 @@ mod tests {
         let info = rt.schedule("m").await.unwrap().unwrap();
         assert_eq!(info.last_run_id, Some(run_id));
         assert_eq!(rt.schedules().await.unwrap().len(), 1);
+    }
+
+    /// `trigger` refused with `WorkflowTripped` from a health record a
+    /// commit had made visible but not yet durable: a crash could undo the
+    /// trip the refusal reported. It now waits, after reading, for the
+    /// record's commits in flight (each holds the workflow's lock across its
+    /// commit), as does `workflow_health`.
+    #[tokio::test]
+    async fn a_trigger_is_not_refused_by_a_trip_still_in_flight() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
+            .schedule(Schedule::manual("m").workflow("w"))
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        // A trip's commit, visible and not yet returned.
+        let in_flight = inner.breakers.hold("w").await;
+        let key = inner.breakers.health_key("w");
+        let tripped = HealthRecord {
+            state: Stored::Tripped {
+                since: 1,
+                probe_at: None,
+            },
+            ..Default::default()
+        };
+        inner
+            .queue
+            .kv_put(&key, &encode(&key, &tripped).unwrap())
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(100), rt.trigger("m")).await;
+        assert!(
+            early.is_err(),
+            "refused on a trip still in flight: {early:?}"
+        );
+        let early = tokio::time::timeout(Duration::from_millis(100), rt.workflow_health("w")).await;
+        assert!(early.is_err(), "reported a trip still in flight: {early:?}");
+        drop(in_flight);
+        assert!(matches!(
+            rt.trigger("m").await,
+            Err(Error::WorkflowTripped { .. })
+        ));
+        assert!(rt.workflow_health("w").await.unwrap().is_some());
     }
 }

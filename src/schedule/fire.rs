@@ -73,7 +73,10 @@ pub(crate) fn merge(mut a: SettlementEffects, b: SettlementEffects) -> Settlemen
 /// gate is open.
 pub(crate) async fn gate<R, H>(inner: &Inner<R, H>, workflow: &str) -> Result<Gate, Error> {
     let key = inner.breakers.health_key(workflow);
-    let Some(bytes) = inner.queue.view().kv_get(&key).await? else {
+    let read = inner.queue.view().kv_get(&key).await?;
+    // A trip or backoff a crash could still undo must not refuse a trigger.
+    inner.breakers.settled(workflow).await;
+    let Some(bytes) = read else {
         return Ok(Gate::Open);
     };
     Ok(match decode::<HealthRecord>(&key, &bytes) {
