@@ -3,8 +3,9 @@
 use taquba::{EnqueueResult, SettlementEffects};
 
 use super::def::Overlap;
-use super::fire::{Gate, fire, gate, last_live, merge, tick};
+use super::fire::{Gate, fire, gate, last_live, tick};
 use super::state::{self, ScheduleInfo, ScheduleRecord};
+use crate::effects::merge;
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{encode, validate_name};
@@ -174,6 +175,7 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
             rec.next_fire_ms = None;
             rec.armed_ms = None;
             rec.buffered_ms = None;
+            rec.catching_up = false;
         } else {
             let now = inner.now_ms();
             rec.next_fire_ms = def.times.next_after(now, rec.anchor_ms);

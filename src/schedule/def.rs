@@ -61,8 +61,11 @@ pub enum Downtime {
     /// Fire one catch-up run (for the latest missed time).
     FireOnce,
     /// Fire a run for each missed time, at most `max` (the latest ones).
+    /// They are submitted 64 to a commit, in ticks that follow each other
+    /// at once; the runs of one catch-up never count as overlapping each
+    /// other.
     FireAll {
-        /// The most catch-up runs one tick submits.
+        /// The most catch-up runs one downtime submits.
         max: u32,
     },
 }

@@ -11,6 +11,7 @@ use taquba::{Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, SettlementEff
 use super::def::{Checked, Downtime, Overlap, ScheduleKind};
 use super::state::{self, ScheduleRecord};
 use crate::breaker::{HealthRecord, Stored, ms_to_time};
+use crate::effects::merge;
 use crate::error::Error;
 use crate::record::{RESERVED_HEADER_PREFIX, decode, encode};
 use crate::runtime::{Inner, RunSpec};
@@ -30,6 +31,14 @@ const TICK_MAX_ATTEMPTS: u32 = 1_000_000;
 /// this many in all (a cron expression with more times than that in its
 /// grace).
 const MAX_DUE_WALK: usize = 100_000;
+/// The most runs one tick fires: a catch-up after a long downtime
+/// (`Downtime::FireAll`, up to its `max`) goes on in further ticks, each
+/// armed at once, so no commit carries an unbounded number of runs.
+const FIRES_PER_TICK: usize = 64;
+/// The input bytes past which a tick fires no more runs (the rest of a
+/// catch-up goes on in the next tick): at least one run a tick, however
+/// large its input.
+const TICK_INPUT_BYTES: usize = 8 * 1024 * 1024;
 /// Schedules armed per commit when the pool starts.
 const ARM_BATCH: usize = 256;
 
@@ -59,13 +68,12 @@ pub(crate) fn tick(queue: &str, id: &str, at: u64) -> EnqueueRequest {
     }
 }
 
-/// Append `b`'s effects to `a`'s.
-pub(crate) fn merge(mut a: SettlementEffects, b: SettlementEffects) -> SettlementEffects {
-    a.enqueues.extend(b.enqueues);
-    a.kv_writes.extend(b.kv_writes);
-    a.kv_deletes.extend(b.kv_deletes);
-    a.expiry_entries.extend(b.expiry_entries);
-    a
+/// The bytes a fire's submit adds to its tick's commit: its jobs'
+/// payloads and its KV values (the kept input among them).
+fn submit_bytes(effects: &SettlementEffects) -> usize {
+    let payloads = effects.enqueues.iter().map(|e| e.payload.len());
+    let values = effects.kv_writes.values().map(Vec::len);
+    payloads.chain(values).fold(0, usize::saturating_add)
 }
 
 /// What the workflow's breaker says, from its durable record. A record
@@ -146,8 +154,9 @@ pub(crate) fn fire<R, H>(
 }
 
 /// Decide what a tick for a due record does at `now`: the fire times to
-/// submit (counters, the buffered fire and the next fire time are updated
-/// in `rec`). `live` says whether the last run is live.
+/// submit, at most [`FIRES_PER_TICK`] (counters, the buffered fire and the
+/// next fire time are updated in `rec`; a catch-up with more fires than
+/// that is cut, see [`defer`]). `live` says whether the last run is live.
 pub(crate) fn plan(
     def: &Checked,
     rec: &mut ScheduleRecord,
@@ -155,9 +164,29 @@ pub(crate) fn plan(
     live: bool,
     gate: Gate,
 ) -> Vec<u64> {
+    let mut fires = plan_all(def, rec, now, live, gate);
+    if let Some(&rest) = fires.get(FIRES_PER_TICK) {
+        defer(rec, rest);
+        fires.truncate(FIRES_PER_TICK);
+    }
+    fires
+}
+
+/// Leave the fires from `at` on (a time of the schedule's, due) to the next
+/// tick: it walks from there again, and the runs fired before it do not
+/// count as overlapping them.
+pub(crate) fn defer(rec: &mut ScheduleRecord, at: u64) {
+    rec.next_fire_ms = Some(at);
+    rec.catching_up = true;
+}
+
+/// [`plan`], every fire at once.
+fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate: Gate) -> Vec<u64> {
     let mut fires = Vec::new();
-    // Catch-up fires of one tick do not overlap each other: only the run
-    // live before the tick (or the buffered one it submits) counts.
+    // Catch-up fires do not overlap each other: only the run live before
+    // the catch-up's first tick (or the buffered one it submits) counts.
+    let continuing = std::mem::take(&mut rec.catching_up);
+    let live = live && !continuing;
     let mut blocked = live;
     if let Some(buffered) = rec.buffered_ms
         && !live
@@ -302,6 +331,7 @@ async fn tick_once<R, H>(
     let Some(def) = schedules.get(id).filter(|_| rec.active && !rec.paused) else {
         rec.armed_ms = None;
         rec.next_fire_ms = None;
+        rec.catching_up = false;
         let effects = SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?);
         let _record = inner.pending.begin(state::pending_name(id));
         inner.queue.ack_with(claim, effects).await?;
@@ -321,7 +351,14 @@ async fn tick_once<R, H>(
     let mut effects = SettlementEffects::default();
     let mut run_ids = Vec::new();
     let mut step_zero = Vec::new();
+    let mut input_bytes = 0usize;
     for (t, run_id) in times.into_iter().zip(&planned) {
+        // Past the bytes a tick carries, the rest goes on in the next tick
+        // (never at this tick's own time: a tick armed for it is this one).
+        if input_bytes >= TICK_INPUT_BYTES && !run_ids.is_empty() && t > at {
+            defer(&mut rec, t);
+            break;
+        }
         if taken.contains(run_id) {
             let why = format!(
                 "the fire at {t} was skipped: its run id `{run_id}` is taken by another run"
@@ -332,6 +369,7 @@ async fn tick_once<R, H>(
             continue;
         }
         if let Some((run_id, submit)) = fire(inner, id, def, &mut rec, t, false)? {
+            input_bytes = input_bytes.saturating_add(submit_bytes(&submit));
             step_zero.push(effects.enqueues.len());
             effects = merge(effects, submit);
             run_ids.push(run_id);
@@ -437,6 +475,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                         if def.kind == ScheduleKind::Manual {
                             rec.next_fire_ms = None;
                             rec.armed_ms = None;
+                            rec.catching_up = false;
                         }
                     }
                     if !rec.paused && rec.next_fire_ms.is_none() && rec.armed_ms.is_none() {
@@ -457,6 +496,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                     rec.next_fire_ms = None;
                     rec.armed_ms = None;
                     rec.buffered_ms = None;
+                    rec.catching_up = false;
                     (Some(rec), changed)
                 }
                 (None, None) => (None, false),
@@ -516,6 +556,46 @@ mod tests {
         assert_eq!(fires, vec![199_998_000, 199_999_000, 200_000_000]);
         assert_eq!(rec.missed, 199_997);
         assert_eq!(rec.next_fire_ms, Some(200_001_000));
+    }
+
+    /// A `FireAll` catch-up fired every due time up to its `max` (at most
+    /// 100,000) in one tick: one commit carrying every run and its input.
+    /// A tick now fires at most [`FIRES_PER_TICK`]; the rest goes on in the
+    /// next ticks, each fire once, none counted missed, and the runs fired
+    /// earlier in the catch-up do not count as overlapping the rest.
+    #[test]
+    fn a_long_catch_up_is_fired_over_several_ticks() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 150 })
+            .overlap(Overlap::Skip)
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let now = 200_000;
+        let mut fired = Vec::new();
+        let mut ticks = 0;
+        loop {
+            ticks += 1;
+            // The last run fired (by the tick before) is live.
+            let live = !fired.is_empty();
+            let fires = plan(&def, &mut rec, now, live, Gate::Open);
+            assert!(fires.len() <= FIRES_PER_TICK, "{} in one tick", fires.len());
+            fired.extend(fires);
+            if !rec.catching_up {
+                break;
+            }
+            assert!(rec.next_fire_ms.is_some_and(|next| next <= now));
+        }
+        assert_eq!(ticks, 3);
+        let expected: Vec<u64> = (51..=200).map(|s| s * 1_000).collect();
+        assert_eq!(fired, expected);
+        assert_eq!((rec.missed, rec.skipped_overlap), (50, 0));
+        assert_eq!(rec.next_fire_ms, Some(201_000));
+        // A catch-up ended, the live run blocks again.
+        rec.next_fire_ms = Some(201_000);
+        assert!(plan(&def, &mut rec, 201_000, true, Gate::Open).is_empty());
+        assert_eq!(rec.skipped_overlap, 1);
     }
 
     /// A fire buffered behind a live run was checked every poll interval,

@@ -38,6 +38,11 @@ pub(crate) struct ScheduleRecord {
     pub suppressed_tripped: u64,
     pub missed: u64,
     pub last_error: Option<String>,
+    /// A catch-up cut into several ticks is under way: `next_fire_ms` is
+    /// its first time not yet fired, and the runs its earlier ticks fired
+    /// do not count as overlapping the rest.
+    #[serde(default)]
+    pub catching_up: bool,
 }
 
 impl ScheduleRecord {
@@ -59,6 +64,7 @@ impl ScheduleRecord {
             suppressed_tripped: 0,
             missed: 0,
             last_error: None,
+            catching_up: false,
         }
     }
 }
