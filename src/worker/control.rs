@@ -353,9 +353,13 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
         // none is stored.
         Request::Signal { run_id, payload } => {
             let note_key = control.keys.signalling(request_id);
-            let earlier = match queue.view().kv_get(&note_key).await? {
-                Some(bytes) => Some(decode::<SignalNote>(&note_key, &bytes)?.job_id),
-                None => None,
+            // A note that cannot be read (the store failed, or it does not
+            // decode) is this request's failure, answered below like any
+            // other: retried, or refused with the reason.
+            let earlier = match queue.view().kv_get(&note_key).await {
+                Ok(Some(bytes)) => decode::<SignalNote>(&note_key, &bytes).map(|n| Some(n.job_id)),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e.into()),
             };
             let note = async |job_id: &str| {
                 let note = SignalNote {
@@ -367,10 +371,14 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                 queue.commit_effects(effects).await?;
                 Ok(())
             };
-            match rt
-                .signal_once(&run_id, payload, Some(request_id), earlier, note)
-                .await
-            {
+            let signalled = match earlier {
+                Ok(earlier) => {
+                    rt.signal_once(&run_id, payload, Some(request_id), earlier, note)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match signalled {
                 Ok(()) => Ok(ReplyBody::Signalled { run_id }),
                 Err(Error::NotWaiting(run_id)) => Ok(ReplyBody::NotWaiting { run_id }),
                 Err(Error::RunNotFound(run_id)) => Ok(ReplyBody::RunNotFound { run_id }),
@@ -818,6 +826,32 @@ mod tests {
         h.start_pool();
         h.waiting_at(2).await;
         assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
+    }
+
+    /// A signal request whose note (left by an earlier attempt) does not
+    /// decode left `apply_now` with the error before any reply: the
+    /// request was retried until taquba dead-lettered it, and the client
+    /// waited out its timeout. It is now refused with the reason, and the
+    /// run's wait is left as it is.
+    #[tokio::test]
+    async fn a_signal_whose_note_does_not_decode_is_refused_with_the_reason() {
+        let h = Harness::new().await;
+        h.submit_sig().await;
+        let key = h.control.keys.signalling("req-signal");
+        h.rt.inner.queue.kv_put(&key, b"not a note").await.unwrap();
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        match h.apply_again(&claim).await {
+            ReplyBody::Refused { reason } => {
+                assert!(reason.contains("does not decode"), "{reason}")
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        h.waiting_at(1).await;
+        assert!(lock(&h.script.0).is_empty());
     }
 
     /// A signal request applied again after a crash between its note and
