@@ -1424,12 +1424,15 @@ impl Breakers {
     }
 
     /// One workflow's health, from durable state: `None` when it has no
-    /// record and no unfolded tally. Waits, after reading, for the record's
-    /// commits in flight in this process ([`Self::settled`]). Costs what the workflow has (its record
-    /// and its own unfolded tallies). A fold that commits between the two
-    /// reads is detected (the folded counts moved) and the read is repeated
-    /// under the workflow's lock, which a fold holds exclusively: counts
-    /// read never go backwards while runs end.
+    /// record and no unfolded tally. Costs what the workflow has (its
+    /// record and its own unfolded tallies). Waits, after the first read of
+    /// the record, for its commits in flight in this process
+    /// ([`Self::settled`]). A write that lands between that read and the
+    /// second (a fold, a trip, a reset) is detected (the record changed)
+    /// and the reads are repeated under the workflow's lock, which every
+    /// writer holds exclusively across its commit: counts never go
+    /// backwards while runs end, and results noted in memory are shown
+    /// once, from the record or from the notes.
     pub(crate) async fn health_of(
         &self,
         view: &QueueView,
@@ -1443,33 +1446,38 @@ impl Breakers {
                 hook.await;
             }
         }
+        // What the first read saw is durable once the commits in flight
+        // have returned; anything written later shows as a change below.
+        self.settled(workflow).await;
         let cursor = |r: &Option<HealthRecord>| {
             r.as_ref()
                 .map_or_else(Vec::new, |r| r.folded_through.clone())
         };
         let mut tallies = self.unfolded(view, workflow, &cursor(&first)).await?;
-        fn counts(r: &Option<HealthRecord>) -> (u64, u64, &[u8]) {
-            r.as_ref().map_or((0, 0, &[][..]), |r| {
-                (r.runs_succeeded, r.runs_failed, &r.folded_through[..])
-            })
-        }
+        // Results this process noted but has not written yet (a workflow
+        // without a breaker; their steps' settlements are durable), taken
+        // before the record they are applied to is read: a write that
+        // takes them and lands in between shows in that record.
+        let noted = |b: &Self| {
+            lock(&b.states)
+                .get(workflow)
+                .map(|state| lock(&state.behind).clone())
+                .unwrap_or_default()
+        };
+        let mut behind = noted(self);
         let mut rec = self.read_record(view, workflow).await?;
-        if counts(&rec) != counts(&first) {
+        if rec != first {
+            // A write landed since the first read (a fold, a trip, a
+            // reset): read again under the lock, which no writer holds
+            // then, so what is read is durable and the tallies match it.
             let state = self.state(workflow);
             let _shared = state.lock.read().await;
+            behind = noted(self);
             rec = self.read_record(view, workflow).await?;
             tallies = self.unfolded(view, workflow, &cursor(&rec)).await?;
-        } else {
-            rec = first;
         }
         let (ok, failed) = tallies;
-        self.settled(workflow).await;
-        // Results this process noted but has not written yet (a workflow
-        // without a breaker): their steps' settlements are durable.
-        let behind = lock(&self.states)
-            .get(workflow)
-            .map(|state| lock(&state.behind).all_over(rec.as_ref()).to_vec())
-            .unwrap_or_default();
+        let behind = behind.all_over(rec.as_ref()).to_vec();
         if rec.is_none() && ok == 0 && failed == 0 && behind.iter().all(Noted::is_empty) {
             return Ok(None);
         }
@@ -1700,6 +1708,58 @@ mod tests {
             panic!("a breaker's update is written in its settlement");
         };
         assert_eq!(record.streak, 0);
+    }
+
+    /// A health read applied the results noted in memory after waiting
+    /// for a fold in flight: the fold took them and landed meanwhile, so
+    /// the read applied none of them to the record from before the fold,
+    /// and a streak of durable failures read as none. The notes are now
+    /// taken before the record they are applied to is read, and a record
+    /// that changed is read again under the lock.
+    #[tokio::test]
+    async fn a_health_read_across_a_fold_loses_no_noted_result() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        for error in ["one", "two", "three"] {
+            let failure = b.stage(&queue, "w", Some(error), 0).await.unwrap().unwrap();
+            b.committed(failure);
+        }
+        assert_eq!(
+            b.health_of(queue.view(), "w")
+                .await
+                .unwrap()
+                .unwrap()
+                .failure_streak,
+            3
+        );
+        // A fold takes the notes under the lock; its commit is in flight.
+        let state = b.state("w");
+        let held = state.lock.clone().write_owned().await;
+        let (_, id) = lock(&state.behind).take(None);
+        let (first_read, read) = tokio::sync::oneshot::channel();
+        *lock(&b.between_health_reads) = Some(Box::pin(async move {
+            let _ = first_read.send(());
+        }));
+        let fold = async {
+            read.await.unwrap();
+            let key = b.health_key("w");
+            let folded = HealthRecord {
+                streak: 3,
+                last_error: Some("three".into()),
+                notes_applied: id,
+                ..Default::default()
+            };
+            queue
+                .kv_put(&key, &encode(&key, &folded).unwrap())
+                .await
+                .unwrap();
+            lock(&state.behind).drop_taken();
+            drop(held);
+        };
+        let (health, ()) = tokio::join!(b.health_of(queue.view(), "w"), fold);
+        let health = health.unwrap().unwrap();
+        assert_eq!(health.failure_streak, 3, "{health:?}");
+        assert_eq!(health.last_error.as_deref(), Some("three"));
     }
 
     /// Soak regression: every failure of a workflow without a breaker, and

@@ -708,10 +708,15 @@ async fn a_reset_cut_short_after_its_commit_is_finished_by_maintenance() {
         .await;
     }
     failing.store(false, Ordering::SeqCst);
-    // Drive the reset until its close is committed, then drop it.
+    // Drive the reset until its close is committed, then drop it. The
+    // record is read raw: a health read waits for the reset, which holds
+    // the workflow's lock until it is dropped.
+    let key = format!("wm/{DEFAULT_QUEUE_NAME}/wf/{WF}").into_bytes();
+    let tripped = env.queue().view().kv_get(&key).await.unwrap();
+    assert!(tripped.is_some(), "the trip is recorded under {key:?}");
     let mut reset = Box::pin(env.rt.reset_workflow(WF));
     loop {
-        if health(&env, WF).await.status == BreakerStatus::Closed {
+        if env.queue().view().kv_get(&key).await.unwrap() != tripped {
             break;
         }
         assert!(
@@ -721,6 +726,7 @@ async fn a_reset_cut_short_after_its_commit_is_finished_by_maintenance() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     drop(reset);
+    assert_eq!(health(&env, WF).await.status, BreakerStatus::Closed);
     for i in 0..3 {
         assert_eq!(
             until_outcome(&env, &format!("c{i}")).await.status,
