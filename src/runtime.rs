@@ -989,19 +989,11 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
                 let Some(job) = job else {
                     return Err(Error::NotWaiting(run_id.to_string()));
                 };
-                if let Some(signal) = &job.signal {
-                    let sent = SentSignal::of(&job.id, &job.headers, signal)?;
-                    let ours = if job.headers.contains_key(record::HEADER_SIGNAL_SENDER) {
-                        sent.sender.as_deref() == request
-                    } else {
-                        sent.payload == payload
-                    };
-                    if ours {
-                        return Ok(());
-                    }
-                    return Err(Error::NotWaiting(run_id.to_string()));
+                match holds_signal(&job, request, &payload)? {
+                    Some(true) => return Ok(()),
+                    Some(false) => return Err(Error::NotWaiting(run_id.to_string())),
+                    None => job,
                 }
-                job
             }
             None => {
                 let Some((_, job)) = inner.current_step(run_id).await? else {
@@ -1881,6 +1873,28 @@ impl<R, H> Inner<R, H> {
         }
         Ok(applied.is_some())
     }
+}
+
+/// Whether job `job` holds a signal (`None`: it does not), and whether it
+/// is the one request `request` sent (a wait from an earlier Waymark holds
+/// the bare payload: the signal counts as this request's if `payload` is
+/// equal).
+pub(crate) fn holds_signal(
+    job: &JobRecord,
+    request: Option<&str>,
+    payload: &[u8],
+) -> Result<Option<bool>, Error> {
+    let Some(signal) = &job.signal else {
+        return Ok(None);
+    };
+    let sent = SentSignal::of(&job.id, &job.headers, signal)?;
+    Ok(Some(
+        if job.headers.contains_key(record::HEADER_SIGNAL_SENDER) {
+            sent.sender.as_deref() == request
+        } else {
+            sent.payload == payload
+        },
+    ))
 }
 
 #[cfg(test)]

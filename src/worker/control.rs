@@ -81,7 +81,7 @@ use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{HEADER_RUN_ID, decode, encode};
 use crate::runner::StepRunner;
-use crate::runtime::{RunSpec, WorkflowRuntime};
+use crate::runtime::{RunSpec, WorkflowRuntime, holds_signal};
 use crate::store::control_queue_name;
 use crate::sync::lock;
 
@@ -376,6 +376,24 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
                     rt.signal_once(&run_id, payload, Some(request_id), earlier, note)
                         .await
                 }
+                // Which wait an earlier attempt noted is unknown, so the
+                // signal is not delivered again (it could reach a later
+                // wait). Delivered and still waiting to run: answered
+                // `Signalled`. Delivered and taken off the queue: the
+                // commit that took it stored the reply, found above or
+                // kept by the compare below. Otherwise refused.
+                Err(e) if e.is_unreadable_record() => match inner.current_step(&run_id).await {
+                    Ok(Some((_, job)))
+                        if matches!(
+                            holds_signal(&job, Some(request_id), &payload),
+                            Ok(Some(true))
+                        ) =>
+                    {
+                        Ok(())
+                    }
+                    Ok(_) => Err(e),
+                    Err(read) => Err(read),
+                },
                 Err(e) => Err(e),
             };
             match signalled {
@@ -471,6 +489,18 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
         }
         Ok(body) => {
             queue.ack_with(claim, reply(body)?).await?;
+        }
+        // A signal's refusal, like its answer, is stored only if no
+        // commit that took its job off the queue stored `Signalled` first.
+        Err(e) if e.is_permanent() && signal => {
+            tracing::warn!(request_id, "refusing a client request: {e}");
+            let body = ReplyBody::Refused {
+                reason: e.to_string(),
+            };
+            queue
+                .kv_compare_commit(&[(&reply_key, None)], reply(body)?)
+                .await?;
+            queue.ack(claim).await?;
         }
         Err(e) if e.is_permanent() => {
             tracing::warn!(request_id, "refusing a client request: {e}");
@@ -852,6 +882,34 @@ mod tests {
         }
         h.waiting_at(1).await;
         assert!(lock(&h.script.0).is_empty());
+    }
+
+    /// The same, after the earlier attempt delivered the signal and crashed
+    /// before its reply, the step not yet run: the run's current job holds
+    /// this request's signal, so the answer is `Signalled`, and nothing is
+    /// delivered twice.
+    #[tokio::test]
+    async fn a_delivered_signal_whose_note_does_not_decode_answers_signalled() {
+        let mut h = Harness::new().await;
+        h.submit_sig().await;
+        h.stop_pool().await;
+        let request = Request::Signal {
+            run_id: "sig".into(),
+            payload: b"one".to_vec(),
+        };
+        let claim = h.claim("req-signal", &request).await;
+        h.apply_and_crash(&claim).await;
+        let key = h.control.keys.signalling("req-signal");
+        h.rt.inner.queue.kv_put(&key, b"not a note").await.unwrap();
+        assert_eq!(
+            h.apply_again(&claim).await,
+            ReplyBody::Signalled {
+                run_id: "sig".into()
+            }
+        );
+        h.start_pool();
+        h.waiting_at(2).await;
+        assert_eq!(*lock(&h.script.0), [(1, Some(b"one".to_vec()))]);
     }
 
     /// A signal request applied again after a crash between its note and
