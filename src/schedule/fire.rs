@@ -147,7 +147,9 @@ pub(crate) fn fire<R, H>(
         ..RunSpec::default()
     })?;
     let effects = inner.submit_effects(&prepared)?;
-    rec.last_fire_ms = Some(at);
+    // A catch-up's tick after a manual trigger fires older times: the
+    // last fire stays the latest (a trigger fires after it).
+    rec.last_fire_ms = Some(rec.last_fire_ms.map_or(at, |last| last.max(at)));
     rec.last_run_id = Some(run_id.clone());
     rec.run_count = rec.run_count.saturating_add(1);
     Ok(Some((run_id, effects)))
@@ -199,12 +201,24 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
     let Some(next) = rec.next_fire_ms.filter(|next| *next <= now) else {
         return fires;
     };
+    // A catch-up's later ticks walk only the times they fire (one more, to
+    // know where the next tick starts): its first tick counted the rest,
+    // and walking it all again each tick made a long catch-up quadratic.
+    let limit = match def.downtime {
+        Downtime::FireAll { .. } if continuing => FIRES_PER_TICK + 1,
+        _ => usize::MAX,
+    };
+    let mut unwalked = None;
     // Every due time, oldest first: keep the latest ones and a count.
     let mut due = std::collections::VecDeque::new();
     let mut count: u64 = 0;
     let mut t = Some(next);
     let mut walked = 0;
     while let Some(at) = t.filter(|at| *at <= now) {
+        if walked >= limit {
+            unwalked = Some(at);
+            break;
+        }
         count = count.saturating_add(1);
         walked += 1;
         due.push_back(at);
@@ -271,6 +285,9 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
             }
         }
         fires.push(at);
+    }
+    if let Some(at) = unwalked {
+        defer(rec, at);
     }
     fires
 }
@@ -596,6 +613,32 @@ mod tests {
         rec.next_fire_ms = Some(201_000);
         assert!(plan(&def, &mut rec, 201_000, true, Gate::Open).is_empty());
         assert_eq!(rec.skipped_overlap, 1);
+    }
+
+    /// A catch-up's later ticks walk only the times they fire (walking the
+    /// whole rest again each tick made a long catch-up quadratic): the
+    /// times that fall due while it runs are fired after it, not counted
+    /// against the downtime's `max`.
+    #[test]
+    fn a_catch_up_fires_the_times_due_while_it_runs() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 150 })
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
+        // The next ticks run 100 s later.
+        let now = 300_000;
+        while rec.catching_up {
+            let fires = plan(&def, &mut rec, now, false, Gate::Open);
+            assert!(fires.len() <= FIRES_PER_TICK);
+            fired.extend(fires);
+        }
+        let expected: Vec<u64> = (51..=300).map(|s| s * 1_000).collect();
+        assert_eq!(fired, expected);
+        assert_eq!(rec.missed, 50);
+        assert_eq!(rec.next_fire_ms, Some(301_000));
     }
 
     /// A fire buffered behind a live run was checked every poll interval,
