@@ -63,7 +63,7 @@ pub enum Downtime {
     /// Fire a run for each missed time, at most `max` (the latest ones).
     /// They are submitted 64 to a commit, in ticks that follow each other
     /// at once; the runs of one catch-up never count as overlapping each
-    /// other.
+    /// other, and times that fall due while it runs are fired after it.
     FireAll {
         /// The most catch-up runs one downtime submits.
         max: u32,

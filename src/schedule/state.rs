@@ -115,7 +115,8 @@ pub struct ScheduleInfo {
     pub last_outcome: Option<LastRun>,
     /// Runs it has submitted.
     pub run_count: u64,
-    /// Its next fire time (`None` when manual, paused or inactive).
+    /// Its next fire time (`None` when manual, paused or inactive); during
+    /// a `FireAll` catch-up, the first past time it has not fired yet.
     pub next_fire: Option<SystemTime>,
     /// Whether a fire is held back until the live run ends (`BufferOne`).
     pub buffered: bool,
