@@ -81,13 +81,10 @@ fn submit_bytes(effects: &SettlementEffects) -> usize {
 /// gate is open.
 pub(crate) async fn gate<R, H>(inner: &Inner<R, H>, workflow: &str) -> Result<Gate, Error> {
     let key = inner.breakers.health_key(workflow);
-    let read = inner.queue.view().kv_get(&key).await?;
-    // A trip or backoff a crash could still undo must not refuse a trigger.
-    inner.breakers.settled(workflow).await;
-    let Some(bytes) = read else {
+    let Some(bytes) = inner.queue.view().kv_get(&key).await? else {
         return Ok(Gate::Open);
     };
-    Ok(match decode::<HealthRecord>(&key, &bytes) {
+    let gate = match decode::<HealthRecord>(&key, &bytes) {
         Ok(rec) => match rec.state {
             Stored::Closed => Gate::Open,
             Stored::Backoff { until } => Gate::Backoff(until),
@@ -98,7 +95,14 @@ pub(crate) async fn gate<R, H>(inner: &Inner<R, H>, workflow: &str) -> Result<Ga
             Gate::Open
         }
         Err(e) => return Err(e),
-    })
+    };
+    // A trip or backoff a crash could still undo must not hold a fire
+    // back or refuse a trigger. (An open gate read from a close in flight
+    // is safe: a fire commits after the close.)
+    if gate != Gate::Open {
+        inner.breakers.settled(workflow).await;
+    }
+    Ok(gate)
 }
 
 /// Whether the schedule's last run is live. A run record that does not
