@@ -186,6 +186,24 @@ pub(crate) fn defer(rec: &mut ScheduleRecord, at: u64) {
     rec.catching_up = true;
 }
 
+/// Give up a catch-up under way (the schedule is paused): the times it has
+/// not fired, due by `now`, count as missed.
+pub(crate) fn drop_catch_up(def: &Checked, rec: &mut ScheduleRecord, now: u64) {
+    if !std::mem::take(&mut rec.catching_up) {
+        return;
+    }
+    let mut left: u64 = 0;
+    let mut t = rec.next_fire_ms;
+    while let Some(at) = t.filter(|at| *at <= now) {
+        left = left.saturating_add(1);
+        if left >= (2 * MAX_DUE_WALK) as u64 {
+            break;
+        }
+        t = def.times.next_after(at, rec.anchor_ms);
+    }
+    rec.missed = rec.missed.saturating_add(left);
+}
+
 /// [`plan`], every fire at once.
 fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate: Gate) -> Vec<u64> {
     let mut fires = Vec::new();
@@ -643,6 +661,25 @@ mod tests {
         assert_eq!(fired, expected);
         assert_eq!(rec.missed, 50);
         assert_eq!(rec.next_fire_ms, Some(301_000));
+    }
+
+    /// A pause in the middle of a catch-up dropped the rest of it without a
+    /// word; the times it had not fired now count as missed.
+    #[test]
+    fn a_catch_up_given_up_counts_the_rest_as_missed() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 150 })
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
+        assert_eq!((fired.len(), rec.missed), (FIRES_PER_TICK, 50));
+        drop_catch_up(&def, &mut rec, 200_000);
+        assert_eq!(rec.missed, 50 + 150 - FIRES_PER_TICK as u64);
+        assert!(!rec.catching_up);
+        drop_catch_up(&def, &mut rec, 200_000);
+        assert_eq!(rec.missed, 50 + 150 - FIRES_PER_TICK as u64, "once");
     }
 
     /// A fire buffered behind a live run was checked every poll interval,
