@@ -151,10 +151,12 @@ pub(crate) fn fire<R, H>(
         ..RunSpec::default()
     })?;
     let effects = inner.submit_effects(&prepared)?;
-    // A catch-up's tick after a manual trigger fires older times: the
-    // last fire stays the latest (a trigger fires after it).
-    rec.last_fire_ms = Some(rec.last_fire_ms.map_or(at, |last| last.max(at)));
-    rec.last_run_id = Some(run_id.clone());
+    // A catch-up's tick after a manual trigger fires older times: the last
+    // fire (and its run) stays the latest, and a trigger fires after it.
+    if rec.last_fire_ms.is_none_or(|last| at >= last) {
+        rec.last_fire_ms = Some(at);
+        rec.last_run_id = Some(run_id.clone());
+    }
     rec.run_count = rec.run_count.saturating_add(1);
     Ok(Some((run_id, effects)))
 }
@@ -170,31 +172,34 @@ pub(crate) fn plan(
     live: bool,
     gate: Gate,
 ) -> Vec<u64> {
+    let until = rec.catch_up_until.unwrap_or(now);
     let mut fires = plan_all(def, rec, now, live, gate);
     if let Some(&rest) = fires.get(FIRES_PER_TICK) {
-        defer(rec, rest);
+        defer(rec, rest, until);
         fires.truncate(FIRES_PER_TICK);
     }
     fires
 }
 
-/// Leave the fires from `at` on (a time of the schedule's, due) to the next
-/// tick: it walks from there again, and the runs fired before it do not
-/// count as overlapping them.
-pub(crate) fn defer(rec: &mut ScheduleRecord, at: u64) {
+/// Leave the fires from `at` on (a time of the schedule's, due) up to
+/// `until` (the catch-up's first tick's time) to the next tick: it walks
+/// from there again, and the runs fired before it do not count as
+/// overlapping them.
+pub(crate) fn defer(rec: &mut ScheduleRecord, at: u64, until: u64) {
     rec.next_fire_ms = Some(at);
-    rec.catching_up = true;
+    rec.catch_up_until = Some(until);
 }
 
 /// Give up a catch-up under way (the schedule is paused): the times it has
 /// not fired, due by `now`, count as missed.
 pub(crate) fn drop_catch_up(def: &Checked, rec: &mut ScheduleRecord, now: u64) {
-    if !std::mem::take(&mut rec.catching_up) {
+    let Some(until) = rec.catch_up_until.take() else {
         return;
-    }
+    };
+    let end = until.min(now);
     let mut left: u64 = 0;
     let mut t = rec.next_fire_ms;
-    while let Some(at) = t.filter(|at| *at <= now) {
+    while let Some(at) = t.filter(|at| *at <= end) {
         left = left.saturating_add(1);
         if left >= (2 * MAX_DUE_WALK) as u64 {
             break;
@@ -209,7 +214,11 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
     let mut fires = Vec::new();
     // Catch-up fires do not overlap each other: only the run live before
     // the catch-up's first tick (or the buffered one it submits) counts.
-    let continuing = std::mem::take(&mut rec.catching_up);
+    // A catch-up's later ticks walk only to its first tick's time (after a
+    // restart too): what fell due since is planned afresh when it is done.
+    let until = rec.catch_up_until.take();
+    let continuing = until.is_some();
+    let now_or_until = until.map_or(now, |until| until.min(now));
     let live = live && !continuing;
     let mut blocked = live;
     if let Some(buffered) = rec.buffered_ms
@@ -220,9 +229,10 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
         rec.buffered_ms = None;
         blocked = true;
     }
-    let Some(next) = rec.next_fire_ms.filter(|next| *next <= now) else {
+    let Some(next) = rec.next_fire_ms.filter(|next| *next <= now_or_until) else {
         return fires;
     };
+    let now = now_or_until;
     // A catch-up's later ticks walk only the times they fire (one more, to
     // know where the next tick starts): its first tick counted the rest,
     // and walking it all again each tick made a long catch-up quadratic.
@@ -308,8 +318,8 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
         }
         fires.push(at);
     }
-    if let Some(at) = unwalked {
-        defer(rec, at);
+    if let (Some(at), Some(until)) = (unwalked, until) {
+        defer(rec, at, until);
     }
     fires
 }
@@ -370,7 +380,7 @@ async fn tick_once<R, H>(
     let Some(def) = schedules.get(id).filter(|_| rec.active && !rec.paused) else {
         rec.armed_ms = None;
         rec.next_fire_ms = None;
-        rec.catching_up = false;
+        rec.catch_up_until = None;
         let effects = SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?);
         let _record = inner.pending.begin(state::pending_name(id));
         inner.queue.ack_with(claim, effects).await?;
@@ -378,6 +388,7 @@ async fn tick_once<R, H>(
     };
     let live = last_live(inner, &rec).await?;
     let gate = gate(inner, &def.workflow).await?;
+    let until = rec.catch_up_until.unwrap_or(now);
     let times = plan(def, &mut rec, now, live, gate);
     // A fire's run is created without a compare: a run that holds its id
     // already (submitted by hand under that id) is not overwritten, and
@@ -395,7 +406,7 @@ async fn tick_once<R, H>(
         // Past the bytes a tick carries, the rest goes on in the next tick
         // (never at this tick's own time: a tick armed for it is this one).
         if input_bytes >= TICK_INPUT_BYTES && !run_ids.is_empty() && t > at {
-            defer(&mut rec, t);
+            defer(&mut rec, t, until);
             break;
         }
         if taken.contains(run_id) {
@@ -514,7 +525,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                         if def.kind == ScheduleKind::Manual {
                             rec.next_fire_ms = None;
                             rec.armed_ms = None;
-                            rec.catching_up = false;
+                            rec.catch_up_until = None;
                         }
                     }
                     if !rec.paused && rec.next_fire_ms.is_none() && rec.armed_ms.is_none() {
@@ -535,7 +546,7 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                     rec.next_fire_ms = None;
                     rec.armed_ms = None;
                     rec.buffered_ms = None;
-                    rec.catching_up = false;
+                    rec.catch_up_until = None;
                     (Some(rec), changed)
                 }
                 (None, None) => (None, false),
@@ -621,7 +632,7 @@ mod tests {
             let fires = plan(&def, &mut rec, now, live, Gate::Open);
             assert!(fires.len() <= FIRES_PER_TICK, "{} in one tick", fires.len());
             fired.extend(fires);
-            if !rec.catching_up {
+            if rec.catch_up_until.is_none() {
                 break;
             }
             assert!(rec.next_fire_ms.is_some_and(|next| next <= now));
@@ -639,8 +650,8 @@ mod tests {
 
     /// A catch-up's later ticks walk only the times they fire (walking the
     /// whole rest again each tick made a long catch-up quadratic): the
-    /// times that fall due while it runs are fired after it, not counted
-    /// against the downtime's `max`.
+    /// times that fall due while it runs are planned after it, not
+    /// counted against its `max`.
     #[test]
     fn a_catch_up_fires_the_times_due_while_it_runs() {
         let def = Schedule::every("s", Duration::from_secs(1))
@@ -652,7 +663,7 @@ mod tests {
         let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
         // The next ticks run 100 s later.
         let now = 300_000;
-        while rec.catching_up {
+        while rec.next_fire_ms.is_some_and(|next| next <= now) {
             let fires = plan(&def, &mut rec, now, false, Gate::Open);
             assert!(fires.len() <= FIRES_PER_TICK);
             fired.extend(fires);
@@ -661,6 +672,38 @@ mod tests {
         assert_eq!(fired, expected);
         assert_eq!(rec.missed, 50);
         assert_eq!(rec.next_fire_ms, Some(301_000));
+    }
+
+    /// A catch-up cut short by a restart went on, after the restart, as if
+    /// it were the same catch-up: every time missed while the pool was
+    /// down was fired (the limit of `max` and the overlap rule ignored),
+    /// none counted missed. It now finishes the times due by its first
+    /// tick, and what fell due since is planned afresh.
+    #[test]
+    fn a_catch_up_resumed_after_a_restart_keeps_to_its_own_times() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 150 })
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
+        assert_eq!(rec.catch_up_until, Some(200_000));
+        // The pool is down for a day; then its ticks run.
+        let now = 86_600_000;
+        let mut ticks = 0;
+        while rec.next_fire_ms.is_some_and(|next| next <= now) {
+            ticks += 1;
+            assert!(ticks < 100, "the catch-up never ends");
+            let fires = plan(&def, &mut rec, now, false, Gate::Open);
+            assert!(fires.len() <= FIRES_PER_TICK);
+            fired.extend(fires);
+        }
+        let mut expected: Vec<u64> = (51..=200).map(|s| s * 1_000).collect();
+        expected.extend((86_451..=86_600).map(|s| s * 1_000));
+        assert_eq!(fired, expected);
+        assert_eq!(rec.missed, 50 + (86_400 - 150));
+        assert_eq!(rec.next_fire_ms, Some(86_601_000));
     }
 
     /// A pause in the middle of a catch-up dropped the rest of it without a
@@ -677,7 +720,7 @@ mod tests {
         assert_eq!((fired.len(), rec.missed), (FIRES_PER_TICK, 50));
         drop_catch_up(&def, &mut rec, 200_000);
         assert_eq!(rec.missed, 50 + 150 - FIRES_PER_TICK as u64);
-        assert!(!rec.catching_up);
+        assert!(rec.catch_up_until.is_none());
         drop_catch_up(&def, &mut rec, 200_000);
         assert_eq!(rec.missed, 50 + 150 - FIRES_PER_TICK as u64, "once");
     }

@@ -38,11 +38,13 @@ pub(crate) struct ScheduleRecord {
     pub suppressed_tripped: u64,
     pub missed: u64,
     pub last_error: Option<String>,
-    /// A catch-up cut into several ticks is under way: `next_fire_ms` is
-    /// its first time not yet fired, and the runs its earlier ticks fired
-    /// do not count as overlapping the rest.
+    /// A catch-up cut into several ticks is under way, of the times due by
+    /// this one (its first tick's time): `next_fire_ms` is its first time
+    /// not yet fired, and the runs its earlier ticks fired do not count as
+    /// overlapping the rest. Times after it are planned as usual once it
+    /// is done.
     #[serde(default)]
-    pub catching_up: bool,
+    pub catch_up_until: Option<u64>,
 }
 
 impl ScheduleRecord {
@@ -64,7 +66,7 @@ impl ScheduleRecord {
             suppressed_tripped: 0,
             missed: 0,
             last_error: None,
-            catching_up: false,
+            catch_up_until: None,
         }
     }
 }
