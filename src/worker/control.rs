@@ -509,6 +509,22 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             };
             queue.ack_with(claim, reply(body)?).await?;
         }
+        // A signal's last attempt: its refusal, like a permanent one, is
+        // stored only if no commit that took its job stored `Signalled`
+        // (the signal may have landed before the error).
+        Err(e) if signal && claim.attempts >= claim.max_attempts => {
+            let reason = format!(
+                "applying the request failed after {} attempts: {e}",
+                claim.attempts
+            );
+            let body = ReplyBody::Refused {
+                reason: reason.clone(),
+            };
+            queue
+                .kv_compare_commit(&[(&reply_key, None)], reply(body)?)
+                .await?;
+            queue.dead_letter(claim, &reason).await?;
+        }
         Err(e) => {
             // Retried after the queue's backoff; the reply is written only
             // if this was the last attempt.
