@@ -68,6 +68,15 @@ impl KeyedLocks {
     pub(crate) fn len(&self) -> usize {
         lock(&self.map).len()
     }
+
+    /// How many references the callers holding or waiting for `key` have
+    /// to its lock: 2 for a holder alone, more once another waits.
+    #[cfg(test)]
+    pub(crate) fn users(&self, key: &str) -> usize {
+        lock(&self.map)
+            .get(key)
+            .map_or(0, |m| std::sync::Arc::strong_count(m) - 1)
+    }
 }
 
 impl Drop for KeyedEntry<'_> {

@@ -1166,6 +1166,49 @@ mod tests {
         pool.await.unwrap().unwrap();
     }
 
+    /// The cascade pass deletes a marker only if it still holds what the
+    /// pass read: a re-run parent that ends again while the pass cancels
+    /// the first ending's children rewrites the marker with its own
+    /// children too, and a plain delete dropped them uncancelled.
+    #[tokio::test]
+    async fn a_cascade_marker_rewritten_during_its_pass_is_kept() {
+        let store = Arc::new(taquba::object_store::memory::InMemory::new());
+        let queue = Arc::new(Queue::open(store, "t").await.unwrap());
+        let rt = WorkflowRuntime::builder(queue, Done, NoopTerminalHook)
+            .build()
+            .unwrap();
+        let inner = &rt.inner;
+        let key = inner.keys.cascade("p");
+        let first = crate::record::encode(&key, &vec!["p.0.a".to_string()]).unwrap();
+        inner.queue.kv_put(&key, &first).await.unwrap();
+        // The pass reads the marker, then waits to cancel its child.
+        let held = inner.endings.lock("p.0.a").await;
+        let pass = super::cascades(inner);
+        tokio::pin!(pass);
+        let mut polls = 0;
+        while inner.endings.users("p.0.a") <= 2 {
+            assert!(futures_util::poll!(pass.as_mut()).is_pending());
+            polls += 1;
+            assert!(polls < 10_000, "the pass never reached the child");
+            tokio::task::yield_now().await;
+        }
+        // The parent ends again, with a child of its re-run.
+        let second =
+            crate::record::encode(&key, &vec!["p.0.a".to_string(), "p.0r1.a".to_string()]).unwrap();
+        inner.queue.kv_put(&key, &second).await.unwrap();
+        drop(held);
+        pass.await.unwrap();
+        let kept = inner.queue.view().kv_get(&key).await.unwrap();
+        assert_eq!(
+            kept.as_deref(),
+            Some(&second[..]),
+            "the rewritten marker is left for the next pass"
+        );
+        // The next pass finishes it.
+        super::cascades(inner).await.unwrap();
+        assert_eq!(inner.queue.view().kv_get(&key).await.unwrap(), None);
+    }
+
     /// A reconcile cycle reads the run record of every dead step job, and
     /// the dead jobs stay listed for the queue's retention (7 days by
     /// default): with many of them, each cycle repeated every read of the
