@@ -219,6 +219,9 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
     let until = rec.catch_up_until.take();
     let continuing = until.is_some();
     let now_or_until = until.map_or(now, |until| until.min(now));
+    // A clock behind the catch-up's end (it stepped back) leaves the rest
+    // of the catch-up to a later tick, still as a catch-up.
+    let unfinished = until.filter(|until| *until > now);
     let live = live && !continuing;
     let mut blocked = live;
     if let Some(buffered) = rec.buffered_ms
@@ -230,6 +233,7 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
         blocked = true;
     }
     let Some(next) = rec.next_fire_ms.filter(|next| *next <= now_or_until) else {
+        rec.catch_up_until = unfinished;
         return fires;
     };
     let now = now_or_until;
@@ -241,6 +245,7 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
         _ => usize::MAX,
     };
     let mut unwalked = None;
+    let mut jumped = None;
     // Every due time, oldest first: keep the latest ones and a count.
     let mut due = std::collections::VecDeque::new();
     let mut count: u64 = 0;
@@ -268,6 +273,7 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
             if let Some((to, skipped)) = jump {
                 count = count.saturating_add(skipped.unwrap_or(0));
                 t = Some(to);
+                jumped = Some(to);
             }
         } else if walked >= 2 * MAX_DUE_WALK {
             break;
@@ -279,9 +285,16 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
     let chosen: Vec<u64> = match def.downtime {
         Downtime::Skip => latest.filter(|at| on_time(*at)).into_iter().collect(),
         Downtime::FireOnce => latest.into_iter().collect(),
+        // Only times after a jump: the ones before it are as missed as
+        // those jumped over (a catch-up cut into ticks walks its times one
+        // by one, and would fire the jumped ones too).
         Downtime::FireAll { max } => {
             let skip = due.len().saturating_sub(max as usize);
-            due.iter().skip(skip).copied().collect()
+            due.iter()
+                .skip(skip)
+                .copied()
+                .filter(|at| jumped.is_none_or(|to| *at >= to))
+                .collect()
         }
     };
     rec.missed = rec
@@ -320,6 +333,8 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
     }
     if let (Some(at), Some(until)) = (unwalked, until) {
         defer(rec, at, until);
+    } else if unfinished.is_some() {
+        rec.catch_up_until = unfinished;
     }
     fires
 }
@@ -522,10 +537,11 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                     rec.workflow = def.workflow.clone();
                     if rec.kind != def.kind {
                         rec.kind = def.kind.clone();
+                        // A catch-up of the old times ends with them.
+                        rec.catch_up_until = None;
                         if def.kind == ScheduleKind::Manual {
                             rec.next_fire_ms = None;
                             rec.armed_ms = None;
-                            rec.catch_up_until = None;
                         }
                     }
                     if !rec.paused && rec.next_fire_ms.is_none() && rec.armed_ms.is_none() {
@@ -704,6 +720,65 @@ mod tests {
         assert_eq!(fired, expected);
         assert_eq!(rec.missed, 50 + (86_400 - 150));
         assert_eq!(rec.next_fire_ms, Some(86_601_000));
+    }
+
+    /// A first tick whose walk jumped over part of a very long downtime
+    /// chose times on both sides of the jump; cut into ticks, the catch-up
+    /// then walked the jumped-over times one by one and fired them too
+    /// (more runs than `max`, some also counted missed). It now chooses
+    /// only times after the jump.
+    #[test]
+    fn a_catch_up_after_a_jump_fires_nothing_it_jumped_over() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 86_400 })
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let now = 172_800_000;
+        let mut fired = 0u64;
+        let mut first = None;
+        let mut ticks = 0;
+        while rec.next_fire_ms.is_some_and(|next| next <= now) {
+            ticks += 1;
+            assert!(ticks < 2_000);
+            let fires = plan(&def, &mut rec, now, false, Gate::Open);
+            first = first.or(fires.first().copied());
+            fired += fires.len() as u64;
+        }
+        assert_eq!(fired, 50_000);
+        assert_eq!(first, Some(122_801_000));
+        assert_eq!(
+            fired + rec.missed,
+            172_800,
+            "each time fired or missed, once"
+        );
+    }
+
+    /// A catch-up tick run with the clock behind the catch-up's end (it
+    /// stepped back) ended the catch-up: its rest was then planned as new
+    /// times, behind the catch-up's own live run. It stays a catch-up.
+    #[test]
+    fn a_catch_up_outlives_a_clock_that_steps_back() {
+        let def = Schedule::every("s", Duration::from_secs(1))
+            .downtime(Downtime::FireAll { max: 150 })
+            .overlap(Overlap::Skip)
+            .check()
+            .unwrap();
+        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
+        rec.next_fire_ms = Some(1_000);
+        let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
+        // The clock is back before the first unfired time, then just past it.
+        assert!(plan(&def, &mut rec, 100_000, true, Gate::Open).is_empty());
+        assert_eq!(rec.catch_up_until, Some(200_000));
+        fired.extend(plan(&def, &mut rec, 150_000, true, Gate::Open));
+        assert_eq!(rec.catch_up_until, Some(200_000));
+        while rec.next_fire_ms.is_some_and(|next| next <= 200_000) {
+            fired.extend(plan(&def, &mut rec, 200_000, true, Gate::Open));
+        }
+        let expected: Vec<u64> = (51..=200).map(|s| s * 1_000).collect();
+        assert_eq!(fired, expected);
+        assert_eq!((rec.missed, rec.skipped_overlap), (50, 0));
     }
 
     /// A pause in the middle of a catch-up dropped the rest of it without a

@@ -520,10 +520,14 @@ async fn apply_now<R: StepRunner, H: TerminalHook>(
             let body = ReplyBody::Refused {
                 reason: reason.clone(),
             };
-            queue
+            let stored = queue
                 .kv_compare_commit(&[(&reply_key, None)], reply(body)?)
                 .await?;
-            queue.dead_letter(claim, &reason).await?;
+            match stored {
+                Some(_) => queue.dead_letter(claim, &reason).await?,
+                // Delivered after all: not a failed request.
+                None => queue.ack(claim).await?,
+            }
         }
         Err(e) => {
             // Retried after the queue's backoff; the reply is written only
