@@ -1389,20 +1389,17 @@ impl Breakers {
     }
 
     /// Whether `workflow`'s breaker is tripped, from its durable record (an
-    /// unreadable record is not applied, so it is not): a trip read waits
-    /// for the record's commits in flight.
+    /// unreadable record is not applied, so it is not): waits, after the
+    /// read, for the record's commits in flight.
     pub(crate) async fn is_tripped(&self, view: &QueueView, workflow: &str) -> Result<bool, Error> {
         let tripped = match self.read_record(view, workflow).await {
             Ok(rec) => rec.is_some_and(|r| matches!(r.state, Stored::Tripped { .. })),
             Err(e) if e.is_unreadable_record() => false,
             Err(e) => return Err(e),
         };
-        // Only a trip can rest on a commit in flight: a close in flight
-        // leaves a trip that is durable until it lands. (A listing of a
-        // busy workflow's runs does not wait on each of them.)
-        if tripped {
-            self.settled(workflow).await;
-        }
+        // Both answers can rest on a commit in flight (a trip, or a reset's
+        // close). A listing asks once per workflow.
+        self.settled(workflow).await;
         Ok(tripped)
     }
 

@@ -401,14 +401,46 @@ pub(crate) async fn status(
         return Ok(None);
     };
     let cancel_here = cancel_here(&job.id);
-    status_of(view, keys, breakers, run_id, &run, &job, cancel_here).await
+    let trips = &mut Trips::default();
+    status_of(
+        view,
+        keys,
+        (breakers, trips),
+        run_id,
+        &run,
+        &job,
+        cancel_here,
+    )
+    .await
+}
+
+/// A read's answers from the workflows' breakers. A trip read waits for
+/// the health commits in flight, so a listing asks once per workflow: a
+/// page of a busy workflow's runs waits once, not once a run.
+#[derive(Default)]
+struct Trips(std::collections::HashMap<String, bool>);
+
+impl Trips {
+    async fn tripped(
+        &mut self,
+        breakers: &Breakers,
+        view: &QueueView,
+        workflow: &str,
+    ) -> Result<bool, Error> {
+        if let Some(tripped) = self.0.get(workflow) {
+            return Ok(*tripped);
+        }
+        let tripped = breakers.is_tripped(view, workflow).await?;
+        self.0.insert(workflow.to_string(), tripped);
+        Ok(tripped)
+    }
 }
 
 /// The status of a run at `run` whose current step is `job`.
 async fn status_of(
     view: &QueueView,
     keys: &Keys,
-    breakers: &Breakers,
+    (breakers, trips): (&Breakers, &mut Trips),
     run_id: &str,
     run: &RunRecord,
     job: &JobRecord,
@@ -433,7 +465,9 @@ async fn status_of(
     // A waiting step of a tripped workflow is parked when it is claimed
     // (and runs only after a reset or as the probe): report it so now.
     let state = match state {
-        RunState::Pending | RunState::Scheduled if breakers.is_tripped(view, &workflow).await? => {
+        RunState::Pending | RunState::Scheduled
+            if trips.tripped(breakers, view, &workflow).await? =>
+        {
             RunState::Parked
         }
         state => state,
@@ -519,6 +553,7 @@ pub(crate) async fn runs(
     let mut next_live = if want_live { live.next().await } else { None };
     let mut next_ended = if want_ended { ended.next().await } else { None };
     let mut out = RunPage::default();
+    let mut trips = Trips::default();
     loop {
         // Take the smaller key of the two streams.
         let take_live = match (&next_live, &next_ended) {
@@ -546,7 +581,7 @@ pub(crate) async fn runs(
                 live_summary(
                     view,
                     keys,
-                    breakers,
+                    (breakers, &mut trips),
                     filter,
                     &cancel_here,
                     run_id.clone(),
@@ -599,7 +634,7 @@ pub(crate) async fn runs(
 async fn live_summary(
     view: &QueueView,
     keys: &Keys,
-    breakers: &Breakers,
+    (breakers, trips): (&Breakers, &mut Trips),
     filter: &RunFilter,
     cancel_here: &impl Fn(&str) -> bool,
     run_id: String,
@@ -617,7 +652,9 @@ async fn live_summary(
         return Ok(None);
     }
     let cancel = cancel_here(&job.id);
-    let Some(status) = status_of(view, keys, breakers, &run_id, &run, &job, cancel).await? else {
+    let Some(status) =
+        status_of(view, keys, (breakers, trips), &run_id, &run, &job, cancel).await?
+    else {
         return Ok(None);
     };
     Ok(Some(RunSummary {
