@@ -324,27 +324,25 @@ async fn each_fire_time_fires_once_across_crashes() {
 /// Stop the pool, advance an hour and a half-minute, reopen, and let the
 /// overdue tick run under `downtime`.
 async fn after_an_hour_down(downtime: Downtime) -> ScheduleInfo {
-    let schedule = Schedule::every_minutes("hourly-ish", 1)
-        .downtime(downtime)
-        .misfire_grace(Duration::from_secs(1));
-    down_an_hour("hourly-ish", schedule, T0 + 3_660_000).await
-}
-
-/// [`after_an_hour_down`] for `schedule` (id `id`), whose next time after
-/// the downtime is `next`.
-async fn down_an_hour(id: &str, schedule: Schedule, next: u64) -> ScheduleInfo {
-    let defs: Defs = Arc::new(Mutex::new(vec![schedule]));
+    let defs: Defs = Arc::new(Mutex::new(vec![
+        Schedule::every_minutes("hourly-ish", 1)
+            .downtime(downtime)
+            .misfire_grace(Duration::from_secs(1)),
+    ]));
     let mut env = env_with(ok_runner(), defs, None).await;
-    until(&env, id, |i| i.next_fire.is_some()).await;
+    until(&env, "hourly-ish", |i| i.next_fire.is_some()).await;
     env.stop().await;
     env.clock.advance(Duration::from_secs(3600 + 30));
     env.crash_and_reopen(ok_runner(), RecordingHook::default())
         .await;
     env.queue().promote_scheduled_now().await.unwrap();
     env.start();
-    until(&env, id, |i| i.next_fire == Some(at(next))).await;
+    until(&env, "hourly-ish", |i| {
+        i.next_fire == Some(at(T0 + 3_660_000))
+    })
+    .await;
     settle(&env).await;
-    info(&env, id).await
+    info(&env, "hourly-ish").await
 }
 
 #[tokio::test]
@@ -368,20 +366,6 @@ async fn downtime_fire_all_catches_up_to_max() {
     let i = after_an_hour_down(Downtime::FireAll { max: 5 }).await;
     assert_eq!((i.run_count, i.missed), (5, 55));
     assert_eq!(i.last_fire, Some(at(T0 + 3_600_000)));
-}
-
-/// A catch-up of 300 runs is fired over several ticks (at most 64 runs a
-/// commit), each due time once, the runs fired earlier in the catch-up not
-/// counting as overlapping the rest.
-#[tokio::test]
-async fn downtime_fire_all_catches_up_over_several_ticks() {
-    let schedule = Schedule::every_seconds("tens", 10)
-        .downtime(Downtime::FireAll { max: 300 })
-        .overlap(Overlap::Skip)
-        .misfire_grace(Duration::from_secs(1));
-    let i = down_an_hour("tens", schedule, T0 + 3_640_000).await;
-    assert_eq!((i.run_count, i.missed, i.skipped_overlap), (300, 63, 0));
-    assert_eq!(i.last_fire, Some(at(T0 + 3_630_000)));
 }
 
 /// Fire once with the run held, fire again: what does `overlap` do?

@@ -3,9 +3,8 @@
 use taquba::{EnqueueResult, SettlementEffects};
 
 use super::def::Overlap;
-use super::fire::{Gate, drop_catch_up, fire, gate, last_live, tick};
+use super::fire::{Gate, fire, gate, last_live, merge, tick};
 use super::state::{self, ScheduleInfo, ScheduleRecord};
-use crate::effects::merge;
 use crate::error::Error;
 use crate::hook::TerminalHook;
 use crate::record::{encode, validate_name};
@@ -172,7 +171,6 @@ impl<R: StepRunner, H: TerminalHook> WorkflowRuntime<R, H> {
         let key = state::key(&inner.cfg.queue_name, id);
         let mut effects = SettlementEffects::default();
         if paused {
-            drop_catch_up(def, &mut rec, inner.now_ms());
             rec.next_fire_ms = None;
             rec.armed_ms = None;
             rec.buffered_ms = None;

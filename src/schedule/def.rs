@@ -61,11 +61,8 @@ pub enum Downtime {
     /// Fire one catch-up run (for the latest missed time).
     FireOnce,
     /// Fire a run for each missed time, at most `max` (the latest ones).
-    /// They are submitted 64 to a commit, in ticks that follow each other
-    /// at once; the runs of one catch-up never count as overlapping each
-    /// other, and times that fall due while it runs are fired after it.
     FireAll {
-        /// The most catch-up runs one downtime submits.
+        /// The most catch-up runs one tick submits.
         max: u32,
     },
 }

@@ -11,7 +11,6 @@ use taquba::{Claim, EnqueueOptions, EnqueueRequest, EnqueueResult, SettlementEff
 use super::def::{Checked, Downtime, Overlap, ScheduleKind};
 use super::state::{self, ScheduleRecord};
 use crate::breaker::{HealthRecord, Stored, ms_to_time};
-use crate::effects::merge;
 use crate::error::Error;
 use crate::record::{RESERVED_HEADER_PREFIX, decode, encode};
 use crate::runtime::{Inner, RunSpec};
@@ -31,14 +30,6 @@ const TICK_MAX_ATTEMPTS: u32 = 1_000_000;
 /// this many in all (a cron expression with more times than that in its
 /// grace).
 const MAX_DUE_WALK: usize = 100_000;
-/// The most runs one tick fires: a catch-up after a long downtime
-/// (`Downtime::FireAll`, up to its `max`) goes on in further ticks, each
-/// armed at once, so no commit carries an unbounded number of runs.
-const FIRES_PER_TICK: usize = 64;
-/// The input bytes past which a tick fires no more runs (the rest of a
-/// catch-up goes on in the next tick): at least one run a tick, however
-/// large its input.
-const TICK_INPUT_BYTES: usize = 8 * 1024 * 1024;
 /// Schedules armed per commit when the pool starts.
 const ARM_BATCH: usize = 256;
 
@@ -68,12 +59,13 @@ pub(crate) fn tick(queue: &str, id: &str, at: u64) -> EnqueueRequest {
     }
 }
 
-/// The bytes a fire's submit adds to its tick's commit: its jobs'
-/// payloads and its KV values (the kept input among them).
-fn submit_bytes(effects: &SettlementEffects) -> usize {
-    let payloads = effects.enqueues.iter().map(|e| e.payload.len());
-    let values = effects.kv_writes.values().map(Vec::len);
-    payloads.chain(values).fold(0, usize::saturating_add)
+/// Append `b`'s effects to `a`'s.
+pub(crate) fn merge(mut a: SettlementEffects, b: SettlementEffects) -> SettlementEffects {
+    a.enqueues.extend(b.enqueues);
+    a.kv_writes.extend(b.kv_writes);
+    a.kv_deletes.extend(b.kv_deletes);
+    a.expiry_entries.extend(b.expiry_entries);
+    a
 }
 
 /// What the workflow's breaker says, from its durable record. A record
@@ -151,20 +143,15 @@ pub(crate) fn fire<R, H>(
         ..RunSpec::default()
     })?;
     let effects = inner.submit_effects(&prepared)?;
-    // A catch-up's tick after a manual trigger fires older times: the last
-    // fire (and its run) stays the latest, and a trigger fires after it.
-    if rec.last_fire_ms.is_none_or(|last| at >= last) {
-        rec.last_fire_ms = Some(at);
-        rec.last_run_id = Some(run_id.clone());
-    }
+    rec.last_fire_ms = Some(at);
+    rec.last_run_id = Some(run_id.clone());
     rec.run_count = rec.run_count.saturating_add(1);
     Ok(Some((run_id, effects)))
 }
 
 /// Decide what a tick for a due record does at `now`: the fire times to
-/// submit, at most [`FIRES_PER_TICK`] (counters, the buffered fire and the
-/// next fire time are updated in `rec`; a catch-up with more fires than
-/// that is cut, see [`defer`]). `live` says whether the last run is live.
+/// submit (counters, the buffered fire and the next fire time are updated
+/// in `rec`). `live` says whether the last run is live.
 pub(crate) fn plan(
     def: &Checked,
     rec: &mut ScheduleRecord,
@@ -172,57 +159,9 @@ pub(crate) fn plan(
     live: bool,
     gate: Gate,
 ) -> Vec<u64> {
-    let until = rec.catch_up_until.unwrap_or(now);
-    let mut fires = plan_all(def, rec, now, live, gate);
-    if let Some(&rest) = fires.get(FIRES_PER_TICK) {
-        defer(rec, rest, until);
-        fires.truncate(FIRES_PER_TICK);
-    }
-    fires
-}
-
-/// Leave the fires from `at` on (a time of the schedule's, due) up to
-/// `until` (the catch-up's first tick's time) to the next tick: it walks
-/// from there again, and the runs fired before it do not count as
-/// overlapping them.
-pub(crate) fn defer(rec: &mut ScheduleRecord, at: u64, until: u64) {
-    rec.next_fire_ms = Some(at);
-    rec.catch_up_until = Some(until);
-}
-
-/// Give up a catch-up under way (the schedule is paused): the times it has
-/// not fired, due by `now`, count as missed.
-pub(crate) fn drop_catch_up(def: &Checked, rec: &mut ScheduleRecord, now: u64) {
-    let Some(until) = rec.catch_up_until.take() else {
-        return;
-    };
-    let end = until.min(now);
-    let mut left: u64 = 0;
-    let mut t = rec.next_fire_ms;
-    while let Some(at) = t.filter(|at| *at <= end) {
-        left = left.saturating_add(1);
-        if left >= (2 * MAX_DUE_WALK) as u64 {
-            break;
-        }
-        t = def.times.next_after(at, rec.anchor_ms);
-    }
-    rec.missed = rec.missed.saturating_add(left);
-}
-
-/// [`plan`], every fire at once.
-fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate: Gate) -> Vec<u64> {
     let mut fires = Vec::new();
-    // Catch-up fires do not overlap each other: only the run live before
-    // the catch-up's first tick (or the buffered one it submits) counts.
-    // A catch-up's later ticks walk only to its first tick's time (after a
-    // restart too): what fell due since is planned afresh when it is done.
-    let until = rec.catch_up_until.take();
-    let continuing = until.is_some();
-    let now_or_until = until.map_or(now, |until| until.min(now));
-    // A clock behind the catch-up's end (it stepped back) leaves the rest
-    // of the catch-up to a later tick, still as a catch-up.
-    let unfinished = until.filter(|until| *until > now);
-    let live = live && !continuing;
+    // Catch-up fires of one tick do not overlap each other: only the run
+    // live before the tick (or the buffered one it submits) counts.
     let mut blocked = live;
     if let Some(buffered) = rec.buffered_ms
         && !live
@@ -232,30 +171,15 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
         rec.buffered_ms = None;
         blocked = true;
     }
-    let Some(next) = rec.next_fire_ms.filter(|next| *next <= now_or_until) else {
-        rec.catch_up_until = unfinished;
+    let Some(next) = rec.next_fire_ms.filter(|next| *next <= now) else {
         return fires;
     };
-    let now = now_or_until;
-    // A catch-up's later ticks walk only the times they fire (one more, to
-    // know where the next tick starts): its first tick counted the rest,
-    // and walking it all again each tick made a long catch-up quadratic.
-    let limit = match def.downtime {
-        Downtime::FireAll { .. } if continuing => FIRES_PER_TICK + 1,
-        _ => usize::MAX,
-    };
-    let mut unwalked = None;
-    let mut jumped = None;
     // Every due time, oldest first: keep the latest ones and a count.
     let mut due = std::collections::VecDeque::new();
     let mut count: u64 = 0;
     let mut t = Some(next);
     let mut walked = 0;
     while let Some(at) = t.filter(|at| *at <= now) {
-        if walked >= limit {
-            unwalked = Some(at);
-            break;
-        }
         count = count.saturating_add(1);
         walked += 1;
         due.push_back(at);
@@ -273,7 +197,6 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
             if let Some((to, skipped)) = jump {
                 count = count.saturating_add(skipped.unwrap_or(0));
                 t = Some(to);
-                jumped = Some(to);
             }
         } else if walked >= 2 * MAX_DUE_WALK {
             break;
@@ -285,16 +208,9 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
     let chosen: Vec<u64> = match def.downtime {
         Downtime::Skip => latest.filter(|at| on_time(*at)).into_iter().collect(),
         Downtime::FireOnce => latest.into_iter().collect(),
-        // Only times after a jump: the ones before it are as missed as
-        // those jumped over (a catch-up cut into ticks walks its times one
-        // by one, and would fire the jumped ones too).
         Downtime::FireAll { max } => {
             let skip = due.len().saturating_sub(max as usize);
-            due.iter()
-                .skip(skip)
-                .copied()
-                .filter(|at| jumped.is_none_or(|to| *at >= to))
-                .collect()
+            due.iter().skip(skip).copied().collect()
         }
     };
     rec.missed = rec
@@ -330,11 +246,6 @@ fn plan_all(def: &Checked, rec: &mut ScheduleRecord, now: u64, live: bool, gate:
             }
         }
         fires.push(at);
-    }
-    if let (Some(at), Some(until)) = (unwalked, until) {
-        defer(rec, at, until);
-    } else if unfinished.is_some() {
-        rec.catch_up_until = unfinished;
     }
     fires
 }
@@ -395,7 +306,6 @@ async fn tick_once<R, H>(
     let Some(def) = schedules.get(id).filter(|_| rec.active && !rec.paused) else {
         rec.armed_ms = None;
         rec.next_fire_ms = None;
-        rec.catch_up_until = None;
         let effects = SettlementEffects::default().kv_put(key.clone(), encode(&key, &rec)?);
         let _record = inner.pending.begin(state::pending_name(id));
         inner.queue.ack_with(claim, effects).await?;
@@ -403,7 +313,6 @@ async fn tick_once<R, H>(
     };
     let live = last_live(inner, &rec).await?;
     let gate = gate(inner, &def.workflow).await?;
-    let until = rec.catch_up_until.unwrap_or(now);
     let times = plan(def, &mut rec, now, live, gate);
     // A fire's run is created without a compare: a run that holds its id
     // already (submitted by hand under that id) is not overwritten, and
@@ -416,14 +325,7 @@ async fn tick_once<R, H>(
     let mut effects = SettlementEffects::default();
     let mut run_ids = Vec::new();
     let mut step_zero = Vec::new();
-    let mut input_bytes = 0usize;
     for (t, run_id) in times.into_iter().zip(&planned) {
-        // Past the bytes a tick carries, the rest goes on in the next tick
-        // (never at this tick's own time: a tick armed for it is this one).
-        if input_bytes >= TICK_INPUT_BYTES && !run_ids.is_empty() && t > at {
-            defer(&mut rec, t, until);
-            break;
-        }
         if taken.contains(run_id) {
             let why = format!(
                 "the fire at {t} was skipped: its run id `{run_id}` is taken by another run"
@@ -434,7 +336,6 @@ async fn tick_once<R, H>(
             continue;
         }
         if let Some((run_id, submit)) = fire(inner, id, def, &mut rec, t, false)? {
-            input_bytes = input_bytes.saturating_add(submit_bytes(&submit));
             step_zero.push(effects.enqueues.len());
             effects = merge(effects, submit);
             run_ids.push(run_id);
@@ -537,8 +438,6 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                     rec.workflow = def.workflow.clone();
                     if rec.kind != def.kind {
                         rec.kind = def.kind.clone();
-                        // A catch-up of the old times ends with them.
-                        rec.catch_up_until = None;
                         if def.kind == ScheduleKind::Manual {
                             rec.next_fire_ms = None;
                             rec.armed_ms = None;
@@ -562,7 +461,6 @@ pub(crate) async fn arm_all<R, H>(inner: &Inner<R, H>) -> Result<(), Error> {
                     rec.next_fire_ms = None;
                     rec.armed_ms = None;
                     rec.buffered_ms = None;
-                    rec.catch_up_until = None;
                     (Some(rec), changed)
                 }
                 (None, None) => (None, false),
@@ -622,182 +520,6 @@ mod tests {
         assert_eq!(fires, vec![199_998_000, 199_999_000, 200_000_000]);
         assert_eq!(rec.missed, 199_997);
         assert_eq!(rec.next_fire_ms, Some(200_001_000));
-    }
-
-    /// A `FireAll` catch-up fired every due time up to its `max` (at most
-    /// 100,000) in one tick: one commit carrying every run and its input.
-    /// A tick now fires at most [`FIRES_PER_TICK`]; the rest goes on in the
-    /// next ticks, each fire once, none counted missed, and the runs fired
-    /// earlier in the catch-up do not count as overlapping the rest.
-    #[test]
-    fn a_long_catch_up_is_fired_over_several_ticks() {
-        let def = Schedule::every("s", Duration::from_secs(1))
-            .downtime(Downtime::FireAll { max: 150 })
-            .overlap(Overlap::Skip)
-            .check()
-            .unwrap();
-        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
-        rec.next_fire_ms = Some(1_000);
-        let now = 200_000;
-        let mut fired = Vec::new();
-        let mut ticks = 0;
-        loop {
-            ticks += 1;
-            // The last run fired (by the tick before) is live.
-            let live = !fired.is_empty();
-            let fires = plan(&def, &mut rec, now, live, Gate::Open);
-            assert!(fires.len() <= FIRES_PER_TICK, "{} in one tick", fires.len());
-            fired.extend(fires);
-            if rec.catch_up_until.is_none() {
-                break;
-            }
-            assert!(rec.next_fire_ms.is_some_and(|next| next <= now));
-        }
-        assert_eq!(ticks, 3);
-        let expected: Vec<u64> = (51..=200).map(|s| s * 1_000).collect();
-        assert_eq!(fired, expected);
-        assert_eq!((rec.missed, rec.skipped_overlap), (50, 0));
-        assert_eq!(rec.next_fire_ms, Some(201_000));
-        // A catch-up ended, the live run blocks again.
-        rec.next_fire_ms = Some(201_000);
-        assert!(plan(&def, &mut rec, 201_000, true, Gate::Open).is_empty());
-        assert_eq!(rec.skipped_overlap, 1);
-    }
-
-    /// A catch-up's later ticks walk only the times they fire (walking the
-    /// whole rest again each tick made a long catch-up quadratic): the
-    /// times that fall due while it runs are planned after it, not
-    /// counted against its `max`.
-    #[test]
-    fn a_catch_up_fires_the_times_due_while_it_runs() {
-        let def = Schedule::every("s", Duration::from_secs(1))
-            .downtime(Downtime::FireAll { max: 150 })
-            .check()
-            .unwrap();
-        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
-        rec.next_fire_ms = Some(1_000);
-        let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
-        // The next ticks run 100 s later.
-        let now = 300_000;
-        while rec.next_fire_ms.is_some_and(|next| next <= now) {
-            let fires = plan(&def, &mut rec, now, false, Gate::Open);
-            assert!(fires.len() <= FIRES_PER_TICK);
-            fired.extend(fires);
-        }
-        let expected: Vec<u64> = (51..=300).map(|s| s * 1_000).collect();
-        assert_eq!(fired, expected);
-        assert_eq!(rec.missed, 50);
-        assert_eq!(rec.next_fire_ms, Some(301_000));
-    }
-
-    /// A catch-up cut short by a restart went on, after the restart, as if
-    /// it were the same catch-up: every time missed while the pool was
-    /// down was fired (the limit of `max` and the overlap rule ignored),
-    /// none counted missed. It now finishes the times due by its first
-    /// tick, and what fell due since is planned afresh.
-    #[test]
-    fn a_catch_up_resumed_after_a_restart_keeps_to_its_own_times() {
-        let def = Schedule::every("s", Duration::from_secs(1))
-            .downtime(Downtime::FireAll { max: 150 })
-            .check()
-            .unwrap();
-        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
-        rec.next_fire_ms = Some(1_000);
-        let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
-        assert_eq!(rec.catch_up_until, Some(200_000));
-        // The pool is down for a day; then its ticks run.
-        let now = 86_600_000;
-        let mut ticks = 0;
-        while rec.next_fire_ms.is_some_and(|next| next <= now) {
-            ticks += 1;
-            assert!(ticks < 100, "the catch-up never ends");
-            let fires = plan(&def, &mut rec, now, false, Gate::Open);
-            assert!(fires.len() <= FIRES_PER_TICK);
-            fired.extend(fires);
-        }
-        let mut expected: Vec<u64> = (51..=200).map(|s| s * 1_000).collect();
-        expected.extend((86_451..=86_600).map(|s| s * 1_000));
-        assert_eq!(fired, expected);
-        assert_eq!(rec.missed, 50 + (86_400 - 150));
-        assert_eq!(rec.next_fire_ms, Some(86_601_000));
-    }
-
-    /// A first tick whose walk jumped over part of a very long downtime
-    /// chose times on both sides of the jump; cut into ticks, the catch-up
-    /// then walked the jumped-over times one by one and fired them too
-    /// (more runs than `max`, some also counted missed). It now chooses
-    /// only times after the jump.
-    #[test]
-    fn a_catch_up_after_a_jump_fires_nothing_it_jumped_over() {
-        let def = Schedule::every("s", Duration::from_secs(1))
-            .downtime(Downtime::FireAll { max: 86_400 })
-            .check()
-            .unwrap();
-        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
-        rec.next_fire_ms = Some(1_000);
-        let now = 172_800_000;
-        let mut fired = 0u64;
-        let mut first = None;
-        let mut ticks = 0;
-        while rec.next_fire_ms.is_some_and(|next| next <= now) {
-            ticks += 1;
-            assert!(ticks < 2_000);
-            let fires = plan(&def, &mut rec, now, false, Gate::Open);
-            first = first.or(fires.first().copied());
-            fired += fires.len() as u64;
-        }
-        assert_eq!(fired, 50_000);
-        assert_eq!(first, Some(122_801_000));
-        assert_eq!(
-            fired + rec.missed,
-            172_800,
-            "each time fired or missed, once"
-        );
-    }
-
-    /// A catch-up tick run with the clock behind the catch-up's end (it
-    /// stepped back) ended the catch-up: its rest was then planned as new
-    /// times, behind the catch-up's own live run. It stays a catch-up.
-    #[test]
-    fn a_catch_up_outlives_a_clock_that_steps_back() {
-        let def = Schedule::every("s", Duration::from_secs(1))
-            .downtime(Downtime::FireAll { max: 150 })
-            .overlap(Overlap::Skip)
-            .check()
-            .unwrap();
-        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
-        rec.next_fire_ms = Some(1_000);
-        let mut fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
-        // The clock is back before the first unfired time, then just past it.
-        assert!(plan(&def, &mut rec, 100_000, true, Gate::Open).is_empty());
-        assert_eq!(rec.catch_up_until, Some(200_000));
-        fired.extend(plan(&def, &mut rec, 150_000, true, Gate::Open));
-        assert_eq!(rec.catch_up_until, Some(200_000));
-        while rec.next_fire_ms.is_some_and(|next| next <= 200_000) {
-            fired.extend(plan(&def, &mut rec, 200_000, true, Gate::Open));
-        }
-        let expected: Vec<u64> = (51..=200).map(|s| s * 1_000).collect();
-        assert_eq!(fired, expected);
-        assert_eq!((rec.missed, rec.skipped_overlap), (50, 0));
-    }
-
-    /// A pause in the middle of a catch-up dropped the rest of it without a
-    /// word; the times it had not fired now count as missed.
-    #[test]
-    fn a_catch_up_given_up_counts_the_rest_as_missed() {
-        let def = Schedule::every("s", Duration::from_secs(1))
-            .downtime(Downtime::FireAll { max: 150 })
-            .check()
-            .unwrap();
-        let mut rec = ScheduleRecord::new(def.kind.clone(), "w".into(), 0);
-        rec.next_fire_ms = Some(1_000);
-        let fired = plan(&def, &mut rec, 200_000, false, Gate::Open);
-        assert_eq!((fired.len(), rec.missed), (FIRES_PER_TICK, 50));
-        drop_catch_up(&def, &mut rec, 200_000);
-        assert_eq!(rec.missed, 50 + 150 - FIRES_PER_TICK as u64);
-        assert!(rec.catch_up_until.is_none());
-        drop_catch_up(&def, &mut rec, 200_000);
-        assert_eq!(rec.missed, 50 + 150 - FIRES_PER_TICK as u64, "once");
     }
 
     /// A fire buffered behind a live run was checked every poll interval,

@@ -38,13 +38,6 @@ pub(crate) struct ScheduleRecord {
     pub suppressed_tripped: u64,
     pub missed: u64,
     pub last_error: Option<String>,
-    /// A catch-up cut into several ticks is under way, of the times due by
-    /// this one (its first tick's time): `next_fire_ms` is its first time
-    /// not yet fired, and the runs its earlier ticks fired do not count as
-    /// overlapping the rest. Times after it are planned as usual once it
-    /// is done.
-    #[serde(default)]
-    pub catch_up_until: Option<u64>,
 }
 
 impl ScheduleRecord {
@@ -66,7 +59,6 @@ impl ScheduleRecord {
             suppressed_tripped: 0,
             missed: 0,
             last_error: None,
-            catch_up_until: None,
         }
     }
 }
@@ -117,8 +109,7 @@ pub struct ScheduleInfo {
     pub last_outcome: Option<LastRun>,
     /// Runs it has submitted.
     pub run_count: u64,
-    /// Its next fire time (`None` when manual, paused or inactive); during
-    /// a `FireAll` catch-up, the first past time it has not fired yet.
+    /// Its next fire time (`None` when manual, paused or inactive).
     pub next_fire: Option<SystemTime>,
     /// Whether a fire is held back until the live run ends (`BufferOne`).
     pub buffered: bool,
