@@ -1712,6 +1712,27 @@ mod tests {
         assert_eq!(record.streak, 0);
     }
 
+    /// A run's status read the breaker as closed from a reset's close still
+    /// in flight, and reported a parked step `Pending`; a crash could bring
+    /// the trip back. A trip read now waits for the commits in flight
+    /// whatever it reads.
+    #[tokio::test]
+    async fn a_trip_read_waits_for_a_close_in_flight() {
+        let queue = test_queue().await;
+        let b = Breakers::new("q", HashMap::new(), None);
+        let in_flight = b.hold("w").await;
+        let key = b.health_key("w");
+        queue
+            .kv_put(&key, &encode(&key, &HealthRecord::default()).unwrap())
+            .await
+            .unwrap();
+        let early =
+            tokio::time::timeout(Duration::from_millis(100), b.is_tripped(queue.view(), "w")).await;
+        assert!(early.is_err(), "answered from a close in flight: {early:?}");
+        drop(in_flight);
+        assert!(!b.is_tripped(queue.view(), "w").await.unwrap());
+    }
+
     /// A health read applied the results noted in memory after waiting
     /// for a fold in flight: the fold took them and landed meanwhile, so
     /// the read applied none of them to the record from before the fold,
