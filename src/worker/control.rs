@@ -746,6 +746,22 @@ mod tests {
             assert!(!self.control.crashed(), "the request reached its settle");
         }
 
+        /// Run `sig` to its wait, stop the pool, and apply request
+        /// `req-signal` (the signal `one`) as a worker that crashes before
+        /// it settles: the signal is delivered, its reply lost, its step
+        /// not run. The request's claim, to apply again.
+        async fn signalled_and_crashed(&mut self) -> Claim {
+            self.submit_sig().await;
+            self.stop_pool().await;
+            let request = Request::Signal {
+                run_id: "sig".into(),
+                payload: b"one".to_vec(),
+            };
+            let claim = self.claim("req-signal", &request).await;
+            self.apply_and_crash(&claim).await;
+            claim
+        }
+
         /// Apply `claim` (delivered again) to the end; its reply.
         async fn apply_again(&self, claim: &Claim) -> ReplyBody {
             apply_now(&self.rt, &self.control, claim).await.unwrap();
@@ -859,14 +875,7 @@ mod tests {
     #[tokio::test]
     async fn a_signal_applied_again_before_its_step_runs_is_delivered_once() {
         let mut h = Harness::new().await;
-        h.submit_sig().await;
-        h.stop_pool().await;
-        let request = Request::Signal {
-            run_id: "sig".into(),
-            payload: b"one".to_vec(),
-        };
-        let claim = h.claim("req-signal", &request).await;
-        h.apply_and_crash(&claim).await;
+        let claim = h.signalled_and_crashed().await;
         assert_eq!(
             h.apply_again(&claim).await,
             ReplyBody::Signalled {
@@ -911,14 +920,7 @@ mod tests {
     #[tokio::test]
     async fn a_delivered_signal_whose_note_does_not_decode_answers_signalled() {
         let mut h = Harness::new().await;
-        h.submit_sig().await;
-        h.stop_pool().await;
-        let request = Request::Signal {
-            run_id: "sig".into(),
-            payload: b"one".to_vec(),
-        };
-        let claim = h.claim("req-signal", &request).await;
-        h.apply_and_crash(&claim).await;
+        let claim = h.signalled_and_crashed().await;
         let key = h.control.keys.signalling("req-signal");
         h.rt.inner.queue.kv_put(&key, b"not a note").await.unwrap();
         assert_eq!(
@@ -986,14 +988,7 @@ mod tests {
     #[tokio::test]
     async fn a_signal_applied_again_after_its_step_was_cancelled_answers_signalled() {
         let mut h = Harness::new().await;
-        h.submit_sig().await;
-        h.stop_pool().await;
-        let request = Request::Signal {
-            run_id: "sig".into(),
-            payload: b"one".to_vec(),
-        };
-        let claim = h.claim("req-signal", &request).await;
-        h.apply_and_crash(&claim).await;
+        let claim = h.signalled_and_crashed().await;
         assert!(h.rt.cancel("sig").await.unwrap());
         assert_eq!(
             h.apply_again(&claim).await,
